@@ -10,6 +10,13 @@ hook on the block output replays all ops in forward order: each replay refills t
 that later ops saved as input. Gradients are those of the plain run (same ops, same RNG
 states); what stays between forward and backward is the block input instead of the
 n-stream intermediates of every layer.
+
+The block output is the exception, neither freed nor refilled: it leaves the block and
+its reader decides how long it lives. A pipeline stage sends it downstream and frees it
+at once, keeping only its autograd graph (megatron's ``deallocate_pipeline_outputs``),
+so there may be nothing left to refill; the replay of the op that computed it keeps its
+own copy for that op's backward, which runs right after the hook. Holding no reference
+to it also lets the last stage free it after the contraction of the streams.
 """
 
 from __future__ import annotations
@@ -42,17 +49,25 @@ class MHCRecomputeManager:
 
     def discard_outputs_and_register_recompute(self, block_output: torch.Tensor) -> None:
         """Call once after the block's last layer: frees every checkpointed output but
-        ``block_output`` and recomputes them all when the gradient of ``block_output``
-        arrives."""
+        ``block_output`` (the output of the block's last op) and recomputes them all when
+        the gradient of ``block_output`` arrives."""
         self._finished = True
         if not block_output.requires_grad:  # nothing will run backward through the block
             self._checkpoints = []
             return
-        keep = block_output.untyped_storage().data_ptr()
         for checkpoint in self._checkpoints:
+            if any(output is block_output for output in checkpoint.outputs):
+                if len(checkpoint.outputs) != 1:
+                    raise ValueError(
+                        f"the block output must be the only output of the op that computes it, which "
+                        f"returned {len(checkpoint.outputs)} tensors"
+                    )
+                # megatron's replay refills the outputs it holds: not this one, which may be
+                # gone by then (see the module docstring) and which no op of the block reads
+                checkpoint.outputs = ()
+                continue
             for output in checkpoint.outputs:
-                if output.untyped_storage().data_ptr() != keep:
-                    output.untyped_storage().resize_(0)
+                output.untyped_storage().resize_(0)
         block_output.register_hook(self._recompute)
 
     def _recompute(self, grad: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """mHC recompute: bitwise-equal outputs and gradients (dropout on), less activation memory
-held between forward and backward and a lower peak, for STU and transformer blocks."""
+held between forward and backward and a lower peak, for STU and transformer blocks, and
+for blocks that are pipeline stages (their output freed after it is sent)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import weakref
 import pytest
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -51,9 +53,9 @@ def config(kind: str, *, recompute_layers=None, recompute=True, **overrides) -> 
     return GRTransformerConfig(**values)
 
 
-def build(kind: str, cfg: GRTransformerConfig):
+def build(kind: str, cfg: GRTransformerConfig, **stage):
     spec = get_stu_block_spec(cfg) if kind == "stu" else get_transformer_block_spec(cfg, use_transformer_engine=False)
-    return spec.module(cfg, spec)
+    return spec.module(cfg, spec, **stage)
 
 
 def inputs(kind: str):
@@ -98,6 +100,48 @@ def test_recompute_gives_identical_gradients_and_holds_less(megatron_cpu, kind, 
     # layers replay most of the stage at once and peak about where the plain run does.
     if recompute_layers != 3:
         assert peak_b < 0.97 * peak_a, (peak_a, peak_b)
+
+
+def run_two_stages(first, last, x, kwargs, rng_states):
+    """Two pipeline stages as megatron's schedule runs them: the first stage's output
+    ``[s, b, n C]`` is sent (copied), freed (``deallocate_output_tensor``), and reached again
+    in the backward only through its autograd graph (``custom_backward``)."""
+    torch.set_rng_state(rng_states[0])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(rng_states[1]))
+    x = x.clone().requires_grad_()
+    sent = first(x, **kwargs)
+    received = sent.detach().clone().requires_grad_()
+    deallocate_output_tensor(sent, deallocate_pipeline_outputs=True)
+    last.set_input_tensor(received)
+    out = last(None, **kwargs)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    custom_backward(sent, received.grad)
+    grads = {f"{stage}.{name}": p.grad for stage, block in (("first", first), ("last", last))
+             for name, p in block.named_parameters()}
+    return received.detach(), out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("kind", ["stu", "transformer"])
+@pytest.mark.parametrize("recompute_layers", [None, 2])  # per stage of 2 layers: None -> 2 blocks, 2 -> 1
+def test_recompute_across_pipeline_stages_gives_identical_gradients(megatron_cpu, kind, recompute_layers):
+    """The stage output is the output of its last recompute block: the replay must not
+    need it (the schedule freed it) and the gradients stay those of the plain run."""
+    stages = []
+    for cfg in (config(kind, recompute=False, num_layers=2), config(kind, recompute_layers=recompute_layers, num_layers=2)):
+        first, last = build(kind, cfg, post_process=False), build(kind, cfg, pre_process=False)
+        if stages:
+            first.load_state_dict(stages[0][0].state_dict())
+            last.load_state_dict(stages[0][1].state_dict())
+        stages.append((first, last))
+    assert len(stages[1][0].recompute_groups()) == {None: 2, 2: 1}[recompute_layers]  # None: round(sqrt(4*2/6))
+    x, kwargs = inputs(kind)
+    rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
+    sent_a, out_a, dx_a, grads_a = run_two_stages(*stages[0], x, kwargs, rng_states)
+    sent_b, out_b, dx_b, grads_b = run_two_stages(*stages[1], x, kwargs, rng_states)
+    assert sent_a.shape == (*x.shape[:2], 4 * x.shape[2]) and out_a.shape == x.shape
+    assert torch.equal(sent_a, sent_b) and torch.equal(out_a, out_b) and torch.equal(dx_a, dx_b)
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
 
 
 def test_full_layer_recompute_gives_identical_gradients(megatron_cpu):
