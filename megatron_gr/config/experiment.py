@@ -98,11 +98,6 @@ class ExperimentConfig:
                 f"model.num_layers={model.num_layers} is not divisible by "
                 f"parallel.pipeline_model_parallel_size={pp}: stages hold equal numbers of layers"
             )
-        if model.enable_hyper_connections and pp > 1:
-            raise ConfigError(
-                f"model.enable_hyper_connections=true with parallel.pipeline_model_parallel_size={pp}: "
-                "hyper-connections under pipeline parallelism are not supported yet; use one stage"
-            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ExperimentConfig":

@@ -119,7 +119,8 @@ class GRTransformerConfig(TransformerConfig):
     hyper-connection intermediates of a block are dropped after its forward and recomputed
     when its backward starts, so only block inputs stay. None: the paper's optimum
     round(sqrt(n L / (n + 2))) for the L layers of the pipeline stage (see
-    :meth:`mhc_recompute_block_size`)."""
+    :meth:`mhc_recompute_block_size`). Blocks are cut within each pipeline stage: none spans
+    two stages, and a stage's last block holds what is left of its layers."""
 
     use_fused_mhc: bool = False
     """Fused mHC kernels instead of the PyTorch reference (not available in this build)."""
@@ -233,7 +234,6 @@ class GRTransformerConfig(TransformerConfig):
                     "use 'mhc' (it recomputes the sublayer norms with the hyper-connection ops)",
                 )
         unsupported = {
-            "pipeline_model_parallel_size": (self.pipeline_model_parallel_size, 1),
             "virtual_pipeline_model_parallel_size": (self.virtual_pipeline_model_parallel_size, None),
             "context_parallel_size": (self.context_parallel_size, 1),
             "fp8": (self.fp8, None),

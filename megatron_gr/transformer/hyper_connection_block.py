@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import get_pg_size, make_viewless_tensor
+from megatron.core.utils import make_viewless_tensor
 
 from megatron_gr.transformer.hyper_connection import contract_streams, expand_streams
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
@@ -36,11 +36,6 @@ class HyperConnectionTransformerBlock(TransformerBlock):
     def __init__(self, config, spec, post_layer_norm: bool = True, pre_process: bool = True,
                  post_process: bool = True, pg_collection=None, vp_stage: Optional[int] = None):
         super().__init__(config, spec, post_layer_norm, pre_process, post_process, pg_collection, vp_stage)
-        if get_pg_size(self.pg_collection.pp) > 1:
-            raise NotImplementedError(
-                "hyper-connections under pipeline parallelism are not supported yet: use "
-                "pipeline_model_parallel_size=1"
-            )
         self.num_streams = config.num_residual_streams
 
     def recompute_groups(self) -> list[list[torch.nn.Module]]:

@@ -42,19 +42,21 @@ def test_bad_mhc_setting_is_a_clear_error(model, words):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("pipeline_model_parallel_size", 2), ("context_parallel_size", 2), ("num_moe_experts", 4),
+    [("virtual_pipeline_model_parallel_size", 2), ("context_parallel_size", 2), ("num_moe_experts", 4),
      ("cuda_graph_impl", "local"), ("cpu_offloading", True)],
 )
 def test_unsupported_combinations_are_rejected(field, value):
-    extra = {"pipeline_dtype": torch.float32} if field == "pipeline_model_parallel_size" else {}
+    pipeline = {"pipeline_model_parallel_size": 2, "pipeline_dtype": torch.float32}
+    extra = pipeline if field == "virtual_pipeline_model_parallel_size" else {}
     with pytest.raises(ConfigError, match=f"{field}=.*not supported with enable_hyper_connections=True"):
-        GRTransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, enable_hyper_connections=True,
+        GRTransformerConfig(num_layers=4, hidden_size=16, num_attention_heads=2, enable_hyper_connections=True,
                             **{field: value}, **extra)
 
 
-def test_pipeline_parallelism_is_rejected_at_load():
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=2: hyper-connections under pipeline"):
-        ExperimentConfig.from_dict({"model": {**MHC, "num_layers": 2}, "parallel": {"pipeline_model_parallel_size": 2}})
+def test_pipeline_parallelism_is_accepted():
+    config = ExperimentConfig.from_dict({"model": {**MHC_RECOMPUTE, "num_layers": 4},
+                                         "parallel": {"pipeline_model_parallel_size": 2}})
+    assert config.model.enable_hyper_connections and config.parallel.pipeline_model_parallel_size == 2
 
 
 def test_mhc_recompute_passes_megatron_validation_and_round_trips():
