@@ -10,7 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_gr.data.loader import evaluation_batches
 from megatron_gr.data.sequences import LeaveOneOutSplit
 from megatron_gr.training.metrics import NAMES, metrics_from_sums
-from megatron_gr.training.steps import forward_step_for
+from megatron_gr.training.steps import forward_step_for, schedule_shapes
 
 
 def evaluate(model_chunks, split: LeaveOneOutSplit, which: str, *, max_seq_len: int, batch_size: int, device) -> dict[str, float]:
@@ -35,8 +35,7 @@ def evaluate(model_chunks, split: LeaveOneOutSplit, which: str, *, max_seq_len: 
                 data_iterator=iter(batches),
                 model=model_chunks,
                 num_microbatches=len(batches),
-                seq_length=max(b.num_tokens for b in batches),
-                micro_batch_size=1,
+                **schedule_shapes(model_chunks[0].config, batches),
                 forward_only=True,
             )
         counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0

@@ -25,7 +25,7 @@ from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
-from megatron_gr.training.steps import forward_step_for
+from megatron_gr.training.steps import forward_step_for, schedule_shapes
 
 SELECTION_METRIC = "ndcg@10"
 
@@ -117,8 +117,7 @@ class Trainer:
             data_iterator=iter(batches),
             model=self.model,
             num_microbatches=len(batches),
-            seq_length=max(b.num_tokens for b in batches),
-            micro_batch_size=1,
+            **schedule_shapes(self.model[0].config, batches),
             forward_only=False,
         )
         updated, grad_norm, _ = self.optimizer.step()
