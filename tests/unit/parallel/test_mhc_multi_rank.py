@@ -1,8 +1,14 @@
-"""The HSTU retrieval model with hyper-connections (n = 3, mHC recompute in blocks of 2
-layers) trains the single-rank model under TP=2 with sequence parallelism and under DP=2
-(losses, gradient norms, every parameter's gradient over several steps, metrics), and a
-checkpoint saved under TP=2 + SP loads into one rank with the same metrics and next losses.
-Pipeline parallelism with hyper-connections is not supported yet.
+"""The HSTU retrieval model with hyper-connections (n = 3) and mHC recompute trains the
+single-rank model without recompute under TP=2 with sequence parallelism, DP=2, PP=2 and
+TP=2 x PP=2 with sequence parallelism (losses, gradient norms, every parameter's gradient
+over several steps, metrics), and checkpoints saved under TP=2 + SP and TP=2 x PP=2 + SP
+load under other layouts (one rank; PP=2) with the same metrics and next losses.
+
+Pipeline stages exchange the n streams, ``[T, 1, n C]`` (``[T / 2, 1, n C]`` under
+sequence parallelism). Recompute blocks are cut per stage (2 layers each): PP=2 runs the
+default block size (one layer: two blocks per stage), TP=2 x PP=2 blocks of two layers
+(one per stage); the stage output, which the schedule frees once sent, is the output of
+the stage's last block.
 """
 
 from __future__ import annotations
@@ -31,33 +37,49 @@ pytestmark = pytest.mark.slow
 # move the gradients themselves.
 MHC_WEIGHT_ATOL = 5e-5
 
-MHC = {"enable_hyper_connections": True, "num_residual_streams": 3, "mhc_init_gating_factor": 0.1,
-       "recompute_granularity": "selective", "recompute_modules": ["mhc"], "mhc_recompute_layer_num": 2}
+MHC = {"enable_hyper_connections": True, "num_residual_streams": 3, "mhc_init_gating_factor": 0.1}
+RECOMPUTE = {"recompute_granularity": "selective", "recompute_modules": ["mhc"], "mhc_recompute_layer_num": 2}
 
 
-def config(tmp, name, **layout) -> dict:
+def config(tmp, name, *, recompute: dict = RECOMPUTE, **layout) -> dict:
     raw = plain_config(tmp, name, **layout)
-    raw["model"].update(MHC)
+    raw["model"].update(MHC, **recompute)
     return raw
+
+
+def saving(tmp, name, ckpt, **layout) -> dict:
+    return {"name": name, "config": config(tmp, name, save=ckpt, **layout), "steps": STEPS, "evaluate": True,
+            "save": True, "steps_after": AFTER}
+
+
+def resuming(tmp, name, ckpt, **layout) -> dict:
+    return {"name": name, "config": config(tmp, name, load=ckpt, **layout), "evaluate": True, "steps_after": AFTER}
 
 
 @pytest.fixture(scope="module")
 def records(megatron_cpu, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mhc_multi_rank")
-    ckpt = tmp / "ckpt_tp2_sp"
+    tp2_sp, tp2_pp2 = tmp / "ckpt_tp2_sp", tmp / "ckpt_tp2_pp2"
+    four = launch(tmp, 4, [saving(tmp, "tp2_pp2_sp", tp2_pp2, tp=2, pp=2, sp=True)])
+    default_blocks = {**RECOMPUTE, "mhc_recompute_layer_num": None}
     two = launch(tmp, 2, [
-        {"name": "tp2_sp", "config": config(tmp, "tp2_sp", tp=2, sp=True, save=ckpt), "steps": STEPS,
-         "evaluate": True, "save": True, "steps_after": AFTER},
+        saving(tmp, "tp2_sp", tp2_sp, tp=2, sp=True),
         {"name": "dp2", "config": config(tmp, "dp2"), "steps": STEPS, "evaluate": True},
+        {"name": "pp2", "config": config(tmp, "pp2", pp=2, recompute=default_blocks), "steps": STEPS, "evaluate": True},
+        resuming(tmp, "tp2pp2_to_pp2", tp2_pp2, pp=2),
     ])
-    single = run_scenario({"name": "single", "config": config(tmp, "single"), "steps": STEPS, "evaluate": True,
-                           "steps_after": AFTER})
-    loaded = run_scenario({"name": "loaded", "config": config(tmp, "loaded", load=ckpt), "evaluate": True,
-                           "steps_after": AFTER})
-    return {**two, "single": single, "loaded": loaded}
+    single = {
+        "single": run_scenario({"name": "single", "config": config(tmp, "single", recompute={}), "steps": STEPS,
+                                "evaluate": True, "steps_after": AFTER}),
+        "tp2sp_to_single": run_scenario(resuming(tmp, "tp2sp_to_single", tp2_sp)),
+        "tp2pp2_to_single": run_scenario(resuming(tmp, "tp2pp2_to_single", tp2_pp2)),
+    }
+    return {**four, **two, **single}
 
 
-@pytest.mark.parametrize("name, layout", [("tp2_sp", (2, 1, 1)), ("dp2", (1, 1, 2))])
+@pytest.mark.parametrize("name, layout", [
+    ("tp2_sp", (2, 1, 1)), ("dp2", (1, 1, 2)), ("pp2", (1, 2, 1)), ("tp2_pp2_sp", (2, 2, 1)),
+])
 def test_mhc_layout_reproduces_single_rank(records, name, layout):
     run, single = records[name], records["single"]
     assert (run["layout"]["tp"], run["layout"]["pp"], run["layout"]["dp"]) == layout
@@ -70,8 +92,11 @@ def test_mhc_layout_reproduces_single_rank(records, name, layout):
     assert run["valid"] == pytest.approx(single["valid"], rel=1e-6)
 
 
-def test_mhc_checkpoint_loads_under_another_layout(records):
-    before, after = records["tp2_sp"], records["loaded"]
+@pytest.mark.parametrize("saved, loaded", [
+    ("tp2_sp", "tp2sp_to_single"), ("tp2_pp2_sp", "tp2pp2_to_single"), ("tp2_pp2_sp", "tp2pp2_to_pp2"),
+])
+def test_mhc_checkpoint_loads_under_another_layout(records, saved, loaded):
+    before, after = records[saved], records[loaded]
     assert after["start_iteration"] == STEPS
     assert after["valid"] == pytest.approx(before["valid"], rel=1e-6)
     assert after["losses"] == pytest.approx(before["losses"][STEPS:], rel=LOSS_RTOL)
