@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ class HSTURetrievalModel(MegatronModule):
     ``forward`` on a training batch (with ``labels``) returns the per-token sampled-softmax
     loss ``[T]``; on an evaluation batch (with ``target_ids``) the full-corpus rank of each
     target ``[B]``. On a pipeline stage that is not the last it returns the hidden states.
+
+    Item ids are whatever the item table is keyed by: dense ids 1..num_items for a plain
+    table, raw ids for a hash table. ``corpus_ids`` ``[num_items]`` lists the corpus in the
+    table's ids (default: the dense ids); uniform negatives and evaluation ranks draw from it.
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class HSTURetrievalModel(MegatronModule):
         item_table: EmbeddingTable,
         num_items: int,
         *,
+        corpus_ids: Optional[torch.Tensor] = None,
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
@@ -47,6 +52,11 @@ class HSTURetrievalModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.num_items = num_items
+        if corpus_ids is None:
+            corpus_ids = torch.arange(1, num_items + 1)
+        if corpus_ids.shape != (num_items,):
+            raise ValueError(f"corpus_ids must hold num_items={num_items} ids, got shape {tuple(corpus_ids.shape)}")
+        self.register_buffer("corpus_ids", corpus_ids.to(torch.int64), persistent=False)
         self.item_table = item_table
         self.preprocessor = InputPreprocessor(config) if pre_process else None
         spec = get_stu_block_spec(config, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp))
@@ -79,7 +89,7 @@ class HSTURetrievalModel(MegatronModule):
                 user,
                 batch.labels,
                 self.item_table,
-                num_items=self.num_items,
+                corpus_ids=self.corpus_ids,
                 num_negatives=self.config.num_negatives,
                 num_in_batch_negatives=self.config.num_in_batch_negatives,
                 temperature=self.config.softmax_temperature,
@@ -88,4 +98,10 @@ class HSTURetrievalModel(MegatronModule):
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")
         last = user[batch.offsets[1:] - 1]  # [B, C]: the state after each whole sequence
-        return full_corpus_ranks(last, batch.target_ids, self.item_table, num_items=self.num_items)
+        return full_corpus_ranks(last, batch.target_ids, self.item_table, corpus_ids=self.corpus_ids)
+
+    def evaluation_cache(self) -> ContextManager[None]:
+        """Evaluation reads only corpus items: a sharded item table fetches them once, so
+        evaluation batches need no exchange between ranks (which may hold different
+        numbers of batches)."""
+        return self.item_table.evaluation_cache(self.corpus_ids)
