@@ -10,6 +10,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+if not torch.cuda.is_available():
+    # Triton kernel tests run in the interpreter without a GPU; it must be on before anything
+    # (megatron-core included) imports triton. See tests/triton_support.py.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def ml100k_dir() -> Path:
     """ML-100K location: $MEGATRON_GR_ML100K, else ../shared/data/ml-100k beside the repo."""
