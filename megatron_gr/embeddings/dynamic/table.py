@@ -170,16 +170,16 @@ class PhysicalTable:
 
     # ----------------------------------------------------------- gradients
     def accumulate(self, slots: torch.Tensor, grads: torch.Tensor) -> None:
-        """Gradients ``[U, D]`` of rows ``slots`` from one lookup's backward (ids without a
-        stored row, slot -1, get no update)."""
-        keep = slots >= 0
-        self._pending.append((slots[keep], grads[keep].to(torch.float32)))
+        """Gradients ``[U, D]`` of rows ``slots`` from one lookup's backward. Ids without a
+        stored row (slot -1) keep their place here (no copy) and get no update."""
+        self._pending.append((slots, grads.to(torch.float32)))
 
     def scale_gradients(self, factor: float) -> None:
         self._grad_scale *= factor
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's gradient per touched row: repeated rows summed."""
+        """This step's gradient per touched row: repeated rows summed (slot -1, if present,
+        collects the gradients that update nothing)."""
         if self._ready is None:
             if not self._pending:
                 slots = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -199,8 +199,8 @@ class PhysicalTable:
     def gradient_square_sum(self) -> torch.Tensor:
         """Sum of squared (scaled) row gradients of this step: this rank's share of the
         gradient norm."""
-        _, grads = self._gathered()
-        return grads.double().square().sum() * self._grad_scale**2
+        slots, grads = self._gathered()
+        return (grads.double().square().sum(dim=1) * (slots >= 0)).sum() * self._grad_scale**2
 
     def apply_step(self, dense_lr: float) -> None:
         """The sparse optimizer on this step's touched rows, then the step count advances
@@ -212,7 +212,7 @@ class PhysicalTable:
             self.weights, self.states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
             beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale, kernel=self.kernel,
         )
-        self.index.changed[slots] = 1
+        self.index.changed[slots[slots >= 0]] = 1
         self._reset_gradients()
         self.step += 1
         if settings.ttl_steps and self.step % settings.ttl_sweep_interval == 0:
