@@ -7,7 +7,7 @@ fixed capacity on every rank; ids are routed to their owner rank by a hash. See
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 from megatron_gr.config.validation import check_choice, check_float_range, check_int_range, require
@@ -130,7 +130,3 @@ class DynamicTableConfig:
     def physical_settings(self) -> dict:
         """The settings coalesced tables must share."""
         return {name: getattr(self, name) for name in PHYSICAL_FIELDS}
-
-
-def dynamic_field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(DynamicTableConfig))

@@ -113,8 +113,9 @@ def _write_atomically(state: dict, final: Path, model_chunks, *, with_optimizer:
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(state, str(tmp))
-    for collection in collections_of(_model(model_chunks)):
-        save_collection(collection, tmp, with_optimizer=with_optimizer)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:  # tensor-parallel ranks hold copies
+        for collection in collections_of(_model(model_chunks)):
+            save_collection(collection, tmp, with_optimizer=with_optimizer)
     dist.barrier()
     if dist.get_rank() == 0:
         old = final.parent / f".old-{final.name}"

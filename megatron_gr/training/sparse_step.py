@@ -90,10 +90,10 @@ class SparseTables:
         ``embedding/<table>/<counter>``."""
         if not self.tables:
             return {}
-        names = [name for name in self.tables[0].statistics() if name != "load_factor"]
-        values = torch.tensor(
-            [[table.statistics()[name] for name in names] for table in self.tables], dtype=torch.float64
-        ).to(self.tables[0].device)
+        local = [table.statistics() for table in self.tables]
+        names = [name for name in local[0] if name != "load_factor"]
+        values = torch.tensor([[stats[name] for name in names] for stats in local], dtype=torch.float64)
+        values = values.to(self.tables[0].device)
         dist.all_reduce(values, group=self.group)
         world = dist.get_world_size(self.group)
         record = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,9 @@ def _write(table: PhysicalTable, directory: Path, state: dict, *, kind: str, gro
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def _read(table: PhysicalTable, directory: Path) -> tuple[dict, list[dict]]:
+def _read(table: PhysicalTable, directory: Path) -> tuple[dict, Iterator[dict]]:
+    """The manifest (checked against ``table``) and the saving ranks' states, loaded one at
+    a time as the iterator advances."""
     folder = Path(directory) / SUBDIR / table.name
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
@@ -77,7 +79,7 @@ def _read(table: PhysicalTable, directory: Path) -> tuple[dict, list[dict]]:
                 f"but this run configures {key}={value!r}: load it with the table configuration that saved it, "
                 "or start without --load"
             )
-    parts = [torch.load(folder / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True) for r in range(manifest["world_size"])]
+    parts = (torch.load(folder / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True) for r in range(manifest["world_size"]))
     return manifest, parts
 
 
@@ -138,7 +140,7 @@ def load_dumps(collection: DynamicEmbeddingCollection, directories: Iterable[str
             expected = "full" if position == 0 else "delta"
             if manifest["kind"] != expected:
                 raise ValueError(f"{directory}: expected a {expected} dump of '{table.name}' at position {position}, found {manifest['kind']}")
-            merged = _merge_parts(parts)
+            merged = _merge_parts(list(parts))
             rows = merged if rows is None else _apply_delta(rows, merged)
         restore_state(table, [rows], rank=rank, world=world)
 

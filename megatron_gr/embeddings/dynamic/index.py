@@ -71,7 +71,3 @@ class HashIndex:
     def stored_slots(self) -> torch.Tensor:
         """Occupied slots, in slot order."""
         return torch.nonzero(self.occupied()).squeeze(1)
-
-    def bucket_fill(self, bucket: int) -> int:
-        start = bucket * self.bucket_size
-        return int((self.last_seen[start : start + self.bucket_size] >= 0).sum())

@@ -7,6 +7,8 @@ inserts them afresh, so a state saved by any number of ranks restores under any 
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from megatron_gr.embeddings.dynamic.table import PhysicalTable
@@ -75,33 +77,37 @@ def _insert(table: PhysicalTable, index, rows: dict[str, torch.Tensor], what: st
     return slots
 
 
-def restore_state(table: PhysicalTable, parts: list[dict], *, rank: int, world: int) -> None:
+def restore_state(table: PhysicalTable, parts: Iterable[dict], *, rank: int, world: int) -> None:
     """Replaces the table's content with the rows of ``parts`` (states of the saving ranks,
-    in any number) that ``rank`` of ``world`` owns. Optimizer state absent from ``parts``
-    starts fresh."""
-    steps = {part["step"] for part in parts}
+    in any number, read one at a time) that ``rank`` of ``world`` owns. Optimizer state
+    absent from ``parts`` starts fresh."""
+    steps, rows, optimizer, waiting = set(), [], [], []
+    for part in parts:  # keep only this rank's rows of each part before reading the next
+        steps.add(part["step"])
+        mine = _owned(table, part["rows"]["keys"], part["rows"]["tags"], rank, world)
+        rows.append({name: values[mine] for name, values in part["rows"].items()})
+        saved = part.get("optimizer") or {}
+        optimizer.append({name: saved[name][mine] for name in table.state_names if name in saved})
+        if "admission" in part:
+            counted = part["admission"]
+            keep = _owned(table, counted["keys"], counted["tags"], rank, world)
+            waiting.append({name: values[keep] for name, values in counted.items()})
     if len(steps) != 1:
         raise ValueError(f"dynamic table '{table.name}': the saved shards disagree on the step count: {sorted(steps)}")
     _reset(table.index)
     table.discard_step()
-    rows = _concat([part["rows"] for part in parts])
-    mine = _owned(table, rows["keys"], rows["tags"], rank, world)
-    rows = {name: values[mine] for name, values in rows.items()}
+    rows = _concat(rows)
     slots = _insert(table, table.index, rows, "saved rows")
     table.weights[slots] = rows["weights"].to(table.weights.device)
-    saved = [part.get("optimizer") for part in parts]
-    for name, values in zip(table.state_names, table.states):
-        if all(s is not None and name in s for s in saved):
-            values[slots] = torch.cat([s[name] for s in saved])[mine].to(values.device)
+    for name, values, initial in zip(table.state_names, table.states, table.state_init):
+        if all(name in part for part in optimizer):
+            values[slots] = torch.cat([part[name] for part in optimizer]).to(values.device)
         else:
-            values[slots] = table.state_init[table.state_names.index(name)]
+            values[slots] = initial
     if table.admission is not None:
         _reset(table.admission)
-        counted = [part["admission"] for part in parts if "admission" in part]
-        if counted:
-            waiting = _concat(counted)
-            keep = _owned(table, waiting["keys"], waiting["tags"], rank, world)
-            _insert(table, table.admission, {k: v[keep] for k, v in waiting.items()}, "admission counters")
+        if waiting:
+            _insert(table, table.admission, _concat(waiting), "admission counters")
     table.step = steps.pop()
 
 

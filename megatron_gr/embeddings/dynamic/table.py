@@ -21,6 +21,15 @@ from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES
 from megatron_gr.ops.sparse_optimizers import sparse_update
 
 COUNTERS = ("lookups", "hits", "misses", "inserts", "evictions", "expired", "rejected_admission", "rejected_full")
+# Which counters a query of each probe status adds to (rows: HIT, INSERTED, REPLACED,
+# NOT_STORED, NO_ROOM), so counting is two device ops and no host round trip.
+_COUNTED = {
+    HIT: ("lookups", "hits"),
+    INSERTED: ("lookups", "misses", "inserts"),
+    REPLACED: ("lookups", "misses", "inserts", "evictions"),
+    NOT_STORED: ("lookups", "misses", "rejected_admission"),
+    NO_ROOM: ("lookups", "misses", "rejected_full"),
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,9 @@ class PhysicalTable:
         self.scales = torch.tensor([init_scale(f.init_std) for f in features], dtype=torch.float32, device=device)
         self.step = 0
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
+        self._counted = torch.tensor(
+            [[name in _COUNTED[status] for name in COUNTERS] for status in sorted(_COUNTED)], dtype=torch.int64, device=device
+        )
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_scale = 1.0
         self._ready: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -112,7 +124,7 @@ class PhysicalTable:
             kernel=self.kernel,
         )
         if train:
-            self._count(result, ids.numel())
+            self._count(result)
         return rows, result.slots
 
     def _probe_with_admission(self, ids, tags, hashes, counts):
@@ -137,23 +149,12 @@ class PhysicalTable:
         self.admission.release(counted[counted >= 0])  # admitted ids stop being counted
         return result
 
-    def _count(self, result, num_queries: int) -> None:
-        status = result.status.to(torch.int64)
-        by_status = torch.bincount(status, minlength=5)
-        replaced = by_status[REPLACED]
-        self.counters += torch.stack([
-            torch.tensor(num_queries, device=self.device),
-            by_status[HIT],
-            num_queries - by_status[HIT],
-            by_status[INSERTED] + replaced,
-            replaced,
-            torch.zeros((), dtype=torch.int64, device=self.device),
-            by_status[NOT_STORED],
-            by_status[NO_ROOM],
-        ])
+    def _count(self, result) -> None:
+        by_status = torch.bincount(result.status.to(torch.int64), minlength=len(_COUNTED))
+        self.counters += (by_status[:, None] * self._counted).sum(dim=0)
         if self.settings.eviction == "none" and bool(by_status[NO_ROOM] > 0):
             raise RuntimeError(self._full_message(result))
-        if self.track_removals and bool(replaced > 0):
+        if self.track_removals:
             gone = result.status == REPLACED
             self.removed.append((result.evicted_keys[gone], result.evicted_tags[gone]))
 
@@ -212,7 +213,9 @@ class PhysicalTable:
             self.weights, self.states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
             beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale, kernel=self.kernel,
         )
-        self.index.changed[slots[slots >= 0]] = 1
+        # Marks updated rows for the next incremental dump (slot -1 rows touch slot 0 with
+        # 0, which ``amax`` ignores: no host round trip to filter them).
+        self.index.changed.scatter_reduce_(0, slots.clamp(min=0), (slots >= 0).to(torch.uint8), reduce="amax")
         self._reset_gradients()
         self.step += 1
         if settings.ttl_steps and self.step % settings.ttl_sweep_interval == 0:

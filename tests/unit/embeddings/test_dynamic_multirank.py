@@ -62,18 +62,20 @@ def single_process_group():
 
 def test_optimizers_match_dense_reference_on_one_rank(single_process_group, tmp_path):
     worker.scenario_optimizers(tmp_path)
+    worker.scenario_admission(tmp_path)
 
 
 @pytest.mark.slow
 def test_four_and_two_ranks(tmp_path, single_process_group):
-    # 4 ranks: every optimizer against the reference, then a save with the truth recorded.
-    run_ranks(4, "optimizers,save", tmp_path)
+    # 4 ranks: every optimizer against the reference, admission over ranks, then a save
+    # with the truth recorded.
+    run_ranks(4, "optimizers,admission,save", tmp_path)
     truth = _load(tmp_path, "truth_rank{rank}.pt", 4)
     assert len(truth["rows"]) > 100 and truth["admission"], "the scenario should store rows and count waiting ids"
     assert {len(f) for f in truth["rows"].values()} == {5}  # last_seen, freq, weights, exp_avg, exp_avg_sq
 
     # 2 ranks: the optimizers again; the 4-rank save loaded; incremental dumps taken.
-    run_ranks(2, "optimizers,load", tmp_path)
+    run_ranks(2, "optimizers,admission,load", tmp_path)
     _assert_same_content(_load(tmp_path, "loaded2_rank{rank}.pt", 2), truth)
 
     # 1 rank (this process): the same save, the same reads.

@@ -85,6 +85,23 @@ def scenario_optimizers(workdir: Path) -> None:
         assert int(stored) == int(owned), f"{optimizer}: ranks store {int(stored)} rows, the reference has {int(owned)}"
 
 
+def scenario_admission(workdir: Path) -> None:
+    """Admission counts occurrences over all ranks: an id looked up once by every rank in a
+    step reaches a threshold of ``world`` at once, and one of ``world + 1`` a step later."""
+    world = dist.get_world_size()
+    for threshold, admitted_after in ((world, 1), (world + 1, 2)):
+        collection = DynamicEmbeddingCollection(
+            {"item": table_config(optimizer="sgd", admission_threshold=threshold)}, default_seed=0, device=torch.device("cpu")
+        )
+        ids = torch.tensor([2**45 + 1], dtype=torch.int64)
+        for step in range(2):
+            collection.lookup("item", ids).sum().backward()
+            collection.tables["item"].apply_step(dense_lr=0.0)
+            stored = torch.tensor([collection.tables["item"].statistics()["occupancy"]])
+            dist.all_reduce(stored)
+            assert int(stored) == int(step + 1 >= admitted_after), (threshold, step, int(stored))
+
+
 def _checkpointed(**extra) -> DynamicEmbeddingCollection:
     config = table_config(optimizer="adam", eviction="lfu", admission_threshold=2, **extra)
     return DynamicEmbeddingCollection({"item": config}, default_seed=0, device=torch.device("cpu"))
