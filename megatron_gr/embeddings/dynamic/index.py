@@ -26,7 +26,9 @@ class HashIndex:
         self.tags = torch.zeros(capacity, dtype=torch.int32, device=device)
         self.last_seen = torch.full((capacity,), -1, dtype=torch.int64, device=device)
         self.freq = torch.zeros(capacity, dtype=torch.int64, device=device)
-        self.changed = torch.zeros(capacity, dtype=torch.uint8, device=device)
+        # One spare flag past the end absorbs marks of rows without a slot (see mark_changed).
+        self._changed = torch.zeros(capacity + 1, dtype=torch.uint8, device=device)
+        self.changed = self._changed[:capacity]
 
     @property
     def capacity(self) -> int:
@@ -57,6 +59,11 @@ class HashIndex:
     def occupancy(self) -> torch.Tensor:
         """Stored rows (a device scalar: reading it is the caller's choice of sync)."""
         return self.occupied().sum()
+
+    def mark_changed(self, slots: torch.Tensor) -> None:
+        """Flags ``slots`` for the next incremental dump; entries < 0 are ignored (they
+        land on the spare flag: no host round trip to filter them out)."""
+        self._changed[torch.where(slots >= 0, slots, self.capacity)] = 1
 
     def release(self, slots: torch.Tensor) -> None:
         """Empties ``slots`` (their ids are forgotten)."""

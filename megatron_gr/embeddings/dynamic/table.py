@@ -213,9 +213,7 @@ class PhysicalTable:
             self.weights, self.states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
             beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale, kernel=self.kernel,
         )
-        # Marks updated rows for the next incremental dump (slot -1 rows touch slot 0 with
-        # 0, which ``amax`` ignores: no host round trip to filter them).
-        self.index.changed.scatter_reduce_(0, slots.clamp(min=0), (slots >= 0).to(torch.uint8), reduce="amax")
+        self.index.mark_changed(slots)
         self._reset_gradients()
         self.step += 1
         if settings.ttl_steps and self.step % settings.ttl_sweep_interval == 0:

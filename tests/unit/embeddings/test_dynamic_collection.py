@@ -161,3 +161,23 @@ def test_dynamic_config_from_yaml_and_set(tmp_path):
     assert item.type == "dynamic" and item.dynamic.capacity == 1000 and item.dynamic.eviction == "lfu"
     assert item.dynamic.optimizer == "rowwise_adagrad" and item.keyed_by_raw_ids
     assert ExperimentConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_killed_dump_keeps_the_previous_one(tmp_path, monkeypatch):
+    from megatron_gr.embeddings.dynamic import dump, load_dumps
+
+    table = DynamicEmbeddingCollection({"t": config()}, default_seed=0, device=CPU)
+    table.lookup("t", torch.arange(10))
+    dump(table, tmp_path / "dump", incremental=False)
+    table.lookup("t", torch.arange(10, 20))
+
+    def dying_save(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        dump(table, tmp_path / "dump", incremental=False)
+    monkeypatch.undo()
+    restored = DynamicEmbeddingCollection({"t": config()}, default_seed=0, device=CPU)
+    load_dumps(restored, [tmp_path / "dump"])
+    assert restored.tables["t"].statistics()["occupancy"] == 10
