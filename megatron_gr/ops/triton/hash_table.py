@@ -2,9 +2,10 @@
 (:mod:`megatron_gr.ops.pytorch.id_hash`, ``hash_probe``, ``dynamic_rows``).
 
 The probe runs one program per bucket that has queries (queries arrive sorted by routing
-key, hence grouped by bucket): the program holds its bucket in registers and serves the
-bucket's queries one after the other, so no two programs ever touch the same slot and the
-outcome (which slot, which victim) is deterministic and equal to the reference's.
+key, hence grouped by bucket): the program holds its bucket in registers, finds the hits of
+its first queries in one comparison and serves the inserts one after the other, so no two
+programs ever touch the same slot and the outcome (which slot, which victim) is
+deterministic and equal to the reference's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ REPLACED = tl.constexpr(hash_probe.REPLACED)
 NO_ROOM = tl.constexpr(hash_probe.NO_ROOM)
 NOT_STORED_C = tl.constexpr(hash_probe.NOT_STORED)
 EMPTY_BIG = tl.constexpr(2**62)  # larger than any step: "never evictable" and "no minimum yet"
+# Queries of one bucket a probe program loads at once (with ~3 per bucket and call typical,
+# more are served one at a time).
+PROBE_HEAD = 8
 
 
 @triton.jit
@@ -60,100 +64,150 @@ def triton_routing_keys(ids: torch.Tensor, tags: torch.Tensor | None = None) -> 
     return out
 
 
+@triton.jit
+def _bucket_of(hashes, num_buckets):
+    """``bucket_ids`` of :mod:`megatron_gr.ops.pytorch.id_hash`."""
+    return (((hashes >> 32) + 2147483648) * num_buckets) >> 32
+
+
+@triton.jit
+def _insert(
+    j, q, qt, c, wants, missed, k, t, seen, fr, hit_lanes, lane, base, step,
+    keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr, slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
+    BUCKET: tl.constexpr, LANES: tl.constexpr, POLICY: tl.constexpr,
+):
+    """Phase 2 for query ``j`` (a miss when ``missed``): the bucket's first free lane, else
+    the policy's victim among lanes not seen at ``step`` nor found by this call. Writes the
+    slot and the query's outcome; returns the bucket's updated registers."""
+    in_bucket = lane < BUCKET
+    free_lane = tl.min(tl.where(in_bucket & (seen < 0), lane, LANES))
+    victim = free_lane * 0 + LANES
+    if POLICY != 0:
+        evictable = in_bucket & (seen >= 0) & (seen < step) & ~hit_lanes
+        if POLICY == 1:
+            oldest = tl.min(tl.where(evictable, seen, EMPTY_BIG))
+            victim = tl.min(tl.where(evictable & (seen == oldest), lane, LANES))
+        else:
+            rarest = tl.min(tl.where(evictable, fr, EMPTY_BIG))
+            tied = evictable & (fr == rarest)
+            oldest = tl.min(tl.where(tied, seen, EMPTY_BIG))
+            victim = tl.min(tl.where(tied & (seen == oldest), lane, LANES))
+    chosen = tl.where(free_lane < LANES, free_lane, victim)
+    placed = missed & wants & (chosen < LANES)
+    picked = (lane == chosen) & placed
+    replaced = placed & (free_lane == LANES)
+    slot = base + chosen
+    status = tl.where(placed, tl.where(replaced, REPLACED, INSERTED), tl.where(wants, NO_ROOM, NOT_STORED_C))
+    tl.store(slots_ptr + j, tl.where(placed, slot, -1), mask=missed)
+    tl.store(status_ptr + j, status.to(tl.int8), mask=missed)
+    tl.store(ev_keys_ptr + j, tl.sum(tl.where(picked, k, 0)), mask=replaced)
+    tl.store(ev_tags_ptr + j, tl.sum(tl.where(picked, t, 0)), mask=replaced)
+    tl.store(keys_ptr + slot, q, mask=placed)
+    tl.store(tags_ptr + slot, qt, mask=placed)
+    tl.store(seen_ptr + slot, step.to(tl.int64), mask=placed)
+    tl.store(freq_ptr + slot, c, mask=placed)
+    tl.store(changed_ptr + slot, tl.full([], 1, tl.uint8), mask=placed)
+    k = tl.where(picked, q, k)
+    t = tl.where(picked, qt, t)
+    seen = tl.where(picked, step, seen)
+    fr = tl.where(picked, c, fr)
+    return k, t, seen, fr
+
+
 @triton.jit(do_not_specialize=["num_queries", "num_buckets", "step"])
 def _probe_kernel(
     keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr,
     q_keys_ptr, q_tags_ptr, q_hashes_ptr, q_counts_ptr, q_insert_ptr,
     slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
     num_queries, num_buckets, step,
-    BUCKET: tl.constexpr, LANES: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
+    BUCKET: tl.constexpr, LANES: tl.constexpr, HEAD: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    s = tl.load(q_hashes_ptr + i)
-    b = (((s >> 32) + 2147483648) * num_buckets) >> 32
-    s_prev = tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0)
-    b_prev = tl.where(i > 0, (((s_prev >> 32) + 2147483648) * num_buckets) >> 32, -1)
-    # Only the first query of a bucket runs the loops; the others find b_first == -1.
-    b_first = tl.where(b_prev != b, b, -1)
+    b = _bucket_of(tl.load(q_hashes_ptr + i), num_buckets)
+    b_prev = tl.where(i > 0, _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0), num_buckets), -1)
+    first = b_prev != b  # only the first query of a bucket does the bucket's work
 
     lane = tl.arange(0, LANES)
     in_bucket = lane < BUCKET
     base = b * BUCKET
-    k = tl.load(keys_ptr + base + lane, mask=in_bucket & (b_first >= 0), other=0)
-    t = tl.load(tags_ptr + base + lane, mask=in_bucket & (b_first >= 0), other=0)
-    seen = tl.load(seen_ptr + base + lane, mask=in_bucket & (b_first >= 0), other=EMPTY_BIG)
-    fr = tl.load(freq_ptr + base + lane, mask=in_bucket & (b_first >= 0), other=0)
-    hit_lanes = lane < 0  # all False: lanes found by this call, never evicted by it
+    k = tl.load(keys_ptr + base + lane, mask=in_bucket & first, other=0)
+    t = tl.load(tags_ptr + base + lane, mask=in_bucket & first, other=0)
+    seen = tl.load(seen_ptr + base + lane, mask=in_bucket & first, other=EMPTY_BIG)
+    fr = tl.load(freq_ptr + base + lane, mask=in_bucket & first, other=0)
 
-    # Phase 1: hits.
-    j = i
-    bj = b_first
+    # The bucket's first HEAD queries, loaded at once (buckets rarely get more per call).
+    head = tl.arange(0, HEAD)
+    jh = i + head
+    in_range = first & (jh < num_queries)
+    mine = in_range & (_bucket_of(tl.load(q_hashes_ptr + jh, mask=in_range, other=0), num_buckets) == b)
+    n_head = tl.sum(mine.to(tl.int32))
+    qk = tl.load(q_keys_ptr + jh, mask=mine, other=0)
+    qt = tl.load(q_tags_ptr + jh, mask=mine, other=0)
+    qc = tl.load(q_counts_ptr + jh, mask=mine, other=0)
+    qw = tl.load(q_insert_ptr + jh, mask=mine, other=0).to(tl.int32)
+
+    # Phase 1: hits, the head in one comparison [HEAD, LANES], then any further queries.
+    match = (
+        mine[:, None] & in_bucket[None, :] & (seen >= 0)[None, :] & (k[None, :] == qk[:, None]) & (t[None, :] == qt[:, None])
+    )
+    hit_lane = tl.min(tl.where(match, lane[None, :], LANES), axis=1)
+    head_hit = hit_lane < LANES
+    tl.store(slots_ptr + jh, base + hit_lane, mask=head_hit)
+    tl.store(status_ptr + jh, tl.full([HEAD], HIT, tl.int8), mask=head_hit)
+    hit_lanes = tl.max(match.to(tl.int32), axis=0) > 0  # lanes found by this call: never evicted by it
+    if UPDATE:
+        fr = fr + tl.sum(tl.where(match, qc[:, None], 0), axis=0)
+        seen = tl.where(hit_lanes, step, seen)
+        tl.store(seen_ptr + base + lane, seen, mask=hit_lanes)
+        tl.store(freq_ptr + base + lane, fr, mask=hit_lanes)
+
+    rest = i + HEAD
+    rest_bucket = _bucket_of(tl.load(q_hashes_ptr + rest, mask=rest < num_queries, other=0), num_buckets)
+    rest_bucket = tl.where((n_head == HEAD) & (rest < num_queries), rest_bucket, -1)
+    j = rest
+    bj = rest_bucket
     while bj == b:
         q = tl.load(q_keys_ptr + j)
-        qt = tl.load(q_tags_ptr + j)
-        match = in_bucket & (seen >= 0) & (k == q) & (t == qt)
-        hit_lane = tl.min(tl.where(match, lane, LANES))
-        is_hit = hit_lane < LANES
-        tl.store(slots_ptr + j, base + hit_lane, mask=is_hit)
+        q_tag = tl.load(q_tags_ptr + j)
+        one = in_bucket & (seen >= 0) & (k == q) & (t == q_tag)
+        lane_hit = tl.min(tl.where(one, lane, LANES))
+        is_hit = lane_hit < LANES
+        tl.store(slots_ptr + j, base + lane_hit, mask=is_hit)
         tl.store(status_ptr + j, tl.full([], HIT, tl.int8), mask=is_hit)
-        hit_lanes = hit_lanes | match
+        hit_lanes = hit_lanes | one
         if UPDATE:
-            c = tl.load(q_counts_ptr + j)
-            new_freq = tl.sum(tl.where(match, fr, 0)) + c
-            seen = tl.where(match, step, seen)
-            fr = tl.where(match, new_freq, fr)
-            tl.store(seen_ptr + base + hit_lane, step.to(tl.int64), mask=is_hit)
-            tl.store(freq_ptr + base + hit_lane, new_freq, mask=is_hit)
+            new_freq = tl.sum(tl.where(one, fr, 0)) + tl.load(q_counts_ptr + j)
+            seen = tl.where(one, step, seen)
+            fr = tl.where(one, new_freq, fr)
+            tl.store(seen_ptr + base + lane_hit, step.to(tl.int64), mask=is_hit)
+            tl.store(freq_ptr + base + lane_hit, new_freq, mask=is_hit)
         j += 1
-        s_next = tl.load(q_hashes_ptr + j, mask=j < num_queries, other=0)
-        bj = tl.where(j < num_queries, (((s_next >> 32) + 2147483648) * num_buckets) >> 32, -1)
+        bj = tl.where(j < num_queries, _bucket_of(tl.load(q_hashes_ptr + j, mask=j < num_queries, other=0), num_buckets), -1)
 
-    # Phase 2: inserts, in query order.
-    j = i
-    bj = b_first
+    # Phase 2: inserts, in query order: the head from registers, then any further queries.
+    for h in tl.static_range(HEAD):
+        pick = head == h
+        missed = (h < n_head) & (tl.sum(tl.where(pick, head_hit.to(tl.int32), 0)) == 0)
+        k, t, seen, fr = _insert(
+            i + h, tl.sum(tl.where(pick, qk, 0)), tl.sum(tl.where(pick, qt, 0)), tl.sum(tl.where(pick, qc, 0)),
+            tl.sum(tl.where(pick, qw, 0)) != 0, missed, k, t, seen, fr, hit_lanes, lane, base, step,
+            keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr, slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
+            BUCKET, LANES, POLICY,
+        )
+    j = rest
+    bj = rest_bucket
     while bj == b:
         q = tl.load(q_keys_ptr + j)
-        qt = tl.load(q_tags_ptr + j)
-        c = tl.load(q_counts_ptr + j)
-        wants = tl.load(q_insert_ptr + j) != 0
-        match = in_bucket & (seen >= 0) & (k == q) & (t == qt)
-        missed = tl.max(match.to(tl.int32)) == 0
-        free_lane = tl.min(tl.where(in_bucket & (seen < 0), lane, LANES))
-        victim = free_lane * 0 + LANES
-        if POLICY != 0:
-            evictable = in_bucket & (seen >= 0) & (seen < step) & ~hit_lanes
-            if POLICY == 1:
-                oldest = tl.min(tl.where(evictable, seen, EMPTY_BIG))
-                victim = tl.min(tl.where(evictable & (seen == oldest), lane, LANES))
-            else:
-                rarest = tl.min(tl.where(evictable, fr, EMPTY_BIG))
-                tied = evictable & (fr == rarest)
-                oldest = tl.min(tl.where(tied, seen, EMPTY_BIG))
-                victim = tl.min(tl.where(tied & (seen == oldest), lane, LANES))
-        chosen = tl.where(free_lane < LANES, free_lane, victim)
-        placed = missed & wants & (chosen < LANES)
-        picked = (lane == chosen) & placed
-        replaced = placed & (free_lane == LANES)
-        old_key = tl.sum(tl.where(picked, k, 0))
-        old_tag = tl.sum(tl.where(picked, t, 0))
-        slot = base + chosen
-        status = tl.where(placed, tl.where(replaced, REPLACED, INSERTED), tl.where(wants, NO_ROOM, NOT_STORED_C))
-        tl.store(slots_ptr + j, tl.where(placed, slot, -1), mask=missed)
-        tl.store(status_ptr + j, status.to(tl.int8), mask=missed)
-        tl.store(ev_keys_ptr + j, old_key, mask=replaced)
-        tl.store(ev_tags_ptr + j, old_tag, mask=replaced)
-        tl.store(keys_ptr + slot, q, mask=placed)
-        tl.store(tags_ptr + slot, qt, mask=placed)
-        tl.store(seen_ptr + slot, step.to(tl.int64), mask=placed)
-        tl.store(freq_ptr + slot, c, mask=placed)
-        tl.store(changed_ptr + slot, tl.full([], 1, tl.uint8), mask=placed)
-        k = tl.where(picked, q, k)
-        t = tl.where(picked, qt, t)
-        seen = tl.where(picked, step, seen)
-        fr = tl.where(picked, c, fr)
+        q_tag = tl.load(q_tags_ptr + j)
+        missed = tl.max((in_bucket & (seen >= 0) & (k == q) & (t == q_tag)).to(tl.int32)) == 0
+        k, t, seen, fr = _insert(
+            j, q, q_tag, tl.load(q_counts_ptr + j), tl.load(q_insert_ptr + j) != 0, missed, k, t, seen, fr, hit_lanes,
+            lane, base, step,
+            keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr, slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
+            BUCKET, LANES, POLICY,
+        )
         j += 1
-        s_next = tl.load(q_hashes_ptr + j, mask=j < num_queries, other=0)
-        bj = tl.where(j < num_queries, (((s_next >> 32) + 2147483648) * num_buckets) >> 32, -1)
+        bj = tl.where(j < num_queries, _bucket_of(tl.load(q_hashes_ptr + j, mask=j < num_queries, other=0), num_buckets), -1)
 
 
 def triton_probe(
@@ -170,14 +224,15 @@ def triton_probe(
         evicted_tags=torch.zeros(count, dtype=torch.int32, device=device),
     )
     if count:
+        lanes = triton.next_power_of_2(bucket_size)
         _probe_kernel[(count,)](
             keys, tags, last_seen, freq, changed,
             query_keys, query_tags, query_hashes, query_counts, may_insert.to(torch.uint8),
             result.slots, result.status, result.evicted_keys, result.evicted_tags,
             count, num_buckets, step,
-            BUCKET=bucket_size, LANES=triton.next_power_of_2(bucket_size),
+            BUCKET=bucket_size, LANES=lanes, HEAD=PROBE_HEAD,
             POLICY=POLICIES[policy], UPDATE=update_scores,
-            num_warps=1 if bucket_size <= 64 else 2,
+            num_warps=1 if lanes <= 64 else (2 if lanes <= 256 else 4),
         )
     return result
 

@@ -71,10 +71,10 @@ _COMPILE = textwrap.dedent(
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
              ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
-    for policy in (0, 1, 2):
+    for policy, update in ((0, True), (1, True), (2, True), (1, False)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
-                "LANES": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
-                {"BUCKET": 64, "LANES": 64, "POLICY": policy, "UPDATE": True})
+                "LANES": "constexpr", "HEAD": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
+                {"BUCKET": 64, "LANES": 64, "HEAD": H.PROBE_HEAD, "POLICY": policy, "UPDATE": update})
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
