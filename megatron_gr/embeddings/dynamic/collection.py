@@ -48,6 +48,12 @@ def _physical_groups(tables: Mapping[str, EmbeddingTableConfig]) -> dict[str, li
         if table.type != "dynamic":
             raise ConfigError(f"embeddings.{name}.type={table.type!r}: only dynamic tables go into a dynamic collection")
         groups.setdefault(table.dynamic.group or name, []).append(name)
+    for name, table in tables.items():
+        if table.dynamic.group is None and len(groups[name]) > 1:
+            raise ConfigError(
+                f"embeddings.{name} has no group, but other tables name {name!r} as their group: "
+                f"give embeddings.{name}.dynamic.group={name!r} to coalesce it with them, or rename the group"
+            )
     for group, names in groups.items():
         first = tables[names[0]]
         for other in names[1:]:

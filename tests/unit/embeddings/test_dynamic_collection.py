@@ -96,6 +96,8 @@ def test_coalesced_group_must_agree():
         DynamicEmbeddingCollection({"a": config(group="g"), "b": config(dim=8, group="g")}, default_seed=0, device=CPU)
     with pytest.raises(ConfigError, match=r"embeddings.b.dynamic.optimizer='adam' differs .*'sgd'"):
         DynamicEmbeddingCollection({"a": config(group="g"), "b": config(group="g", optimizer="adam")}, default_seed=0, device=CPU)
+    with pytest.raises(ConfigError, match=r"embeddings.a has no group, but other tables name 'a' as their group"):
+        DynamicEmbeddingCollection({"a": config(), "b": config(group="a")}, default_seed=0, device=CPU)
 
 
 @pytest.mark.parametrize(
