@@ -98,6 +98,6 @@ _COMPILE = textwrap.dedent(
 def test_kernels_compile_to_h100_machine_code():
     """Compiles every kernel variant for sm_90 (Triton's own LLVM and ptxas, no GPU needed):
     the interpreter tests check what the kernels compute, this that they build."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
