@@ -68,10 +68,14 @@ class SparseTables:
         total_norm = math.sqrt(dense_norm**2 + float(sparse_square))
         clip = optimizer.config.clip_grad
         if clip > 0.0:
+            # As ChainedOptimizer.step clips: every part's (main) parameters by the one norm.
             for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+                if getattr(part, "is_stub_optimizer", False):  # a part with no parameters here
+                    continue
                 params = part.get_parameters()
                 if params:
-                    clip_grad_by_total_norm_fp32(params, clip, total_norm)
+                    decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+                    clip_grad_by_total_norm_fp32(params, clip, total_norm, use_decoupled_grad=decoupled)
             coefficient = clip / (total_norm + 1.0e-6)
             if coefficient < 1.0:
                 for table in self.tables:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
@@ -89,3 +90,95 @@ def test_a_skipped_step_moves_no_row(megatron_cpu):
     assert not updated and norm is None
     assert tables.tables[0].step == 0
     torch.testing.assert_close(model.table.lookup("item", torch.tensor([7])).detach()[0], before)
+
+
+# ------------------------------------------------- with megatron's optimizer as main builds it
+EPS = 10.0
+
+
+def _trainer(tmp_path):
+    """A tiny dynamic-table run on the default parallel settings (megatron's distributed
+    optimizer, which takes only Adam). Adam's first step with an eps far above every
+    gradient moves a weight by about lr x g / eps: linear in the clipped gradient. Rows use
+    SGD at the dense lr (no warm-up). Clipping is active (gradient norms are far above 0.05)."""
+    from megatron_gr.training.trainer import Trainer
+    from tests.unit.training.helpers import tiny_config
+
+    return Trainer(tiny_config(
+        tmp_path,
+        model={"hidden_dropout": 0.0, "embedding_dropout": 0.0},
+        embeddings={"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size": 16, "optimizer": "sgd"}}},
+        training={"clip_grad": 0.05, "lr_warmup_iters": 0, "lr": 0.1, "adam_eps": EPS},
+    ))
+
+
+def _rows(table) -> dict[int, torch.Tensor]:
+    from megatron_gr.embeddings.dynamic.state import export_state
+
+    state = export_state(table)
+    return dict(zip(state["rows"]["keys"].tolist(), state["rows"]["weights"]))
+
+
+def _backward(trainer) -> None:
+    """What ``Trainer.train_step`` does before the optimizer step."""
+    from megatron_gr.training.steps import forward_step_for
+
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    batches = trainer.loader.next_step()
+    trainer.forward_backward(
+        forward_step_func=forward_step_for(trainer.runtime.device, training=True), data_iterator=iter(batches),
+        model=trainer.model, num_microbatches=len(batches), seq_length=max(b.num_tokens for b in batches),
+        micro_batch_size=1, forward_only=False,
+    )
+
+
+def test_joint_clipping_with_the_distributed_optimizer(megatron_cpu, tmp_path):
+    """Dense weights (through megatron's ChainedOptimizer of a DistributedOptimizer) and rows
+    move by lr x one clip factor x their gradient, the factor from their joint norm."""
+    from megatron.core.optimizer import ChainedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    trainer = _trainer(tmp_path)
+    assert isinstance(trainer.optimizer, ChainedOptimizer)
+    assert isinstance(trainer.optimizer.chained_optimizers[0], DistributedOptimizer)
+    (table,) = trainer.sparse.tables
+    _backward(trainer)  # the forward pass inserted the rows with their initial values
+    params = [p for p in trainer.model[0].parameters()]
+    dense_grads = [p.main_grad.detach().clone() for p in params]
+    dense_before = [p.detach().clone() for p in params]
+    sparse_square = float(table.gradient_square_sum())
+    rows_before = _rows(table)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    updated, norm = trainer.sparse.step(trainer.optimizer)
+
+    dense_square = sum(float(g.double().square().sum()) for g in dense_grads)
+    assert updated and sparse_square > 0.01 * dense_square  # both parts weigh in the norm
+    assert norm == pytest.approx(math.sqrt(dense_square + sparse_square), rel=1e-6)
+    coefficient = 0.05 / (norm + 1e-6)
+    for param, before, grad in zip(params, dense_before, dense_grads):
+        clipped = coefficient * grad.double()
+        expected = -lr * clipped / (clipped.abs() + EPS)  # Adam's first step
+        torch.testing.assert_close((param.detach() - before).double(), expected, rtol=1e-3, atol=1e-8)
+    rows_after = _rows(table)
+    moved = sum(float((rows_after[k] - v).double().square().sum()) for k, v in rows_before.items())
+    assert math.sqrt(moved) == pytest.approx(lr * coefficient * math.sqrt(sparse_square), rel=1e-4)
+
+
+def test_a_skipped_megatron_step_moves_nothing(megatron_cpu, tmp_path, monkeypatch):
+    """Non-finite gradients (megatron's prepare_grads says so; with a loss scaler it would):
+    neither weights nor rows move, the table's step count stays."""
+    trainer = _trainer(tmp_path)
+    (table,) = trainer.sparse.tables
+    trainer.train_step()
+    prepare = trainer.optimizer.prepare_grads
+    monkeypatch.setattr(trainer.optimizer, "prepare_grads", lambda: prepare() or True)
+    weights = [p.detach().clone() for p in trainer.model[0].parameters()]
+    rows = _rows(table)
+    record = trainer.train_step()
+    assert record["skipped"] and record["grad_norm"] is None and table.step == 1
+    for param, before in zip(trainer.model[0].parameters(), weights):
+        torch.testing.assert_close(param.detach(), before, rtol=0, atol=0)
+    after = _rows(table)
+    assert all(torch.equal(after[k], v) for k, v in rows.items() if k in after)
