@@ -1,7 +1,10 @@
 """The HSTU model with a dynamic item table: raw ids flow in, training resumes bit for bit
-(best weights included), and 2 data-parallel ranks train as 1 does."""
+(best weights included), hyper-connections train with it, and 2 data-parallel ranks train
+as 1 does."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -43,6 +46,16 @@ def test_dynamic_table_training_resumes_bit_for_bit(megatron_cpu, tmp_path):
     assert results["valid"] == expected_results["valid"] and results["test"] == expected_results["test"]
     assert resumed[-1]["embedding/item/occupancy"] == expected[-1]["embedding/item/occupancy"]
     assert expected[-1]["embedding/item/inserts"] > 0 and expected[-1]["embedding/item/lookups"] > 0
+
+
+def test_dynamic_table_with_hyper_connections_trains(megatron_cpu, tmp_path):
+    model = {"enable_hyper_connections": True, "num_residual_streams": 3, "mhc_init_gating_factor": 0.1}
+    config = tiny_config(tmp_path, model=model, embeddings=DYNAMIC, training={"train_iters": 3, "eval_interval": 3})
+    trainer = Trainer(config)
+    results = trainer.train()
+    losses = [r["loss"] for r in read_records(config.logging.metrics_file)]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert trainer.sparse.tables[0].step == 3 and 0.0 <= results["test"]["ndcg@10"] <= 1.0
 
 
 @pytest.mark.slow
