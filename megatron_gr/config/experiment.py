@@ -77,6 +77,7 @@ class ExperimentConfig:
                 "space scored against"
             )
         self._validate_layout()
+        self._validate_dynamic_item_table()
 
     def _validate_layout(self) -> None:
         """Parallel sizes the model's shape allows (the world size is checked at launch)."""
@@ -97,6 +98,23 @@ class ExperimentConfig:
             raise ConfigError(
                 f"model.num_layers={model.num_layers} is not divisible by "
                 f"parallel.pipeline_model_parallel_size={pp}: stages hold equal numbers of layers"
+            )
+
+    def _validate_dynamic_item_table(self) -> None:
+        """What a dynamic (hash-table) item table supports in the retrieval model."""
+        item, pp = self.embeddings["item"], self.parallel.pipeline_model_parallel_size
+        if item.type != "dynamic":
+            return
+        if pp > 1:
+            raise ConfigError(
+                f"embeddings.item.type=dynamic with parallel.pipeline_model_parallel_size={pp}: a dynamic "
+                "item table under pipeline parallelism is not supported yet (the first and the last "
+                "stage would each need the table); use pipeline_model_parallel_size=1 or type=plain"
+            )
+        if item.dynamic.pooling != "none":
+            raise ConfigError(
+                f"embeddings.item.dynamic.pooling={item.dynamic.pooling!r}: the item table embeds "
+                "every event of a sequence; set embeddings.item.dynamic.pooling=none"
             )
 
     @classmethod

@@ -69,11 +69,17 @@ def _gather_windows(split: LeaveOneOutSplit, starts: np.ndarray, ends: np.ndarra
     return index, offsets
 
 
-def _batch(split: LeaveOneOutSplit, users: np.ndarray, index: np.ndarray, offsets: np.ndarray, **extra) -> JaggedBatch:
+def _item_ids(split: LeaveOneOutSplit, dense: np.ndarray, raw: bool) -> torch.Tensor:
+    """Dense item ids as int64, or the raw ids they stand for (tables keyed by raw ids)."""
+    ids = split.sequences.item_vocab[dense] if raw else dense
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
+def _batch(split: LeaveOneOutSplit, users: np.ndarray, index: np.ndarray, offsets: np.ndarray, raw: bool, **extra) -> JaggedBatch:
     seqs = split.sequences
     lengths = np.diff(offsets)
     return JaggedBatch(
-        item_ids=torch.from_numpy(seqs.item_ids[index].astype(np.int64)),
+        item_ids=_item_ids(split, seqs.item_ids[index], raw),
         timestamps=torch.from_numpy(seqs.timestamps[index].astype(np.int64)),
         ratings=torch.from_numpy(seqs.ratings[index].astype(np.float32)),
         offsets=torch.from_numpy(offsets),
@@ -87,7 +93,8 @@ class TrainingBatches:
     """Micro-batches of one data-parallel rank, one optimizer step at a time.
 
     A training example is a user's most recent ``max_seq_len + 1`` training events: tokens
-    are all but the last, ``labels`` the event that follows each token.
+    are all but the last, ``labels`` the event that follows each token. Item ids are the
+    dense ids, or with ``raw_item_ids`` the dataset's raw ids (for hash tables).
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class TrainingBatches:
         dp_rank: int = 0,
         dp_size: int = 1,
         partition_fn: PartitionFn = contiguous_partition,
+        raw_item_ids: bool = False,
     ):
         starts, ends = split.input_range("train")
         self.split = split
@@ -115,6 +123,7 @@ class TrainingBatches:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.partition_fn = partition_fn
+        self.raw_item_ids = raw_item_ids
         self.consumed_samples = 0
 
     @property
@@ -152,11 +161,11 @@ class TrainingBatches:
             is_last[offsets[1:] - 1] = True
             is_first = np.zeros(index.size, dtype=bool)
             is_first[offsets[:-1]] = True
-            labels = self.split.sequences.item_ids[index[~is_first]].astype(np.int64)
+            labels = _item_ids(self.split, self.split.sequences.item_ids[index[~is_first]], self.raw_item_ids)
             batches.append(
                 _batch(
-                    self.split, chunk, index[~is_last], token_offsets,
-                    labels=torch.from_numpy(labels),
+                    self.split, chunk, index[~is_last], token_offsets, self.raw_item_ids,
+                    labels=labels,
                     sample_seed=micro_batch_seed(self.seed, first + g * self.micro_batch_size),
                 )
             )
@@ -177,9 +186,11 @@ def evaluation_batches(
     batch_size: int,
     dp_rank: int = 0,
     dp_size: int = 1,
+    raw_item_ids: bool = False,
 ) -> Iterator[JaggedBatch]:
     """Every user of ``which`` (valid or test) once: input = the most recent ``max_seq_len``
-    events before the target. Users are split into ``dp_size`` contiguous blocks."""
+    events before the target. Users are split into ``dp_size`` contiguous blocks. Item ids
+    as in :class:`TrainingBatches`."""
     starts, ends = split.input_range(which)
     targets = split.targets(which)
     users = np.array_split(np.arange(starts.size), dp_size)[dp_rank]
@@ -187,4 +198,4 @@ def evaluation_batches(
     for first in range(0, users.size, batch_size):
         chunk = users[first : first + batch_size]
         index, offsets = _gather_windows(split, starts[chunk], ends[chunk])
-        yield _batch(split, chunk, index, offsets, target_ids=torch.from_numpy(targets[chunk].astype(np.int64)))
+        yield _batch(split, chunk, index, offsets, raw_item_ids, target_ids=_item_ids(split, targets[chunk], raw_item_ids))

@@ -4,6 +4,8 @@ plain one without touching the model."""
 from __future__ import annotations
 
 import abc
+import contextlib
+from typing import ContextManager
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -21,3 +23,9 @@ class EmbeddingTable(MegatronModule, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluation_cache(self, ids: torch.Tensor) -> ContextManager[None]:
+        """Within the context, reads of ``ids`` need no communication between ranks (a
+        sharded table fetches them once on entry). Tables whose lookups are local need
+        nothing."""
+        return contextlib.nullcontext()

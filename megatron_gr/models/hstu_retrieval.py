@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,10 @@ class HSTURetrievalModel(MegatronModule):
     loss ``[T]``; on an evaluation batch (with ``target_ids``) the full-corpus rank of each
     target ``[B]``. On a pipeline stage that is not the last it returns the hidden states.
 
+    Item ids are whatever the item table is keyed by: dense ids 1..num_items for a plain
+    table, raw ids for a hash table. ``corpus_ids`` ``[num_items]`` lists the corpus in the
+    table's ids (default: the dense ids); uniform negatives and evaluation ranks draw from it.
+
     Under pipeline parallelism the item table lives on the first stage (inputs) and on the
     last (loss and ranking): the two copies are megatron's shared embedding (same start
     values, gradients all-reduced over the embedding group, saved once); middle stages have
@@ -45,6 +50,7 @@ class HSTURetrievalModel(MegatronModule):
         item_table: Optional[EmbeddingTable],
         num_items: int,
         *,
+        corpus_ids: Optional[torch.Tensor] = None,
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
@@ -59,6 +65,11 @@ class HSTURetrievalModel(MegatronModule):
         self.num_items = num_items
         if item_table is None and (pre_process or post_process):
             raise ValueError("the first and the last pipeline stage need the item table")
+        if corpus_ids is None:
+            corpus_ids = torch.arange(1, num_items + 1)
+        if corpus_ids.shape != (num_items,):
+            raise ValueError(f"corpus_ids must hold num_items={num_items} ids, got shape {tuple(corpus_ids.shape)}")
+        self.register_buffer("corpus_ids", corpus_ids.to(torch.int64), persistent=False)
         self.item_table = item_table
         # Sequence parallelism splits the tokens over the tensor-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
@@ -101,7 +112,7 @@ class HSTURetrievalModel(MegatronModule):
                 user,
                 batch.labels,
                 self.item_table,
-                num_items=self.num_items,
+                corpus_ids=self.corpus_ids,
                 num_negatives=self.config.num_negatives,
                 num_in_batch_negatives=self.config.num_in_batch_negatives,
                 temperature=self.config.softmax_temperature,
@@ -110,7 +121,15 @@ class HSTURetrievalModel(MegatronModule):
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")
         last = user[batch.offsets[1:] - 1]  # [B, C]: the state after each whole sequence
-        return full_corpus_ranks(last, batch.target_ids, self.item_table, num_items=self.num_items)
+        return full_corpus_ranks(last, batch.target_ids, self.item_table, corpus_ids=self.corpus_ids)
+
+    def evaluation_cache(self) -> ContextManager[None]:
+        """Evaluation reads only corpus items: a sharded item table fetches them once, so
+        evaluation batches need no exchange between ranks (which may hold different
+        numbers of batches)."""
+        if self.item_table is None:  # a middle pipeline stage
+            return contextlib.nullcontext()
+        return self.item_table.evaluation_cache(self.corpus_ids)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The last stage's copy of the item table is saved as a replica of the first

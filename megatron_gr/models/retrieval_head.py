@@ -22,7 +22,7 @@ def sampled_softmax_loss(
     labels: torch.Tensor,
     table: EmbeddingTable,
     *,
-    num_items: int,
+    corpus_ids: torch.Tensor,
     num_negatives: int,
     num_in_batch_negatives: int,
     temperature: float,
@@ -31,11 +31,12 @@ def sampled_softmax_loss(
     """Per-token loss ``[T]`` of predicting ``labels`` from L2-normalised ``user`` ``[T, C]``.
 
     Negatives are shared by all tokens of the micro-batch: ``num_negatives`` uniform over
-    items ``1..num_items`` and ``num_in_batch_negatives`` drawn from ``labels`` (frequency-
-    weighted). A negative equal to a token's own label is masked out for that token.
+    the items of ``corpus_ids`` ``[num_items]`` and ``num_in_batch_negatives`` drawn from
+    ``labels`` (frequency-weighted). A negative equal to a token's own label is masked out
+    for that token.
     """
     device = labels.device
-    uniform = torch.randint(1, num_items + 1, (num_negatives,), device=device, generator=generator)
+    uniform = corpus_ids[torch.randint(0, corpus_ids.numel(), (num_negatives,), device=device, generator=generator)]
     picks = torch.randint(0, labels.numel(), (num_in_batch_negatives,), device=device, generator=generator)
     negative_ids = torch.cat([uniform, labels[picks]])  # [R]
     positive = (user * normalized(table, labels)).sum(-1, keepdim=True)  # [T, 1]
@@ -46,13 +47,12 @@ def sampled_softmax_loss(
 
 
 @torch.no_grad()
-def full_corpus_ranks(user: torch.Tensor, targets: torch.Tensor, table: EmbeddingTable, *, num_items: int) -> torch.Tensor:
-    """0-based rank of each target among all items ``1..num_items`` ``[B]``: the number of
+def full_corpus_ranks(user: torch.Tensor, targets: torch.Tensor, table: EmbeddingTable, *, corpus_ids: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all items of ``corpus_ids`` ``[B]``: the number of
     other items scored strictly higher. Items the user has seen are not removed."""
     target_score = (user * normalized(table, targets)).sum(-1, keepdim=True)  # [B, 1]
     ranks = torch.zeros(targets.shape[0], dtype=torch.int64, device=targets.device)
-    for start in range(1, num_items + 1, CORPUS_CHUNK):
-        ids = torch.arange(start, min(start + CORPUS_CHUNK, num_items + 1), device=targets.device)
+    for ids in corpus_ids.split(CORPUS_CHUNK):
         scores = user @ normalized(table, ids).t()  # [B, chunk]
         higher = (scores > target_score) & (ids.unsqueeze(0) != targets.unsqueeze(1))
         ranks += higher.sum(dim=1)

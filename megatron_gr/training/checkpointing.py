@@ -6,6 +6,8 @@ only under the layout that saved them.
 Layout under the save directory::
 
     iter_0000100/                       one complete checkpoint per saved step
+      dynamic_embeddings/               rows of dynamic tables, per saving rank (any number
+                                        of ranks loads them: see embeddings/dynamic)
     best/                               model weights of the best validation NDCG@10
     latest_checkpointed_iteration.txt   the step ``--load`` resumes from
 
@@ -33,6 +35,7 @@ from megatron_gr.compat import (
     keep_adam_step_on_reshardable_load,
     reshardable_state_in_buffer_coordinates,
 )
+from megatron_gr.embeddings.dynamic import collections_of, load_collection, save_collection
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -121,14 +124,18 @@ def _model_state(model_chunks) -> dict:
     return _model(model_chunks).sharded_state_dict()
 
 
-def _write_atomically(state: dict, final: Path) -> None:
-    """dist_checkpointing into a temporary sibling, then rename over ``final``."""
+def _write_atomically(state: dict, final: Path, model_chunks, *, with_optimizer: bool) -> None:
+    """dist_checkpointing (and the dynamic tables' own files) into a temporary sibling,
+    then rename over ``final``."""
     tmp = final.parent / f".tmp-{final.name}"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(state, str(tmp))
+    if parallel_state.get_tensor_model_parallel_rank() == 0:  # tensor-parallel ranks hold copies
+        for collection in collections_of(_model(model_chunks)):
+            save_collection(collection, tmp, with_optimizer=with_optimizer)
     dist.barrier()
     if dist.get_rank() == 0:
         old = final.parent / f".old-{final.name}"
@@ -157,7 +164,7 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, s
         "rng_state": _rng_sharded_object(),
     }
     final = iteration_dir(root, iteration)
-    _write_atomically(state, final)
+    _write_atomically(state, final, model_chunks, with_optimizer=True)
     if dist.get_rank() == 0:
         tracker_tmp = root / f".{TRACKER}.tmp"
         tracker_tmp.write_text(f"{iteration}\n")
@@ -196,6 +203,7 @@ def load_checkpoint(root: str | Path, model_chunks, optimizer, scheduler) -> Opt
         template["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(template, str(directory))
     _model(model_chunks).load_state_dict(loaded["model"])
+    _load_dynamic_tables(model_chunks, directory)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -206,7 +214,7 @@ def load_checkpoint(root: str | Path, model_chunks, optimizer, scheduler) -> Opt
 def save_best(root: str | Path, model_chunks, record: dict) -> None:
     """Model weights only, replacing the previous best atomically."""
     state = {"model": _model_state(model_chunks), "best": record}
-    _write_atomically(state, Path(root) / BEST)
+    _write_atomically(state, Path(root) / BEST, model_chunks, with_optimizer=False)
 
 
 def load_best(root: str | Path, model_chunks) -> Optional[dict]:
@@ -215,4 +223,12 @@ def load_best(root: str | Path, model_chunks) -> Optional[dict]:
         return None
     loaded = dist_checkpointing.load({"model": _model_state(model_chunks)}, str(directory))
     _model(model_chunks).load_state_dict(loaded["model"])
+    _load_dynamic_tables(model_chunks, directory)
     return loaded["best"]
+
+
+def _load_dynamic_tables(model_chunks, directory: Path) -> None:
+    """Dynamic tables (their rows are not in the dist checkpoint) from their own files,
+    re-routed to this run's ranks."""
+    for collection in collections_of(_model(model_chunks)):
+        load_collection(collection, directory)

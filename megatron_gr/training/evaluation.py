@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -10,10 +12,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_gr.data.loader import evaluation_batches
 from megatron_gr.data.sequences import LeaveOneOutSplit
 from megatron_gr.training.metrics import NAMES, metrics_from_sums
+from megatron_gr.training.model_setup import unwrap
 from megatron_gr.training.steps import forward_step_for, schedule_shapes
 
 
-def evaluate(model_chunks, split: LeaveOneOutSplit, which: str, *, max_seq_len: int, batch_size: int, device) -> dict[str, float]:
+def evaluate(
+    model_chunks, split: LeaveOneOutSplit, which: str, *, max_seq_len: int, batch_size: int, device, raw_item_ids: bool = False
+) -> dict[str, float]:
     """Metrics of ``which`` over all users; every rank returns the same numbers."""
     batches = list(
         evaluation_batches(
@@ -23,10 +28,14 @@ def evaluate(model_chunks, split: LeaveOneOutSplit, which: str, *, max_seq_len: 
             batch_size=batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
+            raw_item_ids=raw_item_ids,
         )
     )
+    # Sharded item tables fetch the corpus once, so batches need no exchange between ranks.
+    caches = contextlib.ExitStack()
     for chunk in model_chunks:
         chunk.eval()
+        caches.enter_context(unwrap(chunk).evaluation_cache())
     sums = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=device)
     if batches:
         with torch.no_grad():
@@ -42,6 +51,7 @@ def evaluate(model_chunks, split: LeaveOneOutSplit, which: str, *, max_seq_len: 
         if counts_here:
             for out in outputs:
                 sums += out["metric_sums"]
+    caches.close()
     for chunk in model_chunks:
         chunk.train()
     # One contributor per data-parallel rank (last stage, first tensor rank): a sum over

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -19,10 +21,12 @@ from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.transformer_config import GRTransformerConfig
-from megatron_gr.embeddings import PlainEmbedding
+from megatron_gr.embeddings import EmbeddingTable, PlainEmbedding
+from megatron_gr.embeddings.dynamic import DynamicEmbedding, DynamicEmbeddingCollection
 from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
 from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.training.runtime import Runtime
+from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
 from megatron_gr.transformer.specs import get_stu_layer_spec
 
 
@@ -59,24 +63,31 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
     )
 
 
-def build_model(config: ExperimentConfig, runtime: Runtime, num_items: int) -> list[DistributedDataParallel]:
-    """Model chunks of this rank (one chunk: no virtual pipeline stages)."""
+def build_model(
+    config: ExperimentConfig, runtime: Runtime, num_items: int, *, item_vocab: Optional[np.ndarray] = None
+) -> list[DistributedDataParallel]:
+    """Model chunks of this rank (one chunk: no virtual pipeline stages). ``item_vocab``
+    (raw id of each dense id, ``UserSequences.item_vocab``) is required by tables keyed by
+    raw ids: it gives the model the raw ids of its corpus."""
     model_config = runtime_model_config(config, runtime)
-    table_config = config.embeddings["item"]
-    num_embeddings = table_config.num_embeddings or num_items + 1
-    if num_embeddings < num_items + 1:
-        raise ConfigError(
-            f"embeddings.item.num_embeddings={num_embeddings} is too small for {num_items} items "
-            f"(plus the padding row): use >= {num_items + 1} or leave it unset"
-        )
-    model = _build_stage(config, model_config, num_embeddings, num_items)
+    corpus_ids = None
+    if config.embeddings["item"].keyed_by_raw_ids:
+        if item_vocab is None or len(item_vocab) != num_items + 1:
+            raise ValueError(f"a table keyed by raw ids needs the item vocabulary (num_items + 1 = {num_items + 1} raw ids)")
+        corpus_ids = torch.from_numpy(np.asarray(item_vocab[1:], dtype=np.int64))
+    model = _build_stage(config, model_config, runtime, num_items, corpus_ids)
     model.to(runtime.device)
     _tie_item_tables(model)  # on the device: NCCL reduces GPU tensors only
     if runtime.bf16:
         model = Float16Module(model_config, model)
     ddp_config = _ddp_config(config.parallel, runtime)
     wrapped = DistributedDataParallel(model_config, ddp_config, model)
-    model_config.finalize_model_grads_func = finalize_model_grads
+    # Rows of dynamic tables are not parameters: their gradients get the dense ones' scaling
+    # (see sparse_step.py).
+    tables = dynamic_tables([wrapped])
+    model_config.finalize_model_grads_func = (
+        with_sparse_gradient_scaling(finalize_model_grads, tables) if tables else finalize_model_grads
+    )
     if ddp_config.overlap_grad_reduce:
         # The schedules hold reductions back until the last micro-batch and let the last
         # pipeline stages start theirs early. Without overlap, finalize_model_grads reduces
@@ -86,7 +97,13 @@ def build_model(config: ExperimentConfig, runtime: Runtime, num_items: int) -> l
     return [wrapped]
 
 
-def _build_stage(config: ExperimentConfig, model_config: GRTransformerConfig, num_embeddings: int, num_items: int) -> HSTURetrievalModel:
+def _build_stage(
+    config: ExperimentConfig,
+    model_config: GRTransformerConfig,
+    runtime: Runtime,
+    num_items: int,
+    corpus_ids: Optional[torch.Tensor],
+) -> HSTURetrievalModel:
     """This pipeline stage's part of the model, with the initial values it has in a
     single-rank build of the same seed.
 
@@ -98,7 +115,7 @@ def _build_stage(config: ExperimentConfig, model_config: GRTransformerConfig, nu
     pre_process = parallel_state.is_pipeline_first_stage()
     post_process = parallel_state.is_pipeline_last_stage()
     torch.manual_seed(config.training.seed)
-    item_table = PlainEmbedding(model_config, config.embeddings["item"], num_embeddings)
+    item_table = _item_table(config, model_config, runtime, num_items)
     first_layer = get_transformer_layer_offset(model_config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     if not pre_process:
         InputPreprocessor(model_config)
@@ -112,9 +129,32 @@ def _build_stage(config: ExperimentConfig, model_config: GRTransformerConfig, nu
         model_config,
         item_table if pre_process or post_process else None,
         num_items,
+        corpus_ids=corpus_ids,
         pre_process=pre_process,
         post_process=post_process,
     )
+
+
+def _item_table(config: ExperimentConfig, model_config: GRTransformerConfig, runtime: Runtime, num_items: int) -> EmbeddingTable:
+    """The plain table over dense ids, or a dynamic one keyed by raw ids (its layout limits
+    are checked at config load: ``ExperimentConfig``)."""
+    table_config = config.embeddings["item"]
+    if table_config.type == "dynamic":
+        # Sharded over the data-parallel group; tensor-parallel ranks keep identical copies.
+        collection = DynamicEmbeddingCollection(
+            {"item": table_config},
+            default_seed=config.training.seed,
+            device=runtime.device,
+            group=parallel_state.get_data_parallel_group(),
+        )
+        return DynamicEmbedding(model_config, collection, "item")
+    num_embeddings = table_config.num_embeddings or num_items + 1
+    if num_embeddings < num_items + 1:
+        raise ConfigError(
+            f"embeddings.item.num_embeddings={num_embeddings} is too small for {num_items} items "
+            f"(plus the padding row): use >= {num_items + 1} or leave it unset"
+        )
+    return PlainEmbedding(model_config, table_config, num_embeddings)
 
 
 def _tie_item_tables(model: HSTURetrievalModel) -> None:

@@ -25,6 +25,7 @@ from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
+from megatron_gr.training.sparse_step import SparseTables
 from megatron_gr.training.steps import forward_step_for, schedule_shapes
 
 SELECTION_METRIC = "ndcg@10"
@@ -49,8 +50,10 @@ class Trainer:
         )
         self.split = build_split(config.data)
         self.num_items = self.split.sequences.num_items
-        self.model = build_model(config, self.runtime, self.num_items)
+        self.raw_item_ids = config.embeddings["item"].keyed_by_raw_ids
+        self.model = build_model(config, self.runtime, self.num_items, item_vocab=self.split.sequences.item_vocab)
         self.optimizer = build_optimizer(config.training, self.runtime, self.model)
+        self.sparse = SparseTables(self.model)
         self.scheduler = build_scheduler(config.training, self.optimizer)
         self.loader = self._build_loader()
         self.state = TrainState()
@@ -82,6 +85,7 @@ class Trainer:
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=dp_size,
             partition_fn=PARTITIONS[self.config.parallel.balance_for(dp_size)],
+            raw_item_ids=self.raw_item_ids,
         )
 
     # ------------------------------------------------------------------ loop
@@ -120,7 +124,7 @@ class Trainer:
             **schedule_shapes(self.model[0].config, batches),
             forward_only=False,
         )
-        updated, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm = self.sparse.step(self.optimizer)  # dense and dynamic-table rows
         self.scheduler.step(increment=1)
         self.state.consumed_samples = self.loader.consumed_samples
         totals = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
@@ -143,6 +147,7 @@ class Trainer:
             "step_time_s": elapsed,
             "skipped": not updated,
             **memory,
+            **self.sparse.statistics(),
         }
 
     # ------------------------------------------------------------ evaluation
@@ -155,6 +160,7 @@ class Trainer:
                 max_seq_len=self.config.model.max_seq_len,
                 batch_size=self.config.training.eval_batch_size,
                 device=self.runtime.device,
+                raw_item_ids=self.raw_item_ids,
             )
 
     def validate(self) -> bool:

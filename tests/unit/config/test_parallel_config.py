@@ -24,6 +24,10 @@ BAD_LAYOUTS = [
     ({"parallel": {"data_parallel_size": 2}}, ["unknown key parallel.data_parallel_size"]),
     ({"model": {"tensor_model_parallel_size": 2}}, ["model.tensor_model_parallel_size", "parallel.tensor_model_parallel_size"]),
     ({"model": {"sequence_parallel": True}}, ["model.sequence_parallel", "parallel.sequence_parallel"]),
+    ({"model": {"num_layers": 2}, "embeddings": {"item": {"type": "dynamic"}}, "parallel": {"pipeline_model_parallel_size": 2}},
+     ["embeddings.item.type=dynamic", "parallel.pipeline_model_parallel_size=2", "pipeline_model_parallel_size=1"]),
+    ({"embeddings": {"item": {"type": "dynamic", "dynamic": {"pooling": "sum"}}}},
+     ["embeddings.item.dynamic.pooling='sum'", "pooling=none"]),
 ]
 
 
@@ -33,6 +37,15 @@ def test_impossible_layout_is_a_clear_error(raw, words):
         ExperimentConfig.from_dict(raw)
     for word in words:
         assert word in str(caught.value), f"{word!r} not in {str(caught.value)!r}"
+
+
+def test_dynamic_item_table_allows_tensor_and_sequence_parallelism():
+    """Its rows are copied on tensor-parallel ranks (tests/unit/parallel/test_dynamic_multi_rank.py)."""
+    config = ExperimentConfig.from_dict({
+        "embeddings": {"item": {"type": "dynamic"}},
+        "parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+    })
+    assert config.embeddings["item"].type == "dynamic"
 
 
 @pytest.mark.parametrize("world", [3, 6])

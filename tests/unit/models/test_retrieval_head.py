@@ -33,7 +33,7 @@ def test_sampled_softmax_by_hand():
     temperature = 0.5
     seed = 7
     loss = sampled_softmax_loss(
-        user, labels, table, num_items=3, num_negatives=2, num_in_batch_negatives=1,
+        user, labels, table, corpus_ids=torch.arange(1, 4), num_negatives=2, num_in_batch_negatives=1,
         temperature=temperature, generator=torch.Generator().manual_seed(seed),
     )
     # The negatives the head draws: 2 uniform in 1..3, then 1 of the labels.
@@ -57,7 +57,7 @@ def test_loss_gradient_reaches_the_table():
     table = FixedTable(TABLE)
     user = torch.nn.functional.normalize(torch.tensor([[0.3, 0.7]], dtype=torch.float64), dim=-1)
     loss = sampled_softmax_loss(
-        user, torch.tensor([2]), table, num_items=3, num_negatives=4, num_in_batch_negatives=0,
+        user, torch.tensor([2]), table, corpus_ids=torch.arange(1, 4), num_negatives=4, num_in_batch_negatives=0,
         temperature=0.1, generator=torch.Generator().manual_seed(0),
     )
     loss.sum().backward()
@@ -71,5 +71,5 @@ def test_full_corpus_ranks_by_hand():
     # user 0 scores: item1 .995, item3 .77, item2 .0995 -> target 3 has rank 1
     # user 1 scores: item2 1, item3 .707, item1 0 -> target 1 has rank 2
     # user 2 scores: item3 1, item1 = item2 = .707 -> target 3 has rank 0
-    ranks = full_corpus_ranks(user, torch.tensor([3, 1, 3]), table, num_items=3)
+    ranks = full_corpus_ranks(user, torch.tensor([3, 1, 3]), table, corpus_ids=torch.arange(1, 4))
     assert ranks.tolist() == [1, 2, 0]

@@ -1,8 +1,9 @@
 """Runs training scenarios on any parallel layout and records what a single rank would see:
 losses, gradient norms, every parameter's full gradient per step (tensor-parallel slices
 joined, pipeline stages merged, data-parallel shards of the distributed optimizer
-gathered), full weights, evaluation metrics. Used in-process for single-rank references
-and by ``worker.py`` under torchrun for parallel layouts.
+gathered), full weights, the rows of dynamic item tables (data-parallel shards joined),
+evaluation metrics. Used in-process for single-rank references and by ``worker.py`` under
+torchrun for parallel layouts.
 
 A scenario is a dict; its phases run in this order, each optional::
 
@@ -13,8 +14,8 @@ A scenario is a dict; its phases run in this order, each optional::
      "steps_after": 2}    # train on
 
 ``config`` is passed to ``ExperimentConfig.from_dict``. Rank 0 returns the record
-(``params``: weights after the first phase, ``final_params``: at the end); the others
-return None.
+(``params``/``rows``: weights and dynamic-table rows after the first phase,
+``final_params``/``final_rows``: at the end); the others return None.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_f
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 
 from megatron_gr.config import ExperimentConfig
+from megatron_gr.embeddings.dynamic.state import export_state
 from megatron_gr.training.model_setup import unwrap, updated_weights
 from megatron_gr.training.trainer import Trainer
 
@@ -49,6 +51,7 @@ def run_scenario(scenario: dict) -> Optional[dict]:
     for _ in range(scenario.get("steps", 0)):
         _step(trainer, record)
     record["params"] = _full_tensors(trainer.model, _weights(trainer.model))
+    record["rows"] = _dynamic_rows(trainer)
     if scenario.get("evaluate"):
         record["valid"] = trainer.evaluate("valid")
     if scenario.get("save"):
@@ -56,6 +59,7 @@ def run_scenario(scenario: dict) -> Optional[dict]:
     for _ in range(scenario.get("steps_after", 0)):
         _step(trainer, record)
     record["final_params"] = _full_tensors(trainer.model, _weights(trainer.model))
+    record["final_rows"] = _dynamic_rows(trainer)
     record["layout"] = {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
@@ -79,6 +83,30 @@ def _step(trainer: Trainer, record: dict) -> None:
 def _weights(model_chunks) -> dict:
     with updated_weights(model_chunks):
         return {p: p.detach().clone() for chunk in model_chunks for p in chunk.parameters()}
+
+
+def _dynamic_rows(trainer: Trainer) -> Optional[dict]:
+    """``{table: {raw id: row}}`` on rank 0, every data-parallel shard of each dynamic table
+    joined (a row lives on one data-parallel rank); tensor-parallel copies must hold the same
+    ids and equal rows, their largest difference is reported under ``"replica_max_diff"``."""
+    local = {table.name: export_state(table)["rows"] for table in trainer.sparse.tables}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((parallel_state.get_tensor_model_parallel_rank(), local), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    tables, copies, worst = {}, {}, 0.0
+    for tp_rank, shards in sorted(gathered, key=lambda entry: entry[0]):  # main copies (tp rank 0) first
+        for name, rows in shards.items():
+            for key, row in zip(rows["keys"].tolist(), rows["weights"]):
+                if tp_rank == 0:
+                    assert key not in tables.setdefault(name, {}), f"id {key} of {name} is stored on two data-parallel ranks"
+                    tables[name][key] = row
+                else:
+                    copies.setdefault((tp_rank, name), set()).add(key)
+                    worst = max(worst, float((tables[name][key] - row).abs().max()))
+    for (tp_rank, name), keys in copies.items():
+        assert keys == set(tables[name]), f"tensor-parallel rank {tp_rank} stores other ids of {name} than rank 0"
+    return {**tables, "replica_max_diff": worst}
 
 
 def _reduced_grads(model_chunks) -> dict:

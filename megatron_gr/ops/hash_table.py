@@ -1,0 +1,120 @@
+"""Hash-table ops of the dynamic embeddings, dispatched to the PyTorch reference or the
+Triton kernels (one place chooses; a missing backend is an error).
+
+- :func:`routing_keys`: ids (+ logical-table tags) -> 64-bit routing keys
+  (:mod:`megatron_gr.ops.pytorch.id_hash` explains the bits).
+- :func:`probe`: find-or-insert distinct queries in a bucketed table with scores
+  (:mod:`megatron_gr.ops.pytorch.hash_probe` states the exact semantics).
+- :func:`materialize_rows`: the rows of probed queries; fresh slots initialised.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_gr.ops.pytorch.dynamic_rows import pytorch_materialize_rows
+from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult, pytorch_probe
+from megatron_gr.ops.pytorch.id_hash import routing_keys as pytorch_routing_keys
+
+KERNELS = ("pytorch", "triton")
+
+
+def _triton(device: torch.device, what: str):
+    from megatron_gr.ops.triton.availability import require_triton
+
+    require_triton(device, what=f"kernel='triton' ({what})")
+    from megatron_gr.ops.triton import hash_table
+
+    return hash_table
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+
+
+def routing_keys(ids: torch.Tensor, tags: Optional[torch.Tensor] = None, *, kernel: str = "pytorch") -> torch.Tensor:
+    """Routing key of every id ``[N]`` int64; ``tags`` ``[N]`` int32 or None (all 0)."""
+    _check_kernel(kernel)
+    if ids.dtype != torch.int64:
+        raise TypeError(f"ids must be int64, got {ids.dtype}")
+    if kernel == "triton":
+        return _triton(ids.device, "routing keys").triton_routing_keys(ids.contiguous(), None if tags is None else tags.contiguous())
+    return pytorch_routing_keys(ids, tags)
+
+
+def probe(
+    keys: torch.Tensor,
+    tags: torch.Tensor,
+    last_seen: torch.Tensor,
+    freq: torch.Tensor,
+    changed: torch.Tensor,
+    query_keys: torch.Tensor,
+    query_tags: torch.Tensor,
+    query_hashes: torch.Tensor,
+    query_counts: torch.Tensor,
+    may_insert: torch.Tensor,
+    *,
+    num_buckets: int,
+    bucket_size: int,
+    step: int,
+    policy: str,
+    update_scores: bool,
+    kernel: str = "pytorch",
+) -> ProbeResult:
+    """Find-or-insert distinct (id, tag) queries sorted by routing key ``query_hashes``.
+
+    Table: ``keys`` int64, ``tags`` int32, ``last_seen`` int64 (-1 = empty), ``freq`` int64,
+    ``changed`` uint8, each ``[num_buckets * bucket_size]``, updated in place. Queries:
+    ``[U]`` keys int64, tags int32, hashes int64, counts int64 (occurrences), may_insert bool.
+    """
+    _check_kernel(kernel)
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: choose one of {tuple(POLICIES)}")
+    capacity = num_buckets * bucket_size
+    for name, tensor, dtype in (
+        ("keys", keys, torch.int64), ("tags", tags, torch.int32), ("last_seen", last_seen, torch.int64),
+        ("freq", freq, torch.int64), ("changed", changed, torch.uint8),
+    ):
+        if tensor.dtype != dtype or tensor.shape != (capacity,):
+            raise ValueError(f"table {name} must be {dtype} [{capacity}], got {tensor.dtype} {tuple(tensor.shape)}")
+    count = query_keys.numel()
+    for name, tensor, dtype in (
+        ("query_keys", query_keys, torch.int64), ("query_tags", query_tags, torch.int32),
+        ("query_hashes", query_hashes, torch.int64), ("query_counts", query_counts, torch.int64),
+        ("may_insert", may_insert, torch.bool),
+    ):
+        if tensor.dtype != dtype or tensor.shape != (count,):
+            raise ValueError(f"{name} must be {dtype} [{count}], got {tensor.dtype} {tuple(tensor.shape)}")
+    args = (keys, tags, last_seen, freq, changed, query_keys, query_tags, query_hashes, query_counts, may_insert)
+    options = dict(num_buckets=num_buckets, bucket_size=bucket_size, step=step, policy=policy, update_scores=update_scores)
+    if kernel == "triton":
+        return _triton(keys.device, "hash probe").triton_probe(*args, **options)
+    return pytorch_probe(*args, **options)
+
+
+def materialize_rows(
+    weights: torch.Tensor,
+    states: list[torch.Tensor],
+    state_init: list[float],
+    slots: torch.Tensor,
+    status: torch.Tensor,
+    ids: torch.Tensor,
+    tags: torch.Tensor,
+    salts: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    kernel: str = "pytorch",
+) -> torch.Tensor:
+    """Rows ``[U, D]`` of probed queries (stored row of a hit, initial value otherwise);
+    slots the probe just filled get their initial value and fresh optimizer state.
+    See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_materialize_rows`."""
+    _check_kernel(kernel)
+    if weights.dtype != torch.float32 or not weights.is_contiguous():
+        raise ValueError(f"weights must be contiguous float32, got {weights.dtype}")
+    args = (weights, states, state_init, slots, status, ids, tags, salts, scales)
+    if kernel == "triton":
+        return _triton(weights.device, "row initialisation").triton_materialize_rows(*args)
+    return pytorch_materialize_rows(*args)

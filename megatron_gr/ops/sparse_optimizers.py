@@ -1,0 +1,50 @@
+"""Row-sparse optimizer updates of hash-table rows, dispatched to the PyTorch reference
+(:mod:`megatron_gr.ops.pytorch.sparse_optimizers`, which states the formulas) or the fused
+Triton kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES, pytorch_sparse_update
+
+KERNELS = ("pytorch", "triton")
+
+
+def sparse_update(
+    weights: torch.Tensor,
+    states: list[torch.Tensor],
+    slots: torch.Tensor,
+    grads: torch.Tensor,
+    *,
+    optimizer: str,
+    lr: float,
+    step: int,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    grad_scale: float = 1.0,
+    kernel: str = "pytorch",
+) -> None:
+    """Updates rows ``slots`` ``[R]`` (distinct; < 0 = skip) of ``weights`` ``[C, D]`` and
+    ``states`` in place with ``grads`` ``[R, D]`` times ``grad_scale``; ``step`` >= 1 is the
+    step count Adam's bias correction uses."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown sparse optimizer {optimizer!r}; expected one of {tuple(OPTIMIZER_STATES)}")
+    if len(states) != len(OPTIMIZER_STATES[optimizer]):
+        raise ValueError(f"{optimizer} keeps {len(OPTIMIZER_STATES[optimizer])} state tensors, got {len(states)}")
+    if grads.shape != (slots.numel(), weights.shape[1]):
+        raise ValueError(f"grads must be [{slots.numel()}, {weights.shape[1]}], got {tuple(grads.shape)}")
+    if step < 1:
+        raise ValueError(f"step={step} must be >= 1")
+    options = dict(optimizer=optimizer, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale)
+    if kernel == "triton":
+        from megatron_gr.ops.triton.availability import require_triton
+
+        require_triton(weights.device, what="kernel='triton' (sparse optimizer)")
+        from megatron_gr.ops.triton.sparse_optimizers import triton_sparse_update
+
+        return triton_sparse_update(weights, states, slots, grads, **options)
+    return pytorch_sparse_update(weights, states, slots, grads, **options)

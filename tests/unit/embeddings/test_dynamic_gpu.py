@@ -1,0 +1,103 @@
+"""The dynamic table on a GPU (Triton kernels) behaves as on the CPU (PyTorch references),
+and the kernels compile for an H100 even on a machine without one."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
+from megatron_gr.config.embedding_config import EmbeddingTableConfig
+from megatron_gr.embeddings.dynamic import DynamicEmbeddingCollection
+from megatron_gr.embeddings.dynamic.state import export_state
+from tests.conftest import REPO_ROOT
+
+
+def _collection(device: str, kernel: str, **dynamic) -> DynamicEmbeddingCollection:
+    settings = dict(capacity=1 << 11, bucket_size=64, optimizer="adam", lr=0.01, seed=2, kernel=kernel, eviction="lfu")
+    settings.update(dynamic)
+    config = EmbeddingTableConfig(dim=32, type="dynamic", init_std=0.05, dynamic=DynamicTableConfig(**settings))
+    return DynamicEmbeddingCollection({"t": config}, default_seed=0, device=torch.device(device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("admission_threshold", [1, 2])
+def test_gpu_table_matches_cpu_table(admission_threshold):
+    tables = {"cuda": _collection("cuda", "triton", admission_threshold=admission_threshold),
+              "cpu": _collection("cpu", "pytorch", admission_threshold=admission_threshold)}
+    generator = torch.Generator().manual_seed(0)
+    for step in range(5):
+        # Power-law ids over a large space, many repeats: about 2,000 distinct ids per step
+        # and 6,000 over the run compete for 2,048 slots, so buckets evict (and refuse ids
+        # when all their rows are this step's).
+        ranks = (torch.rand(20_000, generator=generator).double() ** -2.5).clamp(max=2**40).long()
+        ids = ranks * 2654435761 + 17
+        weights = torch.randn(ids.numel(), 32, generator=generator)
+        rows = {}
+        for device, table in tables.items():
+            out = table.lookup("t", ids.to(device))
+            (out * weights.to(device)).sum().backward()
+            table.tables["t"].apply_step(dense_lr=0.0)
+            rows[device] = out.detach().cpu()
+        torch.testing.assert_close(rows["cuda"], rows["cpu"], rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    cuda, cpu = (export_state(tables[d].tables["t"]) for d in ("cuda", "cpu"))
+    for name in ("keys", "tags", "last_seen", "freq"):  # the same slots, in the same order
+        assert torch.equal(cuda["rows"][name], cpu["rows"][name]), name
+    torch.testing.assert_close(cuda["rows"]["weights"], cpu["rows"]["weights"], rtol=1e-5, atol=1e-6)
+    for name in cpu["optimizer"]:
+        torch.testing.assert_close(cuda["optimizer"][name], cpu["optimizer"][name], rtol=1e-5, atol=1e-6)
+    assert tables["cuda"].tables["t"].statistics() == tables["cpu"].tables["t"].statistics()
+
+
+_COMPILE = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from megatron_gr.ops.triton import hash_table as H, sparse_optimizers as S
+
+    def compile(fn, signature, constants):
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn
+
+    ptr = lambda t: "*" + t
+    table = {n: ptr(t) for n, t in [("keys_ptr", "i64"), ("tags_ptr", "i32"), ("seen_ptr", "i64"), ("freq_ptr", "i64"),
+             ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
+             ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
+             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
+    for policy, update in ((0, True), (1, True), (2, True), (1, False)):
+        compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
+                "LANES": "constexpr", "HEAD": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
+                {"BUCKET": 64, "LANES": 64, "HEAD": H.PROBE_HEAD, "POLICY": policy, "UPDATE": update})
+    compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
+            "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
+    rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
+    compile(H._materialize_kernel, {**rows, "slots_ptr": "*i64", "status_ptr": "*i8", "ids_ptr": "*i64", "tags_ptr": "*i32",
+            "salts_ptr": "*i64", "scales_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64", "dim": "i32", "init0": "fp32",
+            "init1": "fp32", "NUM_STATES": "constexpr", "STATE0_PER_ELEMENT": "constexpr", "STATE1_PER_ELEMENT": "constexpr",
+            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+            {"NUM_STATES": 2, "STATE0_PER_ELEMENT": True, "STATE1_PER_ELEMENT": True, "BLOCK_R": 32, "BLOCK_D": 128})
+    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt")}
+    for optimizer in range(4):
+        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "n": "i64", "dim": "i32",
+                **scalars, "OPTIMIZER": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                {"OPTIMIZER": optimizer, "BLOCK_R": 32, "BLOCK_D": 128})
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernels_compile_to_h100_machine_code():
+    """Compiles every kernel variant for sm_90 (Triton's own LLVM and ptxas, no GPU needed):
+    the interpreter tests check what the kernels compute, this that they build."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

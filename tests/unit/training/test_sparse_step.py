@@ -1,0 +1,184 @@
+"""The joint step of megatron's dense optimizer and the dynamic tables: one gradient norm,
+one clipping factor, the dense learning rate, per-token scaling, skipped steps."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
+from megatron_gr.config.embedding_config import EmbeddingTableConfig
+from megatron_gr.embeddings.dynamic import DynamicEmbeddingCollection
+from megatron_gr.training.sparse_step import SparseTables, with_sparse_gradient_scaling
+
+
+class DenseOptimizer:
+    """The part of megatron's optimizer interface the joint step uses: one parameter whose
+    gradient norm is 3; a plain SGD step at the scheduled learning rate."""
+
+    def __init__(self, clip_grad: float, finite: bool = True):
+        self.param = torch.nn.Parameter(torch.zeros(2))
+        self.param.grad = torch.tensor([3.0, 0.0])
+        self.config = SimpleNamespace(clip_grad=clip_grad)
+        self.param_groups = [{"lr": 0.5}]
+        self.finite = finite
+
+    def prepare_grads(self) -> bool:
+        return not self.finite
+
+    def get_grad_norm(self) -> float:
+        return float(self.param.grad.norm())
+
+    def get_parameters(self):
+        return [self.param]
+
+    def step_with_ready_grads(self) -> bool:
+        with torch.no_grad():
+            self.param -= self.param_groups[0]["lr"] * self.param.grad
+        return True
+
+
+def _model_with_table():
+    config = EmbeddingTableConfig(
+        dim=2, type="dynamic", init_std=0.1,
+        dynamic=DynamicTableConfig(capacity=64, bucket_size=8, optimizer="sgd", seed=1),
+    )
+    model = torch.nn.Module()
+    model.table = DynamicEmbeddingCollection({"item": config}, default_seed=0, device=torch.device("cpu"))
+    return model
+
+
+def _touch(model, gradient: list[float]) -> torch.Tensor:
+    rows = model.table.lookup("item", torch.tensor([7], dtype=torch.int64))
+    (rows * torch.tensor([gradient])).sum().backward()
+    return rows.detach()[0]
+
+
+def test_rows_share_the_dense_norm_clipping_and_learning_rate(megatron_cpu):
+    model = _model_with_table()
+    tables = SparseTables([model])
+    before = _touch(model, [0.0, 8.0])  # row gradient norm 8 ...
+    tables.tables[0].scale_gradients(0.5)  # ... 4 after the per-token scaling
+    optimizer = DenseOptimizer(clip_grad=1.0)
+    updated, norm = tables.step(optimizer)
+    assert updated and math.isclose(norm, 5.0)  # sqrt(3^2 + 4^2)
+    clip = 1.0 / (5.0 + 1e-6)
+    torch.testing.assert_close(optimizer.param.detach(), torch.tensor([-0.5 * 3.0 * clip, 0.0]))
+    after = model.table.lookup("item", torch.tensor([7])).detach()[0]
+    torch.testing.assert_close(after, before - 0.5 * torch.tensor([0.0, 4.0]) * clip)  # the dense lr
+
+
+def test_finalize_divides_row_gradients_by_the_token_count(megatron_cpu):
+    model = _model_with_table()
+    tables = SparseTables([model])
+    calls = []
+    finalize = with_sparse_gradient_scaling(lambda m, n, **kw: calls.append(int(n)), tables.tables)
+    _touch(model, [0.0, 8.0])
+    finalize([model], torch.tensor(4))
+    assert calls == [4]
+    assert math.isclose(float(tables.tables[0].gradient_square_sum()), 4.0)  # (8 / 4)^2
+
+
+def test_a_skipped_step_moves_no_row(megatron_cpu):
+    model = _model_with_table()
+    tables = SparseTables([model])
+    before = _touch(model, [1.0, 1.0])
+    updated, norm = tables.step(DenseOptimizer(clip_grad=1.0, finite=False))
+    assert not updated and norm is None
+    assert tables.tables[0].step == 0
+    torch.testing.assert_close(model.table.lookup("item", torch.tensor([7])).detach()[0], before)
+
+
+# ------------------------------------------------- with megatron's optimizer as main builds it
+EPS = 10.0
+
+
+def _trainer(tmp_path):
+    """A tiny dynamic-table run on the default parallel settings (megatron's distributed
+    optimizer, which takes only Adam). Adam's first step with an eps far above every
+    gradient moves a weight by about lr x g / eps: linear in the clipped gradient. Rows use
+    SGD at the dense lr (no warm-up). Clipping is active (gradient norms are far above 0.05)."""
+    from megatron_gr.training.trainer import Trainer
+    from tests.unit.training.helpers import tiny_config
+
+    return Trainer(tiny_config(
+        tmp_path,
+        model={"hidden_dropout": 0.0, "embedding_dropout": 0.0},
+        embeddings={"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size": 16, "optimizer": "sgd"}}},
+        training={"clip_grad": 0.05, "lr_warmup_iters": 0, "lr": 0.1, "adam_eps": EPS},
+    ))
+
+
+def _rows(table) -> dict[int, torch.Tensor]:
+    from megatron_gr.embeddings.dynamic.state import export_state
+
+    state = export_state(table)
+    return dict(zip(state["rows"]["keys"].tolist(), state["rows"]["weights"]))
+
+
+def _backward(trainer) -> None:
+    """What ``Trainer.train_step`` does before the optimizer step."""
+    from megatron_gr.training.steps import forward_step_for
+
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    batches = trainer.loader.next_step()
+    trainer.forward_backward(
+        forward_step_func=forward_step_for(trainer.runtime.device, training=True), data_iterator=iter(batches),
+        model=trainer.model, num_microbatches=len(batches), seq_length=max(b.num_tokens for b in batches),
+        micro_batch_size=1, forward_only=False,
+    )
+
+
+def test_joint_clipping_with_the_distributed_optimizer(megatron_cpu, tmp_path):
+    """Dense weights (through megatron's ChainedOptimizer of a DistributedOptimizer) and rows
+    move by lr x one clip factor x their gradient, the factor from their joint norm."""
+    from megatron.core.optimizer import ChainedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    trainer = _trainer(tmp_path)
+    assert isinstance(trainer.optimizer, ChainedOptimizer)
+    assert isinstance(trainer.optimizer.chained_optimizers[0], DistributedOptimizer)
+    (table,) = trainer.sparse.tables
+    _backward(trainer)  # the forward pass inserted the rows with their initial values
+    params = [p for p in trainer.model[0].parameters()]
+    dense_grads = [p.main_grad.detach().clone() for p in params]
+    dense_before = [p.detach().clone() for p in params]
+    sparse_square = float(table.gradient_square_sum())
+    rows_before = _rows(table)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    updated, norm = trainer.sparse.step(trainer.optimizer)
+
+    dense_square = sum(float(g.double().square().sum()) for g in dense_grads)
+    assert updated and sparse_square > 0.01 * dense_square  # both parts weigh in the norm
+    assert norm == pytest.approx(math.sqrt(dense_square + sparse_square), rel=1e-6)
+    coefficient = 0.05 / (norm + 1e-6)
+    for param, before, grad in zip(params, dense_before, dense_grads):
+        clipped = coefficient * grad.double()
+        expected = -lr * clipped / (clipped.abs() + EPS)  # Adam's first step
+        torch.testing.assert_close((param.detach() - before).double(), expected, rtol=1e-3, atol=1e-8)
+    rows_after = _rows(table)
+    moved = sum(float((rows_after[k] - v).double().square().sum()) for k, v in rows_before.items())
+    assert math.sqrt(moved) == pytest.approx(lr * coefficient * math.sqrt(sparse_square), rel=1e-4)
+
+
+def test_a_skipped_megatron_step_moves_nothing(megatron_cpu, tmp_path, monkeypatch):
+    """Non-finite gradients (megatron's prepare_grads says so; with a loss scaler it would):
+    neither weights nor rows move, the table's step count stays."""
+    trainer = _trainer(tmp_path)
+    (table,) = trainer.sparse.tables
+    trainer.train_step()
+    prepare = trainer.optimizer.prepare_grads
+    monkeypatch.setattr(trainer.optimizer, "prepare_grads", lambda: prepare() or True)
+    weights = [p.detach().clone() for p in trainer.model[0].parameters()]
+    rows = _rows(table)
+    record = trainer.train_step()
+    assert record["skipped"] and record["grad_norm"] is None and table.step == 1
+    for param, before in zip(trainer.model[0].parameters(), weights):
+        torch.testing.assert_close(param.detach(), before, rtol=0, atol=0)
+    after = _rows(table)
+    assert all(torch.equal(after[k], v) for k, v in rows.items() if k in after)
