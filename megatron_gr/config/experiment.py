@@ -77,6 +77,7 @@ class ExperimentConfig:
                 "space scored against"
             )
         self._validate_layout()
+        self._validate_optimizer()
         self._validate_dynamic_item_table()
 
     def _validate_layout(self) -> None:
@@ -98,6 +99,15 @@ class ExperimentConfig:
             raise ConfigError(
                 f"model.num_layers={model.num_layers} is not divisible by "
                 f"parallel.pipeline_model_parallel_size={pp}: stages hold equal numbers of layers"
+            )
+
+    def _validate_optimizer(self) -> None:
+        # megatron's DistributedOptimizer asserts on anything but Adam (megatron-core 0.16.1)
+        if self.training.optimizer != "adam" and self.parallel.use_distributed_optimizer:
+            raise ConfigError(
+                f"training.optimizer={self.training.optimizer!r} with parallel.use_distributed_optimizer=true: "
+                "megatron's distributed optimizer only runs Adam; set training.optimizer=adam or "
+                "parallel.use_distributed_optimizer=false"
             )
 
     def _validate_dynamic_item_table(self) -> None:

@@ -26,6 +26,8 @@ class TrainingConfig:
     size. Larger values accumulate gradients over micro-batches."""
 
     optimizer: Literal["adam", "sgd"] = "adam"
+    """Dense optimizer (megatron's). SGD needs parallel.use_distributed_optimizer=false."""
+
     lr: float = 1e-3
     """Peak learning rate, reached after warm-up."""
 

@@ -28,6 +28,8 @@ BAD_LAYOUTS = [
      ["embeddings.item.type=dynamic", "parallel.pipeline_model_parallel_size=2", "pipeline_model_parallel_size=1"]),
     ({"embeddings": {"item": {"type": "dynamic", "dynamic": {"pooling": "sum"}}}},
      ["embeddings.item.dynamic.pooling='sum'", "pooling=none"]),
+    ({"training": {"optimizer": "sgd"}},
+     ["training.optimizer='sgd'", "use_distributed_optimizer=true", "use_distributed_optimizer=false"]),
 ]
 
 
@@ -37,6 +39,11 @@ def test_impossible_layout_is_a_clear_error(raw, words):
         ExperimentConfig.from_dict(raw)
     for word in words:
         assert word in str(caught.value), f"{word!r} not in {str(caught.value)!r}"
+
+
+def test_sgd_runs_without_the_distributed_optimizer():
+    config = ExperimentConfig.from_dict({"training": {"optimizer": "sgd"}, "parallel": {"use_distributed_optimizer": False}})
+    assert config.training.optimizer == "sgd"
 
 
 def test_dynamic_item_table_allows_tensor_and_sequence_parallelism():
