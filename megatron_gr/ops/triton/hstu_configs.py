@@ -49,6 +49,17 @@ class KernelConfig:
     dk: Optional["KernelConfig"] = None
     """Backward with ``split_dkdv``: blocks of the dk launch (None: the same as this one)."""
 
+    def __str__(self) -> str:
+        """Short form for benchmark logs, e.g. ``dv=32x128/w8/s3 dk=32x128/w8/s2 dq=128x32/w8/s2``."""
+        blocks = f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        if self.split_dkdv:
+            text = f"dv={blocks} dk={self.dk or blocks}"
+        else:
+            text = blocks
+        if self.atomic_dq:
+            return text + " atomic dq"
+        return text + (f" dq={self.dq}" if self.dq is not None else "")
+
 
 _INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
