@@ -194,24 +194,57 @@ def run_case(impl, lengths, heads, d, dtype, mask_name, bias, args, seed=0):
                 peak_mib=peak)
 
 
+# A candidate whose output or gradients differ from the default configs' by more than this
+# (relative, whole tensor) is reported and never chosen: bf16 rounding differs by ~1e-3.
+_SWEEP_MAX_DIFF = 2e-2
+
+
+def triton_results(lengths, heads, d, dtype):
+    """[out, dq, dk, dv] of the Triton kernels under the active configs, causal, seed 1."""
+    q, k, v, offsets, _ = make_batch(lengths, heads, d, dtype, bias=False, seed=1)
+    out = hstu_attention(q, k, v, offsets, max_seq_len=max(lengths), alpha=d**-0.5, kernel="triton")
+    grad = torch.randn(out.shape, device="cuda", dtype=dtype, generator=torch.Generator(device="cuda").manual_seed(2))
+    return [out.detach(), *torch.autograd.grad(out, [q, k, v], grad)]
+
+
+def max_rel_diff(got, want) -> float:
+    """Largest relative difference over the tensors; inf where one holds a NaN or an inf."""
+    diffs = [(g.float() - w.float()).norm() / w.float().norm().clamp(min=1e-30) for g, w in zip(got, want)]
+    return max(float(x) if torch.isfinite(x) else float("inf") for x in diffs)
+
+
 def sweep(heads, d, dtype, length, args, variants):
     """Times every candidate config at one fixed length (causal); returns the best forward
-    config and {variant: best backward config}."""
+    config and {variant: best backward config}. Each candidate's output and gradients are
+    first compared with the default configs' on the same inputs."""
     lengths = [length] * max(1, args.tokens // length)
     cands = SWEEP[d]
+    reference = triton_results(lengths, heads, d, dtype)
+
+    def checked(kind, cfg, count, **configs):
+        """Times ``cfg`` if its first ``count`` results (out; out, dq, dk, dv) match."""
+        # NaN-filled blocks of the result sizes, freed: the caching allocator hands them to
+        # the next outputs, so that rows a candidate leaves unwritten show as NaN.
+        poison = [torch.full_like(t, float("nan")) for t in reference]
+        del poison
+        with hstu_configs.override(**configs):
+            diff = _safe(lambda: max_rel_diff(triton_results(lengths, heads, d, dtype)[:count], reference[:count]))
+            r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args) if diff is not None else None
+        ok = diff is not None and diff < _SWEEP_MAX_DIFF
+        key = "fwd_tflops" if kind == "forward" else "bwd_tflops"
+        print(f"sweep {heads}x{d} N={length} {kind} {cfg}: {_fmt(r, key)} TFLOP/s, max rel diff vs default "
+              f"{'n/a' if diff is None else f'{diff:.1e}'}{'' if ok else ' REJECTED'}", flush=True)
+        return r if ok else None
+
     best_f = None
     for cfg in cands["forward"]:
-        with hstu_configs.override(forward=cfg, backward=cands[variants[0]][0]):
-            r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args)
-        print(f"sweep {heads}x{d} N={length} forward {cfg}: {_fmt(r, 'fwd_tflops')} TFLOP/s", flush=True)
+        r = checked("forward", cfg, 1, forward=cfg)
         if r and (best_f is None or r["fwd_tflops"] > best_f[1]):
             best_f = (cfg, r["fwd_tflops"])
     best_b = {}
     for variant in variants:
         for cfg in cands[variant]:
-            with hstu_configs.override(forward=best_f[0] if best_f else None, backward=cfg):
-                r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args)
-            print(f"sweep {heads}x{d} N={length} backward [{variant}] {cfg}: {_fmt(r, 'bwd_tflops')} TFLOP/s", flush=True)
+            r = checked(f"backward [{variant}]", cfg, 4, forward=best_f[0] if best_f else None, backward=cfg)
             if r and (variant not in best_b or r["bwd_tflops"] > best_b[variant][1]):
                 best_b[variant] = (cfg, r["bwd_tflops"])
     return (best_f[0] if best_f else None), {v: c for v, (c, _) in best_b.items()}
