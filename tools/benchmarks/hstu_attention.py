@@ -5,7 +5,7 @@ backend) on the same shapes. Prints a markdown table (and writes JSON with ``--j
 
     python tools/benchmarks/hstu_attention.py [--shapes 4x256,4x128,2x64]
         [--lengths 1024,2048,4096,8192,16384] [--dists fixed,zipf] [--tokens 65536]
-        [--sweep] [--bias] [--masks causal,all] [--bwd-variants fused,split]
+        [--sweep] [--bias] [--masks causal,all] [--bwd-variants fused,split] [--kernel-times]
 
 FLOPs count unmasked query-key pairs only (a causal sequence of L tokens has L(L+1)/2):
 forward 2 * pairs * H * (Dqk + Dv) (the two matrix products), backward 2.5x forward (five
@@ -139,8 +139,37 @@ def time_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(forward, leaves, warmup, reps):
-    """(forward ms, backward ms, peak MiB above the inputs) of ``forward()``."""
+def backward_kernel_ms(backward, reps: int = 3) -> dict:
+    """Mean device ms per call of each Triton backward kernel launch in ``backward()``, read
+    from the profiler: ``dk/dv`` (fused) or ``dk`` and ``dv`` (split: the wrapper launches
+    the key-block kernel for dk first), and ``dq``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            backward()
+        torch.cuda.synchronize()
+    launches = sorted(
+        (e for e in prof.events() if e.device_type == DeviceType.CUDA and e.name.startswith("hstu_bwd_")),
+        key=lambda e: e.time_range.start,
+    )
+    key_launches = sum("dkdv" in e.name for e in launches) // reps
+    names = {1: ["dk/dv"], 2: ["dk", "dv"]}.get(key_launches, [f"key{i}" for i in range(key_launches)])
+    totals: dict = {}
+    i = 0
+    for e in launches:
+        if "dkdv" in e.name:
+            name, i = names[i % len(names)], i + 1
+        else:
+            name = "dq"
+        totals[name] = totals.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
+    return totals
+
+
+def measure(forward, leaves, warmup, reps, kernel_times=False):
+    """(forward ms, backward ms, peak MiB above the inputs, backward ms per kernel or None)
+    of ``forward()``."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -158,7 +187,13 @@ def measure(forward, leaves, warmup, reps):
     fwd_ms = time_ms(fwd, warmup, reps)
     out = forward()
     bwd_ms = time_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), warmup, reps)
-    return fwd_ms, bwd_ms, peak
+    kernels = None
+    if kernel_times:
+        try:
+            kernels = backward_kernel_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+        except Exception as error:  # the profiler is a diagnostic: never lose the timings to it
+            print(f"  backward kernel times unavailable: {type(error).__name__}: {error}", flush=True)
+    return fwd_ms, bwd_ms, peak, kernels
 
 
 def run_case(impl, lengths, heads, d, dtype, mask_name, bias, args, seed=0):
@@ -188,10 +223,14 @@ def run_case(impl, lengths, heads, d, dtype, mask_name, bias, args, seed=0):
         def forward():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-    fwd_ms, bwd_ms, peak = measure(forward, leaves, args.warmup, args.reps)
+    fwd_ms, bwd_ms, peak, kernels = measure(forward, leaves, args.warmup, args.reps,
+                                            kernel_times=impl == "triton" and getattr(args, "kernel_times", False))
     flops = 2 * unmasked_pairs(lengths, mask) * heads * (d + d)
-    return dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
-                peak_mib=peak)
+    row = dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
+               peak_mib=peak)
+    if kernels:
+        row["bwd_kernel_ms"] = kernels
+    return row
 
 
 # A candidate whose output or gradients differ from the default configs' by more than this
@@ -232,8 +271,10 @@ def sweep(heads, d, dtype, length, args, variants):
             r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args) if diff is not None else None
         ok = diff is not None and diff < _SWEEP_MAX_DIFF
         key = "fwd_tflops" if kind == "forward" else "bwd_tflops"
+        kernels = r.get("bwd_kernel_ms") if r and kind != "forward" else None
         print(f"sweep {heads}x{d} N={length} {kind} {cfg}: {_fmt(r, key)} TFLOP/s, max rel diff vs default "
-              f"{'n/a' if diff is None else f'{diff:.1e}'}{'' if ok else ' REJECTED'}", flush=True)
+              f"{'n/a' if diff is None else f'{diff:.1e}'}{'' if ok else ' REJECTED'}"
+              + (" | " + ", ".join(f"{k} {v:.2f} ms" for k, v in kernels.items()) if kernels else ""), flush=True)
         return r if ok else None
 
     best_f = None
@@ -282,6 +323,8 @@ def main() -> int:
     parser.add_argument("--sweep-shapes", default="", help="sweep only these shapes (default: all)")
     parser.add_argument("--bwd-variants", default=hstu_configs.DEFAULT_BACKWARD_VARIANT,
                         help=f"Triton backward variants to time, comma separated, of {','.join(hstu_configs.BACKWARD_VARIANTS)}")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also profile one backward per Triton row: device ms of each backward kernel")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", help="write all rows here")
@@ -325,7 +368,9 @@ def main() -> int:
                                 rows.append(row)
                                 print(f"{row['shape']} {dist} N={length} B={len(lengths)} {mask}{' +bias' if bias else ''} {label}: "
                                       f"fwd {_fmt(r, 'fwd_tflops')} bwd {_fmt(r, 'bwd_tflops')} TFLOP/s, "
-                                      f"fwd {_fmt(r, 'fwd_ms', 2)} ms bwd {_fmt(r, 'bwd_ms', 2)} ms peak {_fmt(r, 'peak_mib')} MiB",
+                                      f"fwd {_fmt(r, 'fwd_ms', 2)} ms bwd {_fmt(r, 'bwd_ms', 2)} ms peak {_fmt(r, 'peak_mib')} MiB"
+                                      + (" | bwd kernels " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["bwd_kernel_ms"].items())
+                                         if r and "bwd_kernel_ms" in r else ""),
                                       flush=True)
     print(f"\n{device}, {args.dtype}, {args.tokens} tokens per batch, torch {torch.__version__}\n")
     print("| shape | lengths | max len | seqs | mask | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | peak MiB |")

@@ -205,7 +205,7 @@ def test_gpu_head_dims(dqk, dv, variant):
     """Each variant's per-head-dim blocks (the 128 and 256 tables are the ones timed)."""
     with hstu_configs.override(backward_variant=variant):
         check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", heads=2, dqk=dqk, dv=dv,
-                     bias=dqk == 256)
+                     bias=True)
 
 
 @pytest.mark.gpu
