@@ -48,39 +48,41 @@ MASKS = {
     "all": dict(num_targets=64, contextual_len=8, max_attn_len=1024, global_prefix_len=128),
 }
 
-# Candidates of --sweep, per head dim: forward configs and each backward variant's configs.
-# Split: dv launch = the config's own blocks, dk launch = ``dk``, dq kernel = ``dq``. The
-# 4-warp configs fit two programs per SM (<= 255 registers at 128 threads, <= 113 KiB of
-# shared memory; see tools/benchmarks/hstu_kernel_resources.py), so that one program's SiLU
-# work can overlap the other's matrix products.
+# Candidates of --sweep, per head dim: forward configs and each backward variant's configs
+# (at most four each, so that a sweep of two shapes compiles in a few minutes). Split: dv
+# launch = the config's own blocks, dk launch = ``dk``, dq kernel = ``dq``; --kernel-times
+# tells the three apart, so candidates mix blocks freely. Two programs share an SM where
+# the 4-warp configs stay <= 255 registers and ~113 KiB of shared memory, and where an
+# 8-warp config is capped at 128 registers (``maxnreg``): then one program's SiLU work can
+# overlap the other's matrix products (tools/benchmarks/hstu_kernel_resources.py
+# --candidates prints registers, spills and programs per SM for each).
 def _split(dv, dk, dq):
     return replace(dv, split_dkdv=True, dk=dk, dq=dq)
 
 
+_K = KernelConfig
 SWEEP = {
     256: dict(
-        forward=[KernelConfig(128, 32, 8, 3), KernelConfig(64, 32, 4, 2)],
-        fused=[KernelConfig(64, 64, 8, 2, dq=KernelConfig(64, 32, 8, 2)),
-               KernelConfig(64, 64, 8, 2, dq=KernelConfig(128, 32, 8, 2))],
-        split=[_split(KernelConfig(32, 128, 8, 3), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
-               _split(KernelConfig(32, 64, 4, 2), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
-               _split(KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2))],
+        forward=[_K(128, 32, 8, 3), _K(64, 32, 4, 2)],
+        fused=[_K(64, 64, 8, 2, dq=_K(64, 32, 8, 2)), _K(64, 64, 8, 2, dq=_K(128, 32, 8, 2))],
+        split=[_split(_K(32, 128, 8, 3), _K(32, 128, 8, 2), _K(128, 32, 8, 2)),
+               _split(_K(32, 64, 4, 2), _K(32, 128, 8, 3), _K(128, 32, 8, 3)),
+               _split(_K(64, 128, 8, 2), _K(32, 128, 8, 2), _K(128, 32, 8, 2))],
     ),
     128: dict(
-        forward=[KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2)],
-        fused=[KernelConfig(64, 128, 8, 2, dq=KernelConfig(64, 128, 8, 2)),
-               KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2))],
-        split=[_split(KernelConfig(64, 128, 8, 3), KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2)),
-               _split(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2)),
-               _split(KernelConfig(64, 128, 8, 3), KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2))],
+        forward=[_K(128, 64, 8, 3), _K(128, 32, 8, 3, maxnreg=128), _K(64, 64, 4, 2)],
+        fused=[_K(64, 128, 8, 2, dq=_K(64, 128, 8, 2)), _K(64, 128, 8, 2, dq=_K(128, 32, 8, 3, maxnreg=128))],
+        split=[_split(_K(64, 128, 8, 3), _K(64, 128, 8, 2), _K(128, 64, 8, 2)),
+               _split(_K(32, 128, 8, 3, maxnreg=128), _K(32, 128, 8, 3, maxnreg=128), _K(128, 32, 8, 3, maxnreg=128)),
+               _split(_K(64, 64, 4, 3), _K(64, 64, 4, 2), _K(64, 64, 4, 2))],
     ),
     64: dict(
-        forward=[KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3)],
-        fused=[KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
-               KernelConfig(32, 128, 8, 3, dq=KernelConfig(128, 64, 8, 2)),
-               KernelConfig(64, 128, 8, 2, atomic_dq=True)],
-        split=[_split(KernelConfig(64, 128, 8, 3), KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2)),
-               _split(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2))],
+        forward=[_K(128, 64, 4, 3), _K(128, 128, 8, 3), _K(128, 64, 8, 3)],
+        fused=[_K(64, 128, 8, 2, dq=_K(128, 64, 8, 2)),
+               _K(32, 128, 8, 3, dq=_K(128, 64, 8, 2)),
+               _K(64, 128, 8, 2, atomic_dq=True)],
+        split=[_split(_K(64, 128, 8, 3), _K(64, 128, 8, 2), _K(128, 64, 8, 2)),
+               _split(_K(32, 128, 8, 3, maxnreg=128), _K(32, 128, 8, 3, maxnreg=128), _K(128, 32, 8, 3, maxnreg=128))],
     ),
 }
 

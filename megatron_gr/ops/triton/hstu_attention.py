@@ -15,7 +15,7 @@ from megatron_gr.ops.relative_bias import RelativeBiasInputs
 from megatron_gr.ops.triton.availability import interpreter_enabled
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel
-from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config
+from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config, launch_options
 
 # Private copies of the relative-bias weight gradients (atomics spread over them).
 _BIAS_GRAD_SLOTS = 64
@@ -89,8 +89,7 @@ class _HSTUAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1),
                 heads, num_m_blocks, alpha, 1.0 / max_seq_len,
                 mask.contextual_len, mask.max_attn_len, mask.global_prefix_len, num_pos, num_time,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **common,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
             )
         ctx.save_for_backward(q, k, v, offsets, targets, ts, pos_w, time_w)
         ctx.settings = settings
@@ -131,8 +130,7 @@ class _HSTUAttention(torch.autograd.Function):
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 heads, num_n_blocks, alpha, 1.0 / max_seq_len, *scalars,
                 BLOCK_M=kcfg.block_m, BLOCK_N=kcfg.block_n, ATOMIC_DQ=cfg.atomic_dq and with_dk, NUM_SLOTS=slots,
-                WITH_DK=with_dk, WITH_DV=with_dv,
-                num_warps=kcfg.num_warps, num_stages=kcfg.num_stages, **common,
+                WITH_DK=with_dk, WITH_DV=with_dv, **launch_options(kcfg), **common,
             )
         if launch and not cfg.atomic_dq:
             dq_cfg = cfg.dq or cfg
@@ -142,8 +140,7 @@ class _HSTUAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
                 heads, num_m_blocks, alpha, 1.0 / max_seq_len, *scalars,
-                BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-                num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
+                BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **launch_options(dq_cfg), **common,
             )
         grad_pos = grad_time = None
         if bias is not None:

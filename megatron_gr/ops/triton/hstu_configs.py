@@ -33,6 +33,11 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    maxnreg: Optional[int] = None
+    """Registers per thread the compiler may use (None: its choice, up to 255). 128 at 8
+    warps lets two programs share an SM (65,536 registers), so that one program's SiLU work
+    overlaps the other's matrix products; it spills where a program needs more."""
+
     atomic_dq: bool = False
     """Backward only: add dq from the dk/dv kernel with fp32 atomics (five products per tile)
     instead of a separate dq kernel (seven, deterministic)."""
@@ -52,6 +57,8 @@ class KernelConfig:
     def __str__(self) -> str:
         """Short form for benchmark logs, e.g. ``dv=32x128/w8/s3 dk=32x128/w8/s2 dq=128x32/w8/s2``."""
         blocks = f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        if self.maxnreg is not None:
+            blocks += f"/r{self.maxnreg}"
         if self.split_dkdv:
             text = f"dv={blocks} dk={self.dk or blocks}"
         else:
@@ -99,6 +106,11 @@ DEFAULT_BACKWARD_VARIANT = "fused"
 """The backward used when no override is active: ``fused`` until the split variant is timed."""
 
 _override: dict = {"forward": None, "backward": None, "backward_variant": None}
+
+
+def launch_options(cfg: KernelConfig) -> dict:
+    """The Triton launch options of ``cfg``."""
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
 
 
 def _head_bucket(dqk: int, dv: int) -> int:

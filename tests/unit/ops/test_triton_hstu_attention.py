@@ -142,10 +142,11 @@ def test_interpreter_atomic_dq_and_uneven_blocks(mask):
 @pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
 def test_interpreter_split_backward(mask):
     """dv, dk and dq in three kernels, each with its own blocks (heights differ from the
-    forward's and from each other), relative bias on: every mask."""
+    forward's and from each other; one launch with a register cap), relative bias on: every
+    mask."""
     backward = hstu_configs.KernelConfig(
         16, 32, num_warps=1, num_stages=1, split_dkdv=True,
-        dk=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1),
+        dk=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1, maxnreg=128),
         dq=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1),
     )
     with hstu_configs.override(backward=backward):
@@ -213,6 +214,20 @@ def test_gpu_head_dims(dqk, dv, variant):
 def test_gpu_relative_bias_seq_len_normaliser(time_fn):
     check_parity(GPU_LENGTHS, mask=MASKS["causal"], dtype=torch.bfloat16, device="cuda", dqk=128, dv=128,
                  bias=True, time_fn=time_fn, normalizer="seq_len")
+
+
+@pytest.mark.gpu
+def test_gpu_register_capped_configs():
+    """Configs capped at 128 registers (two 8-warp programs per SM; the dq kernel spills a
+    little), as the benchmark's sweep tries them, on every mask rule and the bias."""
+    capped = hstu_configs.KernelConfig(32, 128, num_warps=8, num_stages=3, maxnreg=128)
+    backward = hstu_configs.KernelConfig(
+        32, 128, num_warps=8, num_stages=3, maxnreg=128, split_dkdv=True, dk=capped,
+        dq=hstu_configs.KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128),
+    )
+    forward = hstu_configs.KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128)
+    with hstu_configs.override(forward=forward, backward=backward):
+        check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", dqk=128, dv=128, bias=True)
 
 
 @pytest.mark.gpu
