@@ -19,7 +19,8 @@ included) until the batch holds ``tokens`` tokens.
 ``--bwd-variants``: the Triton rows are timed once per backward variant of
 ``hstu_configs.BACKWARD_VARIANTS`` (impl ``triton fused``, ``triton split``; the forward is
 the same in both, so its two timings show the run-to-run spread); ``--sweep`` then times
-each variant's candidates and uses each variant's best.
+each variant's candidates and uses each variant's best, and adds ``triton tables`` rows
+(the default tables and variant: the baseline).
 """
 
 from __future__ import annotations
@@ -293,6 +294,21 @@ def sweep(heads, d, dtype, length, args, variants):
     return (best_f[0] if best_f else None), {v: c for v, (c, _) in best_b.items()}
 
 
+def _timed_configs(impl, variants, fwd_cfg, bwd_cfgs):
+    """(row label, backward variant, ``hstu_configs.override`` arguments) of each row of
+    ``impl``: one per backward variant for Triton (its best config after a sweep), plus,
+    after a sweep, ``triton tables``: the default tables and variant, the baseline."""
+    if impl != "triton":
+        return [(impl, None, {})]
+    runs = []
+    if fwd_cfg is not None or bwd_cfgs:
+        runs.append(("triton tables", hstu_configs.DEFAULT_BACKWARD_VARIANT, {}))
+    for variant in variants:
+        label = impl if len(variants) == 1 and not runs else f"{impl} {variant}"
+        runs.append((label, variant, dict(forward=fwd_cfg, backward=bwd_cfgs.get(variant), backward_variant=variant)))
+    return runs
+
+
 def _safe(fn, *a, **kw):
     try:
         return fn(*a, **kw)
@@ -359,11 +375,9 @@ def main() -> int:
                                 continue
                             if impl == "sdpa" and (dist != "fixed" or mask != "causal" or bias):
                                 continue
-                            for variant in variants if impl == "triton" else [None]:
-                                with hstu_configs.override(forward=fwd_cfg, backward=bwd_cfgs.get(variant),
-                                                           backward_variant=variant):
+                            for label, variant, overrides in _timed_configs(impl, variants, fwd_cfg, bwd_cfgs):
+                                with hstu_configs.override(**overrides):
                                     r = _safe(run_case, impl, lengths, heads, d, dtype, mask, bias, args)
-                                label = impl if variant is None or len(variants) == 1 else f"{impl} {variant}"
                                 row = dict(shape=f"{heads}x{d}", dist=dist, max_len=length, seqs=len(lengths),
                                            tokens=sum(lengths), mask=mask, bias=bias, impl=label, bwd_variant=variant,
                                            **(r or {}))
