@@ -98,7 +98,7 @@ def main() -> int:
     for d in (int(x) for x in args.dims.split(",")):
         flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=False, HAS_CONTEXT=False,
                      HAS_WINDOW=False, HAS_PREFIX=False, HAS_BIAS=False, TIME_FN=0, NORM_BY_LEN=False,
-                     FAST_SILU=True, PRECISION="tf32")
+                     FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32")
         if args.candidates:
             from hstu_attention import SWEEP  # the benchmark beside this file
 

@@ -51,6 +51,7 @@ def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normaliz
         TIME_FN=0 if bias is None or bias.time_bucket_fn == "sqrt" else 1,
         NORM_BY_LEN=normalizer == "seq_len",
         FAST_SILU=sixteen_bit and not interpreter_enabled(),
+        ASM_GATHER=not interpreter_enabled(),
         PRECISION=("upcast" if interpreter_enabled() else "tf32") if sixteen_bit else "ieee",
     )
 

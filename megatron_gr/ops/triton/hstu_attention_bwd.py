@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.hstu_tiles import (
-    bias_buckets, key_ranges, load_rows, mma, pair_mask, query_ranges, silu, silu_and_grad,
+    bias_buckets, gather, key_ranges, load_rows, mma, pair_mask, query_ranges, silu, silu_and_grad,
 )
 
 
@@ -68,7 +68,7 @@ def _dkdv_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -79,7 +79,7 @@ def _dkdv_tile(
     if HAS_BIAS:
         ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
         pos, tb = bias_buckets(offs_m[None, :], offs_n[:, None], ts_i[None, :], ts_j[:, None], P, NT, TIME_FN)
-        x += tl.load(PosW + pos) + tl.load(TimeW + tb)
+        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     if WITH_DK:
         p, dsilu = silu_and_grad(x, FAST_SILU)
         dp = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -123,8 +123,8 @@ def hstu_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    NUM_SLOTS: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, NUM_SLOTS: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if CAUSAL:  # the first key blocks are seen by the most queries: launch them first
@@ -176,24 +176,24 @@ def hstu_bwd_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
-            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ, WITH_DK, WITH_DV,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
         )
     for m0 in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, False,
-            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ, WITH_DK, WITH_DV,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
         )
     for m0 in range(full_hi, hi, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
-            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ, WITH_DK, WITH_DV,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
         )
 
     row_ok = (offs_n < L)[:, None]
@@ -215,7 +215,7 @@ def _dq_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(k_base, offs_n, stride_kt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
@@ -224,7 +224,7 @@ def _dq_tile(
     if HAS_BIAS:
         ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
         pos, tb = bias_buckets(offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], P, NT, TIME_FN)
-        x += tl.load(PosW + pos) + tl.load(TimeW + tb)
+        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     _, dsilu = silu_and_grad(x, FAST_SILU)
     dp = mma(do, tl.trans(v), None, PRECISION)  # [BLOCK_M, BLOCK_N]
     dx = dp * dsilu
@@ -248,7 +248,7 @@ def hstu_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = num_m_blocks - 1 - tl.program_id(1)
@@ -288,25 +288,28 @@ def hstu_bwd_dq_kernel(
                 dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
                 L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
-                PRECISION,
+                ASM_GATHER, PRECISION,
             )
     for n0 in range(lo, full_lo, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
+            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION,
         )
     for n0 in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
+            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION,
         )
     for n0 in range(full_hi, hi, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
+            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION,
         )
 
     if NORM_BY_LEN:

@@ -88,15 +88,18 @@ _BACKWARD = {
 # dq kernel keeps 128 queries and streams keys. Blocks from the resource report of
 # tools/benchmarks/hstu_kernel_resources.py (no spills at 255 registers, <= 192 KiB of
 # shared memory at D = 256); not yet timed on a GPU.
+_SPLIT_128 = KernelConfig(
+    64, 128, num_warps=8, num_stages=3, split_dkdv=True,
+    dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
+)
 _BACKWARD_SPLIT = {
-    32: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
-    64: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
-    128: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                      dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
-    256: KernelConfig(32, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                      dk=KernelConfig(32, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 32, num_warps=8, num_stages=2)),
+    32: _SPLIT_128,
+    64: _SPLIT_128,
+    128: _SPLIT_128,
+    256: KernelConfig(
+        32, 128, num_warps=8, num_stages=3, split_dkdv=True,
+        dk=KernelConfig(32, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 32, num_warps=8, num_stages=2),
+    ),
 }
 _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
