@@ -8,7 +8,8 @@ time; use it to prune configurations before timing them.
         [--variants fused,split]
 
 Configurations: the per-head-dim tables of ``megatron_gr/ops/triton/hstu_configs.py``
-(causal mask, no bias), one block of backward kernels per variant. ``wgmma`` counts the
+(causal mask, no bias; ``--heaviest``: every mask rule and the bias, which need more shared
+memory: check new table entries this way), one block of backward kernels per variant. ``wgmma`` counts the
 instructions in the code, not their executions. Needs triton (its wheel ships ptxas).
 """
 
@@ -70,6 +71,8 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype:
         by_regs = 65536 // (-(-int(regs.group(1)) * 32 // 256) * 256 * num_warps)
         by_smem = (228 * 1024) // (kernel.metadata.shared + 1024)
         per_sm = min(by_regs, by_smem, 64 // num_warps)
+        if kernel.metadata.shared > 227 * 1024:
+            per_sm = "0 (over the 227 KiB a program may use: fails to launch)"
     return (f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}B "
             f"smem={kernel.metadata.shared // 1024}KiB programs/SM={per_sm} wgmma={ptx.count('wgmma.mma_async')}")
 
@@ -94,10 +97,14 @@ def main() -> int:
     parser.add_argument("--variants", default="fused,split", help="backward variants to compile")
     parser.add_argument("--candidates", action="store_true",
                         help="compile the --sweep candidates of hstu_attention.py instead of the default tables")
+    parser.add_argument("--heaviest", action="store_true",
+                        help="every mask rule and the relative bias on (the most shared memory and registers) "
+                             "instead of the causal mask alone")
     args = parser.parse_args()
+    heavy = args.heaviest
     for d in (int(x) for x in args.dims.split(",")):
-        flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=False, HAS_CONTEXT=False,
-                     HAS_WINDOW=False, HAS_PREFIX=False, HAS_BIAS=False, TIME_FN=0, NORM_BY_LEN=False,
+        flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=heavy, HAS_CONTEXT=heavy,
+                     HAS_WINDOW=heavy, HAS_PREFIX=heavy, HAS_BIAS=heavy, TIME_FN=0, NORM_BY_LEN=False,
                      FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32")
         if args.candidates:
             from hstu_attention import SWEEP  # the benchmark beside this file
@@ -112,6 +119,8 @@ def main() -> int:
                 runs += backward_runs(variant, _BACKWARD_TABLES[variant][d])
         for name, fn, cfg, extra in runs:
             consts = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
+            if "NUM_SLOTS" in consts and heavy:
+                consts["NUM_SLOTS"] = 64  # as hstu_attention.py launches with a bias
             report = compile_report(fn, consts, cfg.num_warps, cfg.num_stages, args.dtype, cfg.maxnreg)
             print(f"D={d} {name:11s} {cfg.block_m}x{cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages} "
                   f"maxnreg={cfg.maxnreg}: {report}")
