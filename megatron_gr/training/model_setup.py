@@ -22,6 +22,7 @@ from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.embeddings import PlainEmbedding
 from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
 from megatron_gr.models.preprocessor import InputPreprocessor
+from megatron_gr.ops.triton.availability import triton_missing_reason
 from megatron_gr.training.runtime import Runtime
 from megatron_gr.transformer.specs import get_stu_layer_spec
 
@@ -33,6 +34,12 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
             "model.contextual_len > 0 needs contextual features, which the HSTU retrieval model "
             "does not take yet: set model.contextual_len=0"
         )
+    if config.model.use_fused_mhc:
+        reason = triton_missing_reason(runtime.device)
+        if reason is not None:
+            raise ConfigError(
+                f"model.use_fused_mhc=true: the fused mHC kernels {reason}; set it to false on this device"
+            )
     parallel = config.parallel
     return dataclasses.replace(
         config.model,
