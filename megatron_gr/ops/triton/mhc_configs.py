@@ -40,10 +40,10 @@ _GPU = {
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
     "mappings_bwd": Blocks(16, 16, 1),
-    "aggregate_fwd": Blocks(2, 16, 1),
-    "aggregate_bwd": Blocks(2, 16, 1),
-    "merge_fwd": Blocks(2, 16, 1),
-    "merge_bwd": Blocks(2, 16, 1),
+    "aggregate_fwd": Blocks(4, 16, 1),
+    "aggregate_bwd": Blocks(4, 16, 1),
+    "merge_fwd": Blocks(4, 16, 1),
+    "merge_bwd": Blocks(4, 16, 1),
 }
 _override: dict[str, Blocks] = {}
 
@@ -56,9 +56,9 @@ def blocks(op: str) -> Blocks:
 
 def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
     """Tokens per Sinkhorn program: a tile of about 2048 (forward) or 1024 (backward, more
-    live tiles) matrix entries; 4 in the interpreter."""
+    live tiles) matrix entries; 8 in the interpreter."""
     if interpreter_enabled():
-        return 4
+        return 8
     padded = 1 << (n - 1).bit_length()
     return max(1, (1024 if backward else 2048) // (padded * padded))
 
