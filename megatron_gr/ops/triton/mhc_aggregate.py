@@ -19,14 +19,19 @@ from megatron_gr.ops.triton.mhc_configs import blocks
 
 
 @triton.jit
-def _streams_tile(tokens, num_tokens, c, C, n: tl.constexpr, N: tl.constexpr):
-    """Offsets and mask of ``x[tokens, :, c]`` ``[BLOCK_T, N, BLOCK_C]``, and of the gates
-    ``[BLOCK_T, N]``."""
+def _gate_tile(tokens, num_tokens, n: tl.constexpr, N: tl.constexpr):
+    """Offsets and mask of ``h_pre[tokens, :]`` ``[BLOCK_T, N]``."""
     i = tl.arange(0, N)
-    rows = tokens.to(tl.int64)
-    gate_mask = (tokens < num_tokens)[:, None] & (i < n)[None, :]
-    offsets = rows[:, None, None] * (n * C) + i[None, :, None] * C + c[None, None, :]
-    return offsets, gate_mask[:, :, None] & (c < C)[None, None, :], rows[:, None] * n + i[None, :], gate_mask
+    return tokens.to(tl.int64)[:, None] * n + i[None, :], (tokens < num_tokens)[:, None] & (i < n)[None, :]
+
+
+@triton.jit
+def _stream_tile(tokens, num_tokens, c, C, n: tl.constexpr, N: tl.constexpr):
+    """Offsets and mask of ``x[tokens, :, c]`` ``[BLOCK_T, N, BLOCK_C]``."""
+    i = tl.arange(0, N)
+    offsets = tokens.to(tl.int64)[:, None, None] * (n * C) + i[None, :, None] * C + c[None, None, :]
+    mask = (tokens < num_tokens)[:, None, None] & (i < n)[None, :, None] & (c < C)[None, None, :]
+    return offsets, mask
 
 
 @triton.jit
@@ -34,7 +39,8 @@ def _aggregate_fwd(X, H, Out, num_tokens, C, n: tl.constexpr, N: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    x_offsets, x_mask, h_offsets, h_mask = _streams_tile(tokens, num_tokens, c, C, n, N)
+    h_offsets, h_mask = _gate_tile(tokens, num_tokens, n, N)
+    x_offsets, x_mask = _stream_tile(tokens, num_tokens, c, C, n, N)
     h = tl.load(H + h_offsets, mask=h_mask, other=0.0).to(tl.float32)
     x = tl.load(X + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
     out = tl.sum(h[:, :, None] * x, axis=1)
@@ -47,13 +53,12 @@ def _aggregate_bwd(X, H, Grad, DX, DH, num_tokens, C, n: tl.constexpr, N: tl.con
                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = tokens < num_tokens
-    c0 = tl.arange(0, BLOCK_C)
-    _, _, h_offsets, h_mask = _streams_tile(tokens, num_tokens, c0, C, n, N)
+    h_offsets, h_mask = _gate_tile(tokens, num_tokens, n, N)
     h = tl.load(H + h_offsets, mask=h_mask, other=0.0).to(tl.float32)
     dh = tl.zeros([BLOCK_T, N], dtype=tl.float32)
     for start in range(0, C, BLOCK_C):
-        c = start + c0
-        x_offsets, x_mask, _, _ = _streams_tile(tokens, num_tokens, c, C, n, N)
+        c = start + tl.arange(0, BLOCK_C)
+        x_offsets, x_mask = _stream_tile(tokens, num_tokens, c, C, n, N)
         g = tl.load(Grad + tokens.to(tl.int64)[:, None] * C + c[None, :],
                     mask=live[:, None] & (c < C)[None, :], other=0.0).to(tl.float32)
         x = tl.load(X + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
@@ -68,7 +73,7 @@ class _Aggregate(torch.autograd.Function):
         x, h_pre = x.contiguous(), h_pre.contiguous()
         num_tokens, n, channels = x.shape
         out = torch.empty(num_tokens, channels, device=x.device, dtype=x.dtype)
-        cfg = blocks("aggregate_fwd")
+        cfg = blocks("aggregate_fwd", streams=n, dtype=x.dtype)
         if num_tokens:
             grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(channels, cfg.block_c))
             _aggregate_fwd[grid](x, h_pre, out, num_tokens, channels, n=n, N=triton.next_power_of_2(n),
@@ -82,7 +87,7 @@ class _Aggregate(torch.autograd.Function):
         num_tokens, n, channels = x.shape
         dx = torch.empty_like(x)
         dh = torch.empty(num_tokens, n, device=x.device, dtype=torch.float32)
-        cfg = blocks("aggregate_bwd")
+        cfg = blocks("aggregate_bwd", streams=n, dtype=x.dtype)
         if num_tokens:
             _aggregate_bwd[(triton.cdiv(num_tokens, cfg.block_t),)](
                 x, h_pre, grad.contiguous(), dx, dh, num_tokens, channels, n=n, N=triton.next_power_of_2(n),

@@ -13,6 +13,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+
 from megatron_gr.ops.triton.availability import interpreter_enabled
 
 
@@ -29,14 +31,19 @@ class Blocks:
 
 OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd")
 
+# Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py at n = 2, 4
+# and 8: no spills for bf16 streams.
+# float32 (and float16) streams take the projection products in tf32x3, which splits
+# both operands: smaller tiles.
 _GPU = {
     "mappings_fwd": Blocks(64, 64, 4),
-    "mappings_bwd": Blocks(64, 128, 4),
+    "mappings_bwd": Blocks(64, 64, 8),
     "aggregate_fwd": Blocks(4, 256, 4),
     "aggregate_bwd": Blocks(4, 256, 4),
     "merge_fwd": Blocks(4, 256, 4),
-    "merge_bwd": Blocks(4, 256, 4),
+    "merge_bwd": Blocks(2, 256, 4),
 }
+_GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
     "mappings_bwd": Blocks(16, 16, 1),
@@ -45,13 +52,49 @@ _INTERPRETER = {
     "merge_fwd": Blocks(4, 16, 1),
     "merge_bwd": Blocks(4, 16, 1),
 }
+# Alternatives that tools/benchmarks/mhc_ops.py --candidates times against the defaults
+# (16-bit streams, n <= 4), per op: overrides for ``override``.
+CANDIDATES = {
+    "mappings": [
+        dict(mappings_fwd=Blocks(64, 32, 4), mappings_bwd=Blocks(64, 32, 4)),
+        dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(32, 128, 8)),
+    ],
+    "aggregate": [
+        dict(aggregate_fwd=Blocks(8, 128, 4), aggregate_bwd=Blocks(8, 128, 4)),
+        dict(aggregate_fwd=Blocks(2, 512, 4), aggregate_bwd=Blocks(2, 256, 4)),
+    ],
+    "merge": [
+        dict(merge_fwd=Blocks(8, 128, 4), merge_bwd=Blocks(8, 64, 4)),
+        dict(merge_fwd=Blocks(2, 512, 8), merge_bwd=Blocks(4, 128, 4)),
+    ],
+    "sinkhorn": [],
+}
 _override: dict[str, Blocks] = {}
 
 
-def blocks(op: str) -> Blocks:
+def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
+    """Blocks of ``op`` for ``streams`` residual streams in ``dtype``. The stream-wise ops
+    (aggregate, merge) tile ``[block_t, n, block_c]``: more than 4 streams shrink
+    ``block_c`` to keep the tile size."""
     if op in _override:
         return _override[op]
-    return (_INTERPRETER if interpreter_enabled() else _GPU)[op]
+    if interpreter_enabled():
+        return _INTERPRETER[op]
+    if op.startswith("mappings"):
+        return _GPU[op] if dtype == torch.bfloat16 else _GPU_FP32_MAPPINGS[op]
+    chosen, padded = _GPU[op], _padded(streams)
+    if padded <= 4:
+        return chosen
+    return Blocks(chosen.block_t, max(16, chosen.block_c * 4 // padded), chosen.num_warps)
+
+
+def gate_block_tokens(streams: int) -> int:
+    """Tokens per program of the small mapping-backward kernel on ``[T, n² + 2n]``: a tile
+    of about 4096 values (16 in the interpreter)."""
+    if interpreter_enabled():
+        return 16
+    width = max(16, _padded(streams * streams + 2 * streams))
+    return max(16, 4096 // width)
 
 
 def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
@@ -59,8 +102,12 @@ def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
     live tiles) matrix entries; 8 in the interpreter."""
     if interpreter_enabled():
         return 8
-    padded = 1 << (n - 1).bit_length()
+    padded = _padded(n)
     return max(1, (1024 if backward else 2048) // (padded * padded))
+
+
+def _padded(size: int) -> int:
+    return 1 << (size - 1).bit_length()
 
 
 @contextlib.contextmanager

@@ -29,17 +29,18 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.availability import interpreter_enabled
-from megatron_gr.ops.triton.mhc_configs import blocks
+from megatron_gr.ops.triton.mhc_configs import blocks, gate_block_tokens
 from megatron_gr.ops.triton.mhc_sinkhorn import triton_sinkhorn
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """``acc + a @ b`` in float32; 16-bit operands are exact products with fp32 sums."""
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in float32: 16-bit operands are exact products with fp32 sums, fp32
+    operands use ``PRECISION``."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="tf32x3")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         return tl.dot(a, b, acc)
 
@@ -71,10 +72,10 @@ def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms
         p_offsets = w[None, :] * K + k[:, None]  # [BLOCK_K, WP] of P [W, K]
         p_mask = (k < K)[:, None] & (w < W)[None, :]
         if SPLIT:
-            acc = _dot(x, tl.load(PHi + p_offsets, mask=p_mask, other=0.0), acc, UPCAST)
-            acc = _dot(x, tl.load(PLo + p_offsets, mask=p_mask, other=0.0), acc, UPCAST)
+            acc = _dot(x, tl.load(PHi + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
+            acc = _dot(x, tl.load(PLo + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
         else:
-            acc = _dot(xf, tl.load(PHi + p_offsets, mask=p_mask, other=0.0).to(tl.float32), acc, UPCAST)
+            acc = _dot(xf, tl.load(PHi + p_offsets, mask=p_mask, other=0.0).to(tl.float32), acc, UPCAST, "tf32x3")
     inv_rms = 1.0 / tl.sqrt(squares / K + eps)
     logits = acc * inv_rms[:, None]
     alpha, bias = _gates(w, n, W, Alpha, Bias)
@@ -136,16 +137,19 @@ def _mappings_bwd_x(X, P, G, Coef, DX, DPPart, num_tokens, K,
         coef = tl.load(Coef + tokens, mask=tokens < num_tokens, other=0.0)
         x = tl.load(X + rows * K + k[None, :], mask=live & k_mask, other=0.0)
         xf = x.to(tl.float32)
-        dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST) - coef[:, None] * xf
+        # one tf32 product (~5e-4) is below the bf16 rounding of dx (4e-3) for bf16 streams
+        dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32" if SPLIT else "tf32x3")
+        dx -= coef[:, None] * xf
         tl.store(DX + rows * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live & k_mask)
         g_t = tl.trans(g)  # [WP, BLOCK_T]
         if SPLIT:
             g_hi = g_t.to(x.dtype)
-            dp = _dot(g_hi, x, dp, UPCAST)
-            dp = _dot((g_t - g_hi.to(tl.float32)).to(x.dtype), x, dp, UPCAST)
+            dp = _dot(g_hi, x, dp, UPCAST, "tf32x3")
+            dp = _dot((g_t - g_hi.to(tl.float32)).to(x.dtype), x, dp, UPCAST, "tf32x3")
         else:
-            dp = _dot(g_t, xf, dp, UPCAST)
-    tl.store(DPPart + tl.program_id(1) * W * K + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
+            dp = _dot(g_t, xf, dp, UPCAST, "tf32x3")
+    slot = DPPart + tl.program_id(1).to(tl.int64) * W * K
+    tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -174,7 +178,7 @@ class _Mappings(torch.autograd.Function):
         logits = torch.empty(num_tokens, W, device=device, dtype=f32)
         inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
         alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
-        cfg = blocks("mappings_fwd")
+        cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
         if num_tokens:
             _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
                 x, p_hi, p_lo, alpha32, bias32, pre, post, res, logits, inv_rms, num_tokens, K, eps,
@@ -198,25 +202,26 @@ class _Mappings(torch.autograd.Function):
 
         d_pre, d_post = as_f32(d_pre, (num_tokens, n)), as_f32(d_post, (num_tokens, n))
         d_res = as_f32(d_res, (num_tokens, n, n))
-        gates = blocks("mappings_bwd")
-        tiles = max(1, triton.cdiv(num_tokens, gates.block_t))
+        cfg = blocks("mappings_bwd", streams=n, dtype=x.dtype)
+        gate_block = gate_block_tokens(n)
+        tiles = max(1, triton.cdiv(num_tokens, gate_block))
         g = torch.empty(num_tokens, WP, device=device, dtype=f32)
         coef = torch.empty(num_tokens, device=device, dtype=f32)
         d_bias_part = torch.zeros(tiles, WP, device=device, dtype=f32)
         d_alpha_part = torch.zeros(tiles, WP, device=device, dtype=f32)
         dx = torch.empty_like(x)
-        k_chunks = triton.cdiv(K, gates.block_c)
-        token_ranges = max(1, min(tiles, 4 * _num_sms(device) // k_chunks))
+        k_chunks = triton.cdiv(K, cfg.block_c)
+        token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * _num_sms(device) // k_chunks))
         dp_part = torch.zeros(token_ranges, W, K, device=device, dtype=f32)
         if num_tokens:
             _mappings_bwd_gates[(tiles,)](
                 d_pre, d_post, d_res, logits, inv_rms, alpha32, bias32, g, coef, d_bias_part, d_alpha_part,
-                num_tokens, K, n=n, W=W, WP=WP, BLOCK_T=gates.block_t, num_warps=gates.num_warps,
+                num_tokens, K, n=n, W=W, WP=WP, BLOCK_T=gate_block, num_warps=4,
             )
             _mappings_bwd_x[(k_chunks, token_ranges)](
-                x, p32, g, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=gates.block_t,
-                BLOCK_K=gates.block_c, SPLIT=x.dtype == torch.bfloat16, UPCAST=interpreter_enabled(),
-                num_warps=gates.num_warps,
+                x, p32, g, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=cfg.block_t,
+                BLOCK_K=cfg.block_c, SPLIT=x.dtype == torch.bfloat16, UPCAST=interpreter_enabled(),
+                num_warps=cfg.num_warps,
             )
         else:
             dx.zero_()

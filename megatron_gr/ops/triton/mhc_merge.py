@@ -68,6 +68,7 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DHResPart, DHPostPar
                HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     chunk = tl.program_id(1)
     c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk_start = chunk.to(tl.int64) * num_tokens  # first token row of this chunk's partial sums
     i = tl.arange(0, N)
     d_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     for tile in range(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
@@ -96,9 +97,9 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DHResPart, DHPostPar
             tl.store(DX + x_offsets, dx_j.to(DX.dtype.element_ty), mask=mask)
             d_col = tl.sum(g * x_j[:, None, :], axis=2)  # [BLOCK_T, N(i)]: g[i] . x[j]
             d_res += tl.where(i[None, None, :] == j, d_col[:, :, None], 0.0)
-        part = chunk * num_tokens * (n * n) + rows[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+        part = (chunk_start + rows[:, None, None]) * (n * n) + i[None, :, None] * n + i[None, None, :]
         tl.store(DHResPart + part, d_res, mask=h_mask[:, :, None] & (i < n)[None, None, :])
-        tl.store(DHPostPart + chunk * num_tokens * n + rows[:, None] * n + i[None, :], d_post, mask=h_mask)
+        tl.store(DHPostPart + (chunk_start + rows[:, None]) * n + i[None, :], d_post, mask=h_mask)
     if HAS_BIAS:
         tl.store(DBiasPart + tl.program_id(0) * C + c, d_bias, mask=c < C)
 
@@ -124,7 +125,7 @@ class _Merge(torch.autograd.Function):
         has_bias = bias is not None
         b = bias.contiguous() if has_bias else y  # any pointer: not read
         out = torch.empty_like(x)
-        cfg = blocks("merge_fwd")
+        cfg = blocks("merge_fwd", streams=n, dtype=x.dtype)
         if num_tokens:
             grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(channels, cfg.block_c))
             _merge_fwd[grid](
@@ -140,7 +141,7 @@ class _Merge(torch.autograd.Function):
         x, h_res, h_post, y, b, seed = ctx.saved_tensors
         has_bias, dropout_p = ctx.meta
         num_tokens, n, channels = x.shape
-        cfg = blocks("merge_bwd")
+        cfg = blocks("merge_bwd", streams=n, dtype=x.dtype)
         chunks = triton.cdiv(channels, cfg.block_c)
         ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 8 * _num_sms(x.device) // chunks))
         device, f32 = x.device, torch.float32
