@@ -194,6 +194,20 @@ def test_merge_dropout_mask_is_shared_drawn_again_in_backward_and_follows_the_ge
     assert not torch.equal(mhc_merge(x, h_res, h_post, y, bias, dropout_p=p, training=True, kernel="triton"), out)
 
 
+def test_no_tokens():
+    """A rank may hold no tokens of a batch: empty results and zero parameter gradients."""
+    x, projection, alpha, bias = mapping_inputs(0, 4, 8, torch.bfloat16)
+    maps = mhc_mappings(x, projection, alpha, bias, iterations=5, eps=1e-6, kernel="triton")
+    assert [tuple(m.shape) for m in maps] == [(0, 4), (0, 4), (0, 4, 4)]
+    grads = torch.autograd.grad([m.sum() for m in maps], [x, projection, alpha, bias])
+    assert grads[0].shape == x.shape and all(not g.any() for g in grads[1:])
+    x, h_pre, h_post, h_res, y, b = stream_inputs(0, 4, 8, torch.bfloat16)
+    out = mhc_merge(x, h_res, h_post, y, b, dropout_p=0.1, training=True, kernel="triton")
+    agg = mhc_aggregate(x, h_pre, kernel="triton")
+    grads = torch.autograd.grad([out.sum(), agg.sum()], [x, h_pre, h_res, h_post, y, b])
+    assert out.shape == (0, 4, 8) and agg.shape == (0, 8) and not grads[-1].any()
+
+
 def test_float64_is_refused():
     x, projection, alpha, bias = mapping_inputs(3, 2, 4, torch.float32)
     with pytest.raises(ValueError, match=r"kernel='triton' \(mhc_aggregate\).*float64.*kernel='pytorch'"):
