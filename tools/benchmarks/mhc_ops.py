@@ -106,7 +106,9 @@ def run_case(op, kernel, tokens, n, channels, dtype, device, args, blocks=None):
 
 
 def _label(blocks: dict) -> str:
-    return "default" if not blocks else " ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in blocks.items())
+    if not blocks:
+        return "default"
+    return " ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in blocks.items())
 
 
 def main() -> int:
@@ -147,7 +149,8 @@ def main() -> int:
                                      bwd_speedup=ref["bwd_us"] / fused["bwd_us"]))
                 for row in case:
                     print(f"T={tokens} C={channels} {op} {row['impl']}: fwd {row['fwd_us']:.0f} us "
-                          f"({row['fwd_gbs']:.0f} GB/s) bwd {row['bwd_us']:.0f} us ({row['bwd_gbs']:.0f} GB/s)", flush=True)
+                          f"({row['fwd_gbs']:.0f} GB/s) bwd {row['bwd_us']:.0f} us ({row['bwd_gbs']:.0f} GB/s)",
+                          flush=True)
                 rows.extend(case)
             if all(op in ops for op in SUBLAYER):
                 for impl in ("pytorch", "triton default"):

@@ -6,9 +6,9 @@ through :mod:`megatron_gr.ops.triton.mhc_sinkhorn`. Same semantics as
 Forward (one kernel): a program holds ``BLOCK_T`` tokens and walks their ``K = n C``
 values in chunks, accumulating the sum of squares and the ``[BLOCK_T, W]`` products with
 the projection in one pass over x, then applies ``1 / rms``, the gates, the bias and the
-sigmoids and writes H_pre, H_post and the H_res logits. It also writes the unscaled-by-gate
-logits ``l = (P x) / rms`` ``[T, W]`` and ``1 / rms`` ``[T]`` (float32, about ``W / (n C)``
-of x's bytes): with x, the only tensors the backward keeps.
+sigmoids and writes H_pre, H_post and the H_res logits. It also writes the logits before
+the gates, ``l = (P x) / rms`` ``[T, W]``, and ``1 / rms`` ``[T]`` (float32, about
+``2 W / (n C)`` of bf16 x's bytes): with x, the only tensors the backward keeps.
 
 Backward (two kernels): a small one turns the upstream gradients into ``g = dl / rms``
 ``[T, W]`` and the RMS coefficient per token (and partial sums for the gate and bias
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.availability import interpreter_enabled
-from megatron_gr.ops.triton.mhc_configs import blocks, gate_block_tokens
+from megatron_gr.ops.triton.mhc_configs import blocks, gate_block_tokens, multiprocessors
 from megatron_gr.ops.triton.mhc_sinkhorn import triton_sinkhorn
 
 
@@ -152,12 +152,6 @@ def _mappings_bwd_x(X, P, G, Coef, DX, DPPart, num_tokens, K,
     tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
-
-
 class _Mappings(torch.autograd.Function):
     """``(h_pre, h_post, res_logits)`` from the streams; Sinkhorn is applied by the caller."""
 
@@ -211,7 +205,7 @@ class _Mappings(torch.autograd.Function):
         d_alpha_part = torch.zeros(tiles, WP, device=device, dtype=f32)
         dx = torch.empty_like(x)
         k_chunks = triton.cdiv(K, cfg.block_c)
-        token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * _num_sms(device) // k_chunks))
+        token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(device) // k_chunks))
         dp_part = torch.zeros(token_ranges, W, K, device=device, dtype=f32)
         if num_tokens:
             _mappings_bwd_gates[(tiles,)](
@@ -223,8 +217,6 @@ class _Mappings(torch.autograd.Function):
                 BLOCK_K=cfg.block_c, SPLIT=x.dtype == torch.bfloat16, UPCAST=interpreter_enabled(),
                 num_warps=cfg.num_warps,
             )
-        else:
-            dx.zero_()
         dza = d_alpha_part.sum(0)
         d_alpha = torch.stack([dza[:n].sum(), dza[n : 2 * n].sum(), dza[2 * n : W].sum()])
         p_dtype, alpha_dtype, bias_dtype = ctx.dtypes

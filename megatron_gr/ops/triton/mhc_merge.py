@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.mhc_configs import blocks
+from megatron_gr.ops.triton.mhc_configs import blocks, multiprocessors
 
 
 @triton.jit
@@ -104,12 +104,6 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DHResPart, DHPostPar
         tl.store(DBiasPart + tl.program_id(0) * C + c, d_bias, mask=c < C)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
-
-
 class _Merge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h_res, h_post, y, bias, dropout_p):
@@ -143,7 +137,7 @@ class _Merge(torch.autograd.Function):
         num_tokens, n, channels = x.shape
         cfg = blocks("merge_bwd", streams=n, dtype=x.dtype)
         chunks = triton.cdiv(channels, cfg.block_c)
-        ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 8 * _num_sms(x.device) // chunks))
+        ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 8 * multiprocessors(x.device) // chunks))
         device, f32 = x.device, torch.float32
         dx, dy = torch.empty_like(x), torch.empty_like(y)
         # every (chunk, token) slot is written by the one program owning that tile and chunk

@@ -39,7 +39,8 @@ def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
     float64 reference block: within 3x the float32 reference's own error, or 1e-5 (sums over
     tokens such as the gate gradients lose a few 1e-6 in float32 either way)."""
     blocks = {}
-    for name, extra in (("reference", {}), ("fused", dict(use_fused_mhc=True)), ("float64", dict(params_dtype=torch.float64))):
+    variants = {"reference": {}, "fused": dict(use_fused_mhc=True), "float64": dict(params_dtype=torch.float64)}
+    for name, extra in variants.items():
         blocks[name] = build(kind, config(kind, recompute=False, num_layers=2, hidden_dropout=0.0, **extra))
         if name != "reference":
             blocks[name].load_state_dict(blocks["reference"].state_dict())
