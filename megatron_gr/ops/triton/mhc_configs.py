@@ -1,0 +1,134 @@
+"""Block sizes of the fused mHC kernels, chosen by hand (no autotuning at run time).
+
+Each op tiles ``block_t`` tokens by ``block_c`` channels (for the mappings: ``block_c``
+of the ``n C`` flattened stream values). The GPU choices keep a tile at a few thousand
+fp32 values per program of ``num_warps`` warps; ``tools/benchmarks/mhc_ops.py
+--candidates`` times a few alternatives through :func:`override`. The Triton interpreter
+(CPU tests) gets tiny blocks so that small shapes still cross block boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from megatron_gr.ops.triton.availability import interpreter_enabled
+
+
+@dataclass(frozen=True)
+class Blocks:
+    block_t: int
+    """Tokens per tile (a power of two; >= 16 where the tile feeds a matrix product)."""
+
+    block_c: int
+    """Channels (or flattened stream values) per tile, a power of two >= 16."""
+
+    num_warps: int = 4
+
+
+OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd")
+
+# Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py at n = 2, 4
+# and 8: no spills for bf16 streams.
+# float32 (and float16) streams take the projection products in tf32x3, which splits
+# both operands: smaller tiles.
+_GPU = {
+    "mappings_fwd": Blocks(64, 64, 4),
+    "mappings_bwd": Blocks(64, 64, 8),
+    "aggregate_fwd": Blocks(4, 256, 4),
+    "aggregate_bwd": Blocks(4, 256, 4),
+    "merge_fwd": Blocks(4, 256, 4),
+    "merge_bwd": Blocks(2, 256, 4),
+}
+_GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
+_INTERPRETER = {
+    "mappings_fwd": Blocks(16, 16, 1),
+    "mappings_bwd": Blocks(16, 16, 1),
+    "aggregate_fwd": Blocks(4, 16, 1),
+    "aggregate_bwd": Blocks(4, 16, 1),
+    "merge_fwd": Blocks(4, 16, 1),
+    "merge_bwd": Blocks(4, 16, 1),
+}
+# Alternatives that tools/benchmarks/mhc_ops.py --candidates times against the defaults
+# (16-bit streams, n <= 4), per op: overrides for ``override``.
+CANDIDATES = {
+    "mappings": [
+        dict(mappings_fwd=Blocks(64, 32, 4), mappings_bwd=Blocks(64, 32, 4)),
+        dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(32, 128, 8)),
+    ],
+    "aggregate": [
+        dict(aggregate_fwd=Blocks(8, 128, 4), aggregate_bwd=Blocks(8, 128, 4)),
+        dict(aggregate_fwd=Blocks(2, 512, 4), aggregate_bwd=Blocks(2, 256, 4)),
+    ],
+    "merge": [
+        dict(merge_fwd=Blocks(8, 128, 4), merge_bwd=Blocks(8, 64, 4)),
+        dict(merge_fwd=Blocks(2, 512, 8), merge_bwd=Blocks(4, 128, 4)),
+    ],
+    "sinkhorn": [],
+}
+_override: dict[str, Blocks] = {}
+
+
+def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
+    """Blocks of ``op`` for ``streams`` residual streams in ``dtype``. The stream-wise ops
+    (aggregate, merge) tile ``[block_t, n, block_c]``: more than 4 streams shrink
+    ``block_c`` to keep the tile size."""
+    if op in _override:
+        return _override[op]
+    if interpreter_enabled():
+        return _INTERPRETER[op]
+    if op.startswith("mappings"):
+        return _GPU[op] if dtype == torch.bfloat16 else _GPU_FP32_MAPPINGS[op]
+    chosen, padded = _GPU[op], _padded(streams)
+    if padded <= 4:
+        return chosen
+    return Blocks(chosen.block_t, max(16, chosen.block_c * 4 // padded), chosen.num_warps)
+
+
+def gate_block_tokens(streams: int) -> int:
+    """Tokens per program of the small mapping-backward kernel on ``[T, n² + 2n]``: a tile
+    of about 4096 values (16 in the interpreter)."""
+    if interpreter_enabled():
+        return 16
+    width = max(16, _padded(streams * streams + 2 * streams))
+    return max(16, 4096 // width)
+
+
+def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
+    """Tokens per Sinkhorn program: a tile of about 2048 (forward) or 1024 (backward, more
+    live tiles) matrix entries; 8 in the interpreter."""
+    if interpreter_enabled():
+        return 8
+    padded = _padded(n)
+    return max(1, (1024 if backward else 2048) // (padded * padded))
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, for grids that loop over token tiles (1 in
+    the interpreter, so that the tests' small shapes give programs several tiles)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _padded(size: int) -> int:
+    return 1 << (size - 1).bit_length()
+
+
+@contextlib.contextmanager
+def override(**configs: Blocks) -> Iterator[None]:
+    """Use these blocks inside the block, e.g. ``override(merge_fwd=Blocks(8, 128, 4))``
+    (benchmarks)."""
+    unknown = set(configs) - set(OPS)
+    if unknown:
+        raise ValueError(f"unknown mHC kernel(s) {sorted(unknown)}: choose from {OPS}")
+    saved = dict(_override)
+    _override.update(configs)
+    try:
+        yield
+    finally:
+        _override.clear()
+        _override.update(saved)
