@@ -100,10 +100,13 @@ def kernels(n: int, dtype: torch.dtype):
                mhc_configs.Blocks(block, 16, 4), "fp32")
     for op, fn in (("aggregate_fwd", _aggregate_fwd), ("aggregate_bwd", _aggregate_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        yield (op.replace("_", " "), fn, dict(n=n, N=padded, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c), cfg, "fp32")
+        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, **({"NP": padded} if op == "aggregate_bwd" else {}))
+        yield (op.replace("_", " "), fn, consts, cfg, "fp32")
     for op, fn in (("merge_fwd", _merge_fwd), ("merge_bwd", _merge_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        consts = dict(n=n, N=padded, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True)
+        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True)
+        if op == "merge_bwd":
+            consts["MP"] = triton.next_power_of_2(n * n + n)
         yield (op.replace("_", " "), fn, consts, cfg, "fp32")
 
 

@@ -31,18 +31,25 @@ class Blocks:
 
 OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd")
 
-# Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py at n = 2, 4
-# and 8: no spills for bf16 streams.
-# float32 (and float16) streams take the projection products in tf32x3, which splits
-# both operands: smaller tiles.
+# Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py for n = 2 to 8,
+# bf16 and fp32 streams: no spills.
+# Stream-wise ops (aggregate, merge): block_c counts 16-bit channels, 32 lanes x 16 bytes,
+# so that one warp spans a token's chunk (sums over channels stay within the warp; see
+# mhc_tiles.py); 32-bit streams halve it (the same bytes). block_t >= num_warps: fewer token
+# rows than warps would leave warps doing duplicate work.
 _GPU = {
     "mappings_fwd": Blocks(64, 64, 4),
     "mappings_bwd": Blocks(64, 64, 8),
     "aggregate_fwd": Blocks(4, 256, 4),
     "aggregate_bwd": Blocks(4, 256, 4),
     "merge_fwd": Blocks(4, 256, 4),
-    "merge_bwd": Blocks(2, 256, 4),
+    "merge_bwd": Blocks(4, 256, 4),
 }
+# More than 4 streams (any dtype): the merge backward holds 2n tiles in registers, so
+# half the channels per token row, twice the rows.
+_GPU_WIDE = {"merge_bwd": Blocks(8, 128, 8)}
+# float32 (and float16) streams take the projection products in tf32x3, which splits
+# both operands: smaller tiles.
 _GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
@@ -60,12 +67,12 @@ CANDIDATES = {
         dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(32, 128, 8)),
     ],
     "aggregate": [
-        dict(aggregate_fwd=Blocks(8, 128, 4), aggregate_bwd=Blocks(8, 128, 4)),
-        dict(aggregate_fwd=Blocks(2, 512, 4), aggregate_bwd=Blocks(2, 256, 4)),
+        dict(aggregate_fwd=Blocks(8, 256, 4), aggregate_bwd=Blocks(8, 256, 8)),
+        dict(aggregate_fwd=Blocks(8, 256, 8), aggregate_bwd=Blocks(4, 512, 4)),
     ],
     "merge": [
-        dict(merge_fwd=Blocks(8, 128, 4), merge_bwd=Blocks(8, 64, 4)),
-        dict(merge_fwd=Blocks(2, 512, 8), merge_bwd=Blocks(4, 128, 4)),
+        dict(merge_fwd=Blocks(8, 256, 4), merge_bwd=Blocks(8, 256, 8)),
+        dict(merge_fwd=Blocks(8, 256, 8), merge_bwd=Blocks(8, 128, 8)),
     ],
     "sinkhorn": [],
 }
@@ -73,19 +80,17 @@ _override: dict[str, Blocks] = {}
 
 
 def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
-    """Blocks of ``op`` for ``streams`` residual streams in ``dtype``. The stream-wise ops
-    (aggregate, merge) tile ``[block_t, n, block_c]``: more than 4 streams shrink
-    ``block_c`` to keep the tile size."""
+    """Blocks of ``op`` for ``streams`` residual streams in ``dtype``."""
     if op in _override:
         return _override[op]
     if interpreter_enabled():
         return _INTERPRETER[op]
     if op.startswith("mappings"):
         return _GPU[op] if dtype == torch.bfloat16 else _GPU_FP32_MAPPINGS[op]
-    chosen, padded = _GPU[op], _padded(streams)
-    if padded <= 4:
-        return chosen
-    return Blocks(chosen.block_t, max(16, chosen.block_c * 4 // padded), chosen.num_warps)
+    if _padded(streams) > 4 and op in _GPU_WIDE:
+        return _GPU_WIDE[op]
+    chosen = _GPU[op]
+    return chosen if dtype.itemsize <= 2 else Blocks(chosen.block_t, chosen.block_c // 2, chosen.num_warps)
 
 
 def gate_block_tokens(streams: int) -> int:

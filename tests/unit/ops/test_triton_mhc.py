@@ -144,7 +144,7 @@ def stream_inputs(tokens, n, channels, dtype, seed=0, with_bias=True):
 
 
 @DTYPES
-@pytest.mark.parametrize("n, channels", [(2, 12), (4, 12), (4, 64)])
+@pytest.mark.parametrize("n, channels", [(2, 12), (4, 12), (4, 64), (8, 20)])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_aggregate_matches_reference(tokens, n, channels, dtype):
     x, h_pre, *_ = stream_inputs(tokens, n, channels, dtype, seed=tokens + n)
@@ -153,7 +153,7 @@ def test_aggregate_matches_reference(tokens, n, channels, dtype):
 
 
 @DTYPES
-@pytest.mark.parametrize("n, channels, with_bias", [(2, 12, True), (4, 12, False), (4, 64, True)])
+@pytest.mark.parametrize("n, channels, with_bias", [(2, 12, True), (4, 12, False), (4, 64, True), (8, 20, True)])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_merge_matches_reference_without_dropout(tokens, n, channels, with_bias, dtype):
     x, _, h_post, h_res, y, bias = stream_inputs(tokens, n, channels, dtype, seed=tokens * n, with_bias=with_bias)
