@@ -49,8 +49,10 @@ _GPU = {
 # half the channels per token row, twice the rows.
 _GPU_WIDE = {"merge_bwd": Blocks(8, 128, 8)}
 # float32 (and float16) streams take the projection products in tf32x3, which splits
-# both operands: smaller tiles.
+# both operands: smaller tiles (and fewer tokens per backward tile above 4 streams, whose
+# projection-gradient tile has 128 rows).
 _GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
+_GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
     "mappings_bwd": Blocks(16, 16, 1),
@@ -63,8 +65,8 @@ _INTERPRETER = {
 # (16-bit streams, n <= 4), per op: overrides for ``override``.
 CANDIDATES = {
     "mappings": [
-        dict(mappings_fwd=Blocks(64, 32, 4), mappings_bwd=Blocks(64, 32, 4)),
-        dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(32, 128, 8)),
+        dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(64, 128, 8)),
+        dict(mappings_fwd=Blocks(64, 128, 4), mappings_bwd=Blocks(32, 128, 4)),
     ],
     "aggregate": [
         dict(aggregate_fwd=Blocks(8, 256, 4), aggregate_bwd=Blocks(8, 256, 8)),
@@ -85,9 +87,12 @@ def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
         return _override[op]
     if interpreter_enabled():
         return _INTERPRETER[op]
+    wide = _padded(streams) > 4
     if op.startswith("mappings"):
-        return _GPU[op] if dtype == torch.bfloat16 else _GPU_FP32_MAPPINGS[op]
-    if _padded(streams) > 4 and op in _GPU_WIDE:
+        if dtype == torch.bfloat16:
+            return _GPU[op]
+        return (wide and _GPU_FP32_MAPPINGS_WIDE.get(op)) or _GPU_FP32_MAPPINGS[op]
+    if wide and op in _GPU_WIDE:
         return _GPU_WIDE[op]
     chosen = _GPU[op]
     return chosen if dtype.itemsize <= 2 else Blocks(chosen.block_t, chosen.block_c // 2, chosen.num_warps)
