@@ -35,7 +35,7 @@ from megatron_gr.ops.triton import mhc_configs  # noqa: E402
 from megatron_gr.ops.triton.mhc_aggregate import _aggregate_bwd, _aggregate_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_mappings import _mappings_bwd_gates, _mappings_bwd_x, _mappings_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_merge import _merge_bwd, _merge_fwd  # noqa: E402
-from megatron_gr.ops.triton.mhc_sinkhorn import _segment, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
+from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Pointers in the streams' dtype (every other pointer is float32, the seed int64).
@@ -100,7 +100,7 @@ def kernels(n: int, dtype: torch.dtype):
                                                     SPLIT=split, UPCAST=False), bwd, operands)
     for backward in (False, True):
         block = mhc_configs.sinkhorn_block_tokens(n, backward=backward)
-        consts = dict(n=n, N=padded, BLOCK_T=block, **({"SEGMENT": _segment(20)} if backward else {}))
+        consts = dict(n=n, N=padded, BLOCK_T=block, **({"SEGMENT": SEGMENT} if backward else {}))
         yield (f"sinkhorn {'bwd' if backward else 'fwd'}", _sinkhorn_bwd if backward else _sinkhorn_fwd, consts,
                mhc_configs.Blocks(block, 16, 4), "fp32")
     for op, fn in (("aggregate_fwd", _aggregate_fwd), ("aggregate_bwd", _aggregate_bwd)):

@@ -108,12 +108,18 @@ def gate_block_tokens(streams: int) -> int:
 
 
 def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
-    """Tokens per Sinkhorn program: a tile of about 2048 (forward) or 1024 (backward, more
-    live tiles) matrix entries; 8 in the interpreter."""
+    """Tokens per Sinkhorn program of 4 warps (8 in the interpreter). Forward: a tile of
+    about 2048 matrix entries. Backward: one token's matrix per thread up to 4 streams (so
+    every sum stays in a thread), half that for 3 streams (its padded tile spreads over
+    lanes and needs the registers), 16 tokens above 4 streams."""
     if interpreter_enabled():
         return 8
     padded = _padded(n)
-    return max(1, (1024 if backward else 2048) // (padded * padded))
+    if not backward:
+        return max(1, 2048 // (padded * padded))
+    if padded > 4:
+        return 16
+    return 128 if n == padded else 64
 
 
 def multiprocessors(device: torch.device) -> int:
