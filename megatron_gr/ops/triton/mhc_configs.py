@@ -100,11 +100,11 @@ def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
 
 def gate_block_tokens(streams: int) -> int:
     """Tokens per program of the small mapping-backward kernel on ``[T, n² + 2n]``: a tile
-    of about 4096 values (16 in the interpreter)."""
+    of about 2048 values (16 in the interpreter)."""
     if interpreter_enabled():
         return 16
     width = max(16, _padded(streams * streams + 2 * streams))
-    return max(16, 4096 // width)
+    return max(16, 2048 // width)
 
 
 def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:

@@ -101,7 +101,8 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo
                         num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
                         SPLIT: tl.constexpr):
     """Per token: dz (through the sigmoids), dl = alpha dz, g = dl / rms and
-    coef = (dl . l) / (rms² K); per program: sums of dz and dz l (bias and gate gradients).
+    coef = (dl . l) / (rms² K); per program: the sums of dz per logit (bias gradient) and of
+    dz l per gate group (pre | post | res, padded to 4: gate gradient).
     g ``[T, WP]`` (zero past W) goes to ``GHi`` in its dtype; with SPLIT, ``GHi`` and ``GLo``
     are bf16 and hold ``g = hi + lo`` to about 2^-16, the operands of exact bf16 products."""
     pid = tl.program_id(0)
@@ -128,7 +129,10 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo
     coef = tl.sum(dl * logits, axis=1) * (inv_rms * inv_rms / K)
     tl.store(Coef + tokens, coef, mask=tokens < num_tokens)
     tl.store(DBiasPart + pid * WP + w, tl.sum(dz, axis=0))
-    tl.store(DAlphaPart + pid * WP + w, tl.sum(dz * logits, axis=0))
+    group = tl.where(w < n, 0, tl.where(w < 2 * n, 1, 2))  # logits past W hold dz = 0
+    q = tl.arange(0, 4)
+    per_group = tl.where(group[None, :] == q[:, None], tl.sum(dz * logits, axis=0)[None, :], 0.0)
+    tl.store(DAlphaPart + pid * 4 + q, tl.sum(per_group, axis=1))
 
 
 @triton.jit
@@ -217,12 +221,14 @@ class _Mappings(torch.autograd.Function):
         g_hi = torch.empty(num_tokens, WP, device=device, dtype=g_dtype)
         g_lo = torch.empty_like(g_hi) if split else g_hi
         coef = torch.empty(num_tokens, device=device, dtype=f32)
-        d_bias_part = torch.zeros(tiles, WP, device=device, dtype=f32)
-        d_alpha_part = torch.zeros(tiles, WP, device=device, dtype=f32)
+        # the kernels write every partial slot; with no tokens they do not run
+        alloc = torch.empty if num_tokens else torch.zeros
+        d_bias_part = alloc(tiles, WP, device=device, dtype=f32)
+        d_alpha_part = alloc(tiles, 4, device=device, dtype=f32)
         dx = torch.empty_like(x)
         k_chunks = triton.cdiv(K, cfg.block_c)
         token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(device) // k_chunks))
-        dp_part = torch.zeros(token_ranges, W, K, device=device, dtype=f32)
+        dp_part = alloc(token_ranges, W, K, device=device, dtype=f32)
         if num_tokens:
             _mappings_bwd_gates[(tiles,)](
                 d_pre, d_post, d_res, logits, inv_rms, alpha32, bias32, g_hi, g_lo, coef, d_bias_part, d_alpha_part,
@@ -232,8 +238,7 @@ class _Mappings(torch.autograd.Function):
                 x, p32.to(g_dtype), g_hi, g_lo, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=cfg.block_t,
                 BLOCK_K=cfg.block_c, SPLIT=split, UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
             )
-        dza = d_alpha_part.sum(0)
-        d_alpha = torch.stack([dza[:n].sum(), dza[n : 2 * n].sum(), dza[2 * n : W].sum()])
+        d_alpha = d_alpha_part.sum(0)[:3]
         p_dtype, alpha_dtype, bias_dtype = ctx.dtypes
         return dx, dp_part.sum(0).to(p_dtype), d_alpha.to(alpha_dtype), d_bias_part.sum(0)[:W].to(bias_dtype), None
 
