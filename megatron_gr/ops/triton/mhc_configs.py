@@ -43,11 +43,11 @@ _GPU = {
     "aggregate_fwd": Blocks(4, 256, 4),
     "aggregate_bwd": Blocks(4, 256, 4),
     "merge_fwd": Blocks(4, 256, 4),
-    "merge_bwd": Blocks(4, 256, 4),
+    "merge_bwd": Blocks(8, 256, 8),
 }
 # More than 4 streams (any dtype): the merge backward holds 2n tiles in registers, so
-# half the channels per token row, twice the rows.
-_GPU_WIDE = {"merge_bwd": Blocks(8, 128, 8)}
+# half the channels per token row and half the rows.
+_GPU_WIDE = {"merge_bwd": Blocks(4, 128, 4)}
 # float32 (and float16) streams take the projection products in tf32x3, which splits
 # both operands: smaller tiles (and fewer tokens per backward tile above 4 streams, whose
 # projection-gradient tile has 128 rows).
@@ -73,7 +73,7 @@ CANDIDATES = {
         dict(aggregate_fwd=Blocks(8, 256, 8), aggregate_bwd=Blocks(4, 512, 4)),
     ],
     "merge": [
-        dict(merge_fwd=Blocks(8, 256, 4), merge_bwd=Blocks(8, 256, 8)),
+        dict(merge_fwd=Blocks(8, 256, 4), merge_bwd=Blocks(4, 256, 4)),
         dict(merge_fwd=Blocks(8, 256, 8), merge_bwd=Blocks(8, 128, 8)),
     ],
     "sinkhorn": [],

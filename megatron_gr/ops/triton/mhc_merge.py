@@ -8,7 +8,8 @@ Both directions hold every stream as its own ``[BLOCK_T, BLOCK_C]`` tile
 and the sublayer output once and writes the n new tiles; ``y + bias`` and its dropout never
 reach memory. Backward: programs own a channel chunk and a range of token tiles; each tile
 reads x, y and the output gradient once and writes dx and dy, with the dropout mask
-regenerated from the forward's seed (Philox, counter ``t C + c``) instead of stored. Per
+regenerated from the forward's seed (Philox, one call per 4 channels of a token: see
+``_uniform``) instead of stored. Per
 token the ``n² + n`` products ``g_i . x_j`` and ``g_i . u`` (the H_res and H_post
 gradients) are reduced over the chunk's channels within a warp and stored as one row per
 chunk, added up afterwards (4 (n² + n) bytes per token and chunk written and read again:
@@ -42,12 +43,24 @@ def _bias_row(Bias, c, C, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _update(Y, b, Seed, rows, c, mask, C, p, DROPOUT: tl.constexpr):
+def _uniform(Seed, rows, c_start, C, BLOCK_C: tl.constexpr):
+    """Uniform [0, 1) numbers of a ``[BLOCK_T, BLOCK_C]`` tile (``c_start`` a multiple of
+    4): one Philox call per 4 channels of a token, counter ``t ceil(C / 4) + c // 4``,
+    channel c taking output ``c % 4`` (a quarter of the Philox work of one call per
+    value); the same numbers whatever the block sizes."""
+    quads = c_start // 4 + tl.arange(0, BLOCK_C // 4)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(Seed), rows[:, None] * tl.cdiv(C, 4) + quads[None, :])
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], BLOCK_C])  # r0 r1 r2 r3 r0 ...
+    return tl.random.uint_to_uniform_float(r)
+
+
+@triton.jit
+def _update(Y, b, Seed, rows, c, c_start, mask, C, p, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr):
     """``dropout(y + b)`` of a ``[BLOCK_T, BLOCK_C]`` tile in float32, and its keep mask."""
     u = tl.load(Y + rows[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32) + b
     keep = mask
     if DROPOUT:
-        keep = tl.rand(tl.load(Seed), rows[:, None] * C + c[None, :]) >= p
+        keep = _uniform(Seed, rows, c_start, C, BLOCK_C) >= p
         u = tl.where(keep, u / (1.0 - p), 0.0)
     return u, keep
 
@@ -62,7 +75,8 @@ def _merge_fwd(X, HRes, HPost, Y, Bias, Seed, Out, num_tokens, C, p, n: tl.const
     mask = live[:, None] & (c < C)[None, :]
     stream0 = rows[:, None] * (n * C) + c[None, :]
     x = stream_tiles(X, stream0, mask, C, n)
-    u, _ = _update(Y, _bias_row(Bias, c, C, HAS_BIAS), Seed, rows, c, mask, C, p, DROPOUT)
+    u, _ = _update(Y, _bias_row(Bias, c, C, HAS_BIAS), Seed, rows, c, tl.program_id(1) * BLOCK_C, mask, C, p,
+                   BLOCK_C, DROPOUT)
     for i in tl.static_range(n):
         out = map_column(HPost, rows * n + i, live) * u
         for j in tl.static_range(n):
@@ -94,7 +108,7 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DMapPart, DBiasPart,
         stream0 = rows[:, None] * (n * C) + c[None, :]
         g = stream_tiles(Grad, stream0, mask, C, n)
         x = stream_tiles(X, stream0, mask, C, n)
-        u, keep = _update(Y, b, Seed, rows, c, mask, C, p, DROPOUT)
+        u, keep = _update(Y, b, Seed, rows, c, chunk * BLOCK_C, mask, C, p, BLOCK_C, DROPOUT)
         maps = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
         du = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for i in tl.static_range(n):

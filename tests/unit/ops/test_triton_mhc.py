@@ -207,6 +207,25 @@ def test_merge_dropout_mask_is_shared_drawn_again_in_backward_and_follows_the_ge
     assert not torch.equal(mhc_merge(x, h_res, h_post, y, bias, dropout_p=p, training=True, kernel="triton"), out)
 
 
+def test_merge_dropout_mask_does_not_depend_on_blocks():
+    """The mask is a function of (seed, token, channel), Philox drawn per 4 channels: the
+    forward and the backward may tile differently (C = 42: a token's last quad is short)."""
+    from megatron_gr.ops.triton.mhc_configs import Blocks, override
+
+    x, _, h_post, h_res, y, bias = stream_inputs(10, 2, 42, torch.float32, seed=9)
+    leaves = (x, h_res, h_post, y, bias)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    results = []
+    for fwd, bwd in ((16, 16), (32, 16), (16, 64)):
+        with override(merge_fwd=Blocks(4, fwd, 1), merge_bwd=Blocks(4, bwd, 1)):
+            torch.manual_seed(3)
+            out = mhc_merge(*leaves, dropout_p=0.5, training=True, kernel="triton")
+            results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for other in results[1:]:  # the map gradients sum the channel chunks in another order
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_no_tokens():
     """A rank may hold no tokens of a batch: empty results and zero parameter gradients."""
     x, projection, alpha, bias = mapping_inputs(0, 4, 8, torch.bfloat16)
