@@ -1,6 +1,7 @@
 """Triton kernels of the dynamic embeddings against their PyTorch references: bit for bit
-for hashing, probing and initial rows; to rounding for optimizer updates. Without a GPU
-they run in the Triton interpreter (small sizes); ``gpu`` tests repeat them at scale."""
+for hashing, probing, rows, gathers and segment sums; to rounding for optimizer updates.
+Without a GPU they run in the Triton interpreter (small sizes); ``gpu`` tests repeat them at
+scale."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import torch  # noqa: E402
 
 from megatron_gr.ops import hash_table  # noqa: E402
 from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt  # noqa: E402
+from megatron_gr.ops.pytorch.segment_sum import CHUNK, pytorch_segment_sum  # noqa: E402
+from megatron_gr.ops.segment_sum import gather_rows, segment_sum, sorted_groups  # noqa: E402
 from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
+from megatron_gr.ops.triton.segment_sum import triton_segment_sum  # noqa: E402
 from tests.unit.ops.test_dynamic_embedding_ops import empty_table, random_queries  # noqa: E402
 
 
@@ -81,6 +85,36 @@ def test_materialized_rows_are_bit_identical():
             assert torch.equal(a, b)
 
 
+def _segment_parity(count, dim, hot, hot_count, chunk, seed, key_space=50):
+    """Triton's gather and segment sum against the reference, bit for bit."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, key_space, (count,), generator=generator)
+    keys[torch.randperm(count, generator=generator)[:hot_count]] = hot
+    values = torch.randn(count, dim, generator=generator) * torch.logspace(-4, 4, count)[:, None]
+    values[0] = -0.0
+    groups = sorted_groups(keys.to(DEVICE))
+    values = values.to(DEVICE)
+    args = (groups.order, groups.segments, groups.offsets)
+    expected = pytorch_segment_sum(*(t.cpu() for t in (values, *args)), chunk=chunk)
+    got = triton_segment_sum(values, *args, chunk=chunk)
+    assert torch.equal(got.cpu(), expected)
+    rows = torch.randn(groups.num_groups, dim, generator=generator).to(DEVICE)
+    assert torch.equal(gather_rows(rows, groups.inverse, kernel="triton"), rows[groups.inverse])
+
+
+@pytest.mark.parametrize("count, chunk", [(1, 8), (37, 8), (300, 8), (640, 64)])
+def test_segment_sum_is_bit_identical_to_the_reference(count, chunk):
+    # A hot key over many windows, windows that start and end inside groups, a -0.0 row.
+    _segment_parity(count, dim=12, hot=7, hot_count=count // 2, chunk=chunk, seed=count)
+
+
+def test_segment_sum_through_the_dispatcher():
+    generator = torch.Generator().manual_seed(4)
+    groups = sorted_groups(torch.randint(0, 9, (90,), generator=generator).to(DEVICE))
+    values = torch.randn(90, 5, generator=generator).to(DEVICE)
+    assert torch.equal(segment_sum(values, groups, kernel="triton"), segment_sum(values, groups, kernel="pytorch"))
+
+
 @pytest.mark.parametrize("optimizer, shapes", [("sgd", []), ("adagrad", ["row"]), ("rowwise_adagrad", ["scalar"]), ("adam", ["row", "row"])])
 def test_sparse_updates_match_the_reference(optimizer, shapes):
     generator = torch.Generator().manual_seed(3)
@@ -105,3 +139,10 @@ def test_sparse_updates_match_the_reference(optimizer, shapes):
 def test_probe_at_scale_on_gpu():
     # About 190k rows competing for 192k slots: buckets overflow and evict.
     _probe_parity(num_buckets=3000, bucket_size=64, steps=6, queries_per_step=100_000, seed=5, id_space=2**40)
+
+
+@pytest.mark.gpu
+def test_segment_sum_at_scale_on_gpu():
+    # The benchmark's shape: 1.05M rows of 128 into ~300k groups, one key 30,000 times
+    # (118 windows of the default CHUNK), dim 128.
+    _segment_parity(1_050_000, dim=128, hot=123, hot_count=30_000, chunk=CHUNK, seed=6, key_space=400_000)
