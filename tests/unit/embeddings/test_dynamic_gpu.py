@@ -73,8 +73,8 @@ _COMPILE = textwrap.dedent(
              ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
     for policy, update in ((0, True), (1, True), (2, True), (1, False)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
-                "LANES": "constexpr", "HEAD": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
-                {"BUCKET": 64, "LANES": 64, "HEAD": H.PROBE_HEAD, "POLICY": policy, "UPDATE": update})
+                "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
+                {"BUCKET": 64, "LANES": 64, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update})
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
