@@ -18,6 +18,7 @@ from megatron_gr.ops import hash_table
 from megatron_gr.ops.pytorch.hash_probe import HIT, INSERTED, NO_ROOM, NOT_STORED, REPLACED
 from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt
 from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES
+from megatron_gr.ops.segment_sum import segment_sum, sorted_groups
 from megatron_gr.ops.sparse_optimizers import sparse_update
 
 COUNTERS = ("lookups", "hits", "misses", "inserts", "evictions", "expired", "rejected_admission", "rejected_full")
@@ -91,6 +92,7 @@ class PhysicalTable:
         self._counted = torch.tensor(
             [[name in _COUNTED[status] for name in COUNTERS] for status in sorted(_COUNTED)], dtype=torch.int64, device=device
         )
+        self._statuses = torch.tensor(sorted(_COUNTED), dtype=torch.int8, device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_scale = 1.0
         self._ready: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -107,25 +109,29 @@ class PhysicalTable:
         return self.index.capacity
 
     # ------------------------------------------------------------- lookups
-    def owned_rows(
-        self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``[U, D]`` and slots ``[U]`` (-1: no stored row) of distinct owned queries
-        sorted by routing key. ``train``: insert missing ids (subject to admission), update
-        scores and count; otherwise read only."""
+    def find(self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """Slots ``[U]`` (-1: no stored row) of distinct owned queries sorted by routing key.
+        ``train``: insert missing ids (subject to admission), give the new rows their initial
+        value and fresh optimizer state, update scores and count; otherwise read only."""
         if not train:
-            result = self.index.probe(ids, tags, hashes, counts, torch.zeros_like(ids, dtype=torch.bool), step=self.step, update_scores=False)
-        elif self.admission is None:
+            nothing = torch.zeros_like(ids, dtype=torch.bool)
+            return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False).slots
+        if self.admission is None:
             result = self.index.probe(ids, tags, hashes, counts, torch.ones_like(ids, dtype=torch.bool), step=self.step, update_scores=True)
         else:
             result = self._probe_with_admission(ids, tags, hashes, counts)
-        rows = hash_table.materialize_rows(
+        hash_table.init_rows(
             self.weights, self.states, self.state_init, result.slots, result.status, ids, tags, self.salts, self.scales,
             kernel=self.kernel,
         )
-        if train:
-            self._count(result)
-        return rows, result.slots
+        self._count(result)
+        return result.slots
+
+    def read(self, slots: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows ``[U, D]`` of the queries :meth:`find` answered with ``slots`` (the stored row,
+        or the initial value where the slot is -1); with ``index`` ``[N]``, the rows of
+        queries ``index``, read straight from the table."""
+        return hash_table.read_rows(self.weights, slots, ids, tags, self.salts, self.scales, index=index, kernel=self.kernel)
 
     def _probe_with_admission(self, ids, tags, hashes, counts):
         result = self.index.probe(ids, tags, hashes, counts, torch.zeros_like(ids, dtype=torch.bool), step=self.step, update_scores=True)
@@ -150,8 +156,10 @@ class PhysicalTable:
         return result
 
     def _count(self, result) -> None:
-        by_status = torch.bincount(result.status.to(torch.int64), minlength=len(_COUNTED))
+        by_status = (result.status[:, None] == self._statuses).sum(dim=0)  # [5], no host read
         self.counters += (by_status[:, None] * self._counted).sum(dim=0)
+        # The one host read of a training lookup besides the dedupe's, and only with eviction
+        # none: a full bucket there is an error, reported at the lookup that hit it.
         if self.settings.eviction == "none" and bool(by_status[NO_ROOM] > 0):
             raise RuntimeError(self._full_message(result))
         if self.track_removals:
@@ -187,12 +195,11 @@ class PhysicalTable:
                 grads = torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
             elif len(self._pending) == 1:  # one lookup: its slots are distinct already
                 slots, grads = self._pending[0]
-            else:
+            else:  # several lookups: sum each row's gradients, in a fixed order
                 all_slots = torch.cat([s for s, _ in self._pending])
-                all_grads = torch.cat([g for _, g in self._pending])
-                slots, inverse = torch.unique(all_slots, return_inverse=True)
-                grads = torch.zeros(slots.numel(), self.dim, dtype=torch.float32, device=self.device)
-                grads.index_add_(0, inverse, all_grads)
+                groups = sorted_groups(all_slots)
+                slots = all_slots[groups.first]
+                grads = segment_sum(torch.cat([g for _, g in self._pending]), groups, kernel=self.kernel)
             self._ready = (slots, grads)
             self._pending = []
         return self._ready

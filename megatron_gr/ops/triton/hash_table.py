@@ -23,8 +23,6 @@ from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult
 MIX1 = tl.constexpr(id_hash.MIX1)
 MIX2 = tl.constexpr(id_hash.MIX2)
 GOLDEN = tl.constexpr(id_hash.GOLDEN)
-INIT_SHIFT = tl.constexpr(64 - id_hash.INIT_BITS)
-INIT_OFFSET = tl.constexpr(1 - 2**id_hash.INIT_BITS)
 HIT = tl.constexpr(hash_probe.HIT)
 INSERTED = tl.constexpr(hash_probe.INSERTED)
 REPLACED = tl.constexpr(hash_probe.REPLACED)
@@ -206,72 +204,3 @@ def triton_probe(
             num_warps=1 if lanes <= 64 else (2 if lanes <= 256 else 4),
         )
     return result
-
-
-@triton.jit(do_not_specialize=["n", "init0", "init1"])
-def _materialize_kernel(
-    weights_ptr, state0_ptr, state1_ptr, slots_ptr, status_ptr, ids_ptr, tags_ptr, salts_ptr, scales_ptr, out_ptr,
-    n, dim, init0, init1,
-    NUM_STATES: tl.constexpr, STATE0_PER_ELEMENT: tl.constexpr, STATE1_PER_ELEMENT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n
-    cols = tl.arange(0, BLOCK_D)
-    both = row_ok[:, None] & (cols < dim)[None, :]
-    slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
-    status = tl.load(status_ptr + rows, mask=row_ok, other=NOT_STORED_C)
-    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0)
-    tag = tl.load(tags_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    salt = tl.load(salts_ptr + tag, mask=row_ok, other=0)
-    scale = tl.load(scales_ptr + tag, mask=row_ok, other=0.0)
-    hit = status == HIT
-    new = (status == INSERTED) | (status == REPLACED)
-
-    row_bits = _mix64(ids.to(tl.uint64, bitcast=True) ^ salt.to(tl.uint64, bitcast=True))
-    col_bits = (cols.to(tl.uint64) + 1) * GOLDEN
-    bits = (_mix64(row_bits[:, None] + col_bits[None, :]) >> INIT_SHIFT).to(tl.int64)
-    initial = (bits * 2 + INIT_OFFSET).to(tl.float32) * scale[:, None]
-
-    cell = slot[:, None] * dim + cols[None, :]
-    stored = tl.load(weights_ptr + cell, mask=both & hit[:, None], other=0.0)
-    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], tl.where(hit[:, None], stored, initial), mask=both)
-    fresh = both & new[:, None]
-    tl.store(weights_ptr + cell, initial, mask=fresh)
-    if NUM_STATES >= 1:
-        if STATE0_PER_ELEMENT:
-            tl.store(state0_ptr + cell, tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + init0, mask=fresh)
-        else:
-            tl.store(state0_ptr + slot, tl.zeros([BLOCK_R], tl.float32) + init0, mask=row_ok & new)
-    if NUM_STATES >= 2:
-        if STATE1_PER_ELEMENT:
-            tl.store(state1_ptr + cell, tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + init1, mask=fresh)
-        else:
-            tl.store(state1_ptr + slot, tl.zeros([BLOCK_R], tl.float32) + init1, mask=row_ok & new)
-
-
-def row_blocks(dim: int) -> tuple[int, int]:
-    """(rows, columns) of one program's tile: the whole row, about 4096 elements."""
-    block_d = triton.next_power_of_2(dim)
-    return max(1, 4096 // block_d), block_d
-
-
-def triton_materialize_rows(weights, states, state_init, slots, status, ids, tags, salts, scales) -> torch.Tensor:
-    count, dim = ids.numel(), weights.shape[1]
-    out = torch.empty(count, dim, dtype=torch.float32, device=weights.device)
-    if count == 0:
-        return out
-    if len(states) > 2:
-        raise ValueError(f"at most two optimizer states per row, got {len(states)}")
-    padded = list(states) + [weights] * (2 - len(states))
-    inits = list(state_init) + [0.0] * (2 - len(state_init))
-    block_r, block_d = row_blocks(dim)
-    _materialize_kernel[(triton.cdiv(count, block_r),)](
-        weights, padded[0], padded[1], slots, status, ids, tags, salts, scales, out,
-        count, dim, float(inits[0]), float(inits[1]),
-        NUM_STATES=len(states),
-        STATE0_PER_ELEMENT=len(states) >= 1 and padded[0].dim() == 2,
-        STATE1_PER_ELEMENT=len(states) >= 2 and padded[1].dim() == 2,
-        BLOCK_R=block_r, BLOCK_D=block_d,
-    )
-    return out

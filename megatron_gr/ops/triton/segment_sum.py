@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.pytorch.segment_sum import CHUNK
-from megatron_gr.ops.triton.hash_table import row_blocks
+from megatron_gr.ops.triton.dynamic_rows import ROW_WARPS, row_blocks
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -42,7 +42,9 @@ def triton_gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = torch.empty(count, dim, dtype=rows.dtype, device=rows.device)
     if count:
         block_r, block_d = row_blocks(dim)
-        _gather_rows_kernel[(triton.cdiv(count, block_r),)](rows, index, out, count, dim, BLOCK_R=block_r, BLOCK_D=block_d)
+        _gather_rows_kernel[(triton.cdiv(count, block_r),)](
+            rows, index, out, count, dim, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=ROW_WARPS
+        )
     return out
 
 

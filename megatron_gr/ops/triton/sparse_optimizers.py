@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.hash_table import row_blocks
+from megatron_gr.ops.triton.dynamic_rows import ROW_WARPS, row_blocks
 
 _OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
 
@@ -59,5 +59,8 @@ def triton_sparse_update(weights, states, slots, grads, *, optimizer, lr, step, 
         # 1 - beta is rounded once, from the double, as the reference's Python arithmetic does.
         count, dim, float(lr), float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), float(grad_scale),
         float(lr / (1 - beta1**step)), float(math.sqrt(1 - beta2**step)),
-        OPTIMIZER=_OPTIMIZERS[optimizer], BLOCK_R=block_r, BLOCK_D=block_d,
+        OPTIMIZER=_OPTIMIZERS[optimizer], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=ROW_WARPS,
+        # No fused multiply-adds: each product and sum rounds as in the reference's separate
+        # tensor operations, so a GPU table's Adam/Adagrad/SGD state follows the CPU one.
+        enable_fp_fusion=False,
     )

@@ -60,10 +60,14 @@ _COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from megatron_gr.ops.triton import hash_table as H, sparse_optimizers as S
+    from megatron_gr.ops.triton import dynamic_rows as R, hash_table as H, segment_sum as G, sparse_optimizers as S
 
-    def compile(fn, signature, constants):
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    def compile(fn, signature, constants, warps=4):
+        # The launcher's usual specialisation: 16-byte aligned tensors, dim a multiple of 16.
+        aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+                   if kind.startswith("*") or name == "dim"}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert kernel.asm["cubin"], fn
 
     ptr = lambda t: "*" + t
@@ -71,23 +75,38 @@ _COMPILE = textwrap.dedent(
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
              ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
-    for policy, update in ((0, True), (1, True), (2, True), (1, False)):
+    for policy, update, lanes in ((0, True, 64), (1, True, 64), (2, True, 64), (1, False, 64), (1, True, 256)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
                 "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
-                {"BUCKET": 64, "LANES": 64, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update})
+                {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update},
+                warps=1 if lanes <= 64 else 2)
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
-    compile(H._materialize_kernel, {**rows, "slots_ptr": "*i64", "status_ptr": "*i8", "ids_ptr": "*i64", "tags_ptr": "*i32",
-            "salts_ptr": "*i64", "scales_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64", "dim": "i32", "init0": "fp32",
-            "init1": "fp32", "NUM_STATES": "constexpr", "STATE0_PER_ELEMENT": "constexpr", "STATE1_PER_ELEMENT": "constexpr",
-            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-            {"NUM_STATES": 2, "STATE0_PER_ELEMENT": True, "STATE1_PER_ELEMENT": True, "BLOCK_R": 32, "BLOCK_D": 128})
+    ids = {"ids_ptr": "*i64", "tags_ptr": "*i32", "salts_ptr": "*i64", "scales_ptr": "*fp32"}
+    for states, per_element in ((2, True), (1, False), (0, False)):
+        compile(R._init_rows_kernel, {**rows, "slots_ptr": "*i64", "status_ptr": "*i8", **ids, "n": "i64", "dim": "i32",
+                "init0": "fp32", "init1": "fp32", "NUM_STATES": "constexpr", "STATE0_PER_ELEMENT": "constexpr",
+                "STATE1_PER_ELEMENT": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                {"NUM_STATES": states, "STATE0_PER_ELEMENT": per_element, "STATE1_PER_ELEMENT": per_element,
+                 "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    for has_index in (True, False):
+        compile(R._read_rows_kernel, {"weights_ptr": "*fp32", "slots_ptr": "*i64", "index_ptr": "*i64", **ids,
+                "out_ptr": "*fp32", "n": "i64", "dim": "i32", "HAS_INDEX": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr"}, {"HAS_INDEX": has_index, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    compile(G._gather_rows_kernel, {"rows_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*fp32", "n": "i64", "dim": "i32",
+            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    sums = {"values_ptr": "*fp32", "order_ptr": "*i64", "seg_ptr": "*i64", "out_ptr": "*fp32", "first_ptr": "*fp32",
+            "last_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"}
+    compile(G._window_sums_kernel, sums, {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
+    compile(G._join_pieces_kernel, {"seg_ptr": "*i64", "offsets_ptr": "*i64", "first_ptr": "*fp32", "last_ptr": "*fp32",
+            "out_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"},
+            {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
     scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt")}
     for optimizer in range(4):
         compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "n": "i64", "dim": "i32",
                 **scalars, "OPTIMIZER": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-                {"OPTIMIZER": optimizer, "BLOCK_R": 32, "BLOCK_D": 128})
+                {"OPTIMIZER": optimizer, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
     print("compiled")
     """
 )

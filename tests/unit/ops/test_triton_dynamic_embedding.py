@@ -60,29 +60,40 @@ def test_probe_with_more_queries_per_bucket_than_the_kernel_loads_at_once():
     _probe_parity(num_buckets=1, bucket_size=12, steps=2, queries_per_step=20, seed=1)
 
 
-def test_materialized_rows_are_bit_identical():
-    generator = torch.Generator().manual_seed(2)
-    capacity, dim, count = 40, 7, 16
+def _row_inputs(generator, capacity, count):
+    status = torch.randint(0, 5, (count,), generator=generator).to(torch.int8)
+    slots = torch.where(status <= 2, torch.randperm(capacity, generator=generator)[:count], -1)
+    ids = torch.randint(-(2**62), 2**62, (count,), generator=generator)
+    tags = torch.randint(0, 2, (count,), generator=generator).to(torch.int32)
+    return slots, status, ids, tags
+
+
+def _constants():
     salts = torch.tensor([row_salt(3), row_salt(11)], device=DEVICE)
     scales = torch.tensor([init_scale(0.02), init_scale(0.5)], device=DEVICE)
+    return salts, scales
+
+
+def test_initialised_and_read_rows_are_bit_identical():
+    generator = torch.Generator().manual_seed(2)
+    capacity, dim, count = 40, 7, 16
+    salts, scales = _constants()
     for shapes in ([], ["scalar"], ["row", "row"]):
         weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
         states = [torch.randn(capacity, dim) if s == "row" else torch.randn(capacity) for s in shapes]
         states = [s.to(DEVICE) for s in states]
-        status = torch.randint(0, 5, (count,), generator=generator).to(torch.int8)
-        slots = torch.where(status <= 2, torch.randperm(capacity, generator=generator)[:count], -1)
-        ids = torch.randint(-(2**62), 2**62, (count,), generator=generator)
-        tags = torch.randint(0, 2, (count,), generator=generator).to(torch.int32)
-        args = [slots.to(DEVICE), status.to(DEVICE), ids.to(DEVICE), tags.to(DEVICE), salts, scales]
+        slots, status, ids, tags = (t.to(DEVICE) for t in _row_inputs(generator, capacity, count))
+        index = torch.randint(0, count, (50,), generator=generator).to(DEVICE)
         out = {}
         for kernel in ("pytorch", "triton"):
             w, st = weights.clone(), [s.clone() for s in states]
-            rows = hash_table.materialize_rows(w, st, [0.25] * len(st), *args, kernel=kernel)
-            out[kernel] = (rows, w, st)
-        for a, b in zip(out["pytorch"][:2], out["triton"][:2]):
+            hash_table.init_rows(w, st, [0.25] * len(st), slots, status, ids, tags, salts, scales, kernel=kernel)
+            rows = hash_table.read_rows(w, slots, ids, tags, salts, scales, kernel=kernel)
+            gathered = hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel)
+            out[kernel] = [rows, gathered, w, *st]
+        for a, b in zip(out["pytorch"], out["triton"]):
             assert torch.equal(a, b)
-        for a, b in zip(out["pytorch"][2], out["triton"][2]):
-            assert torch.equal(a, b)
+        assert torch.equal(out["triton"][1], out["triton"][0][index])
 
 
 def _segment_parity(count, dim, hot, hot_count, chunk, seed, key_space=50):
@@ -146,3 +157,21 @@ def test_segment_sum_at_scale_on_gpu():
     # The benchmark's shape: 1.05M rows of 128 into ~300k groups, one key 30,000 times
     # (118 windows of the default CHUNK), dim 128.
     _segment_parity(1_050_000, dim=128, hot=123, hot_count=30_000, chunk=CHUNK, seed=6, key_space=400_000)
+
+
+@pytest.mark.gpu
+def test_rows_at_scale_on_gpu():
+    generator = torch.Generator().manual_seed(7)
+    capacity, dim, count = 200_000, 128, 150_000
+    salts, scales = _constants()
+    weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
+    states = [torch.randn(capacity, dim, generator=generator).to(DEVICE) for _ in range(2)]
+    slots, status, ids, tags = (t.to(DEVICE) for t in _row_inputs(generator, capacity, count))
+    index = torch.randint(0, count, (400_000,), generator=generator).to(DEVICE)
+    out = {}
+    for kernel in ("pytorch", "triton"):
+        w, st = weights.clone(), [s.clone() for s in states]
+        hash_table.init_rows(w, st, [0.0, 0.0], slots, status, ids, tags, salts, scales, kernel=kernel)
+        out[kernel] = [hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel), w, *st]
+    for a, b in zip(out["pytorch"], out["triton"]):
+        assert torch.equal(a, b)
