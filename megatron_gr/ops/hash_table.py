@@ -5,7 +5,8 @@ Triton kernels (one place chooses; a missing backend is an error).
   (:mod:`megatron_gr.ops.pytorch.id_hash` explains the bits).
 - :func:`probe`: find-or-insert distinct queries in a bucketed table with scores
   (:mod:`megatron_gr.ops.pytorch.hash_probe` states the exact semantics).
-- :func:`init_rows`: fresh slots (the probe's inserts) get their initial value and state.
+- :func:`init_rows`: the probe's new rows get their initial value; their optimizer state
+  is flagged fresh (written by the first update, which then reads none).
 - :func:`read_rows`: the rows of probed queries (stored or initial), optionally gathered.
 """
 
@@ -100,8 +101,7 @@ def probe(
 
 def init_rows(
     weights: torch.Tensor,
-    states: list[torch.Tensor],
-    state_init: list[float],
+    fresh: Optional[torch.Tensor],
     slots: torch.Tensor,
     status: torch.Tensor,
     ids: torch.Tensor,
@@ -112,10 +112,13 @@ def init_rows(
     kernel: str = "pytorch",
 ) -> None:
     """Slots the probe just filled (status INSERTED or REPLACED) get their initial value and
-    fresh optimizer state. See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_init_rows`."""
+    their ``fresh`` flag (optimizer state initial until the first update).
+    See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_init_rows`."""
     _check_kernel(kernel)
     _check_weights(weights)
-    args = (weights, states, state_init, slots, status, ids, tags, salts, scales)
+    if fresh is not None and (fresh.dtype != torch.uint8 or fresh.shape != (weights.shape[0],)):
+        raise ValueError(f"fresh must be uint8 [{weights.shape[0]}], got {fresh.dtype} {tuple(fresh.shape)}")
+    args = (weights, fresh, slots, status, ids, tags, salts, scales)
     if kernel == "triton":
         return _triton(weights.device, "row initialisation").dynamic_rows.triton_init_rows(*args)
     return pytorch_init_rows(*args)

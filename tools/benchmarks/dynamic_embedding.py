@@ -47,9 +47,9 @@ from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
 
 
 # Phases of the dynamic step (``--breakdown``), in order: routing hash; dedupe (stable sort,
-# groups, the step's one host read); find-or-insert; fresh rows' initial values and state;
-# counters; each id's row read from the table ([N, D]); backward (per-id gradient sums);
-# Adam on the touched rows.
+# groups, the step's one host read); find-or-insert; new rows' initial values (their
+# optimizer state is flagged fresh, not written); counters; each id's row read from the
+# table ([N, D]); backward (per-id gradient sums); Adam on the touched rows.
 PHASES = ("hash", "dedupe", "probe", "init_rows", "count", "read", "backward", "adam")
 PROFILED = 3  # steps under torch.profiler (--breakdown), for the time of every kernel
 
@@ -141,8 +141,8 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         )
         marks[3].record()
         hash_table.init_rows(
-            table.weights, table.states, table.state_init, result.slots, result.status, queries.ids, queries.tags,
-            table.salts, table.scales, kernel="triton",
+            table.weights, table._fresh, result.slots, result.status, queries.ids, queries.tags, table.salts, table.scales,
+            kernel="triton",
         )
         marks[4].record()
         table._count(result)

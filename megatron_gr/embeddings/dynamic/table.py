@@ -79,12 +79,15 @@ class PhysicalTable:
         capacity = self.index.capacity
         self.weights = torch.zeros(capacity, dim, dtype=torch.float32, device=device)
         self.state_names = [name for name, _ in OPTIMIZER_STATES[settings.optimizer]]
-        self.states = [
+        self._states = [
             torch.zeros((capacity, dim) if shape == "row" else (capacity,), dtype=torch.float32, device=device)
             for _, shape in OPTIMIZER_STATES[settings.optimizer]
         ]
         accumulator = settings.initial_accumulator if settings.optimizer in ("adagrad", "rowwise_adagrad") else 0.0
-        self.state_init = [accumulator] * len(self.states)
+        self.state_init = [accumulator] * len(self._states)
+        # 1: the row's optimizer state is state_init, whatever its memory holds. New rows get
+        # the flag instead of a written state; their first update reads no state and clears it.
+        self._fresh = torch.zeros(capacity, dtype=torch.uint8, device=device) if self._states else None
         self.salts = torch.tensor([row_salt(f.seed) for f in features], dtype=torch.int64, device=device)
         self.scales = torch.tensor([init_scale(f.init_std) for f in features], dtype=torch.float32, device=device)
         self.step = 0
@@ -101,6 +104,18 @@ class PhysicalTable:
         self.removed: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
+    def states(self) -> list[torch.Tensor]:
+        """The optimizer state tensors ``[C, D]`` or ``[C]``, every row holding its value: rows
+        still flagged fresh get ``state_init`` written first (a host read; for checkpoints
+        and inspection, not the training step)."""
+        if self._fresh is not None:
+            slots = torch.nonzero(self._fresh).squeeze(1)
+            for state, value in zip(self._states, self.state_init):
+                state.index_fill_(0, slots, value)
+            self._fresh.zero_()
+        return self._states
+
+    @property
     def coalesced(self) -> bool:
         return len(self.features) > 1
 
@@ -112,7 +127,8 @@ class PhysicalTable:
     def find(self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool) -> torch.Tensor:
         """Slots ``[U]`` (-1: no stored row) of distinct owned queries sorted by routing key.
         ``train``: insert missing ids (subject to admission), give the new rows their initial
-        value and fresh optimizer state, update scores and count; otherwise read only."""
+        value and flag their optimizer state fresh, update scores and count; otherwise read
+        only."""
         if not train:
             nothing = torch.zeros_like(ids, dtype=torch.bool)
             return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False).slots
@@ -121,8 +137,7 @@ class PhysicalTable:
         else:
             result = self._probe_with_admission(ids, tags, hashes, counts)
         hash_table.init_rows(
-            self.weights, self.states, self.state_init, result.slots, result.status, ids, tags, self.salts, self.scales,
-            kernel=self.kernel,
+            self.weights, self._fresh, result.slots, result.status, ids, tags, self.salts, self.scales, kernel=self.kernel
         )
         self._count(result)
         return result.slots
@@ -217,8 +232,9 @@ class PhysicalTable:
         settings = self.settings
         lr = settings.lr if settings.lr is not None else dense_lr
         sparse_update(
-            self.weights, self.states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
-            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale, kernel=self.kernel,
+            self.weights, self._states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
+            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale,
+            fresh=self._fresh, state_init=self.state_init, kernel=self.kernel,
         )
         self.index.mark_changed(slots)
         self._reset_gradients()

@@ -18,8 +18,7 @@ def _initial(ids: torch.Tensor, tags: torch.Tensor, salts: torch.Tensor, scales:
 
 def pytorch_init_rows(
     weights: torch.Tensor,
-    states: list[torch.Tensor],
-    state_init: list[float],
+    fresh: Optional[torch.Tensor],
     slots: torch.Tensor,
     status: torch.Tensor,
     ids: torch.Tensor,
@@ -28,14 +27,16 @@ def pytorch_init_rows(
     scales: torch.Tensor,
 ) -> None:
     """Every query the probe just placed (INSERTED or REPLACED) gets its initial value in its
-    slot of ``weights`` ``[C, D]`` and fresh optimizer state (``states[i]``, ``[C, D]`` or
-    ``[C]``, set to ``state_init[i]``). ``salts`` ``[num_tags]`` int64 and ``scales``
-    ``[num_tags]`` float32 are the initial-value constants of each logical table."""
-    fresh = (status == INSERTED) | (status == REPLACED)
-    new_slots = slots[fresh]
-    weights[new_slots] = _initial(ids[fresh], tags[fresh], salts, scales, weights.shape[1])
-    for state, value in zip(states, state_init):
-        state.index_fill_(0, new_slots, value)
+    slot of ``weights`` ``[C, D]`` and, when ``fresh`` ``[C]`` uint8 is given, its flag set
+    there: its optimizer state counts as initial until its first update (see
+    :func:`megatron_gr.ops.sparse_optimizers.sparse_update`). ``salts`` ``[num_tags]`` int64
+    and ``scales`` ``[num_tags]`` float32 are the initial-value constants of each logical
+    table."""
+    placed = (status == INSERTED) | (status == REPLACED)
+    new_slots = slots[placed]
+    weights[new_slots] = _initial(ids[placed], tags[placed], salts, scales, weights.shape[1])
+    if fresh is not None:
+        fresh.index_fill_(0, new_slots, 1)
 
 
 def pytorch_read_rows(

@@ -1,5 +1,5 @@
 """Triton kernels of the hash-table rows, with the signatures of their PyTorch references
-(:mod:`megatron_gr.ops.pytorch.dynamic_rows`): fresh slots initialised, rows read by slot.
+(:mod:`megatron_gr.ops.pytorch.dynamic_rows`): filled slots initialised, rows read by slot.
 
 Both skip the integer hashing of initial values in tiles that need none (a tile of hits only
 initialises nothing; a read of stored rows is a plain gather), which would otherwise cost
@@ -44,53 +44,34 @@ def _initial_rows(ids, tags, salts_ptr, scales_ptr, cols, ok):
     return (bits * 2 + INIT_OFFSET).to(tl.float32) * scale[:, None]
 
 
-@triton.jit(do_not_specialize=["n", "init0", "init1"])
+@triton.jit(do_not_specialize=["n"])
 def _init_rows_kernel(
-    weights_ptr, state0_ptr, state1_ptr, slots_ptr, status_ptr, ids_ptr, tags_ptr, salts_ptr, scales_ptr,
-    n, dim, init0, init1,
-    NUM_STATES: tl.constexpr, STATE0_PER_ELEMENT: tl.constexpr, STATE1_PER_ELEMENT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    weights_ptr, fresh_ptr, slots_ptr, status_ptr, ids_ptr, tags_ptr, salts_ptr, scales_ptr, n, dim,
+    HAS_FRESH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n
     status = tl.load(status_ptr + rows, mask=ok, other=0)
-    fresh = ok & ((status == INSERTED) | (status == REPLACED))
-    if tl.max(fresh.to(tl.int32)) > 0:
+    placed = ok & ((status == INSERTED) | (status == REPLACED))
+    if tl.max(placed.to(tl.int32)) > 0:
         cols = tl.arange(0, BLOCK_D)
-        both = fresh[:, None] & (cols < dim)[None, :]
-        slot = tl.load(slots_ptr + rows, mask=fresh, other=0)
-        ids = tl.load(ids_ptr + rows, mask=fresh, other=0)
-        tag = tl.load(tags_ptr + rows, mask=fresh, other=0).to(tl.int64)
-        cell = slot[:, None] * dim + cols[None, :]
-        tl.store(weights_ptr + cell, _initial_rows(ids, tag, salts_ptr, scales_ptr, cols, fresh), mask=both)
-        if NUM_STATES >= 1:
-            if STATE0_PER_ELEMENT:
-                tl.store(state0_ptr + cell, tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + init0, mask=both)
-            else:
-                tl.store(state0_ptr + slot, tl.zeros([BLOCK_R], tl.float32) + init0, mask=fresh)
-        if NUM_STATES >= 2:
-            if STATE1_PER_ELEMENT:
-                tl.store(state1_ptr + cell, tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + init1, mask=both)
-            else:
-                tl.store(state1_ptr + slot, tl.zeros([BLOCK_R], tl.float32) + init1, mask=fresh)
+        slot = tl.load(slots_ptr + rows, mask=placed, other=0)
+        ids = tl.load(ids_ptr + rows, mask=placed, other=0)
+        tag = tl.load(tags_ptr + rows, mask=placed, other=0).to(tl.int64)
+        initial = _initial_rows(ids, tag, salts_ptr, scales_ptr, cols, placed)
+        tl.store(weights_ptr + slot[:, None] * dim + cols[None, :], initial, mask=placed[:, None] & (cols < dim)[None, :])
+        if HAS_FRESH:
+            tl.store(fresh_ptr + slot, tl.full([BLOCK_R], 1, tl.uint8), mask=placed)
 
 
-def triton_init_rows(weights, states, state_init, slots, status, ids, tags, salts, scales) -> None:
+def triton_init_rows(weights, fresh, slots, status, ids, tags, salts, scales) -> None:
     count, dim = ids.numel(), weights.shape[1]
     if count == 0:
         return
-    if len(states) > 2:
-        raise ValueError(f"at most two optimizer states per row, got {len(states)}")
-    padded = list(states) + [weights] * (2 - len(states))
-    inits = list(state_init) + [0.0] * (2 - len(state_init))
     block_r, block_d = row_blocks(dim)
     _init_rows_kernel[(triton.cdiv(count, block_r),)](
-        weights, padded[0], padded[1], slots, status, ids, tags, salts, scales,
-        count, dim, float(inits[0]), float(inits[1]),
-        NUM_STATES=len(states),
-        STATE0_PER_ELEMENT=len(states) >= 1 and padded[0].dim() == 2,
-        STATE1_PER_ELEMENT=len(states) >= 2 and padded[1].dim() == 2,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=ROW_WARPS,
+        weights, fresh if fresh is not None else status, slots, status, ids, tags, salts, scales, count, dim,
+        HAS_FRESH=fresh is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=ROW_WARPS,
     )
 
 

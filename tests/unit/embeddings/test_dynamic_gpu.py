@@ -115,12 +115,10 @@ _COMPILE = textwrap.dedent(
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
     ids = {"ids_ptr": "*i64", "tags_ptr": "*i32", "salts_ptr": "*i64", "scales_ptr": "*fp32"}
-    for states, per_element in ((2, True), (1, False), (0, False)):
-        compile(R._init_rows_kernel, {**rows, "slots_ptr": "*i64", "status_ptr": "*i8", **ids, "n": "i64", "dim": "i32",
-                "init0": "fp32", "init1": "fp32", "NUM_STATES": "constexpr", "STATE0_PER_ELEMENT": "constexpr",
-                "STATE1_PER_ELEMENT": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-                {"NUM_STATES": states, "STATE0_PER_ELEMENT": per_element, "STATE1_PER_ELEMENT": per_element,
-                 "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    for has_fresh in (True, False):
+        compile(R._init_rows_kernel, {"weights_ptr": "*fp32", "fresh_ptr": "*u8", "slots_ptr": "*i64", "status_ptr": "*i8",
+                **ids, "n": "i64", "dim": "i32", "HAS_FRESH": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                {"HAS_FRESH": has_fresh, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
     for has_index in (True, False):
         compile(R._read_rows_kernel, {"weights_ptr": "*fp32", "slots_ptr": "*i64", "index_ptr": "*i64", **ids,
                 "out_ptr": "*fp32", "n": "i64", "dim": "i32", "HAS_INDEX": "constexpr", "BLOCK_R": "constexpr",
@@ -133,11 +131,12 @@ _COMPILE = textwrap.dedent(
     compile(G._join_pieces_kernel, {"seg_ptr": "*i64", "offsets_ptr": "*i64", "first_ptr": "*fp32", "last_ptr": "*fp32",
             "out_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"},
             {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
-    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt")}
-    for optimizer in range(4):
-        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "n": "i64", "dim": "i32",
-                **scalars, "OPTIMIZER": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-                {"OPTIMIZER": optimizer, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
+                                   "init0", "init1")}
+    for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):
+        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "fresh_ptr": "*u8", "n": "i64",
+                "dim": "i32", **scalars, "OPTIMIZER": "constexpr", "HAS_FRESH": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr"}, {"OPTIMIZER": optimizer, "HAS_FRESH": has_fresh, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
     print("compiled")
     """
 )

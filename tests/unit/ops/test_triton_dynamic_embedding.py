@@ -78,19 +78,18 @@ def test_initialised_and_read_rows_are_bit_identical():
     generator = torch.Generator().manual_seed(2)
     capacity, dim, count = 40, 7, 16
     salts, scales = _constants()
-    for shapes in ([], ["scalar"], ["row", "row"]):
+    for flags in (False, True):
         weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
-        states = [torch.randn(capacity, dim) if s == "row" else torch.randn(capacity) for s in shapes]
-        states = [s.to(DEVICE) for s in states]
+        fresh = (torch.rand(capacity, generator=generator) < 0.3).to(torch.uint8).to(DEVICE) if flags else None
         slots, status, ids, tags = (t.to(DEVICE) for t in _row_inputs(generator, capacity, count))
         index = torch.randint(0, count, (50,), generator=generator).to(DEVICE)
         out = {}
         for kernel in ("pytorch", "triton"):
-            w, st = weights.clone(), [s.clone() for s in states]
-            hash_table.init_rows(w, st, [0.25] * len(st), slots, status, ids, tags, salts, scales, kernel=kernel)
+            w, f = weights.clone(), fresh.clone() if flags else None
+            hash_table.init_rows(w, f, slots, status, ids, tags, salts, scales, kernel=kernel)
             rows = hash_table.read_rows(w, slots, ids, tags, salts, scales, kernel=kernel)
             gathered = hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel)
-            out[kernel] = [rows, gathered, w, *st]
+            out[kernel] = [rows, gathered, w] + ([f] if flags else [])
         for a, b in zip(out["pytorch"], out["triton"]):
             assert torch.equal(a, b)
         assert torch.equal(out["triton"][1], out["triton"][0][index])
@@ -126,24 +125,28 @@ def test_segment_sum_through_the_dispatcher():
     assert torch.equal(segment_sum(values, groups, kernel="triton"), segment_sum(values, groups, kernel="pytorch"))
 
 
+@pytest.mark.parametrize("flags", [False, True])
 @pytest.mark.parametrize("optimizer, shapes", [("sgd", []), ("adagrad", ["row"]), ("rowwise_adagrad", ["scalar"]), ("adam", ["row", "row"])])
-def test_sparse_updates_match_the_reference(optimizer, shapes):
+def test_sparse_updates_match_the_reference(optimizer, shapes, flags):
     generator = torch.Generator().manual_seed(3)
     capacity, dim = 30, 6
     weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
     states = [(torch.rand(capacity, dim) if s == "row" else torch.rand(capacity)).to(DEVICE) for s in shapes]
+    fresh = (torch.rand(capacity, generator=generator) < 0.5).to(torch.uint8).to(DEVICE) if flags else None
     slots = torch.randperm(capacity, generator=generator)[:12]
     slots[4] = -1
     grads = torch.randn(12, dim, generator=generator)
     out = {}
     for kernel in ("pytorch", "triton"):
-        w, st = weights.clone(), [s.clone() for s in states]
+        w, st, f = weights.clone(), [s.clone() for s in states], fresh.clone() if flags else None
         sparse_update(w, st, slots.to(DEVICE), grads.to(DEVICE), optimizer=optimizer, lr=0.1, step=3, beta1=0.9,
-                      beta2=0.98, eps=1e-8, grad_scale=0.5, kernel=kernel)
-        out[kernel] = (w, st)
+                      beta2=0.98, eps=1e-8, grad_scale=0.5, fresh=f, state_init=[0.25] * len(st), kernel=kernel)
+        out[kernel] = (w, st, f)
     torch.testing.assert_close(out["triton"][0], out["pytorch"][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(out["triton"][1], out["pytorch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if flags:
+        assert torch.equal(out["triton"][2], out["pytorch"][2])
 
 
 @pytest.mark.gpu
@@ -165,13 +168,13 @@ def test_rows_at_scale_on_gpu():
     capacity, dim, count = 200_000, 128, 150_000
     salts, scales = _constants()
     weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
-    states = [torch.randn(capacity, dim, generator=generator).to(DEVICE) for _ in range(2)]
+    fresh = torch.zeros(capacity, dtype=torch.uint8, device=DEVICE)
     slots, status, ids, tags = (t.to(DEVICE) for t in _row_inputs(generator, capacity, count))
     index = torch.randint(0, count, (400_000,), generator=generator).to(DEVICE)
     out = {}
     for kernel in ("pytorch", "triton"):
-        w, st = weights.clone(), [s.clone() for s in states]
-        hash_table.init_rows(w, st, [0.0, 0.0], slots, status, ids, tags, salts, scales, kernel=kernel)
-        out[kernel] = [hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel), w, *st]
+        w, f = weights.clone(), fresh.clone()
+        hash_table.init_rows(w, f, slots, status, ids, tags, salts, scales, kernel=kernel)
+        out[kernel] = [hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel), w, f]
     for a, b in zip(out["pytorch"], out["triton"]):
         assert torch.equal(a, b)
