@@ -35,16 +35,18 @@ from megatron_gr.ops.triton import mhc_configs  # noqa: E402
 from megatron_gr.ops.triton.mhc_aggregate import _aggregate_bwd, _aggregate_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_mappings import _mappings_bwd_gates, _mappings_bwd_x, _mappings_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_merge import _merge_bwd, _merge_fwd  # noqa: E402
-from megatron_gr.ops.triton.mhc_sinkhorn import _segment, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
+from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Pointers in the streams' dtype (every other pointer is float32, the seed int64).
 _STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias"}
+# Matrix operands of the mapping kernels: bf16 halves for bf16 streams, else float32.
+_OPERAND_POINTERS = {"PHi", "PLo", "P", "GHi", "GLo"}
 _FLOAT_SCALARS = {"eps", "p"}
 _INT_SCALARS = {"K", "C"}  # sizes with upper-case names
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, projection: str = "fp32") -> str:
+def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, operands: str = "fp32") -> str:
     signature, attrs = {}, {}
     streams_in_place = fn.__name__.startswith(("_aggregate", "_merge", "_mappings_fwd", "_mappings_bwd_x"))
     for i, name in enumerate(fn.arg_names):
@@ -53,8 +55,8 @@ def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, p
         elif name[0].isupper() and name not in _INT_SCALARS:
             if name == "Seed":
                 signature[name] = "*i64"
-            elif name in ("PHi", "PLo"):
-                signature[name] = f"*{projection}"
+            elif name in _OPERAND_POINTERS:
+                signature[name] = f"*{operands}"
             elif streams_in_place and name in _STREAM_POINTERS:
                 signature[name] = f"*{stream_dtype}"
             else:
@@ -77,33 +79,39 @@ def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, p
     regs = re.search(r"Used (\d+) registers", report)
     spill = re.search(r"(\d+) bytes spill stores", report)
     return (f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}B "
-            f"smem={kernel.metadata.shared // 1024}KiB wgmma={ptx.count('wgmma.mma_async')}")
+            f"smem={kernel.metadata.shared // 1024}KiB wgmma={ptx.count('wgmma.mma_async')} "
+            f"mma.sync={ptx.count('mma.sync.aligned')}")
 
 
 def kernels(n: int, dtype: torch.dtype):
-    """``(name, kernel, constexprs, num_warps, projection dtype)`` of every launch at ``n``
-    streams with the current configuration."""
+    """``(name, kernel, constexprs, blocks, mapping operand dtype)`` of every launch at
+    ``n`` streams with the current configuration."""
     padded, width = triton.next_power_of_2(n), n * n + 2 * n
     wp, split = max(16, triton.next_power_of_2(width)), dtype == torch.bfloat16
     fwd = mhc_configs.blocks("mappings_fwd", streams=n, dtype=dtype)
     bwd = mhc_configs.blocks("mappings_bwd", streams=n, dtype=dtype)
+    operands = "bf16" if split else "fp32"
     yield ("mappings fwd", _mappings_fwd, dict(n=n, W=width, WP=wp, BLOCK_T=fwd.block_t, BLOCK_K=fwd.block_c,
-                                                 SPLIT=split, UPCAST=False), fwd, "bf16" if split else "fp32")
+                                                 SPLIT=split, UPCAST=False), fwd, operands)
     gates = mhc_configs.Blocks(mhc_configs.gate_block_tokens(n), 16, 4)
-    yield ("mappings bwd gates", _mappings_bwd_gates, dict(n=n, W=width, WP=wp, BLOCK_T=gates.block_t), gates, "fp32")
+    yield ("mappings bwd gates", _mappings_bwd_gates, dict(n=n, W=width, WP=wp, BLOCK_T=gates.block_t, SPLIT=split),
+           gates, operands)
     yield ("mappings bwd x", _mappings_bwd_x, dict(W=width, WP=wp, BLOCK_T=bwd.block_t, BLOCK_K=bwd.block_c,
-                                                    SPLIT=split, UPCAST=False), bwd, "fp32")
+                                                    SPLIT=split, UPCAST=False), bwd, operands)
     for backward in (False, True):
         block = mhc_configs.sinkhorn_block_tokens(n, backward=backward)
-        consts = dict(n=n, N=padded, BLOCK_T=block, **({"SEGMENT": _segment(20)} if backward else {}))
+        consts = dict(n=n, N=padded, BLOCK_T=block, **({"SEGMENT": SEGMENT} if backward else {}))
         yield (f"sinkhorn {'bwd' if backward else 'fwd'}", _sinkhorn_bwd if backward else _sinkhorn_fwd, consts,
                mhc_configs.Blocks(block, 16, 4), "fp32")
     for op, fn in (("aggregate_fwd", _aggregate_fwd), ("aggregate_bwd", _aggregate_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        yield (op.replace("_", " "), fn, dict(n=n, N=padded, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c), cfg, "fp32")
+        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, **({"NP": padded} if op == "aggregate_bwd" else {}))
+        yield (op.replace("_", " "), fn, consts, cfg, "fp32")
     for op, fn in (("merge_fwd", _merge_fwd), ("merge_bwd", _merge_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        consts = dict(n=n, N=padded, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True)
+        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True)
+        if op == "merge_bwd":
+            consts["MP"] = triton.next_power_of_2(n * n + n)
         yield (op.replace("_", " "), fn, consts, cfg, "fp32")
 
 
@@ -123,10 +131,10 @@ def main() -> int:
         for name in args.dtypes.split(","):
             for n in (int(s) for s in args.streams.split(",")):
                 with mhc_configs.override(**overrides):
-                    for kernel_name, fn, consts, cfg, projection in kernels(n, dtypes[name]):
+                    for kernel_name, fn, consts, cfg, operands in kernels(n, dtypes[name]):
                         if overrides and not any(kernel_name.startswith(k.split("_")[0]) for k in overrides):
                             continue
-                        report = compile_report(fn, consts, cfg.num_warps, name, projection=projection)
+                        report = compile_report(fn, consts, cfg.num_warps, name, operands=operands)
                         print(f"n={n} {name} {kernel_name:18s} {cfg.block_t}x{cfg.block_c} warps={cfg.num_warps}: "
                               f"{report}", flush=True)
     return 0

@@ -31,19 +31,28 @@ class Blocks:
 
 OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd")
 
-# Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py at n = 2, 4
-# and 8: no spills for bf16 streams.
-# float32 (and float16) streams take the projection products in tf32x3, which splits
-# both operands: smaller tiles.
+# Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py for n = 2 to 8,
+# bf16 and fp32 streams: no spills.
+# Stream-wise ops (aggregate, merge): block_c counts 16-bit channels, 32 lanes x 16 bytes,
+# so that one warp spans a token's chunk (sums over channels stay within the warp; see
+# mhc_tiles.py); 32-bit streams halve it (the same bytes). block_t >= num_warps: fewer token
+# rows than warps would leave warps doing duplicate work.
 _GPU = {
     "mappings_fwd": Blocks(64, 64, 4),
     "mappings_bwd": Blocks(64, 64, 8),
     "aggregate_fwd": Blocks(4, 256, 4),
     "aggregate_bwd": Blocks(4, 256, 4),
     "merge_fwd": Blocks(4, 256, 4),
-    "merge_bwd": Blocks(2, 256, 4),
+    "merge_bwd": Blocks(8, 256, 8),
 }
+# More than 4 streams (any dtype): the merge backward holds 2n tiles in registers, so
+# half the channels per token row and half the rows.
+_GPU_WIDE = {"merge_bwd": Blocks(4, 128, 4)}
+# float32 (and float16) streams take the projection products in tf32x3, which splits
+# both operands: smaller tiles (and fewer tokens per backward tile above 4 streams, whose
+# projection-gradient tile has 128 rows).
 _GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
+_GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
     "mappings_bwd": Blocks(16, 16, 1),
@@ -56,16 +65,16 @@ _INTERPRETER = {
 # (16-bit streams, n <= 4), per op: overrides for ``override``.
 CANDIDATES = {
     "mappings": [
-        dict(mappings_fwd=Blocks(64, 32, 4), mappings_bwd=Blocks(64, 32, 4)),
-        dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(32, 128, 8)),
+        dict(mappings_fwd=Blocks(128, 64, 8), mappings_bwd=Blocks(64, 128, 8)),
+        dict(mappings_fwd=Blocks(64, 128, 4), mappings_bwd=Blocks(32, 128, 4)),
     ],
     "aggregate": [
-        dict(aggregate_fwd=Blocks(8, 128, 4), aggregate_bwd=Blocks(8, 128, 4)),
-        dict(aggregate_fwd=Blocks(2, 512, 4), aggregate_bwd=Blocks(2, 256, 4)),
+        dict(aggregate_fwd=Blocks(8, 256, 4), aggregate_bwd=Blocks(8, 256, 8)),
+        dict(aggregate_fwd=Blocks(8, 256, 8), aggregate_bwd=Blocks(4, 512, 4)),
     ],
     "merge": [
-        dict(merge_fwd=Blocks(8, 128, 4), merge_bwd=Blocks(8, 64, 4)),
-        dict(merge_fwd=Blocks(2, 512, 8), merge_bwd=Blocks(4, 128, 4)),
+        dict(merge_fwd=Blocks(8, 256, 4), merge_bwd=Blocks(4, 256, 4)),
+        dict(merge_fwd=Blocks(8, 256, 8), merge_bwd=Blocks(8, 128, 8)),
     ],
     "sinkhorn": [],
 }
@@ -73,37 +82,44 @@ _override: dict[str, Blocks] = {}
 
 
 def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
-    """Blocks of ``op`` for ``streams`` residual streams in ``dtype``. The stream-wise ops
-    (aggregate, merge) tile ``[block_t, n, block_c]``: more than 4 streams shrink
-    ``block_c`` to keep the tile size."""
+    """Blocks of ``op`` for ``streams`` residual streams in ``dtype``."""
     if op in _override:
         return _override[op]
     if interpreter_enabled():
         return _INTERPRETER[op]
+    wide = _padded(streams) > 4
     if op.startswith("mappings"):
-        return _GPU[op] if dtype == torch.bfloat16 else _GPU_FP32_MAPPINGS[op]
-    chosen, padded = _GPU[op], _padded(streams)
-    if padded <= 4:
-        return chosen
-    return Blocks(chosen.block_t, max(16, chosen.block_c * 4 // padded), chosen.num_warps)
+        if dtype == torch.bfloat16:
+            return _GPU[op]
+        return (wide and _GPU_FP32_MAPPINGS_WIDE.get(op)) or _GPU_FP32_MAPPINGS[op]
+    if wide and op in _GPU_WIDE:
+        return _GPU_WIDE[op]
+    chosen = _GPU[op]
+    return chosen if dtype.itemsize <= 2 else Blocks(chosen.block_t, chosen.block_c // 2, chosen.num_warps)
 
 
 def gate_block_tokens(streams: int) -> int:
     """Tokens per program of the small mapping-backward kernel on ``[T, n² + 2n]``: a tile
-    of about 4096 values (16 in the interpreter)."""
+    of about 2048 values (16 in the interpreter)."""
     if interpreter_enabled():
         return 16
     width = max(16, _padded(streams * streams + 2 * streams))
-    return max(16, 4096 // width)
+    return max(16, 2048 // width)
 
 
 def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
-    """Tokens per Sinkhorn program: a tile of about 2048 (forward) or 1024 (backward, more
-    live tiles) matrix entries; 8 in the interpreter."""
+    """Tokens per Sinkhorn program of 4 warps (8 in the interpreter). Forward: a tile of
+    about 2048 matrix entries. Backward: one token's matrix per thread up to 4 streams (so
+    every sum stays in a thread), half that for 3 streams (its padded tile spreads over
+    lanes and needs the registers), 16 tokens above 4 streams."""
     if interpreter_enabled():
         return 8
     padded = _padded(n)
-    return max(1, (1024 if backward else 2048) // (padded * padded))
+    if not backward:
+        return max(1, 2048 // (padded * padded))
+    if padded > 4:
+        return 16
+    return 128 if n == padded else 64
 
 
 def multiprocessors(device: torch.device) -> int:

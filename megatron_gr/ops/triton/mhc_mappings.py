@@ -4,22 +4,28 @@ through :mod:`megatron_gr.ops.triton.mhc_sinkhorn`. Same semantics as
 :func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_mappings`, all mapping math in float32.
 
 Forward (one kernel): a program holds ``BLOCK_T`` tokens and walks their ``K = n C``
-values in chunks, accumulating the sum of squares and the ``[BLOCK_T, W]`` products with
-the projection in one pass over x, then applies ``1 / rms``, the gates, the bias and the
-sigmoids and writes H_pre, H_post and the H_res logits. It also writes the logits before
-the gates, ``l = (P x) / rms`` ``[T, W]``, and ``1 / rms`` ``[T]`` (float32, about
-``2 W / (n C)`` of bf16 x's bytes): with x, the only tensors the backward keeps.
+values in chunks, accumulating the squares (element-wise, reduced once at the end) and the
+``[BLOCK_T, W]`` products with the projection in one pass over x, then applies
+``1 / rms``, the gates, the bias and the sigmoids and writes H_pre, H_post and the H_res
+logits. It also writes the logits before the gates, ``l = (P x) / rms`` ``[T, W]``, and
+``1 / rms`` ``[T]`` (float32, about ``2 W / (n C)`` of bf16 x's bytes): with x, the only
+tensors the backward keeps.
 
 Backward (two kernels): a small one turns the upstream gradients into ``g = dl / rms``
 ``[T, W]`` and the RMS coefficient per token (and partial sums for the gate and bias
 gradients); the main one walks x once more in ``[BLOCK_T, BLOCK_K]`` tiles, programs
 spread over K chunks and token ranges, writing ``dx = g P - coef x`` and accumulating
-``dP = gᵀ x`` per program (summed over the token ranges afterwards).
+``dP = gᵀ x`` per program (summed over the token ranges afterwards). Bytes: x read once
+and dx written once (the floor), plus three ``WP``-wide bf16 rows of g per token (g_hi
+for dx, g_hi and g_lo transposed for dP), read from L2 by each K chunk. Every product operand is loaded from memory in the orientation the product
+needs (``gᵀ`` by a transposed load of g's rows), so Triton streams them into shared memory
+(``cp.async``, pipelined) and no operand is transposed in registers.
 
 Products with the float32 projection keep float32 precision: bf16 streams multiply
 ``P = P_hi + P_lo`` split into two bf16 halves (two bf16 tensor-core products; x is exact
-in bf16), other dtypes use Triton's ``tf32x3``. The interpreter upcasts (its bf16 dot is
-wrong in Triton 3.6).
+in bf16), and likewise ``dP = (g_hi + g_lo)ᵀ x``; ``dx`` takes the one product
+``g_hi P_hi`` (relative error ~2e-3, under the bf16 rounding of dx itself). Other dtypes
+use Triton's ``tf32x3``. The interpreter upcasts (its bf16 dot is wrong in Triton 3.6).
 """
 
 from __future__ import annotations
@@ -63,12 +69,12 @@ def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms
     rows = tokens.to(tl.int64)
     w = tl.arange(0, WP)
     acc = tl.zeros([BLOCK_T, WP], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_T], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # reduced over K once, after the loop
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         x = tl.load(X + rows[:, None] * K + k[None, :], mask=live[:, None] & (k < K)[None, :], other=0.0)
         xf = x.to(tl.float32)
-        squares += tl.sum(xf * xf, axis=1)
+        squares += xf * xf
         p_offsets = w[None, :] * K + k[:, None]  # [BLOCK_K, WP] of P [W, K]
         p_mask = (k < K)[:, None] & (w < W)[None, :]
         if SPLIT:
@@ -76,7 +82,7 @@ def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms
             acc = _dot(x, tl.load(PLo + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
         else:
             acc = _dot(xf, tl.load(PHi + p_offsets, mask=p_mask, other=0.0).to(tl.float32), acc, UPCAST, "tf32x3")
-    inv_rms = 1.0 / tl.sqrt(squares / K + eps)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
     logits = acc * inv_rms[:, None]
     alpha, bias = _gates(w, n, W, Alpha, Bias)
     z = logits * alpha[None, :] + bias[None, :]
@@ -91,10 +97,14 @@ def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms
 
 
 @triton.jit
-def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, G, Coef, DBiasPart, DAlphaPart,
-                        num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr):
+def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
+                        num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                        SPLIT: tl.constexpr):
     """Per token: dz (through the sigmoids), dl = alpha dz, g = dl / rms and
-    coef = (dl . l) / (rms² K); per program: sums of dz and dz l (bias and gate gradients)."""
+    coef = (dl . l) / (rms² K); per program: the sums of dz per logit (bias gradient) and of
+    dz l per gate group (pre | post | res, padded to 4: gate gradient).
+    g ``[T, WP]`` (zero past W) goes to ``GHi`` in its dtype; with SPLIT, ``GHi`` and ``GLo``
+    are bf16 and hold ``g = hi + lo`` to about 2^-16, the operands of exact bf16 products."""
     pid = tl.program_id(0)
     tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     live = (tokens < num_tokens)[:, None]
@@ -111,43 +121,50 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, G, Coef,
     dz = tl.where(col < n, d_pre * s * (1.0 - s), tl.where(col < 2 * n, 2.0 * d_post * s * (1.0 - s), d_res))
     dz = tl.where(live & (col < W), dz, 0.0)
     dl = dz * alpha[None, :]
-    tl.store(G + rows * WP + col, dl * inv_rms[:, None], mask=live)
+    g = dl * inv_rms[:, None]
+    g_hi = g.to(GHi.dtype.element_ty)
+    tl.store(GHi + rows * WP + col, g_hi, mask=live)
+    if SPLIT:
+        tl.store(GLo + rows * WP + col, (g - g_hi.to(tl.float32)).to(GLo.dtype.element_ty), mask=live)
     coef = tl.sum(dl * logits, axis=1) * (inv_rms * inv_rms / K)
     tl.store(Coef + tokens, coef, mask=tokens < num_tokens)
     tl.store(DBiasPart + pid * WP + w, tl.sum(dz, axis=0))
-    tl.store(DAlphaPart + pid * WP + w, tl.sum(dz * logits, axis=0))
+    group = tl.where(w < n, 0, tl.where(w < 2 * n, 1, 2))  # logits past W hold dz = 0
+    q = tl.arange(0, 4)
+    per_group = tl.where(group[None, :] == q[:, None], tl.sum(dz * logits, axis=0)[None, :], 0.0)
+    tl.store(DAlphaPart + pid * 4 + q, tl.sum(per_group, axis=1))
 
 
 @triton.jit
-def _mappings_bwd_x(X, P, G, Coef, DX, DPPart, num_tokens, K,
+def _mappings_bwd_x(X, P, GHi, GLo, Coef, DX, DPPart, num_tokens, K,
                     W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """``dx = g P - coef x`` for one K chunk of a range of token tiles; ``gᵀ x`` summed over
-    them into this program's slot of the projection gradient."""
+    them into this program's slot of the projection gradient. Every matrix operand comes
+    straight from memory in the orientation its product needs (``gᵀ`` by a transposed
+    load of the small g rows, no transpose of registers)."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = (k < K)[None, :]
     w = tl.arange(0, WP)
-    p = tl.load(P + w[:, None] * K + k[None, :], mask=(w < W)[:, None] & k_mask, other=0.0).to(tl.float32)
+    p = tl.load(P + w[:, None] * K + k[None, :], mask=(w < W)[:, None] & k_mask, other=0.0)  # [WP, BLOCK_K]
     dp = tl.zeros([WP, BLOCK_K], dtype=tl.float32)
     for tile in range(tl.program_id(1), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(1)):
         tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        live = (tokens < num_tokens)[:, None]
-        rows = tokens.to(tl.int64)[:, None]
-        g = tl.load(G + rows * WP + w[None, :], mask=live, other=0.0)  # [BLOCK_T, WP]
-        coef = tl.load(Coef + tokens, mask=tokens < num_tokens, other=0.0)
-        x = tl.load(X + rows * K + k[None, :], mask=live & k_mask, other=0.0)
-        xf = x.to(tl.float32)
-        # one tf32 product (~5e-4) is below the bf16 rounding of dx (4e-3) for bf16 streams
-        dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32" if SPLIT else "tf32x3")
-        dx -= coef[:, None] * xf
-        tl.store(DX + rows * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live & k_mask)
-        g_t = tl.trans(g)  # [WP, BLOCK_T]
+        live = tokens < num_tokens
+        rows = tokens.to(tl.int64)
+        x = tl.load(X + rows[:, None] * K + k[None, :], mask=live[:, None] & k_mask, other=0.0)
+        g = tl.load(GHi + rows[:, None] * WP + w[None, :], mask=live[:, None], other=0.0)  # [BLOCK_T, WP]
+        coef = tl.load(Coef + tokens, mask=live, other=0.0)
+        g_t = tl.load(GHi + rows[None, :] * WP + w[:, None], mask=live[None, :], other=0.0)  # [WP, BLOCK_T]
+        # bf16 streams: one bf16 product of g's and P's high halves, ~2e-3 relative, under
+        # the bf16 rounding of dx itself; float32 streams: tf32x3
+        dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32x3")
+        dx -= coef[:, None] * x.to(tl.float32)
+        tl.store(DX + rows[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live[:, None] & k_mask)
+        dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
         if SPLIT:
-            g_hi = g_t.to(x.dtype)
-            dp = _dot(g_hi, x, dp, UPCAST, "tf32x3")
-            dp = _dot((g_t - g_hi.to(tl.float32)).to(x.dtype), x, dp, UPCAST, "tf32x3")
-        else:
-            dp = _dot(g_t, xf, dp, UPCAST, "tf32x3")
+            g_t = tl.load(GLo + rows[None, :] * WP + w[:, None], mask=live[None, :], other=0.0)
+            dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
     slot = DPPart + tl.program_id(1).to(tl.int64) * W * K
     tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
 
@@ -197,28 +214,31 @@ class _Mappings(torch.autograd.Function):
         d_pre, d_post = as_f32(d_pre, (num_tokens, n)), as_f32(d_post, (num_tokens, n))
         d_res = as_f32(d_res, (num_tokens, n, n))
         cfg = blocks("mappings_bwd", streams=n, dtype=x.dtype)
+        split = x.dtype == torch.bfloat16
         gate_block = gate_block_tokens(n)
         tiles = max(1, triton.cdiv(num_tokens, gate_block))
-        g = torch.empty(num_tokens, WP, device=device, dtype=f32)
+        g_dtype = torch.bfloat16 if split else f32
+        g_hi = torch.empty(num_tokens, WP, device=device, dtype=g_dtype)
+        g_lo = torch.empty_like(g_hi) if split else g_hi
         coef = torch.empty(num_tokens, device=device, dtype=f32)
-        d_bias_part = torch.zeros(tiles, WP, device=device, dtype=f32)
-        d_alpha_part = torch.zeros(tiles, WP, device=device, dtype=f32)
+        # the kernels write every partial slot; with no tokens they do not run
+        alloc = torch.empty if num_tokens else torch.zeros
+        d_bias_part = alloc(tiles, WP, device=device, dtype=f32)
+        d_alpha_part = alloc(tiles, 4, device=device, dtype=f32)
         dx = torch.empty_like(x)
         k_chunks = triton.cdiv(K, cfg.block_c)
         token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(device) // k_chunks))
-        dp_part = torch.zeros(token_ranges, W, K, device=device, dtype=f32)
+        dp_part = alloc(token_ranges, W, K, device=device, dtype=f32)
         if num_tokens:
             _mappings_bwd_gates[(tiles,)](
-                d_pre, d_post, d_res, logits, inv_rms, alpha32, bias32, g, coef, d_bias_part, d_alpha_part,
-                num_tokens, K, n=n, W=W, WP=WP, BLOCK_T=gate_block, num_warps=4,
+                d_pre, d_post, d_res, logits, inv_rms, alpha32, bias32, g_hi, g_lo, coef, d_bias_part, d_alpha_part,
+                num_tokens, K, n=n, W=W, WP=WP, BLOCK_T=gate_block, SPLIT=split, num_warps=4,
             )
             _mappings_bwd_x[(k_chunks, token_ranges)](
-                x, p32, g, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=cfg.block_t,
-                BLOCK_K=cfg.block_c, SPLIT=x.dtype == torch.bfloat16, UPCAST=interpreter_enabled(),
-                num_warps=cfg.num_warps,
+                x, p32.to(g_dtype), g_hi, g_lo, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=cfg.block_t,
+                BLOCK_K=cfg.block_c, SPLIT=split, UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
             )
-        dza = d_alpha_part.sum(0)
-        d_alpha = torch.stack([dza[:n].sum(), dza[n : 2 * n].sum(), dza[2 * n : W].sum()])
+        d_alpha = d_alpha_part.sum(0)[:3]
         p_dtype, alpha_dtype, bias_dtype = ctx.dtypes
         return dx, dp_part.sum(0).to(p_dtype), d_alpha.to(alpha_dtype), d_bias_part.sum(0)[:W].to(bias_dtype), None
 

@@ -8,15 +8,15 @@ sums (floored at 1e-30). The forward reads the logits once and writes the result
 Only the logits are kept for the backward. Walking a round back needs its row and column
 sums and its output, so the backward kernel replays the iterations on chip in segments of
 ``SEGMENT`` rounds, last segment first: it replays from the first round up to the
-segment's start, runs the segment keeping its sums in a ``[BLOCK_T, SEGMENT, N]`` register
-tile, then walks the segment back, rebuilding each round's input as output times sums
-(as the reference does). About ``rounds² / (2 SEGMENT)`` extra round replays, a few
-multiply-adds per matrix entry each, buy a backward that writes nothing but the gradient.
+segment's start (a loop with a run-time count), runs the segment keeping its sums in
+registers (the segment is unrolled and its sums are a tuple of tiles: no dynamically
+indexed storage), then walks the segment back, rebuilding each round's input as output
+times sums (as the reference does). About ``rounds² / (2 SEGMENT)`` extra round replays,
+a few multiply-adds per matrix entry each, buy a backward that writes nothing but the
+gradient. Up to 4 streams a thread holds whole matrices, so no sum leaves a thread.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -53,64 +53,73 @@ def _round(m):
 
 @triton.jit
 def _tile(num_tokens, n: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """The program's first matrix entry (int64, added to the pointers once) and the int32
+    offsets and mask of its ``[BLOCK_T, N, N]`` tile from there."""
+    first = tl.program_id(0).to(tl.int64) * (BLOCK_T * n * n)
+    t = tl.arange(0, BLOCK_T)
     i = tl.arange(0, N)
-    valid = (tokens < num_tokens)[:, None, None] & (i < n)[None, :, None] & (i < n)[None, None, :]
-    offsets = tokens.to(tl.int64)[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
-    return offsets, valid
+    valid = (tl.program_id(0) * BLOCK_T + t < num_tokens)[:, None, None] & (i < n)[None, :, None] & (i < n)[None, None, :]
+    offsets = t[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+    return first, offsets, valid
 
 
 @triton.jit
 def _sinkhorn_fwd(Logits, Out, num_tokens, iterations,
                   n: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
-    offsets, valid = _tile(num_tokens, n, N, BLOCK_T)
-    logits = tl.load(Logits + offsets, mask=valid, other=0.0).to(tl.float32)
+    first, offsets, valid = _tile(num_tokens, n, N, BLOCK_T)
+    logits = tl.load(Logits + first + offsets, mask=valid, other=0.0).to(tl.float32)
     m, _ = _first_round(logits, valid)
     for _ in range(iterations - 1):
         m, _, _ = _round(m)
-    tl.store(Out + offsets, m, mask=valid)
+    tl.store(Out + first + offsets, m, mask=valid)
 
 
 @triton.jit
 def _sinkhorn_bwd(Logits, Grad, GradLogits, num_tokens, iterations,
                   n: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, SEGMENT: tl.constexpr):
-    offsets, valid = _tile(num_tokens, n, N, BLOCK_T)
-    logits = tl.load(Logits + offsets, mask=valid, other=0.0).to(tl.float32)
-    g = tl.load(Grad + offsets, mask=valid, other=0.0).to(tl.float32)
+    first, offsets, valid = _tile(num_tokens, n, N, BLOCK_T)
+    logits = tl.load(Logits + first + offsets, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(Grad + first + offsets, mask=valid, other=0.0).to(tl.float32)
     m_first, e_row = _first_round(logits, valid)
     rounds = iterations - 1
-    segments = tl.cdiv(rounds, SEGMENT)
-    slot = tl.arange(0, SEGMENT)[None, :, None]
-    for back in range(segments):
-        start = (segments - 1 - back) * SEGMENT
+    for back in range(tl.cdiv(rounds, SEGMENT)):  # segments last to first
+        start = (tl.cdiv(rounds, SEGMENT) - 1 - back) * SEGMENT
         m = m_first
-        for _ in range(start):
+        for _ in range(start):  # replay up to the segment (a run-time count: nothing to unroll)
             m, _, _ = _round(m)
-        count = tl.minimum(rounds - start, SEGMENT)
-        rows = tl.zeros([BLOCK_T, SEGMENT, N], dtype=tl.float32)
-        cols = tl.zeros([BLOCK_T, SEGMENT, N], dtype=tl.float32)
-        for k in range(count):
-            m, row, col = _round(m)
-            rows = tl.where(slot == k, row[:, None, :], rows)
-            cols = tl.where(slot == k, col[:, None, :], cols)
-        for kk in range(count):
-            k = count - 1 - kk
-            col = tl.sum(tl.where(slot == k, cols, 0.0), axis=1)
-            row = tl.sum(tl.where(slot == k, rows, 0.0), axis=1)
+        # the segment, unrolled: its sums in registers (a tuple); rounds past the last
+        # (a short final segment) leave m and g as they are
+        rows = ()
+        cols = ()
+        for k in tl.static_range(SEGMENT):
+            live = start + k < rounds
+            m_next, row, col = _round(m)
+            m = tl.where(live, m_next, m)
+            rows = rows + (row,)
+            cols = cols + (col,)
+        for kk in tl.static_range(SEGMENT):  # the segment's rounds, last to first
+            live = start + SEGMENT - 1 - kk < rounds
+            row, col = rows[SEGMENT - 1 - kk], cols[SEGMENT - 1 - kk]
             # through m' = m / col (m' is the round's output): g = (g - sum_i g m') / col
-            g = tl.where(valid, (g - tl.sum(g * m, axis=1)[:, None, :]) / col[:, None, :], 0.0)
-            m = m * col[:, None, :]
-            g = tl.where(valid, (g - tl.sum(g * m, axis=2)[:, :, None]) / row[:, :, None], 0.0)
-            m = m * row[:, :, None]
+            g_col = (g - tl.sum(g * m, axis=1)[:, None, :]) / col[:, None, :]
+            if n < N:  # padded columns have sums of 1e-30: keep their g at 0
+                g_col = tl.where(valid, g_col, 0.0)
+            m_col = m * col[:, None, :]
+            g_row = (g_col - tl.sum(g_col * m_col, axis=2)[:, :, None]) / row[:, :, None]
+            if n < N:
+                g_row = tl.where(valid, g_row, 0.0)
+            g = tl.where(live, g_row, g)
+            m = tl.where(live, m_col * row[:, :, None], m)
     g = g * m_first  # through the exp of the first round
     g = g - m_first * tl.sum(g, axis=1)[:, None, :]  # its log-space column step
     g = g - e_row * tl.sum(g, axis=2)[:, :, None]  # its log-space row step
-    tl.store(GradLogits + offsets, g.to(GradLogits.dtype.element_ty), mask=valid)
+    tl.store(GradLogits + first + offsets, g.to(GradLogits.dtype.element_ty), mask=valid)
 
 
-def _segment(iterations: int) -> int:
-    """Rounds kept per replayed segment: about sqrt(rounds), a power of two in [2, 16]."""
-    return min(16, max(2, triton.next_power_of_2(math.isqrt(max(iterations - 1, 1)) + 1)))
+# Rounds whose sums the backward keeps in registers (a tuple, unrolled). The replays cost
+# about rounds² / (2 SEGMENT) rounds: 45 for 20 iterations; 8 would halve that, but at one
+# 4 x 4 matrix per thread it takes all 255 registers.
+SEGMENT = 4
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -137,7 +146,7 @@ class _Sinkhorn(torch.autograd.Function):
         if num_tokens:
             _sinkhorn_bwd[(triton.cdiv(num_tokens, block),)](
                 logits, grad.contiguous(), grad_logits, num_tokens, ctx.iterations,
-                n=n, N=triton.next_power_of_2(n), BLOCK_T=block, SEGMENT=_segment(ctx.iterations), num_warps=4,
+                n=n, N=triton.next_power_of_2(n), BLOCK_T=block, SEGMENT=SEGMENT, num_warps=4,
             )
         return grad_logits, None
 
