@@ -133,11 +133,11 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         marks[0].record()
         hashes = hash_table.routing_keys(ids, kernel="triton")
         marks[1].record()
-        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False)
+        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False, "triton", padded=True)
         marks[2].record()
         result = table.index.probe(
             queries.ids, queries.tags, queries.hashes, queries.counts, torch.ones_like(queries.ids, dtype=torch.bool),
-            step=table.step, update_scores=True,
+            step=table.step, update_scores=True, valid=queries.valid,
         )
         marks[3].record()
         hash_table.init_rows(
@@ -154,7 +154,7 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         table.apply_step(dense_lr=0.0)
         marks[8].record()
         marks[8].synchronize()
-        uniques.append(queries.ids.numel())
+        uniques.append(int(queries.valid))
         return [marks[i].elapsed_time(marks[i + 1]) for i in range(len(PHASES))]
 
     for i, ids in enumerate(batches):

@@ -46,7 +46,8 @@ def pytorch_segment_sum(
         return torch.zeros(groups, dim, dtype=torch.float32, device=values.device)
     positions = torch.arange(count, device=values.device)
     piece_start = (positions % chunk) == 0
-    piece_start.index_fill_(0, offsets[:-1], True)
+    starts = offsets[:-1]
+    piece_start.index_fill_(0, starts[starts < count], True)  # empty groups at the end start at N
     piece = torch.cumsum(piece_start, 0) - 1  # [N] piece of each sorted position
     # index_add_ accumulates in index order on the CPU (a test holds it to that), so each
     # piece is summed left to right, then each group's pieces.
