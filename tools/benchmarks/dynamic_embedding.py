@@ -16,7 +16,8 @@ bijection into raw ids spread over the whole int64 range). Tables hold ``--rows`
 Each step's time is taken with CUDA events after ``--warmup`` steps; the upstream gradient is
 one fixed random tensor. ``--breakdown`` also times the phases of the dynamic step
 (``PHASES``, CUDA events between them: a phase also holds any wait for the host to launch
-its kernels, mainly after the dedupe's host read) and lists every kernel's GPU time.
+its kernels; the one-rank lookup reads nothing back, so that wait should be gone) and lists
+every kernel's GPU time.
 
     python tools/benchmarks/dynamic_embedding.py --output dynamic_embedding.json
 """
@@ -47,7 +48,7 @@ from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
 
 
 # Phases of the dynamic step (``--breakdown``), in order: routing hash; dedupe (stable sort,
-# groups, the step's one host read); find-or-insert; new rows' initial values (their
+# groups padded to N, their count kept on the device); find-or-insert; new rows' initial values (their
 # optimizer state is flagged fresh, not written); counters; each id's row read from the
 # table ([N, D]); backward (per-id gradient sums); Adam on the touched rows.
 PHASES = ("hash", "dedupe", "probe", "init_rows", "count", "read", "backward", "adam")

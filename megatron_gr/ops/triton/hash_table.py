@@ -1,7 +1,8 @@
 """Triton kernels of the hash-table ops, with the signatures of their PyTorch references
 (:mod:`megatron_gr.ops.pytorch.id_hash` and ``hash_probe``; rows: :mod:`.dynamic_rows`).
 
-The probe launches one program per query; queries arrive sorted by routing key, hence
+The probe launches one program per query (padding included: past a device-held count of
+real queries a program only marks its query PADDING); queries arrive sorted by routing key, hence
 grouped by bucket, and the program of a bucket's first query serves the whole bucket (the
 others stop after two loads). It holds the bucket in registers, finds the hits of a block of
 queries in one comparison, then serves the misses one after the other, so no two programs
@@ -105,9 +106,10 @@ def _probe_kernel(
         n = tl.load(valid_ptr)
     else:
         n = num_queries.to(tl.int64)
-    b = _bucket_of(tl.load(q_hashes_ptr + i), num_buckets)
-    b_prev = _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0), num_buckets)
-    if i >= n:  # padding
+    # Padding programs (past the real count) only mark their query; they load nothing else.
+    b = _bucket_of(tl.load(q_hashes_ptr + i, mask=i < n, other=0), num_buckets)
+    b_prev = _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=(i > 0) & (i < n), other=0), num_buckets)
+    if i >= n:
         tl.store(slots_ptr + i, i * 0 - 1)
         tl.store(status_ptr + i, (i * 0 + PADDING).to(tl.int8))
     elif (i == 0) | (b_prev != b):  # the bucket's first query: this program serves the bucket
