@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from megatron_gr.ops.pytorch.dynamic_rows import pytorch_init_rows, pytorch_read_rows
-from megatron_gr.ops.pytorch.hash_probe import PADDING, POLICIES, ProbeResult, pytorch_probe
+from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult, pytorch_probe
 from megatron_gr.ops.pytorch.id_hash import routing_keys as pytorch_routing_keys
 
 KERNELS = ("pytorch", "triton")
@@ -66,7 +66,6 @@ def probe(
     step: int,
     policy: str,
     update_scores: bool,
-    valid: Optional[torch.Tensor] = None,
     kernel: str = "pytorch",
 ) -> ProbeResult:
     """Find-or-insert distinct (id, tag) queries sorted by routing key ``query_hashes``.
@@ -74,9 +73,6 @@ def probe(
     Table: ``keys`` int64, ``tags`` int32, ``last_seen`` int64 (-1 = empty), ``freq`` int64,
     ``changed`` uint8, each ``[num_buckets * bucket_size]``, updated in place. Queries:
     ``[U]`` keys int64, tags int32, hashes int64, counts int64 (occurrences), may_insert bool.
-    ``valid``: int64 ``[1]`` on the queries' device, the number of real queries; those past
-    it are padding (slot -1, status PADDING, nothing touched). The Triton kernel reads it on
-    the device, so the host never waits for it; the reference reads it back.
     """
     _check_kernel(kernel)
     if policy not in POLICIES:
@@ -96,23 +92,11 @@ def probe(
     ):
         if tensor.dtype != dtype or tensor.shape != (count,):
             raise ValueError(f"{name} must be {dtype} [{count}], got {tensor.dtype} {tuple(tensor.shape)}")
-    if valid is not None and (valid.dtype != torch.int64 or valid.shape != (1,)):
-        raise ValueError(f"valid must be int64 [1], got {valid.dtype} {tuple(valid.shape)}")
     args = (keys, tags, last_seen, freq, changed, query_keys, query_tags, query_hashes, query_counts, may_insert)
     options = dict(num_buckets=num_buckets, bucket_size=bucket_size, step=step, policy=policy, update_scores=update_scores)
     if kernel == "triton":
-        return _triton(keys.device, "hash probe").hash_table.triton_probe(*args, valid=valid, **options)
-    if valid is None:
-        return pytorch_probe(*args, **options)
-    real = int(valid)
-    result = pytorch_probe(*args[:5], *(q[:real] for q in args[5:]), **options)
-    pad = count - real
-    return ProbeResult(
-        torch.cat([result.slots, result.slots.new_full((pad,), -1)]),
-        torch.cat([result.status, result.status.new_full((pad,), PADDING)]),
-        torch.cat([result.evicted_keys, result.evicted_keys.new_zeros(pad)]),
-        torch.cat([result.evicted_tags, result.evicted_tags.new_zeros(pad)]),
-    )
+        return _triton(keys.device, "hash probe").hash_table.triton_probe(*args, **options)
+    return pytorch_probe(*args, **options)
 
 
 def init_rows(

@@ -35,11 +35,6 @@ class SortedGroups:
     segments: torch.Tensor  # [N] int64
     offsets: torch.Tensor  # [U + 1] int64
     inverse: torch.Tensor  # [N] int64
-    # order[offsets[:-1]] where the grouping computed it already (else taken on demand)
-    first_inputs: Optional[torch.Tensor] = None
-    # Padded groupings: int64 [1] on the device, the number of real groups U; there are N
-    # groups, the last N - U empty (offsets N, first input 0), so no shape waits for U.
-    valid: Optional[torch.Tensor] = None
 
     @property
     def num_groups(self) -> int:
@@ -53,19 +48,13 @@ class SortedGroups:
     @property
     def first(self) -> torch.Tensor:
         """The first input (in input order) of every group ``[U]``."""
-        return self.first_inputs if self.first_inputs is not None else self.order[self.offsets[:-1]]
+        return self.order[self.offsets[:-1]]
 
 
-def sorted_groups(
-    keys: torch.Tensor, minor: Optional[torch.Tensor] = None, *, padded: bool = False, kernel: str = "pytorch"
-) -> SortedGroups:
+def sorted_groups(keys: torch.Tensor, minor: Optional[torch.Tensor] = None) -> SortedGroups:
     """Groups the equal entries of ``keys`` ``[N]`` (pairs ``(keys, minor)`` when ``minor``
     is given), sorted by key, then minor, then input position. Reads the number of groups
-    back to the host once (every later shape depends on it), unless ``padded``: then N
-    groups, the real count on the device (:attr:`SortedGroups.valid`; the PyTorch path
-    still reads it). ``kernel='triton'``: what follows the sort is one kernel (the same
-    tensors)."""
-    _check_kernel(kernel)
+    back to the host once (every later shape depends on it)."""
     count = keys.numel()
     if minor is None:
         sorted_keys, order = torch.sort(keys, stable=True)
@@ -79,20 +68,10 @@ def sorted_groups(
         starts = torch.ones(count, dtype=torch.bool, device=keys.device)
         starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | (sorted_minor[1:] != sorted_minor[:-1])
     segments = torch.cumsum(starts, 0) - 1
-    if kernel == "triton" and count:
-        groups = None if padded else int(segments[-1]) + 1  # the host read
-        kernels = _triton(keys.device, "sorted groups", "sorted_groups")
-        offsets, inverse, first, valid = kernels.triton_group_index(order, segments, groups)
-        return SortedGroups(order, segments, offsets, inverse, first, valid)
     groups = int(segments[-1]) + 1 if count else 0  # the host read
     offsets = torch.searchsorted(segments, torch.arange(groups + 1, device=keys.device))
     inverse = torch.empty_like(order).scatter_(0, order, segments)
-    if not padded:
-        return SortedGroups(order, segments, offsets, inverse)
-    first = torch.cat([order[offsets[:-1]], order.new_zeros(count - groups)])
-    offsets = torch.cat([offsets, offsets.new_full((count - groups,), count)])
-    valid = torch.full((1,), groups, dtype=torch.int64, device=keys.device)
-    return SortedGroups(order, segments, offsets, inverse, first, valid)
+    return SortedGroups(order, segments, offsets, inverse)
 
 
 def _check_kernel(kernel: str) -> None:
@@ -100,13 +79,13 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
 
 
-def _triton(device: torch.device, what: str, module: str = "segment_sum"):
+def _triton(device: torch.device, what: str):
     from megatron_gr.ops.triton.availability import require_triton
 
     require_triton(device, what=f"kernel='triton' ({what})")
-    import importlib
+    from megatron_gr.ops.triton import segment_sum
 
-    return importlib.import_module(f"megatron_gr.ops.triton.{module}")
+    return segment_sum
 
 
 def gather_rows(rows: torch.Tensor, index: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor:

@@ -16,8 +16,7 @@ bijection into raw ids spread over the whole int64 range). Tables hold ``--rows`
 Each step's time is taken with CUDA events after ``--warmup`` steps; the upstream gradient is
 one fixed random tensor. ``--breakdown`` also times the phases of the dynamic step
 (``PHASES``, CUDA events between them: a phase also holds any wait for the host to launch
-its kernels; the one-rank lookup reads nothing back, so that wait should be gone) and lists
-every kernel's GPU time.
+its kernels, mainly after the dedupe's host read) and lists every kernel's GPU time.
 
     python tools/benchmarks/dynamic_embedding.py --output dynamic_embedding.json
 """
@@ -48,7 +47,7 @@ from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
 
 
 # Phases of the dynamic step (``--breakdown``), in order: routing hash; dedupe (stable sort,
-# groups padded to N, their count kept on the device); find-or-insert; new rows' initial values (their
+# groups, the step's one host read); find-or-insert; new rows' initial values (their
 # optimizer state is flagged fresh, not written); counters; each id's row read from the
 # table ([N, D]); backward (per-id gradient sums); Adam on the touched rows.
 PHASES = ("hash", "dedupe", "probe", "init_rows", "count", "read", "backward", "adam")
@@ -134,11 +133,11 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         marks[0].record()
         hashes = hash_table.routing_keys(ids, kernel="triton")
         marks[1].record()
-        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False, "triton", padded=True)
+        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False)
         marks[2].record()
         result = table.index.probe(
             queries.ids, queries.tags, queries.hashes, queries.counts, torch.ones_like(queries.ids, dtype=torch.bool),
-            step=table.step, update_scores=True, valid=queries.valid,
+            step=table.step, update_scores=True,
         )
         marks[3].record()
         hash_table.init_rows(
@@ -155,7 +154,7 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         table.apply_step(dense_lr=0.0)
         marks[8].record()
         marks[8].synchronize()
-        uniques.append(int(queries.valid))
+        uniques.append(queries.ids.numel())
         return [marks[i].elapsed_time(marks[i + 1]) for i in range(len(PHASES))]
 
     for i, ids in enumerate(batches):

@@ -14,10 +14,9 @@ For ``N`` ids on a rank of a shard group of ``W`` ranks::
 
 Where rows are read for repeated keys, the backward sums the gradients of each distinct key
 with :func:`megatron_gr.ops.segment_sum.segment_sum` over the dedupe's sort: a fixed order,
-so the same bits on every run, rank layout and device. With ``W == 1`` (and no admission)
-the distinct keys are padded to ``N`` and their count stays on the device, so a training
-lookup reads nothing back to the host; with ``W > 1`` it reads the count of distinct keys
-(which sizes the exchange) and the send counts.
+so the same bits on every run, rank layout and device. A training lookup reads one number
+back to the host (the count of distinct keys, which sizes everything after it), plus the
+send counts with ``W > 1``.
 """
 
 from __future__ import annotations
@@ -44,20 +43,11 @@ class Distinct:
     counts: torch.Tensor  # [U] int64 occurrences
     groups: SortedGroups  # which queries share each distinct key (groups.inverse: [N] -> U)
 
-    @property
-    def valid(self) -> Optional[torch.Tensor]:
-        """Padded: the real count ``[1]`` on the device (the fields are ``[N]``); else None."""
-        return self.groups.valid
 
-
-def dedupe(
-    hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool, kernel: str = "pytorch", *, padded: bool = False
-) -> Distinct:
+def dedupe(hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool) -> Distinct:
     """Without coalescing the key is a bijection of the id, so distinct keys are distinct ids;
-    with it, (key, tag) pairs are (keys may collide across tags, pairs cannot). ``padded``:
-    ``N`` entries, the ``U`` real ones first (``groups.valid`` holds U on the device; the
-    padding repeats input 0 with count 0)."""
-    groups = sorted_groups(hashes, tags if coalesced else None, padded=padded, kernel=kernel)
+    with it, (key, tag) pairs are (keys may collide across tags, pairs cannot)."""
+    groups = sorted_groups(hashes, tags if coalesced else None)
     first = groups.first
     return Distinct(hashes[first], ids[first], tags[first], groups.counts, groups)
 
@@ -70,7 +60,7 @@ class _TableRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, table: PhysicalTable, queries: Distinct):
-        slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=True, valid=queries.valid)
+        slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=True)
         ctx.table, ctx.groups = table, queries.groups
         ctx.save_for_backward(slots)
         return table.read(slots, queries.ids, queries.tags, index=queries.groups.inverse)
@@ -119,7 +109,7 @@ def table_rows(table: PhysicalTable, queries: Distinct, *, train: bool) -> torch
     if train:
         anchor = torch.zeros((), device=queries.ids.device, requires_grad=True)
         return _TableRows.apply(anchor, table, queries)
-    slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=False, valid=queries.valid)
+    slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=False)
     return table.read(slots, queries.ids, queries.tags, index=queries.groups.inverse)
 
 
@@ -133,10 +123,8 @@ def sharded_lookup(
     if tags is None:
         tags = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
     hashes = hash_table.routing_keys(ids, tags if table.coalesced else None, kernel=table.kernel)
+    queries = dedupe(hashes, ids, tags, table.coalesced)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
-    # One rank: the distinct keys stay padded to N, so the host never waits for their count
-    # and queues the whole step (admission filters queries on the host, so it does not pad).
-    queries = dedupe(hashes, ids, tags, table.coalesced, table.kernel, padded=world == 1 and table.admission is None)
     if world == 1:
         return table_rows(table, queries, train=train)
 
@@ -153,7 +141,7 @@ def sharded_lookup(
 
     r_ids, r_tags, r_counts = received[:, 0], received[:, 1].to(torch.int32), received[:, 2]
     r_hashes = hash_table.routing_keys(r_ids, r_tags if table.coalesced else None, kernel=table.kernel)
-    requests = dedupe(r_hashes, r_ids, r_tags, table.coalesced, table.kernel)
+    requests = dedupe(r_hashes, r_ids, r_tags, table.coalesced)
     totals = torch.zeros_like(requests.counts).index_add_(0, requests.groups.inverse, r_counts)  # over requesters
     rows = table_rows(table, dataclasses.replace(requests, counts=totals), train=train)  # [R, D]
     returned = _AllToAllRows.apply(rows, recv, send, group)  # [U, D], in `order`

@@ -44,14 +44,13 @@ class HashIndex:
         *,
         step: int,
         update_scores: bool,
-        valid=None,
     ) -> ProbeResult:
         """Find-or-insert distinct (id, tag) queries sorted by routing key (``ops.hash_table.probe``)."""
         return hash_table.probe(
             self.keys, self.tags, self.last_seen, self.freq, self.changed,
             ids, tags, hashes, counts, may_insert,
             num_buckets=self.num_buckets, bucket_size=self.bucket_size, step=step,
-            policy=self.policy, update_scores=update_scores, valid=valid, kernel=self.kernel,
+            policy=self.policy, update_scores=update_scores, kernel=self.kernel,
         )
 
     def occupied(self) -> torch.Tensor:

@@ -124,24 +124,16 @@ class PhysicalTable:
         return self.index.capacity
 
     # ------------------------------------------------------------- lookups
-    def find(
-        self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool,
-        valid: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def find(self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool) -> torch.Tensor:
         """Slots ``[U]`` (-1: no stored row) of distinct owned queries sorted by routing key.
         ``train``: insert missing ids (subject to admission), give the new rows their initial
         value and flag their optimizer state fresh, update scores and count; otherwise read
-        only. ``valid`` ``[1]`` (device): only the first ``valid`` queries are real, the rest
-        padding (slot -1; not with admission)."""
+        only."""
         if not train:
             nothing = torch.zeros_like(ids, dtype=torch.bool)
-            return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False, valid=valid).slots
+            return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False).slots
         if self.admission is None:
-            result = self.index.probe(
-                ids, tags, hashes, counts, torch.ones_like(ids, dtype=torch.bool), step=self.step, update_scores=True, valid=valid
-            )
-        elif valid is not None:
-            raise ValueError(f"table '{self.name}': admission filters queries on the host, pass them unpadded (valid=None)")
+            result = self.index.probe(ids, tags, hashes, counts, torch.ones_like(ids, dtype=torch.bool), step=self.step, update_scores=True)
         else:
             result = self._probe_with_admission(ids, tags, hashes, counts)
         hash_table.init_rows(
@@ -203,8 +195,7 @@ class PhysicalTable:
     # ----------------------------------------------------------- gradients
     def accumulate(self, slots: torch.Tensor, grads: torch.Tensor) -> None:
         """Gradients ``[U, D]`` of rows ``slots`` from one lookup's backward. Ids without a
-        stored row and padding (slot -1; a padding row's gradient is undefined) keep their
-        place here (no copy) and get no update."""
+        stored row (slot -1) keep their place here (no copy) and get no update."""
         self._pending.append((slots, grads.to(torch.float32)))
 
     def scale_gradients(self, factor: float) -> None:
@@ -221,7 +212,7 @@ class PhysicalTable:
                 slots, grads = self._pending[0]
             else:  # several lookups: sum each row's gradients, in a fixed order
                 all_slots = torch.cat([s for s, _ in self._pending])
-                groups = sorted_groups(all_slots, kernel=self.kernel)
+                groups = sorted_groups(all_slots)
                 slots = all_slots[groups.first]
                 grads = segment_sum(torch.cat([g for _, g in self._pending]), groups, kernel=self.kernel)
             self._ready = (slots, grads)
@@ -232,8 +223,7 @@ class PhysicalTable:
         """Sum of squared (scaled) row gradients of this step: this rank's share of the
         gradient norm."""
         slots, grads = self._gathered()
-        # where, not a product: rows of padding (slot -1) hold no defined value, maybe NaN.
-        return torch.where(slots >= 0, grads.double().square().sum(dim=1), 0.0).sum() * self._grad_scale**2
+        return (grads.double().square().sum(dim=1) * (slots >= 0)).sum() * self._grad_scale**2
 
     def apply_step(self, dense_lr: float) -> None:
         """The sparse optimizer on this step's touched rows, then the step count advances

@@ -24,9 +24,6 @@ import torch
 from megatron_gr.ops.pytorch.id_hash import bucket_ids
 
 HIT, INSERTED, REPLACED, NOT_STORED, NO_ROOM = 0, 1, 2, 3, 4
-# Status of a padding query (past the device-held count of real ones): slot -1, touches
-# nothing, counted nowhere.
-PADDING = 5
 POLICIES = {"none": 0, "lru": 1, "lfu": 2}
 _BIG = torch.iinfo(torch.int64).max
 
@@ -34,7 +31,7 @@ _BIG = torch.iinfo(torch.int64).max
 @dataclass
 class ProbeResult:
     slots: torch.Tensor  # [U] int64, -1 where the query has no row
-    status: torch.Tensor  # [U] int8: HIT, INSERTED, REPLACED (inserted over an evicted row), NOT_STORED, NO_ROOM, PADDING
+    status: torch.Tensor  # [U] int8: HIT, INSERTED, REPLACED (inserted over an evicted row), NOT_STORED, NO_ROOM
     evicted_keys: torch.Tensor  # [U] int64, the id a REPLACED query evicted
     evicted_tags: torch.Tensor  # [U] int32
 

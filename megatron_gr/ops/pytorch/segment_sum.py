@@ -35,19 +35,13 @@ def pytorch_segment_sum(
     is, in the order of the module docstring. ``order`` ``[N]``: input row at each sorted
     position; ``segments`` ``[N]``: group of each sorted position; ``offsets`` ``[U + 1]``:
     group g covers sorted positions ``offsets[g]:offsets[g + 1]``."""
-    if values.device.type != "cpu":
-        # index_add_ keeps index order only on the CPU (on a GPU it adds with atomics in no
-        # fixed order), so the reference sums there: the same bits on every device.
-        on_cpu = (t.cpu() for t in (values, order, segments, offsets))
-        return pytorch_segment_sum(*on_cpu, chunk=chunk).to(values.device)
     count, dim = order.numel(), values.shape[1]
     groups = offsets.numel() - 1
     if count == 0:
         return torch.zeros(groups, dim, dtype=torch.float32, device=values.device)
     positions = torch.arange(count, device=values.device)
     piece_start = (positions % chunk) == 0
-    starts = offsets[:-1]
-    piece_start.index_fill_(0, starts[starts < count], True)  # empty groups at the end start at N
+    piece_start.index_fill_(0, offsets[:-1], True)
     piece = torch.cumsum(piece_start, 0) - 1  # [N] piece of each sorted position
     # index_add_ accumulates in index order on the CPU (a test holds it to that), so each
     # piece is summed left to right, then each group's pieces.

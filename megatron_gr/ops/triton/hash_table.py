@@ -1,8 +1,7 @@
 """Triton kernels of the hash-table ops, with the signatures of their PyTorch references
 (:mod:`megatron_gr.ops.pytorch.id_hash` and ``hash_probe``; rows: :mod:`.dynamic_rows`).
 
-The probe launches one program per query (padding included: past a device-held count of
-real queries a program only marks its query PADDING); queries arrive sorted by routing key, hence
+The probe launches one program per query; queries arrive sorted by routing key, hence
 grouped by bucket, and the program of a bucket's first query serves the whole bucket (the
 others stop after two loads). It holds the bucket in registers, finds the hits of a block of
 queries in one comparison, then serves the misses one after the other, so no two programs
@@ -29,7 +28,6 @@ INSERTED = tl.constexpr(hash_probe.INSERTED)
 REPLACED = tl.constexpr(hash_probe.REPLACED)
 NO_ROOM = tl.constexpr(hash_probe.NO_ROOM)
 NOT_STORED_C = tl.constexpr(hash_probe.NOT_STORED)
-PADDING = tl.constexpr(hash_probe.PADDING)
 NEVER = tl.constexpr(2**62)  # larger than any step: "never evictable" and "no minimum yet"
 # Queries of one bucket a probe program compares with its rows at once; a bucket gets about
 # three per call in the benchmark's steady state, more take further blocks.
@@ -96,23 +94,14 @@ def _insert_key(seen, fr, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr)
 def _probe_kernel(
     keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr,
     q_keys_ptr, q_tags_ptr, q_hashes_ptr, q_counts_ptr, q_insert_ptr,
-    slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr, valid_ptr,
+    slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
     num_queries, num_buckets, step,
     BUCKET: tl.constexpr, LANES: tl.constexpr, BLOCK_Q: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
-    HAS_VALID: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    if HAS_VALID:  # the real queries' count, on the device: the host launched over all
-        n = tl.load(valid_ptr)
-    else:
-        n = num_queries.to(tl.int64)
-    # Padding programs (past the real count) only mark their query; they load nothing else.
-    b = _bucket_of(tl.load(q_hashes_ptr + i, mask=i < n, other=0), num_buckets)
-    b_prev = _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=(i > 0) & (i < n), other=0), num_buckets)
-    if i >= n:
-        tl.store(slots_ptr + i, i * 0 - 1)
-        tl.store(status_ptr + i, (i * 0 + PADDING).to(tl.int8))
-    elif (i == 0) | (b_prev != b):  # the bucket's first query: this program serves the bucket
+    b = _bucket_of(tl.load(q_hashes_ptr + i), num_buckets)
+    b_prev = _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0), num_buckets)
+    if (i == 0) | (b_prev != b):  # the bucket's first query: this program serves the bucket
         lane = tl.arange(0, LANES)
         in_bucket = lane < BUCKET
         base = b * BUCKET
@@ -133,7 +122,7 @@ def _probe_kernel(
         run = BLOCK_Q
         while run == BLOCK_Q:
             jq = j + tl.arange(0, BLOCK_Q)
-            in_range = jq < n
+            in_range = jq < num_queries
             mine = in_range & (_bucket_of(tl.load(q_hashes_ptr + jq, mask=in_range, other=0), num_buckets) == b)
             qk = tl.load(q_keys_ptr + jq, mask=mine, other=0)
             qt = tl.load(q_tags_ptr + jq, mask=mine, other=0)
@@ -192,7 +181,7 @@ def _probe_kernel(
 def triton_probe(
     keys, tags, last_seen, freq, changed,
     query_keys, query_tags, query_hashes, query_counts, may_insert,
-    *, num_buckets: int, bucket_size: int, step: int, policy: str, update_scores: bool, valid=None,
+    *, num_buckets: int, bucket_size: int, step: int, policy: str, update_scores: bool,
 ) -> ProbeResult:
     count = query_keys.numel()
     device = query_keys.device
@@ -209,9 +198,9 @@ def triton_probe(
             keys, tags, last_seen, freq, changed,
             query_keys, query_tags, query_hashes, query_counts, may_insert.view(torch.uint8),
             result.slots, result.status, result.evicted_keys, result.evicted_tags,
-            valid if valid is not None else result.slots, count, num_buckets, step,
+            count, num_buckets, step,
             BUCKET=bucket_size, LANES=lanes, BLOCK_Q=PROBE_BLOCK,
-            POLICY=POLICIES[policy], UPDATE=update_scores, HAS_VALID=valid is not None,
+            POLICY=POLICIES[policy], UPDATE=update_scores,
             num_warps=1 if lanes <= 64 else (2 if lanes <= 256 else 4),
         )
     return result

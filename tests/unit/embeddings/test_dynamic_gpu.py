@@ -81,10 +81,7 @@ def test_gpu_row_gradients_equal_cpu_bits(lookups_per_step):
             out = collection.lookup("t", ids.to(device))
             (out * weights.to(device)).sum().backward()
             rows.append(out.detach().cpu())
-        slots, grads = (t.cpu() for t in collection.tables["t"]._gathered())
-        # Rows of slot -1 (ids without a row, padding of the distinct ids) update nothing; a
-        # padding row's gradient is left undefined, so only the others are compared.
-        seen[device] = rows + [slots, grads[slots >= 0]]
+        seen[device] = rows + [t.cpu() for t in collection.tables["t"]._gathered()]  # touched slots, gradient sums
     for a, b in zip(seen["cuda"], seen["cpu"]):
         assert torch.equal(a, b)
 
@@ -94,7 +91,7 @@ _COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from megatron_gr.ops.triton import dynamic_rows as R, hash_table as H, segment_sum as G, sorted_groups as Q, sparse_optimizers as S
+    from megatron_gr.ops.triton import dynamic_rows as R, hash_table as H, segment_sum as G, sparse_optimizers as S
 
     def compile(fn, signature, constants, warps=4):
         # The launcher's usual specialisation: 16-byte aligned tensors, dim a multiple of 16.
@@ -108,14 +105,12 @@ _COMPILE = textwrap.dedent(
     table = {n: ptr(t) for n, t in [("keys_ptr", "i64"), ("tags_ptr", "i32"), ("seen_ptr", "i64"), ("freq_ptr", "i64"),
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
-             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32"), ("valid_ptr", "i64")]}
-    for policy, update, lanes, valid in ((0, True, 64, True), (1, True, 64, True), (2, True, 64, True), (1, False, 64, True),
-                                         (1, True, 256, True), (1, True, 64, False)):
+             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
+    for policy, update, lanes in ((0, True, 64), (1, True, 64), (2, True, 64), (1, False, 64), (1, True, 256)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
-                "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr",
-                "HAS_VALID": "constexpr"},
-                {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update,
-                 "HAS_VALID": valid}, warps=1 if lanes <= 64 else 2)
+                "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
+                {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update},
+                warps=1 if lanes <= 64 else 2)
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
@@ -136,10 +131,6 @@ _COMPILE = textwrap.dedent(
     compile(G._join_pieces_kernel, {"seg_ptr": "*i64", "offsets_ptr": "*i64", "first_ptr": "*fp32", "last_ptr": "*fp32",
             "out_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"},
             {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
-    for padded in (False, True):
-        compile(Q._group_index_kernel, {"order_ptr": "*i64", "seg_ptr": "*i64", "offsets_ptr": "*i64", "inverse_ptr": "*i64",
-                "first_ptr": "*i64", "valid_ptr": "*i64", "n": "i64", "BLOCK_C": "constexpr", "PADDED": "constexpr"},
-                {"BLOCK_C": Q.BLOCK, "PADDED": padded})
     scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
                                    "init0", "init1")}
     for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):

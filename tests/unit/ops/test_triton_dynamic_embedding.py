@@ -14,7 +14,6 @@ DEVICE = triton_or_skip()
 import torch  # noqa: E402
 
 from megatron_gr.ops import hash_table  # noqa: E402
-from megatron_gr.ops.pytorch.hash_probe import PADDING, ProbeResult  # noqa: E402
 from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt  # noqa: E402
 from megatron_gr.ops.pytorch.segment_sum import CHUNK, pytorch_segment_sum  # noqa: E402
 from megatron_gr.ops.segment_sum import gather_rows, segment_sum, sorted_groups  # noqa: E402
@@ -30,33 +29,22 @@ def test_routing_keys_are_bit_identical():
         assert torch.equal(hash_table.routing_keys(ids, t, kernel="triton"), hash_table.routing_keys(ids, t, kernel="pytorch"))
 
 
-def _probe_parity(num_buckets, bucket_size, steps, queries_per_step, seed, id_space=50, padding=0):
-    """Both probes on the same stream; every result and table word must agree. ``padding``:
-    the Triton probe also gets that many padding queries (copies of real ones, which would
-    change the table if the kernel took them) past a device-held count."""
+def _probe_parity(num_buckets, bucket_size, steps, queries_per_step, seed, id_space=50):
+    """Both probes on the same stream; every result and table word must agree."""
     generator = torch.Generator().manual_seed(seed)
     for policy in ("lru", "lfu", "none"):
         tables = {k: {n: t.to(DEVICE) for n, t in empty_table(num_buckets, bucket_size).items()} for k in ("pytorch", "triton")}
         for step in range(steps):
             queries = [q.to(DEVICE) for q in random_queries(generator, queries_per_step, id_space)]
-            count = queries[0].numel()
-            extra = torch.randint(0, count, (padding,), generator=generator).to(DEVICE)
-            padded = [torch.cat([q, q[extra]]) for q in queries]
             results = {
                 kernel: hash_table.probe(
-                    *(table[n] for n in ("keys", "tags", "last_seen", "freq", "changed")),
-                    *(padded if padding and kernel == "triton" else queries),
+                    *(table[n] for n in ("keys", "tags", "last_seen", "freq", "changed")), *queries,
                     num_buckets=num_buckets, bucket_size=bucket_size, step=step, policy=policy,
                     update_scores=step % 3 != 2, kernel=kernel,
-                    valid=torch.tensor([count], device=DEVICE) if padding and kernel == "triton" else None,
                 )
                 for kernel, table in tables.items()
             }
             ref, got = results["pytorch"], results["triton"]
-            if padding:
-                assert torch.equal(got.slots[count:], torch.full((padding,), -1, device=DEVICE))
-                assert torch.equal(got.status[count:], torch.full((padding,), PADDING, dtype=torch.int8, device=DEVICE))
-                got = ProbeResult(*(getattr(got, f)[:count] for f in ("slots", "status", "evicted_keys", "evicted_tags")))
             assert torch.equal(ref.slots, got.slots) and torch.equal(ref.status, got.status), (policy, step)
             replaced = ref.status == 2
             assert torch.equal(ref.evicted_keys[replaced], got.evicted_keys[replaced])
@@ -70,12 +58,6 @@ def test_probe_is_identical_to_the_reference():
 
 def test_probe_with_more_queries_per_bucket_than_the_kernel_loads_at_once():
     _probe_parity(num_buckets=1, bucket_size=12, steps=2, queries_per_step=20, seed=1)
-
-
-def test_padding_queries_past_the_device_count_touch_nothing():
-    # One bucket, so the last real queries' block reads into the padding.
-    _probe_parity(num_buckets=1, bucket_size=12, steps=2, queries_per_step=20, seed=5, padding=11)
-    _probe_parity(num_buckets=4, bucket_size=5, steps=3, queries_per_step=16, seed=6, padding=7)
 
 
 def _row_inputs(generator, capacity, count):
@@ -128,21 +110,6 @@ def _segment_parity(count, dim, hot, hot_count, chunk, seed, key_space=50):
     assert torch.equal(got.cpu(), expected)
     rows = torch.randn(groups.num_groups, dim, generator=generator).to(DEVICE)
     assert torch.equal(gather_rows(rows, groups.inverse, kernel="triton"), rows[groups.inverse])
-
-
-@pytest.mark.parametrize("count, with_minor", [(1, False), (300, False), (2500, False), (300, True)])
-def test_sorted_groups_kernel_gives_the_reference_groups(count, with_minor):
-    # 2500 inputs span several kernel blocks; a hot key makes a group cross them.
-    generator = torch.Generator().manual_seed(count)
-    keys = torch.randint(0, 40, (count,), generator=generator)
-    keys[torch.randperm(count, generator=generator)[: count // 2]] = 11
-    minor = torch.randint(0, 3, (count,), generator=generator).to(DEVICE) if with_minor else None
-    for padded in (False, True):
-        ref = sorted_groups(keys.to(DEVICE), minor, padded=padded, kernel="pytorch")
-        got = sorted_groups(keys.to(DEVICE), minor, padded=padded, kernel="triton")
-        for name in ("order", "segments", "offsets", "inverse", "first") + (("valid",) if padded else ()):
-            assert torch.equal(getattr(got, name), getattr(ref, name)), (name, padded)
-        assert got.first_inputs is not None
 
 
 @pytest.mark.parametrize("count, chunk", [(1, 8), (37, 8), (300, 8), (640, 64)])
@@ -211,39 +178,3 @@ def test_rows_at_scale_on_gpu():
         out[kernel] = [hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel), w, f]
     for a, b in zip(out["pytorch"], out["triton"]):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("lookups_per_step", [1, 2])
-def test_one_rank_training_lookups_match_the_reference(lookups_per_step):
-    """The whole one-rank path with padded distinct ids (count on the device) against the
-    PyTorch path: rows, touched slots, gradient sums and counters bit for bit at the first
-    step; after an Adam update to its rounding."""
-    from tests.unit.embeddings.test_dynamic_gpu import _collection
-
-    generator = torch.Generator().manual_seed(lookups_per_step)
-    lookups = []
-    for size in (1500, 400)[:lookups_per_step]:
-        ids = torch.randint(0, 700, (size,), generator=generator) * 7919 - 3
-        ids[torch.randperm(size, generator=generator)[: size // 4]] = 123_456_789
-        lookups.append((ids.to(DEVICE), torch.randn(size, 32, generator=generator).to(DEVICE)))
-    seen, stats = {}, {}
-    for kernel in ("triton", "pytorch"):
-        collection = _collection(DEVICE, kernel, capacity=1 << 9)  # ~600 ids for 512 slots: some get none
-        table = collection.tables["t"]
-        for step in range(2):
-            rows = []
-            for ids, weights in lookups:
-                out = collection.lookup("t", ids)
-                (out * weights).sum().backward()
-                rows.append(out.detach())
-            slots, grads = table._gathered()
-            seen.setdefault(kernel, []).append(rows + [slots, grads[slots >= 0], table.gradient_square_sum()])
-            table.apply_step(dense_lr=0.0)
-        stats[kernel] = table.statistics()
-    for step, (got, ref) in enumerate(zip(seen["triton"], seen["pytorch"])):
-        for a, b in zip(got, ref):
-            if step == 0 or a.dtype == torch.int64:
-                assert torch.equal(a, b), step
-            else:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert stats["triton"] == stats["pytorch"] and stats["triton"]["rejected_full"] > 0
