@@ -35,6 +35,11 @@ def pytorch_segment_sum(
     is, in the order of the module docstring. ``order`` ``[N]``: input row at each sorted
     position; ``segments`` ``[N]``: group of each sorted position; ``offsets`` ``[U + 1]``:
     group g covers sorted positions ``offsets[g]:offsets[g + 1]``."""
+    if values.device.type != "cpu":
+        # index_add_ keeps index order only on the CPU (on a GPU it adds with atomics in no
+        # fixed order), so the reference sums there: the same bits on every device.
+        on_cpu = (t.cpu() for t in (values, order, segments, offsets))
+        return pytorch_segment_sum(*on_cpu, chunk=chunk).to(values.device)
     count, dim = order.numel(), values.shape[1]
     groups = offsets.numel() - 1
     if count == 0:
