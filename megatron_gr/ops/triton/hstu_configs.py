@@ -4,12 +4,17 @@ Hard-coded winners of the sweeps in ``tools/benchmarks/hstu_attention.py`` on an
 (see ``docs/benchmarks/hstu_attention.md``), so no run pays for autotuning. The Triton
 interpreter (CPU tests) gets small blocks so that short sequences still cross block
 boundaries. :func:`override` lets the benchmark try other configurations.
+
+Backward variants (:data:`BACKWARD_VARIANTS`): ``fused`` (one dk/dv kernel + a dq kernel,
+seven products per tile) and ``split`` (dv, dk and dq kernels, eight products, one
+accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` picks the table used when no
+override is active.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import torch
@@ -35,6 +40,26 @@ class KernelConfig:
     dq: Optional["KernelConfig"] = None
     """Backward only: blocks of the separate dq kernel (None: the same as this one)."""
 
+    split_dkdv: bool = False
+    """Backward only: compute dv and dk in two launches of the key-block kernel (2 and 3
+    products per tile, one [BLOCK_N, D] fp32 accumulator each) instead of one launch holding
+    both accumulators (4 products): one product more per tile, half the registers. This
+    config's blocks are the dv launch's."""
+
+    dk: Optional["KernelConfig"] = None
+    """Backward with ``split_dkdv``: blocks of the dk launch (None: the same as this one)."""
+
+    def __str__(self) -> str:
+        """Short form for benchmark logs, e.g. ``dv=32x128/w8/s3 dk=32x128/w8/s2 dq=128x32/w8/s2``."""
+        blocks = f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        if self.split_dkdv:
+            text = f"dv={blocks} dk={self.dk or blocks}"
+        else:
+            text = blocks
+        if self.atomic_dq:
+            return text + " atomic dq"
+        return text + (f" dq={self.dq}" if self.dq is not None else "")
+
 
 _INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
@@ -51,10 +76,29 @@ _BACKWARD = {
     128: KernelConfig(64, 128, num_warps=8, num_stages=2),
     256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(64, 32, num_warps=8, num_stages=2)),
 }
+# Split backward: the dv and dk launches keep 128 keys (two warpgroups of 64 rows, one
+# [128, D] fp32 accumulator: 128 registers per thread at D = 256) and stream queries; the
+# dq kernel keeps 128 queries and streams keys. Blocks from the resource report of
+# tools/benchmarks/hstu_kernel_resources.py (no spills at 255 registers, <= 192 KiB of
+# shared memory at D = 256); not yet timed on a GPU.
+_BACKWARD_SPLIT = {
+    32: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
+                     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
+    64: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
+                     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
+    128: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
+                      dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
+    256: KernelConfig(32, 128, num_warps=8, num_stages=3, split_dkdv=True,
+                      dk=KernelConfig(32, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 32, num_warps=8, num_stages=2)),
+}
 _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
-_override: dict[str, Optional[KernelConfig]] = {"forward": None, "backward": None}
+BACKWARD_VARIANTS = ("fused", "split")
+DEFAULT_BACKWARD_VARIANT = "fused"
+"""The backward used when no override is active: ``fused`` until the split variant is timed."""
+
+_override: dict = {"forward": None, "backward": None, "backward_variant": None}
 
 
 def _head_bucket(dqk: int, dv: int) -> int:
@@ -75,18 +119,26 @@ def forward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
 def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     if _override["backward"] is not None:
         return _override["backward"]
-    if interpreter_enabled():
-        return _INTERPRETER
-    if dtype == torch.float32:
-        return _FP32_BACKWARD
-    return _BACKWARD[_head_bucket(dqk, dv)]
+    split = (_override["backward_variant"] or DEFAULT_BACKWARD_VARIANT) == "split"
+    if interpreter_enabled() or dtype == torch.float32:
+        base = _INTERPRETER if interpreter_enabled() else _FP32_BACKWARD
+        return replace(base, split_dkdv=True) if split else base
+    return (_BACKWARD_SPLIT if split else _BACKWARD)[_head_bucket(dqk, dv)]
 
 
 @contextlib.contextmanager
-def override(*, forward: Optional[KernelConfig] = None, backward: Optional[KernelConfig] = None) -> Iterator[None]:
-    """Use these configs inside the block (benchmarks and tests)."""
+def override(
+    *,
+    forward: Optional[KernelConfig] = None,
+    backward: Optional[KernelConfig] = None,
+    backward_variant: Optional[str] = None,
+) -> Iterator[None]:
+    """Use these configs inside the block (benchmarks and tests). ``backward_variant`` (one
+    of :data:`BACKWARD_VARIANTS`) picks the per-head-dim table when ``backward`` is None."""
+    if backward_variant is not None and backward_variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"backward_variant must be one of {BACKWARD_VARIANTS}, got {backward_variant!r}")
     saved = dict(_override)
-    _override.update(forward=forward, backward=backward)
+    _override.update(forward=forward, backward=backward, backward_variant=backward_variant)
     try:
         yield
     finally:
