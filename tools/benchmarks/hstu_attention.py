@@ -247,7 +247,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="time the candidate configs at --sweep-len first and use the best")
     parser.add_argument("--sweep-len", type=int, default=8192)
     parser.add_argument("--sweep-shapes", default="", help="sweep only these shapes (default: all)")
-    parser.add_argument("--bwd-variants", default=hstu_configs.DEFAULT_BACKWARD_VARIANT,
+    parser.add_argument("--bwd-variants", default="fused,split",
                         help=f"Triton backward variants to time, comma separated, of {','.join(hstu_configs.BACKWARD_VARIANTS)}")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)

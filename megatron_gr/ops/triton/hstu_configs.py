@@ -7,8 +7,8 @@ boundaries. :func:`override` lets the benchmark try other configurations.
 
 Backward variants (:data:`BACKWARD_VARIANTS`): ``fused`` (one dk/dv kernel + a dq kernel,
 seven products per tile) and ``split`` (dv, dk and dq kernels, eight products, one
-accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` picks the table used when no
-override is active.
+accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` (``auto``: split from head dim
+128 up) picks the table used when no override is active.
 """
 
 from __future__ import annotations
@@ -95,8 +95,13 @@ _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
 BACKWARD_VARIANTS = ("fused", "split")
-DEFAULT_BACKWARD_VARIANT = "fused"
-"""The backward used when no override is active: ``fused`` until the split variant is timed."""
+DEFAULT_BACKWARD_VARIANT = "auto"
+"""The backward used when no override is active: ``split`` for 16-bit inputs at head dims
+of 128 and more, ``fused`` otherwise. On the H100 (bf16, causal,
+docs/benchmarks/hstu_attention.md) split ran 4x256 at 8k / 16k at 263 / 280 TFLOP/s against
+fused's 139 / 152, and 4x128 at 276 / 287 against 251 / 265; below 128 and in float32 split
+was not timed."""
+_SPLIT_FROM_HEAD_DIM = 128
 
 _override: dict = {"forward": None, "backward": None, "backward_variant": None}
 
@@ -119,7 +124,10 @@ def forward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
 def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     if _override["backward"] is not None:
         return _override["backward"]
-    split = (_override["backward_variant"] or DEFAULT_BACKWARD_VARIANT) == "split"
+    variant = _override["backward_variant"] or DEFAULT_BACKWARD_VARIANT
+    split = variant == "split" or (
+        variant == "auto" and dtype != torch.float32 and _head_bucket(dqk, dv) >= _SPLIT_FROM_HEAD_DIM
+    )
     if interpreter_enabled() or dtype == torch.float32:
         base = _INTERPRETER if interpreter_enabled() else _FP32_BACKWARD
         return replace(base, split_dkdv=True) if split else base
