@@ -7,8 +7,8 @@ boundaries. :func:`override` lets the benchmark try other configurations.
 
 Backward variants (:data:`BACKWARD_VARIANTS`): ``fused`` (one dk/dv kernel + a dq kernel,
 seven products per tile) and ``split`` (dv, dk and dq kernels, eight products, one
-accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` (``auto``: split from head dim
-128 up) picks the table used when no override is active.
+accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` (``auto``: split at head dim
+128) picks the table used when no override is active.
 """
 
 from __future__ import annotations
@@ -96,12 +96,13 @@ _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
 BACKWARD_VARIANTS = ("fused", "split")
 DEFAULT_BACKWARD_VARIANT = "auto"
-"""The backward used when no override is active: ``split`` for 16-bit inputs at head dims
-of 128 and more, ``fused`` otherwise. On the H100 (bf16, causal,
-docs/benchmarks/hstu_attention.md) split ran 4x256 at 8k / 16k at 263 / 280 TFLOP/s against
-fused's 139 / 152, and 4x128 at 276 / 287 against 251 / 265; below 128 and in float32 split
-was not timed."""
-_SPLIT_FROM_HEAD_DIM = 128
+"""The backward used when no override is active: ``split`` for 16-bit inputs at head dim
+128 (H100, bf16, causal, docs/benchmarks/hstu_attention.md: 276 / 287 TFLOP/s at 8k / 16k
+against fused's 251 / 265), ``fused`` otherwise. Split at head dim 256 is faster still (263 /
+280 against 139 / 152) but its blocks run out of shared memory with the relative-bias
+inputs (OutOfResources on the H100), so it is not the default there; below 128 and in
+float32 split was not timed."""
+_SPLIT_HEAD_DIMS = (128,)
 
 _override: dict = {"forward": None, "backward": None, "backward_variant": None}
 
@@ -126,7 +127,7 @@ def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
         return _override["backward"]
     variant = _override["backward_variant"] or DEFAULT_BACKWARD_VARIANT
     split = variant == "split" or (
-        variant == "auto" and dtype != torch.float32 and _head_bucket(dqk, dv) >= _SPLIT_FROM_HEAD_DIM
+        variant == "auto" and dtype != torch.float32 and _head_bucket(dqk, dv) in _SPLIT_HEAD_DIMS
     )
     if interpreter_enabled() or dtype == torch.float32:
         base = _INTERPRETER if interpreter_enabled() else _FP32_BACKWARD

@@ -159,10 +159,11 @@ def test_interpreter_split_backward_variant_knob(dtype):
     with hstu_configs.override(backward_variant="split"):
         assert hstu_configs.backward_config(16, 16, dtype).split_dkdv
         check_parity([1, 33, 18], mask=MASKS["all"], dtype=dtype, device="cpu", bias=True)
-    # the default: split from head dim 128 up (faster on the H100), fused below
+    # the default: split at head dim 128 (faster on the H100), fused elsewhere
     assert hstu_configs.DEFAULT_BACKWARD_VARIANT == "auto"
     assert not hstu_configs.backward_config(16, 16, dtype).split_dkdv
     assert hstu_configs.backward_config(128, 100, dtype).split_dkdv
+    assert not hstu_configs.backward_config(256, 256, dtype).split_dkdv
 
 
 def test_backward_variant_knob_rejects_unknown_names():
