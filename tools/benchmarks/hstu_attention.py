@@ -5,7 +5,7 @@ backend) on the same shapes. Prints a markdown table (and writes JSON with ``--j
 
     python tools/benchmarks/hstu_attention.py [--shapes 4x256,4x128,2x64]
         [--lengths 1024,2048,4096,8192,16384] [--dists fixed,zipf] [--tokens 65536]
-        [--sweep] [--bias] [--masks causal,all] [--bwd-variants fused,split]
+        [--sweep] [--bias] [--masks causal,all]
 
 FLOPs count unmasked query-key pairs only (a causal sequence of L tokens has L(L+1)/2):
 forward 2 * pairs * H * (Dqk + Dv) (the two matrix products), backward 2.5x forward (five
@@ -16,10 +16,6 @@ memory is the allocator's peak during forward + backward above the inputs.
 ``fixed``: every sequence has the given length, ``tokens / length`` sequences.
 ``zipf``: lengths drawn from p(L) ~ L^-1.2 on [1, length] (one sequence of the full length
 included) until the batch holds ``tokens`` tokens.
-``--bwd-variants``: the Triton rows are timed once per backward variant of
-``hstu_configs.BACKWARD_VARIANTS`` (impl ``triton fused``, ``triton split``; the forward is
-the same in both, so its two timings show the run-to-run spread); ``--sweep`` then times
-each variant's candidates and uses each variant's best.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,39 +43,27 @@ MASKS = {
     "all": dict(num_targets=64, contextual_len=8, max_attn_len=1024, global_prefix_len=128),
 }
 
-# Candidates of --sweep, per head dim: forward configs and each backward variant's configs.
-# Split: dv launch = the config's own blocks, dk launch = ``dk``, dq kernel = ``dq``. The
-# 4-warp configs fit two programs per SM (<= 255 registers at 128 threads, <= 113 KiB of
-# shared memory; see tools/benchmarks/hstu_kernel_resources.py), so that one program's SiLU
-# work can overlap the other's matrix products.
-def _split(dv, dk, dq):
-    return replace(dv, split_dkdv=True, dk=dk, dq=dq)
-
-
+# Candidates of --sweep, per head dim: (forward configs, backward configs).
 SWEEP = {
-    256: dict(
-        forward=[KernelConfig(128, 32, 8, 3), KernelConfig(64, 32, 4, 2)],
-        fused=[KernelConfig(64, 64, 8, 2, dq=KernelConfig(64, 32, 8, 2)),
-               KernelConfig(64, 64, 8, 2, dq=KernelConfig(128, 32, 8, 2))],
-        split=[_split(KernelConfig(32, 128, 8, 3), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
-               _split(KernelConfig(32, 64, 4, 2), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
-               _split(KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2))],
+    256: (
+        [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 8, 3)],
+        [KernelConfig(64, 64, 8, 2, dq=KernelConfig(64, 32, 8, 2)),
+         KernelConfig(64, 32, 8, 2, dq=KernelConfig(64, 32, 8, 2)),
+         KernelConfig(64, 32, 8, 2, atomic_dq=True)],
     ),
-    128: dict(
-        forward=[KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2)],
-        fused=[KernelConfig(64, 128, 8, 2, dq=KernelConfig(64, 128, 8, 2)),
-               KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2))],
-        split=[_split(KernelConfig(64, 128, 8, 3), KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2)),
-               _split(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2)),
-               _split(KernelConfig(64, 128, 8, 3), KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2))],
+    128: (
+        [KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2)],
+        [KernelConfig(64, 64, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
+         KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
+         KernelConfig(64, 64, 8, 2, atomic_dq=True),
+         KernelConfig(32, 128, 8, 2, atomic_dq=True)],
     ),
-    64: dict(
-        forward=[KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3)],
-        fused=[KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
-               KernelConfig(32, 128, 8, 3, dq=KernelConfig(128, 64, 8, 2)),
-               KernelConfig(64, 128, 8, 2, atomic_dq=True)],
-        split=[_split(KernelConfig(64, 128, 8, 3), KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2)),
-               _split(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2))],
+    64: (
+        [KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3)],
+        [KernelConfig(64, 128, 8, 2, dq=KernelConfig(128, 64, 8, 2)),
+         KernelConfig(32, 128, 8, 3, dq=KernelConfig(128, 64, 8, 2)),
+         KernelConfig(64, 128, 8, 2, atomic_dq=True),
+         KernelConfig(32, 128, 8, 3, atomic_dq=True)],
     ),
 }
 
@@ -194,27 +177,24 @@ def run_case(impl, lengths, heads, d, dtype, mask_name, bias, args, seed=0):
                 peak_mib=peak)
 
 
-def sweep(heads, d, dtype, length, args, variants):
-    """Times every candidate config at one fixed length (causal); returns the best forward
-    config and {variant: best backward config}."""
+def sweep(heads, d, dtype, length, args):
+    """Times every candidate config at one fixed length (causal); returns the best pair."""
     lengths = [length] * max(1, args.tokens // length)
-    cands = SWEEP[d]
-    best_f = None
-    for cfg in cands["forward"]:
-        with hstu_configs.override(forward=cfg, backward=cands[variants[0]][0]):
+    fwd_cands, bwd_cands = SWEEP[d]
+    best_f = best_b = None
+    for cfg in fwd_cands:
+        with hstu_configs.override(forward=cfg, backward=bwd_cands[0]):
             r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args)
         print(f"sweep {heads}x{d} N={length} forward {cfg}: {_fmt(r, 'fwd_tflops')} TFLOP/s", flush=True)
         if r and (best_f is None or r["fwd_tflops"] > best_f[1]):
             best_f = (cfg, r["fwd_tflops"])
-    best_b = {}
-    for variant in variants:
-        for cfg in cands[variant]:
-            with hstu_configs.override(forward=best_f[0] if best_f else None, backward=cfg):
-                r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args)
-            print(f"sweep {heads}x{d} N={length} backward [{variant}] {cfg}: {_fmt(r, 'bwd_tflops')} TFLOP/s", flush=True)
-            if r and (variant not in best_b or r["bwd_tflops"] > best_b[variant][1]):
-                best_b[variant] = (cfg, r["bwd_tflops"])
-    return (best_f[0] if best_f else None), {v: c for v, (c, _) in best_b.items()}
+    for cfg in bwd_cands:
+        with hstu_configs.override(forward=best_f[0] if best_f else None, backward=cfg):
+            r = _safe(run_case, "triton", lengths, heads, d, dtype, "causal", False, args)
+        print(f"sweep {heads}x{d} N={length} backward {cfg}: {_fmt(r, 'bwd_tflops')} TFLOP/s", flush=True)
+        if r and (best_b is None or r["bwd_tflops"] > best_b[1]):
+            best_b = (cfg, r["bwd_tflops"])
+    return (best_f[0] if best_f else None), (best_b[0] if best_b else None)
 
 
 def _safe(fn, *a, **kw):
@@ -247,8 +227,6 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="time the candidate configs at --sweep-len first and use the best")
     parser.add_argument("--sweep-len", type=int, default=8192)
     parser.add_argument("--sweep-shapes", default="", help="sweep only these shapes (default: all)")
-    parser.add_argument("--bwd-variants", default="fused,split",
-                        help=f"Triton backward variants to time, comma separated, of {','.join(hstu_configs.BACKWARD_VARIANTS)}")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", help="write all rows here")
@@ -257,20 +235,15 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    variants = args.bwd_variants.split(",")
-    unknown = sorted(set(variants) - set(hstu_configs.BACKWARD_VARIANTS))
-    if unknown:
-        parser.error(f"--bwd-variants: unknown {unknown}; choose from {hstu_configs.BACKWARD_VARIANTS}")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     rng = np.random.default_rng(0)
     rows, best = [], {}
     device = torch.cuda.get_device_name()
     for heads, d in shapes:
         if args.sweep and (not args.sweep_shapes or f"{heads}x{d}" in args.sweep_shapes.split(",")):
-            best[(heads, d)] = sweep(heads, d, dtype, args.sweep_len, args, variants)
-            fwd_best, bwd_best = best[(heads, d)]
-            print(f"best {heads}x{d}: forward {fwd_best}; " + "; ".join(f"{v} {c}" for v, c in bwd_best.items()), flush=True)
-        fwd_cfg, bwd_cfgs = best.get((heads, d), (None, {}))
+            best[(heads, d)] = sweep(heads, d, dtype, args.sweep_len, args)
+            print(f"best {heads}x{d}: forward {best[(heads, d)][0]}, backward {best[(heads, d)][1]}", flush=True)
+        fwd_cfg, bwd_cfg = best.get((heads, d), (None, None))
         for dist in args.dists.split(","):
             for length in (int(x) for x in args.lengths.split(",")):
                 lengths = [length] * max(1, args.tokens // length) if dist == "fixed" else zipf_lengths(length, args.tokens, rng)
@@ -281,19 +254,15 @@ def main() -> int:
                                 continue
                             if impl == "sdpa" and (dist != "fixed" or mask != "causal" or bias):
                                 continue
-                            for variant in variants if impl == "triton" else [None]:
-                                with hstu_configs.override(forward=fwd_cfg, backward=bwd_cfgs.get(variant),
-                                                           backward_variant=variant):
-                                    r = _safe(run_case, impl, lengths, heads, d, dtype, mask, bias, args)
-                                label = impl if variant is None or len(variants) == 1 else f"{impl} {variant}"
-                                row = dict(shape=f"{heads}x{d}", dist=dist, max_len=length, seqs=len(lengths),
-                                           tokens=sum(lengths), mask=mask, bias=bias, impl=label, bwd_variant=variant,
-                                           **(r or {}))
-                                rows.append(row)
-                                print(f"{row['shape']} {dist} N={length} B={len(lengths)} {mask}{' +bias' if bias else ''} {label}: "
-                                      f"fwd {_fmt(r, 'fwd_tflops')} bwd {_fmt(r, 'bwd_tflops')} TFLOP/s, "
-                                      f"fwd {_fmt(r, 'fwd_ms', 2)} ms bwd {_fmt(r, 'bwd_ms', 2)} ms peak {_fmt(r, 'peak_mib')} MiB",
-                                      flush=True)
+                            with hstu_configs.override(forward=fwd_cfg, backward=bwd_cfg):
+                                r = _safe(run_case, impl, lengths, heads, d, dtype, mask, bias, args)
+                            row = dict(shape=f"{heads}x{d}", dist=dist, max_len=length, seqs=len(lengths),
+                                       tokens=sum(lengths), mask=mask, bias=bias, impl=impl, **(r or {}))
+                            rows.append(row)
+                            print(f"{row['shape']} {dist} N={length} B={len(lengths)} {mask}{' +bias' if bias else ''} {impl}: "
+                                  f"fwd {_fmt(r, 'fwd_tflops')} bwd {_fmt(r, 'bwd_tflops')} TFLOP/s, "
+                                  f"fwd {_fmt(r, 'fwd_ms', 2)} ms bwd {_fmt(r, 'bwd_ms', 2)} ms peak {_fmt(r, 'peak_mib')} MiB",
+                                  flush=True)
     print(f"\n{device}, {args.dtype}, {args.tokens} tokens per batch, torch {torch.__version__}\n")
     print("| shape | lengths | max len | seqs | mask | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -304,8 +273,7 @@ def main() -> int:
               f"{_fmt(r.get('fwd_ms') and r, 'bwd_ms', 2)} | {_fmt(r.get('fwd_ms') and r, 'bwd_tflops')} | "
               f"{_fmt(r.get('fwd_ms') and r, 'peak_mib')} |")
     if args.json:
-        chosen = {f"{h}x{d}": dict(forward=str(f), backward={v: str(c) for v, c in b.items()}) for (h, d), (f, b) in best.items()}
-        Path(args.json).write_text(json.dumps(dict(device=device, args=vars(args), best=chosen, rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(device=device, args=vars(args), best={f"{h}x{d}": [str(c) for c in v] for (h, d), v in best.items()}, rows=rows), indent=1))
     return 0
 
 

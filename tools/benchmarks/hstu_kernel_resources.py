@@ -5,11 +5,9 @@ memory, and whether the matrix products became Hopper ``wgmma`` instructions. Co
 time; use it to prune configurations before timing them.
 
     python tools/benchmarks/hstu_kernel_resources.py [--dims 256,128,64] [--dtype bf16]
-        [--variants fused,split]
 
-Configurations: the per-head-dim tables of ``megatron_gr/ops/triton/hstu_configs.py``
-(causal mask, no bias), one block of backward kernels per variant. ``wgmma`` counts the
-instructions in the code, not their executions. Needs triton (its wheel ships ptxas).
+Configurations: the defaults of ``megatron_gr/ops/triton/hstu_configs.py`` (causal mask,
+no bias). Needs triton (its wheel ships ptxas).
 """
 
 from __future__ import annotations
@@ -30,9 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel  # noqa: E402
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel  # noqa: E402
-from megatron_gr.ops.triton.hstu_configs import _BACKWARD, _BACKWARD_SPLIT, _FORWARD  # noqa: E402
-
-_BACKWARD_TABLES = {"fused": _BACKWARD, "split": _BACKWARD_SPLIT}
+from megatron_gr.ops.triton.hstu_configs import _BACKWARD, _FORWARD  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _INT64_POINTERS = {"Offsets", "NumTargets", "Timestamps"}
@@ -71,27 +67,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="256,128,64")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    parser.add_argument("--variants", default="fused,split", help="backward variants to compile")
     args = parser.parse_args()
     for d in (int(x) for x in args.dims.split(",")):
         flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=False, HAS_CONTEXT=False,
                      HAS_WINDOW=False, HAS_PREFIX=False, HAS_BIAS=False, TIME_FN=0, NORM_BY_LEN=False,
                      FAST_SILU=True, PRECISION="tf32")
-        runs = [("forward", hstu_fwd_kernel, _FORWARD[d], {})]
-        for variant in args.variants.split(","):
-            bwd = _BACKWARD_TABLES[variant][d]
-            key = dict(ATOMIC_DQ=bwd.atomic_dq, NUM_SLOTS=1)
-            if bwd.split_dkdv:
-                runs.append((f"{variant} dv", hstu_bwd_dkdv_kernel, bwd, dict(key, WITH_DK=False, WITH_DV=True)))
-                runs.append((f"{variant} dk", hstu_bwd_dkdv_kernel, bwd.dk or bwd, dict(key, WITH_DK=True, WITH_DV=False)))
-            else:
-                runs.append((f"{variant} dk/dv", hstu_bwd_dkdv_kernel, bwd, dict(key, WITH_DK=True, WITH_DV=True)))
-            if not bwd.atomic_dq:
-                runs.append((f"{variant} dq", hstu_bwd_dq_kernel, bwd.dq or bwd, {}))
+        fwd, bwd = _FORWARD[d], _BACKWARD[d]
+        dq = bwd.dq or bwd
+        runs = [
+            ("forward", hstu_fwd_kernel, fwd, {}),
+            ("dk/dv", hstu_bwd_dkdv_kernel, bwd, dict(ATOMIC_DQ=bwd.atomic_dq, NUM_SLOTS=1)),
+        ]
+        if not bwd.atomic_dq:
+            runs.append(("dq", hstu_bwd_dq_kernel, dq, {}))
         for name, fn, cfg, extra in runs:
             consts = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
             report = compile_report(fn, consts, cfg.num_warps, cfg.num_stages, args.dtype)
-            print(f"D={d} {name:11s} {cfg.block_m}x{cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}: {report}")
+            print(f"D={d} {name:8s} {cfg.block_m}x{cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}: {report}")
     return 0
 
 

@@ -118,21 +118,18 @@ class _HSTUAttention(torch.autograd.Function):
         dq = (torch.zeros if cfg.atomic_dq else torch.empty)(
             q.shape, device=q.device, dtype=torch.float32 if cfg.atomic_dq else q.dtype
         )
+        num_n_blocks = triton.cdiv(max_len, cfg.block_n)
         launch = num_tokens and batch and max_len
         scalars = (mask.contextual_len, mask.max_attn_len, mask.global_prefix_len, num_pos, num_time)
-        # (blocks, computes dk, computes dv) of each launch of the key-block kernel.
-        key_launches = [(cfg.dk or cfg, True, False), (cfg, False, True)] if cfg.split_dkdv else [(cfg, True, True)]
-        for kcfg, with_dk, with_dv in key_launches if launch else ():
-            num_n_blocks = triton.cdiv(max_len, kcfg.block_n)
+        if launch:
             hstu_bwd_dkdv_kernel[(batch * heads, num_n_blocks)](
                 q, k, v, grad_out, dq, dk, dv, offsets, targets, ts, pos_w, time_w, d_pos, d_time,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 heads, num_n_blocks, alpha, 1.0 / max_seq_len, *scalars,
-                BLOCK_M=kcfg.block_m, BLOCK_N=kcfg.block_n, ATOMIC_DQ=cfg.atomic_dq and with_dk, NUM_SLOTS=slots,
-                WITH_DK=with_dk, WITH_DV=with_dv,
-                num_warps=kcfg.num_warps, num_stages=kcfg.num_stages, **common,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=cfg.atomic_dq, NUM_SLOTS=slots,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
             )
         if launch and not cfg.atomic_dq:
             dq_cfg = cfg.dq or cfg

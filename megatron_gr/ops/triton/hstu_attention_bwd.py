@@ -12,13 +12,6 @@ weight gradients and, with ``ATOMIC_DQ``, each tile's share of dq into an fp32 b
 block, streaming key blocks) recomputes x and do v^T for dq: seven products per tile in
 all, no atomics, deterministic.
 
-Split variant: the same key-block kernel launched twice, once with only ``WITH_DV`` (x, P,
-dv += P^T do: two products) and once with only ``WITH_DK`` (x, do v^T, dk += dx^T q:
-three), so that each program holds one [BLOCK_N, D] fp32 accumulator instead of two: at
-D = 256 the fused program needs both (128 registers per thread at 8 warps, spilling), the
-split ones fit key blocks of 128 rows without spills. Eight products per tile with the dq
-kernel instead of seven.
-
 Relative-bias weight gradients: a tile whose pairs all fall in one bucket (far from the
 diagonal for positions; common for time gaps past the last bucket) adds one sum; other
 tiles add per pair, into one of ``NUM_SLOTS`` private copies of the gradient to spread the
@@ -31,7 +24,7 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.hstu_tiles import (
-    bias_buckets, key_ranges, load_rows, mma, pair_mask, query_ranges, silu, silu_and_grad,
+    bias_buckets, key_ranges, load_rows, mma, pair_mask, query_ranges, silu_and_grad,
 )
 
 
@@ -69,7 +62,6 @@ def _dkdv_tile(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = load_rows(q_base, offs_m, stride_qt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_M, Dqk]
@@ -80,35 +72,28 @@ def _dkdv_tile(
         ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
         pos, tb = bias_buckets(offs_m[None, :], offs_n[:, None], ts_i[None, :], ts_j[:, None], P, NT, TIME_FN)
         x += tl.load(PosW + pos) + tl.load(TimeW + tb)
-    if WITH_DK:
-        p, dsilu = silu_and_grad(x, FAST_SILU)
-        dp = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
-        dx = dp * dsilu
-    else:
-        p = silu(x, FAST_SILU)
+    p, dsilu = silu_and_grad(x, FAST_SILU)
+    dp = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
+    dx = dp * dsilu
     if MASKED:
         allowed = pair_mask(
             offs_m[None, :], offs_n[:, None], L, H, c, w, g,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX,
         )
-        if WITH_DV:
-            p = tl.where(allowed, p, 0.0)
-        if WITH_DK:
-            dx = tl.where(allowed, dx, 0.0)
+        p = tl.where(allowed, p, 0.0)
+        dx = tl.where(allowed, dx, 0.0)
     else:
         allowed = offs_n[:, None] >= 0
-    if WITH_DV:
-        dv = mma(p.to(do.dtype), do, dv, PRECISION)
-    if WITH_DK:
-        dx16 = dx.to(q.dtype)
-        dk = mma(dx16, q, dk, PRECISION)
-        if ATOMIC_DQ:
-            dq = mma(tl.trans(dx16), k, None, PRECISION) * (alpha * inv_n)  # [BLOCK_M, Dqk]
-            cols = tl.arange(0, BLOCK_DQK)
-            ptrs = dq_base + offs_m[:, None] * stride_dqt + cols[None, :]
-            tl.atomic_add(ptrs, dq, mask=(offs_m < L)[:, None] & (cols < DQK)[None, :], sem="relaxed")
-        if HAS_BIAS:
-            _bias_grad(dx * inv_n, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT, BLOCK_M, BLOCK_N, MASKED, allowed)
+    dv = mma(p.to(do.dtype), do, dv, PRECISION)
+    dx16 = dx.to(q.dtype)
+    dk = mma(dx16, q, dk, PRECISION)
+    if ATOMIC_DQ:
+        dq = mma(tl.trans(dx16), k, None, PRECISION) * (alpha * inv_n)  # [BLOCK_M, Dqk]
+        cols = tl.arange(0, BLOCK_DQK)
+        ptrs = dq_base + offs_m[:, None] * stride_dqt + cols[None, :]
+        tl.atomic_add(ptrs, dq, mask=(offs_m < L)[:, None] & (cols < DQK)[None, :], sem="relaxed")
+    if HAS_BIAS:
+        _bias_grad(dx * inv_n, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT, BLOCK_M, BLOCK_N, MASKED, allowed)
     return dk, dv
 
 
@@ -124,7 +109,7 @@ def hstu_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    NUM_SLOTS: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if CAUSAL:  # the first key blocks are seen by the most queries: launch them first
@@ -153,10 +138,7 @@ def hstu_bwd_dkdv_kernel(
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K + start * stride_kt + h * stride_kh, offs_n, stride_kt, L, DQK, BLOCK_DQK, True)
-    if WITH_DK:  # do v^T
-        v = load_rows(V + start * stride_vt + h * stride_vh, offs_n, stride_vt, L, DV, BLOCK_DV, True)
-    else:
-        v = k
+    v = load_rows(V + start * stride_vt + h * stride_vh, offs_n, stride_vt, L, DV, BLOCK_DV, True)
     q_base = Q + start * stride_qt + h * stride_qh
     do_base = GradOut + start * stride_dot + h * stride_doh
     dq_base = GradQ + start * stride_dqt + h * stride_dqh
@@ -177,7 +159,7 @@ def hstu_bwd_dkdv_kernel(
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ, WITH_DK, WITH_DV,
+            ATOMIC_DQ,
         )
     for m0 in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_tile(
@@ -185,7 +167,7 @@ def hstu_bwd_dkdv_kernel(
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, False,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ, WITH_DK, WITH_DV,
+            ATOMIC_DQ,
         )
     for m0 in range(full_hi, hi, BLOCK_M):
         dk, dv = _dkdv_tile(
@@ -193,7 +175,7 @@ def hstu_bwd_dkdv_kernel(
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ, WITH_DK, WITH_DV,
+            ATOMIC_DQ,
         )
 
     row_ok = (offs_n < L)[:, None]
@@ -201,10 +183,8 @@ def hstu_bwd_dkdv_kernel(
     cols_v = tl.arange(0, BLOCK_DV)
     dk_ptrs = GradK + start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + cols_qk[None, :]
     dv_ptrs = GradV + start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + cols_v[None, :]
-    if WITH_DK:
-        tl.store(dk_ptrs, (dk * (alpha * inv_n)).to(GradK.dtype.element_ty), mask=row_ok & (cols_qk < DQK)[None, :])
-    if WITH_DV:
-        tl.store(dv_ptrs, (dv * inv_n).to(GradV.dtype.element_ty), mask=row_ok & (cols_v < DV)[None, :])
+    tl.store(dk_ptrs, (dk * (alpha * inv_n)).to(GradK.dtype.element_ty), mask=row_ok & (cols_qk < DQK)[None, :])
+    tl.store(dv_ptrs, (dv * inv_n).to(GradV.dtype.element_ty), mask=row_ok & (cols_v < DV)[None, :])
 
 
 @triton.jit

@@ -4,17 +4,12 @@ Hard-coded winners of the sweeps in ``tools/benchmarks/hstu_attention.py`` on an
 (see ``docs/benchmarks/hstu_attention.md``), so no run pays for autotuning. The Triton
 interpreter (CPU tests) gets small blocks so that short sequences still cross block
 boundaries. :func:`override` lets the benchmark try other configurations.
-
-Backward variants (:data:`BACKWARD_VARIANTS`): ``fused`` (one dk/dv kernel + a dq kernel,
-seven products per tile) and ``split`` (dv, dk and dq kernels, eight products, one
-accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` (``auto``: split at head dim
-128) picks the table used when no override is active.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -40,26 +35,6 @@ class KernelConfig:
     dq: Optional["KernelConfig"] = None
     """Backward only: blocks of the separate dq kernel (None: the same as this one)."""
 
-    split_dkdv: bool = False
-    """Backward only: compute dv and dk in two launches of the key-block kernel (2 and 3
-    products per tile, one [BLOCK_N, D] fp32 accumulator each) instead of one launch holding
-    both accumulators (4 products): one product more per tile, half the registers. This
-    config's blocks are the dv launch's."""
-
-    dk: Optional["KernelConfig"] = None
-    """Backward with ``split_dkdv``: blocks of the dk launch (None: the same as this one)."""
-
-    def __str__(self) -> str:
-        """Short form for benchmark logs, e.g. ``dv=32x128/w8/s3 dk=32x128/w8/s2 dq=128x32/w8/s2``."""
-        blocks = f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
-        if self.split_dkdv:
-            text = f"dv={blocks} dk={self.dk or blocks}"
-        else:
-            text = blocks
-        if self.atomic_dq:
-            return text + " atomic dq"
-        return text + (f" dq={self.dq}" if self.dq is not None else "")
-
 
 _INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
@@ -76,35 +51,10 @@ _BACKWARD = {
     128: KernelConfig(64, 128, num_warps=8, num_stages=2),
     256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(64, 32, num_warps=8, num_stages=2)),
 }
-# Split backward: the dv and dk launches keep 128 keys (two warpgroups of 64 rows, one
-# [128, D] fp32 accumulator: 128 registers per thread at D = 256) and stream queries; the
-# dq kernel keeps 128 queries and streams keys. Blocks from the resource report of
-# tools/benchmarks/hstu_kernel_resources.py (no spills at 255 registers, <= 192 KiB of
-# shared memory at D = 256); not yet timed on a GPU.
-_BACKWARD_SPLIT = {
-    32: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
-    64: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
-    128: KernelConfig(64, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                      dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2)),
-    256: KernelConfig(32, 128, num_warps=8, num_stages=3, split_dkdv=True,
-                      dk=KernelConfig(32, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 32, num_warps=8, num_stages=2)),
-}
 _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
-BACKWARD_VARIANTS = ("fused", "split")
-DEFAULT_BACKWARD_VARIANT = "auto"
-"""The backward used when no override is active: ``split`` for 16-bit inputs at head dim
-128 (H100, bf16, causal, docs/benchmarks/hstu_attention.md: 276 / 287 TFLOP/s at 8k / 16k
-against fused's 251 / 265), ``fused`` otherwise. Split at head dim 256 is faster still (263 /
-280 against 139 / 152) but its blocks run out of shared memory with the relative-bias
-inputs (OutOfResources on the H100), so it is not the default there; below 128 and in
-float32 split was not timed."""
-_SPLIT_HEAD_DIMS = (128,)
-
-_override: dict = {"forward": None, "backward": None, "backward_variant": None}
+_override: dict[str, Optional[KernelConfig]] = {"forward": None, "backward": None}
 
 
 def _head_bucket(dqk: int, dv: int) -> int:
@@ -125,29 +75,18 @@ def forward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
 def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     if _override["backward"] is not None:
         return _override["backward"]
-    variant = _override["backward_variant"] or DEFAULT_BACKWARD_VARIANT
-    split = variant == "split" or (
-        variant == "auto" and dtype != torch.float32 and _head_bucket(dqk, dv) in _SPLIT_HEAD_DIMS
-    )
-    if interpreter_enabled() or dtype == torch.float32:
-        base = _INTERPRETER if interpreter_enabled() else _FP32_BACKWARD
-        return replace(base, split_dkdv=True) if split else base
-    return (_BACKWARD_SPLIT if split else _BACKWARD)[_head_bucket(dqk, dv)]
+    if interpreter_enabled():
+        return _INTERPRETER
+    if dtype == torch.float32:
+        return _FP32_BACKWARD
+    return _BACKWARD[_head_bucket(dqk, dv)]
 
 
 @contextlib.contextmanager
-def override(
-    *,
-    forward: Optional[KernelConfig] = None,
-    backward: Optional[KernelConfig] = None,
-    backward_variant: Optional[str] = None,
-) -> Iterator[None]:
-    """Use these configs inside the block (benchmarks and tests). ``backward_variant`` (one
-    of :data:`BACKWARD_VARIANTS`) picks the per-head-dim table when ``backward`` is None."""
-    if backward_variant is not None and backward_variant not in BACKWARD_VARIANTS:
-        raise ValueError(f"backward_variant must be one of {BACKWARD_VARIANTS}, got {backward_variant!r}")
+def override(*, forward: Optional[KernelConfig] = None, backward: Optional[KernelConfig] = None) -> Iterator[None]:
+    """Use these configs inside the block (benchmarks and tests)."""
     saved = dict(_override)
-    _override.update(forward=forward, backward=backward, backward_variant=backward_variant)
+    _override.update(forward=forward, backward=backward)
     try:
         yield
     finally:

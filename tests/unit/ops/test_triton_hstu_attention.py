@@ -1,6 +1,6 @@
 """The Triton HSTU attention against the PyTorch reference (float64) on random inputs: every
-mask alone and combined, relative bias, lengths 0, 1 and long, head dims, dtypes, every
-backward variant (fused dk/dv, split dv + dk, atomic dq); forward output and every gradient.
+mask alone and combined, relative bias, lengths 0, 1 and long, head dims, dtypes, both
+backward variants; forward output and every gradient.
 
 Without a GPU the kernels run in the Triton interpreter (needs triton; small shapes and
 blocks of 16 so that short sequences cross block boundaries); tests marked ``gpu`` run the
@@ -138,40 +138,6 @@ def test_interpreter_atomic_dq_and_uneven_blocks(mask):
         check_parity([1, 45, 70], mask=MASKS[mask], dtype=torch.float32, device="cpu", bias=True)
 
 
-@cpu_only
-@pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
-def test_interpreter_split_backward(mask):
-    """dv, dk and dq in three kernels, each with its own blocks (heights differ from the
-    forward's and from each other), relative bias on: every mask."""
-    backward = hstu_configs.KernelConfig(
-        16, 32, num_warps=1, num_stages=1, split_dkdv=True,
-        dk=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1),
-        dq=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1),
-    )
-    with hstu_configs.override(backward=backward):
-        check_parity([1, 45, 70, 0, 17], mask=MASKS[mask], dtype=torch.float32, device="cpu", bias=True)
-
-
-@cpu_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_interpreter_split_backward_variant_knob(dtype):
-    """The ``split`` variant chosen by name (as the benchmark and the lead's switch do), 16-bit."""
-    with hstu_configs.override(backward_variant="split"):
-        assert hstu_configs.backward_config(16, 16, dtype).split_dkdv
-        check_parity([1, 33, 18], mask=MASKS["all"], dtype=dtype, device="cpu", bias=True)
-    # the default: split at head dim 128 (faster on the H100), fused elsewhere
-    assert hstu_configs.DEFAULT_BACKWARD_VARIANT == "auto"
-    assert not hstu_configs.backward_config(16, 16, dtype).split_dkdv
-    assert hstu_configs.backward_config(128, 100, dtype).split_dkdv
-    assert not hstu_configs.backward_config(256, 256, dtype).split_dkdv
-
-
-def test_backward_variant_knob_rejects_unknown_names():
-    with pytest.raises(ValueError, match="backward_variant must be one of"):
-        with hstu_configs.override(backward_variant="fast"):
-            pass
-
-
 def test_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, offsets, _ = make_inputs([3], heads=1, dqk=4, dv=4, dtype=torch.float32, device="cpu", bias=False)
@@ -185,31 +151,22 @@ GPU_LENGTHS = [1, 300, 1031, 64, 0, 517]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", hstu_configs.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
-def test_gpu_masks_bf16(mask, variant):
-    with hstu_configs.override(backward_variant=variant):
-        check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=torch.bfloat16, device="cuda", heads=2, dqk=64, dv=64,
-                     bias=True)
+def test_gpu_masks_bf16(mask):
+    check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=torch.bfloat16, device="cuda", heads=2, dqk=64, dv=64, bias=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", hstu_configs.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("mask", ["causal", "all"])
-def test_gpu_dtypes(mask, dtype, variant):
-    with hstu_configs.override(backward_variant=variant):
-        check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=dtype, device="cuda", heads=2, dqk=64, dv=64, bias=True)
+def test_gpu_dtypes(mask, dtype):
+    check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=dtype, device="cuda", heads=2, dqk=64, dv=64, bias=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", hstu_configs.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("dqk, dv", [(32, 32), (128, 128), (256, 256), (40, 24)])
-def test_gpu_head_dims(dqk, dv, variant):
-    """Each variant's per-head-dim blocks (the 128 and 256 tables are the ones timed)."""
-    with hstu_configs.override(backward_variant=variant):
-        check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", heads=2, dqk=dqk, dv=dv,
-                     bias=dqk == 256)
+def test_gpu_head_dims(dqk, dv):
+    check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", heads=2, dqk=dqk, dv=dv)
 
 
 @pytest.mark.gpu
