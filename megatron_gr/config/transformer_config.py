@@ -4,6 +4,7 @@ recommendation layers read (STU/HSTU attention, encodings, the retrieval task)."
 from __future__ import annotations
 
 from dataclasses import dataclass
+import importlib.util
 import math
 from typing import Literal, Optional
 
@@ -123,7 +124,10 @@ class GRTransformerConfig(TransformerConfig):
     two stages, and a stage's last block holds what is left of its layers."""
 
     use_fused_mhc: bool = False
-    """Fused mHC kernels instead of the PyTorch reference (not available in this build)."""
+    """Run the hyper-connection ops (mappings with their RMS norm and Sinkhorn-Knopp,
+    aggregate, merge) as fused Triton kernels instead of the PyTorch reference. Needs
+    triton and a CUDA device (``pip install 'megatron_gr[gpu]'``); the mapping math stays
+    float32. Dropout in the merge draws other masks than the reference."""
 
     def __post_init__(self):
         # Our shape checks first: the base class divides by some of these fields.
@@ -207,10 +211,16 @@ class GRTransformerConfig(TransformerConfig):
         check_float_range("mhc_init_gating_factor", self.mhc_init_gating_factor, low=0.0)
         if self.mhc_recompute_layer_num is not None:
             check_int_range("mhc_recompute_layer_num", self.mhc_recompute_layer_num, low=1)
-        require(
-            not self.use_fused_mhc,
-            "use_fused_mhc=True: fused mHC kernels are not available in this build; set it to false",
-        )
+        if self.use_fused_mhc:
+            require(
+                on,
+                "use_fused_mhc=True has no effect with enable_hyper_connections=False: enable them or set it to false",
+            )
+            require(
+                importlib.util.find_spec("triton") is not None,
+                "use_fused_mhc=True needs the triton package, which is not installed: "
+                "pip install 'megatron_gr[gpu]' or set use_fused_mhc=false",
+            )
         if self.recompute_mhc:
             require(on, "recompute_modules holds 'mhc' but enable_hyper_connections=False: drop 'mhc' or enable them")
             require(

@@ -5,7 +5,9 @@ Triton kernels (one place chooses; a missing backend is an error).
   (:mod:`megatron_gr.ops.pytorch.id_hash` explains the bits).
 - :func:`probe`: find-or-insert distinct queries in a bucketed table with scores
   (:mod:`megatron_gr.ops.pytorch.hash_probe` states the exact semantics).
-- :func:`materialize_rows`: the rows of probed queries; fresh slots initialised.
+- :func:`init_rows`: the probe's new rows get their initial value; their optimizer state
+  is flagged fresh (written by the first update, which then reads none).
+- :func:`read_rows`: the rows of probed queries (stored or initial), optionally gathered.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_gr.ops.pytorch.dynamic_rows import pytorch_materialize_rows
+from megatron_gr.ops.pytorch.dynamic_rows import pytorch_init_rows, pytorch_read_rows
 from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult, pytorch_probe
 from megatron_gr.ops.pytorch.id_hash import routing_keys as pytorch_routing_keys
 
@@ -22,12 +24,14 @@ KERNELS = ("pytorch", "triton")
 
 
 def _triton(device: torch.device, what: str):
+    """The Triton kernel modules (imported only once Triton can run here)."""
     from megatron_gr.ops.triton.availability import require_triton
 
     require_triton(device, what=f"kernel='triton' ({what})")
-    from megatron_gr.ops.triton import hash_table
+    from megatron_gr.ops import triton as kernels
+    from megatron_gr.ops.triton import dynamic_rows, hash_table  # noqa: F401  (loads them into `kernels`)
 
-    return hash_table
+    return kernels
 
 
 def _check_kernel(kernel: str) -> None:
@@ -41,7 +45,7 @@ def routing_keys(ids: torch.Tensor, tags: Optional[torch.Tensor] = None, *, kern
     if ids.dtype != torch.int64:
         raise TypeError(f"ids must be int64, got {ids.dtype}")
     if kernel == "triton":
-        return _triton(ids.device, "routing keys").triton_routing_keys(ids.contiguous(), None if tags is None else tags.contiguous())
+        return _triton(ids.device, "routing keys").hash_table.triton_routing_keys(ids.contiguous(), None if tags is None else tags.contiguous())
     return pytorch_routing_keys(ids, tags)
 
 
@@ -91,14 +95,13 @@ def probe(
     args = (keys, tags, last_seen, freq, changed, query_keys, query_tags, query_hashes, query_counts, may_insert)
     options = dict(num_buckets=num_buckets, bucket_size=bucket_size, step=step, policy=policy, update_scores=update_scores)
     if kernel == "triton":
-        return _triton(keys.device, "hash probe").triton_probe(*args, **options)
+        return _triton(keys.device, "hash probe").hash_table.triton_probe(*args, **options)
     return pytorch_probe(*args, **options)
 
 
-def materialize_rows(
+def init_rows(
     weights: torch.Tensor,
-    states: list[torch.Tensor],
-    state_init: list[float],
+    fresh: Optional[torch.Tensor],
     slots: torch.Tensor,
     status: torch.Tensor,
     ids: torch.Tensor,
@@ -107,14 +110,45 @@ def materialize_rows(
     scales: torch.Tensor,
     *,
     kernel: str = "pytorch",
-) -> torch.Tensor:
-    """Rows ``[U, D]`` of probed queries (stored row of a hit, initial value otherwise);
-    slots the probe just filled get their initial value and fresh optimizer state.
-    See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_materialize_rows`."""
+) -> None:
+    """Slots the probe just filled (status INSERTED or REPLACED) get their initial value and
+    their ``fresh`` flag (optimizer state initial until the first update).
+    See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_init_rows`."""
     _check_kernel(kernel)
+    _check_weights(weights)
+    if fresh is not None and (fresh.dtype != torch.uint8 or fresh.shape != (weights.shape[0],)):
+        raise ValueError(f"fresh must be uint8 [{weights.shape[0]}], got {fresh.dtype} {tuple(fresh.shape)}")
+    args = (weights, fresh, slots, status, ids, tags, salts, scales)
+    if kernel == "triton":
+        return _triton(weights.device, "row initialisation").dynamic_rows.triton_init_rows(*args)
+    return pytorch_init_rows(*args)
+
+
+def read_rows(
+    weights: torch.Tensor,
+    slots: torch.Tensor,
+    ids: torch.Tensor,
+    tags: torch.Tensor,
+    salts: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    index: Optional[torch.Tensor] = None,
+    kernel: str = "pytorch",
+) -> torch.Tensor:
+    """Rows ``[U, D]`` of ``U`` probed queries (stored row, or initial value where the slot
+    is -1), or with ``index`` ``[N]`` int64 the rows ``[N, D]`` of queries ``index`` (one
+    pass, no ``[U, D]`` intermediate). Run :func:`init_rows` first.
+    See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_read_rows`."""
+    _check_kernel(kernel)
+    _check_weights(weights)
+    if index is not None and index.dtype != torch.int64:
+        raise ValueError(f"index must be int64, got {index.dtype}")
+    args = (weights, slots, ids, tags, salts, scales, index)
+    if kernel == "triton":
+        return _triton(weights.device, "row read").dynamic_rows.triton_read_rows(*args)
+    return pytorch_read_rows(*args)
+
+
+def _check_weights(weights: torch.Tensor) -> None:
     if weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError(f"weights must be contiguous float32, got {weights.dtype}")
-    args = (weights, states, state_init, slots, status, ids, tags, salts, scales)
-    if kernel == "triton":
-        return _triton(weights.device, "row initialisation").triton_materialize_rows(*args)
-    return pytorch_materialize_rows(*args)

@@ -22,6 +22,13 @@ output_contract    x [T, n, C]                                  [T, C] (x.dtype)
 =================  ===========================================  ============================
 
 "compute dtype" is float32, or float64 when any input is float64.
+
+``kernel='triton'`` runs the fused Triton kernels of :mod:`megatron_gr.ops.triton` (mhc_*)
+on CUDA (on the CPU only in Triton's interpreter, for tests). They compute in float32 and
+take float32, bfloat16 or float16 tensors (float64 checks need the reference). Their
+dropout in ``mhc_merge`` draws a different mask from the reference's. ``input_expand`` and
+``output_contract`` are one copy and one mean, a single pass in PyTorch already: both
+kernels run the same code for them.
 """
 
 from __future__ import annotations
@@ -87,7 +94,11 @@ def mhc_mappings(
     _check_iterations(iterations)
     if not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0")
-    _dispatch(kernel)
+    if kernel == "triton":
+        _require_triton("mhc_mappings", x, projection, alpha, bias)
+        from megatron_gr.ops.triton.mhc_mappings import triton_mhc_mappings
+
+        return triton_mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=eps)
     return pytorch_mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=eps)
 
 
@@ -101,7 +112,11 @@ def sinkhorn(logits: torch.Tensor, iterations: int, *, kernel: str = "pytorch") 
     if logits.dim() != 3 or logits.shape[1] != logits.shape[2] or not logits.is_floating_point():
         raise ValueError(f"logits must be a float [T, n, n] tensor, got {logits.dtype} {list(logits.shape)}")
     _check_iterations(iterations)
-    _dispatch(kernel)
+    if kernel == "triton":
+        _require_triton("sinkhorn", logits)
+        from megatron_gr.ops.triton.mhc_sinkhorn import triton_sinkhorn
+
+        return triton_sinkhorn(logits, iterations)
     return pytorch_sinkhorn(logits, iterations)
 
 
@@ -110,7 +125,11 @@ def mhc_aggregate(x: torch.Tensor, h_pre: torch.Tensor, *, kernel: str = "pytorc
     _check_kernel(kernel)
     _check_streams("x", x)
     _check_shape("h_pre", h_pre, x.shape[:2])
-    _dispatch(kernel)
+    if kernel == "triton":
+        _require_triton("mhc_aggregate", x, h_pre)
+        from megatron_gr.ops.triton.mhc_aggregate import triton_mhc_aggregate
+
+        return triton_mhc_aggregate(x, h_pre)
     return pytorch_mhc_aggregate(x, h_pre)
 
 
@@ -146,7 +165,11 @@ def mhc_merge(
         _check_shape("bias", bias, (channels,))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
-    _dispatch(kernel)
+    if kernel == "triton":
+        _require_triton("mhc_merge", x, h_res, h_post, y, *([] if bias is None else [bias]))
+        from megatron_gr.ops.triton.mhc_merge import triton_mhc_merge
+
+        return triton_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
     return pytorch_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
 
 
@@ -157,7 +180,6 @@ def input_expand(x: torch.Tensor, n: int, *, kernel: str = "pytorch") -> torch.T
         raise ValueError(f"x must be [T, C], got {list(x.shape)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r} must be a positive int")
-    _dispatch(kernel)
     return pytorch_input_expand(x, n)
 
 
@@ -167,7 +189,6 @@ def output_contract(x: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor
     plain residual stream."""
     _check_kernel(kernel)
     _check_streams("x", x)
-    _dispatch(kernel)
     return pytorch_output_contract(x)
 
 
@@ -176,10 +197,20 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
 
 
-def _dispatch(kernel: str) -> None:
-    """The only kernel so far is the reference."""
-    if kernel == "triton":
-        raise NotImplementedError("fused mHC kernels (kernel='triton') are not available in this build")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _require_triton(op: str, *tensors: torch.Tensor) -> None:
+    """The fused kernels run here (CUDA, or the interpreter) and take these dtypes."""
+    from megatron_gr.ops.triton.availability import require_triton
+
+    require_triton(tensors[0].device, what=f"kernel='triton' ({op})", setting="model.use_fused_mhc=false")
+    for tensor in tensors:
+        if tensor.dtype not in _TRITON_DTYPES:
+            raise ValueError(
+                f"kernel='triton' ({op}) computes in float32 and takes float32, bfloat16 or float16 "
+                f"tensors, got {tensor.dtype}: use kernel='pytorch' (model.use_fused_mhc=false)"
+            )
 
 
 def _check_streams(name: str, x: torch.Tensor) -> None:

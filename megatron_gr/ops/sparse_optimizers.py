@@ -4,6 +4,8 @@ Triton kernel."""
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES, pytorch_sparse_update
@@ -24,11 +26,19 @@ def sparse_update(
     beta2: float = 0.999,
     eps: float = 1e-8,
     grad_scale: float = 1.0,
+    fresh: Optional[torch.Tensor] = None,
+    state_init: Sequence[float] = (),
     kernel: str = "pytorch",
 ) -> None:
     """Updates rows ``slots`` ``[R]`` (distinct; < 0 = skip) of ``weights`` ``[C, D]`` and
     ``states`` in place with ``grads`` ``[R, D]`` times ``grad_scale``; ``step`` >= 1 is the
-    step count Adam's bias correction uses."""
+    step count Adam's bias correction uses.
+
+    ``fresh`` ``[C]`` uint8 (optional): rows whose flag is set start from ``state_init``
+    (one value per state tensor) instead of their stored state, which is not read, and the
+    update clears their flag. A table flags the rows it creates instead of writing their
+    initial state: most rows of a step are new, and each would otherwise cost a write and a
+    read of every state row."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
     if optimizer not in OPTIMIZER_STATES:
@@ -39,7 +49,15 @@ def sparse_update(
         raise ValueError(f"grads must be [{slots.numel()}, {weights.shape[1]}], got {tuple(grads.shape)}")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1")
-    options = dict(optimizer=optimizer, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale)
+    if fresh is not None and (fresh.dtype != torch.uint8 or fresh.shape != (weights.shape[0],) or len(state_init) != len(states)):
+        raise ValueError(
+            f"fresh must be uint8 [{weights.shape[0]}] with one state_init value per state tensor ({len(states)}), "
+            f"got {fresh.dtype} {tuple(fresh.shape)} and {len(state_init)} values"
+        )
+    options = dict(
+        optimizer=optimizer, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale,
+        fresh=fresh, state_init=list(state_init),
+    )
     if kernel == "triton":
         from megatron_gr.ops.triton.availability import require_triton
 

@@ -25,6 +25,7 @@ from megatron_gr.embeddings import EmbeddingTable, PlainEmbedding
 from megatron_gr.embeddings.dynamic import DynamicEmbedding, DynamicEmbeddingCollection
 from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
 from megatron_gr.models.preprocessor import InputPreprocessor
+from megatron_gr.ops.triton.availability import triton_missing_reason
 from megatron_gr.training.runtime import Runtime
 from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
 from megatron_gr.transformer.specs import get_stu_layer_spec
@@ -37,6 +38,12 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
             "model.contextual_len > 0 needs contextual features, which the HSTU retrieval model "
             "does not take yet: set model.contextual_len=0"
         )
+    if config.model.use_fused_mhc:
+        reason = triton_missing_reason(runtime.device)
+        if reason is not None:
+            raise ConfigError(
+                f"model.use_fused_mhc=true: the fused mHC kernels {reason}; set it to false on this device"
+            )
     parallel = config.parallel
     return dataclasses.replace(
         config.model,

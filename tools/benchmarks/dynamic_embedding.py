@@ -6,15 +6,17 @@ from ranks ``1..--id-space`` (every step draws afresh; ranks are scrambled by a 
 bijection into raw ids spread over the whole int64 range). Tables hold ``--rows`` rows of
 ``--dim`` float32 in GPU memory, with Adam's two moments.
 
-- ``dynamic``: :class:`DynamicEmbeddingCollection` (Triton probe, row materialisation and
-  fused row-sparse Adam), one rank;
+- ``dynamic``: :class:`DynamicEmbeddingCollection` (Triton probe, row initialisation and
+  reads, segment-sum backward, fused row-sparse Adam), one rank;
 - ``static``: ``nn.Embedding(rows, dim, sparse=True)`` looked up at ``raw id mod rows`` (how a
   fixed table serves a large id space), its sparse gradient coalesced, then the same fused
   row-sparse Adam kernel on the coalesced rows;
 - ``static_sparse_adam``: the same embedding with ``torch.optim.SparseAdam``.
 
 Each step's time is taken with CUDA events after ``--warmup`` steps; the upstream gradient is
-one fixed random tensor. ``--breakdown`` also times the phases of the dynamic step.
+one fixed random tensor. ``--breakdown`` also times the phases of the dynamic step
+(``PHASES``, CUDA events between them: a phase also holds any wait for the host to launch
+its kernels, mainly after the dedupe's host read) and lists every kernel's GPU time.
 
     python tools/benchmarks/dynamic_embedding.py --output dynamic_embedding.json
 """
@@ -37,10 +39,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig  # noqa: E402
 from megatron_gr.config.embedding_config import EmbeddingTableConfig  # noqa: E402
 from megatron_gr.embeddings.dynamic import DynamicEmbeddingCollection  # noqa: E402
-from megatron_gr.embeddings.dynamic.exchange import _OwnedRows, dedupe  # noqa: E402
+from megatron_gr.embeddings.dynamic.exchange import dedupe  # noqa: E402
 from megatron_gr.ops import hash_table  # noqa: E402
 from megatron_gr.ops.pytorch.id_hash import mix64  # noqa: E402
+from megatron_gr.ops.segment_sum import segment_sum  # noqa: E402
 from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
+
+
+# Phases of the dynamic step (``--breakdown``), in order: routing hash; dedupe (stable sort,
+# groups, the step's one host read); find-or-insert; new rows' initial values (their
+# optimizer state is flagged fresh, not written); counters; each id's row read from the
+# table ([N, D]); backward (per-id gradient sums); Adam on the touched rows.
+PHASES = ("hash", "dedupe", "probe", "init_rows", "count", "read", "backward", "adam")
+PROFILED = 3  # steps under torch.profiler (--breakdown), for the time of every kernel
 
 
 def zipf_ids(count: int, exponent: float, id_space: int, rng: np.random.Generator) -> torch.Tensor:
@@ -51,6 +62,23 @@ def zipf_ids(count: int, exponent: float, id_space: int, rng: np.random.Generato
         draw = rng.zipf(exponent, size=2 * (count - ranks.size) + 1024)
         ranks = np.concatenate([ranks, draw[draw <= id_space][: count - ranks.size]])
     return mix64(torch.from_numpy(ranks))
+
+
+def kernel_times(step, batches) -> dict[str, float]:
+    """GPU time per step of every kernel (microseconds, largest first) over ``batches``,
+    from torch.profiler: what each phase is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for ids in batches:
+            step(ids)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:100]  # templated library kernels have names of a thousand characters
+            totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us() / len(batches)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 class Timer:
@@ -89,7 +117,7 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
     collection = DynamicEmbeddingCollection({"t": config}, default_seed=0, device=torch.device("cuda"))
     table = collection.tables["t"]
     timer = Timer()
-    phases = {name: [] for name in ("hash", "dedupe", "probe_rows", "gather", "backward", "adam")}
+    phases = {name: [] for name in PHASES}
     uniques = []
 
     def step(ids):
@@ -98,35 +126,49 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         table.apply_step(dense_lr=0.0)
 
     def step_with_phases(ids):
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(7)]
+        """The same work as ``step`` (one rank, no admission), spelled out to time each
+        phase: exchange.table_rows = find (probe, init_rows, counters) + read, its backward =
+        segment_sum + accumulate."""
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)]
         marks[0].record()
         hashes = hash_table.routing_keys(ids, kernel="triton")
         marks[1].record()
-        u_hashes, u_ids, u_tags, inverse, counts = dedupe(hashes, ids, None, False)
+        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False)
         marks[2].record()
-        rows = _OwnedRows.apply(torch.zeros((), device="cuda", requires_grad=True), table, u_ids, u_tags, u_hashes, counts)
+        result = table.index.probe(
+            queries.ids, queries.tags, queries.hashes, queries.counts, torch.ones_like(queries.ids, dtype=torch.bool),
+            step=table.step, update_scores=True,
+        )
         marks[3].record()
-        out = F.embedding(inverse, rows)
+        hash_table.init_rows(
+            table.weights, table._fresh, result.slots, result.status, queries.ids, queries.tags, table.salts, table.scales,
+            kernel="triton",
+        )
         marks[4].record()
-        out.backward(grad)
+        table._count(result)
         marks[5].record()
-        table.apply_step(dense_lr=0.0)
+        table.read(result.slots, queries.ids, queries.tags, index=queries.groups.inverse)
         marks[6].record()
-        marks[6].synchronize()
-        uniques.append(u_ids.numel())
-        return [marks[i].elapsed_time(marks[i + 1]) for i in range(6)]
+        table.accumulate(result.slots, segment_sum(grad, queries.groups, kernel="triton"))
+        marks[7].record()
+        table.apply_step(dense_lr=0.0)
+        marks[8].record()
+        marks[8].synchronize()
+        uniques.append(queries.ids.numel())
+        return [marks[i].elapsed_time(marks[i + 1]) for i in range(len(PHASES))]
 
     for i, ids in enumerate(batches):
         record = i >= args.warmup
         timer.time(lambda: step(ids), record=record)
     result = timer.summary(args.ids)
     if args.breakdown:
-        for i, ids in enumerate(fresh):
+        result["kernels_us_per_step"] = kernel_times(step, fresh[-PROFILED:])
+        for i, ids in enumerate(fresh[:-PROFILED]):
             times = step_with_phases(ids)
             if i >= 2:  # the first ones still pay for the switch of code path
                 for name, ms in zip(phases, times):
                     phases[name].append(ms)
-        result["phases_ms"] = {name: statistics.fmean(values) for name, values in phases.items()}
+        result["phases_ms"] = {name: statistics.median(values) for name, values in phases.items()}
         result["unique_ids_per_step"] = statistics.fmean(uniques)
     stats = table.statistics()
     steps = len(batches) + len(fresh)
@@ -203,7 +245,7 @@ def main() -> int:
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     batches = [zipf_ids(args.ids, args.zipf, args.id_space, rng).cuda() for _ in range(args.warmup + args.steps)]
-    fresh = [zipf_ids(args.ids, args.zipf, args.id_space, rng).cuda() for _ in range(12 if args.breakdown else 0)]
+    fresh = [zipf_ids(args.ids, args.zipf, args.id_space, rng).cuda() for _ in range(12 + PROFILED if args.breakdown else 0)]
     grad = torch.randn(args.ids, args.dim, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     print(f"generated {len(batches)} batches in {time.perf_counter() - started:.1f}s", flush=True)
 

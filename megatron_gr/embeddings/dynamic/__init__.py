@@ -10,17 +10,17 @@ Design in brief (details in each module):
   or the number of ranks.
 - **Routing.** ``s = splitmix64(id + tag * golden)``; bits 31..0 pick the owner rank,
   bits 63..32 the bucket on it. Sorting by ``s`` (the dedupe sort) groups queries by bucket,
-  so the probe kernel gives each bucket to one program and needs no atomics: results are
-  deterministic. Lookups dedupe, send (id, tag, count) to owners with an all-to-all, and
+  so the probe kernel gives each bucket to one program: results are deterministic. Lookups dedupe, send (id, tag, count) to owners with an all-to-all, and
   receive rows with an all-to-all whose backward returns the gradients (:mod:`.exchange`).
 - **Policies.** Hits first, then inserts into free slots; a full bucket evicts its lowest
   score (LRU: ``last_seen``; LFU: ``freq``) among rows not seen in the current step, or
   refuses (eviction ``none``: an error). TTL sweeps drop rows unseen for N steps. With an
   admission threshold, ids are counted in a second index and get a row only once seen T
   times; until then they read their initial value and get no update.
-- **Updates.** Backward passes stash row gradients on the owner; at the optimizer step the
-  gradients of repeated rows are summed, scaled like megatron's dense gradients (1/tokens,
-  clipping by the joint norm) and applied by a row-sparse SGD/Adagrad/row-wise
+- **Updates.** Backward passes sum each row's gradients in one fixed order
+  (:mod:`megatron_gr.ops.segment_sum`) and stash them on the owner; at the optimizer step
+  the sums of several lookups are summed again, scaled like megatron's dense gradients
+  (1/tokens, clipping by the joint norm) and applied by a row-sparse SGD/Adagrad/row-wise
   Adagrad/Adam (:mod:`megatron_gr.ops.sparse_optimizers`).
 - **Placement.** A collection shards over one process group, the data-parallel group in
   training: each data-parallel rank owns the ids hashed to it. Tensor-parallel ranks of a

@@ -3,64 +3,87 @@ the same way in the backward pass.
 
 For ``N`` ids on a rank of a shard group of ``W`` ranks::
 
-    ids [N] -> routing keys -> dedupe -> U distinct (id, tag), occurrence counts
-      -> owner rank of each (hash bits 31..0), sorted by owner
-      -> all-to-all of (id, tag, count)                  [W > 1 only]
-    owner: dedupe again (several ranks may ask for one id), counts summed
-      -> find-or-insert + rows  [M, D]   (autograd leaf: backward stores the row gradients)
-      -> rows of each request, all-to-all back            (backward: all-to-all of gradients)
-    requester: rows [U, D] -> F.embedding(inverse) -> [N, D]
+    ids [N] -> routing keys -> dedupe (one stable sort): U distinct (id, tag), counts
+    W == 1: find-or-insert the U -> each id's row read from the table by slot  [N, D]
+    W > 1:  owner rank of each distinct (hash bits 31..0), sorted by owner
+      -> all-to-all of (id, tag, count)
+      owner: dedupe the R requests (several ranks may ask for one id), counts summed,
+        find-or-insert -> each request's row read from the table by slot  [R, D]
+      -> all-to-all back                              (backward: all-to-all of gradients)
+      requester: [U, D] -> each id's row              [N, D]
 
-Gradients of repeated ids are summed by the embedding backward (per requester) and by the
-owner's gather backward (over requesters) before they reach the table.
+Where rows are read for repeated keys, the backward sums the gradients of each distinct key
+with :func:`megatron_gr.ops.segment_sum.segment_sum` over the dedupe's sort: a fixed order,
+so the same bits on every run, rank layout and device. A training lookup reads one number
+back to the host (the count of distinct keys, which sizes everything after it), plus the
+send counts with ``W > 1``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron_gr.embeddings.dynamic.table import PhysicalTable
 from megatron_gr.ops import hash_table
 from megatron_gr.ops.pytorch.id_hash import owner_ranks
+from megatron_gr.ops.segment_sum import SortedGroups, gather_rows, segment_sum, sorted_groups
 
 
-def dedupe(hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool):
-    """Distinct (id, tag) sorted by routing key: (hashes, ids, tags, inverse, counts).
+@dataclasses.dataclass
+class Distinct:
+    """The distinct (id, tag) of ``N`` queries, sorted by routing key, then tag."""
 
-    Without coalescing the key is a bijection of the id, so distinct keys are distinct ids;
+    hashes: torch.Tensor  # [U] int64 routing keys
+    ids: torch.Tensor  # [U] int64
+    tags: torch.Tensor  # [U] int32
+    counts: torch.Tensor  # [U] int64 occurrences
+    groups: SortedGroups  # which queries share each distinct key (groups.inverse: [N] -> U)
+
+
+def dedupe(hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool) -> Distinct:
+    """Without coalescing the key is a bijection of the id, so distinct keys are distinct ids;
     with it, (key, tag) pairs are (keys may collide across tags, pairs cannot)."""
-    if coalesced:
-        pairs, inverse, counts = torch.unique(
-            torch.stack([hashes, tags.to(torch.int64)], dim=1), dim=0, sorted=True, return_inverse=True, return_counts=True
-        )
-        unique_hashes, unique_tags = pairs[:, 0], pairs[:, 1].to(torch.int32)
-    else:
-        unique_hashes, inverse, counts = torch.unique(hashes, sorted=True, return_inverse=True, return_counts=True)
-        unique_tags = torch.zeros(unique_hashes.numel(), dtype=torch.int32, device=ids.device)
-    unique_ids = torch.empty_like(unique_hashes).scatter_(0, inverse, ids)
-    return unique_hashes, unique_ids, unique_tags, inverse, counts
+    groups = sorted_groups(hashes, tags if coalesced else None)
+    first = groups.first
+    return Distinct(hashes[first], ids[first], tags[first], groups.counts, groups)
 
 
-class _OwnedRows(torch.autograd.Function):
-    """The owner's rows as a differentiable output; the backward hands the gradients to the
-    table (the rows are not parameters: the sparse optimizer applies them at the step)."""
+class _TableRows(torch.autograd.Function):
+    """Every query's row ``[N, D]`` read straight from the table by the slot of its distinct
+    key (fresh rows initialised first). The backward sums each distinct key's gradients and
+    hands them to the table (the rows are not parameters: the sparse optimizer applies them
+    at the step)."""
 
     @staticmethod
-    def forward(ctx, anchor, table: PhysicalTable, ids, tags, hashes, counts):
-        rows, slots = table.owned_rows(ids, tags, hashes, counts, train=True)
-        ctx.table = table
+    def forward(ctx, anchor, table: PhysicalTable, queries: Distinct):
+        slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=True)
+        ctx.table, ctx.groups = table, queries.groups
         ctx.save_for_backward(slots)
-        return rows
+        return table.read(slots, queries.ids, queries.tags, index=queries.groups.inverse)
 
     @staticmethod
     def backward(ctx, grad):
         (slots,) = ctx.saved_tensors
-        ctx.table.accumulate(slots, grad)
-        return (None,) * 6
+        ctx.table.accumulate(slots, segment_sum(grad, ctx.groups, kernel=ctx.table.kernel))
+        return None, None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``rows[groups.inverse]``: ``[U, D]`` -> ``[N, D]``; the backward sums each group's
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, rows, groups: SortedGroups, kernel: str):
+        ctx.groups, ctx.kernel = groups, kernel
+        return gather_rows(rows, groups.inverse, kernel=kernel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return segment_sum(grad, ctx.groups, kernel=ctx.kernel), None, None
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -80,12 +103,14 @@ class _AllToAllRows(torch.autograd.Function):
         return back, None, None, None
 
 
-def _owner_rows(table: PhysicalTable, ids, tags, hashes, counts, train: bool) -> torch.Tensor:
+def table_rows(table: PhysicalTable, queries: Distinct, *, train: bool) -> torch.Tensor:
+    """Rows ``[N, D]`` of the queries behind ``queries`` on the rank that owns them;
+    ``train``: insert, score and collect gradients, otherwise read only."""
     if train:
-        anchor = torch.zeros((), device=ids.device, requires_grad=True)
-        return _OwnedRows.apply(anchor, table, ids, tags, hashes, counts)
-    rows, _ = table.owned_rows(ids, tags, hashes, counts, train=False)
-    return rows
+        anchor = torch.zeros((), device=queries.ids.device, requires_grad=True)
+        return _TableRows.apply(anchor, table, queries)
+    slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=False)
+    return table.read(slots, queries.ids, queries.tags, index=queries.groups.inverse)
 
 
 def sharded_lookup(
@@ -98,28 +123,27 @@ def sharded_lookup(
     if tags is None:
         tags = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
     hashes = hash_table.routing_keys(ids, tags if table.coalesced else None, kernel=table.kernel)
-    unique_hashes, unique_ids, unique_tags, inverse, counts = dedupe(hashes, ids, tags, table.coalesced)
+    queries = dedupe(hashes, ids, tags, table.coalesced)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if world == 1:
-        rows = _owner_rows(table, unique_ids, unique_tags, unique_hashes, counts, train)
-        return F.embedding(inverse, rows)
+        return table_rows(table, queries, train=train)
 
-    owner = owner_ranks(unique_hashes, world)
+    owner = owner_ranks(queries.hashes, world)
     order = torch.argsort(owner, stable=True)
-    send_counts = torch.bincount(owner, minlength=world)
+    bounds = torch.searchsorted(owner[order], torch.arange(world + 1, device=owner.device))
+    send_counts = bounds[1:] - bounds[:-1]
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
     send, recv = send_counts.tolist(), recv_counts.tolist()
-    payload = torch.stack([unique_ids, unique_tags.to(torch.int64), counts], dim=1)[order]  # [U, 3]
+    payload = torch.stack([queries.ids, queries.tags.to(torch.int64), queries.counts], dim=1)[order]  # [U, 3]
     received = payload.new_empty(sum(recv), 3)
     dist.all_to_all_single(received, payload, recv, send, group=group)
 
     r_ids, r_tags, r_counts = received[:, 0], received[:, 1].to(torch.int32), received[:, 2]
     r_hashes = hash_table.routing_keys(r_ids, r_tags if table.coalesced else None, kernel=table.kernel)
-    o_hashes, o_ids, o_tags, o_inverse, _ = dedupe(r_hashes, r_ids, r_tags, table.coalesced)
-    o_counts = torch.zeros(o_ids.numel(), dtype=torch.int64, device=ids.device).index_add_(0, o_inverse, r_counts)
-    rows = _owner_rows(table, o_ids, o_tags, o_hashes, o_counts, train)  # [M, D]
-    returned = _AllToAllRows.apply(rows[o_inverse], recv, send, group)  # [U, D], in `order`
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=order.device)
-    return F.embedding(position[inverse], returned)
+    requests = dedupe(r_hashes, r_ids, r_tags, table.coalesced)
+    totals = torch.zeros_like(requests.counts).index_add_(0, requests.groups.inverse, r_counts)  # over requesters
+    rows = table_rows(table, dataclasses.replace(requests, counts=totals), train=train)  # [R, D]
+    returned = _AllToAllRows.apply(rows, recv, send, group)  # [U, D], in `order`
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return _GatherRows.apply(returned[position], queries.groups, table.kernel)

@@ -63,13 +63,15 @@ class HashIndex:
     def mark_changed(self, slots: torch.Tensor) -> None:
         """Flags ``slots`` for the next incremental dump; entries < 0 are ignored (they
         land on the spare flag: no host round trip to filter them out)."""
-        self._changed[torch.where(slots >= 0, slots, self.capacity)] = 1
+        # index_fill_, not ``[...] = 1``: a Python value assigned on a GPU is copied there
+        # first, and that copy waits for the device.
+        self._changed.index_fill_(0, torch.where(slots >= 0, slots, self.capacity), 1)
 
     def release(self, slots: torch.Tensor) -> None:
         """Empties ``slots`` (their ids are forgotten)."""
-        self.last_seen[slots] = -1
-        self.freq[slots] = 0
-        self.changed[slots] = 1
+        self.last_seen.index_fill_(0, slots, -1)
+        self.freq.index_fill_(0, slots, 0)
+        self.changed.index_fill_(0, slots, 1)
 
     def expired(self, current_step: int, ttl_steps: int) -> torch.Tensor:
         """Slots whose id was not looked up in the last ``ttl_steps`` completed steps."""

@@ -18,6 +18,7 @@ from megatron_gr.ops import hash_table
 from megatron_gr.ops.pytorch.hash_probe import HIT, INSERTED, NO_ROOM, NOT_STORED, REPLACED
 from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt
 from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES
+from megatron_gr.ops.segment_sum import segment_sum, sorted_groups
 from megatron_gr.ops.sparse_optimizers import sparse_update
 
 COUNTERS = ("lookups", "hits", "misses", "inserts", "evictions", "expired", "rejected_admission", "rejected_full")
@@ -78,12 +79,15 @@ class PhysicalTable:
         capacity = self.index.capacity
         self.weights = torch.zeros(capacity, dim, dtype=torch.float32, device=device)
         self.state_names = [name for name, _ in OPTIMIZER_STATES[settings.optimizer]]
-        self.states = [
+        self._states = [
             torch.zeros((capacity, dim) if shape == "row" else (capacity,), dtype=torch.float32, device=device)
             for _, shape in OPTIMIZER_STATES[settings.optimizer]
         ]
         accumulator = settings.initial_accumulator if settings.optimizer in ("adagrad", "rowwise_adagrad") else 0.0
-        self.state_init = [accumulator] * len(self.states)
+        self.state_init = [accumulator] * len(self._states)
+        # 1: the row's optimizer state is state_init, whatever its memory holds. New rows get
+        # the flag instead of a written state; their first update reads no state and clears it.
+        self._fresh = torch.zeros(capacity, dtype=torch.uint8, device=device) if self._states else None
         self.salts = torch.tensor([row_salt(f.seed) for f in features], dtype=torch.int64, device=device)
         self.scales = torch.tensor([init_scale(f.init_std) for f in features], dtype=torch.float32, device=device)
         self.step = 0
@@ -91,12 +95,25 @@ class PhysicalTable:
         self._counted = torch.tensor(
             [[name in _COUNTED[status] for name in COUNTERS] for status in sorted(_COUNTED)], dtype=torch.int64, device=device
         )
+        self._statuses = torch.tensor(sorted(_COUNTED), dtype=torch.int8, device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_scale = 1.0
         self._ready: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # Ids removed since the last dump (evicted or expired), kept once dumps are taken.
         self.track_removals = False
         self.removed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """The optimizer state tensors ``[C, D]`` or ``[C]``, every row holding its value: rows
+        still flagged fresh get ``state_init`` written first (a host read; for checkpoints
+        and inspection, not the training step)."""
+        if self._fresh is not None:
+            slots = torch.nonzero(self._fresh).squeeze(1)
+            for state, value in zip(self._states, self.state_init):
+                state.index_fill_(0, slots, value)
+            self._fresh.zero_()
+        return self._states
 
     @property
     def coalesced(self) -> bool:
@@ -107,25 +124,29 @@ class PhysicalTable:
         return self.index.capacity
 
     # ------------------------------------------------------------- lookups
-    def owned_rows(
-        self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``[U, D]`` and slots ``[U]`` (-1: no stored row) of distinct owned queries
-        sorted by routing key. ``train``: insert missing ids (subject to admission), update
-        scores and count; otherwise read only."""
+    def find(self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """Slots ``[U]`` (-1: no stored row) of distinct owned queries sorted by routing key.
+        ``train``: insert missing ids (subject to admission), give the new rows their initial
+        value and flag their optimizer state fresh, update scores and count; otherwise read
+        only."""
         if not train:
-            result = self.index.probe(ids, tags, hashes, counts, torch.zeros_like(ids, dtype=torch.bool), step=self.step, update_scores=False)
-        elif self.admission is None:
+            nothing = torch.zeros_like(ids, dtype=torch.bool)
+            return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False).slots
+        if self.admission is None:
             result = self.index.probe(ids, tags, hashes, counts, torch.ones_like(ids, dtype=torch.bool), step=self.step, update_scores=True)
         else:
             result = self._probe_with_admission(ids, tags, hashes, counts)
-        rows = hash_table.materialize_rows(
-            self.weights, self.states, self.state_init, result.slots, result.status, ids, tags, self.salts, self.scales,
-            kernel=self.kernel,
+        hash_table.init_rows(
+            self.weights, self._fresh, result.slots, result.status, ids, tags, self.salts, self.scales, kernel=self.kernel
         )
-        if train:
-            self._count(result)
-        return rows, result.slots
+        self._count(result)
+        return result.slots
+
+    def read(self, slots: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows ``[U, D]`` of the queries :meth:`find` answered with ``slots`` (the stored row,
+        or the initial value where the slot is -1); with ``index`` ``[N]``, the rows of
+        queries ``index``, read straight from the table."""
+        return hash_table.read_rows(self.weights, slots, ids, tags, self.salts, self.scales, index=index, kernel=self.kernel)
 
     def _probe_with_admission(self, ids, tags, hashes, counts):
         result = self.index.probe(ids, tags, hashes, counts, torch.zeros_like(ids, dtype=torch.bool), step=self.step, update_scores=True)
@@ -150,8 +171,10 @@ class PhysicalTable:
         return result
 
     def _count(self, result) -> None:
-        by_status = torch.bincount(result.status.to(torch.int64), minlength=len(_COUNTED))
+        by_status = (result.status[:, None] == self._statuses).sum(dim=0)  # [5], no host read
         self.counters += (by_status[:, None] * self._counted).sum(dim=0)
+        # The one host read of a training lookup besides the dedupe's, and only with eviction
+        # none: a full bucket there is an error, reported at the lookup that hit it.
         if self.settings.eviction == "none" and bool(by_status[NO_ROOM] > 0):
             raise RuntimeError(self._full_message(result))
         if self.track_removals:
@@ -187,12 +210,11 @@ class PhysicalTable:
                 grads = torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
             elif len(self._pending) == 1:  # one lookup: its slots are distinct already
                 slots, grads = self._pending[0]
-            else:
+            else:  # several lookups: sum each row's gradients, in a fixed order
                 all_slots = torch.cat([s for s, _ in self._pending])
-                all_grads = torch.cat([g for _, g in self._pending])
-                slots, inverse = torch.unique(all_slots, return_inverse=True)
-                grads = torch.zeros(slots.numel(), self.dim, dtype=torch.float32, device=self.device)
-                grads.index_add_(0, inverse, all_grads)
+                groups = sorted_groups(all_slots)
+                slots = all_slots[groups.first]
+                grads = segment_sum(torch.cat([g for _, g in self._pending]), groups, kernel=self.kernel)
             self._ready = (slots, grads)
             self._pending = []
         return self._ready
@@ -210,8 +232,9 @@ class PhysicalTable:
         settings = self.settings
         lr = settings.lr if settings.lr is not None else dense_lr
         sparse_update(
-            self.weights, self.states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
-            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale, kernel=self.kernel,
+            self.weights, self._states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
+            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale,
+            fresh=self._fresh, state_init=self.state_init, kernel=self.kernel,
         )
         self.index.mark_changed(slots)
         self._reset_gradients()

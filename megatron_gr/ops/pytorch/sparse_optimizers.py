@@ -15,6 +15,7 @@ dynamicemb do). Formulas, with ``g`` the gradient times ``grad_scale``:
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -40,29 +41,37 @@ def pytorch_sparse_update(
     beta2: float,
     eps: float,
     grad_scale: float,
+    fresh: Optional[torch.Tensor] = None,
+    state_init: Sequence[float] = (),
 ) -> None:
     """Updates rows ``slots`` ``[R]`` (distinct; entries < 0 are skipped) of ``weights``
-    ``[C, D]`` and ``states`` in place from ``grads`` ``[R, D]``."""
+    ``[C, D]`` and ``states`` in place from ``grads`` ``[R, D]``. Rows flagged in ``fresh``
+    ``[C]`` start from ``state_init`` (their flag is cleared)."""
     keep = slots >= 0
     slots = slots[keep]
     g = grads[keep].to(torch.float32) * grad_scale
     w = weights[slots]
+    old = [state[slots] for state in states]
+    if fresh is not None:
+        new = fresh[slots].bool()
+        old = [torch.where(new.view(-1, *[1] * (value.dim() - 1)), init, value) for value, init in zip(old, state_init)]
+        fresh.index_fill_(0, slots, 0)
     if optimizer == "sgd":
         w = w - lr * g
     elif optimizer == "adagrad":
         (total,) = states
-        s = total[slots] + g * g
+        s = old[0] + g * g
         total[slots] = s
         w = w - lr * g / (s.sqrt() + eps)
     elif optimizer == "rowwise_adagrad":
         (total,) = states
-        s = total[slots] + (g * g).mean(dim=1)
+        s = old[0] + (g * g).mean(dim=1)
         total[slots] = s
         w = w - lr * g / (s.sqrt() + eps)[:, None]
     elif optimizer == "adam":
         exp_avg, exp_avg_sq = states
-        m = exp_avg[slots] * beta1 + g * (1 - beta1)
-        v = exp_avg_sq[slots] * beta2 + g * g * (1 - beta2)
+        m = old[0] * beta1 + g * (1 - beta1)
+        v = old[1] * beta2 + g * g * (1 - beta2)
         exp_avg[slots] = m
         exp_avg_sq[slots] = v
         step_size = lr / (1 - beta1**step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -15,17 +16,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def require_triton(device: torch.device, *, what: str) -> None:
-    """Raises ``RuntimeError`` naming ``what`` and the fix unless Triton can run kernels on
-    ``device``."""
+def triton_missing_reason(device: torch.device) -> Optional[str]:
+    """Why Triton kernels cannot run on ``device`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
-        raise RuntimeError(
-            f"{what} needs the triton package, which is not installed: install it "
-            "(pip install 'megatron_gr[gpu]') or choose the pytorch kernel"
-        )
+        return "needs the triton package, which is not installed (pip install 'megatron_gr[gpu]')"
     if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
-        return
-    raise RuntimeError(
-        f"{what} runs on CUDA devices only, got tensors on {device}: choose the pytorch kernel "
-        "(model.attention_kernel=pytorch) for CPU runs"
-    )
+        return None
+    return f"runs on CUDA devices only (or on the CPU in Triton's interpreter, TRITON_INTERPRET=1), not on {device}"
+
+
+def require_triton(device: torch.device, *, what: str, setting: str = "model.attention_kernel=pytorch") -> None:
+    """Raises ``RuntimeError`` naming ``what`` and the fix (``setting``) unless Triton can run
+    kernels on ``device``."""
+    reason = triton_missing_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{what} {reason}: choose the pytorch kernel ({setting})")

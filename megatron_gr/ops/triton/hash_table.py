@@ -1,11 +1,13 @@
 """Triton kernels of the hash-table ops, with the signatures of their PyTorch references
-(:mod:`megatron_gr.ops.pytorch.id_hash`, ``hash_probe``, ``dynamic_rows``).
+(:mod:`megatron_gr.ops.pytorch.id_hash` and ``hash_probe``; rows: :mod:`.dynamic_rows`).
 
-The probe runs one program per bucket that has queries (queries arrive sorted by routing
-key, hence grouped by bucket): the program holds its bucket in registers, finds the hits of
-its first queries in one comparison and serves the inserts one after the other, so no two
-programs ever touch the same slot and the outcome (which slot, which victim) is
-deterministic and equal to the reference's.
+The probe launches one program per query; queries arrive sorted by routing key, hence
+grouped by bucket, and the program of a bucket's first query serves the whole bucket (the
+others stop after two loads). It holds the bucket in registers, finds the hits of a block of
+queries in one comparison, then serves the misses one after the other, so no two programs
+ever touch the same slot and the outcome (which slot, which victim) is deterministic and
+equal to the reference's. Work per bucket follows its queries: one packed minimum picks an
+insert's lane (free lane, else the victim), and the table is written once at the end.
 """
 
 from __future__ import annotations
@@ -15,23 +17,21 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.pytorch import hash_probe, id_hash
-from megatron_gr.ops.pytorch.hash_probe import NOT_STORED, POLICIES, ProbeResult
+from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult
 
 # Kernels read module constants only as constexpr.
 MIX1 = tl.constexpr(id_hash.MIX1)
 MIX2 = tl.constexpr(id_hash.MIX2)
 GOLDEN = tl.constexpr(id_hash.GOLDEN)
-INIT_SHIFT = tl.constexpr(64 - id_hash.INIT_BITS)
-INIT_OFFSET = tl.constexpr(1 - 2**id_hash.INIT_BITS)
 HIT = tl.constexpr(hash_probe.HIT)
 INSERTED = tl.constexpr(hash_probe.INSERTED)
 REPLACED = tl.constexpr(hash_probe.REPLACED)
 NO_ROOM = tl.constexpr(hash_probe.NO_ROOM)
 NOT_STORED_C = tl.constexpr(hash_probe.NOT_STORED)
-EMPTY_BIG = tl.constexpr(2**62)  # larger than any step: "never evictable" and "no minimum yet"
-# Queries of one bucket a probe program loads at once (with ~3 per bucket and call typical,
-# more are served one at a time).
-PROBE_HEAD = 8
+NEVER = tl.constexpr(2**62)  # larger than any step: "never evictable" and "no minimum yet"
+# Queries of one bucket a probe program compares with its rows at once; a bucket gets about
+# three per call in the benchmark's steady state, more take further blocks.
+PROBE_BLOCK = 8
 
 
 @triton.jit
@@ -71,47 +71,23 @@ def _bucket_of(hashes, num_buckets):
 
 
 @triton.jit
-def _insert(
-    j, q, qt, c, wants, missed, k, t, seen, fr, hit_lanes, lane, base, step,
-    keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr, slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
-    BUCKET: tl.constexpr, LANES: tl.constexpr, POLICY: tl.constexpr,
-):
-    """Phase 2 for query ``j`` (a miss when ``missed``): the bucket's first free lane, else
-    the policy's victim among lanes not seen at ``step`` nor found by this call. Writes the
-    slot and the query's outcome; returns the bucket's updated registers."""
-    in_bucket = lane < BUCKET
-    free_lane = tl.min(tl.where(in_bucket & (seen < 0), lane, LANES))
-    victim = free_lane * 0 + LANES
-    if POLICY != 0:
-        evictable = in_bucket & (seen >= 0) & (seen < step) & ~hit_lanes
-        if POLICY == 1:
-            oldest = tl.min(tl.where(evictable, seen, EMPTY_BIG))
-            victim = tl.min(tl.where(evictable & (seen == oldest), lane, LANES))
-        else:
-            rarest = tl.min(tl.where(evictable, fr, EMPTY_BIG))
-            tied = evictable & (fr == rarest)
-            oldest = tl.min(tl.where(tied, seen, EMPTY_BIG))
-            victim = tl.min(tl.where(tied & (seen == oldest), lane, LANES))
-    chosen = tl.where(free_lane < LANES, free_lane, victim)
-    placed = missed & wants & (chosen < LANES)
-    picked = (lane == chosen) & placed
-    replaced = placed & (free_lane == LANES)
-    slot = base + chosen
-    status = tl.where(placed, tl.where(replaced, REPLACED, INSERTED), tl.where(wants, NO_ROOM, NOT_STORED_C))
-    tl.store(slots_ptr + j, tl.where(placed, slot, -1), mask=missed)
-    tl.store(status_ptr + j, status.to(tl.int8), mask=missed)
-    tl.store(ev_keys_ptr + j, tl.sum(tl.where(picked, k, 0)), mask=replaced)
-    tl.store(ev_tags_ptr + j, tl.sum(tl.where(picked, t, 0)), mask=replaced)
-    tl.store(keys_ptr + slot, q, mask=placed)
-    tl.store(tags_ptr + slot, qt, mask=placed)
-    tl.store(seen_ptr + slot, step.to(tl.int64), mask=placed)
-    tl.store(freq_ptr + slot, c, mask=placed)
-    tl.store(changed_ptr + slot, tl.full([], 1, tl.uint8), mask=placed)
-    k = tl.where(picked, q, k)
-    t = tl.where(picked, qt, t)
-    seen = tl.where(picked, step, seen)
-    fr = tl.where(picked, c, fr)
-    return k, t, seen, fr
+def _insert_key(seen, fr, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr):
+    """The smallest of these per-lane keys names the lane an insert takes: a free lane by its
+    position (< LANES), else, with eviction, the policy's victim among rows seen before
+    ``step`` as ``(last_seen + 1) * LANES + lane`` (oldest first, then the lowest lane);
+    NEVER: no lane. Padding lanes and rows found or filled by this call hold a ``seen`` that
+    is neither free nor evictable. (Packing needs last_seen < 2^56: steps never get there.)"""
+    free = seen < 0
+    position = lane.to(tl.int64)
+    if POLICY == 0:
+        key = tl.where(free, position, NEVER)
+    else:
+        evictable = (seen >= 0) & (seen < step)
+        if POLICY == 2:  # lfu: the least frequent first, then as lru
+            rarest = tl.min(tl.where(evictable, fr, NEVER))
+            evictable = evictable & (fr == rarest)
+        key = tl.where(free, position, tl.where(evictable, (seen + 1) * LANES + position, NEVER))
+    return tl.min(key)
 
 
 @triton.jit(do_not_specialize=["num_queries", "num_buckets", "step"])
@@ -120,94 +96,86 @@ def _probe_kernel(
     q_keys_ptr, q_tags_ptr, q_hashes_ptr, q_counts_ptr, q_insert_ptr,
     slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
     num_queries, num_buckets, step,
-    BUCKET: tl.constexpr, LANES: tl.constexpr, HEAD: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
+    BUCKET: tl.constexpr, LANES: tl.constexpr, BLOCK_Q: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     b = _bucket_of(tl.load(q_hashes_ptr + i), num_buckets)
-    b_prev = tl.where(i > 0, _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0), num_buckets), -1)
-    first = b_prev != b  # only the first query of a bucket does the bucket's work
+    b_prev = _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0), num_buckets)
+    if (i == 0) | (b_prev != b):  # the bucket's first query: this program serves the bucket
+        lane = tl.arange(0, LANES)
+        in_bucket = lane < BUCKET
+        base = b * BUCKET
+        k = tl.load(keys_ptr + base + lane, mask=in_bucket, other=0)
+        t = tl.load(tags_ptr + base + lane, mask=in_bucket, other=0)
+        seen = tl.load(seen_ptr + base + lane, mask=in_bucket, other=NEVER)  # padding: never free nor evictable
+        if POLICY == 2:
+            fr = tl.load(freq_ptr + base + lane, mask=in_bucket, other=0)
+        else:
+            fr = seen  # unused
+        stored = in_bucket & (seen >= 0)
 
-    lane = tl.arange(0, LANES)
-    in_bucket = lane < BUCKET
-    base = b * BUCKET
-    k = tl.load(keys_ptr + base + lane, mask=in_bucket & first, other=0)
-    t = tl.load(tags_ptr + base + lane, mask=in_bucket & first, other=0)
-    seen = tl.load(seen_ptr + base + lane, mask=in_bucket & first, other=EMPTY_BIG)
-    fr = tl.load(freq_ptr + base + lane, mask=in_bucket & first, other=0)
-
-    # The bucket's first HEAD queries, loaded at once (buckets rarely get more per call).
-    head = tl.arange(0, HEAD)
-    jh = i + head
-    in_range = first & (jh < num_queries)
-    mine = in_range & (_bucket_of(tl.load(q_hashes_ptr + jh, mask=in_range, other=0), num_buckets) == b)
-    n_head = tl.sum(mine.to(tl.int32))
-    qk = tl.load(q_keys_ptr + jh, mask=mine, other=0)
-    qt = tl.load(q_tags_ptr + jh, mask=mine, other=0)
-    qc = tl.load(q_counts_ptr + jh, mask=mine, other=0)
-    qw = tl.load(q_insert_ptr + jh, mask=mine, other=0).to(tl.int32)
-
-    # Phase 1: hits, the head in one comparison [HEAD, LANES], then any further queries.
-    match = (
-        mine[:, None] & in_bucket[None, :] & (seen >= 0)[None, :] & (k[None, :] == qk[:, None]) & (t[None, :] == qt[:, None])
-    )
-    hit_lane = tl.min(tl.where(match, lane[None, :], LANES), axis=1)
-    head_hit = hit_lane < LANES
-    tl.store(slots_ptr + jh, base + hit_lane, mask=head_hit)
-    tl.store(status_ptr + jh, tl.full([HEAD], HIT, tl.int8), mask=head_hit)
-    hit_lanes = tl.max(match.to(tl.int32), axis=0) > 0  # lanes found by this call: never evicted by it
-    if UPDATE:
-        fr = fr + tl.sum(tl.where(match, qc[:, None], 0), axis=0)
-        seen = tl.where(hit_lanes, step, seen)
-        tl.store(seen_ptr + base + lane, seen, mask=hit_lanes)
-        tl.store(freq_ptr + base + lane, fr, mask=hit_lanes)
-
-    rest = i + HEAD
-    rest_bucket = _bucket_of(tl.load(q_hashes_ptr + rest, mask=rest < num_queries, other=0), num_buckets)
-    rest_bucket = tl.where((n_head == HEAD) & (rest < num_queries), rest_bucket, -1)
-    j = rest
-    bj = rest_bucket
-    while bj == b:
-        q = tl.load(q_keys_ptr + j)
-        q_tag = tl.load(q_tags_ptr + j)
-        one = in_bucket & (seen >= 0) & (k == q) & (t == q_tag)
-        lane_hit = tl.min(tl.where(one, lane, LANES))
-        is_hit = lane_hit < LANES
-        tl.store(slots_ptr + j, base + lane_hit, mask=is_hit)
-        tl.store(status_ptr + j, tl.full([], HIT, tl.int8), mask=is_hit)
-        hit_lanes = hit_lanes | one
+        # Phase 1, hits: a block of the bucket's queries against its rows at once. Queries
+        # are sorted by key, so the bucket's are a run starting at i; a full block means
+        # the run may go on.
+        found = lane < 0  # rows found by this call (never evicted by it)
+        j = i
+        run = BLOCK_Q
+        while run == BLOCK_Q:
+            jq = j + tl.arange(0, BLOCK_Q)
+            in_range = jq < num_queries
+            mine = in_range & (_bucket_of(tl.load(q_hashes_ptr + jq, mask=in_range, other=0), num_buckets) == b)
+            qk = tl.load(q_keys_ptr + jq, mask=mine, other=0)
+            qt = tl.load(q_tags_ptr + jq, mask=mine, other=0)
+            match = mine[:, None] & stored[None, :] & (k[None, :] == qk[:, None]) & (t[None, :] == qt[:, None])
+            hit_lane = tl.min(tl.where(match, lane[None, :], LANES), axis=1)
+            hit = hit_lane < LANES
+            tl.store(slots_ptr + jq, tl.where(hit, base + hit_lane, -1), mask=mine)
+            tl.store(status_ptr + jq, tl.where(hit, HIT, NOT_STORED_C).to(tl.int8), mask=mine)
+            if UPDATE:  # distinct rows, one add each: exact in any order, and no round trip
+                qc = tl.load(q_counts_ptr + jq, mask=hit, other=0)
+                tl.atomic_add(freq_ptr + base + hit_lane, qc, mask=hit, sem="relaxed")
+            found = found | (tl.max(match.to(tl.int32), axis=0) > 0)
+            run = tl.sum(mine.to(tl.int32))
+            j += BLOCK_Q
+        end = j - BLOCK_Q + run
         if UPDATE:
-            new_freq = tl.sum(tl.where(one, fr, 0)) + tl.load(q_counts_ptr + j)
-            seen = tl.where(one, step, seen)
-            fr = tl.where(one, new_freq, fr)
-            tl.store(seen_ptr + base + lane_hit, step.to(tl.int64), mask=is_hit)
-            tl.store(freq_ptr + base + lane_hit, new_freq, mask=is_hit)
-        j += 1
-        bj = tl.where(j < num_queries, _bucket_of(tl.load(q_hashes_ptr + j, mask=j < num_queries, other=0), num_buckets), -1)
+            tl.store(seen_ptr + base + lane, tl.zeros_like(seen) + step, mask=found)
+        seen = tl.where(found, step, seen)
+        tl.debug_barrier()  # every thread sees phase 1's statuses
 
-    # Phase 2: inserts, in query order: the head from registers, then any further queries.
-    for h in tl.static_range(HEAD):
-        pick = head == h
-        missed = (h < n_head) & (tl.sum(tl.where(pick, head_hit.to(tl.int32), 0)) == 0)
-        k, t, seen, fr = _insert(
-            i + h, tl.sum(tl.where(pick, qk, 0)), tl.sum(tl.where(pick, qt, 0)), tl.sum(tl.where(pick, qc, 0)),
-            tl.sum(tl.where(pick, qw, 0)) != 0, missed, k, t, seen, fr, hit_lanes, lane, base, step,
-            keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr, slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
-            BUCKET, LANES, POLICY,
-        )
-    j = rest
-    bj = rest_bucket
-    while bj == b:
-        q = tl.load(q_keys_ptr + j)
-        q_tag = tl.load(q_tags_ptr + j)
-        missed = tl.max((in_bucket & (seen >= 0) & (k == q) & (t == q_tag)).to(tl.int32)) == 0
-        k, t, seen, fr = _insert(
-            j, q, q_tag, tl.load(q_counts_ptr + j), tl.load(q_insert_ptr + j) != 0, missed, k, t, seen, fr, hit_lanes,
-            lane, base, step,
-            keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr, slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
-            BUCKET, LANES, POLICY,
-        )
-        j += 1
-        bj = tl.where(j < num_queries, _bucket_of(tl.load(q_hashes_ptr + j, mask=j < num_queries, other=0), num_buckets), -1)
+        # Phase 2, inserts in query order. The table's rows are written once at the end, so
+        # a victim's id is still in memory when read here.
+        filled = lane < 0
+        new_k = k
+        new_t = t
+        new_c = tl.zeros_like(seen)
+        for jj in range(i, end):
+            missed = tl.load(status_ptr + jj) != HIT
+            wants = tl.load(q_insert_ptr + jj) != 0
+            q = tl.load(q_keys_ptr + jj)
+            q_tag = tl.load(q_tags_ptr + jj)
+            count = tl.load(q_counts_ptr + jj)
+            if missed & wants:
+                best = _insert_key(seen, fr, lane, step, LANES, POLICY)
+                placed = best < NEVER
+                chosen = (best & (LANES - 1)).to(tl.int32)
+                replaced = placed & (best >= LANES)
+                slot = base + chosen
+                tl.store(ev_keys_ptr + jj, tl.load(keys_ptr + slot, mask=replaced, other=0), mask=replaced)
+                tl.store(ev_tags_ptr + jj, tl.load(tags_ptr + slot, mask=replaced, other=0), mask=replaced)
+                tl.store(slots_ptr + jj, tl.where(placed, slot, -1))
+                tl.store(status_ptr + jj, tl.where(placed, tl.where(replaced, REPLACED, INSERTED), NO_ROOM).to(tl.int8))
+                pick = placed & (lane == chosen)
+                seen = tl.where(pick, step, seen)
+                filled = filled | pick
+                new_k = tl.where(pick, q, new_k)
+                new_t = tl.where(pick, q_tag, new_t)
+                new_c = tl.where(pick, count, new_c)
+        tl.store(keys_ptr + base + lane, new_k, mask=filled)
+        tl.store(tags_ptr + base + lane, new_t, mask=filled)
+        tl.store(seen_ptr + base + lane, tl.zeros_like(seen) + step, mask=filled)
+        tl.store(freq_ptr + base + lane, new_c, mask=filled)
+        tl.store(changed_ptr + base + lane, tl.full([LANES], 1, tl.uint8), mask=filled)
 
 
 def triton_probe(
@@ -217,9 +185,10 @@ def triton_probe(
 ) -> ProbeResult:
     count = query_keys.numel()
     device = query_keys.device
+    # The kernel writes slots and status of every query; evicted ids only where REPLACED.
     result = ProbeResult(
-        slots=torch.full((count,), -1, dtype=torch.int64, device=device),
-        status=torch.full((count,), NOT_STORED, dtype=torch.int8, device=device),
+        slots=torch.empty(count, dtype=torch.int64, device=device),
+        status=torch.empty(count, dtype=torch.int8, device=device),
         evicted_keys=torch.zeros(count, dtype=torch.int64, device=device),
         evicted_tags=torch.zeros(count, dtype=torch.int32, device=device),
     )
@@ -227,80 +196,11 @@ def triton_probe(
         lanes = triton.next_power_of_2(bucket_size)
         _probe_kernel[(count,)](
             keys, tags, last_seen, freq, changed,
-            query_keys, query_tags, query_hashes, query_counts, may_insert.to(torch.uint8),
+            query_keys, query_tags, query_hashes, query_counts, may_insert.view(torch.uint8),
             result.slots, result.status, result.evicted_keys, result.evicted_tags,
             count, num_buckets, step,
-            BUCKET=bucket_size, LANES=lanes, HEAD=PROBE_HEAD,
+            BUCKET=bucket_size, LANES=lanes, BLOCK_Q=PROBE_BLOCK,
             POLICY=POLICIES[policy], UPDATE=update_scores,
             num_warps=1 if lanes <= 64 else (2 if lanes <= 256 else 4),
         )
     return result
-
-
-@triton.jit(do_not_specialize=["n", "init0", "init1"])
-def _materialize_kernel(
-    weights_ptr, state0_ptr, state1_ptr, slots_ptr, status_ptr, ids_ptr, tags_ptr, salts_ptr, scales_ptr, out_ptr,
-    n, dim, init0, init1,
-    NUM_STATES: tl.constexpr, STATE0_PER_ELEMENT: tl.constexpr, STATE1_PER_ELEMENT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n
-    cols = tl.arange(0, BLOCK_D)
-    both = row_ok[:, None] & (cols < dim)[None, :]
-    slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1)
-    status = tl.load(status_ptr + rows, mask=row_ok, other=NOT_STORED_C)
-    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0)
-    tag = tl.load(tags_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    salt = tl.load(salts_ptr + tag, mask=row_ok, other=0)
-    scale = tl.load(scales_ptr + tag, mask=row_ok, other=0.0)
-    hit = status == HIT
-    new = (status == INSERTED) | (status == REPLACED)
-
-    row_bits = _mix64(ids.to(tl.uint64, bitcast=True) ^ salt.to(tl.uint64, bitcast=True))
-    col_bits = (cols.to(tl.uint64) + 1) * GOLDEN
-    bits = (_mix64(row_bits[:, None] + col_bits[None, :]) >> INIT_SHIFT).to(tl.int64)
-    initial = (bits * 2 + INIT_OFFSET).to(tl.float32) * scale[:, None]
-
-    cell = slot[:, None] * dim + cols[None, :]
-    stored = tl.load(weights_ptr + cell, mask=both & hit[:, None], other=0.0)
-    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], tl.where(hit[:, None], stored, initial), mask=both)
-    fresh = both & new[:, None]
-    tl.store(weights_ptr + cell, initial, mask=fresh)
-    if NUM_STATES >= 1:
-        if STATE0_PER_ELEMENT:
-            tl.store(state0_ptr + cell, tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + init0, mask=fresh)
-        else:
-            tl.store(state0_ptr + slot, tl.zeros([BLOCK_R], tl.float32) + init0, mask=row_ok & new)
-    if NUM_STATES >= 2:
-        if STATE1_PER_ELEMENT:
-            tl.store(state1_ptr + cell, tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + init1, mask=fresh)
-        else:
-            tl.store(state1_ptr + slot, tl.zeros([BLOCK_R], tl.float32) + init1, mask=row_ok & new)
-
-
-def row_blocks(dim: int) -> tuple[int, int]:
-    """(rows, columns) of one program's tile: the whole row, about 4096 elements."""
-    block_d = triton.next_power_of_2(dim)
-    return max(1, 4096 // block_d), block_d
-
-
-def triton_materialize_rows(weights, states, state_init, slots, status, ids, tags, salts, scales) -> torch.Tensor:
-    count, dim = ids.numel(), weights.shape[1]
-    out = torch.empty(count, dim, dtype=torch.float32, device=weights.device)
-    if count == 0:
-        return out
-    if len(states) > 2:
-        raise ValueError(f"at most two optimizer states per row, got {len(states)}")
-    padded = list(states) + [weights] * (2 - len(states))
-    inits = list(state_init) + [0.0] * (2 - len(state_init))
-    block_r, block_d = row_blocks(dim)
-    _materialize_kernel[(triton.cdiv(count, block_r),)](
-        weights, padded[0], padded[1], slots, status, ids, tags, salts, scales, out,
-        count, dim, float(inits[0]), float(inits[1]),
-        NUM_STATES=len(states),
-        STATE0_PER_ELEMENT=len(states) >= 1 and padded[0].dim() == 2,
-        STATE1_PER_ELEMENT=len(states) >= 2 and padded[1].dim() == 2,
-        BLOCK_R=block_r, BLOCK_D=block_d,
-    )
-    return out

@@ -49,10 +49,41 @@ def test_gpu_table_matches_cpu_table(admission_threshold):
     cuda, cpu = (export_state(tables[d].tables["t"]) for d in ("cuda", "cpu"))
     for name in ("keys", "tags", "last_seen", "freq"):  # the same slots, in the same order
         assert torch.equal(cuda["rows"][name], cpu["rows"][name]), name
+    # A hot id's gradient sums thousands of terms: both devices sum them in the one order of
+    # ops.segment_sum (the test below holds them to the bit), so only Adam's own float32
+    # operations, each correctly rounded on both, remain; 1e-5 would show any reordering
+    # (1.7e-5 absolute when the embedding backward summed in its own order per device).
     torch.testing.assert_close(cuda["rows"]["weights"], cpu["rows"]["weights"], rtol=1e-5, atol=1e-6)
     for name in cpu["optimizer"]:
         torch.testing.assert_close(cuda["optimizer"][name], cpu["optimizer"][name], rtol=1e-5, atol=1e-6)
     assert tables["cuda"].tables["t"].statistics() == tables["cpu"].tables["t"].statistics()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lookups_per_step", [1, 2])
+def test_gpu_row_gradients_equal_cpu_bits(lookups_per_step):
+    """Rows and per-row gradient sums of lookups with a hot id (15,000 of 60,000 ids, about
+    60 windows of the segment sum) and an id near the window length: the same bits on both
+    devices, for one lookup per step and for two (summed again at the step)."""
+    generator = torch.Generator().manual_seed(3)
+    lookups = []
+    for size in (60_000, 9_000)[:lookups_per_step]:
+        ids = torch.randint(0, 20_000, (size,), generator=generator) * 7919 - 3
+        ids[torch.randperm(size, generator=generator)[: size // 4]] = 123_456_789
+        ids[:300] = 55
+        weights = torch.randn(size, 32, generator=generator) * torch.logspace(-3, 3, size)[:, None]
+        lookups.append((ids, weights))
+    seen = {}
+    for device, kernel in (("cuda", "triton"), ("cpu", "pytorch")):
+        collection = _collection(device, kernel, capacity=1 << 14)  # ~19,000 ids for 16,384 slots: some get none
+        rows = []
+        for ids, weights in lookups:
+            out = collection.lookup("t", ids.to(device))
+            (out * weights.to(device)).sum().backward()
+            rows.append(out.detach().cpu())
+        seen[device] = rows + [t.cpu() for t in collection.tables["t"]._gathered()]  # touched slots, gradient sums
+    for a, b in zip(seen["cuda"], seen["cpu"]):
+        assert torch.equal(a, b)
 
 
 _COMPILE = textwrap.dedent(
@@ -60,10 +91,14 @@ _COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from megatron_gr.ops.triton import hash_table as H, sparse_optimizers as S
+    from megatron_gr.ops.triton import dynamic_rows as R, hash_table as H, segment_sum as G, sparse_optimizers as S
 
-    def compile(fn, signature, constants):
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    def compile(fn, signature, constants, warps=4):
+        # The launcher's usual specialisation: 16-byte aligned tensors, dim a multiple of 16.
+        aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+                   if kind.startswith("*") or name == "dim"}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert kernel.asm["cubin"], fn
 
     ptr = lambda t: "*" + t
@@ -71,23 +106,37 @@ _COMPILE = textwrap.dedent(
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
              ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
-    for policy, update in ((0, True), (1, True), (2, True), (1, False)):
+    for policy, update, lanes in ((0, True, 64), (1, True, 64), (2, True, 64), (1, False, 64), (1, True, 256)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
-                "LANES": "constexpr", "HEAD": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
-                {"BUCKET": 64, "LANES": 64, "HEAD": H.PROBE_HEAD, "POLICY": policy, "UPDATE": update})
+                "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
+                {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update},
+                warps=1 if lanes <= 64 else 2)
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
-    compile(H._materialize_kernel, {**rows, "slots_ptr": "*i64", "status_ptr": "*i8", "ids_ptr": "*i64", "tags_ptr": "*i32",
-            "salts_ptr": "*i64", "scales_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64", "dim": "i32", "init0": "fp32",
-            "init1": "fp32", "NUM_STATES": "constexpr", "STATE0_PER_ELEMENT": "constexpr", "STATE1_PER_ELEMENT": "constexpr",
-            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-            {"NUM_STATES": 2, "STATE0_PER_ELEMENT": True, "STATE1_PER_ELEMENT": True, "BLOCK_R": 32, "BLOCK_D": 128})
-    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt")}
-    for optimizer in range(4):
-        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "n": "i64", "dim": "i32",
-                **scalars, "OPTIMIZER": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-                {"OPTIMIZER": optimizer, "BLOCK_R": 32, "BLOCK_D": 128})
+    ids = {"ids_ptr": "*i64", "tags_ptr": "*i32", "salts_ptr": "*i64", "scales_ptr": "*fp32"}
+    for has_fresh in (True, False):
+        compile(R._init_rows_kernel, {"weights_ptr": "*fp32", "fresh_ptr": "*u8", "slots_ptr": "*i64", "status_ptr": "*i8",
+                **ids, "n": "i64", "dim": "i32", "HAS_FRESH": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                {"HAS_FRESH": has_fresh, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    for has_index in (True, False):
+        compile(R._read_rows_kernel, {"weights_ptr": "*fp32", "slots_ptr": "*i64", "index_ptr": "*i64", **ids,
+                "out_ptr": "*fp32", "n": "i64", "dim": "i32", "HAS_INDEX": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr"}, {"HAS_INDEX": has_index, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    compile(G._gather_rows_kernel, {"rows_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*fp32", "n": "i64", "dim": "i32",
+            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    sums = {"values_ptr": "*fp32", "order_ptr": "*i64", "seg_ptr": "*i64", "out_ptr": "*fp32", "first_ptr": "*fp32",
+            "last_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"}
+    compile(G._window_sums_kernel, sums, {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
+    compile(G._join_pieces_kernel, {"seg_ptr": "*i64", "offsets_ptr": "*i64", "first_ptr": "*fp32", "last_ptr": "*fp32",
+            "out_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"},
+            {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
+    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
+                                   "init0", "init1")}
+    for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):
+        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "fresh_ptr": "*u8", "n": "i64",
+                "dim": "i32", **scalars, "OPTIMIZER": "constexpr", "HAS_FRESH": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr"}, {"OPTIMIZER": optimizer, "HAS_FRESH": has_fresh, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
     print("compiled")
     """
 )

@@ -138,3 +138,30 @@ def test_reads_outside_training_store_nothing():
         rows = table.lookup("t", torch.tensor([5, 6]))
     torch.testing.assert_close(rows, initial([5, 6]))
     assert stored(table) == set() and table.tables["t"].statistics()["lookups"] == 0
+
+
+def test_a_replaced_row_starts_from_fresh_optimizer_state():
+    """New rows flag their optimizer state fresh instead of writing it: a row created over an
+    evicted row's leftover state by a lookup whose gradient never came still starts from the
+    initial state at its first update, and an export shows the initial state."""
+    tables = []
+    for _ in range(3):
+        collection = one_bucket(slots=2, optimizer="adam", lr=0.1, eviction="lru")
+        tables.append(collection)
+    ours, shown, clean = tables
+    for collection in (ours, shown):
+        for ids in ([5, 6], [7, 8]):  # fill, then replace, both slots: Adam state in memory
+            step(collection, ids)
+        collection.tables["t"].step = 5
+        collection.lookup("t", torch.tensor([9, 10]))  # replaces 7 and 8; no backward
+        collection.tables["t"].apply_step(dense_lr=1.0)
+    assert ours.tables["t"]._states[0].abs().min() > 0  # the memory still holds 7's and 8's
+    state = export_state(shown.tables["t"])
+    assert sorted(state["rows"]["keys"].tolist()) == [9, 10]
+    assert all(values.eq(0).all() for values in state["optimizer"].values())
+    clean.tables["t"].step = 6
+    assert torch.equal(step(ours, [9, 10, 9]), step(clean, [9, 10, 9]))
+    after, expected = export_state(ours.tables["t"]), export_state(clean.tables["t"])
+    assert torch.equal(after["rows"]["weights"], expected["rows"]["weights"])
+    for name, values in expected["optimizer"].items():
+        assert torch.equal(after["optimizer"][name], values)

@@ -140,3 +140,25 @@ def test_rowwise_adagrad_keeps_one_sum_per_row_and_skips_negative_slots():
     assert total.tolist() == [0.0, 0.0, 12.5]  # mean of 9 and 16
     torch.testing.assert_close(weights[2], 1 - torch.tensor([3.0, 4.0]) / 12.5**0.5)
     assert weights[:2].eq(1).all()
+
+
+@pytest.mark.parametrize("optimizer, shapes", [("adagrad", ["row"]), ("rowwise_adagrad", ["scalar"]), ("adam", ["row", "row"])])
+def test_a_fresh_flag_stands_for_the_initial_state(optimizer, shapes):
+    """Rows flagged fresh update as if their state held ``state_init``; the update clears
+    their flag and writes their state; flagged rows without a gradient keep theirs."""
+    generator = torch.Generator().manual_seed(4)
+    capacity, dim, init = 12, 3, 0.2
+    states = [torch.rand(capacity, dim) if s == "row" else torch.rand(capacity) for s in shapes]
+    fresh = torch.zeros(capacity, dtype=torch.uint8)
+    fresh[[1, 2, 5, 7]] = 1
+    written = [s.clone().index_fill_(0, torch.tensor([1, 2, 5, 7]), init) for s in states]
+    slots, grads = torch.tensor([2, 3, 7, -1, 9]), torch.randn(5, dim, generator=generator)
+    weights = torch.randn(capacity, dim, generator=generator)
+    flagged, plain = weights.clone(), weights.clone()
+    options = dict(optimizer=optimizer, lr=0.1, step=2, beta1=0.9, beta2=0.98, eps=1e-8)
+    sparse_update(flagged, states, slots, grads, fresh=fresh, state_init=[init] * len(states), **options)
+    sparse_update(plain, written, slots, grads, **options)
+    assert torch.equal(flagged, plain)
+    for a, b in zip(states, written):
+        assert torch.equal(a[[2, 3, 7, 9]], b[[2, 3, 7, 9]])
+    assert fresh.nonzero().squeeze(1).tolist() == [1, 5]

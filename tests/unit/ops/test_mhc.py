@@ -218,8 +218,6 @@ def test_expand_then_contract_is_identity():
          ValueError, ["iterations=0"]),
         (lambda a: mhc_mappings(a["x"][0], a["projection"], a["alpha"], a["bias"], iterations=20, eps=1e-6),
          ValueError, ["x must be a float [T, n, C]"]),
-        (lambda a: mhc_mappings(a["x"], a["projection"], a["alpha"], a["bias"], iterations=20, eps=1e-6, kernel="triton"),
-         NotImplementedError, ["not available in this build"]),
         (lambda a: sinkhorn(torch.zeros(2, 3, 4), 5), ValueError, ["[T, n, n]"]),
         (lambda a: sinkhorn(torch.zeros(2, 3, 3), True), ValueError, ["iterations=True"]),
         (lambda a: mhc_aggregate(a["x"], torch.zeros(3, 4)), ValueError, ["h_pre must be [5, 4]"]),
@@ -236,3 +234,23 @@ def test_bad_inputs_are_clear_errors(call, error, words):
         call({"x": x, "projection": projection, "alpha": alpha, "bias": bias})
     for word in words:
         assert word in str(caught.value), (word, str(caught.value))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a: mhc_mappings(a["x"], a["projection"], a["alpha"], a["bias"], iterations=2, eps=1e-6,
+                               kernel="triton"),
+        lambda a: sinkhorn(torch.zeros(2, 3, 3), 5, kernel="triton"),
+        lambda a: mhc_aggregate(a["x"], torch.zeros(5, 4), kernel="triton"),
+        lambda a: mhc_merge(a["x"], torch.zeros(5, 4, 4), torch.zeros(5, 4), torch.zeros(5, 8), kernel="triton"),
+    ],
+)
+def test_fused_kernels_refused_where_they_cannot_run(monkeypatch, call):
+    """No silent fallback: without triton, or on CPU outside the interpreter, asking for the
+    fused kernels is an error that names the setting to change."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, projection, alpha, bias = random_mapping_inputs(5, 4, 8, seed=10)
+    with pytest.raises(RuntimeError, match=r"needs the triton package|CUDA devices only") as caught:
+        call({"x": x, "projection": projection, "alpha": alpha, "bias": bias})
+    assert "kernel='triton'" in str(caught.value) and "model.use_fused_mhc=false" in str(caught.value)

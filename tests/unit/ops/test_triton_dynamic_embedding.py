@@ -1,6 +1,7 @@
 """Triton kernels of the dynamic embeddings against their PyTorch references: bit for bit
-for hashing, probing and initial rows; to rounding for optimizer updates. Without a GPU
-they run in the Triton interpreter (small sizes); ``gpu`` tests repeat them at scale."""
+for hashing, probing, rows, gathers and segment sums; to rounding for optimizer updates.
+Without a GPU they run in the Triton interpreter (small sizes); ``gpu`` tests repeat them at
+scale."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import torch  # noqa: E402
 
 from megatron_gr.ops import hash_table  # noqa: E402
 from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt  # noqa: E402
+from megatron_gr.ops.pytorch.segment_sum import CHUNK, pytorch_segment_sum  # noqa: E402
+from megatron_gr.ops.segment_sum import gather_rows, segment_sum, sorted_groups  # noqa: E402
 from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
+from megatron_gr.ops.triton.segment_sum import triton_segment_sum  # noqa: E402
 from tests.unit.ops.test_dynamic_embedding_ops import empty_table, random_queries  # noqa: E402
 
 
@@ -56,52 +60,121 @@ def test_probe_with_more_queries_per_bucket_than_the_kernel_loads_at_once():
     _probe_parity(num_buckets=1, bucket_size=12, steps=2, queries_per_step=20, seed=1)
 
 
-def test_materialized_rows_are_bit_identical():
-    generator = torch.Generator().manual_seed(2)
-    capacity, dim, count = 40, 7, 16
+def _row_inputs(generator, capacity, count):
+    status = torch.randint(0, 5, (count,), generator=generator).to(torch.int8)
+    slots = torch.where(status <= 2, torch.randperm(capacity, generator=generator)[:count], -1)
+    ids = torch.randint(-(2**62), 2**62, (count,), generator=generator)
+    tags = torch.randint(0, 2, (count,), generator=generator).to(torch.int32)
+    return slots, status, ids, tags
+
+
+def _constants():
     salts = torch.tensor([row_salt(3), row_salt(11)], device=DEVICE)
     scales = torch.tensor([init_scale(0.02), init_scale(0.5)], device=DEVICE)
-    for shapes in ([], ["scalar"], ["row", "row"]):
+    return salts, scales
+
+
+def test_initialised_and_read_rows_are_bit_identical():
+    generator = torch.Generator().manual_seed(2)
+    capacity, dim, count = 40, 7, 16
+    salts, scales = _constants()
+    for flags in (False, True):
         weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
-        states = [torch.randn(capacity, dim) if s == "row" else torch.randn(capacity) for s in shapes]
-        states = [s.to(DEVICE) for s in states]
-        status = torch.randint(0, 5, (count,), generator=generator).to(torch.int8)
-        slots = torch.where(status <= 2, torch.randperm(capacity, generator=generator)[:count], -1)
-        ids = torch.randint(-(2**62), 2**62, (count,), generator=generator)
-        tags = torch.randint(0, 2, (count,), generator=generator).to(torch.int32)
-        args = [slots.to(DEVICE), status.to(DEVICE), ids.to(DEVICE), tags.to(DEVICE), salts, scales]
+        fresh = (torch.rand(capacity, generator=generator) < 0.3).to(torch.uint8).to(DEVICE) if flags else None
+        slots, status, ids, tags = (t.to(DEVICE) for t in _row_inputs(generator, capacity, count))
+        index = torch.randint(0, count, (50,), generator=generator).to(DEVICE)
         out = {}
         for kernel in ("pytorch", "triton"):
-            w, st = weights.clone(), [s.clone() for s in states]
-            rows = hash_table.materialize_rows(w, st, [0.25] * len(st), *args, kernel=kernel)
-            out[kernel] = (rows, w, st)
-        for a, b in zip(out["pytorch"][:2], out["triton"][:2]):
+            w, f = weights.clone(), fresh.clone() if flags else None
+            hash_table.init_rows(w, f, slots, status, ids, tags, salts, scales, kernel=kernel)
+            rows = hash_table.read_rows(w, slots, ids, tags, salts, scales, kernel=kernel)
+            gathered = hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel)
+            out[kernel] = [rows, gathered, w] + ([f] if flags else [])
+        for a, b in zip(out["pytorch"], out["triton"]):
             assert torch.equal(a, b)
-        for a, b in zip(out["pytorch"][2], out["triton"][2]):
-            assert torch.equal(a, b)
+        assert torch.equal(out["triton"][1], out["triton"][0][index])
 
 
+def _segment_parity(count, dim, hot, hot_count, chunk, seed, key_space=50):
+    """Triton's gather and segment sum against the reference, bit for bit."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, key_space, (count,), generator=generator)
+    keys[torch.randperm(count, generator=generator)[:hot_count]] = hot
+    values = torch.randn(count, dim, generator=generator) * torch.logspace(-4, 4, count)[:, None]
+    values[0] = -0.0
+    groups = sorted_groups(keys.to(DEVICE))
+    values = values.to(DEVICE)
+    args = (groups.order, groups.segments, groups.offsets)
+    expected = pytorch_segment_sum(*(t.cpu() for t in (values, *args)), chunk=chunk)
+    got = triton_segment_sum(values, *args, chunk=chunk)
+    assert torch.equal(got.cpu(), expected)
+    rows = torch.randn(groups.num_groups, dim, generator=generator).to(DEVICE)
+    assert torch.equal(gather_rows(rows, groups.inverse, kernel="triton"), rows[groups.inverse])
+
+
+@pytest.mark.parametrize("count, chunk", [(1, 8), (37, 8), (300, 8), (640, 64)])
+def test_segment_sum_is_bit_identical_to_the_reference(count, chunk):
+    # A hot key over many windows, windows that start and end inside groups, a -0.0 row.
+    _segment_parity(count, dim=12, hot=7, hot_count=count // 2, chunk=chunk, seed=count)
+
+
+def test_segment_sum_through_the_dispatcher():
+    generator = torch.Generator().manual_seed(4)
+    groups = sorted_groups(torch.randint(0, 9, (90,), generator=generator).to(DEVICE))
+    values = torch.randn(90, 5, generator=generator).to(DEVICE)
+    assert torch.equal(segment_sum(values, groups, kernel="triton"), segment_sum(values, groups, kernel="pytorch"))
+
+
+@pytest.mark.parametrize("flags", [False, True])
 @pytest.mark.parametrize("optimizer, shapes", [("sgd", []), ("adagrad", ["row"]), ("rowwise_adagrad", ["scalar"]), ("adam", ["row", "row"])])
-def test_sparse_updates_match_the_reference(optimizer, shapes):
+def test_sparse_updates_match_the_reference(optimizer, shapes, flags):
     generator = torch.Generator().manual_seed(3)
     capacity, dim = 30, 6
     weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
     states = [(torch.rand(capacity, dim) if s == "row" else torch.rand(capacity)).to(DEVICE) for s in shapes]
+    fresh = (torch.rand(capacity, generator=generator) < 0.5).to(torch.uint8).to(DEVICE) if flags else None
     slots = torch.randperm(capacity, generator=generator)[:12]
     slots[4] = -1
     grads = torch.randn(12, dim, generator=generator)
     out = {}
     for kernel in ("pytorch", "triton"):
-        w, st = weights.clone(), [s.clone() for s in states]
+        w, st, f = weights.clone(), [s.clone() for s in states], fresh.clone() if flags else None
         sparse_update(w, st, slots.to(DEVICE), grads.to(DEVICE), optimizer=optimizer, lr=0.1, step=3, beta1=0.9,
-                      beta2=0.98, eps=1e-8, grad_scale=0.5, kernel=kernel)
-        out[kernel] = (w, st)
+                      beta2=0.98, eps=1e-8, grad_scale=0.5, fresh=f, state_init=[0.25] * len(st), kernel=kernel)
+        out[kernel] = (w, st, f)
     torch.testing.assert_close(out["triton"][0], out["pytorch"][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(out["triton"][1], out["pytorch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if flags:
+        assert torch.equal(out["triton"][2], out["pytorch"][2])
 
 
 @pytest.mark.gpu
 def test_probe_at_scale_on_gpu():
     # About 190k rows competing for 192k slots: buckets overflow and evict.
     _probe_parity(num_buckets=3000, bucket_size=64, steps=6, queries_per_step=100_000, seed=5, id_space=2**40)
+
+
+@pytest.mark.gpu
+def test_segment_sum_at_scale_on_gpu():
+    # The benchmark's shape: 1.05M rows of 128 into ~300k groups, one key 30,000 times
+    # (118 windows of the default CHUNK), dim 128.
+    _segment_parity(1_050_000, dim=128, hot=123, hot_count=30_000, chunk=CHUNK, seed=6, key_space=400_000)
+
+
+@pytest.mark.gpu
+def test_rows_at_scale_on_gpu():
+    generator = torch.Generator().manual_seed(7)
+    capacity, dim, count = 200_000, 128, 150_000
+    salts, scales = _constants()
+    weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
+    fresh = torch.zeros(capacity, dtype=torch.uint8, device=DEVICE)
+    slots, status, ids, tags = (t.to(DEVICE) for t in _row_inputs(generator, capacity, count))
+    index = torch.randint(0, count, (400_000,), generator=generator).to(DEVICE)
+    out = {}
+    for kernel in ("pytorch", "triton"):
+        w, f = weights.clone(), fresh.clone()
+        hash_table.init_rows(w, f, slots, status, ids, tags, salts, scales, kernel=kernel)
+        out[kernel] = [hash_table.read_rows(w, slots, ids, tags, salts, scales, index=index, kernel=kernel), w, f]
+    for a, b in zip(out["pytorch"], out["triton"]):
+        assert torch.equal(a, b)

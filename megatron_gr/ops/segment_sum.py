@@ -1,0 +1,110 @@
+"""Rows grouped by equal keys: the grouping (one stable sort), the gather of each input's
+group row and its backward, the per-group gradient sum in a fixed order.
+
+- :func:`sorted_groups`: equal keys grouped by a stable sort, any device, one host read
+  (the number of groups).
+- :func:`gather_rows`: ``rows[index]``.
+- :func:`segment_sum`: per group, the sum of its rows in the order
+  :mod:`megatron_gr.ops.pytorch.segment_sum` fixes (bit-identical on every backend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_gr.ops.pytorch.segment_sum import pytorch_gather_rows, pytorch_segment_sum
+
+KERNELS = ("pytorch", "triton")
+
+
+@dataclass
+class SortedGroups:
+    """Equal keys of ``N`` inputs, grouped by a stable sort::
+
+        keys     = [7 3 7 5 3]
+        order    = [1 4 3 0 2]   # input at each sorted position: keys[order] = [3 3 5 7 7]
+        segments = [0 0 1 2 2]   # group of each sorted position
+        offsets  = [0 2 3 5]     # group g: sorted positions offsets[g]:offsets[g + 1]
+        inverse  = [2 0 2 1 0]   # group of each input
+    """
+
+    order: torch.Tensor  # [N] int64
+    segments: torch.Tensor  # [N] int64
+    offsets: torch.Tensor  # [U + 1] int64
+    inverse: torch.Tensor  # [N] int64
+
+    @property
+    def num_groups(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Inputs per group ``[U]``."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def first(self) -> torch.Tensor:
+        """The first input (in input order) of every group ``[U]``."""
+        return self.order[self.offsets[:-1]]
+
+
+def sorted_groups(keys: torch.Tensor, minor: Optional[torch.Tensor] = None) -> SortedGroups:
+    """Groups the equal entries of ``keys`` ``[N]`` (pairs ``(keys, minor)`` when ``minor``
+    is given), sorted by key, then minor, then input position. Reads the number of groups
+    back to the host once (every later shape depends on it)."""
+    count = keys.numel()
+    if minor is None:
+        sorted_keys, order = torch.sort(keys, stable=True)
+        starts = torch.ones(count, dtype=torch.bool, device=keys.device)
+        starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    else:
+        by_minor = torch.argsort(minor, stable=True)
+        sorted_keys, within = torch.sort(keys[by_minor], stable=True)
+        order = by_minor[within]
+        sorted_minor = minor[order]
+        starts = torch.ones(count, dtype=torch.bool, device=keys.device)
+        starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | (sorted_minor[1:] != sorted_minor[:-1])
+    segments = torch.cumsum(starts, 0) - 1
+    groups = int(segments[-1]) + 1 if count else 0  # the host read
+    offsets = torch.searchsorted(segments, torch.arange(groups + 1, device=keys.device))
+    inverse = torch.empty_like(order).scatter_(0, order, segments)
+    return SortedGroups(order, segments, offsets, inverse)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+
+
+def _triton(device: torch.device, what: str):
+    from megatron_gr.ops.triton.availability import require_triton
+
+    require_triton(device, what=f"kernel='triton' ({what})")
+    from megatron_gr.ops.triton import segment_sum
+
+    return segment_sum
+
+
+def gather_rows(rows: torch.Tensor, index: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor:
+    """``rows[index]``: ``rows`` ``[U, D]`` float32, ``index`` ``[N]`` int64 -> ``[N, D]``."""
+    _check_kernel(kernel)
+    if rows.dim() != 2 or index.dtype != torch.int64:
+        raise ValueError(f"rows must be [U, D] and index int64, got {tuple(rows.shape)} and {index.dtype}")
+    if kernel == "triton":
+        return _triton(rows.device, "row gather").triton_gather_rows(rows.contiguous(), index.contiguous())
+    return pytorch_gather_rows(rows, index)
+
+
+def segment_sum(values: torch.Tensor, groups: SortedGroups, *, kernel: str = "pytorch") -> torch.Tensor:
+    """Float32 sum ``[U, D]`` of the rows ``values`` ``[N, D]`` of each group, every
+    backend in the same order (:mod:`megatron_gr.ops.pytorch.segment_sum`)."""
+    _check_kernel(kernel)
+    if values.dim() != 2 or values.shape[0] != groups.order.numel():
+        raise ValueError(f"values must be [{groups.order.numel()}, D], got {tuple(values.shape)}")
+    args = (groups.order, groups.segments, groups.offsets)
+    if kernel == "triton":
+        return _triton(values.device, "segment sum").triton_segment_sum(values.contiguous(), *args)
+    return pytorch_segment_sum(values, *args)

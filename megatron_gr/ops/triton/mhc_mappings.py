@@ -1,0 +1,250 @@
+"""The mHC mappings in Triton: per token the RMS of the ``n C`` stream values fused with the
+projection to the ``W = n² + 2n`` logits, the gates and the sigmoids; H_res then goes
+through :mod:`megatron_gr.ops.triton.mhc_sinkhorn`. Same semantics as
+:func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_mappings`, all mapping math in float32.
+
+Forward (one kernel): a program holds ``BLOCK_T`` tokens and walks their ``K = n C``
+values in chunks, accumulating the squares (element-wise, reduced once at the end) and the
+``[BLOCK_T, W]`` products with the projection in one pass over x, then applies
+``1 / rms``, the gates, the bias and the sigmoids and writes H_pre, H_post and the H_res
+logits. It also writes the logits before the gates, ``l = (P x) / rms`` ``[T, W]``, and
+``1 / rms`` ``[T]`` (float32, about ``2 W / (n C)`` of bf16 x's bytes): with x, the only
+tensors the backward keeps.
+
+Backward (two kernels): a small one turns the upstream gradients into ``g = dl / rms``
+``[T, W]`` and the RMS coefficient per token (and partial sums for the gate and bias
+gradients); the main one walks x once more in ``[BLOCK_T, BLOCK_K]`` tiles, programs
+spread over K chunks and token ranges, writing ``dx = g P - coef x`` and accumulating
+``dP = gᵀ x`` per program (summed over the token ranges afterwards). Bytes: x read once
+and dx written once (the floor), plus three ``WP``-wide bf16 rows of g per token (g_hi
+for dx, g_hi and g_lo transposed for dP), read from L2 by each K chunk. Every product operand is loaded from memory in the orientation the product
+needs (``gᵀ`` by a transposed load of g's rows), so Triton streams them into shared memory
+(``cp.async``, pipelined) and no operand is transposed in registers.
+
+Products with the float32 projection keep float32 precision: bf16 streams multiply
+``P = P_hi + P_lo`` split into two bf16 halves (two bf16 tensor-core products; x is exact
+in bf16), and likewise ``dP = (g_hi + g_lo)ᵀ x``; ``dx`` takes the one product
+``g_hi P_hi`` (relative error ~2e-3, under the bf16 rounding of dx itself). Other dtypes
+use Triton's ``tf32x3``. The interpreter upcasts (its bf16 dot is wrong in Triton 3.6).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_gr.ops.triton.availability import interpreter_enabled
+from megatron_gr.ops.triton.mhc_configs import blocks, gate_block_tokens, multiprocessors
+from megatron_gr.ops.triton.mhc_sinkhorn import triton_sinkhorn
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in float32: 16-bit operands are exact products with fp32 sums, fp32
+    operands use ``PRECISION``."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gates(w, n: tl.constexpr, W: tl.constexpr, Alpha, Bias):
+    """Per logit column: its gate (alpha of its group: pre | post | res) and its bias."""
+    group = tl.where(w < n, 0, tl.where(w < 2 * n, 1, 2))
+    alpha = tl.load(Alpha + group).to(tl.float32)
+    bias = tl.load(Bias + w, mask=w < W, other=0.0).to(tl.float32)
+    return alpha, bias
+
+
+@triton.jit
+def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, num_tokens, K, eps,
+                  n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = tokens < num_tokens
+    rows = tokens.to(tl.int64)
+    w = tl.arange(0, WP)
+    acc = tl.zeros([BLOCK_T, WP], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # reduced over K once, after the loop
+    for start in range(0, K, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        x = tl.load(X + rows[:, None] * K + k[None, :], mask=live[:, None] & (k < K)[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        squares += xf * xf
+        p_offsets = w[None, :] * K + k[:, None]  # [BLOCK_K, WP] of P [W, K]
+        p_mask = (k < K)[:, None] & (w < W)[None, :]
+        if SPLIT:
+            acc = _dot(x, tl.load(PHi + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
+            acc = _dot(x, tl.load(PLo + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
+        else:
+            acc = _dot(xf, tl.load(PHi + p_offsets, mask=p_mask, other=0.0).to(tl.float32), acc, UPCAST, "tf32x3")
+    inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+    logits = acc * inv_rms[:, None]
+    alpha, bias = _gates(w, n, W, Alpha, Bias)
+    z = logits * alpha[None, :] + bias[None, :]
+    s = tl.sigmoid(z)
+    live2 = live[:, None]
+    col = w[None, :]
+    tl.store(Logits + rows[:, None] * W + col, logits, mask=live2 & (col < W))
+    tl.store(InvRms + rows, inv_rms, mask=live)
+    tl.store(Pre + rows[:, None] * n + col, s, mask=live2 & (col < n))
+    tl.store(Post + rows[:, None] * n + (col - n), 2.0 * s, mask=live2 & (col >= n) & (col < 2 * n))
+    tl.store(ResLogits + rows[:, None] * (n * n) + (col - 2 * n), z, mask=live2 & (col >= 2 * n) & (col < W))
+
+
+@triton.jit
+def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
+                        num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                        SPLIT: tl.constexpr):
+    """Per token: dz (through the sigmoids), dl = alpha dz, g = dl / rms and
+    coef = (dl . l) / (rms² K); per program: the sums of dz per logit (bias gradient) and of
+    dz l per gate group (pre | post | res, padded to 4: gate gradient).
+    g ``[T, WP]`` (zero past W) goes to ``GHi`` in its dtype; with SPLIT, ``GHi`` and ``GLo``
+    are bf16 and hold ``g = hi + lo`` to about 2^-16, the operands of exact bf16 products."""
+    pid = tl.program_id(0)
+    tokens = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = (tokens < num_tokens)[:, None]
+    rows = tokens.to(tl.int64)[:, None]
+    w = tl.arange(0, WP)
+    col = w[None, :]
+    logits = tl.load(Logits + rows * W + col, mask=live & (col < W), other=0.0)
+    inv_rms = tl.load(InvRms + tokens, mask=tokens < num_tokens, other=0.0)
+    alpha, bias = _gates(w, n, W, Alpha, Bias)
+    s = tl.sigmoid(logits * alpha[None, :] + bias[None, :])
+    d_pre = tl.load(DPre + rows * n + col, mask=live & (col < n), other=0.0)
+    d_post = tl.load(DPost + rows * n + (col - n), mask=live & (col >= n) & (col < 2 * n), other=0.0)
+    d_res = tl.load(DRes + rows * (n * n) + (col - 2 * n), mask=live & (col >= 2 * n) & (col < W), other=0.0)
+    dz = tl.where(col < n, d_pre * s * (1.0 - s), tl.where(col < 2 * n, 2.0 * d_post * s * (1.0 - s), d_res))
+    dz = tl.where(live & (col < W), dz, 0.0)
+    dl = dz * alpha[None, :]
+    g = dl * inv_rms[:, None]
+    g_hi = g.to(GHi.dtype.element_ty)
+    tl.store(GHi + rows * WP + col, g_hi, mask=live)
+    if SPLIT:
+        tl.store(GLo + rows * WP + col, (g - g_hi.to(tl.float32)).to(GLo.dtype.element_ty), mask=live)
+    coef = tl.sum(dl * logits, axis=1) * (inv_rms * inv_rms / K)
+    tl.store(Coef + tokens, coef, mask=tokens < num_tokens)
+    tl.store(DBiasPart + pid * WP + w, tl.sum(dz, axis=0))
+    group = tl.where(w < n, 0, tl.where(w < 2 * n, 1, 2))  # logits past W hold dz = 0
+    q = tl.arange(0, 4)
+    per_group = tl.where(group[None, :] == q[:, None], tl.sum(dz * logits, axis=0)[None, :], 0.0)
+    tl.store(DAlphaPart + pid * 4 + q, tl.sum(per_group, axis=1))
+
+
+@triton.jit
+def _mappings_bwd_x(X, P, GHi, GLo, Coef, DX, DPPart, num_tokens, K,
+                    W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """``dx = g P - coef x`` for one K chunk of a range of token tiles; ``gᵀ x`` summed over
+    them into this program's slot of the projection gradient. Every matrix operand comes
+    straight from memory in the orientation its product needs (``gᵀ`` by a transposed
+    load of the small g rows, no transpose of registers)."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = (k < K)[None, :]
+    w = tl.arange(0, WP)
+    p = tl.load(P + w[:, None] * K + k[None, :], mask=(w < W)[:, None] & k_mask, other=0.0)  # [WP, BLOCK_K]
+    dp = tl.zeros([WP, BLOCK_K], dtype=tl.float32)
+    for tile in range(tl.program_id(1), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(1)):
+        tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        live = tokens < num_tokens
+        rows = tokens.to(tl.int64)
+        x = tl.load(X + rows[:, None] * K + k[None, :], mask=live[:, None] & k_mask, other=0.0)
+        g = tl.load(GHi + rows[:, None] * WP + w[None, :], mask=live[:, None], other=0.0)  # [BLOCK_T, WP]
+        coef = tl.load(Coef + tokens, mask=live, other=0.0)
+        g_t = tl.load(GHi + rows[None, :] * WP + w[:, None], mask=live[None, :], other=0.0)  # [WP, BLOCK_T]
+        # bf16 streams: one bf16 product of g's and P's high halves, ~2e-3 relative, under
+        # the bf16 rounding of dx itself; float32 streams: tf32x3
+        dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32x3")
+        dx -= coef[:, None] * x.to(tl.float32)
+        tl.store(DX + rows[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live[:, None] & k_mask)
+        dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
+        if SPLIT:
+            g_t = tl.load(GLo + rows[None, :] * WP + w[:, None], mask=live[None, :], other=0.0)
+            dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
+    slot = DPPart + tl.program_id(1).to(tl.int64) * W * K
+    tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
+
+
+class _Mappings(torch.autograd.Function):
+    """``(h_pre, h_post, res_logits)`` from the streams; Sinkhorn is applied by the caller."""
+
+    @staticmethod
+    def forward(ctx, x, projection, alpha, bias, eps):
+        num_tokens, n, channels = x.shape
+        K, W = n * channels, n * n + 2 * n
+        WP = max(16, triton.next_power_of_2(W))
+        x = x.contiguous()
+        device, f32 = x.device, torch.float32
+        split = x.dtype == torch.bfloat16
+        p32 = projection.detach().to(f32).contiguous()
+        p_hi = p32.to(torch.bfloat16) if split else p32
+        p_lo = (p32 - p_hi.to(f32)).to(torch.bfloat16) if split else p32
+        pre = torch.empty(num_tokens, n, device=device, dtype=f32)
+        post = torch.empty_like(pre)
+        res = torch.empty(num_tokens, n, n, device=device, dtype=f32)
+        logits = torch.empty(num_tokens, W, device=device, dtype=f32)
+        inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
+        alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
+        cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
+        if num_tokens:
+            _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
+                x, p_hi, p_lo, alpha32, bias32, pre, post, res, logits, inv_rms, num_tokens, K, eps,
+                n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c, SPLIT=split,
+                UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
+            )
+        ctx.save_for_backward(x, p32, alpha32, bias32, logits, inv_rms)
+        ctx.dtypes = (projection.dtype, alpha.dtype, bias.dtype)
+        return pre, post, res
+
+    @staticmethod
+    def backward(ctx, d_pre, d_post, d_res):
+        x, p32, alpha32, bias32, logits, inv_rms = ctx.saved_tensors
+        num_tokens, n, channels = x.shape
+        K, W = n * channels, n * n + 2 * n
+        WP = max(16, triton.next_power_of_2(W))
+        device, f32 = x.device, torch.float32
+
+        def as_f32(grad, shape):
+            return torch.zeros(shape, device=device, dtype=f32) if grad is None else grad.to(f32).contiguous()
+
+        d_pre, d_post = as_f32(d_pre, (num_tokens, n)), as_f32(d_post, (num_tokens, n))
+        d_res = as_f32(d_res, (num_tokens, n, n))
+        cfg = blocks("mappings_bwd", streams=n, dtype=x.dtype)
+        split = x.dtype == torch.bfloat16
+        gate_block = gate_block_tokens(n)
+        tiles = max(1, triton.cdiv(num_tokens, gate_block))
+        g_dtype = torch.bfloat16 if split else f32
+        g_hi = torch.empty(num_tokens, WP, device=device, dtype=g_dtype)
+        g_lo = torch.empty_like(g_hi) if split else g_hi
+        coef = torch.empty(num_tokens, device=device, dtype=f32)
+        # the kernels write every partial slot; with no tokens they do not run
+        alloc = torch.empty if num_tokens else torch.zeros
+        d_bias_part = alloc(tiles, WP, device=device, dtype=f32)
+        d_alpha_part = alloc(tiles, 4, device=device, dtype=f32)
+        dx = torch.empty_like(x)
+        k_chunks = triton.cdiv(K, cfg.block_c)
+        token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(device) // k_chunks))
+        dp_part = alloc(token_ranges, W, K, device=device, dtype=f32)
+        if num_tokens:
+            _mappings_bwd_gates[(tiles,)](
+                d_pre, d_post, d_res, logits, inv_rms, alpha32, bias32, g_hi, g_lo, coef, d_bias_part, d_alpha_part,
+                num_tokens, K, n=n, W=W, WP=WP, BLOCK_T=gate_block, SPLIT=split, num_warps=4,
+            )
+            _mappings_bwd_x[(k_chunks, token_ranges)](
+                x, p32.to(g_dtype), g_hi, g_lo, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=cfg.block_t,
+                BLOCK_K=cfg.block_c, SPLIT=split, UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
+            )
+        d_alpha = d_alpha_part.sum(0)[:3]
+        p_dtype, alpha_dtype, bias_dtype = ctx.dtypes
+        return dx, dp_part.sum(0).to(p_dtype), d_alpha.to(alpha_dtype), d_bias_part.sum(0)[:W].to(bias_dtype), None
+
+
+def triton_mhc_mappings(x, projection, alpha, bias, *, iterations: int, eps: float):
+    """Same semantics as :func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_mappings` for
+    float32, bfloat16 or float16 streams and float32 parameters."""
+    pre, post, res_logits = _Mappings.apply(x, projection, alpha, bias, eps)
+    return pre, post, triton_sinkhorn(res_logits, iterations)

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Times each mHC op, the fused Triton kernels against the PyTorch reference, on random
+inputs: the mappings (RMS norm + projection + gates + Sinkhorn-Knopp), Sinkhorn alone,
+aggregate and merge (bias-dropout-add), forward and backward, and their sum per sublayer
+(mappings + aggregate + merge). Prints a markdown table (and JSON with ``--json``).
+
+    python tools/benchmarks/mhc_ops.py [--streams 4] [--channels 512,1024,2048]
+        [--tokens 16384,65536] [--dtype bf16] [--dropout 0.1] [--candidates] [--json FILE]
+
+Timing: CUDA events around each call after ``--warmup`` calls, median of ``--reps``; the
+forward runs with autograd on (as in training), the backward alone through
+``torch.autograd.grad`` on a retained graph. GB/s counts the bytes each op must move at
+least (every input read once, every output written once; the streams in ``--dtype``, maps
+in float32), the same for both implementations. ``--candidates`` also times the fused
+kernels with the hand-picked alternative block sizes of ``CANDIDATES`` in
+``megatron_gr/ops/triton/mhc_configs.py``. ``--device cpu`` runs the kernels in Triton's
+interpreter on tiny shapes to check the tool itself (times meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+OPS = ("mappings", "sinkhorn", "aggregate", "merge")
+SUBLAYER = ("mappings", "aggregate", "merge")
+
+
+def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, seed=0):
+    """``(forward(kernel) -> tuple of outputs, leaves, forward bytes, backward bytes)``."""
+    from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, sinkhorn
+    from megatron_gr.transformer.hyper_connection import initial_bias
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, dt=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(dt).requires_grad_()
+
+    s, f = torch.finfo(dtype).bits // 8, 4
+    streams, maps, width = tokens * n * channels * s, tokens * (n * n + 2 * n) * f, n * n + 2 * n
+    if op == "mappings":
+        x, projection = rand(tokens, n, channels, dt=dtype), rand(width, n * channels, scale=0.02)
+        alpha = torch.full((3,), 0.01, device=device, requires_grad=True)
+        bias = initial_bias(n).to(device).requires_grad_()
+        return (lambda kernel: mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=1e-5, kernel=kernel),
+                [x, projection, alpha, bias], streams + maps, 2 * streams + maps)
+    if op == "sinkhorn":
+        logits = rand(tokens, n, n)
+        return (lambda kernel: (sinkhorn(logits, iterations, kernel=kernel),), [logits],
+                2 * tokens * n * n * f, 3 * tokens * n * n * f)
+    x, y = rand(tokens, n, channels, dt=dtype), rand(tokens, channels, dt=dtype)
+    h_pre = torch.rand(tokens, n, device=device, generator=g).requires_grad_()
+    h_post = (2 * torch.rand(tokens, n, device=device, generator=g)).requires_grad_()
+    h_res = torch.softmax(torch.randn(tokens, n, n, device=device, generator=g), -1).requires_grad_()
+    bias = rand(channels, dt=dtype)
+    out = tokens * channels * s
+    if op == "aggregate":
+        return (lambda kernel: (mhc_aggregate(x, h_pre, kernel=kernel),), [x, h_pre],
+                streams + out + tokens * n * f, 2 * streams + out + 2 * tokens * n * f)
+    small = tokens * (n * n + n) * f
+    return (lambda kernel: (mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout, training=True, kernel=kernel),),
+            [x, h_res, h_post, y, bias], 2 * streams + out + small, 3 * streams + 2 * out + 2 * small)
+
+
+def time_us(fn, warmup: int, reps: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e6)
+    return statistics.median(times)
+
+
+def run_case(op, kernel, tokens, n, channels, dtype, device, args, blocks=None):
+    from megatron_gr.ops.triton import mhc_configs
+
+    forward, leaves, fwd_bytes, bwd_bytes = make_case(
+        op, tokens, n, channels, dtype, device, dropout=args.dropout, iterations=args.iterations
+    )
+    with mhc_configs.override(**(blocks or {})):
+        outs = forward(kernel)
+        grads = [torch.randn_like(o) for o in outs]
+        fwd_us = time_us(lambda: forward(kernel), args.warmup, args.reps, device)
+        bwd_us = time_us(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True), args.warmup, args.reps,
+                         device)
+    return dict(fwd_us=fwd_us, bwd_us=bwd_us, fwd_gbs=fwd_bytes / fwd_us / 1e3, bwd_gbs=bwd_bytes / bwd_us / 1e3)
+
+
+def _label(blocks: dict) -> str:
+    if not blocks:
+        return "default"
+    return " ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in blocks.items())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--channels", default="512,1024,2048")
+    parser.add_argument("--tokens", default="16384,65536")
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dropout", type=float, default=0.1, help="merge dropout (training mode)")
+    parser.add_argument("--iterations", type=int, default=20, help="Sinkhorn-Knopp iterations")
+    parser.add_argument("--candidates", action="store_true", help="also time the alternative block sizes")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--json", help="write all rows here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu with triton for a check of the tool)", file=sys.stderr)
+        return 2
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    n, ops = args.streams, args.ops.split(",")
+    from megatron_gr.ops.triton.mhc_configs import CANDIDATES
+
+    rows = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for channels in (int(c) for c in args.channels.split(",")):
+            for op in ops:
+                ref = run_case(op, "pytorch", tokens, n, channels, dtype, device, args)
+                case = [dict(op=op, tokens=tokens, channels=channels, impl="pytorch", **ref)]
+                for blocks in [{}, *CANDIDATES[op]] if args.candidates else [{}]:
+                    fused = run_case(op, "triton", tokens, n, channels, dtype, device, args, blocks)
+                    case.append(dict(op=op, tokens=tokens, channels=channels, impl="triton " + _label(blocks), **fused,
+                                     fwd_speedup=ref["fwd_us"] / fused["fwd_us"],
+                                     bwd_speedup=ref["bwd_us"] / fused["bwd_us"]))
+                for row in case:
+                    print(f"T={tokens} C={channels} {op} {row['impl']}: fwd {row['fwd_us']:.0f} us "
+                          f"({row['fwd_gbs']:.0f} GB/s) bwd {row['bwd_us']:.0f} us ({row['bwd_gbs']:.0f} GB/s)",
+                          flush=True)
+                rows.extend(case)
+            if all(op in ops for op in SUBLAYER):
+                for impl in ("pytorch", "triton default"):
+                    picked = [r for r in rows if r["tokens"] == tokens and r["channels"] == channels
+                              and r["op"] in SUBLAYER and r["impl"] == impl]
+                    rows.append(dict(op="sublayer", tokens=tokens, channels=channels, impl=impl,
+                                     fwd_us=sum(r["fwd_us"] for r in picked), bwd_us=sum(r["bwd_us"] for r in picked)))
+                ref, fused = rows[-2], rows[-1]
+                fused.update(fwd_speedup=ref["fwd_us"] / fused["fwd_us"], bwd_speedup=ref["bwd_us"] / fused["bwd_us"])
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter: times meaningless)"
+    print(f"\n{name}, n={n}, streams {args.dtype}, merge dropout {args.dropout}, {args.iterations} Sinkhorn "
+          f"iterations, torch {torch.__version__}\n")
+    print("| op | tokens | C | impl | fwd us | fwd GB/s | bwd us | bwd GB/s | fwd speedup | bwd speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(row, key, spec):
+        return format(row[key], spec) if key in row else ""
+
+    for r in rows:
+        print(f"| {r['op']} | {r['tokens']} | {r['channels']} | {r['impl']} | {r['fwd_us']:.0f} | "
+              f"{fmt(r, 'fwd_gbs', '.0f')} | {r['bwd_us']:.0f} | {fmt(r, 'bwd_gbs', '.0f')} | "
+              f"{fmt(r, 'fwd_speedup', '.2f')} | {fmt(r, 'bwd_speedup', '.2f')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=name, args=vars(args), rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
