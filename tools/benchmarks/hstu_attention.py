@@ -340,7 +340,8 @@ def main() -> int:
     parser.add_argument("--sweep-len", type=int, default=8192)
     parser.add_argument("--sweep-shapes", default="", help="sweep only these shapes (default: all)")
     parser.add_argument("--bwd-variants", default=hstu_configs.DEFAULT_BACKWARD_VARIANT,
-                        help=f"Triton backward variants to time, comma separated, of {','.join(hstu_configs.BACKWARD_VARIANTS)}")
+                        help="Triton backward variants to time, comma separated, of auto (the default's rule), "
+                             + ",".join(hstu_configs.BACKWARD_VARIANTS))
     parser.add_argument("--kernel-times", action="store_true",
                         help="also profile one backward per Triton row: device ms of each backward kernel")
     parser.add_argument("--warmup", type=int, default=3)
@@ -352,9 +353,11 @@ def main() -> int:
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     variants = args.bwd_variants.split(",")
-    unknown = sorted(set(variants) - set(hstu_configs.BACKWARD_VARIANTS))
+    unknown = sorted(set(variants) - {"auto", *hstu_configs.BACKWARD_VARIANTS})
     if unknown:
-        parser.error(f"--bwd-variants: unknown {unknown}; choose from {hstu_configs.BACKWARD_VARIANTS}")
+        parser.error(f"--bwd-variants: unknown {unknown}; choose from auto, {', '.join(hstu_configs.BACKWARD_VARIANTS)}")
+    if args.sweep and "auto" in variants:
+        parser.error("--sweep needs explicit --bwd-variants (fused, split): each has its own candidates")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     rng = np.random.default_rng(0)
     rows, best = [], {}

@@ -7,8 +7,8 @@ boundaries. :func:`override` lets the benchmark try other configurations.
 
 Backward variants (:data:`BACKWARD_VARIANTS`): ``fused`` (one dk/dv kernel + a dq kernel,
 seven products per tile) and ``split`` (dv, dk and dq kernels, eight products, one
-accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` picks the table used when no
-override is active.
+accumulator per program); :data:`DEFAULT_BACKWARD_VARIANT` (``auto``: split from head dim
+128 up, 16-bit inputs) picks the table used when no override is active.
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ _BACKWARD = {
 # Split backward: the dv and dk launches keep 128 keys (two warpgroups of 64 rows, one
 # [128, D] fp32 accumulator: 128 registers per thread at D = 256) and stream queries; the
 # dq kernel keeps 128 queries and streams keys. Blocks from the resource report of
-# tools/benchmarks/hstu_kernel_resources.py (no spills at 255 registers, <= 192 KiB of
-# shared memory at D = 256); not yet timed on a GPU.
+# tools/benchmarks/hstu_kernel_resources.py: causal, no spills at 255 registers and
+# <= 192 KiB of shared memory at D = 256; with every mask and the bias (--heaviest) <= 196
+# KiB, under the 227 KiB limit. Timed on the H100: see DEFAULT_BACKWARD_VARIANT.
 _SPLIT_128 = KernelConfig(
     64, 128, num_warps=8, num_stages=3, split_dkdv=True,
     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
@@ -105,8 +106,13 @@ _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
 BACKWARD_VARIANTS = ("fused", "split")
-DEFAULT_BACKWARD_VARIANT = "fused"
-"""The backward used when no override is active: ``fused`` until the split variant is timed."""
+DEFAULT_BACKWARD_VARIANT = "auto"
+"""The backward used when no override is active. ``auto``: ``split`` for 16-bit inputs at
+head dims of 128 and more, ``fused`` otherwise. On the H100 (bf16, causal,
+docs/benchmarks/hstu_attention.md) split ran 4x256 at 8k / 16k at 263 / 280 TFLOP/s against
+fused's 139 / 152, and 4x128 at 276 / 287 against 251 / 265; below 128 and in float32 split
+was not timed."""
+_SPLIT_FROM_HEAD_DIM = 128
 
 _override: dict = {"forward": None, "backward": None, "backward_variant": None}
 
@@ -134,7 +140,11 @@ def forward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
 def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     if _override["backward"] is not None:
         return _override["backward"]
-    split = (_override["backward_variant"] or DEFAULT_BACKWARD_VARIANT) == "split"
+    variant = _override["backward_variant"] or DEFAULT_BACKWARD_VARIANT
+    if variant == "auto":
+        sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+        variant = "split" if sixteen_bit and _head_bucket(dqk, dv) >= _SPLIT_FROM_HEAD_DIM else "fused"
+    split = variant == "split"
     if interpreter_enabled() or dtype == torch.float32:
         base = _INTERPRETER if interpreter_enabled() else _FP32_BACKWARD
         return replace(base, split_dkdv=True) if split else base
@@ -149,9 +159,12 @@ def override(
     backward_variant: Optional[str] = None,
 ) -> Iterator[None]:
     """Use these configs inside the block (benchmarks and tests). ``backward_variant`` (one
-    of :data:`BACKWARD_VARIANTS`) picks the per-head-dim table when ``backward`` is None."""
-    if backward_variant is not None and backward_variant not in BACKWARD_VARIANTS:
-        raise ValueError(f"backward_variant must be one of {BACKWARD_VARIANTS}, got {backward_variant!r}")
+    of :data:`BACKWARD_VARIANTS` or ``auto``) picks the per-head-dim table when ``backward``
+    is None."""
+    if backward_variant is not None and backward_variant not in ("auto", *BACKWARD_VARIANTS):
+        raise ValueError(
+            f"backward_variant must be 'auto' or one of {BACKWARD_VARIANTS}, got {backward_variant!r}"
+        )
     saved = dict(_override)
     _override.update(forward=forward, backward=backward, backward_variant=backward_variant)
     try:

@@ -160,11 +160,21 @@ def test_interpreter_split_backward_variant_knob(dtype):
     with hstu_configs.override(backward_variant="split"):
         assert hstu_configs.backward_config(16, 16, dtype).split_dkdv
         check_parity([1, 33, 18], mask=MASKS["all"], dtype=dtype, device="cpu", bias=True)
-    assert hstu_configs.backward_config(16, 16, dtype).split_dkdv == (hstu_configs.DEFAULT_BACKWARD_VARIANT == "split")
+
+
+@pytest.mark.parametrize(
+    "dqk, dv, dtype, split",
+    [(128, 128, torch.bfloat16, True), (256, 200, torch.float16, True), (64, 64, torch.bfloat16, False),
+     (256, 256, torch.float32, False)],
+)
+def test_auto_backward_variant(dqk, dv, dtype, split):
+    """``auto`` (the default) splits 16-bit backwards from head dim 128 up, where it was timed faster."""
+    with hstu_configs.override(backward_variant="auto"):
+        assert hstu_configs.backward_config(dqk, dv, dtype).split_dkdv == split
 
 
 def test_backward_variant_knob_rejects_unknown_names():
-    with pytest.raises(ValueError, match="backward_variant must be one of"):
+    with pytest.raises(ValueError, match="backward_variant must be 'auto' or one of"):
         with hstu_configs.override(backward_variant="fast"):
             pass
 
