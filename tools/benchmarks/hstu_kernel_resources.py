@@ -4,10 +4,11 @@ prints what each configuration costs on chip: registers per thread, spilled byte
 memory, and whether the matrix products became Hopper ``wgmma`` instructions. Costs no GPU
 time; use it to prune configurations before timing them.
 
-    python tools/benchmarks/hstu_kernel_resources.py [--dims 256,128,64] [--dtype bf16]
+    python tools/benchmarks/hstu_kernel_resources.py [--dims 256,128,64] [--dtype bf16] [--bias]
 
-Configurations: the defaults of ``megatron_gr/ops/triton/hstu_configs.py`` (causal mask,
-no bias). Needs triton (its wheel ships ptxas).
+Configurations: the defaults of ``megatron_gr/ops/triton/hstu_configs.py`` (causal mask;
+``--bias``: with the relative position + time bias, and the blocks chosen for it). An H100
+gives a program at most 227 KiB of shared memory. Needs triton (its wheel ships ptxas).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -28,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel  # noqa: E402
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel  # noqa: E402
-from megatron_gr.ops.triton.hstu_configs import _BACKWARD, _FORWARD  # noqa: E402
+from megatron_gr.ops.triton.hstu_attention import _BIAS_GRAD_SLOTS  # noqa: E402
+from megatron_gr.ops.triton.hstu_configs import _FORWARD, backward_config  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _INT64_POINTERS = {"Offsets", "NumTargets", "Timestamps"}
@@ -67,16 +70,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="256,128,64")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--bias", action="store_true", help="with the relative attention bias")
     args = parser.parse_args()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     for d in (int(x) for x in args.dims.split(",")):
         flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=False, HAS_CONTEXT=False,
-                     HAS_WINDOW=False, HAS_PREFIX=False, HAS_BIAS=False, TIME_FN=0, NORM_BY_LEN=False,
+                     HAS_WINDOW=False, HAS_PREFIX=False, HAS_BIAS=args.bias, TIME_FN=0, NORM_BY_LEN=False,
                      FAST_SILU=True, PRECISION="tf32")
-        fwd, bwd = _FORWARD[d], _BACKWARD[d]
+        fwd, bwd = _FORWARD[d], backward_config(d, d, torch_dtype, has_bias=args.bias)
         dq = bwd.dq or bwd
         runs = [
             ("forward", hstu_fwd_kernel, fwd, {}),
-            ("dk/dv", hstu_bwd_dkdv_kernel, bwd, dict(ATOMIC_DQ=bwd.atomic_dq, NUM_SLOTS=1)),
+            ("dk/dv", hstu_bwd_dkdv_kernel, bwd, dict(ATOMIC_DQ=bwd.atomic_dq, NUM_SLOTS=_BIAS_GRAD_SLOTS if args.bias else 1)),
         ]
         if not bwd.atomic_dq:
             runs.append(("dq", hstu_bwd_dq_kernel, dq, {}))

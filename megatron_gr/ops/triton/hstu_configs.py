@@ -51,6 +51,10 @@ _BACKWARD = {
     128: KernelConfig(64, 128, num_warps=8, num_stages=2),
     256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(64, 32, num_warps=8, num_stages=2)),
 }
+# With the relative bias the 256 dk/dv blocks above need 232 KiB of shared memory, over the
+# H100's 227 KiB (OutOfResources at launch); 32-key blocks need 120 KiB and spill nothing
+# (tools/benchmarks/hstu_kernel_resources.py --bias).
+_BACKWARD_WITH_BIAS = {256: KernelConfig(64, 32, num_warps=8, num_stages=2, dq=KernelConfig(64, 32, num_warps=8, num_stages=2))}
 _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
@@ -72,14 +76,17 @@ def forward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     return _FORWARD[_head_bucket(dqk, dv)]
 
 
-def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
+def backward_config(dqk: int, dv: int, dtype: torch.dtype, *, has_bias: bool = False) -> KernelConfig:
     if _override["backward"] is not None:
         return _override["backward"]
     if interpreter_enabled():
         return _INTERPRETER
     if dtype == torch.float32:
         return _FP32_BACKWARD
-    return _BACKWARD[_head_bucket(dqk, dv)]
+    bucket = _head_bucket(dqk, dv)
+    if has_bias and bucket in _BACKWARD_WITH_BIAS:
+        return _BACKWARD_WITH_BIAS[bucket]
+    return _BACKWARD[bucket]
 
 
 @contextlib.contextmanager
