@@ -15,29 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self._storages = weakref.WeakSet()
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._storages.add(leaf.untyped_storage())
-        self.peak = max(self.peak, self.current())
-        return out
-
-    def current(self) -> int:
-        return sum(s.nbytes() for s in list(self._storages))
 
 
 def measure(block, x, kwargs, device) -> tuple[int, int]:
@@ -52,6 +31,8 @@ def measure(block, x, kwargs, device) -> tuple[int, int]:
         out.float().square().sum().backward()
         torch.cuda.synchronize()
         return held, torch.cuda.max_memory_allocated() - base
+    from megatron_gr.training.live_memory import LiveTensorBytes
+
     tracker = LiveTensorBytes()
     with tracker:
         out = block(x, **kwargs)

@@ -4,41 +4,16 @@ for blocks that are pipeline stages (their output freed after it is sent)."""
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from megatron_gr.config import GRTransformerConfig
+from megatron_gr.training.live_memory import LiveTensorBytes
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.specs import get_stu_block_spec, get_transformer_block_spec
 from tests.unit.transformer.test_stu_layer import jagged
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created while active that are still alive, checked after
-    every op (CPU keeps no allocator statistics). Storages freed by the recompute manager
-    count 0 bytes until they are refilled."""
-
-    def __init__(self):
-        super().__init__()
-        self._storages = weakref.WeakSet()
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._storages.add(leaf.untyped_storage())
-        self.peak = max(self.peak, self.current())
-        return out
-
-    def current(self) -> int:
-        return sum(s.nbytes() for s in list(self._storages))
 
 
 def config(kind: str, *, recompute_layers=None, recompute=True, **overrides) -> GRTransformerConfig:
