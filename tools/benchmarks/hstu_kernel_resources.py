@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -31,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel  # noqa: E402
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel  # noqa: E402
-from megatron_gr.ops.triton.hstu_configs import _BACKWARD, _BACKWARD_SPLIT, _FORWARD  # noqa: E402
+from megatron_gr.ops.triton.hstu_configs import _FORWARD, backward_config, override  # noqa: E402
 
-_BACKWARD_TABLES = {"fused": _BACKWARD, "split": _BACKWARD_SPLIT}
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _INT64_POINTERS = {"Offsets", "NumTargets", "Timestamps"}
@@ -116,7 +116,8 @@ def main() -> int:
         else:
             runs = [("forward", hstu_fwd_kernel, _FORWARD[d], {})]
             for variant in args.variants.split(","):
-                runs += backward_runs(variant, _BACKWARD_TABLES[variant][d])
+                with override(backward_variant=variant):
+                    runs += backward_runs(variant, backward_config(d, d, torch.bfloat16, has_bias=heavy))
         for name, fn, cfg, extra in runs:
             consts = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
             if "NUM_SLOTS" in consts and heavy:

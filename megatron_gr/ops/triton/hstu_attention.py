@@ -112,7 +112,7 @@ class _HSTUAttention(torch.autograd.Function):
         d_pos = torch.zeros(slots, num_pos, device=q.device, dtype=torch.float32)
         d_time = torch.zeros(slots, num_time, device=q.device, dtype=torch.float32)
         common = _common_args(q, v, mask, bias, normalizer, q.dtype)
-        cfg = backward_config(dqk, v.shape[2], q.dtype)
+        cfg = backward_config(dqk, v.shape[2], q.dtype, has_bias=bias is not None)
         batch = offsets.numel() - 1
         # Atomics add into dq; the dq kernel writes every row itself.
         dq = (torch.zeros if cfg.atomic_dq else torch.empty)(

@@ -74,21 +74,23 @@ _INTERPRETER = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 _FORWARD = {
     32: KernelConfig(128, 64, num_warps=4, num_stages=3),
     64: KernelConfig(128, 64, num_warps=4, num_stages=3),
-    128: KernelConfig(128, 64, num_warps=8, num_stages=3),
+    # capped at 128 registers: two programs per SM (a 100-byte spill)
+    128: KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128),
     256: KernelConfig(128, 32, num_warps=8, num_stages=3),
 }
+# The dq kernels keep 128 queries (two warpgroups of 64) and stream 32 keys; at 128 capped
+# at 128 registers (two programs per SM).
 _BACKWARD = {
     32: KernelConfig(64, 128, num_warps=8, num_stages=2),
     64: KernelConfig(64, 128, num_warps=8, num_stages=2),
-    128: KernelConfig(64, 128, num_warps=8, num_stages=2),
-    256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(64, 32, num_warps=8, num_stages=2)),
+    128: KernelConfig(64, 128, num_warps=8, num_stages=2, dq=KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128)),
+    256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(128, 32, num_warps=8, num_stages=3)),
 }
 # Split backward: the dv and dk launches keep 128 keys (two warpgroups of 64 rows, one
 # [128, D] fp32 accumulator: 128 registers per thread at D = 256) and stream queries; the
 # dq kernel keeps 128 queries and streams keys. Blocks from the resource report of
-# tools/benchmarks/hstu_kernel_resources.py: causal, no spills at 255 registers and
-# <= 192 KiB of shared memory at D = 256; with every mask and the bias (--heaviest) <= 196
-# KiB, under the 227 KiB limit. Timed on the H100: see DEFAULT_BACKWARD_VARIANT.
+# tools/benchmarks/hstu_kernel_resources.py (--heaviest: every mask and the bias) and the
+# H100 sweep (docs/benchmarks/hstu_attention.md).
 _SPLIT_128 = KernelConfig(
     64, 128, num_warps=8, num_stages=3, split_dkdv=True,
     dk=KernelConfig(64, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
@@ -99,20 +101,23 @@ _BACKWARD_SPLIT = {
     128: _SPLIT_128,
     256: KernelConfig(
         32, 128, num_warps=8, num_stages=3, split_dkdv=True,
-        dk=KernelConfig(32, 128, num_warps=8, num_stages=2), dq=KernelConfig(128, 32, num_warps=8, num_stages=2),
+        dk=KernelConfig(32, 128, num_warps=8, num_stages=3), dq=KernelConfig(128, 32, num_warps=8, num_stages=3),
     ),
 }
+# With the relative bias the 256 dk launch above needs 228 KiB of shared memory (the bias
+# tables' loads), over the 227 KiB an H100 program may use: two stages there (196 KiB).
+_SPLIT_WITH_BIAS = {256: replace(_BACKWARD_SPLIT[256], dk=KernelConfig(32, 128, num_warps=8, num_stages=2))}
 _FP32_FORWARD = KernelConfig(64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = KernelConfig(32, 32, num_warps=4, num_stages=2)
 
 BACKWARD_VARIANTS = ("fused", "split")
 DEFAULT_BACKWARD_VARIANT = "auto"
 """The backward used when no override is active. ``auto``: ``split`` for 16-bit inputs at
-head dims of 128 and more, ``fused`` otherwise. On the H100 (bf16, causal,
-docs/benchmarks/hstu_attention.md) split ran 4x256 at 8k / 16k at 263 / 280 TFLOP/s against
-fused's 139 / 152, and 4x128 at 276 / 287 against 251 / 265; below 128 and in float32 split
-was not timed."""
-_SPLIT_FROM_HEAD_DIM = 128
+head dim 256, ``fused`` otherwise. On the H100 (bf16, causal, 8k,
+docs/benchmarks/hstu_attention.md) split ran 4x256 at 284 TFLOP/s against fused's 200 (both
+with 128 x 32 dq blocks); at 4x128 fused with 128 x 32 dq blocks ran 332 against split's
+316; below 128 and in float32 split was not timed."""
+_SPLIT_FROM_HEAD_DIM = 256
 
 _override: dict = {"forward": None, "backward": None, "backward_variant": None}
 
@@ -137,7 +142,9 @@ def forward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     return _FORWARD[_head_bucket(dqk, dv)]
 
 
-def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
+def backward_config(dqk: int, dv: int, dtype: torch.dtype, *, has_bias: bool = False) -> KernelConfig:
+    """The backward blocks; ``has_bias``: launched with the relative attention bias (which
+    needs more shared memory)."""
     if _override["backward"] is not None:
         return _override["backward"]
     variant = _override["backward_variant"] or DEFAULT_BACKWARD_VARIANT
@@ -148,7 +155,10 @@ def backward_config(dqk: int, dv: int, dtype: torch.dtype) -> KernelConfig:
     if interpreter_enabled() or dtype == torch.float32:
         base = _INTERPRETER if interpreter_enabled() else _FP32_BACKWARD
         return replace(base, split_dkdv=True) if split else base
-    return (_BACKWARD_SPLIT if split else _BACKWARD)[_head_bucket(dqk, dv)]
+    bucket = _head_bucket(dqk, dv)
+    if split and has_bias and bucket in _SPLIT_WITH_BIAS:
+        return _SPLIT_WITH_BIAS[bucket]
+    return (_BACKWARD_SPLIT if split else _BACKWARD)[bucket]
 
 
 @contextlib.contextmanager

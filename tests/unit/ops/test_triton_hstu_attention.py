@@ -164,13 +164,24 @@ def test_interpreter_split_backward_variant_knob(dtype):
 
 @pytest.mark.parametrize(
     "dqk, dv, dtype, split",
-    [(128, 128, torch.bfloat16, True), (256, 200, torch.float16, True), (64, 64, torch.bfloat16, False),
-     (256, 256, torch.float32, False)],
+    [(256, 256, torch.bfloat16, True), (256, 200, torch.float16, True), (128, 128, torch.bfloat16, False),
+     (64, 64, torch.bfloat16, False), (256, 256, torch.float32, False)],
 )
-def test_auto_backward_variant(dqk, dv, dtype, split):
-    """``auto`` (the default) splits 16-bit backwards from head dim 128 up, where it was timed faster."""
+def test_auto_backward_variant(dqk, dv, dtype, split, monkeypatch):
+    """``auto`` (the default) splits 16-bit backwards at head dim 256, where it was timed faster."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the compiled tables, not the interpreter's blocks
     with hstu_configs.override(backward_variant="auto"):
         assert hstu_configs.backward_config(dqk, dv, dtype).split_dkdv == split
+
+
+def test_relative_bias_takes_blocks_that_fit(monkeypatch):
+    """At head dim 256 the split dk launch with the bias drops to two stages (three need 228
+    KiB of shared memory with the bias tables, over the H100's 227 KiB); without it, three."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plain = hstu_configs.backward_config(256, 256, torch.bfloat16)
+    with_bias = hstu_configs.backward_config(256, 256, torch.bfloat16, has_bias=True)
+    assert (plain.dk.num_stages, with_bias.dk.num_stages) == (3, 2)
+    assert with_bias.dq == plain.dq and with_bias.block_n == plain.block_n
 
 
 def test_backward_variant_knob_rejects_unknown_names():
