@@ -83,7 +83,7 @@ _FORWARD = {
 _BACKWARD = {
     32: KernelConfig(64, 128, num_warps=8, num_stages=2),
     64: KernelConfig(64, 128, num_warps=8, num_stages=2),
-    128: KernelConfig(64, 128, num_warps=8, num_stages=2, dq=KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128)),
+    128: KernelConfig(64, 128, num_warps=8, num_stages=3, dq=KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128)),
     256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(128, 32, num_warps=8, num_stages=3)),
 }
 # Split backward: the dv and dk launches keep 128 keys (two warpgroups of 64 rows, one
