@@ -78,11 +78,11 @@ _FORWARD = {
     128: KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128),
     256: KernelConfig(128, 32, num_warps=8, num_stages=3),
 }
-# The dq kernels keep 128 queries (two warpgroups of 64) and stream 32 keys; at 128 capped
-# at 128 registers (two programs per SM).
+# The dq kernels keep 128 queries (two warpgroups of 64) and stream 32 or 64 keys; below
+# 256 capped at 128 registers (two programs per SM). 32 takes 64's blocks (not timed).
 _BACKWARD = {
-    32: KernelConfig(64, 128, num_warps=8, num_stages=2),
-    64: KernelConfig(64, 128, num_warps=8, num_stages=2),
+    32: KernelConfig(64, 128, num_warps=8, num_stages=3, dq=KernelConfig(128, 64, num_warps=8, num_stages=3, maxnreg=128)),
+    64: KernelConfig(64, 128, num_warps=8, num_stages=3, dq=KernelConfig(128, 64, num_warps=8, num_stages=3, maxnreg=128)),
     128: KernelConfig(64, 128, num_warps=8, num_stages=3, dq=KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128)),
     256: KernelConfig(64, 64, num_warps=8, num_stages=2, dq=KernelConfig(128, 32, num_warps=8, num_stages=3)),
 }
