@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Compiles the HSTU attention kernels for an H100 (sm_90a) on any machine, GPU or not, and
 prints what each configuration costs on chip: registers per thread, spilled bytes, shared
-memory, and whether the matrix products became Hopper ``wgmma`` instructions. Costs no GPU
+memory, how many programs fit on one SM at once, and whether the matrix products became Hopper ``wgmma`` instructions. Costs no GPU
 time; use it to prune configurations before timing them.
 
-    python tools/benchmarks/hstu_kernel_resources.py [--dims 256,128,64] [--dtype bf16] [--bias]
+    python tools/benchmarks/hstu_kernel_resources.py [--dims 256,128,64] [--dtype bf16]
+        [--variants fused,split]
 
-Configurations: the defaults of ``megatron_gr/ops/triton/hstu_configs.py`` (causal mask;
-``--bias``: with the relative position + time bias, and the blocks chosen for it). An H100
-gives a program at most 227 KiB of shared memory. Needs triton (its wheel ships ptxas).
+Configurations: the per-head-dim tables of ``megatron_gr/ops/triton/hstu_configs.py``
+(causal mask, no bias; ``--heaviest``: every mask rule and the bias, which need more shared
+memory: check new table entries this way), one block of backward kernels per variant. ``wgmma`` counts the
+instructions in the code, not their executions. Needs triton (its wheel ships ptxas).
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel  # noqa: E402
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel  # noqa: E402
-from megatron_gr.ops.triton.hstu_attention import _BIAS_GRAD_SLOTS  # noqa: E402
-from megatron_gr.ops.triton.hstu_configs import _FORWARD, backward_config  # noqa: E402
+from megatron_gr.ops.triton.hstu_configs import _FORWARD, backward_config, override  # noqa: E402
+
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _INT64_POINTERS = {"Offsets", "NumTargets", "Timestamps"}
 _FP32_POINTERS = {"PosW", "TimeW", "DPosW", "DTimeW"}
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype: str) -> str:
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype: str, maxnreg=None) -> str:
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
@@ -54,7 +56,7 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype:
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     ptx = kernel.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
@@ -62,33 +64,67 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype:
     os.unlink(handle.name)
     regs = re.search(r"Used (\d+) registers", report)
     spill = re.search(r"(\d+) bytes spill stores", report)
+    per_sm = "?"
+    if regs:
+        # H100: 65,536 registers (allocated per warp in units of 256), 228 KiB of shared
+        # memory per SM of which each program reserves 1 KiB, at most 64 warps.
+        by_regs = 65536 // (-(-int(regs.group(1)) * 32 // 256) * 256 * num_warps)
+        by_smem = (228 * 1024) // (kernel.metadata.shared + 1024)
+        per_sm = min(by_regs, by_smem, 64 // num_warps)
+        if kernel.metadata.shared > 227 * 1024:
+            per_sm = "0 (over the 227 KiB a program may use: fails to launch)"
     return (f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}B "
-            f"smem={kernel.metadata.shared // 1024}KiB wgmma={ptx.count('wgmma.mma_async')}")
+            f"smem={kernel.metadata.shared // 1024}KiB programs/SM={per_sm} wgmma={ptx.count('wgmma.mma_async')}")
+
+
+def backward_runs(label: str, bwd) -> list:
+    """(name, kernel, config, extra constexprs) of each backward kernel launched for ``bwd``."""
+    key = dict(ATOMIC_DQ=bwd.atomic_dq, NUM_SLOTS=1)
+    if bwd.split_dkdv:
+        runs = [(f"{label} dv", hstu_bwd_dkdv_kernel, bwd, dict(key, WITH_DK=False, WITH_DV=True)),
+                (f"{label} dk", hstu_bwd_dkdv_kernel, bwd.dk or bwd, dict(key, WITH_DK=True, WITH_DV=False))]
+    else:
+        runs = [(f"{label} dk/dv", hstu_bwd_dkdv_kernel, bwd, dict(key, WITH_DK=True, WITH_DV=True))]
+    if not bwd.atomic_dq:
+        runs.append((f"{label} dq", hstu_bwd_dq_kernel, bwd.dq or bwd, {}))
+    return runs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="256,128,64")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    parser.add_argument("--bias", action="store_true", help="with the relative attention bias")
+    parser.add_argument("--variants", default="fused,split", help="backward variants to compile")
+    parser.add_argument("--candidates", action="store_true",
+                        help="compile the --sweep candidates of hstu_attention.py instead of the default tables")
+    parser.add_argument("--heaviest", action="store_true",
+                        help="every mask rule and the relative bias on (the most shared memory and registers) "
+                             "instead of the causal mask alone")
     args = parser.parse_args()
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    heavy = args.heaviest
     for d in (int(x) for x in args.dims.split(",")):
-        flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=False, HAS_CONTEXT=False,
-                     HAS_WINDOW=False, HAS_PREFIX=False, HAS_BIAS=args.bias, TIME_FN=0, NORM_BY_LEN=False,
-                     FAST_SILU=True, PRECISION="tf32")
-        fwd, bwd = _FORWARD[d], backward_config(d, d, torch_dtype, has_bias=args.bias)
-        dq = bwd.dq or bwd
-        runs = [
-            ("forward", hstu_fwd_kernel, fwd, {}),
-            ("dk/dv", hstu_bwd_dkdv_kernel, bwd, dict(ATOMIC_DQ=bwd.atomic_dq, NUM_SLOTS=_BIAS_GRAD_SLOTS if args.bias else 1)),
-        ]
-        if not bwd.atomic_dq:
-            runs.append(("dq", hstu_bwd_dq_kernel, dq, {}))
+        flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=heavy, HAS_CONTEXT=heavy,
+                     HAS_WINDOW=heavy, HAS_PREFIX=heavy, HAS_BIAS=heavy, TIME_FN=0, NORM_BY_LEN=False,
+                     FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32")
+        if args.candidates:
+            from hstu_attention import SWEEP  # the benchmark beside this file
+
+            runs = [("forward", hstu_fwd_kernel, cfg, {}) for cfg in SWEEP[d]["forward"]]
+            for variant in args.variants.split(","):
+                for i, bwd in enumerate(SWEEP[d][variant]):
+                    runs += backward_runs(f"{variant}#{i}", bwd)
+        else:
+            runs = [("forward", hstu_fwd_kernel, _FORWARD[d], {})]
+            for variant in args.variants.split(","):
+                with override(backward_variant=variant):
+                    runs += backward_runs(variant, backward_config(d, d, torch.bfloat16, has_bias=heavy))
         for name, fn, cfg, extra in runs:
             consts = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
-            report = compile_report(fn, consts, cfg.num_warps, cfg.num_stages, args.dtype)
-            print(f"D={d} {name:8s} {cfg.block_m}x{cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}: {report}")
+            if "NUM_SLOTS" in consts and heavy:
+                consts["NUM_SLOTS"] = 64  # as hstu_attention.py launches with a bias
+            report = compile_report(fn, consts, cfg.num_warps, cfg.num_stages, args.dtype, cfg.maxnreg)
+            print(f"D={d} {name:11s} {cfg.block_m}x{cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages} "
+                  f"maxnreg={cfg.maxnreg}: {report}")
     return 0
 
 

@@ -15,7 +15,7 @@ from megatron_gr.ops.relative_bias import RelativeBiasInputs
 from megatron_gr.ops.triton.availability import interpreter_enabled
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel
-from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config
+from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config, launch_options
 
 # Private copies of the relative-bias weight gradients (atomics spread over them).
 _BIAS_GRAD_SLOTS = 64
@@ -51,6 +51,7 @@ def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normaliz
         TIME_FN=0 if bias is None or bias.time_bucket_fn == "sqrt" else 1,
         NORM_BY_LEN=normalizer == "seq_len",
         FAST_SILU=sixteen_bit and not interpreter_enabled(),
+        ASM_GATHER=not interpreter_enabled(),
         PRECISION=("upcast" if interpreter_enabled() else "tf32") if sixteen_bit else "ieee",
     )
 
@@ -89,8 +90,7 @@ class _HSTUAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1),
                 heads, num_m_blocks, alpha, 1.0 / max_seq_len,
                 mask.contextual_len, mask.max_attn_len, mask.global_prefix_len, num_pos, num_time,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **common,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
             )
         ctx.save_for_backward(q, k, v, offsets, targets, ts, pos_w, time_w)
         ctx.settings = settings
@@ -118,18 +118,20 @@ class _HSTUAttention(torch.autograd.Function):
         dq = (torch.zeros if cfg.atomic_dq else torch.empty)(
             q.shape, device=q.device, dtype=torch.float32 if cfg.atomic_dq else q.dtype
         )
-        num_n_blocks = triton.cdiv(max_len, cfg.block_n)
         launch = num_tokens and batch and max_len
         scalars = (mask.contextual_len, mask.max_attn_len, mask.global_prefix_len, num_pos, num_time)
-        if launch:
+        # (blocks, computes dk, computes dv) of each launch of the key-block kernel.
+        key_launches = [(cfg.dk or cfg, True, False), (cfg, False, True)] if cfg.split_dkdv else [(cfg, True, True)]
+        for kcfg, with_dk, with_dv in key_launches if launch else ():
+            num_n_blocks = triton.cdiv(max_len, kcfg.block_n)
             hstu_bwd_dkdv_kernel[(batch * heads, num_n_blocks)](
                 q, k, v, grad_out, dq, dk, dv, offsets, targets, ts, pos_w, time_w, d_pos, d_time,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 heads, num_n_blocks, alpha, 1.0 / max_seq_len, *scalars,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=cfg.atomic_dq, NUM_SLOTS=slots,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+                BLOCK_M=kcfg.block_m, BLOCK_N=kcfg.block_n, ATOMIC_DQ=cfg.atomic_dq and with_dk, NUM_SLOTS=slots,
+                WITH_DK=with_dk, WITH_DV=with_dv, **launch_options(kcfg), **common,
             )
         if launch and not cfg.atomic_dq:
             dq_cfg = cfg.dq or cfg
@@ -139,8 +141,7 @@ class _HSTUAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
                 heads, num_m_blocks, alpha, 1.0 / max_seq_len, *scalars,
-                BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-                num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
+                BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **launch_options(dq_cfg), **common,
             )
         grad_pos = grad_time = None
         if bias is not None:

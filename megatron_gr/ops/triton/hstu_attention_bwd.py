@@ -12,6 +12,13 @@ weight gradients and, with ``ATOMIC_DQ``, each tile's share of dq into an fp32 b
 block, streaming key blocks) recomputes x and do v^T for dq: seven products per tile in
 all, no atomics, deterministic.
 
+Split variant: the same key-block kernel launched twice, once with only ``WITH_DV`` (x, P,
+dv += P^T do: two products) and once with only ``WITH_DK`` (x, do v^T, dk += dx^T q:
+three), so that each program holds one [BLOCK_N, D] fp32 accumulator instead of two: at
+D = 256 the fused program needs both (128 registers per thread at 8 warps, spilling), the
+split ones fit key blocks of 128 rows without spills. Eight products per tile with the dq
+kernel instead of seven.
+
 Relative-bias weight gradients: a tile whose pairs all fall in one bucket (far from the
 diagonal for positions; common for time gaps past the last bucket) adds one sum; other
 tiles add per pair, into one of ``NUM_SLOTS`` private copies of the gradient to spread the
@@ -24,7 +31,7 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.hstu_tiles import (
-    bias_buckets, key_ranges, load_rows, mma, pair_mask, query_ranges, silu_and_grad,
+    bias_buckets, gather, key_ranges, load_rows, mma, pair_mask, query_ranges, silu, silu_and_grad,
 )
 
 
@@ -61,7 +68,8 @@ def _dkdv_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = load_rows(q_base, offs_m, stride_qt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_M, Dqk]
@@ -71,29 +79,36 @@ def _dkdv_tile(
     if HAS_BIAS:
         ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
         pos, tb = bias_buckets(offs_m[None, :], offs_n[:, None], ts_i[None, :], ts_j[:, None], P, NT, TIME_FN)
-        x += tl.load(PosW + pos) + tl.load(TimeW + tb)
-    p, dsilu = silu_and_grad(x, FAST_SILU)
-    dp = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
-    dx = dp * dsilu
+        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
+    if WITH_DK:
+        p, dsilu = silu_and_grad(x, FAST_SILU)
+        dp = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
+        dx = dp * dsilu
+    else:
+        p = silu(x, FAST_SILU)
     if MASKED:
         allowed = pair_mask(
             offs_m[None, :], offs_n[:, None], L, H, c, w, g,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX,
         )
-        p = tl.where(allowed, p, 0.0)
-        dx = tl.where(allowed, dx, 0.0)
+        if WITH_DV:
+            p = tl.where(allowed, p, 0.0)
+        if WITH_DK:
+            dx = tl.where(allowed, dx, 0.0)
     else:
         allowed = offs_n[:, None] >= 0
-    dv = mma(p.to(do.dtype), do, dv, PRECISION)
-    dx16 = dx.to(q.dtype)
-    dk = mma(dx16, q, dk, PRECISION)
-    if ATOMIC_DQ:
-        dq = mma(tl.trans(dx16), k, None, PRECISION) * (alpha * inv_n)  # [BLOCK_M, Dqk]
-        cols = tl.arange(0, BLOCK_DQK)
-        ptrs = dq_base + offs_m[:, None] * stride_dqt + cols[None, :]
-        tl.atomic_add(ptrs, dq, mask=(offs_m < L)[:, None] & (cols < DQK)[None, :], sem="relaxed")
-    if HAS_BIAS:
-        _bias_grad(dx * inv_n, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT, BLOCK_M, BLOCK_N, MASKED, allowed)
+    if WITH_DV:
+        dv = mma(p.to(do.dtype), do, dv, PRECISION)
+    if WITH_DK:
+        dx16 = dx.to(q.dtype)
+        dk = mma(dx16, q, dk, PRECISION)
+        if ATOMIC_DQ:
+            dq = mma(tl.trans(dx16), k, None, PRECISION) * (alpha * inv_n)  # [BLOCK_M, Dqk]
+            cols = tl.arange(0, BLOCK_DQK)
+            ptrs = dq_base + offs_m[:, None] * stride_dqt + cols[None, :]
+            tl.atomic_add(ptrs, dq, mask=(offs_m < L)[:, None] & (cols < DQK)[None, :], sem="relaxed")
+        if HAS_BIAS:
+            _bias_grad(dx * inv_n, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT, BLOCK_M, BLOCK_N, MASKED, allowed)
     return dk, dv
 
 
@@ -108,8 +123,8 @@ def hstu_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    NUM_SLOTS: tl.constexpr,
+    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, NUM_SLOTS: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if CAUSAL:  # the first key blocks are seen by the most queries: launch them first
@@ -138,7 +153,10 @@ def hstu_bwd_dkdv_kernel(
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K + start * stride_kt + h * stride_kh, offs_n, stride_kt, L, DQK, BLOCK_DQK, True)
-    v = load_rows(V + start * stride_vt + h * stride_vh, offs_n, stride_vt, L, DV, BLOCK_DV, True)
+    if WITH_DK:  # do v^T
+        v = load_rows(V + start * stride_vt + h * stride_vh, offs_n, stride_vt, L, DV, BLOCK_DV, True)
+    else:
+        v = k
     q_base = Q + start * stride_qt + h * stride_qh
     do_base = GradOut + start * stride_dot + h * stride_doh
     dq_base = GradQ + start * stride_dqt + h * stride_dqh
@@ -158,24 +176,24 @@ def hstu_bwd_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
-            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
         )
     for m0 in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, False,
-            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
         )
     for m0 in range(full_hi, hi, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
             PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
-            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
-            ATOMIC_DQ,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
         )
 
     row_ok = (offs_n < L)[:, None]
@@ -183,8 +201,10 @@ def hstu_bwd_dkdv_kernel(
     cols_v = tl.arange(0, BLOCK_DV)
     dk_ptrs = GradK + start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + cols_qk[None, :]
     dv_ptrs = GradV + start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + cols_v[None, :]
-    tl.store(dk_ptrs, (dk * (alpha * inv_n)).to(GradK.dtype.element_ty), mask=row_ok & (cols_qk < DQK)[None, :])
-    tl.store(dv_ptrs, (dv * inv_n).to(GradV.dtype.element_ty), mask=row_ok & (cols_v < DV)[None, :])
+    if WITH_DK:
+        tl.store(dk_ptrs, (dk * (alpha * inv_n)).to(GradK.dtype.element_ty), mask=row_ok & (cols_qk < DQK)[None, :])
+    if WITH_DV:
+        tl.store(dv_ptrs, (dv * inv_n).to(GradV.dtype.element_ty), mask=row_ok & (cols_v < DV)[None, :])
 
 
 @triton.jit
@@ -195,7 +215,7 @@ def _dq_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(k_base, offs_n, stride_kt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
@@ -204,7 +224,7 @@ def _dq_tile(
     if HAS_BIAS:
         ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
         pos, tb = bias_buckets(offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], P, NT, TIME_FN)
-        x += tl.load(PosW + pos) + tl.load(TimeW + tb)
+        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     _, dsilu = silu_and_grad(x, FAST_SILU)
     dp = mma(do, tl.trans(v), None, PRECISION)  # [BLOCK_M, BLOCK_N]
     dx = dp * dsilu
@@ -228,7 +248,7 @@ def hstu_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = num_m_blocks - 1 - tl.program_id(1)
@@ -268,25 +288,28 @@ def hstu_bwd_dq_kernel(
                 dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
                 L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
-                PRECISION,
+                ASM_GATHER, PRECISION,
             )
     for n0 in range(lo, full_lo, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
+            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION,
         )
     for n0 in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
+            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION,
         )
     for n0 in range(full_hi, hi, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, PRECISION,
+            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
+            PRECISION,
         )
 
     if NORM_BY_LEN:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.hstu_tiles import bias_buckets, key_ranges, load_rows, mma, pair_mask, silu
+from megatron_gr.ops.triton.hstu_tiles import bias_buckets, gather, key_ranges, load_rows, mma, pair_mask, silu
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(k_base, offs_n, stride_kt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
@@ -35,7 +35,7 @@ def _fwd_tile(
     if HAS_BIAS:
         ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
         pos, tb = bias_buckets(offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], P, NT, TIME_FN)
-        x += tl.load(PosW + pos) + tl.load(TimeW + tb)
+        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     p = silu(x, FAST_SILU)
     if MASKED:
         allowed = pair_mask(
@@ -57,7 +57,7 @@ def hstu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = num_m_blocks - 1 - tl.program_id(1)  # heaviest (last) query blocks first
@@ -96,27 +96,27 @@ def hstu_fwd_kernel(
                 acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
                 L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
-                PRECISION,
+                ASM_GATHER, PRECISION,
             )
     for n0 in range(lo, full_lo, BLOCK_N):
         acc = _fwd_tile(
             acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
+            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
     for n0 in range(full_lo, full_hi, BLOCK_N):
         acc = _fwd_tile(
             acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
+            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
     for n0 in range(full_hi, hi, BLOCK_N):
         acc = _fwd_tile(
             acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
             L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
+            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
 

@@ -210,6 +210,23 @@ def query_ranges(
 
 
 @triton.jit
+def gather(table, idx, ASM: tl.constexpr):
+    """``table[idx]`` for an fp32 table and in-range int indices. ASM (compiled kernels):
+    one ``ld.global.nc.f32`` per element, which Triton's software pipeliner leaves alone.
+    Pipelined, every gather of a [BLOCK_N, BLOCK_M] tile was staged in shared memory (16 KiB
+    per table at 128x32), which pushed the D = 256 key-block kernels with relative bias past
+    the 227 KiB a program may use on an H100 (232 KiB fused, 228 KiB split dk). The tables
+    are tiny and stay in cache. The interpreter cannot run assembly: a plain load there."""
+    if ASM:
+        addr = (table + idx).to(tl.int64)
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.f32 $0, [$1];", "=f,l", [addr], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.load(table + idx)
+
+
+@triton.jit
 def time_bucket(gap, NT, TIME_FN: tl.constexpr):
     """``bucketize_time_gaps`` for int64 gaps >= 0, exact: a float estimate corrected with
     integer arithmetic (float32 alone misplaces gaps next to a bucket boundary)."""

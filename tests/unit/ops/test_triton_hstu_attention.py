@@ -1,6 +1,6 @@
 """The Triton HSTU attention against the PyTorch reference (float64) on random inputs: every
-mask alone and combined, relative bias, lengths 0, 1 and long, head dims, dtypes, both
-backward variants; forward output and every gradient.
+mask alone and combined, relative bias, lengths 0, 1 and long, head dims, dtypes, every
+backward variant (fused dk/dv, split dv + dk, atomic dq); forward output and every gradient.
 
 Without a GPU the kernels run in the Triton interpreter (needs triton; small shapes and
 blocks of 16 so that short sequences cross block boundaries); tests marked ``gpu`` run the
@@ -138,6 +138,58 @@ def test_interpreter_atomic_dq_and_uneven_blocks(mask):
         check_parity([1, 45, 70], mask=MASKS[mask], dtype=torch.float32, device="cpu", bias=True)
 
 
+@cpu_only
+@pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
+def test_interpreter_split_backward(mask):
+    """dv, dk and dq in three kernels, each with its own blocks (heights differ from the
+    forward's and from each other; one launch with a register cap), relative bias on: every
+    mask."""
+    backward = hstu_configs.KernelConfig(
+        16, 32, num_warps=1, num_stages=1, split_dkdv=True,
+        dk=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1, maxnreg=128),
+        dq=hstu_configs.KernelConfig(32, 16, num_warps=1, num_stages=1),
+    )
+    with hstu_configs.override(backward=backward):
+        check_parity([1, 45, 70, 0, 17], mask=MASKS[mask], dtype=torch.float32, device="cpu", bias=True)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_interpreter_split_backward_variant_knob(dtype):
+    """The ``split`` variant chosen by name (as the benchmark and the lead's switch do), 16-bit."""
+    with hstu_configs.override(backward_variant="split"):
+        assert hstu_configs.backward_config(16, 16, dtype).split_dkdv
+        check_parity([1, 33, 18], mask=MASKS["all"], dtype=dtype, device="cpu", bias=True)
+
+
+@pytest.mark.parametrize(
+    "dqk, dv, dtype, split",
+    [(256, 256, torch.bfloat16, True), (256, 200, torch.float16, True), (128, 128, torch.bfloat16, False),
+     (64, 64, torch.bfloat16, False), (256, 256, torch.float32, False)],
+)
+def test_auto_backward_variant(dqk, dv, dtype, split, monkeypatch):
+    """``auto`` (the default) splits 16-bit backwards at head dim 256, where it was timed faster."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the compiled tables, not the interpreter's blocks
+    with hstu_configs.override(backward_variant="auto"):
+        assert hstu_configs.backward_config(dqk, dv, dtype).split_dkdv == split
+
+
+def test_relative_bias_takes_blocks_that_fit(monkeypatch):
+    """At head dim 256 the split dk launch with the bias drops to two stages (three need 228
+    KiB of shared memory with the bias tables, over the H100's 227 KiB); without it, three."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plain = hstu_configs.backward_config(256, 256, torch.bfloat16)
+    with_bias = hstu_configs.backward_config(256, 256, torch.bfloat16, has_bias=True)
+    assert (plain.dk.num_stages, with_bias.dk.num_stages) == (3, 2)
+    assert with_bias.dq == plain.dq and with_bias.block_n == plain.block_n
+
+
+def test_backward_variant_knob_rejects_unknown_names():
+    with pytest.raises(ValueError, match="backward_variant must be 'auto' or one of"):
+        with hstu_configs.override(backward_variant="fast"):
+            pass
+
+
 def test_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, offsets, _ = make_inputs([3], heads=1, dqk=4, dv=4, dtype=torch.float32, device="cpu", bias=False)
@@ -151,22 +203,31 @@ GPU_LENGTHS = [1, 300, 1031, 64, 0, 517]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", hstu_configs.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
-def test_gpu_masks_bf16(mask):
-    check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=torch.bfloat16, device="cuda", heads=2, dqk=64, dv=64, bias=True)
+def test_gpu_masks_bf16(mask, variant):
+    with hstu_configs.override(backward_variant=variant):
+        check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=torch.bfloat16, device="cuda", heads=2, dqk=64, dv=64,
+                     bias=True)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", hstu_configs.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("mask", ["causal", "all"])
-def test_gpu_dtypes(mask, dtype):
-    check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=dtype, device="cuda", heads=2, dqk=64, dv=64, bias=True)
+def test_gpu_dtypes(mask, dtype, variant):
+    with hstu_configs.override(backward_variant=variant):
+        check_parity(GPU_LENGTHS, mask=MASKS[mask], dtype=dtype, device="cuda", heads=2, dqk=64, dv=64, bias=True)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", hstu_configs.BACKWARD_VARIANTS)
 @pytest.mark.parametrize("dqk, dv", [(32, 32), (128, 128), (256, 256), (40, 24)])
-def test_gpu_head_dims(dqk, dv):
-    check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", heads=2, dqk=dqk, dv=dv)
+def test_gpu_head_dims(dqk, dv, variant):
+    """Each variant's per-head-dim blocks (the 128 and 256 tables are the ones timed)."""
+    with hstu_configs.override(backward_variant=variant):
+        check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", heads=2, dqk=dqk, dv=dv,
+                     bias=True)
 
 
 @pytest.mark.gpu
@@ -174,6 +235,20 @@ def test_gpu_head_dims(dqk, dv):
 def test_gpu_relative_bias_seq_len_normaliser(time_fn):
     check_parity(GPU_LENGTHS, mask=MASKS["causal"], dtype=torch.bfloat16, device="cuda", dqk=128, dv=128,
                  bias=True, time_fn=time_fn, normalizer="seq_len")
+
+
+@pytest.mark.gpu
+def test_gpu_register_capped_configs():
+    """Configs capped at 128 registers (two 8-warp programs per SM; the dq kernel spills a
+    little), as the benchmark's sweep tries them, on every mask rule and the bias."""
+    capped = hstu_configs.KernelConfig(32, 128, num_warps=8, num_stages=3, maxnreg=128)
+    backward = hstu_configs.KernelConfig(
+        32, 128, num_warps=8, num_stages=3, maxnreg=128, split_dkdv=True, dk=capped,
+        dq=hstu_configs.KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128),
+    )
+    forward = hstu_configs.KernelConfig(128, 32, num_warps=8, num_stages=3, maxnreg=128)
+    with hstu_configs.override(forward=forward, backward=backward):
+        check_parity(GPU_LENGTHS, mask=MASKS["all"], dtype=torch.bfloat16, device="cuda", dqk=128, dv=128, bias=True)
 
 
 @pytest.mark.gpu
