@@ -55,13 +55,14 @@ _GPU = {
     "pre_bwd_gates": Blocks(4, 256, 4),
 }
 # More than 4 streams (any dtype): the merge backward holds 2n tiles in registers, so
-# half the channels per token row and half the rows.
-_GPU_WIDE = {"merge_bwd": Blocks(4, 128, 4)}
+# half the channels per token row and half the rows; the pre forward's second walk holds
+# n tiles beside a 128-wide logit tile: half the channels (it spilled at 128).
+_GPU_WIDE = {"merge_bwd": Blocks(4, 128, 4), "pre_fwd": Blocks(16, 64, 4)}
 # float32 (and float16) streams take the projection products in tf32x3, which splits
 # both operands: smaller tiles (and fewer tokens per backward tile above 4 streams, whose
 # projection-gradient tile has 128 rows).
 _GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4), "pre_fwd": Blocks(16, 64, 4)}
-_GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4)}
+_GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4), "pre_fwd": Blocks(16, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
     "mappings_bwd": Blocks(16, 16, 1),
@@ -90,7 +91,7 @@ CANDIDATES = {
     "sinkhorn": [],
     "pre": [
         dict(pre_fwd=Blocks(16, 256, 4), pre_bwd_gates=Blocks(8, 256, 8)),
-        dict(pre_fwd=Blocks(32, 128, 8), pre_bwd_gates=Blocks(4, 512, 4)),
+        dict(pre_fwd=Blocks(16, 64, 4), pre_bwd_gates=Blocks(4, 512, 4)),
     ],
 }
 _override: dict[str, Blocks] = {}
@@ -105,7 +106,7 @@ def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
     wide = _padded(streams) > 4
     if op.startswith("mappings") or op == "pre_fwd":
         if dtype == torch.bfloat16:
-            return _GPU[op]
+            return (wide and _GPU_WIDE.get(op)) or _GPU[op]
         return (wide and _GPU_FP32_MAPPINGS_WIDE.get(op)) or _GPU_FP32_MAPPINGS[op]
     if wide and op in _GPU_WIDE:
         return _GPU_WIDE[op]

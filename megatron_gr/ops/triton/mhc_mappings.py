@@ -164,7 +164,7 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo
 @triton.jit
 def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, C,
                     n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT: tl.constexpr, UPCAST: tl.constexpr, AGGREGATE: tl.constexpr):
+                    SPLIT: tl.constexpr, UPCAST: tl.constexpr, AGGREGATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr):
     """``dx = g P - coef x`` for one K chunk of a range of token tiles; ``gᵀ x`` summed over
     them into this program's slot of the projection gradient. Every matrix operand comes
     straight from memory in the orientation its product needs (``gᵀ`` by a transposed
@@ -176,7 +176,12 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, 
     w = tl.arange(0, WP)
     p = tl.load(P + w[:, None] * K + k[None, :], mask=(w < W)[:, None] & k_mask, other=0.0)  # [WP, BLOCK_K]
     dp = tl.zeros([WP, BLOCK_K], dtype=tl.float32)
-    stream = k // C
+    # the chunk's stream: one per chunk when chunks tile the channels (C a multiple of
+    # BLOCK_K; then H_pre is one value per token), else per value
+    if WHOLE_CHUNKS:
+        stream = (tl.program_id(0) * BLOCK_K) // C
+    else:
+        stream = k // C
     channel = k - stream * C
     for tile in range(tl.program_id(1), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(1)):
         tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -192,7 +197,10 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, 
         dx -= coef[:, None] * x.to(tl.float32)
         if AGGREGATE:
             token_mask = live[:, None] & k_mask
-            h = tl.load(Pre + rows[:, None] * n + stream[None, :], mask=token_mask, other=0.0)
+            if WHOLE_CHUNKS:
+                h = tl.load(Pre + rows * n + stream, mask=live, other=0.0)[:, None]
+            else:
+                h = tl.load(Pre + rows[:, None] * n + stream[None, :], mask=token_mask, other=0.0)
             du = tl.load(Grad + rows[:, None] * C + channel[None, :], mask=token_mask, other=0.0)
             dx += h * du.to(tl.float32)
         tl.store(DX + rows[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live[:, None] & k_mask)
@@ -243,7 +251,7 @@ def projection_backward(x, p32, g_hi, g_lo, coef, *, pre=None, grad=None):
             x, p32.to(g_hi.dtype), g_hi, g_lo, coef, pre if aggregate else coef, grad if aggregate else x, dx, dp_part,
             num_tokens, K, channels, n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c,
             SPLIT=x.dtype == torch.bfloat16, UPCAST=interpreter_enabled(), AGGREGATE=aggregate,
-            num_warps=cfg.num_warps,
+            WHOLE_CHUNKS=channels % cfg.block_c == 0, num_warps=cfg.num_warps,
         )
     return dx, dp_part.sum(0)
 
