@@ -35,7 +35,7 @@ from megatron_gr.ops.triton import mhc_configs  # noqa: E402
 from megatron_gr.ops.triton.mhc_aggregate import _aggregate_bwd, _aggregate_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_mappings import _mappings_bwd_gates, _mappings_bwd_x, _mappings_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_merge import _merge_bwd, _merge_fwd  # noqa: E402
-from megatron_gr.ops.triton.mhc_pre import _pre_bwd_gates, _pre_fwd  # noqa: E402
+from megatron_gr.ops.triton.mhc_pre import _pre_bwd_gates  # noqa: E402
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -101,9 +101,6 @@ def kernels(n: int, dtype: torch.dtype):
         yield (f"{'pre' if aggregate else 'mappings'} bwd x", _mappings_bwd_x,
                dict(n=n, W=width, WP=wp, BLOCK_T=bwd.block_t, BLOCK_K=bwd.block_c, SPLIT=split, UPCAST=False,
                     AGGREGATE=aggregate, WHOLE_CHUNKS=True), bwd, operands)
-    pre = mhc_configs.blocks("pre_fwd", streams=n, dtype=dtype)
-    yield ("pre fwd", _pre_fwd, dict(n=n, W=width, WP=wp, BLOCK_T=pre.block_t, BLOCK_C=pre.block_c, SPLIT=split,
-                                     UPCAST=False), pre, operands)
     pre_gates = mhc_configs.blocks("pre_bwd_gates", streams=n, dtype=dtype)
     yield ("pre bwd gates", _pre_bwd_gates, dict(n=n, W=width, WP=wp, BLOCK_T=pre_gates.block_t,
                                                  BLOCK_C=pre_gates.block_c, SPLIT=split), pre_gates, operands)

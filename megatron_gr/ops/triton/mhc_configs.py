@@ -29,8 +29,7 @@ class Blocks:
     num_warps: int = 4
 
 
-OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd", "pre_fwd",
-       "pre_bwd_gates")
+OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd", "pre_bwd_gates")
 
 # Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py for n = 2 to 8,
 # bf16 and fp32 streams: no spills.
@@ -45,24 +44,19 @@ _GPU = {
     "aggregate_bwd": Blocks(4, 256, 4),
     "merge_fwd": Blocks(4, 256, 4),
     "merge_bwd": Blocks(8, 256, 8),
-    # the fused pre op (mappings + aggregate): its forward walks a token tile twice, the
-    # second time from L2, so few tokens per tile (16, the least a matrix product takes)
-    # and one block_c for both walks (flattened values, then channels per stream); its
-    # gates kernel walks the channels of block_t tokens for dh_pre as the aggregate
-    # backward does. Its projection backward is the mappings' (mappings_bwd). Not yet
-    # timed on a GPU (set by analogy with mappings_fwd and aggregate_bwd).
-    "pre_fwd": Blocks(16, 128, 4),
+    # the fused pre op's gates kernel walks the channels of block_t tokens for dh_pre as
+    # the aggregate backward does (set by analogy with aggregate_bwd); the op's other
+    # kernels are the mappings', the aggregate's and Sinkhorn's, with their blocks.
     "pre_bwd_gates": Blocks(4, 256, 4),
 }
 # More than 4 streams (any dtype): the merge backward holds 2n tiles in registers, so
-# half the channels per token row and half the rows; the pre forward's second walk holds
-# n tiles beside a 128-wide logit tile: half the channels (it spilled at 128).
-_GPU_WIDE = {"merge_bwd": Blocks(4, 128, 4), "pre_fwd": Blocks(16, 64, 4)}
+# half the channels per token row and half the rows.
+_GPU_WIDE = {"merge_bwd": Blocks(4, 128, 4)}
 # float32 (and float16) streams take the projection products in tf32x3, which splits
 # both operands: smaller tiles (and fewer tokens per backward tile above 4 streams, whose
 # projection-gradient tile has 128 rows).
-_GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4), "pre_fwd": Blocks(16, 64, 4)}
-_GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4), "pre_fwd": Blocks(16, 32, 4)}
+_GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
+_GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
     "mappings_bwd": Blocks(16, 16, 1),
@@ -70,7 +64,6 @@ _INTERPRETER = {
     "aggregate_bwd": Blocks(4, 16, 1),
     "merge_fwd": Blocks(4, 16, 1),
     "merge_bwd": Blocks(4, 16, 1),
-    "pre_fwd": Blocks(16, 16, 1),
     "pre_bwd_gates": Blocks(4, 16, 1),
 }
 # Alternatives that tools/benchmarks/mhc_ops.py --candidates times against the defaults
@@ -90,8 +83,8 @@ CANDIDATES = {
     ],
     "sinkhorn": [],
     "pre": [
-        dict(pre_fwd=Blocks(16, 256, 4), pre_bwd_gates=Blocks(8, 256, 8)),
-        dict(pre_fwd=Blocks(16, 64, 4), pre_bwd_gates=Blocks(4, 512, 4)),
+        dict(pre_bwd_gates=Blocks(8, 256, 8)),
+        dict(pre_bwd_gates=Blocks(4, 512, 4)),
     ],
 }
 _override: dict[str, Blocks] = {}
@@ -104,9 +97,9 @@ def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
     if interpreter_enabled():
         return _INTERPRETER[op]
     wide = _padded(streams) > 4
-    if op.startswith("mappings") or op == "pre_fwd":
+    if op.startswith("mappings"):
         if dtype == torch.bfloat16:
-            return (wide and _GPU_WIDE.get(op)) or _GPU[op]
+            return _GPU[op]
         return (wide and _GPU_FP32_MAPPINGS_WIDE.get(op)) or _GPU_FP32_MAPPINGS[op]
     if wide and op in _GPU_WIDE:
         return _GPU_WIDE[op]
@@ -144,26 +137,6 @@ def multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
-
-
-# Share of the L2 cache that the token tiles of the fused pre forward may fill at once (see
-# resident_programs); an untimed choice, leaving room for the projection, which every
-# program reads.
-_L2_SHARE = 0.5
-
-
-def resident_programs(device: torch.device, tiles: int, tile_bytes: int) -> int:
-    """Programs for a kernel that loops over ``tiles`` token tiles and walks each twice,
-    the second walk expecting the first walk's ``tile_bytes`` still in L2: as many as keep
-    their tiles within ``_L2_SHARE`` of the L2 cache together, but at least 2 per
-    multiprocessor (fewer leave HBM idle; tiles beyond the share then come from HBM
-    twice) and at most ``tiles``. 1 in the interpreter, so that a program walks several
-    tiles in the tests."""
-    if device.type != "cuda":
-        return 1
-    props = torch.cuda.get_device_properties(device)
-    fitting = int(props.L2_cache_size * _L2_SHARE) // max(1, tile_bytes)
-    return max(1, min(tiles, max(2 * props.multi_processor_count, fitting)))
 
 
 def _padded(size: int) -> int:

@@ -61,13 +61,10 @@ def _gates(w, n: tl.constexpr, W: tl.constexpr, Alpha, Bias):
 
 
 @triton.jit
-def logits_tile(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, tile, num_tokens, K, eps,
-                 n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """The forward of token tile ``tile``: one walk over its ``K = n C`` values, then the
-    maps and logits stored. Returns the tile's ``rows`` (int64), ``live`` mask and the
-    sigmoids ``[BLOCK_T, WP]`` (H_pre in the first n columns)."""
-    tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, num_tokens, K, eps,
+                  n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = tokens < num_tokens
     rows = tokens.to(tl.int64)
     w = tl.arange(0, WP)
@@ -97,15 +94,6 @@ def logits_tile(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, 
     tl.store(Pre + rows[:, None] * n + col, s, mask=live2 & (col < n))
     tl.store(Post + rows[:, None] * n + (col - n), 2.0 * s, mask=live2 & (col >= n) & (col < 2 * n))
     tl.store(ResLogits + rows[:, None] * (n * n) + (col - 2 * n), z, mask=live2 & (col >= 2 * n) & (col < W))
-    return rows, live, s
-
-
-@triton.jit
-def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, num_tokens, K, eps,
-                  n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    logits_tile(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, tl.program_id(0), num_tokens, K,
-                 eps, n, W, WP, BLOCK_T, BLOCK_K, SPLIT, UPCAST)
 
 
 @triton.jit
@@ -212,14 +200,32 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, 
     tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
 
 
-def projection_operands(projection: torch.Tensor, split: bool):
-    """``(p32, p_hi, p_lo)``: the float32 projection and the forward's product operands,
-    two bf16 halves ``p32 = p_hi + p_lo`` for bf16 streams (else p32 twice)."""
-    p32 = projection.detach().to(torch.float32).contiguous()
-    if not split:
-        return p32, p32, p32
-    p_hi = p32.to(torch.bfloat16)
-    return p32, p_hi, (p32 - p_hi.to(torch.float32)).to(torch.bfloat16)
+def mappings_forward(x, projection, alpha, bias, eps):
+    """The forward kernel on contiguous streams x ``[T, n, C]``: ``(h_pre, h_post,
+    res_logits)`` and what the backward keeps besides x, ``(p32, alpha32, bias32, logits,
+    inv_rms)`` (float32)."""
+    num_tokens, n, channels = x.shape
+    K, W = n * channels, n * n + 2 * n
+    WP = max(16, triton.next_power_of_2(W))
+    device, f32 = x.device, torch.float32
+    split = x.dtype == torch.bfloat16
+    p32 = projection.detach().to(f32).contiguous()
+    p_hi = p32.to(torch.bfloat16) if split else p32
+    p_lo = (p32 - p_hi.to(f32)).to(torch.bfloat16) if split else p32
+    pre = torch.empty(num_tokens, n, device=device, dtype=f32)
+    post = torch.empty_like(pre)
+    res = torch.empty(num_tokens, n, n, device=device, dtype=f32)
+    logits = torch.empty(num_tokens, W, device=device, dtype=f32)
+    inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
+    alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
+    cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
+    if num_tokens:
+        _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
+            x, p_hi, p_lo, alpha32, bias32, pre, post, res, logits, inv_rms, num_tokens, K, eps,
+            n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c, SPLIT=split,
+            UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
+        )
+    return (pre, post, res), (p32, alpha32, bias32, logits, inv_rms)
 
 
 def gate_buffers(num_tokens: int, WP: int, tiles: int, split: bool, device):
@@ -261,29 +267,11 @@ class _Mappings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, projection, alpha, bias, eps):
-        num_tokens, n, channels = x.shape
-        K, W = n * channels, n * n + 2 * n
-        WP = max(16, triton.next_power_of_2(W))
         x = x.contiguous()
-        device, f32 = x.device, torch.float32
-        split = x.dtype == torch.bfloat16
-        p32, p_hi, p_lo = projection_operands(projection, split)
-        pre = torch.empty(num_tokens, n, device=device, dtype=f32)
-        post = torch.empty_like(pre)
-        res = torch.empty(num_tokens, n, n, device=device, dtype=f32)
-        logits = torch.empty(num_tokens, W, device=device, dtype=f32)
-        inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
-        alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
-        cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
-        if num_tokens:
-            _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
-                x, p_hi, p_lo, alpha32, bias32, pre, post, res, logits, inv_rms, num_tokens, K, eps,
-                n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c, SPLIT=split,
-                UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
-            )
-        ctx.save_for_backward(x, p32, alpha32, bias32, logits, inv_rms)
+        maps, saved = mappings_forward(x, projection, alpha, bias, eps)
+        ctx.save_for_backward(x, *saved)
         ctx.dtypes = (projection.dtype, alpha.dtype, bias.dtype)
-        return pre, post, res
+        return maps
 
     @staticmethod
     def backward(ctx, d_pre, d_post, d_res):
