@@ -27,6 +27,12 @@ from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, mhc_pre,
 
 STREAM_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 MAP_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-4}
+# The gate (alpha) gradient with bf16 streams: each of its 3 values sums T x W products
+# dz · l of both signs, which cancel, so errors small against each product are large
+# against the sum (ill-conditioned, unlike every other result). On an H100 it measured 4.07e-4 and 6.16e-4 (n = 8, 21
+# tokens, 256 and 20 channels) and 2.06e-4 (pre op, n = 4, 8195 tokens, 4096 channels)
+# while every other result met the map tolerances.
+ALPHA_GRAD_TOLERANCE = 2e-3
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
@@ -69,9 +75,10 @@ def _map_tolerances(n: int) -> list[float]:
     """Outputs h_pre, h_post, h_res; gradients of x (bf16), projection, alpha, bias. On an
     H100, n = 8 measured 1.2-1.6e-4 against float64 for the maps and parameter gradients
     (n = 2 and 4 stay under 1e-4 up to 4099 tokens x 1024 channels): 3e-4 there, cause
-    not established (see docs/benchmarks/mhc.md)."""
+    not established (see docs/benchmarks/mhc.md). The alpha gradient (3 values) gets
+    :data:`ALPHA_GRAD_TOLERANCE`."""
     maps = 3e-4 if n > 4 else 1e-4
-    return [maps] * 3 + [1e-2] + [maps] * 3
+    return [maps] * 3 + [1e-2] + [maps, ALPHA_GRAD_TOLERANCE, maps]
 
 
 @DTYPES
@@ -116,15 +123,17 @@ def test_mappings_save_only_small_float32_tensors_beside_x():
 # ---------------------------------------------------------------- fused pre (mappings + aggregate)
 def _pre_tolerances(n: int, dtype: torch.dtype) -> list[float]:
     """Outputs u (streams' dtype), h_post, h_res; gradients of x (streams' dtype),
-    projection, alpha, bias: the mappings' and the aggregate's tolerances."""
+    projection, alpha, bias: the mappings' and the aggregate's tolerances (bf16 streams:
+    :data:`ALPHA_GRAD_TOLERANCE` for alpha)."""
     maps = 3e-4 if n > 4 else MAP_TOLERANCE[dtype]
     streams = STREAM_TOLERANCE[dtype]
-    return [streams, maps, maps, streams, maps, maps, maps]
+    alpha = ALPHA_GRAD_TOLERANCE if dtype == torch.bfloat16 else maps
+    return [streams, maps, maps, streams, maps, alpha, maps]
 
 
 @DTYPES
 @pytest.mark.parametrize("n, channels", [(2, 12), (4, 20), (4, 64)])
-@pytest.mark.parametrize("tokens", [1, 37])  # 37: three 16-token tiles, the last one short, walked by one program
+@pytest.mark.parametrize("tokens", [1, 37])  # 37: three 16-token tiles of the mappings kernels, the last one short
 def test_pre_matches_reference(tokens, n, channels, dtype):
     x, projection, alpha, bias = mapping_inputs(tokens, n, channels, dtype, seed=2 * n + channels)
     u, h_post, h_res = check_parity(
@@ -330,8 +339,7 @@ def test_gpu_aggregate_and_merge_at_training_sizes(n, channels, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n, channels", [(4, 1024), (2, 1000), (8, 256), (4, 4096)])
 def test_gpu_pre_at_training_sizes(n, channels, dtype):
-    """8195 tokens: several tiles per program of the pre forward's L2-sized grid (at C =
-    4096 its tiles exceed the L2 share, so more programs than the share runs)."""
+    """8195 tokens: many token tiles of every kernel, the last one short."""
     x, projection, alpha, bias = mapping_inputs(8195, n, channels, dtype, seed=23)
     with torch.no_grad():
         projection.mul_(0.1)
