@@ -29,8 +29,8 @@ output_contract    x [T, n, C]                                  [T, C] (x.dtype)
 on CUDA (on the CPU only in Triton's interpreter, for tests). They compute in float32 and
 take float32, bfloat16 or float16 tensors (float64 checks need the reference).
 ``mhc_pre`` is ``mhc_mappings`` then ``mhc_aggregate`` with the same numbers; its Triton
-kernels compute both in one pass over x forward and write one dx backward (the
-hyper-connection layers use it; h_pre has no other reader). Their
+kernels are the two ops' forward kernels in one autograd function and a fused backward that
+writes one dx (the hyper-connection layers use it; h_pre has no other reader). Their
 dropout in ``mhc_merge`` draws a different mask from the reference's. ``input_expand`` and
 ``output_contract`` are one copy and one mean, a single pass in PyTorch already: both
 kernels run the same code for them.
