@@ -15,6 +15,8 @@ mhc_mappings       x [T, n, C] float; projection [n²+2n, n C],  h_pre [T, n], h
                    alpha [3], bias [n²+2n] float32/64           h_res [T, n, n] (compute dtype)
 sinkhorn           logits [T, n, n]                             [T, n, n] (compute dtype)
 mhc_aggregate      x [T, n, C]; h_pre [T, n]                    [T, C] (x.dtype)
+mhc_pre            as mhc_mappings                              u [T, C] (x.dtype) = aggregate
+                                                                with h_pre; h_post, h_res
 mhc_merge          x [T, n, C]; h_res [T, n, n]; h_post [T, n]; [T, n, C] (x.dtype)
                    y [T, C]; bias [C] or None
 input_expand       x [T, C]                                     [T, n, C] (x.dtype)
@@ -25,7 +27,10 @@ output_contract    x [T, n, C]                                  [T, C] (x.dtype)
 
 ``kernel='triton'`` runs the fused Triton kernels of :mod:`megatron_gr.ops.triton` (mhc_*)
 on CUDA (on the CPU only in Triton's interpreter, for tests). They compute in float32 and
-take float32, bfloat16 or float16 tensors (float64 checks need the reference). Their
+take float32, bfloat16 or float16 tensors (float64 checks need the reference).
+``mhc_pre`` is ``mhc_mappings`` then ``mhc_aggregate`` with the same numbers; its Triton
+kernels are the two ops' forward kernels in one autograd function and a fused backward that
+writes one dx (the hyper-connection layers use it; h_pre has no other reader). Their
 dropout in ``mhc_merge`` draws a different mask from the reference's. ``input_expand`` and
 ``output_contract`` are one copy and one mean, a single pass in PyTorch already: both
 kernels run the same code for them.
@@ -42,6 +47,7 @@ from megatron_gr.ops.pytorch.mhc import (
     pytorch_mhc_aggregate,
     pytorch_mhc_mappings,
     pytorch_mhc_merge,
+    pytorch_mhc_pre,
     pytorch_output_contract,
     pytorch_sinkhorn,
 )
@@ -75,31 +81,40 @@ def mhc_mappings(
         ``h_pre`` ``[T, n]`` in (0, 1), ``h_post`` ``[T, n]`` in (0, 2) and ``h_res``
         ``[T, n, n]`` doubly stochastic, all in the compute dtype.
     """
-    _check_kernel(kernel)
-    _check_streams("x", x)
-    num_tokens, n, channels = x.shape
-    width = n * n + 2 * n
-    for name, tensor, shape in (
-        ("projection", projection, (width, n * channels)),
-        ("alpha", alpha, (3,)),
-        ("bias", bias, (width,)),
-    ):
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must be {list(shape)} for x {list(x.shape)}, got {list(tensor.shape)}")
-        if tensor.dtype not in _MAPPING_DTYPES:
-            raise ValueError(
-                f"{name} is {tensor.dtype}: mHC mapping parameters must stay float32 (or float64); "
-                "a half-precision cast of the model must leave them out"
-            )
-    _check_iterations(iterations)
-    if not eps > 0:
-        raise ValueError(f"eps={eps!r} must be > 0")
+    _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel)
     if kernel == "triton":
         _require_triton("mhc_mappings", x, projection, alpha, bias)
         from megatron_gr.ops.triton.mhc_mappings import triton_mhc_mappings
 
         return triton_mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=eps)
     return pytorch_mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=eps)
+
+
+def mhc_pre(
+    x: torch.Tensor,
+    projection: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    iterations: int,
+    eps: float,
+    kernel: str = "pytorch",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hyper-connection steps before a sublayer: :func:`mhc_mappings` of the streams,
+    then :func:`mhc_aggregate` with their ``h_pre``, which no one else reads. Arguments as
+    :func:`mhc_mappings`.
+
+    Returns:
+        ``u`` ``[T, C]`` in ``x.dtype`` (the sublayer input before its norm), ``h_post``
+        ``[T, n]`` and ``h_res`` ``[T, n, n]`` in the compute dtype.
+    """
+    _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel)
+    if kernel == "triton":
+        _require_triton("mhc_pre", x, projection, alpha, bias)
+        from megatron_gr.ops.triton.mhc_pre import triton_mhc_pre
+
+        return triton_mhc_pre(x, projection, alpha, bias, iterations=iterations, eps=eps)
+    return pytorch_mhc_pre(x, projection, alpha, bias, iterations=iterations, eps=eps)
 
 
 def sinkhorn(logits: torch.Tensor, iterations: int, *, kernel: str = "pytorch") -> torch.Tensor:
@@ -190,6 +205,28 @@ def output_contract(x: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor
     _check_kernel(kernel)
     _check_streams("x", x)
     return pytorch_output_contract(x)
+
+
+def _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel) -> None:
+    _check_kernel(kernel)
+    _check_streams("x", x)
+    _, n, channels = x.shape
+    width = n * n + 2 * n
+    for name, tensor, shape in (
+        ("projection", projection, (width, n * channels)),
+        ("alpha", alpha, (3,)),
+        ("bias", bias, (width,)),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} for x {list(x.shape)}, got {list(tensor.shape)}")
+        if tensor.dtype not in _MAPPING_DTYPES:
+            raise ValueError(
+                f"{name} is {tensor.dtype}: mHC mapping parameters must stay float32 (or float64); "
+                "a half-precision cast of the model must leave them out"
+            )
+    _check_iterations(iterations)
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} must be > 0")
 
 
 def _check_kernel(kernel: str) -> None:

@@ -4,9 +4,9 @@ Between layers the n residual streams of each token travel as one tensor
 ``[s, b, n * C]`` (stream i in channels ``[i C, (i + 1) C)``), so megatron's blocks,
 checkpoints and pipeline stages carry them like a wider hidden state. Around a sublayer F::
 
-    h_pre, h_post, h_res = module.mappings(streams)
-    y                    = F(module.aggregate(streams, h_pre))          # [s, b, C]
-    streams              = module.merge(streams, h_res, h_post, y)      # [s, b, n C]
+    u, h_post, h_res = module.pre(streams)           # mappings, then aggregate with h_pre
+    y                = F(u)                                             # [s, b, C]
+    streams          = module.merge(streams, h_res, h_post, y)          # [s, b, n C]
 
 The math is in :mod:`megatron_gr.ops.mhc`. Its parameters stay float32 under any model
 dtype (see ``_apply``); they are replicated over tensor-parallel ranks and marked
@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
-from megatron_gr.ops.mhc import input_expand, mhc_aggregate, mhc_mappings, mhc_merge, output_contract
+from megatron_gr.ops.mhc import input_expand, mhc_mappings, mhc_merge, mhc_pre, output_contract
 
 # Initial H_res diagonal: each stream keeps most of itself (the identity start of
 # hyper-connections) while Sinkhorn still converges to float32 precision in 20 iterations
@@ -87,10 +87,21 @@ class HyperConnectionModule(MegatronModule):
             kernel=self.kernel,
         )
 
-    def aggregate(self, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-        """The sublayer input ``[s, b, C]`` in the streams' dtype."""
+    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``streams`` ``[s, b, n C]`` -> the sublayer input ``[s, b, C]`` (before its norm,
+        in the streams' dtype), ``h_post`` ``[s b, n]`` and ``h_res`` ``[s b, n, n]``
+        (float32): :meth:`mappings` and the aggregate with their ``h_pre`` in one op."""
         s, b, _ = streams.shape
-        return mhc_aggregate(self._as_streams(streams), h_pre, kernel=self.kernel).view(s, b, -1)
+        u, h_post, h_res = mhc_pre(
+            self._as_streams(streams),
+            self.projection,
+            self.alpha,
+            self.bias,
+            iterations=self.config.mhc_sinkhorn_iterations,
+            eps=self.config.layernorm_epsilon,
+            kernel=self.kernel,
+        )
+        return u.view(s, b, -1), h_post, h_res
 
     def merge(
         self,

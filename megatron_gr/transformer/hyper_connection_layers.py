@@ -3,12 +3,13 @@
 Each takes and returns the n residual streams ``[s, b, n C]``; around every sublayer F
 (with its pre-norm)::
 
-    h_pre, h_post, h_res = mappings(streams)
-    y, bias              = F(norm(aggregate(streams, h_pre)))
-    streams              = merge(streams, h_res, h_post, y, bias)      # bias-dropout-add
+    u, h_post, h_res = pre(streams)           # mappings, then aggregate(streams, h_pre)
+    y, bias          = F(norm(u))
+    streams          = merge(streams, h_res, h_post, y, bias)          # bias-dropout-add
 
 With an :class:`MHCRecomputeManager` (passed by the block as ``mhc_recompute_manager``)
-the three hyper-connection steps run without keeping their activations.
+the two hyper-connection steps (pre with the norm, merge) run without keeping their
+activations.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ def hyper_connected(
 ) -> torch.Tensor:
     """One sublayer with its hyper-connection; returns the new streams ``[s, b, n C]``."""
     run = recompute.checkpoint if recompute is not None else _call
-    h_pre, h_post, h_res = run(connection.mappings, streams)
-    normed = run(lambda x, h: norm(connection.aggregate(x, h)), streams, h_pre)
+
+    def pre(x):
+        u, post, res = connection.pre(x)
+        return norm(u), post, res
+
+    normed, h_post, h_res = run(pre, streams)
     output, bias = sublayer(normed)
 
     def merge(x, mix, post, y):

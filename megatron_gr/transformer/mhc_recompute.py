@@ -1,8 +1,8 @@
 """``MHCRecomputeManager``: drops the hyper-connection intermediates of a block of layers
 after its forward and recomputes them, in forward order, when its backward starts.
 
-Per sublayer the hyper-connection ops are the mappings, the aggregate with the sublayer's
-norm, and the merge. Each runs under megatron's ``CheckpointWithoutOutput``: no autograd
+Per sublayer the hyper-connection ops are the pre op (mappings and aggregate) with the
+sublayer's norm, and the merge. Each runs under megatron's ``CheckpointWithoutOutput``: no autograd
 graph in the forward, only its inputs saved. Their outputs are the inputs of the next ops
 (the merge output of one layer is what the next layer reads), so after the block's forward
 the manager frees the storage of every output except the block's own, and one gradient

@@ -35,6 +35,7 @@ from megatron_gr.ops.triton import mhc_configs  # noqa: E402
 from megatron_gr.ops.triton.mhc_aggregate import _aggregate_bwd, _aggregate_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_mappings import _mappings_bwd_gates, _mappings_bwd_x, _mappings_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_merge import _merge_bwd, _merge_fwd  # noqa: E402
+from megatron_gr.ops.triton.mhc_pre import _pre_bwd_gates  # noqa: E402
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -48,7 +49,7 @@ _INT_SCALARS = {"K", "C"}  # sizes with upper-case names
 
 def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, operands: str = "fp32") -> str:
     signature, attrs = {}, {}
-    streams_in_place = fn.__name__.startswith(("_aggregate", "_merge", "_mappings_fwd", "_mappings_bwd_x"))
+    streams_in_place = fn.__name__.startswith(("_aggregate", "_merge", "_mappings_fwd", "_mappings_bwd_x", "_pre"))
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
@@ -96,8 +97,13 @@ def kernels(n: int, dtype: torch.dtype):
     gates = mhc_configs.Blocks(mhc_configs.gate_block_tokens(n), 16, 4)
     yield ("mappings bwd gates", _mappings_bwd_gates, dict(n=n, W=width, WP=wp, BLOCK_T=gates.block_t, SPLIT=split),
            gates, operands)
-    yield ("mappings bwd x", _mappings_bwd_x, dict(W=width, WP=wp, BLOCK_T=bwd.block_t, BLOCK_K=bwd.block_c,
-                                                    SPLIT=split, UPCAST=False), bwd, operands)
+    for aggregate in (False, True):  # True: the pre op's projection backward, with the aggregate's dx term
+        yield (f"{'pre' if aggregate else 'mappings'} bwd x", _mappings_bwd_x,
+               dict(n=n, W=width, WP=wp, BLOCK_T=bwd.block_t, BLOCK_K=bwd.block_c, SPLIT=split, UPCAST=False,
+                    AGGREGATE=aggregate, WHOLE_CHUNKS=True), bwd, operands)
+    pre_gates = mhc_configs.blocks("pre_bwd_gates", streams=n, dtype=dtype)
+    yield ("pre bwd gates", _pre_bwd_gates, dict(n=n, W=width, WP=wp, BLOCK_T=pre_gates.block_t,
+                                                 BLOCK_C=pre_gates.block_c, SPLIT=split), pre_gates, operands)
     for backward in (False, True):
         block = mhc_configs.sinkhorn_block_tokens(n, backward=backward)
         consts = dict(n=n, N=padded, BLOCK_T=block, **({"SEGMENT": SEGMENT} if backward else {}))

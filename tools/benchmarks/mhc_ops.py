@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Times each mHC op, the fused Triton kernels against the PyTorch reference, on random
 inputs: the mappings (RMS norm + projection + gates + Sinkhorn-Knopp), Sinkhorn alone,
-aggregate and merge (bias-dropout-add), forward and backward, and their sum per sublayer
-(mappings + aggregate + merge). Prints a markdown table (and JSON with ``--json``).
+aggregate and merge (bias-dropout-add), the fused pre op (mappings + aggregate in one:
+what the layers run), forward and backward, and their sums per sublayer: separate
+(mappings + aggregate + merge) and fused (pre + merge). Prints a markdown table (and JSON
+with ``--json``).
 
     python tools/benchmarks/mhc_ops.py [--streams 4] [--channels 512,1024,2048]
         [--tokens 16384,65536] [--dtype bf16] [--dropout 0.1] [--candidates] [--json FILE]
@@ -11,7 +13,9 @@ Timing: CUDA events around each call after ``--warmup`` calls, median of ``--rep
 forward runs with autograd on (as in training), the backward alone through
 ``torch.autograd.grad`` on a retained graph. GB/s counts the bytes each op must move at
 least (every input read once, every output written once; the streams in ``--dtype``, maps
-in float32), the same for both implementations. ``--candidates`` also times the fused
+in float32), the same for both implementations; the pre op's backward floor counts x
+once, though its kernels read it twice (dh_pre must precede the projection gradient).
+Separate ops' times include no autograd add of their two dx; the pre op's do not need one. ``--candidates`` also times the fused
 kernels with the hand-picked alternative block sizes of ``CANDIDATES`` in
 ``megatron_gr/ops/triton/mhc_configs.py``. ``--device cpu`` runs the kernels in Triton's
 interpreter on tiny shapes to check the tool itself (times meaningless).
@@ -31,13 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-OPS = ("mappings", "sinkhorn", "aggregate", "merge")
-SUBLAYER = ("mappings", "aggregate", "merge")
+OPS = ("mappings", "sinkhorn", "aggregate", "merge", "pre")
+SUBLAYERS = {"sublayer": ("mappings", "aggregate", "merge"), "sublayer (pre)": ("pre", "merge")}
 
 
 def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, seed=0):
     """``(forward(kernel) -> tuple of outputs, leaves, forward bytes, backward bytes)``."""
-    from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, sinkhorn
+    from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, mhc_pre, sinkhorn
     from megatron_gr.transformer.hyper_connection import initial_bias
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -47,12 +51,17 @@ def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, se
 
     s, f = torch.finfo(dtype).bits // 8, 4
     streams, maps, width = tokens * n * channels * s, tokens * (n * n + 2 * n) * f, n * n + 2 * n
-    if op == "mappings":
+    if op in ("mappings", "pre"):
         x, projection = rand(tokens, n, channels, dt=dtype), rand(width, n * channels, scale=0.02)
         alpha = torch.full((3,), 0.01, device=device, requires_grad=True)
         bias = initial_bias(n).to(device).requires_grad_()
-        return (lambda kernel: mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=1e-5, kernel=kernel),
-                [x, projection, alpha, bias], streams + maps, 2 * streams + maps)
+        leaves = [x, projection, alpha, bias]
+        if op == "pre":  # x read, u written; backward: x and du read, dx written
+            out, maps = tokens * channels * s, tokens * (n * n + n) * f
+            return (lambda kernel: mhc_pre(*leaves, iterations=iterations, eps=1e-5, kernel=kernel), leaves,
+                    streams + out + maps, 2 * streams + out + maps)
+        return (lambda kernel: mhc_mappings(*leaves, iterations=iterations, eps=1e-5, kernel=kernel),
+                leaves, streams + maps, 2 * streams + maps)
     if op == "sinkhorn":
         logits = rand(tokens, n, n)
         return (lambda kernel: (sinkhorn(logits, iterations, kernel=kernel),), [logits],
@@ -152,11 +161,13 @@ def main() -> int:
                           f"({row['fwd_gbs']:.0f} GB/s) bwd {row['bwd_us']:.0f} us ({row['bwd_gbs']:.0f} GB/s)",
                           flush=True)
                 rows.extend(case)
-            if all(op in ops for op in SUBLAYER):
+            for name, parts in SUBLAYERS.items():
+                if not all(op in ops for op in parts):
+                    continue
                 for impl in ("pytorch", "triton default"):
                     picked = [r for r in rows if r["tokens"] == tokens and r["channels"] == channels
-                              and r["op"] in SUBLAYER and r["impl"] == impl]
-                    rows.append(dict(op="sublayer", tokens=tokens, channels=channels, impl=impl,
+                              and r["op"] in parts and r["impl"] == impl]
+                    rows.append(dict(op=name, tokens=tokens, channels=channels, impl=impl,
                                      fwd_us=sum(r["fwd_us"] for r in picked), bwd_us=sum(r["bwd_us"] for r in picked)))
                 ref, fused = rows[-2], rows[-1]
                 fused.update(fwd_speedup=ref["fwd_us"] / fused["fwd_us"], bwd_speedup=ref["bwd_us"] / fused["bwd_us"])

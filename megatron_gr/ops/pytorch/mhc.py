@@ -10,6 +10,7 @@ For the ``n`` residual streams ``x`` ``[n, C]`` of a token, flattened to ``x⃗`
     H_res    = Sinkhorn(alpha_res * l_res + b_res)         [n, n], doubly stochastic
 
     aggregate:  u      = sum_i H_pre[i] x[i]                          [C], the sublayer input
+    pre:        (u, H_post, H_res), the mappings then the aggregate, H_pre used only by it
     merge:      x'[i]  = sum_j H_res[i, j] x[j] + H_post[i] dropout(y + b)   y: sublayer output
 
 The RMS division follows the projection (the paper's reordering): the same numbers, and P x⃗
@@ -121,6 +122,19 @@ def pytorch_mhc_mappings(
 def pytorch_mhc_aggregate(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     compute = _compute_dtype(x, h_pre)
     return torch.einsum("tn,tnc->tc", h_pre.to(compute), x.to(compute)).to(x.dtype)
+
+
+def pytorch_mhc_pre(
+    x: torch.Tensor,
+    projection: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    iterations: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h_pre, h_post, h_res = pytorch_mhc_mappings(x, projection, alpha, bias, iterations=iterations, eps=eps)
+    return pytorch_mhc_aggregate(x, h_pre), h_post, h_res
 
 
 def pytorch_mhc_merge(

@@ -64,19 +64,25 @@ def _aggregate_bwd(X, H, Grad, DX, DH, num_tokens, C, n: tl.constexpr, NP: tl.co
     tl.store(DH + rows[:, None] * n + slot, dh, mask=live[:, None] & (slot < n))
 
 
+def aggregate_forward(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """The forward kernel on contiguous streams x ``[T, n, C]`` and maps ``h_pre`` ``[T, n]``:
+    ``u`` ``[T, C]`` in x's dtype."""
+    num_tokens, n, channels = x.shape
+    out = torch.empty(num_tokens, channels, device=x.device, dtype=x.dtype)
+    cfg = blocks("aggregate_fwd", streams=n, dtype=x.dtype)
+    if num_tokens:
+        grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(channels, cfg.block_c))
+        _aggregate_fwd[grid](x, h_pre, out, num_tokens, channels, n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
+                             num_warps=cfg.num_warps)
+    return out
+
+
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h_pre):
         x, h_pre = x.contiguous(), h_pre.contiguous()
-        num_tokens, n, channels = x.shape
-        out = torch.empty(num_tokens, channels, device=x.device, dtype=x.dtype)
-        cfg = blocks("aggregate_fwd", streams=n, dtype=x.dtype)
-        if num_tokens:
-            grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(channels, cfg.block_c))
-            _aggregate_fwd[grid](x, h_pre, out, num_tokens, channels, n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
-                                 num_warps=cfg.num_warps)
         ctx.save_for_backward(x, h_pre)
-        return out
+        return aggregate_forward(x, h_pre)
 
     @staticmethod
     def backward(ctx, grad):

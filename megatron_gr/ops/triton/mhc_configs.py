@@ -29,7 +29,7 @@ class Blocks:
     num_warps: int = 4
 
 
-OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd")
+OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd", "pre_bwd_gates")
 
 # Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py for n = 2 to 8,
 # bf16 and fp32 streams: no spills.
@@ -44,6 +44,10 @@ _GPU = {
     "aggregate_bwd": Blocks(4, 256, 4),
     "merge_fwd": Blocks(4, 256, 4),
     "merge_bwd": Blocks(8, 256, 8),
+    # the fused pre op's gates kernel walks the channels of block_t tokens for dh_pre as
+    # the aggregate backward does (set by analogy with aggregate_bwd); the op's other
+    # kernels are the mappings', the aggregate's and Sinkhorn's, with their blocks.
+    "pre_bwd_gates": Blocks(4, 256, 4),
 }
 # More than 4 streams (any dtype): the merge backward holds 2n tiles in registers, so
 # half the channels per token row and half the rows.
@@ -60,6 +64,7 @@ _INTERPRETER = {
     "aggregate_bwd": Blocks(4, 16, 1),
     "merge_fwd": Blocks(4, 16, 1),
     "merge_bwd": Blocks(4, 16, 1),
+    "pre_bwd_gates": Blocks(4, 16, 1),
 }
 # Alternatives that tools/benchmarks/mhc_ops.py --candidates times against the defaults
 # (16-bit streams, n <= 4), per op: overrides for ``override``.
@@ -77,6 +82,10 @@ CANDIDATES = {
         dict(merge_fwd=Blocks(8, 256, 8), merge_bwd=Blocks(8, 128, 8)),
     ],
     "sinkhorn": [],
+    "pre": [
+        dict(pre_bwd_gates=Blocks(8, 256, 8)),
+        dict(pre_bwd_gates=Blocks(4, 512, 4)),
+    ],
 }
 _override: dict[str, Blocks] = {}
 

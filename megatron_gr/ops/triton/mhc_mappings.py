@@ -97,10 +97,12 @@ def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms
 
 
 @triton.jit
-def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
-                        num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
-                        SPLIT: tl.constexpr):
-    """Per token: dz (through the sigmoids), dl = alpha dz, g = dl / rms and
+def gates_tile(d_pre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
+               num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """Per token of this program's tile (``BLOCK_T`` tokens from ``program_id(0) BLOCK_T``),
+    from the H_pre gradient ``d_pre`` ``[BLOCK_T, WP]`` (its first n columns, zero past
+    them): dz (through the sigmoids), dl = alpha dz, g = dl / rms and
     coef = (dl . l) / (rms² K); per program: the sums of dz per logit (bias gradient) and of
     dz l per gate group (pre | post | res, padded to 4: gate gradient).
     g ``[T, WP]`` (zero past W) goes to ``GHi`` in its dtype; with SPLIT, ``GHi`` and ``GLo``
@@ -115,7 +117,6 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo
     inv_rms = tl.load(InvRms + tokens, mask=tokens < num_tokens, other=0.0)
     alpha, bias = _gates(w, n, W, Alpha, Bias)
     s = tl.sigmoid(logits * alpha[None, :] + bias[None, :])
-    d_pre = tl.load(DPre + rows * n + col, mask=live & (col < n), other=0.0)
     d_post = tl.load(DPost + rows * n + (col - n), mask=live & (col >= n) & (col < 2 * n), other=0.0)
     d_res = tl.load(DRes + rows * (n * n) + (col - 2 * n), mask=live & (col >= 2 * n) & (col < W), other=0.0)
     dz = tl.where(col < n, d_pre * s * (1.0 - s), tl.where(col < 2 * n, 2.0 * d_post * s * (1.0 - s), d_res))
@@ -136,18 +137,40 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo
 
 
 @triton.jit
-def _mappings_bwd_x(X, P, GHi, GLo, Coef, DX, DPPart, num_tokens, K,
-                    W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
+                        num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                        SPLIT: tl.constexpr):
+    """:func:`gates_tile` with the H_pre gradient from ``DPre`` ``[T, n]``."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    col = tl.arange(0, WP)[None, :]
+    d_pre = tl.load(DPre + tokens.to(tl.int64)[:, None] * n + col, mask=(tokens < num_tokens)[:, None] & (col < n),
+                    other=0.0)
+    gates_tile(d_pre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart, num_tokens, K,
+               n, W, WP, BLOCK_T, SPLIT)
+
+
+@triton.jit
+def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, C,
+                    n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT: tl.constexpr, UPCAST: tl.constexpr, AGGREGATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr):
     """``dx = g P - coef x`` for one K chunk of a range of token tiles; ``gᵀ x`` summed over
     them into this program's slot of the projection gradient. Every matrix operand comes
     straight from memory in the orientation its product needs (``gᵀ`` by a transposed
-    load of the small g rows, no transpose of registers)."""
+    load of the small g rows, no transpose of registers). With ``AGGREGATE`` (the fused
+    pre op) dx also takes the aggregate's ``h_pre[t, i] du[t, c]`` (``Pre`` ``[T, n]``,
+    ``Grad`` ``[T, C]``, flattened value k in stream ``k // C``): one dx for both."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = (k < K)[None, :]
     w = tl.arange(0, WP)
     p = tl.load(P + w[:, None] * K + k[None, :], mask=(w < W)[:, None] & k_mask, other=0.0)  # [WP, BLOCK_K]
     dp = tl.zeros([WP, BLOCK_K], dtype=tl.float32)
+    # the chunk's stream: one per chunk when chunks tile the channels (C a multiple of
+    # BLOCK_K; then H_pre is one value per token), else per value
+    if WHOLE_CHUNKS:
+        stream = (tl.program_id(0) * BLOCK_K) // C
+    else:
+        stream = k // C
+    channel = k - stream * C
     for tile in range(tl.program_id(1), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(1)):
         tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         live = tokens < num_tokens
@@ -160,6 +183,14 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, DX, DPPart, num_tokens, K,
         # the bf16 rounding of dx itself; float32 streams: tf32x3
         dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32x3")
         dx -= coef[:, None] * x.to(tl.float32)
+        if AGGREGATE:
+            token_mask = live[:, None] & k_mask
+            if WHOLE_CHUNKS:
+                h = tl.load(Pre + rows * n + stream, mask=live, other=0.0)[:, None]
+            else:
+                h = tl.load(Pre + rows[:, None] * n + stream[None, :], mask=token_mask, other=0.0)
+            du = tl.load(Grad + rows[:, None] * C + channel[None, :], mask=token_mask, other=0.0)
+            dx += h * du.to(tl.float32)
         tl.store(DX + rows[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live[:, None] & k_mask)
         dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
         if SPLIT:
@@ -169,36 +200,78 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, DX, DPPart, num_tokens, K,
     tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
 
 
+def mappings_forward(x, projection, alpha, bias, eps):
+    """The forward kernel on contiguous streams x ``[T, n, C]``: ``(h_pre, h_post,
+    res_logits)`` and what the backward keeps besides x, ``(p32, alpha32, bias32, logits,
+    inv_rms)`` (float32)."""
+    num_tokens, n, channels = x.shape
+    K, W = n * channels, n * n + 2 * n
+    WP = max(16, triton.next_power_of_2(W))
+    device, f32 = x.device, torch.float32
+    split = x.dtype == torch.bfloat16
+    p32 = projection.detach().to(f32).contiguous()
+    p_hi = p32.to(torch.bfloat16) if split else p32
+    p_lo = (p32 - p_hi.to(f32)).to(torch.bfloat16) if split else p32
+    pre = torch.empty(num_tokens, n, device=device, dtype=f32)
+    post = torch.empty_like(pre)
+    res = torch.empty(num_tokens, n, n, device=device, dtype=f32)
+    logits = torch.empty(num_tokens, W, device=device, dtype=f32)
+    inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
+    alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
+    cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
+    if num_tokens:
+        _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
+            x, p_hi, p_lo, alpha32, bias32, pre, post, res, logits, inv_rms, num_tokens, K, eps,
+            n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c, SPLIT=split,
+            UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
+        )
+    return (pre, post, res), (p32, alpha32, bias32, logits, inv_rms)
+
+
+def gate_buffers(num_tokens: int, WP: int, tiles: int, split: bool, device):
+    """g's halves ``[T, WP]``, coef ``[T]`` and the per-program partial sums of the bias and
+    gate gradients that the gates kernel writes."""
+    f32 = torch.float32
+    g_hi = torch.empty(num_tokens, WP, device=device, dtype=torch.bfloat16 if split else f32)
+    g_lo = torch.empty_like(g_hi) if split else g_hi
+    coef = torch.empty(num_tokens, device=device, dtype=f32)
+    alloc = torch.empty if num_tokens else torch.zeros  # the kernel writes every slot; with no tokens it does not run
+    return g_hi, g_lo, coef, alloc(tiles, WP, device=device, dtype=f32), alloc(tiles, 4, device=device, dtype=f32)
+
+
+def projection_backward(x, p32, g_hi, g_lo, coef, *, pre=None, grad=None):
+    """``(dx, dP)`` from g and coef (:func:`gates_tile`); with ``pre`` ``[T, n]`` and
+    ``grad`` ``[T, C]`` dx also takes the aggregate's ``h_pre ⊗ du``."""
+    num_tokens, n, channels = x.shape
+    K, W = n * channels, n * n + 2 * n
+    WP = g_hi.shape[1]
+    cfg = blocks("mappings_bwd", streams=n, dtype=x.dtype)
+    dx = torch.empty_like(x)
+    k_chunks = triton.cdiv(K, cfg.block_c)
+    token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(x.device) // k_chunks))
+    alloc = torch.empty if num_tokens else torch.zeros
+    dp_part = alloc(token_ranges, W, K, device=x.device, dtype=torch.float32)
+    aggregate = pre is not None
+    if num_tokens:
+        _mappings_bwd_x[(k_chunks, token_ranges)](
+            x, p32.to(g_hi.dtype), g_hi, g_lo, coef, pre if aggregate else coef, grad if aggregate else x, dx, dp_part,
+            num_tokens, K, channels, n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c,
+            SPLIT=x.dtype == torch.bfloat16, UPCAST=interpreter_enabled(), AGGREGATE=aggregate,
+            WHOLE_CHUNKS=channels % cfg.block_c == 0, num_warps=cfg.num_warps,
+        )
+    return dx, dp_part.sum(0)
+
+
 class _Mappings(torch.autograd.Function):
     """``(h_pre, h_post, res_logits)`` from the streams; Sinkhorn is applied by the caller."""
 
     @staticmethod
     def forward(ctx, x, projection, alpha, bias, eps):
-        num_tokens, n, channels = x.shape
-        K, W = n * channels, n * n + 2 * n
-        WP = max(16, triton.next_power_of_2(W))
         x = x.contiguous()
-        device, f32 = x.device, torch.float32
-        split = x.dtype == torch.bfloat16
-        p32 = projection.detach().to(f32).contiguous()
-        p_hi = p32.to(torch.bfloat16) if split else p32
-        p_lo = (p32 - p_hi.to(f32)).to(torch.bfloat16) if split else p32
-        pre = torch.empty(num_tokens, n, device=device, dtype=f32)
-        post = torch.empty_like(pre)
-        res = torch.empty(num_tokens, n, n, device=device, dtype=f32)
-        logits = torch.empty(num_tokens, W, device=device, dtype=f32)
-        inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
-        alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
-        cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
-        if num_tokens:
-            _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
-                x, p_hi, p_lo, alpha32, bias32, pre, post, res, logits, inv_rms, num_tokens, K, eps,
-                n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_c, SPLIT=split,
-                UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
-            )
-        ctx.save_for_backward(x, p32, alpha32, bias32, logits, inv_rms)
+        maps, saved = mappings_forward(x, projection, alpha, bias, eps)
+        ctx.save_for_backward(x, *saved)
         ctx.dtypes = (projection.dtype, alpha.dtype, bias.dtype)
-        return pre, post, res
+        return maps
 
     @staticmethod
     def backward(ctx, d_pre, d_post, d_res):
@@ -206,41 +279,28 @@ class _Mappings(torch.autograd.Function):
         num_tokens, n, channels = x.shape
         K, W = n * channels, n * n + 2 * n
         WP = max(16, triton.next_power_of_2(W))
-        device, f32 = x.device, torch.float32
-
-        def as_f32(grad, shape):
-            return torch.zeros(shape, device=device, dtype=f32) if grad is None else grad.to(f32).contiguous()
-
-        d_pre, d_post = as_f32(d_pre, (num_tokens, n)), as_f32(d_post, (num_tokens, n))
-        d_res = as_f32(d_res, (num_tokens, n, n))
-        cfg = blocks("mappings_bwd", streams=n, dtype=x.dtype)
+        d_pre, d_post = as_float32(d_pre, (num_tokens, n), x.device), as_float32(d_post, (num_tokens, n), x.device)
+        d_res = as_float32(d_res, (num_tokens, n, n), x.device)
         split = x.dtype == torch.bfloat16
         gate_block = gate_block_tokens(n)
         tiles = max(1, triton.cdiv(num_tokens, gate_block))
-        g_dtype = torch.bfloat16 if split else f32
-        g_hi = torch.empty(num_tokens, WP, device=device, dtype=g_dtype)
-        g_lo = torch.empty_like(g_hi) if split else g_hi
-        coef = torch.empty(num_tokens, device=device, dtype=f32)
-        # the kernels write every partial slot; with no tokens they do not run
-        alloc = torch.empty if num_tokens else torch.zeros
-        d_bias_part = alloc(tiles, WP, device=device, dtype=f32)
-        d_alpha_part = alloc(tiles, 4, device=device, dtype=f32)
-        dx = torch.empty_like(x)
-        k_chunks = triton.cdiv(K, cfg.block_c)
-        token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(device) // k_chunks))
-        dp_part = alloc(token_ranges, W, K, device=device, dtype=f32)
+        g_hi, g_lo, coef, d_bias_part, d_alpha_part = gate_buffers(num_tokens, WP, tiles, split, x.device)
         if num_tokens:
             _mappings_bwd_gates[(tiles,)](
                 d_pre, d_post, d_res, logits, inv_rms, alpha32, bias32, g_hi, g_lo, coef, d_bias_part, d_alpha_part,
                 num_tokens, K, n=n, W=W, WP=WP, BLOCK_T=gate_block, SPLIT=split, num_warps=4,
             )
-            _mappings_bwd_x[(k_chunks, token_ranges)](
-                x, p32.to(g_dtype), g_hi, g_lo, coef, dx, dp_part, num_tokens, K, W=W, WP=WP, BLOCK_T=cfg.block_t,
-                BLOCK_K=cfg.block_c, SPLIT=split, UPCAST=interpreter_enabled(), num_warps=cfg.num_warps,
-            )
-        d_alpha = d_alpha_part.sum(0)[:3]
+        dx, dp = projection_backward(x, p32, g_hi, g_lo, coef)
         p_dtype, alpha_dtype, bias_dtype = ctx.dtypes
-        return dx, dp_part.sum(0).to(p_dtype), d_alpha.to(alpha_dtype), d_bias_part.sum(0)[:W].to(bias_dtype), None
+        d_alpha, d_bias = d_alpha_part.sum(0)[:3], d_bias_part.sum(0)[:W]
+        return dx, dp.to(p_dtype), d_alpha.to(alpha_dtype), d_bias.to(bias_dtype), None
+
+
+def as_float32(grad, shape, device):
+    """An output's gradient as a contiguous float32 tensor (zeros when autograd gives None)."""
+    if grad is None:
+        return torch.zeros(shape, device=device, dtype=torch.float32)
+    return grad.to(torch.float32).contiguous()
 
 
 def triton_mhc_mappings(x, projection, alpha, bias, *, iterations: int, eps: float):

@@ -122,33 +122,44 @@ def _sinkhorn_bwd(Logits, Grad, GradLogits, num_tokens, iterations,
 SEGMENT = 4
 
 
+def sinkhorn_forward(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The forward kernel on contiguous ``logits`` ``[T, n, n]``: the float32 result."""
+    num_tokens, n, _ = logits.shape
+    out = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+    block = sinkhorn_block_tokens(n, backward=False)
+    if num_tokens:
+        _sinkhorn_fwd[(triton.cdiv(num_tokens, block),)](
+            logits, out, num_tokens, iterations, n=n, N=triton.next_power_of_2(n), BLOCK_T=block, num_warps=4,
+        )
+    return out
+
+
+def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The backward kernel: the gradient of the logits (their dtype) from the forward's
+    contiguous ``logits`` and the result's gradient ``grad``."""
+    num_tokens, n, _ = logits.shape
+    grad_logits = torch.empty_like(logits)
+    block = sinkhorn_block_tokens(n, backward=True)
+    if num_tokens:
+        _sinkhorn_bwd[(triton.cdiv(num_tokens, block),)](
+            logits, grad.contiguous(), grad_logits, num_tokens, iterations,
+            n=n, N=triton.next_power_of_2(n), BLOCK_T=block, SEGMENT=SEGMENT, num_warps=4,
+        )
+    return grad_logits
+
+
 class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iterations: int) -> torch.Tensor:
         logits = logits.contiguous()
-        num_tokens, n, _ = logits.shape
-        out = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
-        block = sinkhorn_block_tokens(n, backward=False)
-        if num_tokens:
-            _sinkhorn_fwd[(triton.cdiv(num_tokens, block),)](
-                logits, out, num_tokens, iterations, n=n, N=triton.next_power_of_2(n), BLOCK_T=block, num_warps=4,
-            )
         ctx.iterations = iterations
         ctx.save_for_backward(logits)
-        return out
+        return sinkhorn_forward(logits, iterations)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        num_tokens, n, _ = logits.shape
-        grad_logits = torch.empty_like(logits)
-        block = sinkhorn_block_tokens(n, backward=True)
-        if num_tokens:
-            _sinkhorn_bwd[(triton.cdiv(num_tokens, block),)](
-                logits, grad.contiguous(), grad_logits, num_tokens, ctx.iterations,
-                n=n, N=triton.next_power_of_2(n), BLOCK_T=block, SEGMENT=SEGMENT, num_warps=4,
-            )
-        return grad_logits, None
+        return sinkhorn_backward(logits, grad, ctx.iterations), None
 
 
 def triton_sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:

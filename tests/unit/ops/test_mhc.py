@@ -12,6 +12,7 @@ from megatron_gr.ops.mhc import (
     mhc_aggregate,
     mhc_mappings,
     mhc_merge,
+    mhc_pre,
     output_contract,
     sinkhorn,
 )
@@ -157,6 +158,14 @@ def test_mappings_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, projection, alpha, bias))
 
 
+def test_pre_is_the_mappings_then_the_aggregate():
+    x, projection, alpha, bias = random_mapping_inputs(7, 3, 5, seed=11)
+    u, h_post, h_res = mhc_pre(x.bfloat16(), projection, alpha, bias, iterations=20, eps=1e-6)
+    h_pre, *maps = mhc_mappings(x.bfloat16(), projection, alpha, bias, iterations=20, eps=1e-6)
+    assert u.dtype == torch.bfloat16 and torch.equal(u, mhc_aggregate(x.bfloat16(), h_pre))
+    assert torch.equal(h_post, maps[0]) and torch.equal(h_res, maps[1])
+
+
 def test_aggregate_and_merge_match_loops():
     g = torch.Generator().manual_seed(8)
     num_tokens, n, channels = 5, 3, 4
@@ -218,6 +227,10 @@ def test_expand_then_contract_is_identity():
          ValueError, ["iterations=0"]),
         (lambda a: mhc_mappings(a["x"][0], a["projection"], a["alpha"], a["bias"], iterations=20, eps=1e-6),
          ValueError, ["x must be a float [T, n, C]"]),
+        (lambda a: mhc_pre(a["x"], a["projection"], a["alpha"].half(), a["bias"], iterations=20, eps=1e-6),
+         ValueError, ["alpha is torch.float16"]),
+        (lambda a: mhc_pre(a["x"], a["projection"], a["alpha"], a["bias"], iterations=20, eps=0.0),
+         ValueError, ["eps=0.0"]),
         (lambda a: sinkhorn(torch.zeros(2, 3, 4), 5), ValueError, ["[T, n, n]"]),
         (lambda a: sinkhorn(torch.zeros(2, 3, 3), True), ValueError, ["iterations=True"]),
         (lambda a: mhc_aggregate(a["x"], torch.zeros(3, 4)), ValueError, ["h_pre must be [5, 4]"]),
@@ -241,6 +254,7 @@ def test_bad_inputs_are_clear_errors(call, error, words):
     [
         lambda a: mhc_mappings(a["x"], a["projection"], a["alpha"], a["bias"], iterations=2, eps=1e-6,
                                kernel="triton"),
+        lambda a: mhc_pre(a["x"], a["projection"], a["alpha"], a["bias"], iterations=2, eps=1e-6, kernel="triton"),
         lambda a: sinkhorn(torch.zeros(2, 3, 3), 5, kernel="triton"),
         lambda a: mhc_aggregate(a["x"], torch.zeros(5, 4), kernel="triton"),
         lambda a: mhc_merge(a["x"], torch.zeros(5, 4, 4), torch.zeros(5, 4), torch.zeros(5, 8), kernel="triton"),

@@ -1,0 +1,121 @@
+"""The fused mHC pre op in Triton: the mappings and the aggregate as one autograd function,
+``(u, h_post, h_res)`` from the streams x ``[T, n, C]``, ``u = sum_i h_pre[:, i] x[:, i]``.
+Same semantics as :func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_pre` (the mappings of
+:mod:`megatron_gr.ops.triton.mhc_mappings` then the aggregate of
+:mod:`megatron_gr.ops.triton.mhc_aggregate`, with the same float32 math).
+
+Forward (three kernels): the mappings' forward kernel (RMS, projection, gates, sigmoids:
+one walk over x), the aggregate's forward kernel with the H_pre it wrote (a second walk
+over x), then the Sinkhorn forward kernel on the H_res logits: the separate ops' kernels,
+launched from one autograd function, so x is read twice. One kernel that walked each
+token tile twice, the second time from L2 (16-token tiles on an L2-sized persistent grid,
+``mma.sync`` products instead of ``wgmma``), ran slower on an H100 (n = 4, C = 1024,
+65,536 bf16 tokens: 1378 µs against 788 µs for the two kernels): the second read of x
+from HBM costs less than what that kernel gave up for the L2 re-read. Kept for the backward: x, the logits ``[T, n² + 2n]``,
+``1 / rms`` ``[T]``, H_pre ``[T, n]`` and the H_res logits ``[T, n, n]`` (float32, small).
+
+Backward (three kernels): the Sinkhorn backward gives the H_res logits' gradient; a gates
+kernel walks x and ``du`` once per token tile for ``dh_pre = sum_c x[t, i, c] du[t, c]``
+(which the gate math needs before anything else), then turns the three map gradients
+into g and the RMS coefficient (the mappings' gates tile); the mappings' projection
+backward walks x again and writes ``dx = g P - coef x + h_pre ⊗ du`` once, accumulating
+``dP = gᵀ x``. HBM passes over x: forward 2 reads (as the separate ops); backward 2 reads
+and 1 write of dx. Separately, mappings and aggregate backward read it twice and write two
+dx that autograd then adds (an add kernel: two more reads and a write); launches: 3
+forward as separately, 3 instead of 4 backward, one autograd node instead of three.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_gr.ops.triton.mhc_aggregate import aggregate_forward
+from megatron_gr.ops.triton.mhc_configs import blocks
+from megatron_gr.ops.triton.mhc_mappings import (
+    as_float32,
+    gate_buffers,
+    gates_tile,
+    mappings_forward,
+    projection_backward,
+)
+from megatron_gr.ops.triton.mhc_sinkhorn import sinkhorn_backward, sinkhorn_forward
+from megatron_gr.ops.triton.mhc_tiles import stream_tiles
+
+
+@triton.jit
+def _pre_bwd_gates(X, Grad, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
+                   num_tokens, C, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_C: tl.constexpr, SPLIT: tl.constexpr):
+    """``dh_pre`` of ``BLOCK_T`` tokens from one walk over their x and ``du`` (products
+    per stream in registers, reduced over the channels once), then :func:`gates_tile`."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tokens.to(tl.int64)
+    live = tokens < num_tokens
+    products = ()
+    for i in tl.static_range(n):
+        products = products + (tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32),)
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        mask = live[:, None] & (c < C)[None, :]
+        du = tl.load(Grad + rows[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = stream_tiles(X, rows[:, None] * (n * C) + c[None, :], mask, C, n)
+        summed = ()
+        for i in tl.static_range(n):
+            summed = summed + (products[i] + x[i] * du,)
+        products = summed
+    col = tl.arange(0, WP)[None, :]
+    d_pre = tl.zeros([BLOCK_T, WP], dtype=tl.float32)
+    for i in tl.static_range(n):
+        d_pre = tl.where(col == i, tl.sum(products[i], axis=1, keep_dims=True), d_pre)
+    gates_tile(d_pre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart, num_tokens,
+               n * C, n, W, WP, BLOCK_T, SPLIT)
+
+
+class _Pre(torch.autograd.Function):
+    """``(u, h_post, h_res)`` from the streams, Sinkhorn included: one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x, projection, alpha, bias, iterations, eps):
+        x = x.contiguous()
+        (pre, post, res_logits), saved = mappings_forward(x, projection, alpha, bias, eps)
+        out = aggregate_forward(x, pre)
+        h_res = sinkhorn_forward(res_logits, iterations)
+        ctx.save_for_backward(x, *saved, pre, res_logits)
+        ctx.iterations = iterations
+        ctx.dtypes = (projection.dtype, alpha.dtype, bias.dtype)
+        return out, post, h_res
+
+    @staticmethod
+    def backward(ctx, d_out, d_post, d_res):
+        x, p32, alpha32, bias32, logits, inv_rms, pre, res_logits = ctx.saved_tensors
+        num_tokens, n, channels = x.shape
+        W = n * n + 2 * n
+        WP = max(16, triton.next_power_of_2(W))
+        device = x.device
+        d_out = (torch.zeros(num_tokens, channels, device=device, dtype=x.dtype) if d_out is None
+                 else d_out.contiguous())
+        d_post = as_float32(d_post, (num_tokens, n), device)
+        d_res_logits = (torch.zeros_like(res_logits) if d_res is None
+                        else sinkhorn_backward(res_logits, d_res, ctx.iterations))
+        split = x.dtype == torch.bfloat16
+        cfg = blocks("pre_bwd_gates", streams=n, dtype=x.dtype)
+        tiles = max(1, triton.cdiv(num_tokens, cfg.block_t))
+        g_hi, g_lo, coef, d_bias_part, d_alpha_part = gate_buffers(num_tokens, WP, tiles, split, device)
+        if num_tokens:
+            _pre_bwd_gates[(tiles,)](
+                x, d_out, d_post, d_res_logits, logits, inv_rms, alpha32, bias32, g_hi, g_lo, coef, d_bias_part,
+                d_alpha_part, num_tokens, channels, n=n, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
+                SPLIT=split, num_warps=cfg.num_warps,
+            )
+        dx, dp = projection_backward(x, p32, g_hi, g_lo, coef, pre=pre, grad=d_out)
+        p_dtype, alpha_dtype, bias_dtype = ctx.dtypes
+        d_alpha, d_bias = d_alpha_part.sum(0)[:3], d_bias_part.sum(0)[:W]
+        return dx, dp.to(p_dtype), d_alpha.to(alpha_dtype), d_bias.to(bias_dtype), None, None
+
+
+def triton_mhc_pre(x, projection, alpha, bias, *, iterations: int, eps: float):
+    """Same semantics as :func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_pre` for float32,
+    bfloat16 or float16 streams and float32 parameters."""
+    return _Pre.apply(x, projection, alpha, bias, iterations, eps)
