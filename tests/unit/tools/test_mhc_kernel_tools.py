@@ -30,7 +30,8 @@ def run_tool(name: str, *args: str, interpret: bool) -> str:
 def test_kernels_compile_for_h100_without_spills():
     out = run_tool("mhc_kernel_resources.py", "--streams", "3,4", "--dtypes", "bf16", interpret=False)
     lines = [line for line in out.splitlines() if line.startswith("n=")]
-    assert len(lines) == 2 * 9, out  # mappings fwd, gates, bwd x, Sinkhorn fwd/bwd, aggregate x2, merge x2
+    # mappings fwd, gates, bwd x; pre bwd x, gates; Sinkhorn fwd/bwd; aggregate x2; merge x2
+    assert len(lines) == 2 * 11, out
     for line in lines:
         assert "spill_stores=0B" in line, line
     assert all("wgmma=0" not in line for line in lines if "mappings fwd" in line), "projection off tensor cores"
@@ -46,7 +47,7 @@ def test_op_benchmark_runs_in_the_interpreter(tmp_path):
                    "--warmup", "0", "--reps", "1", "--json", str(path), interpret=True)
     rows = json.loads(path.read_text())["rows"]
     assert {(r["op"], r["impl"]) for r in rows} == {
-        (op, impl) for op in ("mappings", "sinkhorn", "aggregate", "merge", "sublayer")
+        (op, impl) for op in ("mappings", "sinkhorn", "aggregate", "merge", "pre", "sublayer", "sublayer (pre)")
         for impl in ("pytorch", "triton default")
     }
     assert all(r["fwd_us"] > 0 and r["bwd_us"] > 0 for r in rows)
