@@ -77,22 +77,19 @@ class HyperConnectionModule(MegatronModule):
     def mappings(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``streams`` ``[s, b, n C]`` -> ``h_pre`` ``[s b, n]``, ``h_post`` ``[s b, n]``,
         ``h_res`` ``[s b, n, n]`` (float32)."""
-        return mhc_mappings(
-            self._as_streams(streams),
-            self.projection,
-            self.alpha,
-            self.bias,
-            iterations=self.config.mhc_sinkhorn_iterations,
-            eps=self.config.layernorm_epsilon,
-            kernel=self.kernel,
-        )
+        return self._with_maps(mhc_mappings, streams)
 
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``streams`` ``[s, b, n C]`` -> the sublayer input ``[s, b, C]`` (before its norm,
         in the streams' dtype), ``h_post`` ``[s b, n]`` and ``h_res`` ``[s b, n, n]``
         (float32): :meth:`mappings` and the aggregate with their ``h_pre`` in one op."""
         s, b, _ = streams.shape
-        u, h_post, h_res = mhc_pre(
+        u, h_post, h_res = self._with_maps(mhc_pre, streams)
+        return u.view(s, b, -1), h_post, h_res
+
+    def _with_maps(self, op, streams: torch.Tensor):
+        """``op`` (mhc_mappings or mhc_pre) of the streams with this module's maps."""
+        return op(
             self._as_streams(streams),
             self.projection,
             self.alpha,
@@ -101,7 +98,6 @@ class HyperConnectionModule(MegatronModule):
             eps=self.config.layernorm_epsilon,
             kernel=self.kernel,
         )
-        return u.view(s, b, -1), h_post, h_res
 
     def merge(
         self,
