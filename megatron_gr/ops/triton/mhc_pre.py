@@ -11,8 +11,9 @@ launched from one autograd function, so x is read twice. One kernel that walked 
 token tile twice, the second time from L2 (16-token tiles on an L2-sized persistent grid,
 ``mma.sync`` products instead of ``wgmma``), ran slower on an H100 (n = 4, C = 1024,
 65,536 bf16 tokens: 1378 µs against 788 µs for the two kernels): the second read of x
-from HBM costs less than what that kernel gave up for the L2 re-read. Kept for the backward: x, the logits ``[T, n² + 2n]``,
-``1 / rms`` ``[T]``, H_pre ``[T, n]`` and the H_res logits ``[T, n, n]`` (float32, small).
+from HBM costs less than what that kernel gave up for the L2 re-read. Kept for the
+backward: x, the logits ``[T, n² + 2n]``, ``1 / rms`` ``[T]``, H_pre ``[T, n]`` and the
+H_res logits ``[T, n, n]`` (float32, small).
 
 Backward (three kernels): the Sinkhorn backward gives the H_res logits' gradient; a gates
 kernel walks x and ``du`` once per token tile for ``dh_pre = sum_c x[t, i, c] du[t, c]``
