@@ -14,7 +14,7 @@ FLAG_TO_KEY = {
     "--hidden-size": "model.hidden_size",
     "--num-attention-heads": "model.num_attention_heads",
     "--max-seq-len": "model.max_seq_len",
-    "--attention-kernel": "model.attention_kernel",
+    "--attention-kernel": "model.attention_kernel",  # deprecated: --kernel-backend
     "--num-residual-streams": "model.num_residual_streams",
     # data
     "--data-path": "data.path",
@@ -36,6 +36,7 @@ FLAG_TO_KEY = {
     "--early-stopping-patience": "training.early_stopping_patience",
     "--precision": "training.precision",
     "--device": "training.device",
+    "--kernel-backend": "training.kernel_backend",
     # parallel
     "--tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
     "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",

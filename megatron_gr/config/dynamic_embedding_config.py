@@ -15,13 +15,12 @@ from megatron_gr.config.validation import check_choice, check_float_range, check
 EVICTION_POLICIES = ("lru", "lfu", "none")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 POOLINGS = ("none", "sum", "mean")
-HASH_KERNELS = ("auto", "pytorch", "triton")
 
 # Fields that describe one physical table: tables coalesced into one ``group`` must agree on
 # every one of them (seed, init_std and pooling stay per logical table).
 PHYSICAL_FIELDS = (
     "capacity", "bucket_size", "eviction", "ttl_steps", "ttl_sweep_interval", "admission_threshold",
-    "admission_capacity", "optimizer", "lr", "beta1", "beta2", "eps", "initial_accumulator", "kernel",
+    "admission_capacity", "optimizer", "lr", "beta1", "beta2", "eps", "initial_accumulator",
 )
 
 
@@ -91,14 +90,10 @@ class DynamicTableConfig:
     initial_accumulator: float = 0.0
     """Starting sum of squares of both Adagrads."""
 
-    # ---------------- outputs and kernels ----------------
+    # ---------------- outputs ----------------
     pooling: Literal["none", "sum", "mean"] = "none"
     """Output of a bag of ids (a jagged feature): ``none`` one vector per id (sequences, the
     STU input), ``sum`` or ``mean`` one vector per bag."""
-
-    kernel: Literal["auto", "pytorch", "triton"] = "auto"
-    """Hash probing, row initialisation and optimizer updates: ``pytorch`` (any device),
-    ``triton`` (CUDA), ``auto`` = triton on CUDA, pytorch on the CPU."""
 
     def __post_init__(self):
         check_int_range("capacity", self.capacity, low=1)
@@ -121,7 +116,6 @@ class DynamicTableConfig:
         check_float_range("eps", self.eps, low=0.0, low_exclusive=True)
         check_float_range("initial_accumulator", self.initial_accumulator, low=0.0)
         check_choice("pooling", self.pooling, POOLINGS)
-        check_choice("kernel", self.kernel, HASH_KERNELS)
 
     @property
     def num_buckets(self) -> int:

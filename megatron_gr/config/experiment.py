@@ -10,6 +10,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_gr.config.checkpoint_config import CheckpointConfig
 from megatron_gr.config.data_config import DataConfig
+from megatron_gr.config.deprecations import apply_deprecations
 from megatron_gr.config.embedding_config import EmbeddingTableConfig
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.logging_config import LoggingConfig
@@ -76,6 +77,7 @@ class ExperimentConfig:
                 f"{self.model.hidden_size}: item embeddings are the STU input and the output "
                 "space scored against"
             )
+        self._validate_model_type()
         self._validate_layout()
         self._validate_optimizer()
         self._validate_dynamic_item_table()
@@ -110,6 +112,13 @@ class ExperimentConfig:
                 "parallel.use_distributed_optimizer=false"
             )
 
+    def _validate_model_type(self) -> None:
+        if self.model.type == "retrieval" and self.model.contextual_len > 0:
+            raise ConfigError(
+                "model.contextual_len > 0 needs contextual features, which the HSTU retrieval model "
+                "does not take: set model.contextual_len=0"
+            )
+
     def _validate_dynamic_item_table(self) -> None:
         """What a dynamic (hash-table) item table supports in the retrieval model."""
         item, pp = self.embeddings["item"], self.parallel.pipeline_model_parallel_size
@@ -136,6 +145,7 @@ class ExperimentConfig:
         for name, section in raw.items():
             if section is not None and not isinstance(section, dict):
                 raise ConfigError(f"section {name} must be a mapping of keys, got {section!r}")
+        raw = apply_deprecations(raw)
         model_raw = dict(raw.get("model") or {})
         for key, owner in _SET_ELSEWHERE.items():
             if key in model_raw:

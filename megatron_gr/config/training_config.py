@@ -10,6 +10,7 @@ from megatron_gr.config.validation import check_choice, check_float_range, check
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+KERNEL_BACKENDS = ("auto", "pytorch", "triton")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -55,6 +56,15 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when a GPU is visible, else the CPU."""
 
+    kernel_backend: Literal["auto", "pytorch", "triton"] = "auto"
+    """Implementation of every op that has a kernel (jagged attention and the STU output,
+    the hyper-connection ops, dynamic-table probing and updates): ``pytorch``, the reference
+    (any device); ``triton``, the Triton kernels (CUDA, ``pip install 'megatron_gr[gpu]'``;
+    an error elsewhere); ``auto``, Triton on a GPU where it is installed, else PyTorch.
+    Resolved once per run. The fused kernels draw other dropout masks than the reference.
+    Replaces ``model.attention_kernel``, ``model.use_fused_mhc`` and
+    ``embeddings.<table>.dynamic.kernel`` (still read, with a deprecation notice)."""
+
     eval_interval: int = 100
     """Evaluate on the validation split every N steps (0 = only at the end)."""
 
@@ -95,6 +105,7 @@ class TrainingConfig:
         check_int_range("seed", self.seed, low=0, high=2**63 - 1)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
+        check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         check_int_range("eval_interval", self.eval_interval, low=0)
         check_int_range("eval_batch_size", self.eval_batch_size, low=1)
         check_int_range("early_stopping_patience", self.early_stopping_patience, low=0)

@@ -4,7 +4,6 @@ recommendation layers read (STU/HSTU attention, encodings, the retrieval task)."
 from __future__ import annotations
 
 from dataclasses import dataclass
-import importlib.util
 import math
 from typing import Literal, Optional
 
@@ -13,7 +12,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.validation import check_choice, check_float_range, check_int_range, require
 
-ATTENTION_KERNELS = ("pytorch", "triton")
+MODEL_TYPES = ("retrieval",)
 ATTENTION_NORMALIZERS = ("max_seq_len", "seq_len")
 TIME_BUCKET_FNS = ("sqrt", "log")
 # Our entry in megatron's ``recompute_modules``: the hyper-connection ops of every layer.
@@ -22,6 +21,10 @@ MHC_RECOMPUTE_MODULE = "mhc"
 
 @dataclass
 class GRTransformerConfig(TransformerConfig):
+    type: Literal["retrieval"] = "retrieval"
+    """The model family, which picks its training recipe (``megatron_gr.models.registry``):
+    ``retrieval`` (HSTU next-item retrieval)."""
+
     # ---------------- STU (HSTU) attention ----------------
     qk_head_dim: int = 64
     """Per-head dimension of queries and keys in STU attention."""
@@ -58,10 +61,6 @@ class GRTransformerConfig(TransformerConfig):
 
     attention_alpha: Optional[float] = None
     """Scale of q.k before the SiLU; None means 1/sqrt(qk_head_dim)."""
-
-    attention_kernel: Literal["pytorch", "triton"] = "pytorch"
-    """Jagged attention implementation: the PyTorch reference (any device) or the Triton
-    kernel (CUDA only)."""
 
     attention_dropout: float = 0.0
     """STU attention has no dropout on attention weights (its kernels do not implement it);
@@ -123,14 +122,9 @@ class GRTransformerConfig(TransformerConfig):
     :meth:`mhc_recompute_block_size`). Blocks are cut within each pipeline stage: none spans
     two stages, and a stage's last block holds what is left of its layers."""
 
-    use_fused_mhc: bool = False
-    """Run the hyper-connection ops (mappings with their RMS norm and Sinkhorn-Knopp,
-    aggregate, merge) as fused Triton kernels instead of the PyTorch reference. Needs
-    triton and a CUDA device (``pip install 'megatron_gr[gpu]'``); the mapping math stays
-    float32. Dropout in the merge draws other masks than the reference."""
-
     def __post_init__(self):
         # Our shape checks first: the base class divides by some of these fields.
+        check_choice("type", self.type, MODEL_TYPES)
         self._validate_shapes()
         # megatron checks recompute_modules against its own list: hide our entry from it.
         modules = self.recompute_modules
@@ -178,7 +172,6 @@ class GRTransformerConfig(TransformerConfig):
             "already sees the whole prefix), or sla_k2=0",
         )
         check_choice("attention_normalizer", self.attention_normalizer, ATTENTION_NORMALIZERS)
-        check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         if self.attention_alpha is not None:
             check_float_range("attention_alpha", self.attention_alpha, low=0.0, low_exclusive=True)
         check_float_range("hidden_dropout", self.hidden_dropout, low=0.0, high=1.0)
@@ -211,16 +204,6 @@ class GRTransformerConfig(TransformerConfig):
         check_float_range("mhc_init_gating_factor", self.mhc_init_gating_factor, low=0.0)
         if self.mhc_recompute_layer_num is not None:
             check_int_range("mhc_recompute_layer_num", self.mhc_recompute_layer_num, low=1)
-        if self.use_fused_mhc:
-            require(
-                on,
-                "use_fused_mhc=True has no effect with enable_hyper_connections=False: enable them or set it to false",
-            )
-            require(
-                importlib.util.find_spec("triton") is not None,
-                "use_fused_mhc=True needs the triton package, which is not installed: "
-                "pip install 'megatron_gr[gpu]' or set use_fused_mhc=false",
-            )
         if self.recompute_mhc:
             require(on, "recompute_modules holds 'mhc' but enable_hyper_connections=False: drop 'mhc' or enable them")
             require(

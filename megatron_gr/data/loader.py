@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_gr.data.item_space import ItemSpace
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.data.sequences import LeaveOneOutSplit
 
@@ -69,17 +70,13 @@ def _gather_windows(split: LeaveOneOutSplit, starts: np.ndarray, ends: np.ndarra
     return index, offsets
 
 
-def _item_ids(split: LeaveOneOutSplit, dense: np.ndarray, raw: bool) -> torch.Tensor:
-    """Dense item ids as int64, or the raw ids they stand for (tables keyed by raw ids)."""
-    ids = split.sequences.item_vocab[dense] if raw else dense
-    return torch.from_numpy(np.asarray(ids, dtype=np.int64))
-
-
-def _batch(split: LeaveOneOutSplit, users: np.ndarray, index: np.ndarray, offsets: np.ndarray, raw: bool, **extra) -> JaggedBatch:
+def _batch(
+    split: LeaveOneOutSplit, items: ItemSpace, users: np.ndarray, index: np.ndarray, offsets: np.ndarray, **extra
+) -> JaggedBatch:
     seqs = split.sequences
     lengths = np.diff(offsets)
     return JaggedBatch(
-        item_ids=_item_ids(split, seqs.item_ids[index], raw),
+        item_ids=items.table_ids(seqs.item_ids[index]),
         timestamps=torch.from_numpy(seqs.timestamps[index].astype(np.int64)),
         ratings=torch.from_numpy(seqs.ratings[index].astype(np.float32)),
         offsets=torch.from_numpy(offsets),
@@ -93,13 +90,14 @@ class TrainingBatches:
     """Micro-batches of one data-parallel rank, one optimizer step at a time.
 
     A training example is a user's most recent ``max_seq_len + 1`` training events: tokens
-    are all but the last, ``labels`` the event that follows each token. Item ids are the
-    dense ids, or with ``raw_item_ids`` the dataset's raw ids (for hash tables).
+    are all but the last, ``labels`` the event that follows each token. Item ids are those
+    the item table is keyed by (``items``).
     """
 
     def __init__(
         self,
         split: LeaveOneOutSplit,
+        items: ItemSpace,
         *,
         max_seq_len: int,
         micro_batch_size: int,
@@ -108,7 +106,6 @@ class TrainingBatches:
         dp_rank: int = 0,
         dp_size: int = 1,
         partition_fn: PartitionFn = contiguous_partition,
-        raw_item_ids: bool = False,
     ):
         starts, ends = split.input_range("train")
         self.split = split
@@ -123,7 +120,7 @@ class TrainingBatches:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.partition_fn = partition_fn
-        self.raw_item_ids = raw_item_ids
+        self.items = items
         self.consumed_samples = 0
 
     @property
@@ -161,10 +158,10 @@ class TrainingBatches:
             is_last[offsets[1:] - 1] = True
             is_first = np.zeros(index.size, dtype=bool)
             is_first[offsets[:-1]] = True
-            labels = _item_ids(self.split, self.split.sequences.item_ids[index[~is_first]], self.raw_item_ids)
+            labels = self.items.table_ids(self.split.sequences.item_ids[index[~is_first]])
             batches.append(
                 _batch(
-                    self.split, chunk, index[~is_last], token_offsets, self.raw_item_ids,
+                    self.split, self.items, chunk, index[~is_last], token_offsets,
                     labels=labels,
                     sample_seed=micro_batch_seed(self.seed, first + g * self.micro_batch_size),
                 )
@@ -180,13 +177,13 @@ class TrainingBatches:
 
 def evaluation_batches(
     split: LeaveOneOutSplit,
+    items: ItemSpace,
     which: str,
     *,
     max_seq_len: int,
     batch_size: int,
     dp_rank: int = 0,
     dp_size: int = 1,
-    raw_item_ids: bool = False,
 ) -> Iterator[JaggedBatch]:
     """Every user of ``which`` (valid or test) once: input = the most recent ``max_seq_len``
     events before the target. Users are split into ``dp_size`` contiguous blocks. Item ids
@@ -198,4 +195,4 @@ def evaluation_batches(
     for first in range(0, users.size, batch_size):
         chunk = users[first : first + batch_size]
         index, offsets = _gather_windows(split, starts[chunk], ends[chunk])
-        yield _batch(split, chunk, index, offsets, raw_item_ids, target_ids=_item_ids(split, targets[chunk], raw_item_ids))
+        yield _batch(split, items, chunk, index, offsets, target_ids=items.table_ids(targets[chunk]))

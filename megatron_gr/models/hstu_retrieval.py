@@ -17,6 +17,8 @@ from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
+from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.seeding import keyed_init
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_stu_block_spec
 
@@ -39,6 +41,10 @@ class HSTURetrievalModel(MegatronModule):
     last (loss and ranking): the two copies are megatron's shared embedding (same start
     values, gradients all-reduced over the embedding group, saved once); middle stages have
     no table (``item_table=None``).
+
+    ``backend`` runs the layers' ops (PyTorch or Triton); with ``init_seed`` every module
+    draws its initial values under its own key (``megatron_gr.seeding``), so a pipeline
+    stage builds only its own layers and still starts where a single-rank model does.
     """
 
     # The item table embeds the inputs and scores the outputs: megatron's tied embedding.
@@ -55,6 +61,8 @@ class HSTURetrievalModel(MegatronModule):
         post_process: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
+        backend: KernelBackend = KernelBackend.PYTORCH,
+        init_seed: Optional[int] = None,
     ):
         super().__init__(config)
         if pg_collection is None:
@@ -73,8 +81,11 @@ class HSTURetrievalModel(MegatronModule):
         self.item_table = item_table
         # Sequence parallelism splits the tokens over the tensor-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
-        self.preprocessor = InputPreprocessor(config) if pre_process else None
-        spec = get_stu_block_spec(config, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp))
+        with keyed_init(init_seed, "preprocessor"):
+            self.preprocessor = InputPreprocessor(config) if pre_process else None
+        spec = get_stu_block_spec(
+            config, backend=backend, init_seed=init_seed, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp)
+        )
         self.decoder = spec.module(
             config,
             spec,

@@ -16,32 +16,23 @@ from typing import Optional
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.dynamic_rows import pytorch_init_rows, pytorch_read_rows
 from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult, pytorch_probe
 from megatron_gr.ops.pytorch.id_hash import routing_keys as pytorch_routing_keys
 
-KERNELS = ("pytorch", "triton")
-
-
 def _triton(device: torch.device, what: str):
     """The Triton kernel modules (imported only once Triton can run here)."""
-    from megatron_gr.ops.triton.availability import require_triton
-
-    require_triton(device, what=f"kernel='triton' ({what})")
+    require_backend(KernelBackend.TRITON, device, what=what)
     from megatron_gr.ops import triton as kernels
     from megatron_gr.ops.triton import dynamic_rows, hash_table  # noqa: F401  (loads them into `kernels`)
 
     return kernels
 
 
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
-
-
-def routing_keys(ids: torch.Tensor, tags: Optional[torch.Tensor] = None, *, kernel: str = "pytorch") -> torch.Tensor:
+def routing_keys(ids: torch.Tensor, tags: Optional[torch.Tensor] = None, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """Routing key of every id ``[N]`` int64; ``tags`` ``[N]`` int32 or None (all 0)."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     if ids.dtype != torch.int64:
         raise TypeError(f"ids must be int64, got {ids.dtype}")
     if kernel == "triton":
@@ -66,7 +57,7 @@ def probe(
     step: int,
     policy: str,
     update_scores: bool,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> ProbeResult:
     """Find-or-insert distinct (id, tag) queries sorted by routing key ``query_hashes``.
 
@@ -74,7 +65,7 @@ def probe(
     ``changed`` uint8, each ``[num_buckets * bucket_size]``, updated in place. Queries:
     ``[U]`` keys int64, tags int32, hashes int64, counts int64 (occurrences), may_insert bool.
     """
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: choose one of {tuple(POLICIES)}")
     capacity = num_buckets * bucket_size
@@ -109,12 +100,12 @@ def init_rows(
     salts: torch.Tensor,
     scales: torch.Tensor,
     *,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> None:
     """Slots the probe just filled (status INSERTED or REPLACED) get their initial value and
     their ``fresh`` flag (optimizer state initial until the first update).
     See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_init_rows`."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     _check_weights(weights)
     if fresh is not None and (fresh.dtype != torch.uint8 or fresh.shape != (weights.shape[0],)):
         raise ValueError(f"fresh must be uint8 [{weights.shape[0]}], got {fresh.dtype} {tuple(fresh.shape)}")
@@ -133,13 +124,13 @@ def read_rows(
     scales: torch.Tensor,
     *,
     index: Optional[torch.Tensor] = None,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """Rows ``[U, D]`` of ``U`` probed queries (stored row, or initial value where the slot
     is -1), or with ``index`` ``[N]`` int64 the rows ``[N, D]`` of queries ``index`` (one
     pass, no ``[U, D]`` intermediate). Run :func:`init_rows` first.
     See :func:`megatron_gr.ops.pytorch.dynamic_rows.pytorch_read_rows`."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     _check_weights(weights)
     if index is not None and index.dtype != torch.int64:
         raise ValueError(f"index must be int64, got {index.dtype}")

@@ -6,11 +6,9 @@ from typing import Optional
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.hstu_attention import pytorch_hstu_attention
 from megatron_gr.ops.relative_bias import RelativeBiasInputs
-
-KERNELS = ("pytorch", "triton")
-
 
 def hstu_attention(
     q: torch.Tensor,
@@ -28,7 +26,7 @@ def hstu_attention(
     global_prefix_len: int = 0,
     relative_bias: Optional[RelativeBiasInputs] = None,
     max_len: Optional[int] = None,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """SiLU attention over packed sequences.
 
@@ -60,9 +58,7 @@ def hstu_attention(
         global_prefix_len=global_prefix_len, relative_bias=relative_bias, max_len=max_len,
     )
     if kernel == "triton":
-        from megatron_gr.ops.triton.availability import require_triton
-
-        require_triton(q.device, what="kernel='triton' (HSTU attention)")
+        require_backend(kernel, q.device, what="HSTU attention")
         from megatron_gr.ops.triton.hstu_attention import triton_hstu_attention
 
         return triton_hstu_attention(q, k, v, offsets, **args)
@@ -70,8 +66,7 @@ def hstu_attention(
 
 
 def _validate(q, k, v, offsets, normalizer, kernel, num_targets, relative_bias) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    check_backend(kernel)
     if normalizer not in ("max_seq_len", "seq_len"):
         raise ValueError(f"normalizer={normalizer!r}: choose 'max_seq_len' or 'seq_len'")
     if q.dim() != 3 or k.shape != q.shape:

@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.mhc import (
     pytorch_input_expand,
     pytorch_mhc_aggregate,
@@ -52,7 +53,6 @@ from megatron_gr.ops.pytorch.mhc import (
     pytorch_sinkhorn,
 )
 
-KERNELS = ("pytorch", "triton")
 _MAPPING_DTYPES = (torch.float32, torch.float64)
 
 
@@ -64,7 +64,7 @@ def mhc_mappings(
     *,
     iterations: int,
     eps: float,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three mixing maps of every token from its streams.
 
@@ -98,7 +98,7 @@ def mhc_pre(
     *,
     iterations: int,
     eps: float,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hyper-connection steps before a sublayer: :func:`mhc_mappings` of the streams,
     then :func:`mhc_aggregate` with their ``h_pre``, which no one else reads. Arguments as
@@ -117,13 +117,13 @@ def mhc_pre(
     return pytorch_mhc_pre(x, projection, alpha, bias, iterations=iterations, eps=eps)
 
 
-def sinkhorn(logits: torch.Tensor, iterations: int, *, kernel: str = "pytorch") -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, iterations: int, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """Sinkhorn-Knopp projection of ``exp(logits)`` ``[T, n, n]``: ``iterations`` times a
     row normalisation then a column normalisation, so columns sum to 1 exactly and rows to
     1 up to the convergence left after ``iterations``. Finite for any finite logits (the
     first round runs in log space). The backward stores only ``logits`` and replays the
     iterations."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     if logits.dim() != 3 or logits.shape[1] != logits.shape[2] or not logits.is_floating_point():
         raise ValueError(f"logits must be a float [T, n, n] tensor, got {logits.dtype} {list(logits.shape)}")
     _check_iterations(iterations)
@@ -135,9 +135,9 @@ def sinkhorn(logits: torch.Tensor, iterations: int, *, kernel: str = "pytorch") 
     return pytorch_sinkhorn(logits, iterations)
 
 
-def mhc_aggregate(x: torch.Tensor, h_pre: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor:
+def mhc_aggregate(x: torch.Tensor, h_pre: torch.Tensor, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """The sublayer input ``sum_i h_pre[:, i] x[:, i]`` ``[T, C]`` in ``x.dtype``."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     _check_streams("x", x)
     _check_shape("h_pre", h_pre, x.shape[:2])
     if kernel == "triton":
@@ -157,7 +157,7 @@ def mhc_merge(
     *,
     dropout_p: float = 0.0,
     training: bool = False,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """The streams after a sublayer, ``[T, n, C]`` in ``x.dtype``:
     ``h_res @ x + h_post ⊗ dropout(y + bias)`` (bias-dropout-add with one dropout mask for
@@ -170,7 +170,7 @@ def mhc_merge(
         y: ``[T, C]`` sublayer output; ``bias`` ``[C]`` its bias when not yet added.
         dropout_p, training: dropout of ``y + bias`` (off unless ``training``).
     """
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     _check_streams("x", x)
     num_tokens, n, channels = x.shape
     _check_shape("h_res", h_res, (num_tokens, n, n))
@@ -188,9 +188,9 @@ def mhc_merge(
     return pytorch_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
 
 
-def input_expand(x: torch.Tensor, n: int, *, kernel: str = "pytorch") -> torch.Tensor:
+def input_expand(x: torch.Tensor, n: int, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """``[T, C]`` -> ``[T, n, C]``: every stream starts as a copy of the block input."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, C], got {list(x.shape)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -198,17 +198,17 @@ def input_expand(x: torch.Tensor, n: int, *, kernel: str = "pytorch") -> torch.T
     return pytorch_input_expand(x, n)
 
 
-def output_contract(x: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor:
+def output_contract(x: torch.Tensor, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """``[T, n, C]`` -> ``[T, C]``: the mean of the streams. Column-stochastic H_res keeps
     the sum of the streams, so with H_post = 1 the mean follows ``mean + F(...)`` like a
     plain residual stream."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     _check_streams("x", x)
     return pytorch_output_contract(x)
 
 
 def _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel) -> None:
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     _check_streams("x", x)
     _, n, channels = x.shape
     width = n * n + 2 * n
@@ -229,24 +229,17 @@ def _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel) -> 
         raise ValueError(f"eps={eps!r} must be > 0")
 
 
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
-
-
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _require_triton(op: str, *tensors: torch.Tensor) -> None:
     """The fused kernels run here (CUDA, or the interpreter) and take these dtypes."""
-    from megatron_gr.ops.triton.availability import require_triton
-
-    require_triton(tensors[0].device, what=f"kernel='triton' ({op})", setting="model.use_fused_mhc=false")
+    require_backend(KernelBackend.TRITON, tensors[0].device, what=op)
     for tensor in tensors:
         if tensor.dtype not in _TRITON_DTYPES:
             raise ValueError(
                 f"kernel='triton' ({op}) computes in float32 and takes float32, bfloat16 or float16 "
-                f"tensors, got {tensor.dtype}: use kernel='pytorch' (model.use_fused_mhc=false)"
+                f"tensors, got {tensor.dtype}: use kernel='pytorch'"
             )
 
 

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.segment_sum import pytorch_gather_rows, pytorch_segment_sum
 
-KERNELS = ("pytorch", "triton")
 
 
 @dataclass
@@ -74,23 +74,16 @@ def sorted_groups(keys: torch.Tensor, minor: Optional[torch.Tensor] = None) -> S
     return SortedGroups(order, segments, offsets, inverse)
 
 
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
-
-
 def _triton(device: torch.device, what: str):
-    from megatron_gr.ops.triton.availability import require_triton
-
-    require_triton(device, what=f"kernel='triton' ({what})")
+    require_backend(KernelBackend.TRITON, device, what=what)
     from megatron_gr.ops.triton import segment_sum
 
     return segment_sum
 
 
-def gather_rows(rows: torch.Tensor, index: torch.Tensor, *, kernel: str = "pytorch") -> torch.Tensor:
+def gather_rows(rows: torch.Tensor, index: torch.Tensor, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """``rows[index]``: ``rows`` ``[U, D]`` float32, ``index`` ``[N]`` int64 -> ``[N, D]``."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     if rows.dim() != 2 or index.dtype != torch.int64:
         raise ValueError(f"rows must be [U, D] and index int64, got {tuple(rows.shape)} and {index.dtype}")
     if kernel == "triton":
@@ -98,10 +91,10 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor, *, kernel: str = "pytor
     return pytorch_gather_rows(rows, index)
 
 
-def segment_sum(values: torch.Tensor, groups: SortedGroups, *, kernel: str = "pytorch") -> torch.Tensor:
+def segment_sum(values: torch.Tensor, groups: SortedGroups, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """Float32 sum ``[U, D]`` of the rows ``values`` ``[N, D]`` of each group, every
     backend in the same order (:mod:`megatron_gr.ops.pytorch.segment_sum`)."""
-    _check_kernel(kernel)
+    kernel = check_backend(kernel)
     if values.dim() != 2 or values.shape[0] != groups.order.numel():
         raise ValueError(f"values must be [{groups.order.numel()}, D], got {tuple(values.shape)}")
     args = (groups.order, groups.segments, groups.offsets)

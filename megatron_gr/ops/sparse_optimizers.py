@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES, pytorch_sparse_update
 
-KERNELS = ("pytorch", "triton")
 
 
 def sparse_update(
@@ -28,7 +28,7 @@ def sparse_update(
     grad_scale: float = 1.0,
     fresh: Optional[torch.Tensor] = None,
     state_init: Sequence[float] = (),
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> None:
     """Updates rows ``slots`` ``[R]`` (distinct; < 0 = skip) of ``weights`` ``[C, D]`` and
     ``states`` in place with ``grads`` ``[R, D]`` times ``grad_scale``; ``step`` >= 1 is the
@@ -39,8 +39,7 @@ def sparse_update(
     update clears their flag. A table flags the rows it creates instead of writing their
     initial state: most rows of a step are new, and each would otherwise cost a write and a
     read of every state row."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    kernel = check_backend(kernel)
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown sparse optimizer {optimizer!r}; expected one of {tuple(OPTIMIZER_STATES)}")
     if len(states) != len(OPTIMIZER_STATES[optimizer]):
@@ -59,9 +58,7 @@ def sparse_update(
         fresh=fresh, state_init=list(state_init),
     )
     if kernel == "triton":
-        from megatron_gr.ops.triton.availability import require_triton
-
-        require_triton(weights.device, what="kernel='triton' (sparse optimizer)")
+        require_backend(kernel, weights.device, what="sparse optimizer")
         from megatron_gr.ops.triton.sparse_optimizers import triton_sparse_update
 
         return triton_sparse_update(weights, states, slots, grads, **options)

@@ -9,10 +9,8 @@ from typing import Optional
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.stu_output import pytorch_stu_output
-
-KERNELS = ("pytorch", "triton")
-
 
 def stu_output(
     attn: torch.Tensor,
@@ -23,7 +21,7 @@ def stu_output(
     eps: float,
     dropout_p: float = 0.0,
     training: bool = False,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """``dropout(layer_norm(attn) * u)`` per token.
 
@@ -43,8 +41,7 @@ def stu_output(
     Returns:
         ``[T, D]`` in the dtype of ``attn``.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    kernel = check_backend(kernel)
     if attn.shape != u.shape:
         raise ValueError(f"attn and u must have one shape, got {tuple(attn.shape)} and {tuple(u.shape)}")
     width = math.prod(attn.shape[1:])
@@ -53,9 +50,7 @@ def stu_output(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     if kernel == "triton":
-        from megatron_gr.ops.triton.availability import require_triton
-
-        require_triton(attn.device, what="kernel='triton' (STU output)")
+        require_backend(kernel, attn.device, what="STU output")
         from megatron_gr.ops.triton.stu_output import triton_stu_output
 
         return triton_stu_output(attn, u, weight, bias, eps=eps, dropout_p=dropout_p, training=training)

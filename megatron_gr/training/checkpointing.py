@@ -8,7 +8,7 @@ Layout under the save directory::
     iter_0000100/                       one complete checkpoint per saved step
       dynamic_embeddings/               rows of dynamic tables, per saving rank (any number
                                         of ranks loads them: see embeddings/dynamic)
-    best/                               model weights of the best validation NDCG@10
+    best/                               model weights of the best validation metric
     latest_checkpointed_iteration.txt   the step ``--load`` resumes from
 
 A checkpoint is written into a hidden temporary directory and renamed into place only

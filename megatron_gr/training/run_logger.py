@@ -2,7 +2,8 @@
 
 Only the main rank writes; every record is one JSON object per line:
 ``{"step", "loss", "lr", "tokens_per_s", ...}`` for training and
-``{"step", "split", "hr@10", "ndcg@10", ..., "mrr"}`` for evaluations.
+``{"step", "split", <metric>: value, ...}`` for evaluations (retrieval: ``hr@10``,
+``ndcg@10``, ..., ``mrr``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class RunLogger:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(f"{split}/{key}", value, step)
-        summary = " ".join(f"{k} {metrics[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"))
+        summary = " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
         self.info(f"[eval {split} @ step {step}] {summary}" + (f" ({note})" if note else ""))
 
     def close(self) -> None:

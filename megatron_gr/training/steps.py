@@ -10,35 +10,18 @@ import torch
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.data.jagged import JaggedBatch
-from megatron_gr.training.metrics import metric_sums
+from megatron_gr.models.registry import TrainSpec
 
 
-def _token_loss(losses: torch.Tensor):
-    """Sum of per-token losses and their count: megatron divides gradients by the tokens of
-    the whole global batch (``calculate_per_token_loss``)."""
-    total = losses.sum()
-    count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
-    return total, count, {"loss_sum_and_tokens": torch.stack([total.detach().double(), count.double()])}
-
-
-def _rank_metrics(ranks: torch.Tensor):
-    zero = torch.zeros((), device=ranks.device)
-    count = torch.tensor(0, dtype=torch.int, device=ranks.device)
-    return zero, count, {"metric_sums": metric_sums(ranks)}
-
-
-def train_forward_step(device: torch.device, data_iterator: Iterator[JaggedBatch], model):
+def _forward(device: torch.device, reduce, data_iterator: Iterator, model):
     batch = next(data_iterator).to(device)
-    return model(batch), _token_loss
+    return model(batch), reduce
 
 
-def eval_forward_step(device: torch.device, data_iterator: Iterator[JaggedBatch], model):
-    batch = next(data_iterator).to(device)
-    return model(batch), _rank_metrics
-
-
-def forward_step_for(device: torch.device, *, training: bool):
-    return partial(train_forward_step if training else eval_forward_step, device)
+def forward_step_for(spec: TrainSpec, device: torch.device, *, training: bool):
+    """megatron's ``forward_step_func``: the next micro-batch through the model, with the
+    spec's loss (training) or evaluation statistics as the loss function."""
+    return partial(_forward, device, spec.loss if training else spec.evaluation_statistics)
 
 
 def stage_tensor_shape(config: GRTransformerConfig, num_tokens: int) -> tuple[int, int, int]:

@@ -15,21 +15,17 @@ import yaml
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.experiment import ExperimentConfig
-from megatron_gr.data.loader import PARTITIONS, TrainingBatches
+from megatron_gr.models.registry import get_train_spec
 from megatron_gr.training import checkpointing
-from megatron_gr.training.data_setup import build_split
 from megatron_gr.training.evaluation import evaluate
 from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
+from megatron_gr.training.plan import make_plan
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
 from megatron_gr.training.sparse_step import SparseTables
 from megatron_gr.training.steps import forward_step_for, schedule_shapes
-
-SELECTION_METRIC = "ndcg@10"
-
 
 @dataclass
 class TrainState:
@@ -41,52 +37,36 @@ class TrainState:
 
 
 class Trainer:
+    """Trains the model family ``config.model.type`` names (its :class:`TrainSpec`)."""
+
     def __init__(self, config: ExperimentConfig):
         self.config = config
+        self.spec = get_train_spec(config.model.type)
+        self.dataset = self.spec.build_dataset(config)
+        self.plan = make_plan(config, num_items=self.dataset.num_items)
         self.runtime = initialize(
             config.training,
-            tensor_parallel_size=config.parallel.tensor_model_parallel_size,
-            pipeline_parallel_size=config.parallel.pipeline_model_parallel_size,
+            tensor_parallel_size=self.plan.layout.tensor,
+            pipeline_parallel_size=self.plan.layout.pipeline,
         )
-        self.split = build_split(config.data)
-        self.num_items = self.split.sequences.num_items
-        self.raw_item_ids = config.embeddings["item"].keyed_by_raw_ids
-        self.model = build_model(config, self.runtime, self.num_items, item_vocab=self.split.sequences.item_vocab)
+        self.model = build_model(self.plan, self.spec, self.dataset)
         self.optimizer = build_optimizer(config.training, self.runtime, self.model)
         self.sparse = SparseTables(self.model)
         self.scheduler = build_scheduler(config.training, self.optimizer)
-        self.loader = self._build_loader()
+        self.loader = self.spec.training_stream(
+            self.plan, self.dataset, parallel_state.get_data_parallel_rank(), self.plan.layout.data
+        )
         self.state = TrainState()
         self.best_weights: Optional[dict] = None
         self._validated_at: Optional[int] = None
         self.forward_backward = get_forward_backward_func()
         self.log = RunLogger(config.logging, enabled=self.runtime.is_main, total_steps=config.training.train_iters, start_step=0)
+        self.log.info(self.dataset.describe())
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
         if config.checkpoint.save and self.runtime.is_main:
             Path(config.checkpoint.save).mkdir(parents=True, exist_ok=True)
             (Path(config.checkpoint.save) / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-    def _build_loader(self) -> TrainingBatches:
-        training = self.config.training
-        dp_size = parallel_state.get_data_parallel_world_size()
-        global_batch = training.global_batch_size or training.micro_batch_size * dp_size
-        if global_batch % (training.micro_batch_size * dp_size) != 0:
-            raise ConfigError(
-                f"training.global_batch_size={global_batch} must be a multiple of micro_batch_size "
-                f"x data-parallel size = {training.micro_batch_size} x {dp_size}"
-            )
-        return TrainingBatches(
-            self.split,
-            max_seq_len=self.config.model.max_seq_len,
-            micro_batch_size=training.micro_batch_size,
-            num_micro_batches=global_batch // (training.micro_batch_size * dp_size),
-            seed=training.seed,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=dp_size,
-            partition_fn=PARTITIONS[self.config.parallel.balance_for(dp_size)],
-            raw_item_ids=self.raw_item_ids,
-        )
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -117,7 +97,7 @@ class Trainer:
         self.optimizer.zero_grad()
         batches = self.loader.next_step()
         outputs = self.forward_backward(
-            forward_step_func=forward_step_for(self.runtime.device, training=True),
+            forward_step_func=forward_step_for(self.spec, self.plan.device, training=True),
             data_iterator=iter(batches),
             model=self.model,
             num_microbatches=len(batches),
@@ -153,34 +133,27 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
     def evaluate(self, which: str) -> dict:
         with updated_weights(self.model):
-            return evaluate(
-                self.model,
-                self.split,
-                which,
-                max_seq_len=self.config.model.max_seq_len,
-                batch_size=self.config.training.eval_batch_size,
-                device=self.runtime.device,
-                raw_item_ids=self.raw_item_ids,
-            )
+            return evaluate(self.model, self.spec, self.plan, self.dataset, which)
 
     def validate(self) -> bool:
         """Validation metrics, best-weights bookkeeping; True when early stopping fires."""
         metrics = self.evaluate("valid")
         step = self._validated_at = self.state.iteration
-        value = metrics[SELECTION_METRIC]
+        selection = self.spec.selection_metric
+        value = metrics[selection]
         improved = self.state.best_metric is None or value > self.state.best_metric
         if improved:
             self.state.best_metric, self.state.best_iteration, self.state.evals_since_best = value, step, 0
             with updated_weights(self.model):
                 self.best_weights = _snapshot(self.model[0])
                 if self.config.checkpoint.save and self.config.checkpoint.keep_best:
-                    checkpointing.save_best(self.config.checkpoint.save, self.model, {"iteration": step, SELECTION_METRIC: value})
+                    checkpointing.save_best(self.config.checkpoint.save, self.model, {"iteration": step, selection: value})
         else:
             self.state.evals_since_best += 1
         self.log.evaluation(step, "valid", metrics, note="best so far" if improved else None)
         patience = self.config.training.early_stopping_patience
         if patience and self.state.evals_since_best >= patience:
-            self.log.info(f"early stopping at step {step}: no better valid {SELECTION_METRIC} for {patience} evaluations")
+            self.log.info(f"early stopping at step {step}: no better valid {selection} for {patience} evaluations")
             return True
         return False
 
@@ -194,11 +167,12 @@ class Trainer:
             metrics = self.evaluate(which)
             results[which] = metrics
             self.log.evaluation(step, which, metrics, note="best validation weights")
-        self.log.info(
-            f"final (weights of step {step}; full-corpus ranking, seen items not removed): "
-            f"valid HR@10 {results['valid']['hr@10']:.4f} NDCG@10 {results['valid']['ndcg@10']:.4f} | "
-            f"test HR@10 {results['test']['hr@10']:.4f} NDCG@10 {results['test']['ndcg@10']:.4f}"
+        note = f"; {self.spec.evaluation_note}" if self.spec.evaluation_note else ""
+        splits = " | ".join(
+            f"{which} " + " ".join(f"{name.upper()} {results[which][name]:.4f}" for name in self.spec.headline_metrics)
+            for which in ("valid", "test")
         )
+        self.log.info(f"final (weights of step {step}{note}): {splits}")
         self.log.close()
         return results
 

@@ -24,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
+from megatron_gr.ops.backend import KernelBackend, check_backend
 from megatron_gr.ops.mhc import input_expand, mhc_mappings, mhc_merge, mhc_pre, output_contract
 
 # Initial H_res diagonal: each stream keeps most of itself (the identity start of
@@ -48,11 +49,13 @@ class HyperConnectionModule(MegatronModule):
     """Projection ``[n² + 2n, n C]``, gates ``alpha`` ``[3]`` and static logits ``bias``
     ``[n² + 2n]`` of one sublayer's hyper-connection."""
 
-    def __init__(self, config: GRTransformerConfig):
+    def __init__(self, config: GRTransformerConfig, *, backend: KernelBackend = KernelBackend.PYTORCH):
+        """``backend``: the implementation of the mHC ops (resolved by the run plan, given
+        by the spec); Triton runs them as fused kernels, the maps' math stays float32."""
         super().__init__(config)
         n, width = config.num_residual_streams, config.hidden_size
         self.num_streams = n
-        self.kernel = "triton" if config.use_fused_mhc else "pytorch"
+        self.kernel = check_backend(backend)
         dtype = torch.promote_types(config.params_dtype, torch.float32)  # float32, or float64 for checks
         self.projection = torch.nn.Parameter(torch.empty(n * n + 2 * n, n * width, dtype=dtype))
         self.alpha = torch.nn.Parameter(torch.full((3,), float(config.mhc_init_gating_factor), dtype=dtype))

@@ -22,7 +22,9 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule
+from megatron_gr.transformer.layer_init import layer_init_scope
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules, jagged_params
 
@@ -69,9 +71,11 @@ class HyperConnectionSTULayer(STULayer):
     between hyper-connections."""
 
     def __init__(self, config, submodules: HyperConnectionSTULayerSubmodules, layer_number: int = 1,
-                 pg_collection=None, vp_stage: Optional[int] = None):
-        super().__init__(config, submodules, layer_number, pg_collection, vp_stage)
-        self.hyper_connection = build_module(submodules.hyper_connection, config=config)
+                 pg_collection=None, vp_stage: Optional[int] = None, *,
+                 backend: KernelBackend = KernelBackend.PYTORCH, init_seed: Optional[int] = None):
+        with layer_init_scope(config, layer_number, pg_collection, vp_stage, init_seed):
+            super().__init__(config, submodules, layer_number, pg_collection, vp_stage, backend=backend)
+            self.hyper_connection = build_module(submodules.hyper_connection, config=config)
 
     def forward(
         self,
@@ -107,12 +111,14 @@ class HyperConnectionTransformerLayer(TransformerLayer):
     hyper-connection hooks, so ``forward`` is ours; the submodules are megatron's."""
 
     def __init__(self, config, submodules: HyperConnectionTransformerLayerSubmodules, layer_number: int = 1,
-                 hidden_dropout: Optional[float] = None, pg_collection=None, vp_stage: Optional[int] = None):
-        super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
-        if not isinstance(self.cross_attention, IdentityOp):
-            raise ValueError("HyperConnectionTransformerLayer has no cross attention: leave that slot IdentityOp")
-        self.attention_hyper_connection = build_module(submodules.hyper_connection, config=config)
-        self.mlp_hyper_connection = build_module(submodules.hyper_connection, config=config)
+                 hidden_dropout: Optional[float] = None, pg_collection=None, vp_stage: Optional[int] = None, *,
+                 init_seed: Optional[int] = None):
+        with layer_init_scope(config, layer_number, pg_collection, vp_stage, init_seed):
+            super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
+            if not isinstance(self.cross_attention, IdentityOp):
+                raise ValueError("HyperConnectionTransformerLayer has no cross attention: leave that slot IdentityOp")
+            self.attention_hyper_connection = build_module(submodules.hyper_connection, config=config)
+            self.mlp_hyper_connection = build_module(submodules.hyper_connection, config=config)
 
     def forward(
         self,

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_gr.compat import transformer_engine_available
 from megatron_gr.config.transformer_config import GRTransformerConfig
+from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule
 from megatron_gr.transformer.hyper_connection_block import HyperConnectionTransformerBlock
 from megatron_gr.transformer.hyper_connection_layers import (
@@ -39,9 +40,23 @@ from megatron_gr.transformer.relative_bias import RelativeBucketedBias
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules
 
 
-def get_stu_layer_spec(*, relative_attention_bias: bool, enable_hyper_connections: bool = False) -> ModuleSpec:
+def _hyper_connection(backend: KernelBackend) -> ModuleSpec:
+    return ModuleSpec(module=HyperConnectionModule, params={"backend": backend})
+
+
+def get_stu_layer_spec(
+    *,
+    relative_attention_bias: bool,
+    enable_hyper_connections: bool = False,
+    backend: KernelBackend = KernelBackend.PYTORCH,
+    init_seed: Optional[int] = None,
+) -> ModuleSpec:
     """STU layer with megatron's local (non-TE) tensor-parallel linears; with
-    ``enable_hyper_connections`` its sublayer sits between hyper-connections."""
+    ``enable_hyper_connections`` its sublayer sits between hyper-connections.
+
+    ``backend`` is the resolved kernel backend of every op in the layer; ``init_seed``
+    keys each layer's initial values by its global number (None: the global generator).
+    """
     slots = dict(
         input_layernorm=LayerNorm,
         uvqk_proj=ColumnParallelLinear,
@@ -49,34 +64,48 @@ def get_stu_layer_spec(*, relative_attention_bias: bool, enable_hyper_connection
         output_proj=RowParallelLinear,
         relative_bias=RelativeBucketedBias if relative_attention_bias else None,
     )
+    params = {"backend": backend, "init_seed": init_seed}
     if enable_hyper_connections:
         return ModuleSpec(
             module=HyperConnectionSTULayer,
-            submodules=HyperConnectionSTULayerSubmodules(**slots, hyper_connection=HyperConnectionModule),
+            params=params,
+            submodules=HyperConnectionSTULayerSubmodules(**slots, hyper_connection=_hyper_connection(backend)),
         )
-    return ModuleSpec(module=STULayer, submodules=STULayerSubmodules(**slots))
+    return ModuleSpec(module=STULayer, params=params, submodules=STULayerSubmodules(**slots))
 
 
 def get_stu_block_spec(
-    config: GRTransformerConfig, *, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+    config: GRTransformerConfig,
+    *,
+    backend: KernelBackend = KernelBackend.PYTORCH,
+    init_seed: Optional[int] = None,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
 ) -> ModuleSpec:
     """The STU layers of one pipeline stage, without a final norm (retrieval L2-normalises
     the outputs instead)."""
     layer = get_stu_layer_spec(
         relative_attention_bias=config.relative_attention_bias,
         enable_hyper_connections=config.enable_hyper_connections,
+        backend=backend,
+        init_seed=init_seed,
     )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return _block(config, [layer] * num_layers, layer_norm=None)
 
 
 def get_transformer_layer_spec(
-    *, enable_hyper_connections: bool = False, use_transformer_engine: Optional[bool] = None
+    *,
+    enable_hyper_connections: bool = False,
+    use_transformer_engine: Optional[bool] = None,
+    backend: KernelBackend = KernelBackend.PYTORCH,
+    init_seed: Optional[int] = None,
 ) -> ModuleSpec:
     """megatron's transformer layer (self attention + MLP): the Transformer Engine spec
     when TE is installed (or asked for), else the local spec with this project's
     ``LayerNorm`` (megatron's torch-norm wrapper refuses sequence parallelism without
-    apex). ``enable_hyper_connections`` puts both sublayers between hyper-connections."""
+    apex). ``enable_hyper_connections`` puts both sublayers between hyper-connections
+    (whose ops run on ``backend``; ``init_seed`` keys the layer's initial values)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
@@ -92,8 +121,8 @@ def get_transformer_layer_spec(
     slots = {f.name: getattr(spec.submodules, f.name) for f in dataclasses.fields(TransformerLayerSubmodules)}
     return ModuleSpec(
         module=HyperConnectionTransformerLayer,
-        params=spec.params,
-        submodules=HyperConnectionTransformerLayerSubmodules(**slots, hyper_connection=HyperConnectionModule),
+        params={**spec.params, "init_seed": init_seed},
+        submodules=HyperConnectionTransformerLayerSubmodules(**slots, hyper_connection=_hyper_connection(backend)),
     )
 
 
@@ -101,12 +130,15 @@ def get_transformer_block_spec(
     config: GRTransformerConfig,
     *,
     use_transformer_engine: Optional[bool] = None,
+    backend: KernelBackend = KernelBackend.PYTORCH,
+    init_seed: Optional[int] = None,
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
 ) -> ModuleSpec:
     """The transformer layers of one pipeline stage and the final norm."""
     layer = get_transformer_layer_spec(
-        enable_hyper_connections=config.enable_hyper_connections, use_transformer_engine=use_transformer_engine
+        enable_hyper_connections=config.enable_hyper_connections, use_transformer_engine=use_transformer_engine,
+        backend=backend, init_seed=init_seed,
     )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return _block(config, [layer] * num_layers, layer_norm=LayerNorm)

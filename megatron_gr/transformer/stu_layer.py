@@ -5,7 +5,7 @@
     A = jagged_attention(Q, K, V)                           SiLU scores, causal, + bias
     y = x + W_o dropout(LN(A) * U) + b_o                    (ops.stu_output: fused in Triton)
 
-``config.attention_kernel`` picks the implementation of both ops (PyTorch or Triton).
+The layer's ``backend`` (from its spec) picks the implementation of both ops (PyTorch or Triton).
 
 Heads are laid out head-major in the fused projection (``[u_h v_h q_h k_h]`` for each head
 h), so a column-parallel split gives every tensor-parallel rank whole heads.
@@ -23,13 +23,15 @@ from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
-from megatron.core.utils import divide, get_pg_rank, get_pg_size
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+from megatron.core.utils import divide, get_pg_size
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
+from megatron_gr.ops.backend import KernelBackend, check_backend
 from megatron_gr.ops.hstu_attention import hstu_attention
 from megatron_gr.ops.stu_output import stu_output
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
+from megatron_gr.transformer.layer_init import global_layer_number, layer_init_scope
 
 
 @dataclass
@@ -51,14 +53,23 @@ class STULayer(MegatronModule, BaseTransformerLayer):
         layer_number: int = 1,
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
+        *,
+        backend: KernelBackend = KernelBackend.PYTORCH,
+        init_seed: Optional[int] = None,
     ):
+        """``backend``: the implementation of the attention and output ops (resolved by the
+        run plan, given by the spec). ``init_seed``: draw the parameters under the key of
+        this layer's global number (``layer_init``) instead of the global generator."""
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.backend = check_backend(backend)
+        with layer_init_scope(config, layer_number, pg_collection, vp_stage, init_seed):
+            self._build(config, submodules, layer_number, pg_collection, vp_stage)
+
+    def _build(self, config: GRTransformerConfig, submodules: STULayerSubmodules, layer_number, pg_collection, vp_stage):
         self.tp_group = pg_collection.tp
-        self.layer_number = layer_number + get_transformer_layer_offset(
-            config, vp_stage, get_pg_rank(pg_collection.pp)
-        )
+        self.layer_number = global_layer_number(config, layer_number, pg_collection, vp_stage)
         heads = config.num_attention_heads
         self.num_local_heads = divide(heads, get_pg_size(self.tp_group))
         dqk, dv = config.qk_head_dim, config.v_head_dim
@@ -144,7 +155,7 @@ class STULayer(MegatronModule, BaseTransformerLayer):
             global_prefix_len=prefix,
             relative_bias=bias,
             max_len=params.max_len,
-            kernel=self.config.attention_kernel,
+            kernel=self.backend,
         )  # [T, local_heads, dv]
         # Each tensor-parallel rank drops its own heads' features: the model-parallel RNG
         # stream. Under sequence parallelism megatron's block already runs every layer
@@ -155,7 +166,7 @@ class STULayer(MegatronModule, BaseTransformerLayer):
             if get_pg_size(self.tp_group) == 1:
                 gated = stu_output(
                     attn, u, norm.weight, norm.bias, eps=norm.eps, dropout_p=self.config.hidden_dropout,
-                    training=self.training, kernel=self.config.attention_kernel,
+                    training=self.training, kernel=self.backend,
                 )  # [T, heads * dv]
             else:
                 # The fused op normalises over the heads it is given; with heads split over

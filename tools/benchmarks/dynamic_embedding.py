@@ -111,10 +111,10 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
     """``fresh``: batches not seen before, for the phase breakdown."""
     settings = DynamicTableConfig(
         capacity=args.rows, bucket_size=args.bucket_size, eviction="lru", optimizer="adam", lr=1e-3,
-        beta1=0.9, beta2=0.999, eps=1e-8, kernel="triton",
+        beta1=0.9, beta2=0.999, eps=1e-8,
     )
     config = EmbeddingTableConfig(dim=args.dim, type="dynamic", init_std=0.02, dynamic=settings)
-    collection = DynamicEmbeddingCollection({"t": config}, default_seed=0, device=torch.device("cuda"))
+    collection = DynamicEmbeddingCollection({"t": config}, default_seed=0, device=torch.device("cuda"), backend="triton")
     table = collection.tables["t"]
     timer = Timer()
     phases = {name: [] for name in PHASES}

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times and profiles training steps of any config; prints tokens/s, TFLOP/s (useful
-FLOPs, see megatron_gr/training/flops.py), peak memory and the top operators.
+FLOPs, see megatron_gr.models.hstu_flops.py), peak memory and the top operators.
 
     python tools/benchmarks/profile_train_step.py --config configs/hstu_ml100k.yaml \
         --data-path ../shared/data/ml-100k [--steps 20] [--profile-steps 3] [any pretrain flag]
@@ -19,7 +19,7 @@ import torch
 
 def main() -> int:
     from megatron_gr.config import add_config_arguments, overrides_from_args, resolve_config
-    from megatron_gr.training.flops import training_step_flops
+    from megatron_gr.models.hstu_flops import training_step_flops
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
 

@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace, flags: list[str]) -> None:
     from megatron.core import parallel_state
 
     from megatron_gr.config import add_config_arguments, overrides_from_args, resolve_config
-    from megatron_gr.training.flops import training_step_flops
+    from megatron_gr.models.hstu_flops import training_step_flops
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
 
@@ -140,7 +140,7 @@ def _step_flops(trainer, consumed: int, training_step_flops) -> int:
 
     loader = trainer.loader
     every_rank = TrainingBatches(
-        loader.split, max_seq_len=trainer.config.model.max_seq_len, micro_batch_size=loader.micro_batch_size,
+        loader.split, loader.items, max_seq_len=trainer.config.model.max_seq_len, micro_batch_size=loader.micro_batch_size,
         num_micro_batches=loader.num_micro_batches * loader.dp_size, seed=loader.seed, partition_fn=loader.partition_fn,
     )
     every_rank.load_state_dict({"consumed_samples": consumed})

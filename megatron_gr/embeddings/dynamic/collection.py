@@ -14,6 +14,7 @@ from megatron_gr.config.errors import ConfigError
 from megatron_gr.embeddings.dynamic.exchange import sharded_lookup
 from megatron_gr.embeddings.dynamic.state import export_state, restore_state
 from megatron_gr.embeddings.dynamic.table import FeatureSpec, PhysicalTable
+from megatron_gr.ops.backend import KernelBackend
 
 
 @dataclass
@@ -88,6 +89,7 @@ class DynamicEmbeddingCollection(torch.nn.Module):
         default_seed: int,
         device: torch.device,
         group: Optional[dist.ProcessGroup] = None,
+        backend: KernelBackend = KernelBackend.PYTORCH,
     ):
         super().__init__()
         self.group = group
@@ -101,7 +103,7 @@ class DynamicEmbeddingCollection(torch.nn.Module):
                 specs.append(FeatureSpec(name, tag, seed, config.init_std, config.dynamic.pooling))
                 self.features[name] = (physical, specs[-1])
             first = tables[names[0]]
-            self.tables[physical] = PhysicalTable(physical, first.dim, first.dynamic, specs, device)
+            self.tables[physical] = PhysicalTable(physical, first.dim, first.dynamic, specs, device, backend)
 
     def dim(self, feature: str) -> int:
         return self.tables[self.features[feature][0]].dim

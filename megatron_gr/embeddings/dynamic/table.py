@@ -15,6 +15,7 @@ import torch
 from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
 from megatron_gr.embeddings.dynamic.index import HashIndex
 from megatron_gr.ops import hash_table
+from megatron_gr.ops.backend import KernelBackend, require_backend
 from megatron_gr.ops.pytorch.hash_probe import HIT, INSERTED, NO_ROOM, NOT_STORED, REPLACED
 from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt
 from megatron_gr.ops.pytorch.sparse_optimizers import OPTIMIZER_STATES
@@ -44,16 +45,6 @@ class FeatureSpec:
     pooling: str = "none"
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    if kernel == "auto":
-        return "triton" if device.type == "cuda" else "pytorch"
-    if kernel == "triton":
-        from megatron_gr.ops.triton.availability import require_triton
-
-        require_triton(device, what="dynamic.kernel='triton'")
-    return kernel
-
-
 class PhysicalTable:
     """Rows of the ids this rank owns, for every logical table coalesced into it.
 
@@ -63,13 +54,21 @@ class PhysicalTable:
     step's update is applied.
     """
 
-    def __init__(self, name: str, dim: int, settings: DynamicTableConfig, features: list[FeatureSpec], device: torch.device):
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        settings: DynamicTableConfig,
+        features: list[FeatureSpec],
+        device: torch.device,
+        backend: KernelBackend = KernelBackend.PYTORCH,
+    ):
         self.name = name
         self.dim = dim
         self.settings = settings
         self.features = features
         self.device = device
-        self.kernel = resolve_kernel(settings.kernel, device)
+        self.kernel = require_backend(backend, device, what=f"dynamic table {name!r}")
         self.index = HashIndex(settings.num_buckets, settings.bucket_size, policy=settings.eviction, kernel=self.kernel, device=device)
         self.admission: Optional[HashIndex] = None
         if settings.admission_threshold > 1:

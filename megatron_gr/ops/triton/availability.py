@@ -23,11 +23,3 @@ def triton_missing_reason(device: torch.device) -> Optional[str]:
     if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
         return None
     return f"runs on CUDA devices only (or on the CPU in Triton's interpreter, TRITON_INTERPRET=1), not on {device}"
-
-
-def require_triton(device: torch.device, *, what: str, setting: str = "model.attention_kernel=pytorch") -> None:
-    """Raises ``RuntimeError`` naming ``what`` and the fix (``setting``) unless Triton can run
-    kernels on ``device``."""
-    reason = triton_missing_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"{what} {reason}: choose the pytorch kernel ({setting})")

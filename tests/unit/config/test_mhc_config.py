@@ -3,15 +3,11 @@ and ``recompute_modules: [mhc]`` reach the model config past megatron's own vali
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from megatron_gr.cli import main
 from megatron_gr.config import ConfigError, ExperimentConfig, GRTransformerConfig
-from megatron_gr.training.model_setup import runtime_model_config
-from megatron_gr.training.runtime import Runtime
 
 MHC = {"enable_hyper_connections": True}
 MHC_RECOMPUTE = {**MHC, "recompute_granularity": "selective", "recompute_modules": ["mhc"]}
@@ -25,7 +21,6 @@ BAD_MODELS = [
     ({**MHC_RECOMPUTE, "mhc_recompute_layer_num": 0}, ["model.mhc_recompute_layer_num=0", ">= 1"]),
     ({**MHC_RECOMPUTE, "mhc_recompute_layer_num": True}, ["model.mhc_recompute_layer_num=True", "integer"]),
     ({**MHC, "mhc_recompute_layer_num": 2}, ["mhc_recompute_layer_num=2", "has no effect", "recompute_modules"]),
-    ({"use_fused_mhc": True}, ["use_fused_mhc=True", "no effect", "enable_hyper_connections=False"]),
     ({**MHC, "recompute_modules": ["mhc"]}, ["recompute_granularity=None", "'selective'"]),
     ({"recompute_granularity": "selective", "recompute_modules": ["mhc"]}, ["enable_hyper_connections=False", "'mhc'"]),
     ({**MHC_RECOMPUTE, "recompute_modules": ["mhc", "layernorm"]}, ["'layernorm'", "use 'mhc'"]),
@@ -80,34 +75,3 @@ def test_flags_turn_hyper_connections_on(capsys):
     assert code == 0
     assert "enable_hyper_connections: true" in out and "num_residual_streams: 2" in out
     assert "recompute_modules:\n  - mhc" in out
-
-
-def pretend_triton_installed(monkeypatch, installed: bool):
-    real = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        if name == "triton":
-            return real("os") if installed else None  # any spec stands for an installed package
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-
-
-def test_fused_mhc_needs_triton(monkeypatch):
-    pretend_triton_installed(monkeypatch, False)
-    with pytest.raises(ConfigError, match=r"use_fused_mhc=True needs the triton package.*use_fused_mhc=false"):
-        ExperimentConfig.from_dict({"model": {**MHC, "use_fused_mhc": True}})
-
-
-def test_fused_mhc_is_refused_on_a_cpu_run_and_accepted_on_cuda(monkeypatch):
-    pretend_triton_installed(monkeypatch, True)
-    config = ExperimentConfig.from_dict({"model": {**MHC, "use_fused_mhc": True}})
-    assert config.model.use_fused_mhc
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cpu = Runtime(device=torch.device("cpu"), bf16=False, rank=0, world_size=1)
-    with pytest.raises(ConfigError, match=r"model.use_fused_mhc=true: .*CUDA devices only.*set it to false"):
-        runtime_model_config(config, cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tests' way of running kernels on a CPU
-    assert runtime_model_config(config, cpu).use_fused_mhc
-    cuda = Runtime(device=torch.device("cuda", 0), bf16=True, rank=0, world_size=1)
-    assert runtime_model_config(config, cuda).use_fused_mhc

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_gr.data import LeaveOneOutSplit, UserSequences, generate
+from megatron_gr.data.item_space import ItemSpace
 from megatron_gr.data.loader import PARTITIONS, TrainingBatches, attention_cost_partition, contiguous_partition
 from megatron_gr.data.synthetic import SyntheticSpec
 
@@ -59,7 +60,8 @@ def test_micro_batches_do_not_depend_on_the_data_parallel_size(split, balance):
     """Rank r of 2 (2 micro-batches each) gets micro-batches 2r and 2r + 1 of one rank with
     4: same users, tokens, labels and negative-sampling seeds, over several steps."""
     def loader(dp_rank, dp_size, num_micro_batches):
-        return TrainingBatches(split, max_seq_len=30, micro_batch_size=6, num_micro_batches=num_micro_batches,
+        items = ItemSpace(vocab=split.sequences.item_vocab, raw_keys=False)
+        return TrainingBatches(split, items, max_seq_len=30, micro_batch_size=6, num_micro_batches=num_micro_batches,
                                seed=9, dp_rank=dp_rank, dp_size=dp_size, partition_fn=PARTITIONS[balance])
 
     single, ranks = loader(0, 1, 4), [loader(r, 2, 2) for r in range(2)]

@@ -20,10 +20,10 @@ from tests.conftest import REPO_ROOT
 
 
 def _collection(device: str, kernel: str, **dynamic) -> DynamicEmbeddingCollection:
-    settings = dict(capacity=1 << 11, bucket_size=64, optimizer="adam", lr=0.01, seed=2, kernel=kernel, eviction="lfu")
+    settings = dict(capacity=1 << 11, bucket_size=64, optimizer="adam", lr=0.01, seed=2, eviction="lfu")
     settings.update(dynamic)
     config = EmbeddingTableConfig(dim=32, type="dynamic", init_std=0.05, dynamic=DynamicTableConfig(**settings))
-    return DynamicEmbeddingCollection({"t": config}, default_seed=0, device=torch.device(device))
+    return DynamicEmbeddingCollection({"t": config}, default_seed=0, device=torch.device(device), backend=kernel)
 
 
 @pytest.mark.gpu

@@ -267,4 +267,4 @@ def test_fused_kernels_refused_where_they_cannot_run(monkeypatch, call):
     x, projection, alpha, bias = random_mapping_inputs(5, 4, 8, seed=10)
     with pytest.raises(RuntimeError, match=r"needs the triton package|CUDA devices only") as caught:
         call({"x": x, "projection": projection, "alpha": alpha, "bias": bias})
-    assert "kernel='triton'" in str(caught.value) and "model.use_fused_mhc=false" in str(caught.value)
+    assert "kernel='triton'" in str(caught.value) and "--kernel-backend pytorch" in str(caught.value)

@@ -18,9 +18,9 @@ DYNAMIC = {"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size
 
 def test_raw_ids_reach_the_dynamic_table(megatron_cpu, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, embeddings=DYNAMIC))
-    vocab = trainer.split.sequences.item_vocab
+    vocab = trainer.dataset.items.vocab
     batch = trainer.loader.next_step()[0]
-    assert batch.item_ids.max() > trainer.num_items  # raw ids (up to 2^40), not dense ones
+    assert batch.item_ids.max() > trainer.dataset.num_items  # raw ids (up to 2^40), not dense ones
     assert set(batch.labels.tolist()) <= set(vocab[1:].tolist())
     model = trainer.model[0].module
     assert model.corpus_ids.tolist() == vocab[1:].tolist()

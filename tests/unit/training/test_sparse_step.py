@@ -128,7 +128,7 @@ def _backward(trainer) -> None:
     trainer.optimizer.zero_grad()
     batches = trainer.loader.next_step()
     trainer.forward_backward(
-        forward_step_func=forward_step_for(trainer.runtime.device, training=True), data_iterator=iter(batches),
+        forward_step_func=forward_step_for(trainer.spec, trainer.plan.device, training=True), data_iterator=iter(batches),
         model=trainer.model, num_microbatches=len(batches), seq_length=max(b.num_tokens for b in batches),
         micro_batch_size=1, forward_only=False,
     )

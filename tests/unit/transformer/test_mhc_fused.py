@@ -1,4 +1,4 @@
-"""Blocks of hyper-connection layers on the fused mHC kernels (``use_fused_mhc``): the same
+"""Blocks of hyper-connection layers on the fused mHC kernels (the Triton backend): the same
 outputs and gradients as on the PyTorch reference (no dropout), and under mHC recompute
 bitwise the outputs and gradients of the fused run without recompute (dropout on: the
 replayed merge draws the mask again from the restored generator). CPU: Triton
@@ -39,9 +39,10 @@ def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
     float64 reference block: within 3x the float32 reference's own error, or 1e-5 (sums over
     tokens such as the gate gradients lose a few 1e-6 in float32 either way)."""
     blocks = {}
-    variants = {"reference": {}, "fused": dict(use_fused_mhc=True), "float64": dict(params_dtype=torch.float64)}
+    variants = {"reference": {}, "fused": {}, "float64": dict(params_dtype=torch.float64)}
     for name, extra in variants.items():
-        blocks[name] = build(kind, config(kind, recompute=False, num_layers=2, hidden_dropout=0.0, **extra))
+        cfg = config(kind, recompute=False, num_layers=2, hidden_dropout=0.0, **extra)
+        blocks[name] = build(kind, cfg, backend="triton" if name == "fused" else "pytorch")
         if name != "reference":
             blocks[name].load_state_dict(blocks["reference"].state_dict())
     assert {m.kernel for m in blocks["fused"].modules() if isinstance(m, HyperConnectionModule)} == {"triton"}
@@ -62,8 +63,8 @@ def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
 
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
 def test_fused_block_under_recompute_gives_identical_gradients(megatron_cpu, kind):
-    plain = build(kind, config(kind, recompute=False, num_layers=2, use_fused_mhc=True))
-    recomputed = build(kind, config(kind, recompute_layers=1, num_layers=2, use_fused_mhc=True))
+    plain = build(kind, config(kind, recompute=False, num_layers=2), backend="triton")
+    recomputed = build(kind, config(kind, recompute_layers=1, num_layers=2), backend="triton")
     recomputed.load_state_dict(plain.state_dict())
     assert len(recomputed.recompute_groups()) == 2
     x, kwargs = small_inputs(kind)

@@ -28,8 +28,11 @@ def config(kind: str, *, recompute_layers=None, recompute=True, **overrides) -> 
     return GRTransformerConfig(**values)
 
 
-def build(kind: str, cfg: GRTransformerConfig, **stage):
-    spec = get_stu_block_spec(cfg) if kind == "stu" else get_transformer_block_spec(cfg, use_transformer_engine=False)
+def build(kind: str, cfg: GRTransformerConfig, *, backend="pytorch", **stage):
+    if kind == "stu":
+        spec = get_stu_block_spec(cfg, backend=backend)
+    else:
+        spec = get_transformer_block_spec(cfg, use_transformer_engine=False, backend=backend)
     return spec.module(cfg, spec, **stage)
 
 

@@ -16,7 +16,7 @@ from megatron.core.transformer.spec_utils import build_module
 from tests.unit.ops.test_hstu_attention import dense_attention
 
 
-def make_layer(*, bias: bool, dtype=torch.float64, dropout=0.0, **config):
+def make_layer(*, bias: bool, dtype=torch.float64, dropout=0.0, backend="pytorch", **config):
     config = GRTransformerConfig(**{
         **dict(
             num_layers=1, hidden_size=8, num_attention_heads=2, qk_head_dim=4, v_head_dim=3,
@@ -25,7 +25,7 @@ def make_layer(*, bias: bool, dtype=torch.float64, dropout=0.0, **config):
         ),
         **config,
     })
-    layer = build_module(get_stu_layer_spec(relative_attention_bias=bias), config=config)
+    layer = build_module(get_stu_layer_spec(relative_attention_bias=bias, backend=backend), config=config)
     with torch.no_grad():  # non-trivial norms and biases
         for name, p in layer.named_parameters():
             if name.endswith("bias") or "layernorm" in name:

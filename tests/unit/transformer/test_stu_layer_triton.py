@@ -33,7 +33,7 @@ def test_triton_layer_matches_pytorch_layer(megatron_runtime, sla):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     mask = dict(sla_k1=3, sla_k2=2) if sla else {}
     layers = {
-        kernel: make_layer(bias=True, dtype=torch.float32, attention_kernel=kernel, max_seq_len=40, **mask)
+        kernel: make_layer(bias=True, dtype=torch.float32, backend=kernel, max_seq_len=40, **mask)
         for kernel in ("pytorch", "triton")
     }
     layers["triton"].load_state_dict(layers["pytorch"].state_dict())

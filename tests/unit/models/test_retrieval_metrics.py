@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_gr.training.metrics import NAMES, metric_sums, metrics_from_sums
+from megatron_gr.models.retrieval_metrics import NAMES, metric_sums, metrics_from_sums
 
 
 def test_metrics_by_hand():

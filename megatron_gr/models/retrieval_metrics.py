@@ -1,4 +1,4 @@
-"""Ranking metrics from 0-based full-corpus ranks (rank 0 = the target scored highest).
+"""Retrieval metrics from 0-based full-corpus ranks (rank 0 = the target scored highest).
 
 HR@K = 1[rank < K]; NDCG@K = 1[rank < K] / log2(rank + 2) (one relevant item); MRR = 1 / (rank + 1).
 """

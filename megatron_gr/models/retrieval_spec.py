@@ -1,0 +1,148 @@
+"""The training recipe of HSTU retrieval (``model.type: retrieval``): next-item prediction
+on leave-one-out splits, a sampled-softmax loss per token, full-corpus HR/NDCG/MRR."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_gr.data import LeaveOneOutSplit, UserSequences, generate, load_prepared, read_movielens
+from megatron_gr.data.item_space import ItemSpace
+from megatron_gr.data.loader import PARTITIONS, TrainingBatches, evaluation_batches
+from megatron_gr.embeddings.builder import build_table
+from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
+from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec, register
+from megatron_gr.models.retrieval_metrics import NAMES, metric_sums, metrics_from_sums
+
+
+@dataclass
+class RetrievalDataset(Dataset):
+    split: LeaveOneOutSplit
+    items: ItemSpace
+    source: str
+
+    @property
+    def num_items(self) -> int:
+        return self.items.num_items
+
+    def describe(self) -> str:
+        sequences = self.split.sequences
+        return (
+            f"data: {self.source}: {sequences.num_users:,} users, {sequences.num_items:,} items, "
+            f"{sequences.num_events:,} events ({self.split.num_dropped_users:,} users with fewer than "
+            f"{LeaveOneOutSplit.MIN_EVENTS} events dropped)"
+        )
+
+
+def build_dataset(config) -> RetrievalDataset:
+    data = config.data
+    if data.source == "synthetic":
+        sequences, source = UserSequences.from_events(generate(data.synthetic)), "synthetic"
+    elif data.source == "movielens":
+        sequences, source = UserSequences.from_events(read_movielens(data.path)), f"movielens {data.path}"
+    else:
+        sequences, source = load_prepared(data.path), f"prepared {data.path}"
+    split = LeaveOneOutSplit.build(sequences)
+    items = ItemSpace(vocab=split.sequences.item_vocab, raw_keys=config.embeddings["item"].keyed_by_raw_ids)
+    return RetrievalDataset(split, items, source)
+
+
+def build_stage(request: StageRequest) -> HSTURetrievalModel:
+    """This stage of the model: the item table on the first and the last stage (inputs;
+    loss and ranking), the stage's STU layers, each module drawn under its own key."""
+    plan, dataset = request.plan, request.dataset
+    table = None
+    if request.pre_process or request.post_process:
+        table = build_table(
+            "item",
+            plan.config.embeddings["item"],
+            plan.model_config,
+            num_embeddings=dataset.num_items + 1,
+            seed=plan.seed,
+            device=plan.device,
+            backend=plan.backend,
+            # Sharded over data-parallel ranks; tensor-parallel ranks keep identical copies.
+            shard_group=parallel_state.get_data_parallel_group(),
+        )
+    return HSTURetrievalModel(
+        plan.model_config,
+        table,
+        dataset.num_items,
+        corpus_ids=dataset.items.corpus(),
+        pre_process=request.pre_process,
+        post_process=request.post_process,
+        backend=plan.backend,
+        init_seed=plan.seed,
+    )
+
+
+def training_stream(plan, dataset: RetrievalDataset, dp_rank: int, dp_size: int) -> TrainingBatches:
+    training = plan.config.training
+    return TrainingBatches(
+        dataset.split,
+        dataset.items,
+        max_seq_len=plan.model_config.max_seq_len,
+        micro_batch_size=training.micro_batch_size,
+        num_micro_batches=plan.micro_batches_per_rank,
+        seed=plan.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        partition_fn=PARTITIONS[plan.micro_batch_balance],
+    )
+
+
+def evaluation_stream(plan, dataset: RetrievalDataset, which: str, dp_rank: int, dp_size: int) -> Iterator:
+    return evaluation_batches(
+        dataset.split,
+        dataset.items,
+        which,
+        max_seq_len=plan.model_config.max_seq_len,
+        batch_size=plan.config.training.eval_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
+
+
+def token_loss(losses: torch.Tensor):
+    """Sum of per-token losses and their count: megatron divides gradients by the tokens of
+    the whole global batch (``calculate_per_token_loss``)."""
+    total = losses.sum()
+    count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
+    return total, count, {"loss_sum_and_tokens": torch.stack([total.detach().double(), count.double()])}
+
+
+def rank_statistics(ranks: torch.Tensor):
+    zero = torch.zeros((), device=ranks.device)
+    count = torch.tensor(0, dtype=torch.int, device=ranks.device)
+    return zero, count, {"metric_sums": metric_sums(ranks)}
+
+
+def reduce_rank_statistics(outputs: list[dict], device: torch.device) -> dict[str, float]:
+    """One contributor per data-parallel rank: a sum over all ranks gives every rank the
+    global numbers."""
+    sums = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=device)
+    for out in outputs:
+        sums += out["metric_sums"]
+    dist.all_reduce(sums)
+    return metrics_from_sums(sums)
+
+
+RETRIEVAL = register(
+    TrainSpec(
+        name="retrieval",
+        build_dataset=build_dataset,
+        build_stage=build_stage,
+        training_stream=training_stream,
+        evaluation_batches=evaluation_stream,
+        loss=token_loss,
+        evaluation_statistics=rank_statistics,
+        reduce_statistics=reduce_rank_statistics,
+        selection_metric="ndcg@10",
+        headline_metrics=("hr@10", "ndcg@10"),
+        evaluation_note="full-corpus ranking, seen items not removed",
+    )
+)
