@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
-from megatron_gr.data import DataFormatError
+from megatron_gr.data import DataFormatError, resolve_source
 from megatron_gr.training.checkpointing import CheckpointError
 
 
@@ -36,6 +36,8 @@ def _run(args: argparse.Namespace) -> int:
     config = resolve_config(args.config, overrides_from_args(args))
     if args.command == "show-config":
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        if config.data.source == "auto":
+            print(_auto_source_comment(config.data.path))
         return 0
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
@@ -50,6 +52,14 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _auto_source_comment(path) -> str:
+    """A YAML comment saying which source ``data.source: auto`` stands for (or why none)."""
+    try:
+        return f"# data.source auto -> {resolve_source('auto', path)}"
+    except (DataFormatError, FileNotFoundError) as error:
+        return f"# data.source auto -> unresolved: {error}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.data.loader import PARTITIONS, TrainingBatches
 from megatron_gr.training import checkpointing
-from megatron_gr.training.data_setup import build_split
+from megatron_gr.training.data_setup import load_training_data
 from megatron_gr.training.evaluation import evaluate
 from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
@@ -48,7 +48,8 @@ class Trainer:
             tensor_parallel_size=config.parallel.tensor_model_parallel_size,
             pipeline_parallel_size=config.parallel.pipeline_model_parallel_size,
         )
-        self.split = build_split(config.data)
+        self.data = load_training_data(config.data)
+        self.split = self.data.split
         self.num_items = self.split.sequences.num_items
         self.raw_item_ids = config.embeddings["item"].keyed_by_raw_ids
         self.model = build_model(config, self.runtime, self.num_items, item_vocab=self.split.sequences.item_vocab)
@@ -61,6 +62,7 @@ class Trainer:
         self._validated_at: Optional[int] = None
         self.forward_backward = get_forward_backward_func()
         self.log = RunLogger(config.logging, enabled=self.runtime.is_main, total_steps=config.training.train_iters, start_step=0)
+        self.log.info(self.data.report.line())  # what the run trains on, once (main rank)
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
         if config.checkpoint.save and self.runtime.is_main:
