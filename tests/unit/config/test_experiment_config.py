@@ -36,6 +36,7 @@ BAD_CONFIGS = [
     ({"data": {"source": "kaggle"}}, ["data.source='kaggle'", "'auto', 'synthetic', 'movielens', 'prepared'"]),
     ({"data": {"source": "synthetic", "path": "ml-100k"}}, ["data.source='synthetic'", "ignore data.path='ml-100k'", "auto"]),
     ({"data": {"deduplicate": "yes"}}, ["data.deduplicate='yes'", "true or false"]),
+    ({"training": {"max_nonfinite_steps": -1}}, ["training.max_nonfinite_steps=-1", ">= 0"]),
     ({"data": {"synthetic": {"num_users": -1}}}, ["num_users", "-1"]),
     ({"training": {"lr": -0.1}}, ["training.lr=-0.1", "> 0"]),
     ({"training": {"lr": "fast"}}, ["training.lr='fast'", "number"]),
