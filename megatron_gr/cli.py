@@ -5,7 +5,8 @@
     megatron-gr evaluate --config ... --load runs/ml100k  # valid/test of the best weights
     megatron-gr show-config --config ... --set model.num_layers=4
 
-User mistakes (bad keys, values, files) print one ``error: ...`` line and exit with code 2.
+User mistakes (bad keys, values, files) and a run stopped for non-finite losses print one
+``error: ...`` line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import sys
 import yaml
 
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
-from megatron_gr.data import DataFormatError
+from megatron_gr.data import DataFormatError, resolve_source
 from megatron_gr.training.checkpointing import CheckpointError
+from megatron_gr.training.nonfinite import TrainingDivergedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     config = resolve_config(args.config, overrides_from_args(args))
     if args.command == "show-config":
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        if config.data.source == "auto":
+            print(_auto_source_comment(config.data.path))
         return 0
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
@@ -52,11 +56,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _auto_source_comment(path) -> str:
+    """A YAML comment saying which source ``data.source: auto`` stands for (or why none)."""
+    try:
+        return f"# data.source auto -> {resolve_source('auto', path)}"
+    except (DataFormatError, FileNotFoundError) as error:
+        return f"# data.source auto -> unresolved: {error}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, TrainingDivergedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -8,25 +8,44 @@ from typing import Literal, Optional
 from megatron_gr.config.validation import check_choice, require
 from megatron_gr.data.synthetic import SyntheticSpec
 
-DATA_SOURCES = ("synthetic", "movielens", "prepared")
+DATA_SOURCES = ("auto", "synthetic", "movielens", "prepared")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "movielens", "prepared"] = "synthetic"
-    """``synthetic``: generated in memory from ``data.synthetic`` (no download);
+    source: Literal["auto", "synthetic", "movielens", "prepared"] = "auto"
+    """``auto``: told from ``path`` when one is given (a prepared directory -> ``prepared``;
+    ``u.data``, ``ratings.dat`` or ``ratings.csv``, or a directory holding one ->
+    ``movielens``; anything else is an error), ``synthetic`` when there is no path.
+    ``synthetic``: generated in memory from ``data.synthetic`` (no download, no path);
     ``movielens``: raw MovieLens files (u.data, ratings.dat or ratings.csv) under ``path``;
-    ``prepared``: a directory written by ``tools/prepare_data.py``."""
+    ``prepared``: a directory written by ``tools/prepare_data.py``. The run's first line
+    names the source it resolved to."""
 
     path: Optional[str] = None
     """File or directory of the data for ``movielens`` and ``prepared`` sources."""
+
+    deduplicate: bool = True
+    """Remove events that repeat an earlier (user, item, timestamp) of the same data, keeping
+    the first in file order. On by default: a repeated line puts a user's held-out target at
+    the end of its own input (leave-one-out), so metrics are inflated, not informative. Set
+    false to train on the file exactly as it is; the count is reported either way."""
 
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     """Scale and structure of the synthetic generator (used when source is synthetic)."""
 
     def __post_init__(self):
         check_choice("source", self.source, DATA_SOURCES)
+        self._validate_path()
+
+    def _validate_path(self) -> None:
         require(
-            self.source == "synthetic" or self.path is not None,
+            self.source in ("auto", "synthetic") or self.path is not None,
             f"source={self.source!r} needs a path: pass --data-path or set data.path",
+        )
+        # A path next to generated data would be ignored: the run would not train on it.
+        require(
+            self.source != "synthetic" or self.path is None,
+            f"source='synthetic' generates its events and would ignore data.path={self.path!r}: "
+            "set data.source to auto, movielens or prepared to train on the path, or drop the path",
         )

@@ -47,6 +47,13 @@ class TrainingConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
 
+    max_nonfinite_steps: int = 5
+    """Stop the run (one line, exit code 2) after this many steps in a row whose loss or
+    gradient norm is NaN or infinite. Such a step is always skipped: no weight, row or
+    optimizer state moves and the LR schedule does not advance; the metrics file marks it
+    ``skipped``. A few in a row can pass (a bad batch); more mean the run has diverged and
+    every further step would be skipped too. 0 = never stop."""
+
     seed: int = 1234
     """Seeds parameters, dropout, negative sampling and data order."""
 
@@ -102,6 +109,7 @@ class TrainingConfig:
         check_float_range("adam_beta2", self.adam_beta2, low=0.0, high=1.0)
         check_float_range("adam_eps", self.adam_eps, low=0.0, low_exclusive=True)
         check_float_range("clip_grad", self.clip_grad, low=0.0)
+        check_int_range("max_nonfinite_steps", self.max_nonfinite_steps, low=0)
         check_int_range("seed", self.seed, low=0, high=2**63 - 1)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)

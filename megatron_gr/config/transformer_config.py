@@ -10,7 +10,7 @@ from typing import Literal, Optional
 from megatron.core.transformer import TransformerConfig
 
 from megatron_gr.config.errors import ConfigError
-from megatron_gr.config.validation import check_choice, check_float_range, check_int_range, require
+from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
 
 MODEL_TYPES = ("retrieval",)
 ATTENTION_NORMALIZERS = ("max_seq_len", "seq_len")
@@ -174,8 +174,8 @@ class GRTransformerConfig(TransformerConfig):
         check_choice("attention_normalizer", self.attention_normalizer, ATTENTION_NORMALIZERS)
         if self.attention_alpha is not None:
             check_float_range("attention_alpha", self.attention_alpha, low=0.0, low_exclusive=True)
-        check_float_range("hidden_dropout", self.hidden_dropout, low=0.0, high=1.0)
-        check_float_range("embedding_dropout", self.embedding_dropout, low=0.0, high=1.0)
+        check_dropout("hidden_dropout", self.hidden_dropout)
+        check_dropout("embedding_dropout", self.embedding_dropout)
         require(
             self.attention_dropout == 0.0,
             f"attention_dropout={self.attention_dropout!r} is not supported by STU attention: "

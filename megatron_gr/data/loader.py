@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.item_space import ItemSpace
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.data.sequences import LeaveOneOutSplit
@@ -86,6 +87,12 @@ def _batch(
     )
 
 
+def training_users(split: LeaveOneOutSplit) -> np.ndarray:
+    """Users with a training example: two training events (an input and the next item)."""
+    starts, ends = split.input_range("train")
+    return np.flatnonzero(ends - starts >= 2)
+
+
 class TrainingBatches:
     """Micro-batches of one data-parallel rank, one optimizer step at a time.
 
@@ -109,9 +116,12 @@ class TrainingBatches:
     ):
         starts, ends = split.input_range("train")
         self.split = split
-        self.users = np.flatnonzero(ends - starts >= 2)  # a label needs one earlier event
+        self.users = training_users(split)
         if self.users.size == 0:
-            raise ValueError("no user has two training events; training needs at least one (input, next item) pair")
+            raise DataFormatError(
+                "no user has two training events (four in all: leave-one-out holds out the last "
+                "two); training needs at least one (input, next item) pair"
+            )
         self.starts = np.maximum(starts, ends - (max_seq_len + 1))
         self.ends = ends
         self.micro_batch_size = micro_batch_size

@@ -49,11 +49,24 @@ def sampled_softmax_loss(
 @torch.no_grad()
 def full_corpus_ranks(user: torch.Tensor, targets: torch.Tensor, table: EmbeddingTable, *, corpus_ids: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among all items of ``corpus_ids`` ``[B]``: the number of
-    other items scored strictly higher. Items the user has seen are not removed."""
-    target_score = (user * normalized(table, targets)).sum(-1, keepdim=True)  # [B, 1]
+    other items scored at least as high. Items the user has seen are not removed.
+
+    Pessimistic, so that a model cannot score by saying nothing:
+
+    - ties count against the target (a model scoring every item alike ranks every target
+      last, ``num_items - 1``, instead of first);
+    - a NaN score counts as -inf, for the target and every other item: a NaN target ranks
+      below every item with a number and ties with (so is beaten by) every other NaN; a NaN
+      item never beats a target with a number. All-NaN scores rank every target last.
+    """
+    target_score = _nan_as_lowest((user * normalized(table, targets)).sum(-1, keepdim=True))  # [B, 1]
     ranks = torch.zeros(targets.shape[0], dtype=torch.int64, device=targets.device)
     for ids in corpus_ids.split(CORPUS_CHUNK):
-        scores = user @ normalized(table, ids).t()  # [B, chunk]
-        higher = (scores > target_score) & (ids.unsqueeze(0) != targets.unsqueeze(1))
-        ranks += higher.sum(dim=1)
+        scores = _nan_as_lowest(user @ normalized(table, ids).t())  # [B, chunk]
+        beaten = (scores >= target_score) & (ids.unsqueeze(0) != targets.unsqueeze(1))
+        ranks += beaten.sum(dim=1)
     return ranks
+
+
+def _nan_as_lowest(scores: torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill(torch.isnan(scores), float("-inf"))

@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_gr.data import LeaveOneOutSplit, UserSequences, generate, load_prepared, read_movielens
+from megatron_gr.data import LeaveOneOutSplit
 from megatron_gr.data.item_space import ItemSpace
+from megatron_gr.data.leave_one_out_data import load_training_data
 from megatron_gr.data.loader import PARTITIONS, TrainingBatches, evaluation_batches
+from megatron_gr.data.summary import DataReport
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec, register
@@ -23,32 +25,20 @@ from megatron_gr.models.retrieval_metrics import NAMES, metric_sums, metrics_fro
 class RetrievalDataset(Dataset):
     split: LeaveOneOutSplit
     items: ItemSpace
-    source: str
+    report: DataReport
 
     @property
     def num_items(self) -> int:
         return self.items.num_items
 
     def describe(self) -> str:
-        sequences = self.split.sequences
-        return (
-            f"data: {self.source}: {sequences.num_users:,} users, {sequences.num_items:,} items, "
-            f"{sequences.num_events:,} events ({self.split.num_dropped_users:,} users with fewer than "
-            f"{LeaveOneOutSplit.MIN_EVENTS} events dropped)"
-        )
+        return self.report.line()
 
 
 def build_dataset(config) -> RetrievalDataset:
-    data = config.data
-    if data.source == "synthetic":
-        sequences, source = UserSequences.from_events(generate(data.synthetic)), "synthetic"
-    elif data.source == "movielens":
-        sequences, source = UserSequences.from_events(read_movielens(data.path)), f"movielens {data.path}"
-    else:
-        sequences, source = load_prepared(data.path), f"prepared {data.path}"
-    split = LeaveOneOutSplit.build(sequences)
-    items = ItemSpace(vocab=split.sequences.item_vocab, raw_keys=config.embeddings["item"].keyed_by_raw_ids)
-    return RetrievalDataset(split, items, source)
+    data = load_training_data(config.data)
+    items = ItemSpace(vocab=data.split.sequences.item_vocab, raw_keys=config.embeddings["item"].keyed_by_raw_ids)
+    return RetrievalDataset(data.split, items, data.report)
 
 
 def build_stage(request: StageRequest) -> HSTURetrievalModel:

@@ -4,6 +4,7 @@ validation weights."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from megatron_gr.models.registry import get_train_spec
 from megatron_gr.training import checkpointing
 from megatron_gr.training.evaluation import evaluate
 from megatron_gr.training.model_setup import build_model, updated_weights
+from megatron_gr.training.nonfinite import NonFiniteGuard, is_better
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
 from megatron_gr.training.plan import make_plan
 from megatron_gr.training.run_logger import RunLogger
@@ -61,7 +63,8 @@ class Trainer:
         self._validated_at: Optional[int] = None
         self.forward_backward = get_forward_backward_func()
         self.log = RunLogger(config.logging, enabled=self.runtime.is_main, total_steps=config.training.train_iters, start_step=0)
-        self.log.info(self.dataset.describe())
+        self.log.info(self.dataset.describe())  # what the run trains on, once (main rank)
+        self.nonfinite = NonFiniteGuard(config.training.max_nonfinite_steps)
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
         if config.checkpoint.save and self.runtime.is_main:
@@ -78,7 +81,8 @@ class Trainer:
             self.state.iteration += 1
             step = self.state.iteration
             self.log.advance(step)
-            if step % self.config.logging.log_interval == 0 or step == training.train_iters:
+            skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
+            if not skipped and (step % self.config.logging.log_interval == 0 or step == training.train_iters):
                 self.log.train(step, record)
             if training.eval_interval and step % training.eval_interval == 0:
                 stop = self.validate()
@@ -104,22 +108,25 @@ class Trainer:
             **schedule_shapes(self.model[0].config, batches),
             forward_only=False,
         )
-        updated, grad_norm = self.sparse.step(self.optimizer)  # dense and dynamic-table rows
-        self.scheduler.step(increment=1)
-        self.state.consumed_samples = self.loader.consumed_samples
         totals = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
                 totals[:2] += out["loss_sum_and_tokens"]
         if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             totals[2] = sum(b.num_tokens for b in batches)
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # every rank knows the loss before the step
+        loss = float(totals[0] / totals[1])
+        # dense and dynamic-table rows; skipped for a non-finite loss or gradient norm
+        updated, grad_norm = self.sparse.step(self.optimizer, loss_is_finite=math.isfinite(loss))
+        if updated:  # as in megatron's loop, a skipped step does not advance the LR schedule
+            self.scheduler.step(increment=1)
+        self.state.consumed_samples = self.loader.consumed_samples
         elapsed = time.perf_counter() - start
         memory = {}
         if self.runtime.device.type == "cuda":
             memory["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         return {
-            "loss": float(totals[0] / totals[1]),
+            "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": int(totals[2]),
@@ -141,7 +148,7 @@ class Trainer:
         step = self._validated_at = self.state.iteration
         selection = self.spec.selection_metric
         value = metrics[selection]
-        improved = self.state.best_metric is None or value > self.state.best_metric
+        improved = is_better(value, self.state.best_metric)  # never a NaN
         if improved:
             self.state.best_metric, self.state.best_iteration, self.state.evals_since_best = value, step, 0
             with updated_weights(self.model):

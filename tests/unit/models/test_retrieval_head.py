@@ -73,3 +73,52 @@ def test_full_corpus_ranks_by_hand():
     # user 2 scores: item3 1, item1 = item2 = .707 -> target 3 has rank 0
     ranks = full_corpus_ranks(user, torch.tensor([3, 1, 3]), table, corpus_ids=torch.arange(1, 4))
     assert ranks.tolist() == [1, 2, 0]
+
+
+# --------------------------------------------- pessimistic ranks: ties and NaN count against
+def _ranks(user_rows, targets, table_rows):
+    user = torch.tensor(user_rows, dtype=torch.float64).reshape(-1, 2)
+    table = FixedTable(table_rows)
+    corpus = torch.arange(1, len(table_rows))
+    return full_corpus_ranks(user, torch.tensor(targets, dtype=torch.int64), table, corpus_ids=corpus).tolist()
+
+
+UNIT = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]]  # items 1..4, unit rows
+NAN = float("nan")
+INF = float("inf")
+
+
+def test_ties_count_against_the_target():
+    # user (1, 0) scores: item1 1, item2 0, item3 -1, item4 .6; item 5 repeats item 1's row
+    rows = UNIT + [[1.0, 0.0]]
+    assert _ranks([[1.0, 0.0]] * 2, [1, 5], rows) == [1, 1]  # items 1 and 5 tie for the top
+    assert _ranks([[1.0, 0.0]], [2], rows) == [3]  # 1, 5 and 4 score higher
+
+
+def test_a_user_scoring_every_item_alike_ranks_every_target_last():
+    # A zero user state (a model whose outputs are all zero): every score is 0.
+    assert _ranks([[0.0, 0.0]] * 4, [1, 2, 3, 4], UNIT) == [3, 3, 3, 3]
+
+
+def test_nan_scores_rank_last():
+    # A NaN target: below every item with a number.
+    nan_target = UNIT[:2] + [[NAN, 0.0]] + UNIT[3:]  # item 2 scores NaN for every user
+    assert _ranks([[1.0, 0.0], [-1.0, 0.0]], [2, 2], nan_target) == [3, 3]
+    # A NaN item never beats a target with a number, even the lowest one.
+    assert _ranks([[1.0, 0.0], [1.0, 0.0]], [1, 3], nan_target) == [0, 2]
+    # All NaN (a user state of NaN): every target last, NaNs tie and count against it.
+    assert _ranks([[NAN, NAN]] * 4, [1, 2, 3, 4], UNIT) == [3, 3, 3, 3]
+
+
+def test_infinite_scores_follow_the_same_rules():
+    # user (inf, 0): item1 +inf, item2 inf * 0 = NaN, item3 -inf, item4 +inf
+    user = [[INF, 0.0]]
+    assert _ranks(user, [1], UNIT) == [1]  # tied with item 4
+    assert _ranks(user, [4], UNIT) == [1]
+    assert _ranks(user, [3], UNIT) == [3]  # -inf ties with the NaN item 2: both count against it
+    assert _ranks(user, [2], UNIT) == [3]  # NaN: last
+
+
+def test_one_item_and_no_users():
+    assert _ranks([[NAN, NAN], [0.0, 1.0]], [1, 1], UNIT[:2]) == [0, 0]  # nothing else to beat it
+    assert _ranks([], [], UNIT) == []
