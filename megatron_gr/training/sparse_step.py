@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+from megatron_gr.compat import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.embeddings.dynamic import PhysicalTable, collections_of
 
 
@@ -58,29 +58,21 @@ class SparseTables:
         if not self.tables:
             updated, grad_norm, _ = optimizer.step()
             return updated, grad_norm
-        if optimizer.prepare_grads():  # non-finite gradients: megatron skips the step
+        dense_norm = prepare_grads_and_norm(optimizer)
+        if dense_norm is None:  # non-finite gradients: megatron skips the step
             for table in self.tables:
                 table.discard_step()
             return False, None
-        dense_norm = float(optimizer.get_grad_norm() or 0.0)
         sparse_square = torch.stack([table.gradient_square_sum() for table in self.tables]).sum()
         dist.all_reduce(sparse_square, group=self.group)
         total_norm = math.sqrt(dense_norm**2 + float(sparse_square))
         clip = optimizer.config.clip_grad
-        if clip > 0.0:
-            # As ChainedOptimizer.step clips: every part's (main) parameters by the one norm.
-            for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-                if getattr(part, "is_stub_optimizer", False):  # a part with no parameters here
-                    continue
-                params = part.get_parameters()
-                if params:
-                    decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
-                    clip_grad_by_total_norm_fp32(params, clip, total_norm, use_decoupled_grad=decoupled)
+        if clip > 0.0:  # the rows by the factor megatron's clipping gives the dense gradients
             coefficient = clip / (total_norm + 1.0e-6)
             if coefficient < 1.0:
                 for table in self.tables:
                     table.scale_gradients(coefficient)
-        updated = optimizer.step_with_ready_grads()
+        updated = clip_grads_and_step(optimizer, total_norm=total_norm)
         lr = optimizer.param_groups[0]["lr"]
         for table in self.tables:
             if updated:
