@@ -17,6 +17,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_gr.compat import megatron_collective_deprecations_silenced
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.config.parallel_config import ParallelConfig
@@ -65,7 +66,7 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
         # Free each stage's sent activations (only their autograd graph is kept) and run
         # the backward pass through megatron's direct call into the autograd engine. On the
         # CPU that direct call also keeps the compat device redirect active in backward
-        # (``torch.autograd.backward`` would switch it off: see compat.py).
+        # (``torch.autograd.backward`` would switch it off: see compat/cpu_mode.py).
         deallocate_pipeline_outputs=True,
     )
 
@@ -214,8 +215,9 @@ def updated_weights(model_chunks):
     reads the weights first must gather them now and keep the hooks off while it runs.
     """
     hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
-    for chunk in hooked:
-        chunk.disable_forward_pre_hook()  # synchronous all-gather of every bucket
+    with megatron_collective_deprecations_silenced():
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook()  # synchronous all-gather of every bucket
     try:
         yield
     finally:
