@@ -4,8 +4,6 @@ short: ``CheckpointWithoutOutput`` driven in an order of our choosing (mHC recom
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from megatron_gr.compat.version import require
@@ -60,5 +58,4 @@ def checkpointed_block_forward(block, hidden_states: torch.Tensor, **inputs) -> 
     own. ``inputs``: ``attention_mask``, ``context``, ``context_mask``, ``rotary_pos_emb``,
     ``attention_bias``, ``packed_seq_params``, ``padding_mask`` as that forward passes them."""
     require(block, "_checkpointed_forward", purpose="recompute full layers of a hyper-connection block")
-    forward: Callable = block._checkpointed_forward
-    return forward(hidden_states=hidden_states, use_inner_quantization_context=False, **inputs)
+    return block._checkpointed_forward(hidden_states=hidden_states, use_inner_quantization_context=False, **inputs)

@@ -38,11 +38,13 @@ def check_version() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(installed: str) -> None:
-    warnings.warn(
+    # attributed to the package rather than a source line, so the console shows one line
+    warnings.warn_explicit(
         f"megatron_gr's megatron-core shims were written for megatron-core {WRITTEN_FOR}, but "
         f"{installed} is installed: if training fails or misbehaves, install megatron-core=={WRITTEN_FOR}",
         MegatronVersionWarning,
-        stacklevel=4,
+        filename="megatron_gr.compat",
+        lineno=0,
     )
 
 
