@@ -20,7 +20,7 @@ from megatron_gr.compat.dist_optimizer import (
     reshardable_state_in_buffer_coordinates,
 )
 from megatron_gr.compat.optimizer_step import clip_grads_and_step, prepare_grads_and_norm
-from megatron_gr.compat.quiet import megatron_collective_deprecations_silenced, zero_grad
+from megatron_gr.compat.quiet import load_distributed_checkpoint, megatron_collective_deprecations_silenced, zero_grad
 from megatron_gr.compat.recompute import (
     checkpoint_without_output_fp8_arg,
     checkpointed_block_forward,
@@ -45,6 +45,7 @@ __all__ = [
     "cpu_mode_active",
     "keep_adam_step_on_reshardable_load",
     "leave_output_out_of_replay",
+    "load_distributed_checkpoint",
     "megatron_collective_deprecations_silenced",
     "new_checkpoint_without_output",
     "prepare_grads_and_norm",

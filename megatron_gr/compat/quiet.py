@@ -1,6 +1,7 @@
-"""Warnings that megatron-core 0.16.1's own code raises on every run, silenced only around
-our calls into that code, each by its exact message: nothing we can change causes them,
-and a user who sees them on the first lines of every run learns to ignore warnings.
+"""Warnings that megatron-core 0.16.1's own code raises in every run (training steps, the
+weight gather before evaluation, loading a checkpoint), silenced only around our calls into
+that code, each by its exact message: nothing we can change causes them, and a user who
+sees them on the first lines of every run learns to ignore warnings.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ _DEPRECATED_COLLECTIVES = (
 )
 
 
+# megatron's dist_checkpointing.load (torch_dist strategy) calls torch's deprecated
+# ``load_state_dict`` of torch.distributed.checkpoint, which builds deprecated ShardedTensors.
+_DEPRECATED_CHECKPOINT_LOAD = (
+    r"`load_state_dict` is deprecated and will be removed in future versions",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+)
+
+
 def zero_grad(optimizer) -> None:
     """``optimizer.zero_grad()``, without megatron's non-leaf ``.grad`` warning."""
     with warnings.catch_warnings():
@@ -37,3 +46,14 @@ def megatron_collective_deprecations_silenced() -> Iterator[None]:
         for message in _DEPRECATED_COLLECTIVES:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         yield
+
+
+def load_distributed_checkpoint(sharded_state_dict: dict, checkpoint_dir: str) -> dict:
+    """megatron's ``dist_checkpointing.load``, without torch's deprecation notices for the
+    checkpoint API it calls."""
+    from megatron.core import dist_checkpointing
+
+    with warnings.catch_warnings():
+        for message in _DEPRECATED_CHECKPOINT_LOAD:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        return dist_checkpointing.load(sharded_state_dict, checkpoint_dir)
