@@ -5,8 +5,8 @@
     megatron-gr evaluate --config ... --load runs/ml100k  # valid/test of the best weights
     megatron-gr show-config --config ... --set model.num_layers=4
 
-User mistakes (bad keys, values, files) and a run stopped for non-finite losses print one
-``error: ...`` line and exit with code 2.
+User mistakes (bad keys, values, files, a megatron-core that lacks what a shim needs) and a
+run stopped for non-finite losses print one ``error: ...`` line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 
 import yaml
 
+from megatron_gr.compat import MegatronVersionError
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
 from megatron_gr.data import DataFormatError, resolve_source
 from megatron_gr.training.checkpointing import CheckpointError
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, TrainingDivergedError) as error:
+    except (
+        ConfigError, DataFormatError, CheckpointError, FileNotFoundError, TrainingDivergedError, MegatronVersionError
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

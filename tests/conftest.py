@@ -30,11 +30,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def megatron_cpu():
-    """torch.distributed (gloo, one rank) + megatron parallel state, CPU mode."""
+    """torch.distributed (gloo, one rank) + megatron parallel state, in CPU mode for the
+    module's tests only: ``shutdown`` restores torch and megatron-core, so the CPU mode
+    never reaches the GPU tests of another module run in the same process."""
     from megatron_gr.config import TrainingConfig
     from megatron_gr.training.runtime import initialize, shutdown
 
     yield initialize(TrainingConfig(device="cpu", seed=1234))
-    shutdown()  # an open gloo group delays interpreter exit by about a minute
+    shutdown()  # also: an open gloo group delays interpreter exit by about a minute

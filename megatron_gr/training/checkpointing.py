@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_gr.compat import (
     allocate_distributed_optimizer_state,
     keep_adam_step_on_reshardable_load,
+    load_distributed_checkpoint,
     reshardable_state_in_buffer_coordinates,
 )
 from megatron_gr.embeddings.dynamic import collections_of, load_collection, save_collection
@@ -201,7 +202,7 @@ def load_checkpoint(root: str | Path, model_chunks, optimizer, scheduler) -> Opt
     same_layout = common["train_state"]["layout"] == _layout()
     if same_layout:
         template["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(template, str(directory))
+    loaded = load_distributed_checkpoint(template, str(directory))
     _model(model_chunks).load_state_dict(loaded["model"])
     _load_dynamic_tables(model_chunks, directory)
     optimizer.load_state_dict(loaded["optimizer"])
@@ -221,7 +222,7 @@ def load_best(root: str | Path, model_chunks) -> Optional[dict]:
     directory = Path(root) / BEST
     if not directory.is_dir():
         return None
-    loaded = dist_checkpointing.load({"model": _model_state(model_chunks)}, str(directory))
+    loaded = load_distributed_checkpoint({"model": _model_state(model_chunks)}, str(directory))
     _model(model_chunks).load_state_dict(loaded["model"])
     _load_dynamic_tables(model_chunks, directory)
     return loaded["best"]

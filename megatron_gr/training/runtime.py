@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -11,10 +12,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_gr.compat import enable_cpu_mode
+from megatron_gr.compat import cpu_mode
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.training_config import TrainingConfig
+
+# What initialize() entered for the life of the runtime (CPU mode on a CPU device) and
+# shutdown() leaves; initialize() on a GPU leaves it too.
+_SCOPE = contextlib.ExitStack()
+_in_cpu_mode = False
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,13 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
 
     The data-parallel size is what is left of the world: world / (tensor x pipeline). A
     process that is already initialised for another layout (tests running several layouts
-    in one process group) gets its parallel state rebuilt.
+    in one process group) gets its parallel state rebuilt. On the CPU it holds
+    :func:`megatron_gr.compat.cpu_mode` until :func:`shutdown`.
     """
     device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
-    if device.type == "cpu":
-        enable_cpu_mode()
-    else:
+    _hold_cpu_mode(device.type == "cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -95,8 +101,19 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def _hold_cpu_mode(on: bool) -> None:
+    global _in_cpu_mode
+    if on and not _in_cpu_mode:
+        _SCOPE.enter_context(cpu_mode())
+    elif not on:
+        _SCOPE.close()
+    _in_cpu_mode = on
+
+
 def shutdown() -> None:
+    """Ends what :func:`initialize` started; torch and megatron-core are as installed again."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _hold_cpu_mode(False)

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+from megatron_gr.compat import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.embeddings.dynamic import PhysicalTable, collections_of
 from megatron_gr.training.nonfinite import any_rank
 
@@ -66,27 +66,19 @@ class SparseTables:
         finds non-finite gradients, when the loss is not finite (``loss_is_finite``, the same
         on every rank) or when the joint gradient norm is not finite; every rank takes the
         same decision (:func:`~megatron_gr.training.nonfinite.any_rank`)."""
-        found_inf = optimizer.prepare_grads()  # megatron's own check (with a loss scaler)
-        total_norm = self._joint_grad_norm(optimizer)
+        found_inf, dense_norm = prepare_grads_and_norm(optimizer)  # megatron's own check (with a loss scaler)
+        total_norm = self._joint_grad_norm(dense_norm)
         if any_rank(found_inf or not loss_is_finite or not math.isfinite(total_norm), self.device):
             for table in self.tables:
                 table.discard_step()
             return False, total_norm
         clip = optimizer.config.clip_grad
-        if clip > 0.0:
-            # As ChainedOptimizer.step clips: every part's (main) parameters by the one norm.
-            for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-                if getattr(part, "is_stub_optimizer", False):  # a part with no parameters here
-                    continue
-                params = part.get_parameters()
-                if params:
-                    decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
-                    clip_grad_by_total_norm_fp32(params, clip, total_norm, use_decoupled_grad=decoupled)
+        if clip > 0.0:  # the rows by the factor megatron's clipping gives the dense gradients
             coefficient = clip / (total_norm + 1.0e-6)
             if coefficient < 1.0:
                 for table in self.tables:
                     table.scale_gradients(coefficient)
-        updated = optimizer.step_with_ready_grads()
+        updated = clip_grads_and_step(optimizer, total_norm=total_norm)
         lr = optimizer.param_groups[0]["lr"]
         for table in self.tables:
             if updated:
@@ -95,10 +87,9 @@ class SparseTables:
                 table.discard_step()
         return updated, total_norm
 
-    def _joint_grad_norm(self, optimizer) -> float:
+    def _joint_grad_norm(self, dense_norm: float) -> float:
         """The L2 norm of the dense gradients (megatron's, over its gradient-statistics
         group) and the rows' gradients together; NaN or Inf when any gradient is."""
-        dense_norm = float(optimizer.get_grad_norm() or 0.0)
         if not self.tables:
             return dense_norm
         sparse_square = torch.stack([table.gradient_square_sum() for table in self.tables]).sum()

@@ -16,6 +16,7 @@ import yaml
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_gr.compat import megatron_collective_deprecations_silenced, zero_grad
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.models.registry import get_train_spec
 from megatron_gr.training import checkpointing
@@ -94,11 +95,12 @@ class Trainer:
             self.save()
         return self.final_evaluation()
 
+    @megatron_collective_deprecations_silenced()
     def train_step(self) -> dict:
         start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        zero_grad(self.optimizer)
         batches = self.loader.next_step()
         outputs = self.forward_backward(
             forward_step_func=forward_step_for(self.spec, self.plan.device, training=True),
