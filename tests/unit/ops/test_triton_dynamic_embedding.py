@@ -19,7 +19,7 @@ from megatron_gr.ops.pytorch.segment_sum import CHUNK, pytorch_segment_sum  # no
 from megatron_gr.ops.segment_sum import gather_rows, segment_sum, sorted_groups  # noqa: E402
 from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
 from megatron_gr.ops.triton.segment_sum import triton_segment_sum  # noqa: E402
-from tests.unit.ops.test_dynamic_embedding_ops import empty_table, random_queries  # noqa: E402
+from tests.unit.ops.hash_table_inputs import empty_table, random_queries  # noqa: E402
 
 
 def test_routing_keys_are_bit_identical():
