@@ -1,8 +1,9 @@
 """The one way tests run code on several gloo ranks: torchrun starts N processes on this
 machine, each calls a named function (``"package.module:function"``) with the same payload,
 and rank 0's return value comes back. A run that fails or hangs raises
-:class:`MultiRankError`: one line naming the function, the world size and the first failing
-rank's error, then the tail of that rank's traceback and of the launcher's output.
+:class:`MultiRankError`: one line naming the function, the world size and the error of the
+rank that failed first (not of those that then lost their peer), then the tail of that
+rank's traceback and of the launcher's output.
 
 Process starts are the expensive part of a multi-rank test on a CPU: give one launch as much
 work as it can carry (several scenarios in one payload).
@@ -67,18 +68,30 @@ def run_torchrun(ranks: int, argv: list[str], *, what: str, errors: Path | None 
     try:
         output, _ = launcher.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and every rank
+        _kill_group(launcher.pid)  # the launcher and every rank
         output, _ = launcher.communicate()
-        raise MultiRankError(_report(f"{what}: no result after {timeout:.0f} s (killed)", output, errors)) from None
+        raise MultiRankError(failure_report(f"{what}: no result after {timeout:.0f} s (killed)", output, errors)) from None
+    finally:
+        _kill_group(launcher.pid)  # whatever outlived the launcher (checkpoint writers of a failed rank)
     if launcher.returncode != 0:
-        raise MultiRankError(_report(f"{what}: exit code {launcher.returncode}", output, errors))
+        raise MultiRankError(failure_report(f"{what}: exit code {launcher.returncode}", output, errors))
     return output
 
 
-def _report(headline: str, output: str, errors: Path | None) -> str:
-    """One line (the first failing rank's last error line appended), then the tails."""
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def failure_report(headline: str, output: str, errors: Path | None) -> str:
+    """The message of a failed run: one line (``headline`` and the last error line of the
+    rank that failed first), then the tail of that rank's traceback and of the launcher's
+    output."""
     sections = []
-    reports = sorted(errors.glob("rank*.txt"), key=lambda p: int(p.stem[4:])) if errors else []
+    # The first report written is the cause: the others are ranks that lost a peer.
+    reports = sorted(errors.glob("rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, int(p.stem[4:]))) if errors else []
     if reports:
         first = reports[0]
         trace = first.read_text().rstrip().splitlines()
