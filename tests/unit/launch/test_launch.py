@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 LAUNCH = REPO_ROOT / "launch"
 spec = importlib.util.spec_from_file_location("launch_py", LAUNCH / "launch.py")

@@ -2,8 +2,8 @@
 losses, gradient norms, every parameter's full gradient per step (tensor-parallel slices
 joined, pipeline stages merged, data-parallel shards of the distributed optimizer
 gathered), full weights, the rows of dynamic item tables (data-parallel shards joined),
-evaluation metrics. Used in-process for single-rank references and by ``worker.py`` under
-torchrun for parallel layouts.
+evaluation metrics. Used in-process for single-rank references and, through
+:func:`run_plan`, on several ranks (``tests/unit/parallel/layouts.py``).
 
 A scenario is a dict; its phases run in this order, each optional::
 
@@ -33,6 +33,12 @@ from megatron_gr.config import ExperimentConfig
 from megatron_gr.embeddings.dynamic.state import export_state
 from megatron_gr.training.model_setup import unwrap, updated_weights
 from megatron_gr.training.trainer import Trainer
+
+
+def run_plan(plan: list[dict]) -> dict:
+    """Every scenario of the plan in order, in this process group (started by the
+    multi-rank harness): ``{name: record}``, the records being None except on rank 0."""
+    return {scenario["name"]: run_scenario(scenario) for scenario in plan}
 
 
 def run_scenario(scenario: dict) -> Optional[dict]:

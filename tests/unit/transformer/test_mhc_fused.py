@@ -17,8 +17,7 @@ if DEVICE != "cpu":
     pytest.skip("CPU-mode megatron blocks (the GPU runs these kernels in tests/unit/ops)", allow_module_level=True)
 
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule  # noqa: E402
-from tests.unit.transformer.test_mhc_recompute import build, config, run  # noqa: E402
-from tests.unit.transformer.test_stu_layer import jagged  # noqa: E402
+from tests.unit.transformer.helpers import build, config, jagged, run  # noqa: E402
 
 
 def small_inputs(kind: str):

@@ -8,7 +8,7 @@ import torch
 
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 from megatron_gr.transformer.sequence_parallel import TokenSplit
-from tests.unit.transformer.test_stu_layer import make_layer
+from tests.unit.transformer.helpers import make_layer
 
 
 def test_padding_becomes_one_more_sequence():
