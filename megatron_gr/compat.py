@@ -9,7 +9,8 @@ switches off for the backward pass: training reaches the autograd engine through
 megatron's direct call instead (``deallocate_pipeline_outputs``, set in model_setup),
 which keeps it on, and megatron's tensor-parallel autograd functions enter it themselves
 (for any other ``.backward()``, e.g. in tests). The distributed optimizer's reshardable checkpoints need three fixes on
-any device (the three functions after ``cpu_mode_active``). Each shim says what it patches and why.
+any device (the three functions after ``cpu_mode_active``), and checkpoint saves one more
+(``checkpoint_writes_without_manager_process``). Each shim says what it patches and why.
 """
 
 from __future__ import annotations
@@ -274,6 +275,26 @@ def reshardable_state_in_buffer_coordinates() -> None:
             del self.get_parameter_state_dp_zero
 
     DistributedOptimizer.sharded_param_state_fully_reshardable = sharded_param_state
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_writes_without_manager_process() -> None:
+    """Patches ``dist_checkpointing.strategies.filesystem_async._results_queue`` (any
+    device, once). The torch_dist save strategy collects its writers' results in a queue it
+    creates, on first use, as ``multiprocessing.get_context("spawn").Manager().Queue()``: a
+    server process that imports the whole training program (~430 MB), lives until the
+    interpreter exits cleanly and survives a ``kill -9`` or an unhandled SIGTERM of the
+    trainer (with the spawn resource tracker beside it). megatron_gr saves synchronously
+    (``dist_checkpointing.save``), where the queue is filled and read by the training
+    process itself after its forked writers have joined, so an in-process queue does the
+    same job without a process. (Megatron's asynchronous save would need the manager;
+    megatron_gr does not use it.)"""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def checkpoint_without_output_fp8_arg():
