@@ -19,10 +19,13 @@ from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.data.loader import PARTITIONS, TrainingBatches
 from megatron_gr.training import checkpointing
+from megatron_gr.training.checkpoint_layout import resolve_load
 from megatron_gr.training.data_setup import build_split
 from megatron_gr.training.evaluation import evaluate
+from megatron_gr.training.exit_conditions import ExitConditions
 from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
+from megatron_gr.training.run_lock import hold_run_lock
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
 from megatron_gr.training.sparse_step import SparseTables
@@ -43,11 +46,14 @@ class TrainState:
 class Trainer:
     def __init__(self, config: ExperimentConfig):
         self.config = config
+        started = time.time()
         self.runtime = initialize(
             config.training,
             tensor_parallel_size=config.parallel.tensor_model_parallel_size,
             pipeline_parallel_size=config.parallel.pipeline_model_parallel_size,
         )
+        self.run_lock = hold_run_lock(config.checkpoint.save)  # before anything is written there
+        self.exits = ExitConditions(config.training, start_time=started, device=self.runtime.device)
         self.split = build_split(config.data)
         self.num_items = self.split.sequences.num_items
         self.raw_item_ids = config.embeddings["item"].keyed_by_raw_ids
@@ -90,6 +96,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
+        """Trains to ``train_iters`` (or early stopping, or an exit condition); the final
+        evaluation's results, or ``{"exited": reason, "iteration": step}``."""
+        try:
+            with self.exits:  # SIGTERM / SIGUSR1 set a flag checked after each step
+                return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> dict:
         training = self.config.training
         self.log.advance(self.state.iteration)
         stop = False
@@ -104,6 +120,9 @@ class Trainer:
                 stop = self.validate()
             if self.config.checkpoint.save_interval and step % self.config.checkpoint.save_interval == 0:
                 self.save()
+            reason = self.exits.check(step)
+            if reason:
+                return self._exit(reason)
         if self._validated_at != self.state.iteration:
             self.validate()
         if self.config.checkpoint.save and not self._saved_at(self.state.iteration):
@@ -174,7 +193,9 @@ class Trainer:
             with updated_weights(self.model):
                 self.best_weights = _snapshot(self.model[0])
                 if self.config.checkpoint.save and self.config.checkpoint.keep_best:
-                    checkpointing.save_best(self.config.checkpoint.save, self.model, {"iteration": step, SELECTION_METRIC: value})
+                    checkpointing.save_best(
+                        self.config.checkpoint.save, self.model, {"iteration": step, SELECTION_METRIC: value}, config=self.config
+                    )
         else:
             self.state.evals_since_best += 1
         self.log.evaluation(step, "valid", metrics, note="best so far" if improved else None)
@@ -206,20 +227,37 @@ class Trainer:
     def save(self) -> None:
         with updated_weights(self.model):
             checkpointing.save_checkpoint(
-                self.config.checkpoint.save, self.state.iteration, self.model, self.optimizer, self.scheduler, asdict(self.state)
+                self.config.checkpoint.save, self.state.iteration, self.model, self.optimizer, self.scheduler,
+                asdict(self.state), config=self.config,
             )
         self.log.info(f"saved checkpoint of step {self.state.iteration} to {self.config.checkpoint.save}")
 
     def _saved_at(self, iteration: int) -> bool:
         return checkpointing.latest_iteration(self.config.checkpoint.save) == iteration
 
+    def _exit(self, reason: str) -> dict:
+        """Saves (with ``--save``) and ends the run early, as Megatron does on a signal or
+        an exit condition: no final evaluation."""
+        step = self.state.iteration
+        saved = "no --save directory, nothing saved"
+        if self.config.checkpoint.save:
+            if not self._saved_at(step):
+                self.save()
+            saved = f"checkpoint of step {step} in {self.config.checkpoint.save}"
+        self.log.info(f"{reason} at step {step}: exiting ({saved})")
+        self.log.close()
+        return {"exited": reason, "iteration": step}
+
     def _resume(self, root: str) -> None:
-        best = checkpointing.load_best(root, self.model)
-        if best is not None:
-            self.best_weights = _snapshot(self.model[0])
-        train_state = checkpointing.load_checkpoint(root, self.model, self.optimizer, self.scheduler)
+        # best/ belongs to the run being resumed: loaded only when a checkpoint is (its
+        # weights are snapshot, then the checkpoint's replace them in the model).
+        if resolve_load(root, step=self.config.checkpoint.ckpt_step).directory is not None:
+            if checkpointing.load_best(root, self.model, config=self.config, log=self.log.info) is not None:
+                self.best_weights = _snapshot(self.model[0])
+        train_state = checkpointing.load_checkpoint(
+            root, self.model, self.optimizer, self.scheduler, config=self.config, log=self.log.info
+        )
         if train_state is None:
-            self.log.info(f"no checkpoint in {root}: starting from scratch")
             return
         self.state = TrainState(**{k: train_state[k] for k in asdict(TrainState())})
         self.loader.load_state_dict({"consumed_samples": self.state.consumed_samples})
