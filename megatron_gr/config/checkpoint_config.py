@@ -21,7 +21,8 @@ class CheckpointConfig:
 
     ckpt_step: Optional[int] = None
     """Load ``iter_<ckpt_step>/`` of ``load`` instead of the step its tracker file names
-    (e.g. the previous complete checkpoint when the latest is damaged)."""
+    (e.g. the previous complete checkpoint when the latest is damaged). For one start only:
+    a restarted job that keeps the flag loads that step again (as Megatron's)."""
 
     override_opt_param_scheduler: bool = False
     """On resume, use this run's learning-rate and weight-decay schedule (lr, min_lr,

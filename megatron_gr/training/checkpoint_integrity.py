@@ -31,6 +31,17 @@ def _rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _from_rank_0(value):
+    """Rank 0's ``value`` on every rank (so that all ranks split the same file list, even
+    where a shared file system shows other nodes' files late)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _all_gather(value) -> list:
     rank, world = _rank_world()
     if world == 1:
@@ -58,7 +69,7 @@ def write_manifest(directory: Path, *, facts: dict) -> None:
     """Hashes every file of ``directory`` and writes its manifest (collective; rank 0
     writes). Call after every rank finished writing its files."""
     rank, world = _rank_world()
-    names = _files(directory)
+    names = _from_rank_0(_files(directory) if rank == 0 else None)
     mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)} for name in names[rank::world]}
     files = {}
     for part in _all_gather(mine):

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo
+_GLOO_TIMEOUT = "Timed out waiting"
 _TIMEOUT = ("Timed out", "timed out", "Timeout", "timeout")
 _GRACE_S = 5.0
 
@@ -33,8 +34,10 @@ def _kind(error: BaseException) -> Optional[str]:
     text = str(error)
     if any(marker in text for marker in _PEER_GONE):
         return "peer"
-    if isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(m in text for m in _TIMEOUT)):
-        return "timeout" if any(m in text for m in _TIMEOUT) else "other"
+    if _GLOO_TIMEOUT in text or (isinstance(error, dist.DistError) and any(m in text for m in _TIMEOUT)):
+        return "timeout"
+    if isinstance(error, dist.DistError):
+        return "other"
     return None
 
 

@@ -53,6 +53,7 @@ class ExitConditions:
 
     def check(self, step: int) -> Optional[str]:
         """Collective: call on every rank after every step."""
+        several = dist.is_initialized() and dist.get_world_size() > 1
         flags = torch.tensor(
             [
                 self.received or 0,
@@ -60,9 +61,9 @@ class ExitConditions:
                 int(self.duration_s is not None and time.time() - self.start_time >= self.duration_s),
             ],
             dtype=torch.int64,
-            device=self.device,
+            device=self.device if several else "cpu",  # NCCL reduces device tensors only
         )
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if several:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         received, interval, duration = (int(v) for v in flags.tolist())
         if received:
