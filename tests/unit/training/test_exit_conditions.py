@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import psutil
 import pytest
 
 from megatron_gr.training import checkpointing
 from megatron_gr.training.trainer import Trainer
-from tests.conftest import REPO_ROOT
-from tests.unit.training.checkpoint_helpers import config_file, run_cli
+from tests.unit.training.checkpoint_helpers import config_file, run_cli, start_cli, still_alive, wait_for_line
 from tests.unit.training.helpers import read_records, tiny_config
 
 LONG = {"train_iters": 50, "lr_decay_iters": None, "lr_warmup_iters": 0}
@@ -77,60 +73,25 @@ def test_ctrl_c_is_one_line_and_exit_code_130(megatron_cpu, tmp_path, capsys, mo
 
 
 # --------------------------------------------------------------- real processes
-def _start(tmp_path, *flags):
-    config = config_file(tmp_path, training={**LONG, "train_iters": 100000})
-    command = [sys.executable, "-m", "megatron_gr.cli", "pretrain", "--config", str(config), "--progress", "lines", *flags]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-
-
-def _wait_for(process, text: str, timeout: float = 240.0) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    process.kill()
-    raise AssertionError(f"no {text!r} in the output: {lines[-5:]} {process.stderr.read()[-3000:]}")
-
-
-def _gone(processes: list[psutil.Process], timeout: float = 10.0) -> list[str]:
-    """The processes still alive after ``timeout`` seconds (zombies count as gone)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for p in processes:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-
-
 @pytest.mark.slow
 def test_processes_sigterm_saves_and_kill_9_leaves_no_helper(tmp_path):
     save = tmp_path / "ckpt"
     # SIGTERM: saves the step it is in, exits 0, leaves no process behind.
-    process = _start(tmp_path, "--save", str(save), "--save-interval", "3", "--log-interval", "1")
-    _wait_for(process, "saved checkpoint of step 3")
+    process = start_cli(tmp_path, "--save", str(save), "--save-interval", "3", "--log-interval", "1")
+    wait_for_line(process, "saved checkpoint of step 3")
     children = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out[-3000:]
     assert "SIGTERM received at step" in out
     step = checkpointing.latest_iteration(save)
     assert step >= 3 and f"SIGTERM received at step {step}: exiting (checkpoint of step {step}" in out
-    assert _gone(children) == []
+    assert still_alive(children) == []
 
     # kill -9 after a save (the save used to leave a ~430 MB spawn manager process running).
-    process = _start(tmp_path, "--save", str(save), "--load", str(save), "--save-interval", "1", "--log-interval", "1")
-    _wait_for(process, f"saved checkpoint of step {step + 2}")
+    process = start_cli(tmp_path, "--save", str(save), "--load", str(save), "--save-interval", "1", "--log-interval", "1")
+    wait_for_line(process, f"saved checkpoint of step {step + 2}")
     children = psutil.Process(process.pid).children(recursive=True)
     process.kill()
     process.wait(timeout=60)
-    assert _gone(children) == []
+    assert still_alive(children) == []
