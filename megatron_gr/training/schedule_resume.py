@@ -34,11 +34,13 @@ SETTINGS = {
 
 
 def schedule_changes(scheduler: OptimizerParamScheduler, saved: dict) -> list[tuple[str, object, object]]:
-    """``(name, checkpoint's value, this run's value)`` for each setting that differs."""
+    """``(name, checkpoint's value, this run's value)`` for each setting that differs (the
+    weight-decay length does not count while both runs keep the decay constant)."""
+    constant_wd = scheduler.wd_incr_style == "constant" and saved.get("wd_incr_style") == "constant"
     return [
         (name, saved[key], getattr(scheduler, key))
         for key, name in SETTINGS.items()
-        if key in saved and saved[key] != getattr(scheduler, key)
+        if key in saved and saved[key] != getattr(scheduler, key) and not (constant_wd and key == "wd_incr_steps")
     ]
 
 
