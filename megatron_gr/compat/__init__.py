@@ -6,6 +6,7 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``cpu_mode``: megatron-core on the CPU inside ``with cpu_mode():``, restored on exit
   (``cuda_to_cpu`` and ``cpu_rng`` hold its device redirect and RNG tracker);
 - ``dist_optimizer``: the distributed optimizer's reshardable checkpoints (any device);
+- ``checkpoint_writes``: checkpoint saves without a helper process that outlives the run;
 - ``optimizer_step``: megatron's optimizer step in two halves, for dynamic-table rows;
 - ``recompute``: ``CheckpointWithoutOutput`` replayed in our order, a block's full recompute;
 - ``quiet``: megatron-core's own warnings, silenced around our calls into it;
@@ -13,6 +14,7 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``version``: the megatron-core version the shims were written for, and its guard.
 """
 
+from megatron_gr.compat.checkpoint_writes import checkpoint_writes_without_manager_process
 from megatron_gr.compat.cpu_mode import cpu_mode, cpu_mode_active
 from megatron_gr.compat.dist_optimizer import (
     allocate_distributed_optimizer_state,
@@ -38,6 +40,7 @@ __all__ = [
     "MegatronVersionWarning",
     "allocate_distributed_optimizer_state",
     "checkpoint_without_output_fp8_arg",
+    "checkpoint_writes_without_manager_process",
     "checkpointed_block_forward",
     "checkpointed_outputs",
     "clip_grads_and_step",

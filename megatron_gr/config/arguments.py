@@ -34,6 +34,9 @@ FLAG_TO_KEY = {
     "--eval-interval": "training.eval_interval",
     "--eval-batch-size": "training.eval_batch_size",
     "--early-stopping-patience": "training.early_stopping_patience",
+    "--exit-interval": "training.exit_interval",
+    "--exit-duration-in-mins": "training.exit_duration_in_mins",
+    "--distributed-timeout-minutes": "training.distributed_timeout_minutes",
     "--precision": "training.precision",
     "--device": "training.device",
     "--kernel-backend": "training.kernel_backend",
@@ -44,6 +47,7 @@ FLAG_TO_KEY = {
     "--save": "checkpoint.save",
     "--load": "checkpoint.load",
     "--save-interval": "checkpoint.save_interval",
+    "--ckpt-step": "checkpoint.ckpt_step",
     # logging
     "--log-interval": "logging.log_interval",
     "--metrics-file": "logging.metrics_file",
@@ -64,6 +68,9 @@ SWITCHES = {
     "--use-distributed-optimizer": ("parallel.use_distributed_optimizer", True),
     "--overlap-grad-reduce": ("parallel.overlap_grad_reduce", True),
     "--overlap-param-gather": ("parallel.overlap_param_gather", True),
+    "--override-opt-param-scheduler": ("checkpoint.override_opt_param_scheduler", True),
+    # Megatron's spelling, underscore included.
+    "--use-checkpoint-opt_param-scheduler": ("checkpoint.use_checkpoint_opt_param_scheduler", True),
 }
 
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -70,11 +71,12 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = timedelta(minutes=training.distributed_timeout_minutes)  # a hung rank ends the job
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         else:  # a plain `megatron-gr` run: a one-process group with an in-memory store
             dist.init_process_group(
-                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     world = dist.get_world_size()
     layout = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size, pipeline_model_parallel_size=pipeline_parallel_size)
@@ -85,7 +87,9 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
     ):
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
+        parallel_state.initialize_model_parallel(
+            tensor_parallel_size, pipeline_parallel_size, distributed_timeout_minutes=training.distributed_timeout_minutes
+        )
     seed_everything(training.seed)
     return Runtime(device=device, bf16=bf16, rank=dist.get_rank(), world_size=world)
 
