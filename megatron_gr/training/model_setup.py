@@ -28,6 +28,7 @@ from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.ops.triton.availability import triton_missing_reason
 from megatron_gr.training.runtime import Runtime
 from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
+from megatron_gr.transformer.fp8 import check_fp8_runnable
 from megatron_gr.transformer.specs import get_stu_layer_spec
 
 
@@ -45,7 +46,7 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
                 f"model.use_fused_mhc=true: the fused mHC kernels {reason}; set it to false on this device"
             )
     parallel = config.parallel
-    return dataclasses.replace(
+    model_config = dataclasses.replace(
         config.model,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -68,6 +69,8 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
         # (``torch.autograd.backward`` would switch it off: see compat.py).
         deallocate_pipeline_outputs=True,
     )
+    check_fp8_runnable(model_config, runtime.device)  # FP8 is an error where it cannot run, never a no-op
+    return model_config
 
 
 def build_model(
