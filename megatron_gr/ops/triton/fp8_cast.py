@@ -20,7 +20,7 @@ import triton.language as tl
 
 BLOCK_M = 64
 BLOCK_N = 64
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 # mantissa bits and the exponent of the smallest normal number of each format
 _FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
