@@ -19,11 +19,12 @@ def fp8_scale_view(scale: torch.Tensor, scale_axis: Optional[int]) -> torch.Tens
 
 
 def abs_max_nan_as_inf(x: torch.Tensor) -> torch.Tensor:
-    """``max |x|`` in float32 (0 for an empty ``x``); a NaN anywhere gives inf, so that a
-    poisoned tensor always has a non-finite amax."""
+    """``max |x|`` in float32 (0 for an empty ``x``) in one pass over ``x``; a NaN
+    anywhere gives inf, so that a poisoned tensor always has a non-finite amax."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    return torch.nan_to_num(x.detach().abs().float(), nan=float("inf"), posinf=float("inf")).amax()
+    magnitude = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)  # NaN propagates
+    return torch.nan_to_num(magnitude, nan=float("inf"), posinf=float("inf"))
 
 
 def pytorch_fp8_cast(

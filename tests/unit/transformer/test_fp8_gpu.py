@@ -100,3 +100,17 @@ def test_plan_time_check_accepts_every_recipe_on_this_gpu(recipe_name, fmt):
     config = GRTransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=4, qk_head_dim=256,
                                  v_head_dim=256, bf16=True, fp8=fmt, fp8_recipe=recipe_name, **extra)
     check_fp8_runnable(config, torch.device("cuda", torch.cuda.current_device()))
+
+
+@RECIPES
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_overflow_shows_as_nan_on_gpu(recipe_name, poison):
+    x, w, b, grad = problem(1031, 256, 512, seed=2)
+    state = Fp8LinearState(Fp8Recipe(recipe=recipe_name))
+    run(state, x, w, b, grad)  # a clean first call (delayed: fills the history)
+    x[5, 7] = poison
+    y, *_ = run(state, x, w, b, grad)
+    poisoned = y[5] if recipe_name == "rowwise" else y
+    assert torch.isnan(poisoned).all()
+    if recipe_name == "rowwise":
+        assert torch.isfinite(torch.cat([y[:5], y[6:]])).all()
