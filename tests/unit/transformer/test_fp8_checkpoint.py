@@ -13,6 +13,14 @@ from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 from megatron_gr.transformer.specs import get_stu_block_spec
 
 
+@pytest.fixture(autouse=True)
+def _keep_global_rng():
+    """Leaves torch's global generator as it found it: later tests in the process draw
+    their weights from it."""
+    with torch.random.fork_rng():
+        yield
+
+
 def build_block(fp8, seed):
     config = GRTransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=2, qk_head_dim=16, v_head_dim=16, max_seq_len=16,

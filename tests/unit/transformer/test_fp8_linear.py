@@ -21,6 +21,14 @@ FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 TOLERANCE = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _keep_global_rng():
+    """Leaves torch's global generator as it found it: later tests in the process draw
+    their weights from it."""
+    with torch.random.fork_rng():
+        yield
+
+
 def dequantised(x: torch.Tensor, dtype, *, along=None) -> torch.Tensor:
     """``x`` quantised with the scale of its amax (per tensor, or along dim ``along``:
     one scale per slice across it), as float64 values."""

@@ -23,6 +23,14 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 
 
+@pytest.fixture(autouse=True)
+def _keep_global_rng():
+    """Leaves torch's global generator as it found it: later tests in the process draw
+    their weights from it."""
+    with torch.random.fork_rng():
+        yield
+
+
 def simulated_scale(amax: float, dtype, margin: int) -> float:
     return FP8_MAX[dtype] / amax / 2**margin
 
