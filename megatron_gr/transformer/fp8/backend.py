@@ -42,7 +42,9 @@ def parallel_linear_classes(backend: Optional[str]) -> tuple[type, type]:
 
         return Fp8ColumnParallelLinear, Fp8RowParallelLinear
     if backend == "te":
-        # Transformer Engine's linears; megatron's block enters its FP8 autocast (config.fp8)
+        # Transformer Engine's linears; megatron's block enters its FP8 autocast (config.fp8).
+        # Not run here (TE does not install on these machines); TE's FP8 GEMMs may ask for
+        # token counts that are multiples of 8 or 16, which jagged batches do not promise.
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
         return TEColumnParallelLinear, TERowParallelLinear

@@ -61,12 +61,12 @@ def amax_along(x: torch.Tensor, dim: int) -> torch.Tensor:
 def scale_from_amax(amax: torch.Tensor, *, dtype: torch.dtype, margin: int) -> torch.Tensor:
     """``fp8_max / amax / 2**margin`` (float32): the largest magnitude lands ``margin``
     binades below the format's largest value."""
-    return fp8_max(dtype) / amax.float().clamp(min=MIN_AMAX) / 2.0**margin
+    return (fp8_max(dtype) / 2.0**margin) / amax.float().clamp(min=MIN_AMAX)
 
 
 def scale_inv_of(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """The dequantisation factor ``1 / scale``; NaN where ``amax`` is not finite."""
-    return torch.where(torch.isfinite(amax), scale.reciprocal(), torch.full_like(scale, float("nan")))
+    return torch.where(torch.isfinite(amax), scale.reciprocal(), float("nan"))
 
 
 class AmaxHistory:
