@@ -117,7 +117,7 @@ def loss_variant(args, base, name, seed) -> dict:
 
     trainer.train_step = recording_train_step
     final = trainer.train()
-    del trainer, train_step
+    del trainer
     free_memory()
     return {"variant": name, "seed": seed, "losses": losses, "final": final}
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from megatron_gr.cli import main
-from megatron_gr.config import ConfigError, ExperimentConfig
-from megatron_gr.config import fp8_validation
+from megatron_gr.config import ConfigError, ExperimentConfig, fp8_validation
 from megatron_gr.training.model_setup import runtime_model_config
 from megatron_gr.training.runtime import Runtime
 from megatron_gr.transformer.fp8 import backend
