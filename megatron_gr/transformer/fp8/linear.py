@@ -45,7 +45,14 @@ def cast_kernel_for(device: torch.device) -> str:
 def scaled_matmul(
     a: Fp8Operand, b: Fp8Operand, *, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None, fast_accum: bool
 ) -> torch.Tensor:
-    """``a [M, K] . b [N, K]^T`` dequantised to ``out_dtype`` (plus ``bias``)."""
+    """``a [M, K] . b [N, K]^T`` dequantised to ``out_dtype`` (plus ``bias``).
+
+    What ``torch._scaled_mm`` (torch 2.11-2.13) takes on CUDA: the first operand row-major,
+    the second column-major (``b.data.t()`` of a row-major ``[N, K]``), K and N multiples
+    of 16 (M is free), not both e5m2; float32 scales, one element each (per tensor) or
+    ``[M, 1]`` and ``[1, N]`` (row-wise); a bias only with a bf16 or fp16 output (added
+    here otherwise: the CPU tests run float32).
+    """
     fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype
     out = torch._scaled_mm(
         a.data,
