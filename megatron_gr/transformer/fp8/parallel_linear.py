@@ -55,7 +55,8 @@ class _Fp8WeightCache:
         self._weight_cast: Optional[WeightCast] = None
 
     def _current_weight_cast(self, weight: torch.Tensor) -> WeightCast:
-        training = self.training and torch.is_grad_enabled()
+        # only the module's own weight is cached (megatron may pass another one in)
+        training = self.training and torch.is_grad_enabled() and weight is self.weight
         if training and self.is_first_microbatch is False and self._weight_cast is not None:
             return self._weight_cast
         cast = self.fp8_state.cast_weight(weight)
