@@ -32,6 +32,12 @@ _BASE_MODEL_FIELDS = (
     "init_method_std",
     "recompute_granularity",
     "recompute_modules",
+    "fp8",
+    "fp8_recipe",
+    "fp8_amax_history_len",
+    "fp8_amax_compute_algo",
+    "fp8_margin",
+    "fp8_wgrad",
 )
 _BASE_NAMES = {f.name for f in dataclasses.fields(TransformerConfig)}
 _OWN_MODEL_FIELDS = tuple(

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from megatron.core.transformer import TransformerConfig
 
 from megatron_gr.config.errors import ConfigError
+from megatron_gr.config.fp8_validation import validate_fp8
 from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
 
 MODEL_TYPES = ("retrieval",)
@@ -122,6 +123,16 @@ class GRTransformerConfig(TransformerConfig):
     :meth:`mhc_recompute_block_size`). Blocks are cut within each pipeline stage: none spans
     two stages, and a stage's last block holds what is left of its layers."""
 
+    # ---------------- FP8 (megatron's fields: fp8, fp8_amax_history_len, ...) ----------------
+    fp8_recipe: Optional[Literal["delayed", "tensorwise", "rowwise", "mxfp8", "blockwise", "custom"]] = "delayed"
+    """megatron's FP8 recipe field, with ``rowwise`` added. Without Transformer Engine the
+    native FP8 linears run ``delayed`` (per-tensor scales from an amax history of
+    ``fp8_amax_history_len`` micro-batches, ``fp8_amax_compute_algo``), ``tensorwise``
+    (per-tensor scales from each tensor's own amax) or ``rowwise`` (one scale per token and
+    per output feature); with Transformer Engine installed megatron's recipes apply
+    (``delayed``, ``tensorwise``, ``mxfp8``, ``blockwise``, ``custom``). Only read when
+    ``fp8`` (``e4m3`` or ``hybrid``: e5m2 gradients) is set."""
+
     def __post_init__(self):
         # Our shape checks first: the base class divides by some of these fields.
         check_choice("type", self.type, MODEL_TYPES)
@@ -142,6 +153,7 @@ class GRTransformerConfig(TransformerConfig):
         self._validate_encodings()
         self._validate_task()
         self._validate_hyper_connections()
+        validate_fp8(self)
 
     def _validate_shapes(self) -> None:
         check_int_range("num_layers", self.num_layers, low=1)
@@ -229,7 +241,6 @@ class GRTransformerConfig(TransformerConfig):
         unsupported = {
             "virtual_pipeline_model_parallel_size": (self.virtual_pipeline_model_parallel_size, None),
             "context_parallel_size": (self.context_parallel_size, 1),
-            "fp8": (self.fp8, None),
             "fp4": (self.fp4, None),
             "num_moe_experts": (self.num_moe_experts, None),
             "cpu_offloading": (self.cpu_offloading, False),

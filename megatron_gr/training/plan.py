@@ -25,6 +25,7 @@ from megatron_gr.config.experiment import MODEL_FIELDS, ExperimentConfig
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, resolve_backend
 from megatron_gr.training.runtime import resolve_bf16, resolve_device
+from megatron_gr.transformer.fp8 import check_fp8_runnable
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,22 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, world_size: Optional[int] = None) -> RunPlan:
+def make_plan(
+    config: ExperimentConfig,
+    *,
+    num_items: Optional[int] = None,
+    world_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> RunPlan:
     """Resolves and checks every run-level decision (raises ConfigError, one line).
 
     ``num_items``: the item count of the data, when it is known (sizes and checks the item
-    table).
+    table). ``world_size`` and ``device`` are facts of the launch, found when not given
+    (tests give them to plan for other machines).
     """
     training, parallel = config.training, config.parallel
-    device = resolve_device(training)
+    if device is None:
+        device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
     try:
         backend = resolve_backend(training.kernel_backend, device)
@@ -94,6 +103,8 @@ def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, worl
     if num_items is not None:
         _check_item_table(config, num_items)
     _check_output_paths(config)
+    model_config = _model_config(config, layout, bf16)
+    check_fp8_runnable(model_config, device)  # FP8 is an error where it cannot run, never a no-op
     return RunPlan(
         config=config,
         device=device,
@@ -103,7 +114,7 @@ def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, worl
         global_batch_size=global_batch,
         micro_batches_per_rank=per_rank,
         micro_batch_balance=parallel.balance_for(data_parallel),
-        model_config=_model_config(config, layout, bf16),
+        model_config=model_config,
         seed=training.seed,
     )
 
