@@ -86,6 +86,7 @@ class Trainer:
             dp_size=dp_size,
             partition_fn=PARTITIONS[self.config.parallel.balance_for(dp_size)],
             raw_item_ids=self.raw_item_ids,
+            windows=self.config.data.train_windows,
         )
 
     # ------------------------------------------------------------------ loop
