@@ -28,7 +28,7 @@ from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.ops.triton.availability import triton_missing_reason
 from megatron_gr.training.runtime import Runtime
 from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
-from megatron_gr.transformer.specs import get_stu_layer_spec
+from megatron_gr.transformer.specs import get_retrieval_layer_spec
 
 
 def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransformerConfig:
@@ -126,10 +126,7 @@ def _build_stage(
     first_layer = get_transformer_layer_offset(model_config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     if not pre_process:
         InputPreprocessor(model_config)
-        layer_spec = get_stu_layer_spec(
-            relative_attention_bias=model_config.relative_attention_bias,
-            enable_hyper_connections=model_config.enable_hyper_connections,
-        )
+        layer_spec = get_retrieval_layer_spec(model_config)
         for number in range(1, first_layer + 1):
             build_module(layer_spec, config=model_config, layer_number=number)
     return HSTURetrievalModel(

@@ -34,6 +34,7 @@ from megatron_gr.transformer.hyper_connection_layers import (
     HyperConnectionTransformerLayer,
     HyperConnectionTransformerLayerSubmodules,
 )
+from megatron_gr.transformer.jagged_softmax_attention import JaggedSoftmaxAttention
 from megatron_gr.transformer.norms import HeadParallelLayerNorm, LayerNorm
 from megatron_gr.transformer.relative_bias import RelativeBucketedBias
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules
@@ -110,6 +111,40 @@ def get_transformer_block_spec(
     )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return _block(config, [layer] * num_layers, layer_norm=LayerNorm)
+
+
+def get_jagged_transformer_layer_spec(*, enable_hyper_connections: bool = False) -> ModuleSpec:
+    """megatron's local transformer layer (:func:`get_transformer_layer_spec` without
+    Transformer Engine) whose self-attention takes jagged batches: its core attention is
+    :class:`JaggedSoftmaxAttention` (causal within each packed sequence)."""
+    spec = get_transformer_layer_spec(enable_hyper_connections=enable_hyper_connections, use_transformer_engine=False)
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=JaggedSoftmaxAttention)
+    )
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+
+def get_retrieval_layer_spec(config: GRTransformerConfig) -> ModuleSpec:
+    """One layer of the retrieval model: STU, or a jagged transformer layer (SASRec)."""
+    if config.block_type == "transformer":
+        return get_jagged_transformer_layer_spec(enable_hyper_connections=config.enable_hyper_connections)
+    return get_stu_layer_spec(
+        relative_attention_bias=config.relative_attention_bias,
+        enable_hyper_connections=config.enable_hyper_connections,
+    )
+
+
+def get_retrieval_block_spec(
+    config: GRTransformerConfig, *, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+) -> ModuleSpec:
+    """The retrieval model's layers on one pipeline stage: STU layers without a final norm
+    (:func:`get_stu_block_spec`), or jagged transformer layers with the final layer norm of
+    a pre-norm transformer (SASRec)."""
+    if config.block_type != "transformer":
+        return get_stu_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return _block(config, [get_retrieval_layer_spec(config)] * num_layers, layer_norm=LayerNorm)
 
 
 def _block(config: GRTransformerConfig, layer_specs: list[ModuleSpec], layer_norm) -> ModuleSpec:
