@@ -25,7 +25,9 @@ class HSTURetrievalModel(MegatronModule):
     """Item table -> encodings -> STU block -> L2-normalised user states.
 
     ``config.block_type='transformer'`` puts megatron's transformer layers in place of the
-    STU layers (SASRec); ``config.output_normalization='none'`` scores raw dot products.
+    STU layers (SASRec); ``config.output_normalization='none'`` keeps the user states and
+    item rows unnormalised (dot-product scores); ``config.retrieval_loss='full_softmax'``
+    trains against the whole corpus instead of sampled negatives.
 
     With ``config.enable_hyper_connections`` the block carries n residual streams between
     its layers (expanded after the encodings, averaged before the L2 norm).
