@@ -6,9 +6,11 @@ import torch
 
 TIME_BUCKET_FNS = ("sqrt", "log", "hstu_log")
 
-# The log base of Meta's HSTU reference bucketization, floor(ln(gap) / 0.301): e^0.301 ~ 1.35,
-# about 2.3 buckets per doubling of the gap (finer than ``log``'s one per doubling).
-HSTU_LOG_STEP = 0.301
+# Meta's HSTU reference bucketization is floor(ln(gap) / 0.301): buckets grow by e^0.301 ~ 1.35,
+# about 2.3 per doubling of the gap (``log`` has one). Computed as ln(gap) * 1000 / 301 in
+# float64: both constants are exact in float32, the type Triton gives float literals, so the
+# kernels do the very same float64 operations.
+HSTU_LOG_SCALE = (1000.0, 301.0)
 
 
 def bucketize_time_gaps(gaps: torch.Tensor, num_buckets: int, fn: str) -> torch.Tensor:
@@ -25,7 +27,7 @@ def bucketize_time_gaps(gaps: torch.Tensor, num_buckets: int, fn: str) -> torch.
     elif fn == "log":
         buckets = torch.log2(gaps + 1.0)
     elif fn == "hstu_log":
-        buckets = torch.log(gaps.clamp(min=1.0)) / HSTU_LOG_STEP
+        buckets = torch.log(gaps.clamp(min=1.0)) * HSTU_LOG_SCALE[0] / HSTU_LOG_SCALE[1]
     else:
         raise ValueError(f"time bucket fn={fn!r}: choose one of {TIME_BUCKET_FNS}")
     return buckets.floor().clamp(max=num_buckets - 1).to(torch.int64)

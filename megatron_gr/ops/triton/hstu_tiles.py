@@ -243,8 +243,8 @@ def time_bucket(gap, NT, TIME_FN: tl.constexpr):
         one = tl.full(r.shape, 1, tl.int64)
         r = tl.where((one << r.to(tl.int64)) > x, r - 1, r)
         r = tl.where((one << (r + 1).to(tl.int64)) <= x, r + 1, r)
-    else:  # floor(ln(max(gap, 1)) / 0.301) in float64, as the PyTorch reference computes it
-        r = (tl.log(tl.maximum(gap, 1).to(tl.float64)) / 0.301).to(tl.int32)
+    else:  # floor(ln(max(gap, 1)) * 1000 / 301) in float64, the PyTorch reference's operations
+        r = (tl.log(tl.maximum(gap, 1).to(tl.float64)) * 1000.0 / 301.0).to(tl.int32)
     return tl.minimum(r, NT - 1)
 
 
