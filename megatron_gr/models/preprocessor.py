@@ -28,13 +28,17 @@ class InputPreprocessor(MegatronModule):
     def __init__(self, config: GRTransformerConfig):
         super().__init__(config)
         width = config.hidden_size
-        # Both tables are always built (and drawn, in this order) so that every setting
-        # consumes the same random numbers: later parameters start from the same values.
-        self.position_embedding = torch.nn.Embedding(config.max_seq_len, width, dtype=config.params_dtype)
-        self.time_embedding = torch.nn.Embedding(config.num_time_buckets, width, dtype=config.params_dtype)
+        # Both tables are always drawn, in this order, so that every setting consumes the
+        # same random numbers (later parameters start from the same values); a table whose
+        # encoding is off is then dropped: a parameter without gradients would stall
+        # megatron's overlapped gradient reduction.
+        position = torch.nn.Embedding(config.max_seq_len, width, dtype=config.params_dtype)
+        time = torch.nn.Embedding(config.num_time_buckets, width, dtype=config.params_dtype)
         with torch.no_grad():
-            torch.nn.init.normal_(self.position_embedding.weight, std=config.init_method_std)
-            torch.nn.init.normal_(self.time_embedding.weight, std=config.init_method_std)
+            torch.nn.init.normal_(position.weight, std=config.init_method_std)
+            torch.nn.init.normal_(time.weight, std=config.init_method_std)
+        self.position_embedding = position if config.position_encoding != "none" else None
+        self.time_embedding = time if config.time_feature != "none" else None
         self.scale = width**0.5 if config.scale_item_embeddings else 1.0
 
     def forward(
