@@ -11,6 +11,11 @@ Layout, for three users with 3, 1 and 2 events::
 Training batches carry ``labels[t]``, the item that follows token t in its sequence.
 Evaluation batches carry one held-out ``target_ids[b]`` per sequence, ranked against the
 whole item corpus from the representation of the sequence's last token.
+
+``query_timestamps[t]`` is the time of the event that token t predicts, its query time: the
+label's timestamp in training; in evaluation the next input event's, and for a sequence's
+last token the held-out target's (known when the recommendation is requested, as in the
+HSTU paper; the target's item is never revealed).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class JaggedBatch:
     ratings: torch.Tensor
     offsets: torch.Tensor
     user_ids: torch.Tensor
+    # Time of the event each token predicts (see the module docstring), [T] int64.
+    query_timestamps: Optional[torch.Tensor] = None
     # Training only: the next item after each token, [T].
     labels: Optional[torch.Tensor] = None
     # Evaluation only: the held-out next item of each sequence, [B].
@@ -84,6 +91,8 @@ class JaggedBatch:
             raise ValueError(f"user_ids has {self.user_ids.numel()} entries for {self.batch_size} sequences")
         if t and int(self.item_ids.min()) < 0:
             raise ValueError(f"item ids must be >= 0, found {int(self.item_ids.min())}")
+        if self.query_timestamps is not None and self.query_timestamps.numel() != t:
+            raise ValueError(f"query_timestamps has {self.query_timestamps.numel()} entries, item_ids has {t}")
         if self.labels is not None and self.labels.numel() != t:
             raise ValueError(f"labels has {self.labels.numel()} entries, item_ids has {t}")
         if self.target_ids is not None and self.target_ids.numel() != self.batch_size:

@@ -1,7 +1,8 @@
 """Jagged training and evaluation batches from a leave-one-out split.
 
-Training reads an endless, deterministic stream of users: epoch e is a permutation drawn
-from ``(seed, e)``, and the stream position (``consumed_samples``) is the whole loader
+Training reads an endless, deterministic stream of examples (windows of a user's training
+events, :mod:`megatron_gr.data.windows`; one per user by default): epoch e is a permutation
+drawn from ``(seed, e)``, and the stream position (``consumed_samples``) is the whole loader
 state, so a resumed run continues with exactly the batches it would have seen.
 
 Each optimizer step takes one global batch from the stream and partitions it into
@@ -22,6 +23,7 @@ from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.item_space import ItemSpace
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.data.sequences import LeaveOneOutSplit
+from megatron_gr.data.windows import training_windows
 
 # partition_fn(users of one global batch, their token counts, number of micro-batches) ->
 # the users of each micro-batch, equal in number.
@@ -79,6 +81,9 @@ def _batch(
     return JaggedBatch(
         item_ids=items.table_ids(seqs.item_ids[index]),
         timestamps=torch.from_numpy(seqs.timestamps[index].astype(np.int64)),
+        # Every token's next event is in its own user's sequence: the training label (a
+        # window's last event is never a token) or, in evaluation, the next input or the target.
+        query_timestamps=torch.from_numpy(seqs.timestamps[index + 1].astype(np.int64)),
         ratings=torch.from_numpy(seqs.ratings[index].astype(np.float32)),
         offsets=torch.from_numpy(offsets),
         user_ids=torch.from_numpy(seqs.user_ids[users].astype(np.int64)),
@@ -96,9 +101,11 @@ def training_users(split: LeaveOneOutSplit) -> np.ndarray:
 class TrainingBatches:
     """Micro-batches of one data-parallel rank, one optimizer step at a time.
 
-    A training example is a user's most recent ``max_seq_len + 1`` training events: tokens
-    are all but the last, ``labels`` the event that follows each token. Item ids are those
-    the item table is keyed by (``items``).
+    A training example is a window of ``max_seq_len + 1`` (or fewer) consecutive training
+    events of one user: tokens are all but the last, ``labels`` the event that follows each
+    token. ``windows='latest'`` serves each user's most recent window, ``'all'`` windows
+    covering every training event (:func:`training_windows`). Item ids are those the item
+    table is keyed by (``items``).
     """
 
     def __init__(
@@ -113,17 +120,18 @@ class TrainingBatches:
         dp_rank: int = 0,
         dp_size: int = 1,
         partition_fn: PartitionFn = contiguous_partition,
+        windows: str = "latest",
     ):
         starts, ends = split.input_range("train")
         self.split = split
-        self.users = training_users(split)
-        if self.users.size == 0:
+        examples = training_windows(starts, ends, max_seq_len=max_seq_len, mode=windows)
+        if examples.users.size == 0:
             raise DataFormatError(
                 "no user has two training events (four in all: leave-one-out holds out the last "
                 "two); training needs at least one (input, next item) pair"
             )
-        self.starts = np.maximum(starts, ends - (max_seq_len + 1))
-        self.ends = ends
+        # Per example: its user and its events [starts, ends).
+        self.example_users, self.starts, self.ends = examples.users, examples.starts, examples.ends
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
         self.seed = seed
@@ -138,23 +146,23 @@ class TrainingBatches:
         return self.micro_batch_size * self.num_micro_batches * self.dp_size
 
     def _stream(self, first: int, count: int) -> np.ndarray:
-        """Users at stream positions ``[first, first + count)``."""
-        n = self.users.size
+        """Examples at stream positions ``[first, first + count)``."""
+        n = self.example_users.size
         out = np.empty(count, dtype=np.int64)
         filled = 0
         while filled < count:
             epoch, offset = divmod(first + filled, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             take = min(count - filled, n - offset)
-            out[filled : filled + take] = self.users[order[offset : offset + take]]
+            out[filled : filled + take] = order[offset : offset + take]
             filled += take
         return out
 
     def next_step(self) -> list[JaggedBatch]:
         first = self.consumed_samples
-        users = self._stream(first, self.global_batch_size)
-        tokens = self.ends[users] - self.starts[users] - 1  # a window's last event is only a label
-        parts = self.partition_fn(users, tokens, self.num_micro_batches * self.dp_size)
+        examples = self._stream(first, self.global_batch_size)
+        tokens = self.ends[examples] - self.starts[examples] - 1  # a window's last event is only a label
+        parts = self.partition_fn(examples, tokens, self.num_micro_batches * self.dp_size)
         mine = range(self.dp_rank * self.num_micro_batches, (self.dp_rank + 1) * self.num_micro_batches)
         self.consumed_samples += self.global_batch_size
         batches = []
@@ -171,7 +179,7 @@ class TrainingBatches:
             labels = self.items.table_ids(self.split.sequences.item_ids[index[~is_first]])
             batches.append(
                 _batch(
-                    self.split, self.items, chunk, index[~is_last], token_offsets,
+                    self.split, self.items, self.example_users[chunk], index[~is_last], token_offsets,
                     labels=labels,
                     sample_seed=micro_batch_seed(self.seed, first + g * self.micro_batch_size),
                 )

@@ -16,15 +16,20 @@ from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.preprocessor import InputPreprocessor
-from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
+from megatron_gr.models.retrieval_head import full_corpus_ranks, full_softmax_loss, sampled_softmax_loss
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.seeding import keyed_init
 from megatron_gr.transformer.sequence_parallel import TokenSplit
-from megatron_gr.transformer.specs import get_stu_block_spec
+from megatron_gr.transformer.specs import get_retrieval_block_spec
 
 
 class HSTURetrievalModel(MegatronModule):
     """Item table -> encodings -> STU block -> L2-normalised user states.
+
+    ``config.block_type='transformer'`` puts megatron's transformer layers in place of the
+    STU layers (SASRec); ``config.output_normalization='none'`` keeps the user states and
+    item rows unnormalised (dot-product scores); ``config.retrieval_loss='full_softmax'``
+    trains against the whole corpus instead of sampled negatives.
 
     With ``config.enable_hyper_connections`` the block carries n residual streams between
     its layers (expanded after the encodings, averaged before the L2 norm).
@@ -83,7 +88,7 @@ class HSTURetrievalModel(MegatronModule):
         self.token_group = pg_collection.tp if config.sequence_parallel else None
         with keyed_init(init_seed, "preprocessor"):
             self.preprocessor = InputPreprocessor(config) if pre_process else None
-        spec = get_stu_block_spec(
+        spec = get_retrieval_block_spec(
             config, backend=backend, init_seed=init_seed, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp)
         )
         self.decoder = spec.module(
@@ -107,16 +112,27 @@ class HSTURetrievalModel(MegatronModule):
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
         tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
-        params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps)
+        params = tokens.seq_params(
+            batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps
+        )
         hidden = None
         if self.pre_process:
-            hidden = self.preprocessor(self.item_table(batch.item_ids), batch.offsets, batch.timestamps)
+            hidden = self.preprocessor(
+                self.item_table(batch.item_ids), batch.offsets, batch.timestamps, query_timestamps=batch.query_timestamps
+            )
             hidden = tokens.scatter(hidden)
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=params)
         if not self.post_process:
             return hidden
         hidden = tokens.gather(hidden)
-        user = F.normalize(hidden.squeeze(1).float(), dim=-1)  # [T, C]
+        normalize = self.config.output_normalization == "l2"
+        user = hidden.squeeze(1).float()  # [T, C]
+        user = F.normalize(user, dim=-1) if normalize else user
+        if batch.labels is not None and self.config.retrieval_loss == "full_softmax":
+            return full_softmax_loss(
+                user, batch.labels, self.item_table, corpus_ids=self.corpus_ids,
+                temperature=self.config.softmax_temperature, normalize_items=normalize,
+            )
         if batch.labels is not None:
             generator = torch.Generator(device=user.device).manual_seed(batch.sample_seed)
             return sampled_softmax_loss(
@@ -128,11 +144,12 @@ class HSTURetrievalModel(MegatronModule):
                 num_in_batch_negatives=self.config.num_in_batch_negatives,
                 temperature=self.config.softmax_temperature,
                 generator=generator,
+                normalize_items=normalize,
             )
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")
         last = user[batch.offsets[1:] - 1]  # [B, C]: the state after each whole sequence
-        return full_corpus_ranks(last, batch.target_ids, self.item_table, corpus_ids=self.corpus_ids)
+        return full_corpus_ranks(last, batch.target_ids, self.item_table, corpus_ids=self.corpus_ids, normalize_items=normalize)
 
     def evaluation_cache(self) -> ContextManager[None]:
         """Evaluation reads only corpus items: a sharded item table fetches them once, so

@@ -82,6 +82,7 @@ def training_stream(plan, dataset: RetrievalDataset, dp_rank: int, dp_size: int)
         dp_rank=dp_rank,
         dp_size=dp_size,
         partition_fn=PARTITIONS[plan.micro_batch_balance],
+        windows=plan.config.data.train_windows,
     )
 
 

@@ -90,6 +90,7 @@ def make_plan(
         backend = resolve_backend(training.kernel_backend, device)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    backend = _backend_for_model(config, backend)
     world = launch_world_size() if world_size is None else world_size
     data_parallel = parallel.data_parallel_size(world)  # ConfigError when the world does not split
     layout = ParallelLayout(
@@ -157,6 +158,21 @@ def _model_config(config: ExperimentConfig, layout: ParallelLayout, bf16: bool) 
         # CPU that direct call also keeps the compat device redirect active in backward
         # (``torch.autograd.backward`` would switch it off: see compat).
         deallocate_pipeline_outputs=True,
+    )
+
+
+def _backend_for_model(config: ExperimentConfig, backend: KernelBackend) -> KernelBackend:
+    """The backend, unless the model needs what only the PyTorch ops do: then ``auto``
+    resolves to PyTorch and an explicit ``triton`` is an error."""
+    model = config.model
+    query_bias = model.block_type == "stu" and model.relative_attention_bias and model.time_bias_origin == "query"
+    if not (query_bias and backend is KernelBackend.TRITON):
+        return backend
+    if config.training.kernel_backend == "auto":
+        return KernelBackend.PYTORCH
+    raise ConfigError(
+        "model.time_bias_origin='query' needs the PyTorch attention (the Triton kernel buckets |ts_i - ts_j| "
+        "only): set --kernel-backend pytorch (or auto) or model.time_bias_origin=token"
     )
 
 

@@ -16,6 +16,8 @@ class JaggedSeqParams(PackedSeqParams):
     int computed once per batch, so layers never synchronise to find it)."""
 
     timestamps: Optional[torch.Tensor] = None  # [T] int64, for the relative time bias
+    # [T] int64, the time of the event each token predicts (``JaggedBatch.query_timestamps``)
+    query_timestamps: Optional[torch.Tensor] = None
     num_targets: Optional[torch.Tensor] = None  # [B] int64, target tokens at each sequence end
     # Per-batch values that every layer would otherwise recompute (e.g. bias bucket ids).
     cache: dict[str, Any] = field(default_factory=dict)
@@ -27,6 +29,7 @@ class JaggedSeqParams(PackedSeqParams):
         max_len: int,
         timestamps: Optional[torch.Tensor] = None,
         num_targets: Optional[torch.Tensor] = None,
+        query_timestamps: Optional[torch.Tensor] = None,
     ) -> "JaggedSeqParams":
         return cls(
             qkv_format="thd",
@@ -36,6 +39,7 @@ class JaggedSeqParams(PackedSeqParams):
             max_seqlen_kv=max_len,
             timestamps=timestamps,
             num_targets=num_targets,
+            query_timestamps=query_timestamps,
         )
 
     @property

@@ -37,7 +37,11 @@ class TokenSplit:
         return cls(num_tokens, -num_tokens % group.size(), group)
 
     def seq_params(
-        self, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None
+        self,
+        offsets: torch.Tensor,
+        max_len: int,
+        timestamps: Optional[torch.Tensor] = None,
+        query_timestamps: Optional[torch.Tensor] = None,
     ) -> JaggedSeqParams:
         """Jagged metadata of the padded batch: the padding is one more sequence."""
         if self.padding:
@@ -45,7 +49,9 @@ class TokenSplit:
             max_len = max(max_len, self.padding)
             if timestamps is not None:
                 timestamps = F.pad(timestamps, (0, self.padding))
-        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
+            if query_timestamps is not None:
+                query_timestamps = F.pad(query_timestamps, (0, self.padding))
+        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps)
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[T, 1, C]`` (the same on every rank) -> this rank's ``[(T + p) / tp, 1, C]``."""

@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_gr.compat import transformer_engine_available
 from megatron_gr.config.errors import ConfigError
@@ -36,6 +36,8 @@ from megatron_gr.transformer.hyper_connection_layers import (
     HyperConnectionTransformerLayer,
     HyperConnectionTransformerLayerSubmodules,
 )
+from megatron_gr.transformer.jagged_softmax_attention import JaggedSoftmaxAttention
+from megatron_gr.transformer.keyed_transformer_layer import KeyedTransformerLayer
 from megatron_gr.transformer.norms import HeadParallelLayerNorm, LayerNorm
 from megatron_gr.transformer.relative_bias import RelativeBucketedBias
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules
@@ -124,19 +126,19 @@ def get_transformer_layer_spec(
             "Engine's FP8 runs its own linears and the native FP8 linears replace megatron's local ones"
         )
     if use_transformer_engine:
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        submodules = get_gpt_layer_with_transformer_engine_spec().submodules
     else:
         local = get_gpt_layer_local_spec()
         submodules = dataclasses.replace(local.submodules, input_layernorm=LayerNorm, pre_mlp_layernorm=LayerNorm)
         if fp8_backend == "native":
             submodules = _with_linears(submodules, *parallel_linear_classes(fp8_backend))
-        spec = ModuleSpec(module=TransformerLayer, submodules=submodules)
+    spec = ModuleSpec(module=KeyedTransformerLayer, params={"init_seed": init_seed}, submodules=submodules)
     if not enable_hyper_connections:
         return spec
     slots = {f.name: getattr(spec.submodules, f.name) for f in dataclasses.fields(TransformerLayerSubmodules)}
     return ModuleSpec(
         module=HyperConnectionTransformerLayer,
-        params={**spec.params, "init_seed": init_seed},
+        params=spec.params,
         submodules=HyperConnectionTransformerLayerSubmodules(**slots, hyper_connection=_hyper_connection(backend)),
     )
 
@@ -171,6 +173,46 @@ def _with_linears(submodules: TransformerLayerSubmodules, column: type, row: typ
     )
     mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc1=column, linear_fc2=row))
     return dataclasses.replace(submodules, self_attention=attention, mlp=mlp)
+
+
+def get_jagged_transformer_layer_spec(
+    *,
+    enable_hyper_connections: bool = False,
+    backend: KernelBackend = KernelBackend.PYTORCH,
+    init_seed: Optional[int] = None,
+) -> ModuleSpec:
+    """megatron's local transformer layer (:func:`get_transformer_layer_spec` without
+    Transformer Engine) whose self-attention takes jagged batches: its core attention is
+    :class:`JaggedSoftmaxAttention` (causal within each packed sequence)."""
+    spec = get_transformer_layer_spec(
+        enable_hyper_connections=enable_hyper_connections, use_transformer_engine=False, backend=backend,
+        init_seed=init_seed,
+    )
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=JaggedSoftmaxAttention)
+    )
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+
+def get_retrieval_block_spec(
+    config: GRTransformerConfig,
+    *,
+    backend: KernelBackend = KernelBackend.PYTORCH,
+    init_seed: Optional[int] = None,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+) -> ModuleSpec:
+    """The retrieval model's layers on one pipeline stage: STU layers without a final norm
+    (:func:`get_stu_block_spec`), or jagged transformer layers with the final layer norm of
+    a pre-norm transformer (SASRec)."""
+    if config.block_type != "transformer":
+        return get_stu_block_spec(config, backend=backend, init_seed=init_seed, vp_stage=vp_stage, pp_rank=pp_rank)
+    layer = get_jagged_transformer_layer_spec(
+        enable_hyper_connections=config.enable_hyper_connections, backend=backend, init_seed=init_seed
+    )
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return _block(config, [layer] * num_layers, layer_norm=LayerNorm)
 
 
 def _block(config: GRTransformerConfig, layer_specs: list[ModuleSpec], layer_norm) -> ModuleSpec:

@@ -33,7 +33,7 @@ def main() -> int:
         metrics = out / f"{kernel}.jsonl"
         metrics.unlink(missing_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "megatron_gr.cli", "pretrain", *flags, "--attention-kernel", kernel,
+            [sys.executable, "-m", "megatron_gr.cli", "pretrain", *flags, "--kernel-backend", kernel,
              "--set", "model.hidden_dropout=0", "--set", "model.embedding_dropout=0", "--eval-interval", "0",
              "--log-interval", "1", "--progress", "off", "--metrics-file", str(metrics)],
             check=True, stdout=subprocess.DEVNULL,

@@ -20,6 +20,8 @@ from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config,
 # Private copies of the relative-bias weight gradients (atomics spread over them).
 _BIAS_GRAD_SLOTS = 64
 _MAX_TIME_BUCKETS = 46340
+# The kernels' TIME_FN code of each bucket function of ``bucketize_time_gaps``.
+_TIME_FNS = {"sqrt": 0, "log": 1, "hstu_log": 2}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normaliz
     return dict(
         DQK=dqk, DV=dv, BLOCK_DQK=_padded_dim(dqk), BLOCK_DV=_padded_dim(dv),
         **mask.flags(), HAS_BIAS=bias is not None,
-        TIME_FN=0 if bias is None or bias.time_bucket_fn == "sqrt" else 1,
+        TIME_FN=0 if bias is None else _TIME_FNS[bias.time_bucket_fn],
         NORM_BY_LEN=normalizer == "seq_len",
         FAST_SILU=sixteen_bit and not interpreter_enabled(),
         ASM_GATHER=not interpreter_enabled(),
@@ -172,6 +174,13 @@ def triton_hstu_attention(
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if max(q.shape[2], v.shape[2]) > 256:
         raise ValueError(f"the Triton HSTU attention supports head dims up to 256, got Dqk={q.shape[2]}, Dv={v.shape[2]}")
+    if relative_bias is not None and relative_bias.query_timestamps is not None:
+        # Queries and keys read one timestamp array in the kernels; a second array for the
+        # queries belongs with context parallelism's split query/key layouts.
+        raise ValueError(
+            "the Triton HSTU attention buckets |ts_i - ts_j| only: relative bias query_timestamps "
+            "(time_bias_origin='query') need the PyTorch reference (kernel='pytorch')"
+        )
     if relative_bias is not None and relative_bias.time_weights.numel() > _MAX_TIME_BUCKETS:
         raise ValueError(
             f"the Triton HSTU attention supports up to {_MAX_TIME_BUCKETS} time buckets (squared gaps stay "

@@ -228,20 +228,23 @@ def gather(table, idx, ASM: tl.constexpr):
 
 @triton.jit
 def time_bucket(gap, NT, TIME_FN: tl.constexpr):
-    """``bucketize_time_gaps`` for int64 gaps >= 0, exact: a float estimate corrected with
-    integer arithmetic (float32 alone misplaces gaps next to a bucket boundary)."""
+    """``bucketize_time_gaps`` for int64 gaps >= 0. ``sqrt`` and ``log`` are exact: a float
+    estimate corrected with integer arithmetic (float32 alone misplaces gaps next to a
+    bucket boundary); ``hstu_log`` is computed in float64, as the reference does."""
     if TIME_FN == 0:  # floor(sqrt(gap))
         capped = tl.minimum(gap, NT.to(tl.int64) * NT).to(tl.int32)
         r = tl.sqrt(capped.to(tl.float32)).to(tl.int32)
         r = tl.where(r * r > capped, r - 1, r)
         r = tl.where((r + 1) * (r + 1) <= capped, r + 1, r)
-    else:  # floor(log2(gap + 1))
+    elif TIME_FN == 1:  # floor(log2(gap + 1))
         x = gap + 1
         r = tl.log2(x.to(tl.float32)).to(tl.int32)
         r = tl.minimum(tl.maximum(r, 0), 62)
         one = tl.full(r.shape, 1, tl.int64)
         r = tl.where((one << r.to(tl.int64)) > x, r - 1, r)
         r = tl.where((one << (r + 1).to(tl.int64)) <= x, r + 1, r)
+    else:  # floor(ln(max(gap, 1)) * 1000 / 301) in float64, the PyTorch reference's operations
+        r = (tl.log(tl.maximum(gap, 1).to(tl.float64)) * 1000.0 / 301.0).to(tl.int32)
     return tl.minimum(r, NT - 1)
 
 

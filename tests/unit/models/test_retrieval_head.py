@@ -7,7 +7,7 @@ import math
 import torch
 
 from megatron_gr.embeddings.base import EmbeddingTable
-from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
+from megatron_gr.models.retrieval_head import full_corpus_ranks, full_softmax_loss, sampled_softmax_loss
 
 
 class FixedTable(EmbeddingTable):
@@ -122,3 +122,45 @@ def test_infinite_scores_follow_the_same_rules():
 def test_one_item_and_no_users():
     assert _ranks([[NAN, NAN], [0.0, 1.0]], [1, 1], UNIT[:2]) == [0, 0]  # nothing else to beat it
     assert _ranks([], [], UNIT) == []
+
+
+def test_full_softmax_by_hand():
+    """Cross-entropy of each label against every other corpus item, cosine scores."""
+    table = FixedTable(TABLE)
+    user = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    temperature = 0.5
+    loss = full_softmax_loss(user, torch.tensor([1, 3]), table, corpus_ids=torch.arange(1, 4), temperature=temperature)
+    s = 1 / math.sqrt(2)
+    # user 0 scores items 1, 2, 3: 1, 0, s (label 1); user 1: 0, 1, s (label 3)
+    expected = [
+        math.log(math.exp(1 / temperature) + math.exp(0) + math.exp(s / temperature)) - 1 / temperature,
+        math.log(math.exp(0) + math.exp(1 / temperature) + math.exp(s / temperature)) - s / temperature,
+    ]
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_dot_product_scores_use_raw_rows():
+    """Without L2 normalisation the scores are raw dot products: user (1, 1) scores item 1
+    (1, 0) at 1, item 2 (0, 2) at 2, item 3 (5, 5) at 10."""
+    table = FixedTable(TABLE)
+    user = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    loss = full_softmax_loss(user, torch.tensor([2]), table, corpus_ids=torch.arange(1, 4), temperature=1.0,
+                             normalize_items=False)
+    expected = math.log(math.exp(1) + math.exp(2) + math.exp(10)) - 2
+    torch.testing.assert_close(loss, torch.tensor([expected], dtype=torch.float64))
+    sampled = sampled_softmax_loss(
+        user, torch.tensor([2]), table, corpus_ids=torch.arange(1, 4), num_negatives=0, num_in_batch_negatives=1,
+        temperature=1.0, generator=torch.Generator().manual_seed(0), normalize_items=False,
+    )
+    assert sampled.item() == 0.0  # the only negative drawn is the label itself: masked out
+
+
+def test_dot_product_ranks_differ_from_cosine_ranks():
+    """User (1, 0.1), target item 1: dot products 1 (item 1), 0.2 (item 2), 5.5 (item 3) ->
+    rank 1; cosines .995, .0995, .774 -> rank 0."""
+    table = FixedTable(TABLE)
+    user = torch.tensor([[1.0, 0.1]], dtype=torch.float64)
+    target, corpus = torch.tensor([1]), torch.arange(1, 4)
+    assert full_corpus_ranks(user, target, table, corpus_ids=corpus, normalize_items=False).tolist() == [1]
+    unit = torch.nn.functional.normalize(user, dim=-1)
+    assert full_corpus_ranks(unit, target, table, corpus_ids=corpus).tolist() == [0]
