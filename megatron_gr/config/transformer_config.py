@@ -68,7 +68,9 @@ class GRTransformerConfig(TransformerConfig):
     must stay 0. Dropout is applied by ``hidden_dropout`` after the gated attention output."""
 
     embedding_dropout: float = 0.2
-    """Dropout on the input token embeddings (item embedding plus encodings)."""
+    """Dropout on the input token embeddings (item embedding plus encodings). Like
+    ``hidden_dropout`` its mask is keyed by (seed, step, site, sample, position, feature), so
+    every parallel layout drops the same elements (``megatron_gr/ops/keyed_dropout.py``)."""
 
     # ---------------- position and time encodings ----------------
     num_position_buckets: int = 256
@@ -88,12 +90,13 @@ class GRTransformerConfig(TransformerConfig):
 
     # ---------------- retrieval task ----------------
     num_negatives: int = 128
-    """Negatives drawn uniformly from the item corpus for each micro-batch, shared by all its
-    positions."""
+    """Negatives drawn uniformly from the item corpus once per optimizer step (by the data
+    loader, for the whole global batch), shared by all its positions on every rank."""
 
     num_in_batch_negatives: int = 128
-    """Negatives drawn from the micro-batch's own target items (so popular items appear in
-    proportion to their frequency), shared by all positions."""
+    """Negatives drawn once per optimizer step from the target items of the whole global
+    batch (so popular items appear in proportion to their frequency), shared by all its
+    positions on every rank."""
 
     softmax_temperature: float = 0.05
     """Temperature of the sampled softmax over cosine similarities."""
@@ -127,7 +130,7 @@ class GRTransformerConfig(TransformerConfig):
     """Run the hyper-connection ops (mappings with their RMS norm and Sinkhorn-Knopp,
     aggregate, merge) as fused Triton kernels instead of the PyTorch reference. Needs
     triton and a CUDA device (``pip install 'megatron_gr[gpu]'``); the mapping math stays
-    float32. Dropout in the merge draws other masks than the reference."""
+    float32. Dropout in the merge draws the reference's keyed mask."""
 
     def __post_init__(self):
         # Our shape checks first: the base class divides by some of these fields.

@@ -17,6 +17,8 @@ from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
+from megatron_gr.ops.keyed_dropout import DropoutKeys
+from megatron_gr.transformer.dropout_sites import EMBEDDING
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_stu_block_spec
 
@@ -33,7 +35,9 @@ class HSTURetrievalModel(MegatronModule):
 
     Item ids are whatever the item table is keyed by: dense ids 1..num_items for a plain
     table, raw ids for a hash table. ``corpus_ids`` ``[num_items]`` lists the corpus in the
-    table's ids (default: the dense ids); uniform negatives and evaluation ranks draw from it.
+    table's ids (default: the dense ids); evaluation ranks against it. Training batches
+    carry their negatives and their tokens' dropout keys (``TrainingBatches``), so the loss
+    of a token does not depend on the micro-batch or the rank it is computed on.
 
     Under pipeline parallelism the item table lives on the first stage (inputs) and on the
     last (loss and ranking): the two copies are megatron's shared embedding (same start
@@ -95,11 +99,17 @@ class HSTURetrievalModel(MegatronModule):
         return self.item_table.weight if self.item_table is not None else None
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
+            raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
         tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
-        params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps)
+        params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps,
+                                   token_keys=batch.token_keys, dropout_seed=batch.dropout_seed)
         hidden = None
         if self.pre_process:
-            hidden = self.preprocessor(self.item_table(batch.item_ids), batch.offsets, batch.timestamps)
+            keys = None if batch.token_keys is None else DropoutKeys(batch.dropout_seed, EMBEDDING, batch.token_keys)
+            hidden = self.preprocessor(
+                self.item_table(batch.item_ids), batch.offsets, batch.timestamps, dropout_keys=keys
+            )
             hidden = tokens.scatter(hidden)
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=params)
         if not self.post_process:
@@ -107,16 +117,9 @@ class HSTURetrievalModel(MegatronModule):
         hidden = tokens.gather(hidden)
         user = F.normalize(hidden.squeeze(1).float(), dim=-1)  # [T, C]
         if batch.labels is not None:
-            generator = torch.Generator(device=user.device).manual_seed(batch.sample_seed)
             return sampled_softmax_loss(
-                user,
-                batch.labels,
-                self.item_table,
-                corpus_ids=self.corpus_ids,
-                num_negatives=self.config.num_negatives,
-                num_in_batch_negatives=self.config.num_in_batch_negatives,
+                user, batch.labels, self.item_table, negative_ids=batch.negative_ids,
                 temperature=self.config.softmax_temperature,
-                generator=generator,
             )
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")

@@ -86,6 +86,8 @@ class Trainer:
             dp_size=dp_size,
             partition_fn=PARTITIONS[self.config.parallel.balance_for(dp_size)],
             raw_item_ids=self.raw_item_ids,
+            num_negatives=self.config.model.num_negatives,
+            num_in_batch_negatives=self.config.model.num_in_batch_negatives,
         )
 
     # ------------------------------------------------------------------ loop
