@@ -1,10 +1,16 @@
-"""Every parallel layout trains the single-rank model: TP=2 with and without sequence
-parallelism, PP=2, DP=2 (distributed optimizer), TP=2 x PP=2 and PP=2 x DP=2 reproduce the
-single-rank losses, gradient norms and every parameter's gradient (fp32, jagged batches
-of very different lengths, gradient accumulation over micro-batches, clipping active) over
-several steps, evaluate to the same metrics, and checkpoints saved under one layout load
-under another with the same metrics and the same next losses. PP=2 x DP=2 runs with the
-GPU settings (overlapped gradient reduction and weight all-gather, several buckets).
+"""Every parallel layout trains the single-rank model with the default config: TP=2 with
+and without sequence parallelism, PP=2, DP=2 (distributed optimizer), TP=2 x PP=2 and
+PP=2 x DP=2 reproduce the single-rank losses, gradient norms and every parameter's gradient
+(fp32, jagged batches of very different lengths, gradient accumulation over micro-batches,
+clipping active) over several steps, evaluate to the same metrics, and checkpoints saved
+under one layout load under another with the same metrics and the same next losses. PP=2 x
+DP=2 runs with the GPU settings (overlapped gradient reduction and weight all-gather,
+several buckets).
+
+Dropout is on (the defaults: embedding 0.2, hidden 0.2; masks keyed by sample, position
+and feature) and micro-batches are cut by the default balancing (``auto``: by attention
+cost with DP = 2, in stream order on one rank), so the layouts also cut the global batch
+differently: the objective must not depend on it (negatives drawn per global batch).
 
 Ranks are gloo processes started with torchrun: one launch of 4 ranks, then one of 2 ranks
 (it loads a checkpoint the 4-rank launch saved). Single-rank references run in-process.
@@ -40,14 +46,14 @@ WEIGHT_ATOL = 1e-6
 # The GPU defaults under data parallelism: gradient reduction and weight all-gather
 # overlapped, and buckets small enough that several reductions run during the backward.
 OVERLAP = {"overlap_grad_reduce": True, "overlap_param_gather": True, "ddp_bucket_size": 2000}
+DEFAULT_DROPOUT = {"hidden": 0.2, "embedding": 0.2}  # what the runs must use: the defaults
 
 
 def config(tmp: Path, name: str, *, tp=1, pp=1, sp=False, load=None, save=None, **parallel) -> dict:
     return {
-        # 4 layers, 2 heads; no dropout: parallel layouts draw different dropout masks.
+        # 4 layers, 2 heads; the default dropout (see DEFAULT_DROPOUT).
         "model": {"num_layers": 4, "hidden_size": 16, "num_attention_heads": 2, "qk_head_dim": 8,
-                  "v_head_dim": 8, "max_seq_len": 32, "hidden_dropout": 0.0, "embedding_dropout": 0.0,
-                  "num_negatives": 16, "num_in_batch_negatives": 8},
+                  "v_head_dim": 8, "max_seq_len": 32, "num_negatives": 16, "num_in_batch_negatives": 8},
         # Histories of 2 to 32 tokens in one micro-batch; odd token counts (37, 49, ...)
         # exercise the sequence-parallel padding.
         "data": {"synthetic": {"num_users": 80, "num_items": 60, "mean_length": 14.0, "max_length": 60, "seed": 3}},
@@ -55,8 +61,9 @@ def config(tmp: Path, name: str, *, tp=1, pp=1, sp=False, load=None, save=None, 
         # is active (gradient norms are about 50).
         "training": {"train_iters": STEPS + AFTER, "micro_batch_size": 4, "global_batch_size": 16, "lr": 3e-3,
                      "lr_warmup_iters": 1, "eval_interval": 0, "device": "cpu", "eval_batch_size": 16},
+        # micro_batch_balance left at its default (auto)
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                     "sequence_parallel": sp, "micro_batch_balance": "attention_cost", **parallel},
+                     "sequence_parallel": sp, **parallel},
         "checkpoint": {"save": str(save) if save else None, "load": str(load) if load else None},
         "logging": {"progress": "off", "metrics_file": str(tmp / f"{name}.jsonl")},
     }
@@ -135,6 +142,9 @@ def test_layout_reproduces_single_rank(records, name):
     run, single = records[name], records["single"]
     layout = run["layout"]
     assert (layout["tp"], layout["pp"], layout["dp"]) == LAYOUTS[name] and layout["distributed_optimizer"]
+    assert layout["dropout"] == single["layout"]["dropout"] == DEFAULT_DROPOUT
+    assert layout["micro_batch_balance"] == ("attention_cost" if layout["dp"] > 1 else "none")
+    assert single["layout"]["micro_batch_balance"] == "none"
     if name == "pp2_dp2":
         assert layout["overlap_grad_reduce"] and layout["overlap_param_gather"] and layout["buckets"] > 2
     steps = len(run["losses"])  # STEPS, or STEPS + AFTER for the layouts that also saved
