@@ -13,8 +13,9 @@ With 32-bit words (all arithmetic modulo 2^32) and ``mix`` the lowbias32 integer
     keep[t, f] = (mix(row[t] ^ col[f]) >> 8) >= round(p 2^24)
 
 Row and column hashes are computed once per token and per feature; each element costs one
-``mix``. Here the words live in int64 tensors and every product is split into 16-bit
-halves, so no intermediate exceeds 2^49 (int64 overflow never happens).
+``mix``. Here the words live in int64 tensors and no intermediate reaches 2^63 (int64
+overflow never happens): a product by a multiplier above 2^31 is split (``_mul32_``). The
+``[T, F]`` hashes are computed in place, in row blocks that stay in cache on the CPU.
 """
 
 from __future__ import annotations
@@ -47,19 +48,36 @@ def drop_threshold(p: float) -> int:
     return min(round(p * 2**THRESHOLD_BITS), 2**THRESHOLD_BITS)
 
 
-def _mul32(x: torch.Tensor, multiplier: int) -> torch.Tensor:
-    """``x * multiplier mod 2^32`` for ``x`` in [0, 2^32), without int64 overflow."""
-    low, high = multiplier & 0xFFFF, multiplier >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+def _mul32_(x: torch.Tensor, multiplier: int, scratch: torch.Tensor) -> None:
+    """``x = x * multiplier mod 2^32`` in place, for ``x`` in [0, 2^32): below 2^31 the
+    product fits in int64; above, ``x m = x (m - 2^31) + (x mod 2) 2^31 (mod 2^32)``."""
+    if multiplier < 2**31:
+        x.mul_(multiplier).bitwise_and_(_MASK32)
+        return
+    torch.bitwise_and(x, 1, out=scratch).bitwise_left_shift_(31)
+    x.mul_(multiplier - 2**31).add_(scratch).bitwise_and_(_MASK32)
+
+
+def _xorshift_(x: torch.Tensor, bits: int, scratch: torch.Tensor) -> None:
+    torch.bitwise_right_shift(x, bits, out=scratch)
+    x.bitwise_xor_(scratch)
+
+
+def mix32_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """lowbias32, in place, of 32-bit words held in an int64 tensor (values in [0, 2^32));
+    ``scratch`` is an int64 tensor of ``x``'s shape."""
+    _xorshift_(x, 16, scratch)
+    _mul32_(x, MIX_MULTIPLIERS[0], scratch)
+    _xorshift_(x, 15, scratch)
+    _mul32_(x, MIX_MULTIPLIERS[1], scratch)
+    _xorshift_(x, 16, scratch)
+    return x
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 of 32-bit words held in an int64 tensor (values in [0, 2^32))."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, MIX_MULTIPLIERS[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, MIX_MULTIPLIERS[1])
-    return x ^ (x >> 16)
+    x = x.to(torch.int64, copy=True)
+    return mix32_(x, torch.empty_like(x))
 
 
 def row_hashes(token_keys: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
@@ -79,9 +97,27 @@ def pytorch_keep_mask(
     """``[T, num_features]`` bool: True where an element is kept."""
     s0, s1, s2 = stream_words(seed, site)
     rows = row_hashes(token_keys.to(torch.int64), s0, s1)
-    cols = column_hashes(num_features, feature_offset, s2, token_keys.device)
-    hashed = mix32(rows.unsqueeze(1) ^ cols.unsqueeze(0))
-    return (hashed >> (32 - THRESHOLD_BITS)) >= drop_threshold(p)
+    cols = column_hashes(num_features, feature_offset, s2, token_keys.device).unsqueeze(0)
+    # kept: the top 24 bits of the hash >= the threshold, i.e. hash >= threshold << 8
+    lowest_kept = drop_threshold(p) << (32 - THRESHOLD_BITS)
+    keep = torch.empty(rows.shape[0], num_features, dtype=torch.bool, device=rows.device)
+    block = _block_rows(num_features, rows.device)
+    hashed = torch.empty(min(block, rows.shape[0]), num_features, dtype=torch.int64, device=rows.device)
+    scratch = torch.empty_like(hashed)
+    for start in range(0, rows.shape[0], block):
+        n = min(block, rows.shape[0] - start)
+        h = hashed[:n]
+        torch.bitwise_xor(rows[start : start + n].unsqueeze(1), cols, out=h)
+        mix32_(h, scratch[:n])
+        torch.ge(h, lowest_kept, out=keep[start : start + n])
+    return keep
+
+
+def _block_rows(num_features: int, device: torch.device) -> int:
+    """Rows hashed at once: 2^16 elements (1 MiB of int64 work space) on the CPU, where
+    the passes then run in cache; elsewhere 2^24 (256 MiB of work space, few launches)."""
+    elements = 2**16 if device.type == "cpu" else 2**24
+    return max(1, elements // max(num_features, 1))
 
 
 def pytorch_keyed_dropout(
