@@ -106,7 +106,9 @@ class HSTURetrievalModel(MegatronModule):
                                    token_keys=batch.token_keys, dropout_seed=batch.dropout_seed)
         hidden = None
         if self.pre_process:
-            keys = None if batch.token_keys is None else DropoutKeys(batch.dropout_seed, EMBEDDING, batch.token_keys)
+            keys = None
+            if batch.token_keys is not None:
+                keys = DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=batch.token_keys)
             hidden = self.preprocessor(
                 self.item_table(batch.item_ids), batch.offsets, batch.timestamps, dropout_keys=keys
             )

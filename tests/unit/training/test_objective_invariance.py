@@ -6,6 +6,8 @@ global batch and dropout masks keyed, each cut drew its own negatives and masks.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -34,3 +36,14 @@ def test_any_cut_of_the_global_batch_trains_the_same_model(megatron_cpu, tmp_pat
         for key, value in weights.items():
             error = float((other_weights[key] - value).abs().max())
             assert error <= 1e-6 * max(1.0, float(value.abs().max())), f"{name}: {key} differs by {error:.2e}"
+
+
+def test_a_training_batch_without_the_step_draws_is_refused(megatron_cpu, tmp_path):
+    """The model never samples: a training batch (labels) must carry its step's negatives
+    and its tokens' dropout keys."""
+    trainer = Trainer(tiny_config(tmp_path))
+    batch = trainer.loader.next_step()[0]
+    model = trainer.model[0].module
+    for missing in ("negative_ids", "token_keys"):
+        with pytest.raises(ValueError, match="a training batch needs negative_ids and token_keys"):
+            model(dataclasses.replace(batch, **{missing: None}))
