@@ -55,9 +55,10 @@ class ParallelConfig:
     """How the users of a global batch are grouped into micro-batches (and so spread over
     data-parallel ranks): ``attention_cost`` equalises the sum of squared sequence lengths
     of the micro-batches, ``none`` cuts the shuffled stream in order. ``auto``:
-    ``attention_cost`` with more than one data-parallel rank. Micro-batches depend only on
-    the global batch, never on the layout, so any layout with the same setting sees the
-    same micro-batches."""
+    ``attention_cost`` with more than one data-parallel rank (no rank waits for the long
+    histories), ``none`` on one. The cut does not change the objective: negatives are drawn
+    per global batch and dropout masks are keyed by sample and position, so only the order
+    of floating-point sums differs between cuts."""
 
     def __post_init__(self):
         check_int_range("tensor_model_parallel_size", self.tensor_model_parallel_size, low=1)

@@ -83,7 +83,9 @@ class GRTransformerConfig(TransformerConfig):
     the gated attention output."""
 
     embedding_dropout: float = 0.2
-    """Dropout on the input token embeddings (item embedding plus encodings)."""
+    """Dropout on the input token embeddings (item embedding plus encodings). Like
+    ``hidden_dropout`` its mask is keyed by (seed, step, site, sample, position, feature), so
+    every parallel layout drops the same elements (``megatron_gr/ops/keyed_dropout.py``)."""
 
     # ---------------- position and time encodings ----------------
     num_position_buckets: int = 256
@@ -128,12 +130,13 @@ class GRTransformerConfig(TransformerConfig):
 
     # ---------------- retrieval task ----------------
     num_negatives: int = 128
-    """Negatives drawn uniformly from the item corpus for each micro-batch, shared by all its
-    positions."""
+    """Negatives drawn uniformly from the item corpus once per optimizer step (by the data
+    loader, for the whole global batch), shared by all its positions on every rank."""
 
     num_in_batch_negatives: int = 128
-    """Negatives drawn from the micro-batch's own target items (so popular items appear in
-    proportion to their frequency), shared by all positions."""
+    """Negatives drawn once per optimizer step from the target items of the whole global
+    batch (so popular items appear in proportion to their frequency), shared by all its
+    positions on every rank."""
 
     softmax_temperature: float = 0.05
     """Temperature of the softmax: scores are divided by it."""

@@ -6,9 +6,15 @@ drawn from ``(seed, e)``, and the stream position (``consumed_samples``) is the 
 state, so a resumed run continues with exactly the batches it would have seen.
 
 Each optimizer step takes one global batch from the stream and partitions it into
-micro-batches of ``micro_batch_size`` users; data-parallel rank r takes the r-th block of
-``num_micro_batches`` of them. The partition depends only on the global batch, never on
-the number of ranks, so every layout trains on the same micro-batches.
+micro-batches of ``micro_batch_size`` examples; data-parallel rank r takes the r-th block of
+``num_micro_batches`` of them. The partition depends only on the global batch and the
+partition function, never on the number of ranks.
+
+What the step's objective draws is drawn once per global batch, from the run seed and the
+step's position in the stream, so no cut of the global batch into micro-batches or ranks
+changes it: the sampled-softmax negatives (uniform over the corpus, and in-batch from the
+labels of the whole global batch), carried by every micro-batch, and the dropout seed.
+Each token's dropout key names its sample by its index in the global batch.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.data.sequences import LeaveOneOutSplit
 from megatron_gr.data.windows import training_windows
 
-# partition_fn(users of one global batch, their token counts, number of micro-batches) ->
-# the users of each micro-batch, equal in number.
+# partition_fn(samples of one global batch, their token counts, number of micro-batches) ->
+# the samples of each micro-batch, equal in number.
 PartitionFn = Callable[[np.ndarray, np.ndarray, int], Sequence[np.ndarray]]
 
 
@@ -60,9 +66,14 @@ def attention_cost_partition(users: np.ndarray, token_counts: np.ndarray, num_pa
 PARTITIONS = {"none": contiguous_partition, "attention_cost": attention_cost_partition}
 
 
-def micro_batch_seed(seed: int, first_sample: int) -> int:
-    """Seed of a micro-batch's sampling, from the run seed and its first global sample."""
-    return int(np.random.SeedSequence([seed, first_sample]).generate_state(1, np.uint64)[0] >> 1)
+# Tags that keep the step's random streams apart (the epoch permutations use [seed, epoch]).
+_NEGATIVES, _DROPOUT = 1, 2
+
+
+def step_dropout_seed(seed: int, first_sample: int) -> int:
+    """The dropout seed of the step whose global batch starts at stream position
+    ``first_sample``."""
+    return int(np.random.SeedSequence([seed, first_sample, _DROPOUT]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _gather_windows(split: LeaveOneOutSplit, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +116,10 @@ class TrainingBatches:
     events of one user: tokens are all but the last, ``labels`` the event that follows each
     token. ``windows='latest'`` serves each user's most recent window, ``'all'`` windows
     covering every training event (:func:`training_windows`). Item ids are those the item
-    table is keyed by (``items``).
+    table is keyed by (``items``); negatives are given in the same ids. Each step's
+    ``negative_ids`` are ``num_negatives`` items uniform over the corpus, then
+    ``num_in_batch_negatives`` labels drawn uniformly from all the labels of the global
+    batch (popular items in proportion to their frequency).
     """
 
     def __init__(
@@ -121,6 +135,8 @@ class TrainingBatches:
         dp_size: int = 1,
         partition_fn: PartitionFn = contiguous_partition,
         windows: str = "latest",
+        num_negatives: int = 0,
+        num_in_batch_negatives: int = 0,
     ):
         starts, ends = split.input_range("train")
         self.split = split
@@ -132,6 +148,7 @@ class TrainingBatches:
             )
         # Per example: its user and its events [starts, ends).
         self.example_users, self.starts, self.ends = examples.users, examples.starts, examples.ends
+        self.max_seq_len = max_seq_len
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
         self.seed = seed
@@ -139,6 +156,8 @@ class TrainingBatches:
         self.dp_size = dp_size
         self.partition_fn = partition_fn
         self.items = items
+        self.num_negatives = num_negatives
+        self.num_in_batch_negatives = num_in_batch_negatives
         self.consumed_samples = 0
 
     @property
@@ -158,16 +177,29 @@ class TrainingBatches:
             filled += take
         return out
 
+    def _negatives(self, examples: np.ndarray, tokens: np.ndarray, first: int) -> torch.Tensor:
+        """The step's negatives ``[num_negatives + num_in_batch_negatives]`` (table ids)."""
+        rng = np.random.default_rng([self.seed, first, _NEGATIVES])
+        uniform = rng.integers(1, self.split.sequences.num_items + 1, self.num_negatives)  # dense corpus ids
+        ends = np.cumsum(tokens)  # a sample has one label per token
+        picks = rng.integers(0, ends[-1], self.num_in_batch_negatives)
+        sample = np.searchsorted(ends, picks, side="right")
+        label_events = self.starts[examples[sample]] + 1 + picks - (ends - tokens)[sample]
+        return self.items.table_ids(np.concatenate([uniform, self.split.sequences.item_ids[label_events]]))
+
     def next_step(self) -> list[JaggedBatch]:
         first = self.consumed_samples
         examples = self._stream(first, self.global_batch_size)
         tokens = self.ends[examples] - self.starts[examples] - 1  # a window's last event is only a label
-        parts = self.partition_fn(examples, tokens, self.num_micro_batches * self.dp_size)
+        parts = self.partition_fn(np.arange(examples.size), tokens, self.num_micro_batches * self.dp_size)
         mine = range(self.dp_rank * self.num_micro_batches, (self.dp_rank + 1) * self.num_micro_batches)
         self.consumed_samples += self.global_batch_size
+        negatives = self._negatives(examples, tokens, first)
+        dropout_seed = step_dropout_seed(self.seed, first)
         batches = []
         for g in mine:
-            chunk = parts[g]
+            samples = parts[g]  # indices into the global batch
+            chunk = examples[samples]
             index, offsets = _gather_windows(self.split, self.starts[chunk], self.ends[chunk])
             # Tokens: every window event but the last; labels: every event but the first.
             lengths = np.diff(offsets) - 1
@@ -177,11 +209,15 @@ class TrainingBatches:
             is_first = np.zeros(index.size, dtype=bool)
             is_first[offsets[:-1]] = True
             labels = self.items.table_ids(self.split.sequences.item_ids[index[~is_first]])
+            positions = np.arange(token_offsets[-1]) - np.repeat(token_offsets[:-1], lengths)
+            token_keys = np.repeat(samples.astype(np.int64) * self.max_seq_len, lengths) + positions
             batches.append(
                 _batch(
                     self.split, self.items, self.example_users[chunk], index[~is_last], token_offsets,
                     labels=labels,
-                    sample_seed=micro_batch_seed(self.seed, first + g * self.micro_batch_size),
+                    negative_ids=negatives,
+                    token_keys=torch.from_numpy(token_keys),
+                    dropout_seed=dropout_seed,
                 )
             )
         return batches

@@ -18,7 +18,9 @@ from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.models.retrieval_head import full_corpus_ranks, full_softmax_loss, sampled_softmax_loss
 from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.seeding import keyed_init
+from megatron_gr.transformer.dropout_sites import EMBEDDING
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_retrieval_block_spec
 
@@ -87,7 +89,7 @@ class HSTURetrievalModel(MegatronModule):
         # Sequence parallelism splits the tokens over the tensor-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
         with keyed_init(init_seed, "preprocessor"):
-            self.preprocessor = InputPreprocessor(config) if pre_process else None
+            self.preprocessor = InputPreprocessor(config, backend=backend) if pre_process else None
         spec = get_retrieval_block_spec(
             config, backend=backend, init_seed=init_seed, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp)
         )
@@ -111,14 +113,21 @@ class HSTURetrievalModel(MegatronModule):
         return self.item_table.weight if self.item_table is not None else None
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
+            raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
         tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
         params = tokens.seq_params(
-            batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps
+            batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps,
+            token_keys=batch.token_keys, dropout_seed=batch.dropout_seed,
         )
         hidden = None
         if self.pre_process:
+            keys = None
+            if batch.token_keys is not None:
+                keys = DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=batch.token_keys)
             hidden = self.preprocessor(
-                self.item_table(batch.item_ids), batch.offsets, batch.timestamps, query_timestamps=batch.query_timestamps
+                self.item_table(batch.item_ids), batch.offsets, batch.timestamps,
+                query_timestamps=batch.query_timestamps, dropout_keys=keys,
             )
             hidden = tokens.scatter(hidden)
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=params)
@@ -134,17 +143,9 @@ class HSTURetrievalModel(MegatronModule):
                 temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
         if batch.labels is not None:
-            generator = torch.Generator(device=user.device).manual_seed(batch.sample_seed)
             return sampled_softmax_loss(
-                user,
-                batch.labels,
-                self.item_table,
-                corpus_ids=self.corpus_ids,
-                num_negatives=self.config.num_negatives,
-                num_in_batch_negatives=self.config.num_in_batch_negatives,
-                temperature=self.config.softmax_temperature,
-                generator=generator,
-                normalize_items=normalize,
+                user, batch.labels, self.item_table, negative_ids=batch.negative_ids,
+                temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
+from megatron_gr.ops.backend import KernelBackend, check_backend
 from megatron_gr.ops.jagged import sequence_ids_and_positions
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keyed_dropout
 from megatron_gr.ops.time_buckets import bucketize_time_gaps
+from megatron_gr.transformer.dropout_sites import EMBEDDING, site_keys
 
 
 class InputPreprocessor(MegatronModule):
@@ -22,11 +24,13 @@ class InputPreprocessor(MegatronModule):
     first event) or the token's query time minus ts_t, the query time being the time of the
     event the token predicts. Either encoding may be off (``none``). None of them reveals
     the item a token predicts: the query time of the last evaluation token is the target's
-    timestamp, which the paper's setting knows when the recommendation is requested.
+    timestamp, which the paper's setting knows when the recommendation is requested. The
+    dropout is keyed (site ``EMBEDDING`` of ``dropout_sites``) and runs on ``backend``.
     """
 
-    def __init__(self, config: GRTransformerConfig):
+    def __init__(self, config: GRTransformerConfig, *, backend: KernelBackend = KernelBackend.PYTORCH):
         super().__init__(config)
+        self.backend = check_backend(backend)
         width = config.hidden_size
         # Both tables are always drawn, in this order, so that every setting consumes the
         # same random numbers (later parameters start from the same values); a table whose
@@ -47,9 +51,11 @@ class InputPreprocessor(MegatronModule):
         offsets: torch.Tensor,
         timestamps: torch.Tensor,
         query_timestamps: Optional[torch.Tensor] = None,
+        dropout_keys: Optional[DropoutKeys] = None,
     ) -> torch.Tensor:
         """``item_embeddings`` ``[T, C]`` -> block input ``[T, 1, C]``; ``query_timestamps``
-        ``[T]`` is needed by ``time_feature='until_query'``."""
+        ``[T]`` is needed by ``time_feature='until_query'``. ``dropout_keys``: the batch's
+        (site ``EMBEDDING``); without them tokens are keyed by row (``site_keys``)."""
         config = self.config
         num_tokens = item_embeddings.shape[0]
         seq_ids, positions = sequence_ids_and_positions(offsets, num_tokens)
@@ -62,7 +68,10 @@ class InputPreprocessor(MegatronModule):
         gaps = self._time_gaps(timestamps, query_timestamps, positions)
         if gaps is not None:
             x = x + self.time_embedding(bucketize_time_gaps(gaps, config.num_time_buckets, config.time_bucket_fn))
-        x = F.dropout(x, p=config.embedding_dropout, training=self.training)
+        p = config.embedding_dropout
+        if self.training and p > 0 and dropout_keys is None:
+            dropout_keys = site_keys(None, EMBEDDING, num_tokens=num_tokens, device=x.device, local=False)
+        x = keyed_dropout(x, dropout_keys, p=p, training=self.training, kernel=self.backend)
         return x.unsqueeze(1)
 
     def _time_gaps(

@@ -25,25 +25,16 @@ def sampled_softmax_loss(
     labels: torch.Tensor,
     table: EmbeddingTable,
     *,
-    corpus_ids: torch.Tensor,
-    num_negatives: int,
-    num_in_batch_negatives: int,
+    negative_ids: torch.Tensor,
     temperature: float,
-    generator: torch.Generator,
     normalize_items: bool = True,
 ) -> torch.Tensor:
     """Per-token loss ``[T]`` of predicting ``labels`` from ``user`` ``[T, C]`` (L2-normalised
-    by the caller when ``normalize_items``: cosine scores).
-
-    Negatives are shared by all tokens of the micro-batch: ``num_negatives`` uniform over
-    the items of ``corpus_ids`` ``[num_items]`` and ``num_in_batch_negatives`` drawn from
-    ``labels`` (frequency-weighted). A negative equal to a token's own label is masked out
-    for that token.
+    by the caller when ``normalize_items``: cosine scores) against ``negative_ids`` ``[R]``,
+    shared by every token (the training loader draws them once per global batch:
+    ``TrainingBatches``). A negative equal to a token's own label is masked out for that
+    token.
     """
-    device = labels.device
-    uniform = corpus_ids[torch.randint(0, corpus_ids.numel(), (num_negatives,), device=device, generator=generator)]
-    picks = torch.randint(0, labels.numel(), (num_in_batch_negatives,), device=device, generator=generator)
-    negative_ids = torch.cat([uniform, labels[picks]])  # [R]
     positive = (user * item_vectors(table, labels, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
     negative = user @ item_vectors(table, negative_ids, normalize=normalize_items).t()  # [T, R]
     negative = negative.masked_fill(negative_ids.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))

@@ -83,6 +83,8 @@ def training_stream(plan, dataset: RetrievalDataset, dp_rank: int, dp_size: int)
         dp_size=dp_size,
         partition_fn=PARTITIONS[plan.micro_batch_balance],
         windows=plan.config.data.train_windows,
+        num_negatives=plan.model_config.num_negatives,
+        num_in_batch_negatives=plan.model_config.num_in_batch_negatives,
     )
 
 

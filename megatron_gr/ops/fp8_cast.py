@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
+from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.fp8_cast import pytorch_fp8_cast
 
-KERNELS = ("pytorch", "triton")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -23,7 +23,7 @@ def fp8_cast(
     transposed: bool = False,
     pad_to: int = 1,
     amax: Optional[torch.Tensor] = None,
-    kernel: str = "pytorch",
+    kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``x * scale`` in FP8: saturated to ``±finfo(dtype).max``, rounded to nearest (ties to
     even).
@@ -45,9 +45,7 @@ def fp8_cast(
     """
     _validate(x, scale, dtype=dtype, scale_axis=scale_axis, pad_to=pad_to, amax=amax, kernel=kernel)
     if kernel == "triton":
-        from megatron_gr.ops.triton.availability import require_triton
-
-        require_triton(x.device, what="kernel='triton' (FP8 cast)", setting="the pytorch FP8 cast")
+        require_backend(kernel, x.device, what="FP8 cast")
         from megatron_gr.ops.triton.fp8_cast import triton_fp8_cast
 
         cast = triton_fp8_cast
@@ -57,8 +55,7 @@ def fp8_cast(
 
 
 def _validate(x, scale, *, dtype, scale_axis, pad_to, amax, kernel) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    check_backend(kernel)
     if dtype not in FP8_DTYPES:
         raise ValueError(f"dtype={dtype}: choose one of {FP8_DTYPES}")
     if x.dim() != 2 or not x.is_floating_point():

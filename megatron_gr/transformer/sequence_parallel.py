@@ -8,6 +8,9 @@ sequence of their own at the end (offsets get one more entry)::
 
 Attention never crosses sequence boundaries, so no real token sees the padding and the
 padding sees only itself; the model drops the padding before the loss and the ranks.
+
+The tokens' dropout keys follow them: the padded batch's keys (padding tokens get negative
+keys, which no real token has) and this rank's slice of them (``JaggedSeqParams``).
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ class TokenSplit:
         max_len: int,
         timestamps: Optional[torch.Tensor] = None,
         query_timestamps: Optional[torch.Tensor] = None,
+        *,
+        token_keys: Optional[torch.Tensor] = None,
+        dropout_seed: int = 0,
     ) -> JaggedSeqParams:
-        """Jagged metadata of the padded batch: the padding is one more sequence."""
+        """Jagged metadata of the padded batch: the padding is one more sequence.
+        ``token_keys`` ``[T]`` (the batch's dropout keys) are padded and sliced too."""
         if self.padding:
             offsets = torch.cat([offsets, offsets[-1:] + self.padding])
             max_len = max(max_len, self.padding)
@@ -51,7 +58,16 @@ class TokenSplit:
                 timestamps = F.pad(timestamps, (0, self.padding))
             if query_timestamps is not None:
                 query_timestamps = F.pad(query_timestamps, (0, self.padding))
-        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps)
+            if token_keys is not None:
+                padding_keys = -1 - torch.arange(self.padding, dtype=token_keys.dtype, device=token_keys.device)
+                token_keys = torch.cat([token_keys, padding_keys])
+        local_keys = token_keys
+        if token_keys is not None and self.group is not None:
+            local_keys = token_keys.view(self.group.size(), -1)[self.group.rank()]  # the slice scatter() keeps
+        return JaggedSeqParams.from_offsets(
+            offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps, dropout_seed=dropout_seed,
+            token_keys=token_keys, local_token_keys=local_keys,
+        )
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[T, 1, C]`` (the same on every rank) -> this rank's ``[(T + p) / tp, 1, C]``."""

@@ -74,6 +74,8 @@ def run_scenario(scenario: dict) -> Optional[dict]:
         "overlap_grad_reduce": trainer.model[0].ddp_config.overlap_grad_reduce,
         "overlap_param_gather": trainer.model[0].ddp_config.overlap_param_gather,
         "buckets": sum(len(buffer.buckets) for chunk in trainer.model for buffer in chunk.buffers),
+        "dropout": {"hidden": model_config.hidden_dropout, "embedding": model_config.embedding_dropout},
+        "micro_batch_balance": config.parallel.balance_for(parallel_state.get_data_parallel_world_size()),
     }
     model_config.finalize_model_grads_func = finalize
     return record if dist.get_rank() == 0 else None

@@ -1,10 +1,16 @@
-"""Every parallel layout trains the single-rank model: TP=2 with and without sequence
-parallelism, PP=2, DP=2 (distributed optimizer), TP=2 x PP=2 and PP=2 x DP=2 reproduce the
-single-rank losses, gradient norms and every parameter's gradient (fp32, jagged batches
-of very different lengths, gradient accumulation over micro-batches, clipping active) over
-several steps, evaluate to the same metrics, and checkpoints saved under one layout load
-under another with the same metrics and the same next losses. PP=2 x DP=2 runs with the
-GPU settings (overlapped gradient reduction and weight all-gather, several buckets).
+"""Every parallel layout trains the single-rank model with the default config: TP=2 with
+and without sequence parallelism, PP=2, DP=2 (distributed optimizer), TP=2 x PP=2 and
+PP=2 x DP=2 reproduce the single-rank losses, gradient norms and every parameter's gradient
+(fp32, jagged batches of very different lengths, gradient accumulation over micro-batches,
+clipping active) over several steps, evaluate to the same metrics, and checkpoints saved
+under one layout load under another with the same metrics and the same next losses. PP=2 x
+DP=2 runs with the GPU settings (overlapped gradient reduction and weight all-gather,
+several buckets).
+
+Dropout is on (the defaults: embedding 0.2, hidden 0.2; masks keyed by sample, position
+and feature) and micro-batches are cut by the default balancing (``auto``: by attention
+cost with DP = 2, in stream order on one rank), so the layouts also cut the global batch
+differently: the objective must not depend on it (negatives drawn per global batch).
 
 Ranks are gloo processes started with torchrun: one launch of 4 ranks, then one of 2 ranks
 (it loads a checkpoint the 4-rank launch saved). Single-rank references run in-process.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.parallel.layouts import (
+    DEFAULT_DROPOUT,
     OVERLAP,
     LOSS_RTOL,
     STEPS,
@@ -69,6 +76,9 @@ def test_layout_reproduces_single_rank(records, name):
     run, single = records[name], records["single"]
     layout = run["layout"]
     assert (layout["tp"], layout["pp"], layout["dp"]) == LAYOUTS[name] and layout["distributed_optimizer"]
+    assert layout["dropout"] == single["layout"]["dropout"] == DEFAULT_DROPOUT
+    assert layout["micro_batch_balance"] == ("attention_cost" if layout["dp"] > 1 else "none")
+    assert single["layout"]["micro_batch_balance"] == "none"
     if name == "pp2_dp2":
         assert layout["overlap_grad_reduce"] and layout["overlap_param_gather"] and layout["buckets"] > 2
     assert_same_training(run, single)  # STEPS steps, or STEPS + AFTER for the layouts that also saved

@@ -67,3 +67,35 @@ def test_query_time_bias_ignores_the_padding(megatron_cpu):
     # and the query times matter: later ones give other outputs
     later = JaggedSeqParams.from_offsets(offsets, max(lengths), timestamps=ts, query_timestamps=query + 1000)
     assert not torch.allclose(layer(x, packed_seq_params=later)[0], expected)
+
+
+class _Rank:
+    """The two things TokenSplit asks of a process group: its size and this rank."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_dropout_keys_follow_the_tokens_to_each_rank():
+    """The padded batch's keys (padding keys negative, unlike any real token's) and, on
+    each rank, the slice of them that ``scatter`` gives that rank's tokens."""
+    keys = torch.tensor([0, 1, 2, 32, 64, 65, 66])  # samples 0, 1, 2 of max_seq_len 32
+    for size in (2, 4):
+        for rank in range(size):
+            split = TokenSplit.for_tokens(7, _Rank(rank, size))
+            params = split.seq_params(torch.tensor([0, 3, 4, 7]), 3, token_keys=keys, dropout_seed=5)
+            padded = params.token_keys
+            assert params.dropout_seed == 5 and padded.shape == (7 + split.padding,)
+            assert padded[:7].tolist() == keys.tolist() and bool((padded[7:] < 0).all())
+            assert len(set(padded.tolist())) == padded.numel()
+            # scatter() gives rank r the r-th of `size` equal chunks of the padded tokens
+            mine = torch.arange(padded.numel()).chunk(size)[rank]
+            assert torch.equal(params.local_token_keys, padded[mine])
+    unsplit = TokenSplit.for_tokens(7, None).seq_params(torch.tensor([0, 7]), 7, token_keys=keys)
+    assert unsplit.token_keys is keys and unsplit.local_token_keys is keys
