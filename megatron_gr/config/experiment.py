@@ -32,12 +32,6 @@ _BASE_MODEL_FIELDS = (
     "recompute_granularity",
     "recompute_modules",
 )
-_BASE_NAMES = {f.name for f in dataclasses.fields(TransformerConfig)}
-_OWN_MODEL_FIELDS = tuple(
-    f.name for f in dataclasses.fields(GRTransformerConfig) if f.name not in _BASE_NAMES
-) + ("attention_dropout",)
-MODEL_FIELDS = _BASE_MODEL_FIELDS + _OWN_MODEL_FIELDS
-
 # Model fields derived from another section: one place for each setting.
 _SET_ELSEWHERE = {
     "bf16": "training.precision",
@@ -47,7 +41,15 @@ _SET_ELSEWHERE = {
     "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
     "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
     "sequence_parallel": "parallel.sequence_parallel",
+    "context_parallel_size": "parallel.context_parallel_size",
+    "context_parallel_split_threshold": "parallel.context_parallel_split_threshold",
 }
+
+_BASE_NAMES = {f.name for f in dataclasses.fields(TransformerConfig)}
+_OWN_MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(GRTransformerConfig) if f.name not in _BASE_NAMES and f.name not in _SET_ELSEWHERE
+) + ("attention_dropout",)
+MODEL_FIELDS = _BASE_MODEL_FIELDS + _OWN_MODEL_FIELDS
 
 # Defaults of the embedded run: a small HSTU on the synthetic data set, a few CPU minutes.
 DEFAULT_MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 2,

@@ -1,8 +1,9 @@
-"""How a run is spread over ranks: tensor, sequence, pipeline and data parallelism.
+"""How a run is spread over ranks: tensor, sequence, context, pipeline and data parallelism.
 
-The data-parallel size is not set: it is the world size divided by tensor x pipeline size.
-The model's megatron fields (``tensor_model_parallel_size``, ``pipeline_model_parallel_size``,
-``sequence_parallel``) are filled from this section when the model is built.
+The data-parallel size is not set: it is the world size divided by tensor x context x
+pipeline size. The model's megatron fields (``tensor_model_parallel_size``,
+``pipeline_model_parallel_size``, ``sequence_parallel``, ``context_parallel_size``) are
+filled from this section when the model is built.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split the packed tokens of a batch over the tensor-parallel ranks outside attention
     (layer norms, residuals, dropout): less activation memory. Needs tensor parallelism."""
+
+    context_parallel_size: int = 1
+    """Ranks that split the sequences of every micro-batch (context parallelism): each holds
+    part of the tokens, and attention fetches the keys of the others. For histories whose
+    activations do not fit one GPU. The ranks of a group read the same micro-batches (they
+    are not data-parallel ranks) and hold the same weights."""
+
+    context_parallel_split_threshold: int = 1024
+    """Context parallelism: sequences longer than this many tokens are cut into 2 x
+    context_parallel_size chunks, rank i holding chunks i and 2 x size - 1 - i (each rank
+    gets an early, cheap chunk and a late, expensive one under the causal mask); shorter
+    sequences stay whole on the rank with the least attention cost (sum of squared
+    lengths). At least 2 x context_parallel_size (every chunk a token or more)."""
 
     use_distributed_optimizer: bool = True
     """Shard optimizer state and fp32 main weights over data-parallel ranks (megatron's
@@ -62,6 +76,14 @@ class ParallelConfig:
     def __post_init__(self):
         check_int_range("tensor_model_parallel_size", self.tensor_model_parallel_size, low=1)
         check_int_range("pipeline_model_parallel_size", self.pipeline_model_parallel_size, low=1)
+        check_int_range("context_parallel_size", self.context_parallel_size, low=1)
+        check_int_range("context_parallel_split_threshold", self.context_parallel_split_threshold, low=1)
+        require(
+            self.context_parallel_split_threshold >= 2 * self.context_parallel_size,
+            f"context_parallel_split_threshold={self.context_parallel_split_threshold} is shorter than the "
+            f"2 x context_parallel_size = {2 * self.context_parallel_size} chunks a split sequence is cut into: "
+            f"set it to {2 * self.context_parallel_size} or more",
+        )
         require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "sequence_parallel=true splits tokens over tensor-parallel ranks and needs "
@@ -74,16 +96,18 @@ class ParallelConfig:
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        """Ranks of one model replica that read the same micro-batches: tensor x context x
+        pipeline."""
+        return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
-        """Ranks that hold a model replica; raises ConfigError when ``world_size`` does not
-        split into whole tensor x pipeline groups."""
+        """Ranks that read different micro-batches; raises ConfigError when ``world_size``
+        does not split into whole tensor x context x pipeline groups."""
         require(
             world_size % self.model_parallel_size == 0,
             f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-            f"pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
-            f"{self.pipeline_model_parallel_size}: launch a multiple of "
+            f"context_parallel_size x pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
+            f"{self.context_parallel_size} x {self.pipeline_model_parallel_size}: launch a multiple of "
             f"{self.model_parallel_size} processes or change the parallel sizes",
         )
         return world_size // self.model_parallel_size

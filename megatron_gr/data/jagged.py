@@ -15,7 +15,7 @@ whole item corpus from the representation of the sequence's last token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -39,6 +39,9 @@ class JaggedBatch:
     # Seeds this micro-batch's negative sampling: derived from the run seed and the
     # micro-batch's global position, so every parallel layout draws the same negatives.
     sample_seed: int = 0
+    # The offsets on the host, kept by ``to``: context parallelism plans each rank's share
+    # from the lengths without waiting for the device.
+    host_offsets: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -53,11 +56,18 @@ class JaggedBatch:
         return self.offsets[1:] - self.offsets[:-1]
 
     def to(self, device) -> "JaggedBatch":
-        moved = {}
+        moved = {"host_offsets": self.offsets_on_host()}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            if f.name != "host_offsets":
+                moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return JaggedBatch(**moved)
+
+    def offsets_on_host(self) -> torch.Tensor:
+        """The offsets as a CPU tensor (a device copy only when the batch was built on a device)."""
+        if self.host_offsets is not None:
+            return self.host_offsets
+        return self.offsets if self.offsets.device.type == "cpu" else self.offsets.cpu()
 
     def validate(self) -> None:
         """Checks the invariants; raises ValueError naming the broken one.

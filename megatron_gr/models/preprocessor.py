@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -29,12 +31,24 @@ class InputPreprocessor(MegatronModule):
             torch.nn.init.normal_(self.time_embedding.weight, std=config.init_method_std)
         self.scale = width**0.5
 
-    def forward(self, item_embeddings: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
-        """``item_embeddings`` ``[T, C]`` -> STU input ``[T, 1, C]``."""
-        num_tokens = item_embeddings.shape[0]
+    def forward(
+        self,
+        item_embeddings: torch.Tensor,
+        offsets: torch.Tensor,
+        timestamps: torch.Tensor,
+        *,
+        tokens: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``item_embeddings`` ``[T, C]`` -> STU input ``[T, 1, C]``. ``tokens``: which tokens of
+        the batch (``offsets``, ``timestamps``) the embeddings are, when they are only some of
+        them (context parallelism: a rank's share); positions and gaps stay those in the
+        whole sequence."""
+        num_tokens = timestamps.shape[0]
         _, positions = sequence_ids_and_positions(offsets, num_tokens)
         previous = torch.cat([timestamps[:1], timestamps[:-1]])
         gaps = torch.where(positions > 0, timestamps - previous, torch.zeros_like(timestamps))
+        if tokens is not None:
+            positions, gaps = positions[tokens], gaps[tokens]
         buckets = bucketize_time_gaps(gaps, self.config.num_time_buckets, self.config.time_bucket_fn)
         x = item_embeddings * self.scale + self.position_embedding(positions) + self.time_embedding(buckets)
         x = F.dropout(x, p=self.config.embedding_dropout, training=self.training)

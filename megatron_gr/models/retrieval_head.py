@@ -3,6 +3,8 @@ softmax for training and full-corpus ranks for evaluation."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -27,18 +29,22 @@ def sampled_softmax_loss(
     num_in_batch_negatives: int,
     temperature: float,
     generator: torch.Generator,
+    batch_labels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-token loss ``[T]`` of predicting ``labels`` from L2-normalised ``user`` ``[T, C]``.
 
     Negatives are shared by all tokens of the micro-batch: ``num_negatives`` uniform over
     the items of ``corpus_ids`` ``[num_items]`` and ``num_in_batch_negatives`` drawn from
-    ``labels`` (frequency-weighted). A negative equal to a token's own label is masked out
-    for that token.
+    the labels of the whole micro-batch, ``batch_labels`` (frequency-weighted; default
+    ``labels``: a context-parallel rank scores only its share of the tokens but draws the
+    negatives every rank draws). A negative equal to a token's own label is masked out for
+    that token.
     """
     device = labels.device
+    pool = labels if batch_labels is None else batch_labels
     uniform = corpus_ids[torch.randint(0, corpus_ids.numel(), (num_negatives,), device=device, generator=generator)]
-    picks = torch.randint(0, labels.numel(), (num_in_batch_negatives,), device=device, generator=generator)
-    negative_ids = torch.cat([uniform, labels[picks]])  # [R]
+    picks = torch.randint(0, pool.numel(), (num_in_batch_negatives,), device=device, generator=generator)
+    negative_ids = torch.cat([uniform, pool[picks]])  # [R]
     positive = (user * normalized(table, labels)).sum(-1, keepdim=True)  # [T, 1]
     negative = user @ normalized(table, negative_ids).t()  # [T, R]
     negative = negative.masked_fill(negative_ids.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))

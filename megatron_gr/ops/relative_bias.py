@@ -20,6 +20,7 @@ import torch
 
 from megatron_gr.ops.bucket_lookup import bucket_lookup
 from megatron_gr.ops.jagged import jagged_to_padded
+from megatron_gr.ops.key_layout import KeyLayout
 from megatron_gr.ops.time_buckets import bucketize_time_gaps
 
 TIME_BUCKET_FNS = ("sqrt", "log")
@@ -87,3 +88,26 @@ def dense_relative_bias(bias: RelativeBiasInputs, offsets: torch.Tensor, max_len
     return bucket_lookup(bias.position_weights.to(compute), position).unsqueeze(0) + bucket_lookup(
         bias.time_weights.to(compute), time
     )
+
+
+def dense_relative_bias_between(
+    bias: RelativeBiasInputs, offsets: torch.Tensor, max_len: int, keys: KeyLayout
+) -> torch.Tensor:
+    """The bias ``[S, NQ, NK]`` of query segments (``offsets``, at most ``max_len`` = NQ
+    queries) against their keys (``keys``, NK = ``keys.max_key_len``), at the positions
+    ``keys`` gives them; differentiable in both weight vectors."""
+    num_keys = keys.max_key_len
+    key = ("relative_bias_between", max_len, num_keys, bias.position_weights.numel(), bias.time_weights.numel(), bias.time_bucket_fn)
+    if bias.cache is not None and key in bias.cache:
+        position, time = bias.cache[key]
+    else:
+        rows = keys.query_start.view(-1, 1, 1) + torch.arange(max_len, device=offsets.device).view(1, -1, 1)
+        cols = torch.arange(num_keys, device=offsets.device).view(1, 1, -1)
+        position = (rows - cols).abs().clamp(max=bias.position_weights.numel() - 1)  # [S, NQ, NK]
+        ts_q = jagged_to_padded(bias.timestamps, offsets, max_len)  # [S, NQ]
+        ts_k = jagged_to_padded(keys.key_timestamps, keys.key_offsets, num_keys)  # [S, NK]
+        time = bucketize_time_gaps(ts_q.unsqueeze(2) - ts_k.unsqueeze(1), bias.time_weights.numel(), bias.time_bucket_fn)
+        if bias.cache is not None:
+            bias.cache[key] = (position, time)
+    compute = torch.promote_types(bias.position_weights.dtype, torch.float32)
+    return bucket_lookup(bias.position_weights.to(compute), position) + bucket_lookup(bias.time_weights.to(compute), time)

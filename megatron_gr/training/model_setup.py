@@ -50,6 +50,8 @@ def runtime_model_config(config: ExperimentConfig, runtime: Runtime) -> GRTransf
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        context_parallel_split_threshold=parallel.context_parallel_split_threshold,
         bf16=runtime.bf16,
         params_dtype=runtime.params_dtype,
         pipeline_dtype=runtime.params_dtype,
@@ -147,12 +149,13 @@ def _item_table(config: ExperimentConfig, model_config: GRTransformerConfig, run
     are checked at config load: ``ExperimentConfig``)."""
     table_config = config.embeddings["item"]
     if table_config.type == "dynamic":
-        # Sharded over the data-parallel group; tensor-parallel ranks keep identical copies.
+        # Sharded over the data- and context-parallel ranks (each looks up its own tokens);
+        # tensor-parallel ranks keep identical copies.
         collection = DynamicEmbeddingCollection(
             {"item": table_config},
             default_seed=config.training.seed,
             device=runtime.device,
-            group=parallel_state.get_data_parallel_group(),
+            group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
         return DynamicEmbedding(model_config, collection, "item")
     num_embeddings = table_config.num_embeddings or num_items + 1

@@ -48,9 +48,9 @@ class SparseTables:
 
     def __init__(self, model_chunks):
         self.tables = dynamic_tables(model_chunks)
-        # A row lives on one data-parallel rank: its norm share is summed over that group
-        # (tensor-parallel ranks hold copies and must not count them twice).
-        self.group = parallel_state.get_data_parallel_group() if self.tables else None
+        # A row lives on one data- or context-parallel rank: its norm share is summed over
+        # that group (tensor-parallel ranks hold copies and must not count them twice).
+        self.group = parallel_state.get_data_parallel_group(with_context_parallel=True) if self.tables else None
 
     def step(self, optimizer) -> tuple[bool, float | None]:
         """megatron's optimizer step (as ``ChainedOptimizer.step``) with the rows included

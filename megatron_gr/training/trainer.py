@@ -47,6 +47,7 @@ class Trainer:
             config.training,
             tensor_parallel_size=config.parallel.tensor_model_parallel_size,
             pipeline_parallel_size=config.parallel.pipeline_model_parallel_size,
+            context_parallel_size=config.parallel.context_parallel_size,
         )
         self.split = build_split(config.data)
         self.num_items = self.split.sequences.num_items
@@ -131,7 +132,9 @@ class Trainer:
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
                 totals[:2] += out["loss_sum_and_tokens"]
-        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and (
+            parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
+        ):
             totals[2] = sum(b.num_tokens for b in batches)
         dist.all_reduce(totals)
         elapsed = time.perf_counter() - start

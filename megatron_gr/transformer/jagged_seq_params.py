@@ -19,6 +19,9 @@ class JaggedSeqParams(PackedSeqParams):
     num_targets: Optional[torch.Tensor] = None  # [B] int64, target tokens at each sequence end
     # Per-batch values that every layer would otherwise recompute (e.g. bias bucket ids).
     cache: dict[str, Any] = field(default_factory=dict)
+    # Context parallelism: the keys of other ranks the layers' attention needs (a
+    # transformer.context_parallel.ContextAttention); None: sequences are whole here.
+    context_parallel: Optional[Any] = None
 
     @classmethod
     def from_offsets(
