@@ -20,7 +20,6 @@ import torch
 
 from megatron_gr.ops.bucket_lookup import bucket_lookup
 from megatron_gr.ops.jagged import jagged_to_padded
-from megatron_gr.ops.key_layout import KeyLayout
 from megatron_gr.ops.time_buckets import bucketize_time_gaps
 
 TIME_BUCKET_FNS = ("sqrt", "log")
@@ -90,24 +89,28 @@ def dense_relative_bias(bias: RelativeBiasInputs, offsets: torch.Tensor, max_len
     )
 
 
-def dense_relative_bias_between(
-    bias: RelativeBiasInputs, offsets: torch.Tensor, max_len: int, keys: KeyLayout
+def relative_bias_between(
+    bias: RelativeBiasInputs,
+    rows: torch.Tensor,
+    query_timestamps: torch.Tensor,
+    key_timestamps: torch.Tensor,
+    *,
+    cache_key: Any = None,
 ) -> torch.Tensor:
-    """The bias ``[S, NQ, NK]`` of query segments (``offsets``, at most ``max_len`` = NQ
-    queries) against their keys (``keys``, NK = ``keys.max_key_len``), at the positions
-    ``keys`` gives them; differentiable in both weight vectors."""
-    num_keys = keys.max_key_len
-    key = ("relative_bias_between", max_len, num_keys, bias.position_weights.numel(), bias.time_weights.numel(), bias.time_bucket_fn)
-    if bias.cache is not None and key in bias.cache:
+    """The bias ``[n, m]`` of ``n`` queries at sequence positions ``rows`` against the keys
+    at positions ``0..m-1``, from their timestamps (``[n]``, ``[m]``); float32 (float64 for
+    float64 weights), differentiable in both weight vectors. ``cache_key`` names the bucket
+    ids in ``bias.cache``, where every layer finds them."""
+    key = ("relative_bias_between", cache_key, bias.position_weights.numel(), bias.time_weights.numel(), bias.time_bucket_fn)
+    cached = bias.cache is not None and cache_key is not None
+    if cached and key in bias.cache:
         position, time = bias.cache[key]
     else:
-        rows = keys.query_start.view(-1, 1, 1) + torch.arange(max_len, device=offsets.device).view(1, -1, 1)
-        cols = torch.arange(num_keys, device=offsets.device).view(1, 1, -1)
-        position = (rows - cols).abs().clamp(max=bias.position_weights.numel() - 1)  # [S, NQ, NK]
-        ts_q = jagged_to_padded(bias.timestamps, offsets, max_len)  # [S, NQ]
-        ts_k = jagged_to_padded(keys.key_timestamps, keys.key_offsets, num_keys)  # [S, NK]
-        time = bucketize_time_gaps(ts_q.unsqueeze(2) - ts_k.unsqueeze(1), bias.time_weights.numel(), bias.time_bucket_fn)
-        if bias.cache is not None:
+        cols = torch.arange(key_timestamps.numel(), device=rows.device, dtype=rows.dtype)
+        position = (rows.view(-1, 1) - cols.view(1, -1)).abs().clamp(max=bias.position_weights.numel() - 1)
+        gaps = query_timestamps.view(-1, 1) - key_timestamps.view(1, -1)
+        time = bucketize_time_gaps(gaps, bias.time_weights.numel(), bias.time_bucket_fn)
+        if cached:
             bias.cache[key] = (position, time)
     compute = torch.promote_types(bias.position_weights.dtype, torch.float32)
     return bucket_lookup(bias.position_weights.to(compute), position) + bucket_lookup(bias.time_weights.to(compute), time)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron_gr.ops.attention_mask import allowed_pairs, attention_mask
 from megatron_gr.ops.jagged import jagged_to_padded, padded_to_jagged
 from megatron_gr.ops.key_layout import KeyLayout
-from megatron_gr.ops.relative_bias import RelativeBiasInputs, dense_relative_bias, dense_relative_bias_between
+from megatron_gr.ops.relative_bias import RelativeBiasInputs, dense_relative_bias, relative_bias_between
 
 
 def pytorch_hstu_attention(
@@ -40,17 +40,17 @@ def pytorch_hstu_attention(
     max_len: Optional[int] = None,
     key_layout: Optional[KeyLayout] = None,
 ) -> torch.Tensor:
-    num_tokens = q.shape[0]
-    lengths = offsets[1:] - offsets[:-1]
-    n = max_len if max_len is not None else (int(lengths.max()) if lengths.numel() else 0)
     mask_args = dict(
         causal=causal, max_attn_len=max_attn_len, contextual_len=contextual_len, global_prefix_len=global_prefix_len
     )
     if key_layout is not None:
         return _attention_between(
-            q, k, v, offsets, n, key_layout, max_seq_len=max_seq_len, alpha=alpha, normalizer=normalizer,
+            q, k, v, offsets, key_layout, max_seq_len=max_seq_len, alpha=alpha, normalizer=normalizer,
             num_targets=num_targets, relative_bias=relative_bias, mask_args=mask_args,
         )
+    num_tokens = q.shape[0]
+    lengths = offsets[1:] - offsets[:-1]
+    n = max_len if max_len is not None else (int(lengths.max()) if lengths.numel() else 0)
     compute = torch.promote_types(q.dtype, torch.float32)
     qp = jagged_to_padded(q.to(compute), offsets, n)  # [B, N, H, Dqk]
     kp = jagged_to_padded(k.to(compute), offsets, n)  # [B, N, H, Dqk]
@@ -69,34 +69,35 @@ def pytorch_hstu_attention(
 
 
 def _attention_between(
-    q, k, v, offsets, max_len, keys: KeyLayout, *, max_seq_len, alpha, normalizer, num_targets, relative_bias, mask_args
+    q, k, v, offsets, keys: KeyLayout, *, max_seq_len, alpha, normalizer, num_targets, relative_bias, mask_args
 ) -> torch.Tensor:
-    """Query segments against their own keys (see :class:`KeyLayout`), pair by pair."""
-    num_keys = keys.max_key_len
+    """Query segments against their own keys (see :class:`KeyLayout`), one segment at a
+    time: context-parallel segments differ in size by orders of magnitude (a chunk of a long
+    history beside whole short sequences), so padding them to one shape would waste most of
+    the work."""
     compute = torch.promote_types(q.dtype, torch.float32)
-    qp = jagged_to_padded(q.to(compute), offsets, max_len)  # [S, NQ, H, Dqk]
-    kp = jagged_to_padded(k.to(compute), keys.key_offsets, num_keys)  # [S, NK, H, Dqk]
-    vp = jagged_to_padded(v.to(compute), keys.key_offsets, num_keys)  # [S, NK, H, Dv]
-    scores = torch.einsum("sihd,sjhd->shij", qp, kp) * alpha  # [S, H, NQ, NK]
-    if relative_bias is not None:
-        scores = scores + dense_relative_bias_between(relative_bias, offsets, max_len, keys)[:, None].to(compute)
-    device = offsets.device
-    query_len = (offsets[1:] - offsets[:-1]).view(-1, 1, 1)
-    key_len = (keys.key_offsets[1:] - keys.key_offsets[:-1]).view(-1, 1, 1)
-    rows = torch.arange(max_len, device=device).view(1, -1, 1)  # [1, NQ, 1] within the segment
-    cols = torch.arange(num_keys, device=device).view(1, 1, -1)  # [1, 1, NK] = key positions
-    mask = allowed_pairs(
-        keys.query_start.view(-1, 1, 1) + rows, cols, keys.seq_lengths.view(-1, 1, 1),
-        num_targets=num_targets.view(-1, 1, 1) if num_targets is not None else None, **mask_args,
-    )
-    mask = mask & (rows < query_len) & (cols < key_len)  # [S, NQ, NK]
-    weights = F.silu(scores) * mask[:, None]
-    if normalizer == "max_seq_len":
-        weights = weights / max_seq_len
-    else:
-        weights = weights / keys.seq_lengths.clamp(min=1).view(-1, 1, 1, 1).to(weights.dtype)
-    out = torch.einsum("shij,sjhd->sihd", weights, vp)  # [S, NQ, H, Dv]
-    return padded_to_jagged(out, offsets, q.shape[0]).to(v.dtype)
+    query_at, key_at = offsets.tolist(), keys.key_offsets.tolist()
+    starts, lengths = keys.query_start.tolist(), keys.seq_lengths.tolist()
+    targets = num_targets.tolist() if num_targets is not None else [0] * len(starts)
+    outs = []
+    for s, (start, length) in enumerate(zip(starts, lengths)):
+        queries, keys_here = slice(query_at[s], query_at[s + 1]), slice(key_at[s], key_at[s + 1])
+        qs, ks, vs = q[queries].to(compute), k[keys_here].to(compute), v[keys_here].to(compute)
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * alpha  # [H, n, m]
+        rows = start + torch.arange(qs.shape[0], device=q.device)  # positions in the sequence
+        cols = torch.arange(ks.shape[0], device=q.device)
+        if relative_bias is not None:
+            bias = relative_bias_between(
+                relative_bias, rows, relative_bias.timestamps[queries], keys.key_timestamps[keys_here], cache_key=s
+            )
+            scores = scores + bias.to(compute)
+        mask = allowed_pairs(rows.view(-1, 1), cols.view(1, -1), torch.tensor(length, device=q.device),
+                             num_targets=torch.tensor(targets[s], device=q.device), **mask_args)  # [n, m]
+        scale = max_seq_len if normalizer == "max_seq_len" else max(length, 1)
+        weights = F.silu(scores) * mask / scale
+        outs.append(torch.einsum("hij,jhd->ihd", weights, vs))  # [n, H, Dv]
+    out = torch.cat(outs) if outs else v.new_zeros(0, v.shape[1], v.shape[2], dtype=compute)
+    return out.to(v.dtype)
 
 
 def pytorch_hstu_attention_backward(grad_out: torch.Tensor, q, k, v, offsets, **kwargs) -> tuple:

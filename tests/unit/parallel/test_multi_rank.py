@@ -1,10 +1,15 @@
 """Every parallel layout trains the single-rank model: TP=2 with and without sequence
-parallelism, PP=2, DP=2 (distributed optimizer), TP=2 x PP=2 and PP=2 x DP=2 reproduce the
-single-rank losses, gradient norms and every parameter's gradient (fp32, jagged batches
-of very different lengths, gradient accumulation over micro-batches, clipping active) over
-several steps, evaluate to the same metrics, and checkpoints saved under one layout load
-under another with the same metrics and the same next losses. PP=2 x DP=2 runs with the
-GPU settings (overlapped gradient reduction and weight all-gather, several buckets).
+parallelism, PP=2, DP=2 (distributed optimizer), TP=2 x PP=2 and PP=2 x DP=2, and context
+parallelism CP=2 alone and with TP=2 + SP, PP=2 and DP=2, reproduce the single-rank losses,
+gradient norms and every parameter's gradient (fp32, jagged batches of very different
+lengths, gradient accumulation over micro-batches, clipping active) over several steps,
+evaluate to the same metrics, and checkpoints saved under one layout load under another
+with the same metrics and the same next losses (CP=2 -> one rank, TP=2 x PP=2 -> CP=2).
+PP=2 x DP=2 and CP=2 x DP=2 run with the GPU settings (overlapped gradient reduction and
+weight all-gather, several buckets). Under CP the histories of 2 to 32 tokens are split over
+the two ranks above 8 tokens and placed whole below, so every micro-batch mixes both.
+CP=2 and CP=2 x TP=2 also reproduce one rank on histories of 2k-8k tokens with every mask
+the model has (tests/unit/parallel/long_histories.py).
 
 Ranks are gloo processes started with torchrun: one launch of 4 ranks, then one of 2 ranks
 (it loads a checkpoint the 4-rank launch saved). Single-rank references run in-process.
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.parallel.long_histories import long_scenario
 from tests.unit.parallel.scenarios import run_scenario
 
 pytestmark = pytest.mark.slow
@@ -40,6 +46,8 @@ WEIGHT_ATOL = 1e-6
 # The GPU defaults under data parallelism: gradient reduction and weight all-gather
 # overlapped, and buckets small enough that several reductions run during the backward.
 OVERLAP = {"overlap_grad_reduce": True, "overlap_param_gather": True, "ddp_bucket_size": 2000}
+# Context parallelism over two ranks; histories longer than 8 tokens are split.
+CP = {"context_parallel_size": 2, "context_parallel_split_threshold": 8}
 
 
 def config(tmp: Path, name: str, *, tp=1, pp=1, sp=False, load=None, save=None, **parallel) -> dict:
@@ -92,6 +100,12 @@ def records(megatron_cpu, tmp_path_factory):
     four = launch(tmp, 4, [
         saving(tmp, "tp2_pp2_sp", tmp / "ckpt_tp2pp2", tp=2, pp=2, sp=True),
         saving(tmp, "pp2_dp2", tmp / "ckpt_pp2dp2", pp=2, **OVERLAP),
+        parity(tmp, "cp2_tp2_sp", tp=2, sp=True, **CP),
+        parity(tmp, "cp2_pp2", pp=2, **CP),
+        parity(tmp, "cp2_dp2", **CP, **OVERLAP),
+        long_scenario(tmp, "long_sla_cp2_tp2_sp", "sla", tensor_model_parallel_size=2, sequence_parallel=True,
+                      context_parallel_size=2),
+        long_scenario(tmp, "long_window_cp2_tp2", "window", tensor_model_parallel_size=2, context_parallel_size=2),
     ])
     two = launch(tmp, 2, [
         parity(tmp, "tp2", tp=2),
@@ -99,23 +113,34 @@ def records(megatron_cpu, tmp_path_factory):
         parity(tmp, "pp2", pp=2),
         parity(tmp, "dp2"),
         resuming(tmp, "tp2pp2_to_pp2", tmp / "ckpt_tp2pp2", pp=2),
+        saving(tmp, "cp2", tmp / "ckpt_cp2", **CP),
+        resuming(tmp, "tp2pp2_to_cp2", tmp / "ckpt_tp2pp2", **CP),
+        long_scenario(tmp, "long_sla_cp2", "sla", context_parallel_size=2),
+        long_scenario(tmp, "long_window_cp2", "window", context_parallel_size=2),
     ])
     single = {
         "single": run_scenario({"name": "single", "config": config(tmp, "single"), "steps": STEPS,
                                 "evaluate": True, "steps_after": AFTER}),
         "tp2pp2_to_single": run_scenario(resuming(tmp, "tp2pp2_to_single", tmp / "ckpt_tp2pp2")),
         "pp2dp2_to_single": run_scenario(resuming(tmp, "pp2dp2_to_single", tmp / "ckpt_pp2dp2")),
+        "cp2_to_single": run_scenario(resuming(tmp, "cp2_to_single", tmp / "ckpt_cp2")),
+        "long_sla": run_scenario(long_scenario(tmp, "long_sla", "sla")),
+        "long_window": run_scenario(long_scenario(tmp, "long_window", "window")),
     }
     return {**four, **two, **single}
 
 
-LAYOUTS = {  # name: (tp, pp, dp); every layout uses the distributed optimizer
-    "tp2": (2, 1, 1),
-    "tp2_sp": (2, 1, 1),
-    "pp2": (1, 2, 1),
-    "dp2": (1, 1, 2),
-    "tp2_pp2_sp": (2, 2, 1),
-    "pp2_dp2": (1, 2, 2),
+LAYOUTS = {  # name: (tp, pp, dp, cp); every layout uses the distributed optimizer
+    "tp2": (2, 1, 1, 1),
+    "tp2_sp": (2, 1, 1, 1),
+    "pp2": (1, 2, 1, 1),
+    "dp2": (1, 1, 2, 1),
+    "tp2_pp2_sp": (2, 2, 1, 1),
+    "pp2_dp2": (1, 2, 2, 1),
+    "cp2": (1, 1, 1, 2),
+    "cp2_tp2_sp": (2, 1, 1, 2),
+    "cp2_pp2": (1, 2, 1, 2),
+    "cp2_dp2": (1, 1, 2, 2),
 }
 
 
@@ -134,8 +159,8 @@ def assert_tensors_close(actual: dict, expected: dict, what: str, *, atol: float
 def test_layout_reproduces_single_rank(records, name):
     run, single = records[name], records["single"]
     layout = run["layout"]
-    assert (layout["tp"], layout["pp"], layout["dp"]) == LAYOUTS[name] and layout["distributed_optimizer"]
-    if name == "pp2_dp2":
+    assert (layout["tp"], layout["pp"], layout["dp"], layout["cp"]) == LAYOUTS[name] and layout["distributed_optimizer"]
+    if name in ("pp2_dp2", "cp2_dp2"):
         assert layout["overlap_grad_reduce"] and layout["overlap_param_gather"] and layout["buckets"] > 2
     steps = len(run["losses"])  # STEPS, or STEPS + AFTER for the layouts that also saved
     assert run["losses"] == pytest.approx(single["losses"][:steps], rel=LOSS_RTOL)
@@ -146,8 +171,25 @@ def test_layout_reproduces_single_rank(records, name):
     assert run["valid"] == pytest.approx(single["valid"], rel=1e-6)
 
 
+@pytest.mark.parametrize("name, single, layout", [
+    ("long_sla_cp2", "long_sla", (1, 2)), ("long_sla_cp2_tp2_sp", "long_sla", (2, 2)),
+    ("long_window_cp2", "long_window", (1, 2)), ("long_window_cp2_tp2", "long_window", (2, 2)),
+])
+def test_long_histories_reproduce_single_rank(records, name, single, layout):
+    """Histories of 2k-8k tokens split over the ranks, semi-local attention with the
+    relative bias, and a local window: loss, gradient norm, every gradient and the weights
+    after the step."""
+    run, single = records[name], records[single]
+    assert (run["layout"]["tp"], run["layout"]["cp"]) == layout
+    assert run["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
+    assert run["grad_norms"] == pytest.approx(single["grad_norms"], rel=LOSS_RTOL)
+    assert_tensors_close(run["grads"][0], single["grads"][0], "gradient", rtol=GRAD_RTOL)
+    assert_tensors_close(run["params"], single["params"], "weight", atol=WEIGHT_ATOL)
+
+
 @pytest.mark.parametrize("saved, loaded", [
     ("tp2_pp2_sp", "tp2pp2_to_single"), ("tp2_pp2_sp", "tp2pp2_to_pp2"), ("pp2_dp2", "pp2dp2_to_single"),
+    ("cp2", "cp2_to_single"), ("tp2_pp2_sp", "tp2pp2_to_cp2"),
 ])
 def test_checkpoint_loads_under_another_layout(records, saved, loaded):
     """Model and optimizer state (distributed optimizer shards included) reshard: the loaded
