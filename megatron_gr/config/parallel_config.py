@@ -45,20 +45,20 @@ class ParallelConfig:
     lengths). At least 2 x context_parallel_size (every chunk a token or more)."""
 
     use_distributed_optimizer: bool = True
-    """Shard optimizer state and fp32 main weights over data-parallel ranks (megatron's
-    DistributedOptimizer; gradients are reduce-scattered, weights all-gathered); with one
-    data-parallel rank the shard is everything. Its checkpoints load under any layout with
+    """Shard optimizer state and fp32 main weights over data- and context-parallel ranks
+    (megatron's DistributedOptimizer; gradients are reduce-scattered, weights all-gathered);
+    with one such rank the shard is everything. Its checkpoints load under any layout with
     this setting on; megatron's other optimizers store their state differently, so a
     checkpoint loads only into a run with the same setting."""
 
     overlap_grad_reduce: Optional[bool] = None
     """Reduce gradients bucket by bucket while the backward pass runs. None: on for GPU runs
-    with more than one data-parallel rank."""
+    with more than one data- or context-parallel rank."""
 
     overlap_param_gather: Optional[bool] = None
     """With the distributed optimizer, all-gather updated weights during the next forward
     pass instead of right after the optimizer step. None: on for GPU runs with more than one
-    data-parallel rank."""
+    data- or context-parallel rank."""
 
     ddp_bucket_size: Optional[int] = None
     """Parameters per gradient-reduction bucket; smaller buckets start reducing earlier in

@@ -101,7 +101,9 @@ class HSTURetrievalModel(MegatronModule):
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
         shard = self._shard(batch)
-        tokens = TokenSplit.for_tokens(shard.num_tokens(batch.num_tokens), self.token_group)
+        tokens = TokenSplit.for_tokens(
+            shard.num_tokens(batch.num_tokens), self.token_group, never_empty=self.context_group is not None
+        )
         params = shard.seq_params(tokens, batch.offsets, batch.max_len, timestamps=batch.timestamps)
         hidden = None
         if self.pre_process:

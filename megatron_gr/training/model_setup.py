@@ -187,9 +187,10 @@ def _tie_item_tables(model: HSTURetrievalModel) -> None:
 
 
 def _ddp_config(parallel: ParallelConfig, runtime: Runtime) -> DistributedDataParallelConfig:
-    """Gradient reduction over data-parallel ranks: fp32 buffers; the distributed optimizer
-    and the overlaps where they pay off (see ``ParallelConfig``)."""
-    data_parallel = parallel_state.get_data_parallel_world_size() > 1
+    """Gradient reduction over data- and context-parallel ranks (megatron's DDP reduces over
+    both): fp32 buffers; the distributed optimizer and the overlaps where they pay off (see
+    ``ParallelConfig``)."""
+    data_parallel = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
     distributed_optimizer = parallel.use_distributed_optimizer
     gpu_default = runtime.device.type == "cuda" and data_parallel
     overlap_grad_reduce = parallel.overlap_grad_reduce

@@ -157,6 +157,14 @@ def hstu_bwd_dkdv_kernel(
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     n0 = pid_n * BLOCK_N
     if SHARDED:
+        # Rows are positions in sequences of up to millions of tokens: 64-bit row offsets.
+        stride_qt = tl.cast(stride_qt, tl.int64)
+        stride_kt = tl.cast(stride_kt, tl.int64)
+        stride_vt = tl.cast(stride_vt, tl.int64)
+        stride_dot = tl.cast(stride_dot, tl.int64)
+        stride_dqt = tl.cast(stride_dqt, tl.int64)
+        stride_dkt = tl.cast(stride_dkt, tl.int64)
+        stride_dvt = tl.cast(stride_dvt, tl.int64)
         p0 = tl.load(QueryStart + b).to(tl.int32)
         LQ = p0 + L
         L = tl.load(SeqLengths + b).to(tl.int32)
@@ -300,6 +308,12 @@ def hstu_bwd_dq_kernel(
     start = tl.load(Offsets + b).to(tl.int64)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     if SHARDED:
+        # Rows are positions in sequences of up to millions of tokens: 64-bit row offsets.
+        stride_qt = tl.cast(stride_qt, tl.int64)
+        stride_kt = tl.cast(stride_kt, tl.int64)
+        stride_vt = tl.cast(stride_vt, tl.int64)
+        stride_dot = tl.cast(stride_dot, tl.int64)
+        stride_dqt = tl.cast(stride_dqt, tl.int64)
         p0 = tl.load(QueryStart + b).to(tl.int32)
         LQ = p0 + L
         L = tl.load(SeqLengths + b).to(tl.int32)

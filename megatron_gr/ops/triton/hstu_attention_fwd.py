@@ -75,6 +75,11 @@ def hstu_fwd_kernel(
     start = tl.load(Offsets + b).to(tl.int64)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     if SHARDED:
+        # Rows are positions in sequences of up to millions of tokens: 64-bit row offsets.
+        stride_qt = tl.cast(stride_qt, tl.int64)
+        stride_kt = tl.cast(stride_kt, tl.int64)
+        stride_vt = tl.cast(stride_vt, tl.int64)
+        stride_ot = tl.cast(stride_ot, tl.int64)
         p0 = tl.load(QueryStart + b).to(tl.int32)
         LQ = p0 + L
         L = tl.load(SeqLengths + b).to(tl.int32)

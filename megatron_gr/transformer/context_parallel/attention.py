@@ -14,7 +14,9 @@ need no rescaling or merging. Per STU layer and micro-batch:
                their owners
 
 Key gradients are summed in float32 (16-bit partial sums from several ranks would be
-rounded once more than the single-rank kernel's) and without atomics.
+rounded once more than the single-rank kernel's) and without atomics. The gathered keys and
+their gradients are O(L) buffers on every rank (L the longest split sequence), alive during
+one layer's attention; a ring exchange overlapped with compute would bound them by O(L / CP).
 """
 
 from __future__ import annotations
@@ -58,14 +60,15 @@ class ContextAttention:
     def gather_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local ``[T, H, Dqk]`` / ``[T, H, Dv]`` -> the keys and values of every query segment
         ``[Tk, H, D]``."""
-        dqk = k.shape[2]
-        rows = torch.cat([k, v], dim=-1)  # [T, H, Dqk + Dv]: one collective for both
+        dqk, size = k.shape[2], self.group.size()
+        # Local rows, then the gathered ones: K and V side by side, one collective for both.
+        rows = k.new_empty(self.num_local + self.send_len * size, k.shape[1], dqk + v.shape[2])
+        rows[: self.num_local, :, :dqk] = k
+        rows[: self.num_local, :, dqk:] = v
         if self.send_len:
             send = rows.new_zeros(self.send_len, *rows.shape[1:])
             send[: self.send_index.numel()] = rows[self.send_index]
-            gathered = rows.new_empty(self.send_len * self.group.size(), *rows.shape[1:])
-            dist.all_gather_into_tensor(gathered, send, group=self.group)
-            rows = torch.cat([rows, gathered])
+            dist.all_gather_into_tensor(rows[self.num_local :], send, group=self.group)
         keys = rows[self.key_source]
         return keys[..., :dqk], keys[..., dqk:]
 
@@ -73,13 +76,14 @@ class ContextAttention:
         """Gradients of the gathered keys ``[Tk, H, D]`` -> gradients of the local rows: each
         key's gradient added to its row, the gathered rows' sums reduce-scattered to the
         ranks that own them."""
-        dqk = dk.shape[2]
+        dqk, size = dk.shape[2], self.group.size()
         accumulate = torch.promote_types(dk.dtype, torch.float32)
-        grads = torch.cat([dk, dv], dim=-1).to(accumulate)  # [Tk, H, Dqk + Dv]
-        total = grads.new_zeros(self.num_local + self.send_len * self.group.size(), *grads.shape[1:])
+        total = dk.new_zeros(self.num_local + self.send_len * size, dk.shape[1], dqk + dv.shape[2], dtype=accumulate)
         first, second = self.first_slots, self.second_slots
-        total.index_copy_(0, self.key_source[first], grads[first])
-        total.index_add_(0, self.key_source[second], grads[second])  # distinct rows: no races
+        for grad, columns in ((dk, slice(0, dqk)), (dv, slice(dqk, None))):
+            rows = total[:, :, columns]
+            rows.index_copy_(0, self.key_source[first], grad[first].to(accumulate))
+            rows.index_add_(0, self.key_source[second], grad[second].to(accumulate))  # distinct rows: no races
         local = total[: self.num_local]
         if self.send_len:
             mine = total.new_empty(self.send_len, *total.shape[1:])
@@ -106,6 +110,7 @@ class _ContextParallelAttention(torch.autograd.Function):
         dq, dkeys, dvalues, d_pos, d_time = hstu_attention_backward(
             grad_out, q, keys, values, offsets, key_layout=exchange.key_layout, **ctx.kwargs
         )
+        del keys, values  # before the key gradients' buffers
         dk, dv = exchange.scatter_key_grads(dkeys, dvalues, k.dtype)
         return dq, dk, dv, d_pos, d_time, None, None, None
 

@@ -1,7 +1,9 @@
 """The HSTU retrieval model with a dynamic (hash-table) item table trains the single-rank
 model under TP=2 x DP=2 with sequence parallelism and the distributed optimizer: the rows
 are sharded over the two data-parallel ranks and copied on the two tensor-parallel ranks
-(losses, gradient norms, every dense gradient, dense weights, every row, metrics). A
+(losses, gradient norms, every dense gradient, dense weights, every row, metrics). Under
+TP=2 x CP=2 with sequence parallelism the rows are sharded over the two context-parallel
+ranks, each looking up its own tokens. A
 checkpoint saved there (dense state in the dist checkpoint, rows in files written by
 tensor-parallel rank 0) loads into one rank with the same weights, rows, metrics and next
 losses. Pipeline parallelism with a dynamic table is rejected at config load
@@ -45,6 +47,8 @@ def records(megatron_cpu, tmp_path_factory):
     four = launch(tmp, 4, [
         {"name": "tp2_dp2_sp", "config": config(tmp, "tp2_dp2_sp", tp=2, sp=True, save=ckpt), "steps": STEPS,
          "evaluate": True, "save": True, "steps_after": AFTER},
+        {"name": "tp2_cp2_sp", "config": config(tmp, "tp2_cp2_sp", tp=2, sp=True, context_parallel_size=2,
+                                                 context_parallel_split_threshold=8), "steps": STEPS, "evaluate": True},
     ])
     single = run_scenario({"name": "single", "config": config(tmp, "single"), "steps": STEPS, "evaluate": True,
                            "steps_after": AFTER})
@@ -64,10 +68,10 @@ def assert_rows_close(actual: dict, expected: dict) -> None:
         assert error <= ROW_ATOL, f"dynamic table {name}: rows differ by {error:.2e}"
 
 
-def test_tp2_dp2_with_a_dynamic_table_reproduces_single_rank(records):
-    run, single = records["tp2_dp2_sp"], records["single"]
-    layout = run["layout"]
-    assert (layout["tp"], layout["pp"], layout["dp"]) == (2, 1, 2) and layout["distributed_optimizer"]
+@pytest.mark.parametrize("name, layout", [("tp2_dp2_sp", (2, 1, 2, 1)), ("tp2_cp2_sp", (2, 1, 1, 2))])
+def test_layout_with_a_dynamic_table_reproduces_single_rank(records, name, layout):
+    run, single = records[name], records["single"]
+    assert tuple(run["layout"][k] for k in ("tp", "pp", "dp", "cp")) == layout and run["layout"]["distributed_optimizer"]
     assert len(single["rows"]["item"]) > 30  # the run stores many rows
     assert run["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
     assert run["grad_norms"] == pytest.approx(single["grad_norms"], rel=LOSS_RTOL)

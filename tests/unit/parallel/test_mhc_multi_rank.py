@@ -1,7 +1,7 @@
 """The HSTU retrieval model with hyper-connections (n = 3) and mHC recompute trains the
-single-rank model without recompute under TP=2 with sequence parallelism, DP=2, PP=2 and
-TP=2 x PP=2 with sequence parallelism (losses, gradient norms, every parameter's gradient
-over several steps, metrics), and checkpoints saved under TP=2 + SP and TP=2 x PP=2 + SP
+single-rank model without recompute under TP=2 with sequence parallelism, DP=2, PP=2,
+TP=2 x PP=2 with sequence parallelism and CP=2 (losses, gradient norms, every parameter's
+gradient over several steps, metrics), and checkpoints saved under TP=2 + SP and TP=2 x PP=2 + SP
 load under other layouts (one rank; PP=2) with the same metrics and next losses.
 
 Pipeline stages exchange the n streams, ``[T, 1, n C]`` (``[T / 2, 1, n C]`` under
@@ -66,6 +66,8 @@ def records(megatron_cpu, tmp_path_factory):
         saving(tmp, "tp2_sp", tp2_sp, tp=2, sp=True),
         {"name": "dp2", "config": config(tmp, "dp2"), "steps": STEPS, "evaluate": True},
         {"name": "pp2", "config": config(tmp, "pp2", pp=2, recompute=default_blocks), "steps": STEPS, "evaluate": True},
+        {"name": "cp2", "config": config(tmp, "cp2", context_parallel_size=2, context_parallel_split_threshold=8),
+         "steps": STEPS, "evaluate": True},
         resuming(tmp, "tp2pp2_to_pp2", tp2_pp2, pp=2),
     ])
     single = {
@@ -78,11 +80,12 @@ def records(megatron_cpu, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, layout", [
-    ("tp2_sp", (2, 1, 1)), ("dp2", (1, 1, 2)), ("pp2", (1, 2, 1)), ("tp2_pp2_sp", (2, 2, 1)),
+    ("tp2_sp", (2, 1, 1, 1)), ("dp2", (1, 1, 2, 1)), ("pp2", (1, 2, 1, 1)), ("tp2_pp2_sp", (2, 2, 1, 1)),
+    ("cp2", (1, 1, 1, 2)),
 ])
 def test_mhc_layout_reproduces_single_rank(records, name, layout):
     run, single = records[name], records["single"]
-    assert (run["layout"]["tp"], run["layout"]["pp"], run["layout"]["dp"]) == layout
+    assert tuple(run["layout"][k] for k in ("tp", "pp", "dp", "cp")) == layout
     steps = len(run["losses"])
     assert run["losses"] == pytest.approx(single["losses"][:steps], rel=LOSS_RTOL)
     assert run["grad_norms"] == pytest.approx(single["grad_norms"][:steps], rel=LOSS_RTOL)

@@ -48,6 +48,11 @@ WEIGHT_ATOL = 1e-6
 OVERLAP = {"overlap_grad_reduce": True, "overlap_param_gather": True, "ddp_bucket_size": 2000}
 # Context parallelism over two ranks; histories longer than 8 tokens are split.
 CP = {"context_parallel_size": 2, "context_parallel_split_threshold": 8}
+# Histories of thousands of tokens: the relative-bias weights' gradients sum ~10^7 pair
+# terms of both signs, in another order per layout. Seen under CP=2: within 8e-6 of the
+# tensor's largest entry (every other gradient within 4e-6); one chunk placed one
+# position off moves every gradient by 4e-2 (seen at the op level, 2200 tokens).
+LONG_GRAD_RTOL = 1e-4
 
 
 def config(tmp: Path, name: str, *, tp=1, pp=1, sp=False, load=None, save=None, **parallel) -> dict:
@@ -183,7 +188,7 @@ def test_long_histories_reproduce_single_rank(records, name, single, layout):
     assert (run["layout"]["tp"], run["layout"]["cp"]) == layout
     assert run["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
     assert run["grad_norms"] == pytest.approx(single["grad_norms"], rel=LOSS_RTOL)
-    assert_tensors_close(run["grads"][0], single["grads"][0], "gradient", rtol=GRAD_RTOL)
+    assert_tensors_close(run["grads"][0], single["grads"][0], "gradient", rtol=LONG_GRAD_RTOL)
     assert_tensors_close(run["params"], single["params"], "weight", atol=WEIGHT_ATOL)
 
 
