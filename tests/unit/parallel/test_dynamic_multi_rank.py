@@ -73,8 +73,9 @@ def test_layout_with_a_dynamic_table_reproduces_single_rank(records, name, layou
     run, single = records[name], records["single"]
     assert tuple(run["layout"][k] for k in ("tp", "pp", "dp", "cp")) == layout and run["layout"]["distributed_optimizer"]
     assert len(single["rows"]["item"]) > 30  # the run stores many rows
-    assert run["losses"] == pytest.approx(single["losses"], rel=LOSS_RTOL)
-    assert run["grad_norms"] == pytest.approx(single["grad_norms"], rel=LOSS_RTOL)
+    steps = len(run["losses"])  # STEPS + AFTER for the run that also saved
+    assert run["losses"] == pytest.approx(single["losses"][:steps], rel=LOSS_RTOL)
+    assert run["grad_norms"] == pytest.approx(single["grad_norms"][:steps], rel=LOSS_RTOL)
     for step in range(len(run["grads"])):
         assert_tensors_close(run["grads"][step], single["grads"][step], f"step {step + 1} gradient", rtol=GRAD_RTOL)
     assert_tensors_close(run["params"], single["params"], "weight", atol=WEIGHT_ATOL)
