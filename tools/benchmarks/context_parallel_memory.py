@@ -31,6 +31,7 @@ which is then run to confirm it (stepping down 5% on an out-of-memory error).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -113,6 +114,23 @@ def keep_inputs_attention(q, k, v, offsets, **kwargs):
     return _KeepInputsAttention.apply(q, k, v, offsets, kwargs)
 
 
+@contextlib.contextmanager
+def simulated_rank(device: str):
+    """The exchange's collectives as local copies; on the CPU, attention without context
+    parallelism keeping only its inputs. Restored on exit."""
+    from megatron_gr.transformer import stu_layer
+    from megatron_gr.transformer.context_parallel import attention
+
+    saved = attention.dist, stu_layer.hstu_attention
+    attention.dist = SimulatedCollectives()
+    if device == "cpu":
+        stu_layer.hstu_attention = keep_inputs_attention
+    try:
+        yield
+    finally:
+        attention.dist, stu_layer.hstu_attention = saved
+
+
 def experiment(args, length: int):
     from megatron_gr.config import ExperimentConfig
 
@@ -149,37 +167,43 @@ def step_memory(args, runtime, cp: int, length: int) -> dict:
     if cp > 1:
         unwrap(chunks[0]).context_group = SimulatedGroup(cp)
     batch = batch_of(length, args.num_items, runtime.device)
-    cuda = runtime.device.type == "cuda"
     record = {"cp": cp, "length": length, "tokens_per_rank": length // cp}
     try:
-        if cuda:
-            torch.cuda.synchronize()
-            static = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            loss = chunks[0](batch).sum()
-            held = torch.cuda.memory_allocated() - static
-            loss.backward()
-            optimizer.step()
-            torch.cuda.synchronize()
-            record.update(static=static, held=held, peak=torch.cuda.max_memory_allocated())
+        if runtime.device.type == "cuda":
+            record.update(_gpu_step(chunks, optimizer, batch))
         else:
-            # (megatron's DDP names its gradient buffers ``buffers``, hiding the module's)
-            existing = [t for chunk in chunks for t in (*chunk.parameters(), *torch.nn.Module.buffers(chunk))]
-            existing += [buffer.grad_data for chunk in chunks for buffer in chunk.buffers]
-            tracker = fresh_tensor_bytes(existing)
-            with tracker:
-                loss = chunks[0](batch).sum()
-                held = tracker.current()
-                loss.backward()
-            record.update(held=held, peak_step_tensors=tracker.peak)
+            record.update(_cpu_step(chunks, batch))
     except torch.OutOfMemoryError:
         record["out_of_memory"] = True
-    finally:
-        del chunks, optimizer, batch
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    del chunks, optimizer, batch
+    gc.collect()
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
     return record
+
+
+def _gpu_step(chunks, optimizer, batch) -> dict:
+    torch.cuda.synchronize()
+    static = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = chunks[0](batch).sum()
+    held = torch.cuda.memory_allocated() - static
+    loss.backward()
+    optimizer.step()
+    torch.cuda.synchronize()
+    return {"static": static, "held": held, "peak": torch.cuda.max_memory_allocated()}
+
+
+def _cpu_step(chunks, batch) -> dict:
+    # (megatron's DDP names its gradient buffers ``buffers``, hiding the module's)
+    existing = [t for chunk in chunks for t in (*chunk.parameters(), *torch.nn.Module.buffers(chunk))]
+    existing += [buffer.grad_data for chunk in chunks for buffer in chunk.buffers]
+    tracker = fresh_tensor_bytes(existing)
+    with tracker:
+        loss = chunks[0](batch).sum()
+        held = tracker.current()
+        loss.backward()
+    return {"held": held, "peak_step_tensors": tracker.peak}
 
 
 def search(args, runtime, cp: int) -> list[dict]:
@@ -204,8 +228,6 @@ def search(args, runtime, cp: int) -> list[dict]:
 def main() -> int:
     from megatron_gr.config import TrainingConfig
     from megatron_gr.training.runtime import initialize, shutdown
-    from megatron_gr.transformer import stu_layer
-    from megatron_gr.transformer.context_parallel import attention
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -220,19 +242,17 @@ def main() -> int:
     if args.search and args.device != "cuda":
         parser.error("--search needs --device cuda")
     runtime = initialize(TrainingConfig(device=args.device, seed=1))
-    attention.dist = SimulatedCollectives()
-    if args.device == "cpu":
-        stu_layer.hstu_attention = keep_inputs_attention
     results = []
-    for cp in (int(c) for c in args.cp.split(",")):
-        if args.search:
-            rows = search(args, runtime, cp)
-        else:
-            rows = [step_memory(args, runtime, cp, int(length)) for length in args.lengths.split(",")]
-        for row in rows:
-            print(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                              "model": args.model, **row}), flush=True)
-        results += rows
+    with simulated_rank(args.device):
+        for cp in (int(c) for c in args.cp.split(",")):
+            if args.search:
+                rows = search(args, runtime, cp)
+            else:
+                rows = [step_memory(args, runtime, cp, int(length)) for length in args.lengths.split(",")]
+            for row in rows:
+                print(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                                  "model": args.model, **row}), flush=True)
+            results += rows
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("".join(json.dumps({"model": args.model, **row}) + "\n" for row in results))
