@@ -108,6 +108,54 @@ def _chunks_of(rank: int, size: int) -> tuple[int, int]:
     return rank, 2 * size - 1 - rank
 
 
+def _send_offsets(bounds: dict, size: int) -> tuple[np.ndarray, int]:
+    """``[size, S + 1]``: where each rank's tokens of each split sequence start in its part of
+    the gathered buffer (its two chunks of every split sequence, in batch order), and the
+    buffer's part per rank (the most any rank sends)."""
+    sent = np.zeros((size, len(bounds)), dtype=np.int64)
+    for i, chunk_bounds in enumerate(bounds.values()):
+        chunk = np.diff(chunk_bounds)
+        for r in range(size):
+            sent[r, i] = sum(int(chunk[c]) for c in _chunks_of(r, size))
+    before = np.concatenate([np.zeros((size, 1), dtype=np.int64), np.cumsum(sent, axis=1)], axis=1)
+    return before, int(before[:, -1].max()) if bounds else 0
+
+
+def _segments(lengths, split, owners, bounds, rank: int, size: int) -> list[tuple[int, int, int, int]]:
+    """``(sequence, start, length, which)`` of the rank's segments in batch order; ``which``
+    is -1 for a whole sequence, 0 / 1 for the rank's first / second chunk of a split one."""
+    segments = []
+    for b in range(lengths.size):
+        if split[b]:
+            for which, c in enumerate(_chunks_of(rank, size)):
+                segments.append((b, int(bounds[b][c]), int(bounds[b][c + 1] - bounds[b][c]), which))
+        elif owners[b] == rank:
+            segments.append((b, 0, int(lengths[b]), -1))
+    return segments
+
+
+def _split_keys(keys, chunk_bounds, first_local: int, second_local: int, sent_before: np.ndarray, send_len: int,
+                rank: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the keys at positions ``keys`` of a split sequence come from: ``(source,
+    remote)``. Local keys are rows of the rank's two chunks (starting at local rows
+    ``first_local`` and ``second_local``); remote ones are slots of the gathered buffer, where
+    every sender put its lower chunk, then its upper one, after its earlier split sequences
+    (``sent_before[sender]`` tokens)."""
+    num_chunks = 2 * size
+    chunk = np.searchsorted(chunk_bounds, keys, side="right") - 1
+    owner = np.minimum(chunk, num_chunks - 1 - chunk)  # rank r holds chunks r and 2 CP - 1 - r
+    first_own, second_own = _chunks_of(rank, size)
+    local = np.where(
+        chunk == first_own,
+        first_local + keys - chunk_bounds[first_own],
+        second_local + keys - chunk_bounds[second_own],
+    )
+    lower_len = chunk_bounds[owner + 1] - chunk_bounds[owner]
+    within = np.where(chunk == owner, 0, lower_len) + keys - chunk_bounds[chunk]
+    remote = owner != rank
+    return np.where(remote, owner * send_len + sent_before[owner] + within, local), remote
+
+
 def plan_context_split(
     lengths, *, size: int, rank: int, split_threshold: int, causal: bool = True, contextual_len: int = 0
 ) -> ContextSplit:
@@ -122,33 +170,14 @@ def plan_context_split(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     split = (lengths > split_threshold) & (size > 1)
     owners = _whole_owners(lengths, ~split, size)
-    num_chunks = 2 * size
+    bounds = {int(b): _chunk_bounds(int(lengths[b]), 2 * size) for b in np.flatnonzero(split)}
+    sent_before, send_len = _send_offsets(bounds, size)
+    split_index = {b: i for i, b in enumerate(bounds)}
 
-    # Every rank's split tokens, sequence by sequence, in the gathered buffer's order.
-    split_ids = np.flatnonzero(split)
-    bounds = {int(b): _chunk_bounds(int(lengths[b]), num_chunks) for b in split_ids}
-    sent = np.zeros((size, split_ids.size), dtype=np.int64)  # [sender, split sequence] tokens
-    for i, b in enumerate(split_ids):
-        chunk = np.diff(bounds[int(b)])
-        for r in range(size):
-            sent[r, i] = sum(int(chunk[c]) for c in _chunks_of(r, size))
-    send_before = np.concatenate([np.zeros((size, 1), dtype=np.int64), np.cumsum(sent, axis=1)], axis=1)
-    send_len = int(send_before[:, -1].max()) if split_ids.size else 0
-    split_rank = {int(b): i for i, b in enumerate(split_ids)}
-
-    segments = []  # (sequence, start, length, which: -1 whole, 0 / 1 the rank's first / second chunk)
-    for b in range(lengths.size):
-        if split[b]:
-            for which, c in enumerate(_chunks_of(rank, size)):
-                segments.append((b, int(bounds[b][c]), int(bounds[b][c + 1] - bounds[b][c]), which))
-        elif owners[b] == rank:
-            segments.append((b, 0, int(lengths[b]), -1))
+    segments = _segments(lengths, split, owners, bounds, rank, size)
     seg = np.asarray(segments, dtype=np.int64).reshape(-1, 4)
     seq_of, start, length = seg[:, 0], seg[:, 1], seg[:, 2]
     local_start = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
-    token_index = np.concatenate(
-        [offsets[b] + np.arange(s, s + n, dtype=np.int64) for b, s, n, _ in segments] or [np.zeros(0, np.int64)]
-    )
     full = lengths[seq_of]
     if causal:
         key_length = np.minimum(full, np.maximum(start + length, contextual_len))
@@ -157,54 +186,42 @@ def plan_context_split(
     key_length = np.where(length > 0, key_length, 0)  # an empty chunk (L < 2 CP) needs no keys
 
     sources, remote, second, send = [], [], [], []
-    for s, (b, seg_start, n, which) in enumerate(segments):
+    for s, (b, _, n, which) in enumerate(segments):
         keys = np.arange(key_length[s], dtype=np.int64)
-        if not split[b]:  # a whole sequence: its keys are its own tokens
+        if which < 0:  # a whole sequence: its keys are its own tokens
             sources.append(local_start[s] + keys)
             remote.append(np.zeros(keys.size, dtype=bool))
-            second.append(np.zeros(keys.size, dtype=bool))
-            continue
-        chunk = np.searchsorted(bounds[b], keys, side="right") - 1  # chunk of each key
-        owner = np.where(chunk < size, chunk, num_chunks - 1 - chunk)
-        first_own, second_own = _chunks_of(rank, size)
-        first_seg = s - which  # the rank's two segments of this sequence are consecutive
-        local = np.where(
-            chunk == first_own,
-            local_start[first_seg] + keys - bounds[b][first_own],
-            local_start[first_seg + 1] + keys - bounds[b][second_own],
-        )
-        # In the sender's buffer: its chunks of earlier split sequences, then its lower chunk.
-        i = split_rank[b]
-        low = np.minimum(chunk, num_chunks - 1 - chunk)  # the sender's lower chunk index = owner
-        low_len = bounds[b][low + 1] - bounds[b][low]
-        within = np.where(chunk == low, keys - bounds[b][chunk], low_len + keys - bounds[b][chunk])
-        slot = owner * send_len + send_before[owner, i] + within
-        is_remote = owner != rank
-        sources.append(np.where(is_remote, slot, local))
-        remote.append(is_remote)
+        else:
+            first = s - which  # the rank's two chunks of a sequence are consecutive segments
+            source, is_remote = _split_keys(
+                keys, bounds[b], local_start[first], local_start[first + 1], sent_before[:, split_index[b]],
+                send_len, rank, size,
+            )
+            sources.append(source)
+            remote.append(is_remote)
         second.append(np.full(keys.size, which == 1, dtype=bool))
         if which == 0:  # both chunks go to the gathered buffer, in local order
             send.append(np.arange(local_start[s], local_start[s] + n + int(length[s + 1]), dtype=np.int64))
 
-    last_seq, last_tok = [], []
-    for s, (b, seg_start, n, _) in enumerate(segments):
-        if n and seg_start + n == lengths[b]:
-            last_seq.append(b)
-            last_tok.append(local_start[s] + n - 1)
+    ends = [s for s, (b, seg_start, n, _) in enumerate(segments) if n and seg_start + n == lengths[b]]
     empty = np.zeros(0, dtype=np.int64)
     return ContextSplit(
-        token_index=token_index,
+        token_index=_concat([offsets[b] + np.arange(s, s + n, dtype=np.int64) for b, s, n, _ in segments]),
         segment_sequence=seq_of,
         segment_start=start,
         segment_length=length,
         sequence_length=full,
         key_length=key_length.astype(np.int64),
-        key_token=np.concatenate([offsets[b] + np.arange(m, dtype=np.int64) for b, m in zip(seq_of, key_length)] or [empty]),
-        key_source=np.concatenate(sources) if sources else empty,
-        key_is_remote=np.concatenate(remote) if remote else np.zeros(0, dtype=bool),
-        key_is_second=np.concatenate(second) if second else np.zeros(0, dtype=bool),
-        send_index=np.concatenate(send) if send else empty,
+        key_token=_concat([offsets[b] + np.arange(m, dtype=np.int64) for b, m in zip(seq_of, key_length)]),
+        key_source=_concat(sources),
+        key_is_remote=_concat(remote, dtype=bool),
+        key_is_second=_concat(second, dtype=bool),
+        send_index=_concat(send),
         send_len=send_len,
-        last_token=np.asarray(last_tok, dtype=np.int64),
-        last_sequence=np.asarray(last_seq, dtype=np.int64),
+        last_token=np.asarray([local_start[s] + segments[s][2] - 1 for s in ends], dtype=np.int64),
+        last_sequence=np.asarray([segments[s][0] for s in ends], dtype=np.int64) if ends else empty,
     )
+
+
+def _concat(parts: list, dtype=np.int64) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)

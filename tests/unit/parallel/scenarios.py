@@ -2,8 +2,8 @@
 losses, gradient norms, every parameter's full gradient per step (tensor-parallel slices
 joined, pipeline stages merged, data- and context-parallel shards of the distributed
 optimizer gathered), full weights, the rows of dynamic item tables (data- and
-context-parallel shards joined), evaluation metrics. Used in-process for single-rank references and by ``worker.py`` under
-torchrun for parallel layouts.
+context-parallel shards joined), evaluation metrics. Used in-process for single-rank
+references and by ``worker.py`` under torchrun for parallel layouts.
 
 A scenario is a dict; its phases run in this order, each optional::
 

@@ -12,7 +12,8 @@ from tests.conftest import REPO_ROOT
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("context_parallel_memory", REPO_ROOT / "tools" / "benchmarks" / "context_parallel_memory.py")
+    path = REPO_ROOT / "tools" / "benchmarks" / "context_parallel_memory.py"
+    spec = importlib.util.spec_from_file_location("context_parallel_memory", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
