@@ -48,6 +48,7 @@ FLAG_TO_KEY = {
     # parallel
     "--tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
     "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",
+    "--context-parallel-size": "parallel.context_parallel_size",
     # checkpoint
     "--save": "checkpoint.save",
     "--load": "checkpoint.load",

@@ -152,6 +152,12 @@ class GRTransformerConfig(TransformerConfig):
     similarities (the HSTU reference); ``none``: raw dot products (SASRec; use
     ``softmax_temperature=1``)."""
 
+    # ---------------- context parallelism ----------------
+    context_parallel_split_threshold: int = 1024
+    """Sequences longer than this are split over the context-parallel ranks, shorter ones
+    stay whole on one; filled from ``parallel.context_parallel_split_threshold`` (see
+    there), as ``context_parallel_size`` is from ``parallel.context_parallel_size``."""
+
     # ---------------- manifold-constrained hyper-connections (mHC) ----------------
     enable_hyper_connections: bool = False
     """Widen the residual stream into ``num_residual_streams`` streams that every sublayer
@@ -315,7 +321,6 @@ class GRTransformerConfig(TransformerConfig):
                 )
         unsupported = {
             "virtual_pipeline_model_parallel_size": (self.virtual_pipeline_model_parallel_size, None),
-            "context_parallel_size": (self.context_parallel_size, 1),
             "fp4": (self.fp4, None),
             "num_moe_experts": (self.num_moe_experts, None),
             "cpu_offloading": (self.cpu_offloading, False),

@@ -21,7 +21,7 @@ HSTU paper; the target's item is never revealed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -53,6 +53,9 @@ class JaggedBatch:
     max_len: int = 0
     # The step's dropout seed, from the run seed and the step (the same on every rank).
     dropout_seed: int = 0
+    # The offsets on the host, kept by ``to``: context parallelism plans each rank's share
+    # from the lengths without waiting for the device.
+    host_offsets: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -67,11 +70,18 @@ class JaggedBatch:
         return self.offsets[1:] - self.offsets[:-1]
 
     def to(self, device) -> "JaggedBatch":
-        moved = {}
+        moved = {"host_offsets": self.offsets_on_host()}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            if f.name != "host_offsets":
+                moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return JaggedBatch(**moved)
+
+    def offsets_on_host(self) -> torch.Tensor:
+        """The offsets as a CPU tensor (a device copy only when the batch was built on a device)."""
+        if self.host_offsets is not None:
+            return self.host_offsets
+        return self.offsets if self.offsets.device.type == "cpu" else self.offsets.cpu()
 
     def validate(self) -> None:
         """Checks the invariants; raises ValueError naming the broken one.

@@ -20,6 +20,7 @@ from megatron_gr.models.retrieval_head import full_corpus_ranks, full_softmax_lo
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.seeding import keyed_init
+from megatron_gr.transformer.context_parallel import BatchShard
 from megatron_gr.transformer.dropout_sites import EMBEDDING
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_retrieval_block_spec
@@ -34,7 +35,9 @@ class HSTURetrievalModel(MegatronModule):
     trains against the whole corpus instead of sampled negatives.
 
     With ``config.enable_hyper_connections`` the block carries n residual streams between
-    its layers (expanded after the encodings, averaged before the L2 norm).
+    its layers (expanded after the encodings, averaged before the L2 norm). Under context
+    parallelism each rank computes its share of the tokens (:class:`BatchShard`): the loss
+    of its tokens, the ranks of the sequences that end on it.
 
     ``forward`` on a training batch (with ``labels``) returns the per-token sampled-softmax
     loss ``[T]``; on an evaluation batch (with ``target_ids``) the full-corpus rank of each
@@ -86,8 +89,10 @@ class HSTURetrievalModel(MegatronModule):
             raise ValueError(f"corpus_ids must hold num_items={num_items} ids, got shape {tuple(corpus_ids.shape)}")
         self.register_buffer("corpus_ids", corpus_ids.to(torch.int64), persistent=False)
         self.item_table = item_table
-        # Sequence parallelism splits the tokens over the tensor-parallel group.
+        # Sequence parallelism splits the tokens over the tensor-parallel group, context
+        # parallelism the sequences over the context-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
+        self.context_group = pg_collection.cp if config.context_parallel_size > 1 else None
         with keyed_init(init_seed, "preprocessor"):
             self.preprocessor = InputPreprocessor(config, backend=backend) if pre_process else None
         spec = get_retrieval_block_spec(
@@ -115,19 +120,22 @@ class HSTURetrievalModel(MegatronModule):
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
         if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
             raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
-        tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
-        params = tokens.seq_params(
-            batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps,
+        shard = self._shard(batch)
+        tokens = TokenSplit.for_tokens(
+            shard.num_tokens(batch.num_tokens), self.token_group, never_empty=self.context_group is not None
+        )
+        params = shard.seq_params(
+            tokens, batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps,
             token_keys=batch.token_keys, dropout_seed=batch.dropout_seed,
         )
         hidden = None
         if self.pre_process:
             keys = None
             if batch.token_keys is not None:
-                keys = DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=batch.token_keys)
+                keys = DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=shard.take(batch.token_keys))
             hidden = self.preprocessor(
-                self.item_table(batch.item_ids), batch.offsets, batch.timestamps,
-                query_timestamps=batch.query_timestamps, dropout_keys=keys,
+                self.item_table(shard.take(batch.item_ids)), batch.offsets, batch.timestamps,
+                query_timestamps=batch.query_timestamps, dropout_keys=keys, tokens=shard.token_index,
             )
             hidden = tokens.scatter(hidden)
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=params)
@@ -139,18 +147,28 @@ class HSTURetrievalModel(MegatronModule):
         user = F.normalize(user, dim=-1) if normalize else user
         if batch.labels is not None and self.config.retrieval_loss == "full_softmax":
             return full_softmax_loss(
-                user, batch.labels, self.item_table, corpus_ids=self.corpus_ids,
+                user, shard.take(batch.labels), self.item_table, corpus_ids=self.corpus_ids,
                 temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
         if batch.labels is not None:
             return sampled_softmax_loss(
-                user, batch.labels, self.item_table, negative_ids=batch.negative_ids,
+                user, shard.take(batch.labels), self.item_table, negative_ids=batch.negative_ids,
                 temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")
-        last = user[batch.offsets[1:] - 1]  # [B, C]: the state after each whole sequence
-        return full_corpus_ranks(last, batch.target_ids, self.item_table, corpus_ids=self.corpus_ids, normalize_items=normalize)
+        last, sequences = shard.last_tokens(batch.offsets)  # the state after each whole sequence
+        targets = batch.target_ids if sequences is None else batch.target_ids[sequences]
+        return full_corpus_ranks(user[last], targets, self.item_table, corpus_ids=self.corpus_ids, normalize_items=normalize)
+
+    def _shard(self, batch: JaggedBatch) -> BatchShard:
+        """The tokens of ``batch`` this rank computes: all of them, or its context-parallel share."""
+        if self.context_group is None:
+            return BatchShard(None, None, batch.offsets.device)
+        return BatchShard.of(
+            batch.offsets_on_host(), group=self.context_group, device=batch.offsets.device,
+            split_threshold=self.config.context_parallel_split_threshold, contextual_len=self.config.contextual_len,
+        )
 
     def evaluation_cache(self) -> ContextManager[None]:
         """Evaluation reads only corpus items: a sharded item table fetches them once, so

@@ -52,25 +52,32 @@ class InputPreprocessor(MegatronModule):
         timestamps: torch.Tensor,
         query_timestamps: Optional[torch.Tensor] = None,
         dropout_keys: Optional[DropoutKeys] = None,
+        *,
+        tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``item_embeddings`` ``[T, C]`` -> block input ``[T, 1, C]``; ``query_timestamps``
         ``[T]`` is needed by ``time_feature='until_query'``. ``dropout_keys``: the batch's
-        (site ``EMBEDDING``); without them tokens are keyed by row (``site_keys``)."""
+        (site ``EMBEDDING``); without them tokens are keyed by row (``site_keys``).
+        ``tokens``: which tokens of the batch (``offsets``, ``timestamps``) the embeddings
+        are, when they are only some of them (context parallelism: a rank's share);
+        positions and gaps stay those in the whole sequence."""
         config = self.config
-        num_tokens = item_embeddings.shape[0]
+        num_tokens = timestamps.shape[0]
         seq_ids, positions = sequence_ids_and_positions(offsets, num_tokens)
-        x = item_embeddings * self.scale
-        if config.position_encoding == "from_start":
-            x = x + self.position_embedding(positions)
-        elif config.position_encoding == "from_end":
-            last = offsets[1:][seq_ids] - offsets[:-1][seq_ids] - 1
-            x = x + self.position_embedding(last - positions)
         gaps = self._time_gaps(timestamps, query_timestamps, positions)
+        if config.position_encoding == "from_end":
+            positions = offsets[1:][seq_ids] - offsets[:-1][seq_ids] - 1 - positions
+        if tokens is not None:
+            positions = positions[tokens]
+            gaps = None if gaps is None else gaps[tokens]
+        x = item_embeddings * self.scale
+        if config.position_encoding != "none":
+            x = x + self.position_embedding(positions)
         if gaps is not None:
             x = x + self.time_embedding(bucketize_time_gaps(gaps, config.num_time_buckets, config.time_bucket_fn))
         p = config.embedding_dropout
         if self.training and p > 0 and dropout_keys is None:
-            dropout_keys = site_keys(None, EMBEDDING, num_tokens=num_tokens, device=x.device, local=False)
+            dropout_keys = site_keys(None, EMBEDDING, num_tokens=x.shape[0], device=x.device, local=False)
         x = keyed_dropout(x, dropout_keys, p=p, training=self.training, kernel=self.backend)
         return x.unsqueeze(1)
 

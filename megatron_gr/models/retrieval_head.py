@@ -4,6 +4,7 @@ full-corpus ranks for evaluation."""
 
 from __future__ import annotations
 
+
 import torch
 import torch.nn.functional as F
 

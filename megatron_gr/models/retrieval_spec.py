@@ -55,8 +55,9 @@ def build_stage(request: StageRequest) -> HSTURetrievalModel:
             seed=plan.seed,
             device=plan.device,
             backend=plan.backend,
-            # Sharded over data-parallel ranks; tensor-parallel ranks keep identical copies.
-            shard_group=parallel_state.get_data_parallel_group(),
+            # Sharded over the data- and context-parallel ranks (each looks up its own tokens);
+            # tensor-parallel ranks keep identical copies.
+            shard_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
     return HSTURetrievalModel(
         plan.model_config,

@@ -99,3 +99,30 @@ def dense_relative_bias(bias: RelativeBiasInputs, offsets: torch.Tensor, max_len
     return bucket_lookup(bias.position_weights.to(compute), position).unsqueeze(0) + bucket_lookup(
         bias.time_weights.to(compute), time
     )
+
+
+def relative_bias_between(
+    bias: RelativeBiasInputs,
+    rows: torch.Tensor,
+    query_timestamps: torch.Tensor,
+    key_timestamps: torch.Tensor,
+    *,
+    cache_key: Any = None,
+) -> torch.Tensor:
+    """The bias ``[n, m]`` of ``n`` queries at sequence positions ``rows`` against the keys
+    at positions ``0..m-1``, from their timestamps (``[n]``, ``[m]``); float32 (float64 for
+    float64 weights), differentiable in both weight vectors. ``cache_key`` names the bucket
+    ids in ``bias.cache``, where every layer finds them."""
+    key = ("relative_bias_between", cache_key, bias.position_weights.numel(), bias.time_weights.numel(), bias.time_bucket_fn)
+    cached = bias.cache is not None and cache_key is not None
+    if cached and key in bias.cache:
+        position, time = bias.cache[key]
+    else:
+        cols = torch.arange(key_timestamps.numel(), device=rows.device, dtype=rows.dtype)
+        position = (rows.view(-1, 1) - cols.view(1, -1)).abs().clamp(max=bias.position_weights.numel() - 1)
+        gaps = query_timestamps.view(-1, 1) - key_timestamps.view(1, -1)
+        time = bucketize_time_gaps(gaps, bias.time_weights.numel(), bias.time_bucket_fn)
+        if cached:
+            bias.cache[key] = (position, time)
+    compute = torch.promote_types(bias.position_weights.dtype, torch.float32)
+    return bucket_lookup(bias.position_weights.to(compute), position) + bucket_lookup(bias.time_weights.to(compute), time)

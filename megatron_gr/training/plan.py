@@ -37,6 +37,7 @@ class ParallelLayout:
     pipeline: int
     data: int
     sequence_parallel: bool
+    context: int = 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def make_plan(
         pipeline=parallel.pipeline_model_parallel_size,
         data=data_parallel,
         sequence_parallel=parallel.sequence_parallel,
+        context=parallel.context_parallel_size,
     )
     global_batch, per_rank = _batch_arithmetic(config, data_parallel)
     if num_items is not None:
@@ -141,6 +143,8 @@ def _model_config(config: ExperimentConfig, layout: ParallelLayout, bf16: bool) 
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         sequence_parallel=layout.sequence_parallel,
+        context_parallel_size=layout.context,
+        context_parallel_split_threshold=config.parallel.context_parallel_split_threshold,
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -30,6 +30,9 @@ class JaggedSeqParams(PackedSeqParams):
     local_token_keys: Optional[torch.Tensor] = None  # [T / tp] int64 under sequence parallelism, else [T]
     # Per-batch values that every layer would otherwise recompute (e.g. bias bucket ids).
     cache: dict[str, Any] = field(default_factory=dict)
+    # Context parallelism: the keys of other ranks the layers' attention needs (a
+    # transformer.context_parallel.ContextAttention); None: sequences are whole here.
+    context_parallel: Optional[Any] = None
 
     @classmethod
     def from_offsets(

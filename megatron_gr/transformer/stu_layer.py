@@ -142,7 +142,9 @@ class STULayer(MegatronModule, BaseTransformerLayer):
         u, v, q, k = torch.split(uvqk, self.split_sizes, dim=-1)
         bias = self.relative_bias(params) if self.relative_bias is not None else None
         window, prefix = self.config.attention_window
-        attn = hstu_attention(
+        # Context parallelism: the local queries against the keys of every rank.
+        attend = hstu_attention if params.context_parallel is None else params.context_parallel.attention
+        attn = attend(
             q,
             k,
             v,

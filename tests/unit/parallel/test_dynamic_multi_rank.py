@@ -21,6 +21,7 @@ from tests.unit.parallel.layouts import (
     assert_same_training,
     assert_weights_close,
     launch,
+    parity,
     resuming,
     saving,
     single_rank,
@@ -47,7 +48,11 @@ def config(tmp, name, **layout) -> dict:
 def records(megatron_cpu, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dynamic_multi_rank")
     ckpt = tmp / "ckpt_tp2_dp2"
-    four = launch(tmp, 4, [saving("tp2_dp2_sp", config(tmp, "tp2_dp2_sp", tp=2, sp=True, save=ckpt))])
+    four = launch(tmp, 4, [
+        saving("tp2_dp2_sp", config(tmp, "tp2_dp2_sp", tp=2, sp=True, save=ckpt)),
+        parity("tp2_cp2_sp", config(tmp, "tp2_cp2_sp", tp=2, sp=True, context_parallel_size=2,
+                                    context_parallel_split_threshold=8)),
+    ])
     single = run_scenario(single_rank("single", config(tmp, "single")))
     loaded = run_scenario(resuming("loaded", config(tmp, "loaded", load=ckpt)))
     return {**four, "single": single, "loaded": loaded, "ckpt": ckpt}
@@ -62,6 +67,16 @@ def assert_rows_close(actual: dict, expected: dict) -> None:
         assert actual[name].keys() == rows.keys(), f"dynamic table {name} stores other ids"
         error = max(float((actual[name][key] - row).abs().max()) for key, row in rows.items())
         assert error <= ROW_ATOL, f"dynamic table {name}: rows differ by {error:.2e}"
+
+
+def test_tp2_cp2_with_a_dynamic_table_reproduces_single_rank(records):
+    """The rows are sharded over the two context-parallel ranks, each looking up its own
+    tokens."""
+    run, single = records["tp2_cp2_sp"], records["single"]
+    assert tuple(run["layout"][k] for k in ("tp", "pp", "dp", "cp")) == (2, 1, 1, 2)
+    assert_same_training(run, single)
+    assert_rows_close(run["rows"], single["rows"])
+    assert run["valid"] == pytest.approx(single["valid"], rel=1e-6)
 
 
 def test_tp2_dp2_with_a_dynamic_table_reproduces_single_rank(records):
