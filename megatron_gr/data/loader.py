@@ -30,6 +30,7 @@ from megatron_gr.data.item_space import ItemSpace
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.data.sequences import LeaveOneOutSplit
 from megatron_gr.data.windows import training_windows
+from megatron_gr.seeding import derive_seed
 
 # partition_fn(samples of one global batch, their token counts, number of micro-batches) ->
 # the samples of each micro-batch, equal in number.
@@ -66,14 +67,10 @@ def attention_cost_partition(users: np.ndarray, token_counts: np.ndarray, num_pa
 PARTITIONS = {"none": contiguous_partition, "attention_cost": attention_cost_partition}
 
 
-# Tags that keep the step's random streams apart (the epoch permutations use [seed, epoch]).
-_NEGATIVES, _DROPOUT = 1, 2
-
-
 def step_dropout_seed(seed: int, first_sample: int) -> int:
     """The dropout seed of the step whose global batch starts at stream position
     ``first_sample``."""
-    return int(np.random.SeedSequence([seed, first_sample, _DROPOUT]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, "dropout", first_sample)
 
 
 def _gather_windows(split: LeaveOneOutSplit, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +168,7 @@ class TrainingBatches:
         filled = 0
         while filled < count:
             epoch, offset = divmod(first + filled, n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            order = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(n)
             take = min(count - filled, n - offset)
             out[filled : filled + take] = order[offset : offset + take]
             filled += take
@@ -179,7 +176,7 @@ class TrainingBatches:
 
     def _negatives(self, examples: np.ndarray, tokens: np.ndarray, first: int) -> torch.Tensor:
         """The step's negatives ``[num_negatives + num_in_batch_negatives]`` (table ids)."""
-        rng = np.random.default_rng([self.seed, first, _NEGATIVES])
+        rng = np.random.default_rng(derive_seed(self.seed, "negatives", first))
         uniform = rng.integers(1, self.split.sequences.num_items + 1, self.num_negatives)  # dense corpus ids
         ends = np.cumsum(tokens)  # a sample has one label per token
         picks = rng.integers(0, ends[-1], self.num_in_batch_negatives)

@@ -17,6 +17,7 @@ from megatron_gr.compat import cpu_mode
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.training_config import TrainingConfig
+from megatron_gr.seeding import derive_seed
 
 # What initialize() entered for the life of the runtime (CPU mode on a CPU device) and
 # shutdown() leaves; initialize() on a GPU leaves it too.
@@ -108,15 +109,16 @@ def initialize(
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed on every tensor-, context- and data-parallel rank (identical replicated
-    parameters); pipeline stages differ so their layers draw different values, as in
-    Megatron."""
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    stage_seed = seed + 100 * pp_rank
-    random.seed(stage_seed)
-    np.random.seed(stage_seed % 2**32)
-    torch.manual_seed(stage_seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    """The process's global generators, from the run seed alone (``megatron_gr.seeding``):
+    the same on every rank. What training draws does not come from them: initial values,
+    negatives and dropout masks are keyed by name, step and token. They serve megatron's own
+    draws (its model-parallel RNG tracker, which gives each tensor-parallel rank its stream)
+    and anything a user adds."""
+    process_seed = derive_seed(seed, "process")
+    random.seed(process_seed)
+    np.random.seed(process_seed % 2**32)
+    torch.manual_seed(process_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(derive_seed(seed, "megatron") % 2**31)
 
 
 def _hold_cpu_mode(on: bool) -> None:
