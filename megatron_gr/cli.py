@@ -4,6 +4,7 @@
     megatron-gr pretrain --config configs/hstu_ml100k.yaml --data-path ../shared/data/ml-100k
     megatron-gr evaluate --config ... --load runs/ml100k  # valid/test of the best weights
     megatron-gr show-config --config ... --set model.num_layers=4
+    megatron-gr checkpoint inspect|convert|reshard|import-gr|export-gr ...   # no training
 
 User mistakes (bad keys, values, files, checkpoints, a megatron-core that lacks what a shim
 needs) and a run stopped for non-finite losses print one ``error: ...`` line and exit with
@@ -19,6 +20,7 @@ import sys
 
 import yaml
 
+from megatron_gr.checkpoint_tools import cli as checkpoint_tools
 from megatron_gr.compat import MegatronVersionError
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
 from megatron_gr.data import DataFormatError, resolve_source
@@ -36,10 +38,13 @@ def _parser() -> argparse.ArgumentParser:
         ("show-config", "print the resolved config as YAML and exit"),
     ):
         add_config_arguments(commands.add_parser(name, help=text, description=text))
+    checkpoint_tools.add_parser(commands)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "checkpoint":
+        return checkpoint_tools.run(args)
     config = resolve_config(args.config, overrides_from_args(args))
     if args.command == "show-config":
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
