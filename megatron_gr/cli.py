@@ -4,6 +4,7 @@
     megatron-gr pretrain --config configs/hstu_ml100k.yaml --data-path ../shared/data/ml-100k
     megatron-gr evaluate --config ... --load runs/ml100k  # valid/test of the best weights
     megatron-gr show-config --config ... --set model.num_layers=4
+    megatron-gr export --config ... --load runs/ml100k --out hstu.pt2   # a torch.export serving program
     megatron-gr checkpoint inspect|convert|reshard|import-gr|export-gr ...   # no training
 
 User mistakes (bad keys, values, files, checkpoints, a megatron-core that lacks what a shim
@@ -36,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         ("pretrain", "train a model (the embedded synthetic HSTU when no config is given)"),
         ("evaluate", "evaluate the best (or latest) weights of --load on the valid and test splits"),
         ("show-config", "print the resolved config as YAML and exit"),
+        ("export", "write a torch.export program of the saved weights of --load for serving"),
     ):
-        add_config_arguments(commands.add_parser(name, help=text, description=text))
+        command = commands.add_parser(name, help=text, description=text)
+        add_config_arguments(command)
+        if name == "export":
+            command.add_argument("--out", required=True, help="the program file to write (.pt2)")
+            command.add_argument("--top-k", type=int, default=10, help="items the program returns per user (default 10)")
     checkpoint_tools.add_parser(commands)
     return parser
 
@@ -60,6 +66,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "pretrain":
             Trainer(config).train()
+        elif args.command == "export":
+            from megatron_gr.serving import export_program
+
+            export_program(config, out=args.out, top_k=args.top_k)
         else:
             evaluate_checkpoint(config)
     except RuntimeError as error:

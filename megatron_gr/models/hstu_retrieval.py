@@ -105,7 +105,10 @@ class HSTURetrievalModel(MegatronModule):
         gradient over the first and last stage)."""
         return self.item_table.weight if self.item_table is not None else None
 
-    def forward(self, batch: JaggedBatch) -> torch.Tensor:
+    def encode(self, batch: JaggedBatch) -> torch.Tensor:
+        """This stage's output: the hidden states ``[T, 1, C]`` on a stage that is not the
+        last; on the last, the L2-normalised user state after each token ``[T, C]``, which
+        training, evaluation and the exported serving program all score."""
         tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
         params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps)
         hidden = None
@@ -116,7 +119,12 @@ class HSTURetrievalModel(MegatronModule):
         if not self.post_process:
             return hidden
         hidden = tokens.gather(hidden)
-        user = F.normalize(hidden.squeeze(1).float(), dim=-1)  # [T, C]
+        return F.normalize(hidden.squeeze(1).float(), dim=-1)  # [T, C]
+
+    def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        user = self.encode(batch)
+        if not self.post_process:
+            return user
         if batch.labels is not None:
             generator = torch.Generator(device=user.device).manual_seed(batch.sample_seed)
             return sampled_softmax_loss(

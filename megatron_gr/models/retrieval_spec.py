@@ -19,6 +19,7 @@ from megatron_gr.data.summary import DataReport
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec, register
+from megatron_gr.models.retrieval_serving import RetrievalServing
 from megatron_gr.models.retrieval_metrics import NAMES, metric_sums, metrics_from_sums
 
 
@@ -160,5 +161,6 @@ RETRIEVAL = register(
         headline_metrics=("hr@10", "ndcg@10"),
         evaluation_note="full-corpus ranking, seen items not removed",
         checkpoint_dataset=checkpoint_items,
+        serving_module=RetrievalServing,
     )
 )

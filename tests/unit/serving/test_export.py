@@ -1,0 +1,132 @@
+"""``megatron-gr export``: the exported program's user embeddings, scores and top-k items
+equal the training-time evaluation's on the same users (fp32: within 1e-5 of the largest
+entry, as the program pads histories to max_seq_len, which reorders the attention sums;
+ranks and metrics exactly), for any number of users and tokens, and the file runs with
+PyTorch alone (megatron_gr and megatron-core not importable)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_gr.models.retrieval_head import full_corpus_ranks, normalized
+from megatron_gr.models.retrieval_metrics import metric_sums, metrics_from_sums
+from megatron_gr.training.evaluate_checkpoint import trainer_with_saved_weights
+from megatron_gr.training.model_setup import unwrap
+from tests.support.parity import assert_close_to_scale
+from tests.unit.training.checkpoint_helpers import assert_one_error_line, config_file, run_cli
+from tests.unit.training.helpers import tiny_config
+
+TRAINING = {"train_iters": 3, "lr_decay_iters": 3, "lr_warmup_iters": 1, "eval_interval": 3}
+TOP_K = 7
+
+
+@pytest.fixture(scope="module")
+def exported(megatron_cpu, tmp_path_factory, capsys_module=None):
+    from megatron_gr.cli import main
+    from megatron_gr.training.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("export")
+    Trainer(tiny_config(tmp, training=TRAINING, checkpoint={"save": str(tmp / "run")})).train()
+    yaml_path = config_file(tmp, training=TRAINING)
+    assert main(["export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp / "hstu.pt2"),
+                 "--top-k", str(TOP_K)]) == 0
+    return tmp, yaml_path
+
+
+def _evaluation(tmp):
+    """The model as evaluation holds it, and the valid split's batches."""
+    from megatron_gr.config import resolve_config
+
+    config = resolve_config(str(tmp / "tiny.yaml"), [(["checkpoint", "load"], str(tmp / "run"))])
+    trainer = trainer_with_saved_weights(config)
+    batches = list(trainer.spec.evaluation_batches(trainer.plan, trainer.dataset, "valid", 0, 1))
+    return trainer, unwrap(trainer.model[0]).eval(), batches
+
+
+def test_program_scores_equal_the_training_time_evaluation(exported):
+    tmp, _ = exported
+    program = torch.export.load(tmp / "hstu.pt2").module()
+    trainer, model, batches = _evaluation(tmp)
+    corpus = normalized(model.item_table, model.corpus_ids)
+    sums = None
+    for batch in batches:
+        with torch.no_grad():
+            expected_user = model.encode(batch)[batch.offsets[1:] - 1]
+            expected_ranks = model(batch)  # the evaluation's full-corpus ranks
+        user, scores, items = program(batch.item_ids, batch.timestamps, batch.offsets)
+        assert_close_to_scale(user, expected_user, rtol=1e-5, what="user embeddings")
+        expected_scores = expected_user @ corpus.t()
+        top = torch.topk(expected_scores, TOP_K, dim=1)
+        assert_close_to_scale(scores, top.values, rtol=1e-5, what="top-k scores")
+        assert torch.equal(items, model.corpus_ids[top.indices])
+        ranks = full_corpus_ranks(user, batch.target_ids, model.item_table, corpus_ids=model.corpus_ids)
+        assert torch.equal(ranks, expected_ranks)
+        sums = metric_sums(ranks) if sums is None else sums + metric_sums(ranks)
+    assert metrics_from_sums(sums) == trainer.evaluate("valid")
+
+
+def test_any_number_of_users_and_tokens(exported):
+    tmp, _ = exported
+    program = torch.export.load(tmp / "hstu.pt2").module()
+    _, model, batches = _evaluation(tmp)
+    batch = batches[0]
+    for users in (1, 2, 5):
+        end = int(batch.offsets[users])
+        offsets = batch.offsets[: users + 1]
+        user, scores, items = program(batch.item_ids[:end], batch.timestamps[:end], offsets)
+        assert user.shape == (users, model.config.hidden_size) and items.shape == (users, TOP_K)
+        full, _, _ = program(batch.item_ids, batch.timestamps, batch.offsets)
+        assert_close_to_scale(user, full[:users], rtol=1e-5, what=f"{users} users alone and in a batch")
+    one_token = program(batch.item_ids[:1], batch.timestamps[:1], torch.tensor([0, 1]))
+    assert one_token[2].shape == (1, TOP_K)
+
+
+def test_program_runs_without_megatron(exported, tmp_path):
+    tmp, _ = exported
+    _, _, batches = _evaluation(tmp)
+    batch = batches[0]
+    inputs = (batch.item_ids, batch.timestamps, batch.offsets)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['megatron_gr'] = None; sys.modules['megatron'] = None  # any import of them fails\n"
+        f"files = {{'megatron_gr.json': ''}}\n"
+        f"program = torch.export.load({str(tmp / 'hstu.pt2')!r}, extra_files=files)\n"
+        f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        f"torch.save(program.module()(*inputs), {str(tmp_path / 'outputs.pt')!r})\n"
+        "print(json.loads(files['megatron_gr.json'])['top_k'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(TOP_K)
+    outputs = torch.load(tmp_path / "outputs.pt")
+    expected = torch.export.load(tmp / "hstu.pt2").module()(*inputs)
+    for got, want in zip(outputs, expected):
+        assert torch.equal(got, want)
+
+
+def test_metadata_maps_items_to_raw_ids(exported):
+    tmp, _ = exported
+    files = {"megatron_gr.json": ""}
+    torch.export.load(tmp / "hstu.pt2", extra_files=files)
+    metadata = json.loads(files["megatron_gr.json"])
+    trainer, _, _ = _evaluation(tmp)
+    assert metadata["raw_item_ids"] == trainer.dataset.items.vocab.tolist()
+    assert metadata["top_k"] == TOP_K and metadata["model_type"] == "retrieval"
+
+
+def test_bad_requests_are_one_line(exported, tmp_path, capsys):
+    tmp, yaml_path = exported
+    code, err, _ = run_cli(capsys, "export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp / "hstu.pt2"))
+    assert_one_error_line(code, err, "already exists")
+    code, err, _ = run_cli(capsys, "export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp_path / "x.onnx"))
+    assert_one_error_line(code, err, ".pt2")
+    code, err, _ = run_cli(capsys, "export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp_path / "x.pt2"),
+                           "--top-k", "100000")
+    assert_one_error_line(code, err, "top_k=100000")
+    assert not (tmp_path / "x.pt2").exists()
