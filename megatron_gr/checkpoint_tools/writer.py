@@ -96,9 +96,12 @@ def _sharded_state(content: CheckpointContent, dtype: Optional[torch.dtype], dis
     return state
 
 
-def write_checkpoint(content: CheckpointContent, out: str | Path, *, dtype: Optional[torch.dtype] = None, where: str = "the file") -> Path:
+def write_checkpoint(content: CheckpointContent, out: str | Path, *, dtype: Optional[torch.dtype] = None, where: str = "the file",
+                     extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Writes ``content`` as the checkpoint directory ``out`` (which must not exist);
-    returns the checkpoint's ``iter_*`` directory. ``dtype`` casts the model weights."""
+    returns the checkpoint's ``iter_*`` directory. ``dtype`` casts the model weights;
+    ``extra_files`` (relative path: bytes) are written into the checkpoint too (listed in
+    its manifest)."""
     from megatron.core import dist_checkpointing
 
     from megatron_gr.compat import checkpoint_writes_without_manager_process
@@ -122,6 +125,9 @@ def write_checkpoint(content: CheckpointContent, out: str | Path, *, dtype: Opti
             config_text = yaml.safe_dump(content.config, sort_keys=False)
             (directory / CONFIG).write_text(config_text)
             (tmp / CONFIG).write_text(config_text)
+            for name, data in (extra_files or {}).items():
+                (directory / name).parent.mkdir(parents=True, exist_ok=True)
+                (directory / name).write_bytes(data)
             write_manifest(directory, facts=content.facts)
         write_tracker(tmp, step)
         tmp.rename(out)
