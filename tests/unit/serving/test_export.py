@@ -130,3 +130,17 @@ def test_bad_requests_are_one_line(exported, tmp_path, capsys):
                            "--top-k", "100000")
     assert_one_error_line(code, err, "top_k=100000")
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_viewless_tensor_shim_is_scoped():
+    from megatron.core import utils
+    from megatron.core.transformer import transformer_block
+
+    from megatron_gr.compat import traceable_viewless_tensors
+
+    original = utils.make_viewless_tensor
+    x = torch.ones(2, 3)
+    with traceable_viewless_tensors():
+        assert utils.make_viewless_tensor(x, requires_grad=False, keep_graph=True) is x
+        assert transformer_block.make_viewless_tensor(inp=x, requires_grad=True, keep_graph=True) is x
+    assert utils.make_viewless_tensor is original and transformer_block.make_viewless_tensor is original
