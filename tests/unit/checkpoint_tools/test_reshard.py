@@ -33,3 +33,19 @@ def test_resharded_checkpoint_loads_under_the_new_layout_with_the_same_metrics(m
     assert resumed["start_iteration"] == STEPS
     assert resumed["valid"] == pytest.approx(reference["valid"], rel=1e-6)
     assert resumed["losses"] == pytest.approx(reference["losses"][STEPS:STEPS + AFTER], rel=LOSS_RTOL)
+
+
+def test_reshard_writes_the_requested_dtype(megatron_cpu, tmp_path):
+    import torch
+
+    from tests.unit.checkpoint_tools.helpers import all_entries, train_and_save
+
+    source = train_and_save(tmp_path, "ckpt")
+    reshard(source, tmp_path / "bf16", tensor=1, pipeline=1, dtype=torch.bfloat16)
+    before, after = all_entries(source), all_entries(tmp_path / "bf16")
+    weight = "decoder.layers.uvqk_proj.weight"
+    assert after[weight].dtype == torch.bfloat16
+    assert torch.equal(after[weight], before[weight].to(torch.bfloat16))
+    state = "optimizer.state.exp_avg." + weight
+    assert after[state].dtype == torch.float32 and torch.equal(after[state], before[state])  # optimizer state keeps fp32
+    assert describe(tmp_path / "bf16")["tensors"][weight]["dtype"] == "bfloat16"
