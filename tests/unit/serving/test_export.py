@@ -1,8 +1,9 @@
 """``megatron-gr export``: the exported program's user embeddings, scores and top-k items
 equal the training-time evaluation's on the same users (fp32: within 1e-5 of the largest
 entry, as the program pads histories to max_seq_len, which reorders the attention sums;
-ranks and metrics exactly), for any number of users and tokens, and the file runs with
-PyTorch alone (megatron_gr and megatron-core not importable)."""
+ranks and metrics exactly), for any number of users and tokens, with and without
+hyper-connections, and the file runs with PyTorch alone (megatron_gr and megatron-core not
+importable)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,18 @@ TRAINING = {"train_iters": 3, "lr_decay_iters": 3, "lr_warmup_iters": 1, "eval_i
 TOP_K = 7
 
 
-@pytest.fixture(scope="module")
-def exported(megatron_cpu, tmp_path_factory, capsys_module=None):
+MODELS = {"hstu": {}, "hstu_mhc": {"enable_hyper_connections": True}}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(request, megatron_cpu, tmp_path_factory):
     from megatron_gr.cli import main
     from megatron_gr.training.trainer import Trainer
 
-    tmp = tmp_path_factory.mktemp("export")
-    Trainer(tiny_config(tmp, training=TRAINING, checkpoint={"save": str(tmp / "run")})).train()
-    yaml_path = config_file(tmp, training=TRAINING)
+    tmp = tmp_path_factory.mktemp(f"export_{request.param}")
+    model = MODELS[request.param]
+    Trainer(tiny_config(tmp, model=model, training=TRAINING, checkpoint={"save": str(tmp / "run")})).train()
+    yaml_path = config_file(tmp, model=model, training=TRAINING)
     assert main(["export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp / "hstu.pt2"),
                  "--top-k", str(TOP_K)]) == 0
     return tmp, yaml_path
