@@ -4,6 +4,7 @@
     megatron-gr checkpoint convert DIR --out FILE.pt|FILE.safetensors [--with-optimizer] [--dtype bf16|fp32]
     megatron-gr checkpoint convert FILE --out DIR [--dtype bf16|fp32]
     megatron-gr checkpoint reshard DIR --tensor-model-parallel-size T --pipeline-model-parallel-size P --out DIR2
+        [--context-parallel-size C] [--data-parallel-size D]
     megatron-gr checkpoint import-gr FILE --config YAML --out DIR
     megatron-gr checkpoint export-gr DIR --out FILE
 
@@ -39,6 +40,8 @@ def add_parser(commands) -> None:
     reshard.add_argument("--out", required=True, help="a new directory")
     reshard.add_argument("--tensor-model-parallel-size", type=int, required=True)
     reshard.add_argument("--pipeline-model-parallel-size", type=int, required=True)
+    reshard.add_argument("--context-parallel-size", type=int, default=1,
+                         help="context-parallel ranks of the target layout (default 1)")
     reshard.add_argument("--data-parallel-size", type=int, default=1,
                          help="data-parallel ranks of the target layout (dynamic tables are sharded over them; default 1)")
     reshard.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the weights written (default: as saved)")
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         from megatron_gr.checkpoint_tools.reshard import reshard
 
         print(reshard(args.source, args.out, tensor=args.tensor_model_parallel_size,
-                      pipeline=args.pipeline_model_parallel_size, data=args.data_parallel_size, dtype=dtype))
+                      pipeline=args.pipeline_model_parallel_size, context=args.context_parallel_size,
+                      data=args.data_parallel_size, dtype=dtype))
     elif args.verb == "import-gr":
         from megatron_gr.interop.gr_checkpoint import import_gr_checkpoint
 

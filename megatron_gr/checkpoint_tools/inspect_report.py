@@ -94,9 +94,11 @@ def render(report: dict, *, show_config: bool = False) -> str:
     lines = [f"{report['path']}: {report['kind']}, step {report['iteration']}"]
     layout = report.get("layout")
     if layout:
+        context = layout.get("context_parallel_size", 1)  # absent from checkpoints of before context parallelism
         lines.append(
-            "saved under: tensor {tensor_model_parallel_size} x pipeline {pipeline_model_parallel_size} x data "
-            "{data_parallel_size}".format(**layout)
+            "saved under: tensor {tensor_model_parallel_size} x ".format(**layout)
+            + (f"context {context} x " if context > 1 else "")
+            + "pipeline {pipeline_model_parallel_size} x data {data_parallel_size}".format(**layout)
             + (", distributed optimizer" if report.get("distributed_optimizer") else "")
         )
     if report.get("train_state"):

@@ -2,7 +2,7 @@
 parallel layout saves it.
 
 How: the tool spawns a gloo process group of the target layout on the CPU (tensor x
-pipeline x data ranks on this machine); every rank builds its pipeline stage of the model
+context x pipeline x data ranks on this machine); every rank builds its pipeline stage of the model
 from the saved config (the data are not needed: the model type's ``checkpoint_dataset``
 stands in), loads the checkpoint with the training loader, and saves it with the training
 saver. Why not a single-process rewrite: megatron's torch_dist files store each tensor at
@@ -42,7 +42,7 @@ from megatron_gr.training.checkpoint_layout import BEST, CONFIG
 _ERRORS = "errors"
 
 
-def _target_config(checkpoint: SavedCheckpoint, *, tensor: int, pipeline: int):
+def _target_config(checkpoint: SavedCheckpoint, *, tensor: int, pipeline: int, context: int):
     """The saved config with the target layout (raises ConfigError naming what the model's
     shape does not allow, e.g. heads not divisible by the tensor-parallel size)."""
     from megatron_gr.config import ExperimentConfig
@@ -54,43 +54,54 @@ def _target_config(checkpoint: SavedCheckpoint, *, tensor: int, pipeline: int):
     raw["parallel"] = parallel
     parallel["tensor_model_parallel_size"] = tensor
     parallel["pipeline_model_parallel_size"] = pipeline
+    parallel["context_parallel_size"] = context
     parallel["sequence_parallel"] = bool(parallel.get("sequence_parallel")) and tensor > 1
     for section in ("checkpoint",):
         raw.pop(section, None)
     return ExperimentConfig.from_dict(raw)
 
 
+# FP8 linears keep nothing in a checkpoint (their amax histories and weight casts stay out
+# of it): the tool's ranks build plain linears, which load and save the same tensors.
+_FP8_OFF = {"fp8": None, "fp8_recipe": "delayed", "fp8_amax_history_len": 1, "fp8_amax_compute_algo": "most_recent",
+            "fp8_margin": 0, "fp8_wgrad": True}
+
+
 def _build_config(saved):
-    """What the tool's ranks build: the target config on the CPU in fp32, saving nothing
-    itself, logging nothing."""
-    training = replace(saved.training, device="cpu", precision="fp32", kernel_backend="pytorch")
-    logging = replace(saved.logging, progress="off", metrics_file=None, tensorboard_dir=None)
-    return replace(saved, training=training, logging=logging)
+    """What the tool's ranks build: the target config on the CPU in fp32 (FP8 off), saving
+    nothing itself, logging nothing."""
+    from megatron_gr.config import ExperimentConfig
+
+    raw = saved.to_dict()
+    raw["model"].update(_FP8_OFF)
+    raw["training"].update(device="cpu", precision="fp32", kernel_backend="pytorch")
+    raw["logging"].update(progress="off", metrics_file=None, tensorboard_dir=None)
+    return ExperimentConfig.from_dict(raw)
 
 
-def _validate_layout(tensor: int, pipeline: int, data: int) -> None:
+def _validate_layout(tensor: int, pipeline: int, context: int, data: int) -> None:
     for name, value in (("--tensor-model-parallel-size", tensor), ("--pipeline-model-parallel-size", pipeline),
-                        ("--data-parallel-size", data)):
+                        ("--context-parallel-size", context), ("--data-parallel-size", data)):
         if value < 1:
             raise ConfigError(f"{name}={value}: a parallel size is at least 1")
 
 
-def reshard(source: str | Path, out: str | Path, *, tensor: int, pipeline: int, data: int = 1,
+def reshard(source: str | Path, out: str | Path, *, tensor: int, pipeline: int, context: int = 1, data: int = 1,
             dtype: Optional[torch.dtype] = None) -> str:
-    """Rewrites the checkpoint ``source`` means under tensor x pipeline x data ranks into
-    the new directory ``out``; returns a line saying what was written."""
+    """Rewrites the checkpoint ``source`` means under tensor x context x pipeline x data
+    ranks into the new directory ``out``; returns a line saying what was written."""
     from megatron_gr.models.registry import get_train_spec
     from megatron_gr.training.plan import make_plan
 
     out = Path(out)
-    _validate_layout(tensor, pipeline, data)
+    _validate_layout(tensor, pipeline, context, data)
     check_new_output(out)
     checkpoint = open_checkpoint(source)
-    saved = _target_config(checkpoint, tensor=tensor, pipeline=pipeline)
+    saved = _target_config(checkpoint, tensor=tensor, pipeline=pipeline, context=context)
     spec = get_train_spec(saved.model.type)
     if spec.checkpoint_dataset is None:
         raise CheckpointError(f"model.type={saved.model.type!r} cannot be rebuilt from a checkpoint alone yet: reshard it by loading it under the new layout in a run")
-    world = tensor * pipeline * data
+    world = tensor * context * pipeline * data
     make_plan(_build_config(saved), num_items=spec.checkpoint_dataset(saved, checkpoint.facts).num_items, world_size=world)
     if dtype is None:
         dtype = _saved_weight_dtype(checkpoint)
@@ -106,7 +117,8 @@ def reshard(source: str | Path, out: str | Path, *, tensor: int, pipeline: int, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     which = BEST if checkpoint.is_best else f"step {checkpoint.iteration}"
-    return (f"wrote {out}: {which} of {checkpoint.directory} under tensor {tensor} x pipeline {pipeline} x data {data} "
+    cp = f" x context {context}" if context > 1 else ""
+    return (f"wrote {out}: {which} of {checkpoint.directory} under tensor {tensor}{cp} x pipeline {pipeline} x data {data} "
             f"({world} ranks)")
 
 
@@ -175,7 +187,8 @@ def _rewrite(job: dict) -> None:
     spec = get_train_spec(config.model.type)
     dataset = spec.checkpoint_dataset(config, job["facts"])
     plan = make_plan(config, num_items=dataset.num_items)
-    runtime = initialize(config.training, tensor_parallel_size=plan.layout.tensor, pipeline_parallel_size=plan.layout.pipeline)
+    runtime = initialize(config.training, tensor_parallel_size=plan.layout.tensor, pipeline_parallel_size=plan.layout.pipeline,
+                         context_parallel_size=plan.layout.context)
     model = build_model(plan, spec, dataset)
     quiet = lambda line: None  # noqa: E731  (the parent prints the one result line)
     out = Path(job["out"])

@@ -68,7 +68,8 @@ def _train_state(content: CheckpointContent, distributed_optimizer: bool) -> dic
     return {
         "iteration": WEIGHTS_ONLY_STEP, "consumed_samples": 0, "best_metric": None, "best_iteration": None,
         "evals_since_best": 0,
-        "layout": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "data_parallel_size": 1},
+        "layout": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "data_parallel_size": 1,
+                   "context_parallel_size": 1},
         "distributed_optimizer": distributed_optimizer, "weights_only": True, "source_iteration": content.iteration,
         "fresh_rng": True,
     }

@@ -9,6 +9,7 @@ import followed by an export gives back the same state dict.
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
@@ -76,6 +77,19 @@ def import_gr_checkpoint(source: str | Path, *, config_path: str | Path, out: st
     return f"wrote {written}: {layers} HSTU layers, {rows - 1} items (weights only: a run starts from them at step 0)"
 
 
+def _saved_config(checkpoint) -> dict:
+    """The checkpoint's config, complete (settings added since it was saved have their
+    defaults, as when a run loads it)."""
+    from megatron_gr.config import ExperimentConfig
+
+    if checkpoint.config is None:
+        raise CheckpointError(f"{checkpoint.directory} has no config.yaml: its model cannot be mapped to the generative-recommenders layout")
+    try:
+        return ExperimentConfig.from_dict(copy.deepcopy(checkpoint.config)).to_dict()
+    except ConfigError as error:
+        raise CheckpointError(f"{checkpoint.directory}: its saved config is not valid for this megatron_gr ({error})") from None
+
+
 def export_gr_checkpoint(source: str | Path, *, out: str | Path) -> str:
     """The checkpoint ``source`` means -> their state dict in the new torch file ``out``."""
     out = Path(out)
@@ -83,9 +97,9 @@ def export_gr_checkpoint(source: str | Path, *, out: str | Path) -> str:
         raise CheckpointError(f"--out {out}: export-gr writes a torch file (.pt)")
     check_new_output(out)
     checkpoint = open_checkpoint(source)
-    model = (checkpoint.config or {}).get("model") or {}
-    item = ((checkpoint.config or {}).get("embeddings") or {}).get("item") or {}
-    if model.get("type") != "retrieval" or item.get("type", "plain") != "plain":
+    saved = _saved_config(checkpoint)
+    model = saved["model"]
+    if model["type"] != "retrieval" or saved["embeddings"]["item"]["type"] != "plain":
         raise CheckpointError(f"{checkpoint.directory} is not an HSTU retrieval model with a plain item table: it has no generative-recommenders layout")
     check_model_settings(model)
     with offline_process_group():

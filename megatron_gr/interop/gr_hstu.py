@@ -14,7 +14,8 @@ names its tensors, for H heads, dqk/dv per head, model width D, L layers::
 
 What maps exactly (the forward is the same):
 
-- item and position embeddings (``max_seq_len`` = N);
+- item and position embeddings (``max_seq_len`` = N; their input is E[id] sqrt(D) + P[pos],
+  ours with ``scale_item_embeddings`` and ``position_encoding: from_start``);
 - ``_uvqk`` -> ``uvqk_proj.weight``: transposed, columns regrouped per head ([u_h v_h q_h
   k_h] for each head h, which gives tensor-parallel ranks whole heads);
 - ``_o`` -> ``output_proj``;
@@ -22,20 +23,25 @@ What maps exactly (the forward is the same):
   1e-6 as theirs);
 - the relative position bias of every causal pair: ours is ``position_weights[min(i - j,
   P - 1)]``, so with P = N, ``position_weights[d] = _pos_w[N - 1 - d]``;
+- the relative time bias: theirs buckets ``ts(next event of i) - ts(j)`` by ``ln(|gap|) /
+  0.301``, clipped to their last bucket: ours with ``time_bias_origin: query`` (the next
+  event's time is the query time) and ``time_bucket_fn: hstu_log``; ``_ts_w`` ->
+  ``time_weights`` bucket by bucket (``num_time_buckets`` = their buckets + 1);
 - their attention (SiLU(q.k + bias) / N, no scale): ours with ``attention_alpha: 1`` and the
-  ``max_seq_len`` normaliser.
+  ``max_seq_len`` normaliser; their L2-normalised output (``output_normalization: l2``).
+
+:func:`check_model_settings` refuses a config whose forward would not be theirs.
 
 What does not map (so import and export keep it aside, and say so):
 
-- the time bias: theirs buckets ``ts(next event of i) - ts(j)`` by ``ln(|gap|) / 0.301``,
-  ours ``|ts_i - ts_j|`` by ``time_bucket_fn``. ``_ts_w`` is imported bucket by bucket into
-  ``time_weights``; the two forwards agree where both pick the same bucket (e.g. equal
-  timestamps), not in general;
 - the half of ``_pos_w`` for keys after the query (masked by causal attention) and the
   ``_attn_mask`` buffer: kept beside the checkpoint for the way back (``extras``);
 - megatron_gr's own parameters, absent from their layout: the bias of ``uvqk_proj``, the
-  layer norms' weights and biases, the time-gap embedding of the inputs. Import sets them to
-  their identity values (0, 1 and 0, 0); export refuses weights where they moved.
+  layer norms' weights and biases, the time-gap embedding of the inputs (absent with
+  ``time_feature: none``). Import sets them to their identity values (0, 1 and 0, 0);
+  export refuses weights where they moved. With ``position_encoding: none`` a model has no
+  position embedding: import accepts only an all-zero ``_pos_emb`` (which adds nothing) and
+  export writes one.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ ITEMS = "_embedding_module._item_emb.weight"
 POSITIONS = "_input_features_preproc._pos_emb.weight"
 LAYER = "_hstu._attention_layers.{}."
 MASK = "_attn_mask"
+TIME_EMBEDDING = "preprocessor.time_embedding.weight"
+POSITION_EMBEDDING = "preprocessor.position_embedding.weight"
 GR_EPSILON = 1e-6
 
 
@@ -67,24 +75,50 @@ class HSTUShape:
     relative_bias: bool
     position_buckets: int
     time_buckets: int
+    time_embedding: bool
+    """Whether the model has an input time-gap embedding (``time_feature`` not ``none``)."""
+    position_embedding: bool
+    """Whether the model has an input position embedding (``position_encoding`` not ``none``)."""
 
     @classmethod
     def of(cls, model) -> "HSTUShape":
-        """From a ``GRTransformerConfig`` or the ``model`` section of a saved config (dict)."""
-        get = (lambda k: model[k]) if isinstance(model, dict) else (lambda k: getattr(model, k))
+        """From a ``GRTransformerConfig`` or a complete ``model`` section (dict)."""
+        get = model.__getitem__ if isinstance(model, dict) else (lambda k: getattr(model, k))
         return cls(get("num_layers"), get("hidden_size"), get("num_attention_heads"), get("qk_head_dim"),
                    get("v_head_dim"), get("max_seq_len"), get("relative_attention_bias"), get("num_position_buckets"),
-                   get("num_time_buckets"))
+                   get("num_time_buckets"), get("time_feature") != "none", get("position_encoding") != "none")
+
+
+# Settings without which their forward is not ours.
+_GR_SETTINGS = {
+    "attention_alpha": 1.0,
+    "attention_normalizer": "max_seq_len",
+    "layernorm_epsilon": GR_EPSILON,
+    "enable_hyper_connections": False,
+    "block_type": "stu",
+    "scale_item_embeddings": True,
+    "output_normalization": "l2",
+    "contextual_len": 0,
+    "max_attn_len": 0,
+    "sla_k1": 0,
+}
+_GR_TIME_BIAS = {"time_bias_origin": "query", "time_bucket_fn": "hstu_log"}  # with their relative bias
+_POSITION_ENCODINGS = ("from_start", "none")  # theirs counts from the start; none: an all-zero _pos_emb
 
 
 def check_model_settings(model: dict) -> None:
-    """Settings without which their forward is not ours (ConfigError naming the field)."""
-    wanted = {"attention_alpha": 1.0, "attention_normalizer": "max_seq_len", "layernorm_epsilon": GR_EPSILON,
-              "enable_hyper_connections": False}
+    """Settings without which their forward is not ours (ConfigError naming the field).
+    ``model``: a complete ``model`` section (``ExperimentConfig.to_dict()``)."""
+    wanted = {**_GR_SETTINGS, **(_GR_TIME_BIAS if model["relative_attention_bias"] else {})}
     for key, value in wanted.items():
-        if model.get(key) != value:
-            raise ConfigError(f"model.{key}={model.get(key)!r}: a generative-recommenders HSTU computes with {key}={value!r}; set it in the config")
-    if model.get("relative_attention_bias") and model.get("num_position_buckets") != model.get("max_seq_len"):
+        if model[key] != value:
+            raise ConfigError(f"model.{key}={model[key]!r}: a generative-recommenders HSTU computes with {key}={value!r}; set it in the config")
+    if model["position_encoding"] not in _POSITION_ENCODINGS:
+        raise ConfigError(
+            f"model.position_encoding={model['position_encoding']!r}: a generative-recommenders HSTU counts positions "
+            "from the first event; set position_encoding=from_start"
+        )
+    if model["relative_attention_bias"] and model["num_position_buckets"] != model["max_seq_len"]:
         raise ConfigError(
             f"model.num_position_buckets={model.get('num_position_buckets')} must equal model.max_seq_len="
             f"{model.get('max_seq_len')}: their relative position bias has one weight per distance up to N - 1"
@@ -120,11 +154,14 @@ def from_gr(state: dict[str, torch.Tensor], shape: HSTUShape) -> tuple[dict[str,
     layers = sum(1 for key in state if key.startswith("_hstu._attention_layers.") and key.endswith("._uvqk"))
     if layers != shape.num_layers:
         raise ConfigError(f"the state dict has {layers} HSTU layers, model.num_layers={shape.num_layers}")
-    ours = {
-        "item_table.weight": items.clone(),
-        "preprocessor.position_embedding.weight": _expect(state, POSITIONS, (n, d), "model.max_seq_len").clone(),
-        "preprocessor.time_embedding.weight": torch.zeros(shape.time_buckets, d, dtype=items.dtype),
-    }
+    positions = _expect(state, POSITIONS, (n, d), "model.max_seq_len")
+    ours = {"item_table.weight": items.clone()}
+    if shape.position_embedding:
+        ours[POSITION_EMBEDDING] = positions.clone()
+    elif torch.any(positions != 0):
+        raise ConfigError(f"model.position_encoding=none would drop their {POSITIONS}, which is not zero: set position_encoding=from_start")
+    if shape.time_embedding:
+        ours[TIME_EMBEDDING] = torch.zeros(shape.time_buckets, d, dtype=items.dtype)
     extras = {MASK: state[MASK].clone()} if MASK in state else {}
     width = shape.heads * (2 * shape.v_dim + 2 * shape.qk_dim)
     rows = _uvqk_rows(shape)
@@ -162,14 +199,19 @@ def to_gr(ours: dict[str, torch.Tensor], shape: HSTUShape, extras: Optional[dict
     n = shape.max_seq_len
     moved = [name for name in ours for suffix, value in _IDENTITY.items()
              if name.endswith(suffix) and not torch.all(ours[name] == value)]
-    if torch.any(ours["preprocessor.time_embedding.weight"] != 0):
-        moved.append("preprocessor.time_embedding.weight")
+    if shape.time_embedding and torch.any(ours[TIME_EMBEDDING] != 0):
+        moved.append(TIME_EMBEDDING)
     if moved:
         raise ConfigError(
             f"{len(moved)} tensors have no place in the generative-recommenders layout and are not at their identity "
             f"values ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}): exporting would change the model"
         )
-    theirs = {ITEMS: ours["item_table.weight"].clone(), POSITIONS: ours["preprocessor.position_embedding.weight"].clone()}
+    items = ours["item_table.weight"]
+    if shape.position_embedding:
+        positions = ours[POSITION_EMBEDDING].clone()
+    else:  # theirs always adds one: zeros add nothing
+        positions = torch.zeros(n, shape.hidden_size, dtype=items.dtype)
+    theirs = {ITEMS: items.clone(), POSITIONS: positions}
     rows = _uvqk_rows(shape)
     for layer in range(shape.num_layers):
         mine, prefix = f"decoder.layers.{layer}.", LAYER.format(layer)

@@ -31,7 +31,7 @@ _MAX_USERS = 1 << 24
 
 def _one_rank(config: ExperimentConfig) -> ExperimentConfig:
     parallel = dataclasses.replace(config.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                   sequence_parallel=False)
+                                   context_parallel_size=1, sequence_parallel=False)
     logging = dataclasses.replace(config.logging, metrics_file=None, tensorboard_dir=None)
     return dataclasses.replace(config, parallel=parallel, logging=logging)
 
@@ -59,16 +59,23 @@ def export_program(config: ExperimentConfig, *, out: str | Path, top_k: int = 10
     example = next(iter(trainer.spec.evaluation_batches(trainer.plan, trainer.dataset, "valid", 0, 1)))
     example = example.to(trainer.plan.device)
     tokens, users = torch.export.Dim("tokens", min=1, max=_MAX_TOKENS), torch.export.Dim("users", min=1, max=_MAX_USERS)
+    inputs = {"item_ids": example.item_ids, "timestamps": example.timestamps, "offsets": example.offsets}
     dynamic = {"item_ids": {0: tokens}, "timestamps": {0: tokens}, "offsets": {0: users + 1}}
+    described = {"item_ids": "[T] int64 table ids", "timestamps": "[T] int64 seconds", "offsets": "[B + 1] int64"}
+    if getattr(serving, "needs_query_times", False):
+        # Evaluation queries each history's last token at the held-out target's time.
+        inputs["query_times"] = example.query_timestamps[example.offsets[1:] - 1]
+        dynamic["query_times"] = {0: users}
+        described["query_times"] = "[B] int64 seconds: when each user's recommendation is requested"
     import torch.fx.experimental._config as fx_config
 
     # Sizes 0 and 1 are not special cases of the serving computation: trace it for any size.
     with torch.no_grad(), traceable_viewless_tensors(), fx_config.patch(backed_size_oblivious=True):
-        program = torch.export.export(serving, (example.item_ids, example.timestamps, example.offsets), dynamic_shapes=dynamic)
+        program = torch.export.export(serving, tuple(inputs.values()), dynamic_shapes=dynamic)
     metadata = {
         "model_type": config.model.type,
         "weights_of_step": trainer.state.best_iteration if trainer.state.best_iteration is not None else trainer.state.iteration,
-        "inputs": {"item_ids": "[T] int64 table ids", "timestamps": "[T] int64 seconds", "offsets": "[B + 1] int64"},
+        "inputs": described,
         "outputs": {"user": "[B, C] float32", "scores": f"[B, {top_k}] float32", "items": f"[B, {top_k}] int64 table ids"},
         "max_seq_len": model.config.max_seq_len,
         "top_k": top_k,

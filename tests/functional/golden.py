@@ -21,7 +21,7 @@ Tolerance policy (one place; docs/guide/golden.md explains it):
   at integer ranks: a near-tie resolved the other way moves one user's target by one
   rank, which changes HR/NDCG/MRR by at most 1/users; they are compared with that
   absolute bound (users = the evaluated users recorded in the golden file).
-- GPU, bf16: stated bands: losses relative 2e-2, gradient norms 1e-1, learning rates
+- GPU, bf16 (FP8 linears included): stated bands: losses relative 2e-2, gradient norms 1e-1, learning rates
   1e-6, metrics absolute 2e-2; the median step time may be at most 1.3x the golden one
   (faster passes) and the peak memory at most 1.1x + 64 MiB.
 
@@ -66,7 +66,11 @@ CASES = (
     GoldenCase("retrieval_hstu_resume", resume_at=3, same_as="retrieval_hstu"),
     GoldenCase("tp2_pp2_sp", ranks=4, same_as="retrieval_hstu"),
     GoldenCase("tp2_dp2_dynamic", ranks=4),
+    GoldenCase("cp2_dp2", ranks=4, same_as="retrieval_hstu"),
+    GoldenCase("hstu_query_time"),
+    GoldenCase("sasrec"),
     GoldenCase("retrieval_hstu_gpu", gpu=True),
+    GoldenCase("retrieval_hstu_fp8_gpu", gpu=True),
 )
 PENDING = {
     "ranking": "DLRM-HSTU ranking (branch ranking): add configs/ranking.yaml and GoldenCase('ranking')",

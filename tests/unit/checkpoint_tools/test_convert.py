@@ -135,7 +135,8 @@ def test_inspect_reports_step_layout_tensors_and_dynamic_rows(dynamic, capsys):
     report = json.loads(out)
     entries = all_entries(dynamic)
     assert report["iteration"] == 3 and report["kind"] == "training checkpoint"
-    assert report["layout"] == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "data_parallel_size": 1}
+    assert report["layout"] == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "data_parallel_size": 1,
+                                "context_parallel_size": 1}
     assert report["tensors"] == {k: {"shape": list(entries[k].shape), "dtype": "float32"} for k in _model_keys(entries)}
     assert report["dynamic_tables"]["item"]["rows"] == entries["__dynamic__"]["item"]["rows"]["keys"].numel()
     assert report["config"]["embeddings"]["item"]["type"] == "dynamic"
