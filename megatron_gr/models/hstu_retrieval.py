@@ -117,10 +117,13 @@ class HSTURetrievalModel(MegatronModule):
         gradient over the first and last stage)."""
         return self.item_table.weight if self.item_table is not None else None
 
-    def forward(self, batch: JaggedBatch) -> torch.Tensor:
-        if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
-            raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
-        shard = self._shard(batch)
+    def encode(self, batch: JaggedBatch, *, shard: Optional[BatchShard] = None) -> torch.Tensor:
+        """This stage's output: the hidden states ``[T, 1, C]`` on a stage that is not the
+        last; on the last, the user state after each of this rank's tokens ``[T, C]``
+        (L2-normalised with ``output_normalization='l2'``), which training, evaluation and
+        the exported serving program all score. ``shard``: this rank's context-parallel
+        share of the tokens (default: computed from ``batch``)."""
+        shard = self._shard(batch) if shard is None else shard
         tokens = TokenSplit.for_tokens(
             shard.num_tokens(batch.num_tokens), self.token_group, never_empty=self.context_group is not None
         )
@@ -142,9 +145,17 @@ class HSTURetrievalModel(MegatronModule):
         if not self.post_process:
             return hidden
         hidden = tokens.gather(hidden)
-        normalize = self.config.output_normalization == "l2"
         user = hidden.squeeze(1).float()  # [T, C]
-        user = F.normalize(user, dim=-1) if normalize else user
+        return F.normalize(user, dim=-1) if self.config.output_normalization == "l2" else user
+
+    def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
+            raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
+        shard = self._shard(batch)
+        user = self.encode(batch, shard=shard)
+        if not self.post_process:
+            return user
+        normalize = self.config.output_normalization == "l2"
         if batch.labels is not None and self.config.retrieval_loss == "full_softmax":
             return full_softmax_loss(
                 user, shard.take(batch.labels), self.item_table, corpus_ids=self.corpus_ids,

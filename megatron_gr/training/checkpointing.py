@@ -214,7 +214,8 @@ def load_checkpoint(
     train state, or None (after logging why) when there is nothing to resume from. RNG
     states are restored only under the layout that saved them; the LR schedule follows
     ``schedule_resume``. ``weights_only``: the model alone (for evaluation; the optimizer
-    and scheduler are not touched)."""
+    and scheduler are not touched), as for a checkpoint that holds weights only (written by
+    ``megatron-gr checkpoint convert``: a run starts from them at step 0)."""
     root = Path(root)
     target = resolve_load(root, step=config.checkpoint.ckpt_step)
     if target.directory is None:
@@ -223,6 +224,13 @@ def load_checkpoint(
     directory = target.directory
     hint = previous_hint(root, before=target.iteration)
     common = _checked_common_state(directory, root, model_chunks, config, hint=hint, log=log)
+    saved_state = common.get("train_state", {})
+    if saved_state.get("weights_only") and not weights_only:  # written by `megatron-gr checkpoint`
+        log(
+            f"{directory} holds weights only (of step {saved_state.get('source_iteration')}): training starts "
+            "from them at step 0 with a fresh optimizer and learning-rate schedule"
+        )
+        weights_only = True
     if weights_only:
         loaded = _strict_load({"model": _model_state(model_chunks)}, directory, hint=hint, may_remain=_TRAINING_STATE)
         _model(model_chunks).load_state_dict(loaded["model"])
@@ -243,7 +251,9 @@ def load_checkpoint(
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA),
     }
-    same_layout = _same_layout(common["train_state"]["layout"])
+    # A checkpoint rewritten by a tool carries no RNG states of its own (``fresh_rng``).
+    train_state = common["train_state"]
+    same_layout = _same_layout(train_state["layout"]) and not train_state.get("fresh_rng")
     if same_layout:
         template["rng_state"] = _rng_sharded_object()
     loaded = _strict_load(template, directory, hint=hint, may_remain=_LAYOUT_BOUND)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import make_viewless_tensor
+from megatron.core import utils as megatron_utils  # make_viewless_tensor: looked up at call time (compat.export)
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, check_backend
@@ -131,7 +131,7 @@ class HyperConnectionModule(MegatronModule):
         )
         # not a view: the recompute manager swaps the storage of replayed outputs, which a
         # view's base would keep alive
-        return make_viewless_tensor(merged.view(s, b, -1), requires_grad=merged.requires_grad, keep_graph=True)
+        return megatron_utils.make_viewless_tensor(merged.view(s, b, -1), requires_grad=merged.requires_grad, keep_graph=True)
 
     def _as_streams(self, streams: torch.Tensor) -> torch.Tensor:
         s, b, width = streams.shape

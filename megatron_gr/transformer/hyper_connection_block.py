@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import make_viewless_tensor
+from megatron.core import utils as megatron_utils  # make_viewless_tensor: looked up at call time (compat.export)
 
 from megatron_gr.compat import checkpointed_block_forward
 from megatron_gr.transformer.hyper_connection import contract_streams, expand_streams
@@ -73,7 +73,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
             hidden_states = expand_streams(hidden_states, self.num_streams)
         else:
             hidden_states = self.input_tensor
-        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        hidden_states = megatron_utils.make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         layer_kwargs = dict(
             attention_mask=attention_mask,
             context_mask=context_mask,
@@ -110,7 +110,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
             hidden_states = contract_streams(hidden_states, self.num_streams)
             if self.final_layernorm is not None:
                 hidden_states = self.final_layernorm(hidden_states)
-            hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+            hidden_states = megatron_utils.make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         elif len(self.layers) == 0:
             # as megatron's block: input and output must not be one autograd node
             hidden_states = hidden_states.clone()
