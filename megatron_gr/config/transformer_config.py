@@ -12,7 +12,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.validation import check_choice, check_float_range, check_int_range, require
 
-MODEL_TYPES = ("retrieval",)
+MODEL_TYPES = ("retrieval", "ranking")
 ATTENTION_NORMALIZERS = ("max_seq_len", "seq_len")
 TIME_BUCKET_FNS = ("sqrt", "log")
 # Our entry in megatron's ``recompute_modules``: the hyper-connection ops of every layer.
@@ -21,9 +21,10 @@ MHC_RECOMPUTE_MODULE = "mhc"
 
 @dataclass
 class GRTransformerConfig(TransformerConfig):
-    type: Literal["retrieval"] = "retrieval"
+    type: Literal["retrieval", "ranking"] = "retrieval"
     """The model family, which picks its training recipe (``megatron_gr.models.registry``):
-    ``retrieval`` (HSTU next-item retrieval)."""
+    ``retrieval`` (HSTU next-item retrieval) or ``ranking`` (DLRM-HSTU, configured by the
+    ``ranking`` section)."""
 
     # ---------------- STU (HSTU) attention ----------------
     qk_head_dim: int = 64
