@@ -121,10 +121,10 @@ def rank_statistics(ranks: torch.Tensor):
     return zero, count, {"metric_sums": metric_sums(ranks)}
 
 
-def reduce_rank_statistics(outputs: list[dict], device: torch.device) -> dict[str, float]:
+def reduce_rank_statistics(outputs: list[dict], plan) -> dict[str, float]:
     """One contributor per data-parallel rank: a sum over all ranks gives every rank the
     global numbers."""
-    sums = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=device)
+    sums = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=plan.device)
     for out in outputs:
         sums += out["metric_sums"]
     dist.all_reduce(sums)

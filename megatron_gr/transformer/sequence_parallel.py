@@ -37,15 +37,22 @@ class TokenSplit:
         return cls(num_tokens, -num_tokens % group.size(), group)
 
     def seq_params(
-        self, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None
+        self,
+        offsets: torch.Tensor,
+        max_len: int,
+        timestamps: Optional[torch.Tensor] = None,
+        num_targets: Optional[torch.Tensor] = None,
     ) -> JaggedSeqParams:
-        """Jagged metadata of the padded batch: the padding is one more sequence."""
+        """Jagged metadata of the padded batch: the padding is one more sequence, with no
+        targets (``num_targets`` ``[B]`` -> ``[B + 1]``)."""
         if self.padding:
             offsets = torch.cat([offsets, offsets[-1:] + self.padding])
             max_len = max(max_len, self.padding)
             if timestamps is not None:
                 timestamps = F.pad(timestamps, (0, self.padding))
-        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
+            if num_targets is not None:
+                num_targets = F.pad(num_targets, (0, 1))
+        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps, num_targets=num_targets)
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[T, 1, C]`` (the same on every rank) -> this rank's ``[(T + p) / tp, 1, C]``."""
