@@ -8,11 +8,11 @@ feature (a column of the data) to the embedding table it is looked up in (a name
     ranking:
       features:
         contextual: {segment: segment, activity: activity}   # one token per feature
-        uih: {item_id: item}                                  # history item ids (+ side features)
+        uih: {item_id: item, item_topic: topic}               # history item ids (+ side features)
         uih_action: action                                    # action bitmask per event
         uih_watchtime: watch_time
         uih_timestamp: timestamp
-        candidate: {cand_item_id: item}                       # the items to rank
+        candidate: {cand_item_id: item, cand_item_topic: topic}  # the items to rank
         candidate_timestamp: cand_timestamp
       tasks:
         - {name: click, type: binary, label: cand_action, bitmask: 1}
@@ -47,7 +47,7 @@ class FeatureGroupsConfig:
     """Per-user features, ``feature: table``: each becomes one contextual token at the start
     of the user's sequence (every token sees them)."""
 
-    uih: dict[str, str] = field(default_factory=lambda: {"item_id": "item"})
+    uih: dict[str, str] = field(default_factory=lambda: {"item_id": "item", "item_topic": "topic"})
     """User interaction history: the item id and side features of each event, ``feature:
     table``; an event's content is its features' embeddings concatenated."""
 
@@ -62,7 +62,7 @@ class FeatureGroupsConfig:
     uih_timestamp: str = "timestamp"
     """Time of each history event (seconds): time encodings and the relative time bias."""
 
-    candidate: dict[str, str] = field(default_factory=lambda: {"cand_item_id": "item"})
+    candidate: dict[str, str] = field(default_factory=lambda: {"cand_item_id": "item", "cand_item_topic": "topic"})
     """The items to rank (targets) and their side features, ``feature: table``."""
 
     candidate_timestamp: str = "cand_timestamp"

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 SYNTHETIC_COLUMNS = {
     "contextual": ("user_id", "segment", "activity"),
-    "uih": ("item_id",),
+    "uih": ("item_id", "item_topic"),
     "uih_action": ("action",),
     "uih_watchtime": ("watch_time",),
     "uih_timestamp": ("timestamp",),
-    "candidate": ("cand_item_id",),
+    "candidate": ("cand_item_id", "cand_item_topic"),
     "candidate_timestamp": ("cand_timestamp",),
     "labels": ("cand_action", "cand_watch_time"),
 }

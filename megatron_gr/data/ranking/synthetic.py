@@ -1,25 +1,26 @@
 """Synthetic ranking data with a planted preference model, so the best achievable AUC is
 known.
 
-Each item has a topic and a quality q_i; each user a hidden interest mix over topics, a
+Each item has a topic (a side feature of the data, as a video's category) and a hidden
+quality q_i; each user a hidden interest mix over topics, a
 noisy view of its favourite topic (``segment``) and an activity level. A user makes
 requests; each request shows ``candidates_per_request`` impressions, drawn from the user's
 interests (probability ``interest_share``) or from a Zipf popularity law. Whether the user
 clicks impression i is planted as a known function of what the model can see::
 
     p_click = sigmoid(base_logit + activity_effect * (activity - 1)
-                      + topic_affinity * n_recent(topic_i) / recent_window + q_i)
+                      + topic_affinity * share_recent(topic_i) + q_i)
 
-where ``n_recent(t)`` counts the **clicked** events of topic t among the user's last
-``recent_window`` history events before the request. A click is liked with probability
-sigmoid(like_logit + q_i); watch time grows with quality for clicks and is short
-otherwise. Impressions join the history after their request, so interests feed back.
+where ``share_recent(t)`` is the fraction of the user's **clicks** among its last
+``recent_window`` history events that were of topic t (0 without clicks). A click is liked
+with probability sigmoid(like_logit + q_i); watch time grows with quality for clicks and is
+short otherwise. Impressions join the history after their request, so interests feed back.
 
 Every probability is a function of the sample's inputs (history items and actions,
 contextual features, the candidate), so the Bayes-optimal score of a candidate is its
 planted probability: the generator records it (``RankingSamples.oracle``) and evaluation
-reports its AUC on the same labels (``bayes_auc``). Histories only count clicks by topic:
-a model without them (contextual + candidate features) cannot reach it.
+reports its AUC on the same labels (``bayes_auc``). Only the history tells which topics the
+user clicked lately: a model without it (contextual + candidate features) cannot reach it.
 
 The first requests of a user (a random number in ``[min_warmup_requests,
 max_warmup_requests]``) only build history; each of the next ``requests_per_user`` is a
@@ -67,11 +68,11 @@ class RankingSyntheticSpec:
     """Probability that an impression is drawn from the user's interests, not popularity."""
     recent_window: int = 32
     """History events whose clicks drive the next clicks."""
-    topic_affinity: float = 6.0
-    """Logit gain of a candidate whose topic had every recent event clicked."""
+    topic_affinity: float = 4.0
+    """Logit gain of a candidate whose topic had all the recent clicks."""
     quality_std: float = 0.5
     """Spread of item quality (logit)."""
-    base_logit: float = -2.0
+    base_logit: float = -2.5
     """Click logit of an average-quality item with no recent clicks of its topic."""
     activity_effect: float = 0.5
     """Logit step between the three activity levels (a contextual feature)."""
@@ -178,10 +179,10 @@ def generate_ranking(spec: RankingSyntheticSpec) -> RankingSamples:
                             ("stamp", time[:, None] + _IMPRESSION_GAP_SECONDS * np.arange(k)),
                             ("p_click", p_click), ("p_like", p_click * like_given_click)):
             columns[name][step] = value
-    return _samples(spec, columns, first_step, segment, activity)
+    return _samples(spec, columns, first_step, segment, activity, catalogue.topics.astype(np.int64))
 
 
-def _samples(spec: RankingSyntheticSpec, columns: dict, first_step: np.ndarray, segment, activity) -> RankingSamples:
+def _samples(spec: RankingSyntheticSpec, columns: dict, first_step: np.ndarray, segment, activity, topics) -> RankingSamples:
     """Per-user event and sample columns from the ``[step, user, slot]`` draws."""
     users, k, requests = spec.num_users, spec.candidates_per_request, spec.requests_per_user
     steps = spec.max_warmup_requests + requests
@@ -204,10 +205,13 @@ def _samples(spec: RankingSyntheticSpec, columns: dict, first_step: np.ndarray, 
                     "activity": activity[sample_user].astype(np.int64)},
         history_begin=user_begin[sample_user].astype(np.int64),
         history_end=sample_end.astype(np.int64),
-        events={"item_id": events["item"].astype(np.int64), "action": events["action"].astype(np.int64),
+        events={"item_id": events["item"].astype(np.int64), "item_topic": topics[events["item"].astype(np.int64) - 1],
+                "action": events["action"].astype(np.int64),
                 "watch_time": events["watch"], "timestamp": events["stamp"].astype(np.int64)},
         candidate_offsets=np.arange(users * requests + 1, dtype=np.int64) * k,
-        candidates={"cand_item_id": picked["item"].astype(np.int64), "cand_timestamp": picked["stamp"].astype(np.int64),
+        candidates={"cand_item_id": picked["item"].astype(np.int64),
+                    "cand_item_topic": topics[picked["item"].astype(np.int64) - 1],
+                    "cand_timestamp": picked["stamp"].astype(np.int64),
                     "cand_action": picked["action"], "cand_watch_time": picked["watch"]},
         oracle={
             f"cand_action&{CLICK}": picked["p_click"],
