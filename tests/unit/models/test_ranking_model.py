@@ -129,3 +129,37 @@ def test_ranking_trains_and_reports_auc_gauc_and_the_bayes_auc(megatron_cpu, tmp
         assert 0.0 <= metrics["auc"] <= 1.0 and metrics["auc"] == metrics["click/auc"]
         assert metrics["bayes_auc"] == pytest.approx(trainer.dataset.bayes_auc(which))
         assert {"click/gauc", "like/logloss", "watch_time/mse", "click/gauc_skipped_users"} <= metrics.keys()
+
+
+def test_preprocessor_puts_each_token_where_the_batch_says(megatron_cpu, tmp_path):
+    """Token by token against the formulas: contextual f = W_f e_f(x_f) + b_f; history =
+    content MLP + action MLP(bits, watch time) + position + time; candidate = content MLP +
+    action MLP(candidate embedding) + position 0 + time."""
+    model, dataset = build(tiny(tmp_path))
+    pre, tables = model.preprocessor, model.tables
+    batch = batch_of(dataset, [0, 7])
+    with torch.no_grad():
+        x = pre(batch, tables).squeeze(1)
+        assert x.shape == (batch.num_tokens, 16)
+        c = pre.contextual_projections
+        for b in range(2):
+            for f, name in enumerate(("segment", "activity")):
+                token = c[f](tables[name](batch.contextual_ids[b, f]))
+                assert torch.allclose(x[batch.contextual_index[2 * b + f]], token, atol=1e-6)
+
+        def content(ids):
+            return pre.content_mlp(torch.cat([tables["item"](ids[0]), tables["topic"](ids[1])]))
+
+        def encodings(position, gap):
+            return pre.encodings.position_embedding.weight[position] + pre.encodings.time_embedding.weight[
+                int(np.floor(np.log2(gap + 1)))]
+
+        for h in (0, 5, batch.history_index.numel() - 1):
+            bits = [float(int(batch.history_actions[h]) & w != 0) for w in (1, 2)] + [float(batch.history_watchtimes[h] >= 5.0)]
+            action = pre.action_mlp(torch.tensor(bits) @ pre.action_encoder.embeddings)
+            expected = content(batch.history_ids[h]) + action + encodings(int(batch.history_positions[h]), int(batch.history_gaps[h]))
+            assert torch.allclose(x[batch.history_index[h]], expected, atol=1e-5)
+        for n in range(batch.num_candidates):
+            action = pre.action_mlp(pre.action_encoder.candidate_embedding)
+            expected = content(batch.candidate_ids[n]) + action + encodings(0, int(batch.candidate_gaps[n]))
+            assert torch.allclose(x[batch.candidate_index[n]], expected, atol=1e-5)
