@@ -77,6 +77,26 @@ def popularity(data_path: str) -> dict:
     return {"variant": "popularity", "seed": None, "auc": auc(scores, labels), "gauc": grouped_auc(scores, labels, users).value}
 
 
+def bayes_sampling_error(draws: int = 500) -> dict:
+    """The test Bayes AUC of the default synthetic data and its spread over label redraws:
+    labels drawn again from the planted probabilities ``draws`` times (Monte Carlo), the
+    oracle's AUC on each; the std says how far a perfect model's AUC moves by chance."""
+    from megatron_gr.config import resolve_config
+    from megatron_gr.data.ranking import TEST
+    from megatron_gr.models.ranking.metrics import auc
+    from megatron_gr.models.registry import get_train_spec
+
+    config = resolve_config(str(REPO / "configs/dlrm_hstu_synthetic.yaml"))
+    data = get_train_spec("ranking").build_dataset(config).data
+    test = np.repeat(data.samples.split == TEST, data.samples.num_candidates)
+    task = config.ranking.selection_index
+    oracle, labels = data.oracle[test, task], data.labels[test, task]
+    rng = np.random.default_rng(0)
+    redrawn = [auc(oracle, rng.random(oracle.size) < oracle) for _ in range(draws)]
+    return {"bayes_auc": auc(oracle, labels), "mc_mean": float(np.mean(redrawn)), "mc_std": float(np.std(redrawn)),
+            "draws": draws, "test_candidates": int(oracle.size)}
+
+
 def table(results: list[dict], seeds: list[int]) -> str:
     lines = ["| model | " + " | ".join(f"test {m.upper()}" for m in METRICS) + " | runs |", "|---|" + "---|" * (len(METRICS) + 1)]
     for variant in dict.fromkeys(r["variant"] for r in results):
@@ -118,8 +138,15 @@ def main() -> int:
         results = list(pool.map(lambda job: train(args.dataset, job[0], job[1], out, extra), jobs))
     if args.dataset == "ml100k":
         results.append(popularity(args.data_path))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    summary = {"runs": results}
+    if args.dataset == "synthetic" and not args.sets:
+        summary["bayes"] = bayes_sampling_error()
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(table(results, seeds))
+    if "bayes" in summary:
+        bayes = summary["bayes"]
+        print(f"Bayes AUC on test {bayes['bayes_auc']:.4f}; over {bayes['draws']} redraws of the labels "
+              f"{bayes['mc_mean']:.4f} +- {bayes['mc_std']:.4f} ({bayes['test_candidates']} candidates)")
     return 0
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_gr.config.errors import ConfigError
 from megatron_gr.data.errors import DataFormatError, line_error
 from megatron_gr.data.ranking.samples import RankingSamples, split_by_time
 from megatron_gr.data.ranking.tokens import raw_id
@@ -47,8 +46,8 @@ class ImpressionColumns:
 
 
 def read_impressions(path: str | os.PathLike, columns: ImpressionColumns, *, delimiter: str = "|") -> RankingSamples:
-    """Reads ``path``; a missing column is a ConfigError naming it, a malformed row a
-    DataFormatError naming the file, the line and what was expected."""
+    """Reads ``path``; DataFormatError for a column the config names that the file lacks,
+    or a malformed row (naming the file, the line and what was expected)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected an impression CSV file (data.path)")
@@ -71,7 +70,7 @@ def _column_index(path: Path, header: list[str], columns: ImpressionColumns) -> 
     wanted = [columns.user, *columns.contextual, *columns.history, *columns.candidates]
     for name in wanted:
         if name not in position:
-            raise ConfigError(
+            raise DataFormatError(
                 f"column {name!r} (named by the config) is not in {path}; its columns: {', '.join(position)}"
             )
     return {name: position[name] for name in wanted}

@@ -48,7 +48,7 @@ _IMPRESSION_GAP_SECONDS = 10
 class RankingSyntheticSpec:
     """What to generate; every field is checked at construction."""
 
-    num_users: int = 1500
+    num_users: int = 3000
     """Users; raw ids 1..num_users."""
     num_items: int = 400
     """Items; raw ids 1..num_items."""

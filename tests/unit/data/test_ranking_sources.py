@@ -9,7 +9,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from megatron_gr.config import ConfigError
 from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.ranking import TEST, TRAIN, VALID, RankingSyntheticSpec, generate_ranking, split_by_time, window_samples
 from megatron_gr.data.ranking.impressions import ImpressionColumns, read_impressions
@@ -182,7 +181,7 @@ def test_malformed_impressions_name_the_file_line_and_expectation(tmp_path, row,
 def test_impressions_missing_column_or_rows(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text(HEADER.replace("uih_seq__watch_time", "watch") + "\n")
-    with pytest.raises(ConfigError, match=r"column 'uih_seq__watch_time' \(named by the config\) is not in .*x.csv; its columns: user_id"):
+    with pytest.raises(DataFormatError, match=r"column 'uih_seq__watch_time' \(named by the config\) is not in .*x.csv; its columns: user_id"):
         read_impressions(path, COLUMNS)
     path.write_text(HEADER + "\n")
     with pytest.raises(DataFormatError, match="has a header but no rows"):
