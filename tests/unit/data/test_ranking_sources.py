@@ -189,3 +189,16 @@ def test_impressions_missing_column_or_rows(tmp_path):
     path.write_text("")
     with pytest.raises(DataFormatError, match="is empty; expected a header line"):
         read_impressions(path, COLUMNS)
+
+
+def test_real_ml100k_windows():
+    from tests.conftest import ml100k_dir
+
+    if not (ml100k_dir() / "u.data").is_file():
+        pytest.skip("ML-100K not found ($MEGATRON_GR_ML100K)")
+    samples = read_movielens_ranking(ml100k_dir(), num_candidates=10)
+    assert samples.count("test") == 943 and samples.count("valid") == 911  # every user has >= 20 ratings
+    assert int(samples.candidate_offsets[-1]) == 10 * samples.num_samples
+    bits = samples.candidates["cand_rating_bits"].astype(int)
+    assert ((bits & 24) != 0).mean() == pytest.approx(0.55, abs=0.01)  # rated >= 4
+    assert len(np.unique(samples.contextual["occupation"])) == 21 and len(np.unique(samples.contextual["age_bucket"])) == 7
