@@ -86,11 +86,10 @@ def _check_tables(config) -> None:
                 )
     used = {table for features in config.ranking.features.embedded().values() for table in features.values()}
     unused = [name for name in config.embeddings if name not in used]
-    require(
-        not unused,
-        f"embeddings.{unused[0] if unused else ''} is not used by any ranking feature: name it in "
-        "ranking.features or remove it",
-    )
+    if unused:
+        raise ConfigError(
+            f"embeddings.{unused[0]} is not used by any ranking feature: name it in ranking.features or remove it"
+        )
 
 
 def _check_widths(config) -> None:

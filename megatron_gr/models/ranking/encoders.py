@@ -1,6 +1,8 @@
 """DLRM-HSTU input encoders: each turns one kind of input into token features.
 
-- :class:`SimpleMLP`: ``Linear -> SiLU -> Linear``, the projection every encoder ends with.
+- :class:`SimpleMLP`: ``Linear -> LayerNorm -> SiLU -> Linear``, the projection every
+  encoder ends with (the norm puts contents and actions on the scale of the encodings from
+  the first step, whatever the tables' initial spread).
 - :class:`ActionEncoder`: an action bitmask (and watch time) -> the sum of one learned
   embedding per set bit (and per watch-time threshold reached).
 - :class:`ContentEncoder`: history and candidate feature embeddings -> contents of one
@@ -22,10 +24,11 @@ class SimpleMLP(torch.nn.Module):
     def __init__(self, in_features: int, hidden: int, out_features: int):
         super().__init__()
         self.fc1 = torch.nn.Linear(in_features, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
         self.fc2 = torch.nn.Linear(hidden, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(x)))
+        return self.fc2(F.silu(self.norm(self.fc1(x))))
 
 
 class ActionEncoder(torch.nn.Module):

@@ -49,7 +49,8 @@ def test_content_encoders():
     mlp = ContentEncoder(ContentEncoderConfig(type="mlp", dim=4, mlp_hidden=8), history_width=6, candidate_width=9)
     h, c = mlp(history, torch.randn(2, 9))
     assert h.shape == (5, 4) and c.shape == (2, 4)
-    expected = mlp.history_mlp.fc2(F.silu(mlp.history_mlp.fc1(history)))
+    layer = mlp.history_mlp
+    expected = layer.fc2(F.silu(F.layer_norm(layer.fc1(history), (8,), layer.norm.weight, layer.norm.bias)))
     assert torch.allclose(h, expected)
     with pytest.raises(ValueError, match="equally wide, got 6 and 9"):
         ContentEncoder(ContentEncoderConfig(), history_width=6, candidate_width=9)
