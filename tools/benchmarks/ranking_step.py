@@ -22,7 +22,7 @@ import time
 
 import torch
 
-HEADER = ("| device | precision, backend | layers x hidden (heads x dim) | tokens per step: users x (contextual + history "
+HEADER = ("| device | precision, backend | layers x hidden (heads x dim), relative bias | tokens per step: users x (contextual + history "
           "+ candidates) | step ms (median) | tokens/s | candidates/s | peak memory GiB |")
 
 
@@ -34,7 +34,7 @@ def benchmark_config(args) -> dict:
                   "num_attention_heads": args.heads, "qk_head_dim": args.head_dim, "v_head_dim": args.head_dim,
                   "max_seq_len": 2 + args.history + args.candidates, "hidden_dropout": 0.1,
                   "embedding_dropout": 0.1, "num_time_buckets": 64, "time_bucket_fn": "log",
-                  "num_position_buckets": 256},
+                  "num_position_buckets": 256, "relative_attention_bias": args.relative_bias},
         "embeddings": {"item": {"dim": width}, "topic": {"dim": args.hidden - width}, "segment": {"dim": 16},
                        "activity": {"dim": 16}},
         "ranking": {"action_encoder": {"watchtime_thresholds": [5.0], "dim": 16, "mlp_hidden": 128},
@@ -65,6 +65,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--relative-bias", action=argparse.BooleanOptionalAction, default=True,
+                        help="the relative position + time attention bias (computed inside the attention kernel)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--backend", default="triton", choices=("auto", "pytorch", "triton"))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -101,6 +103,7 @@ def main() -> int:
         "precision": "bf16" if trainer.runtime.bf16 else "fp32",
         "backend": str(trainer.plan.backend),
         "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "head_dim": args.head_dim,
+        "relative_bias": args.relative_bias,
         "users_per_step": args.users_per_batch, "history": args.history, "candidates": args.candidates,
         "tokens_per_step": per_step,
         "median_step_s": median,
@@ -112,9 +115,11 @@ def main() -> int:
     peak = f"{summary['peak_memory_gib']:.1f}" if cuda else "n/a"
     print(HEADER)
     print("|" + "---|" * 8)
-    print(f"| {summary['device']} | {summary['precision']}, {summary['backend']} | {args.layers} x {args.hidden} "
-          f"({args.heads} x {args.head_dim}) | {args.users_per_batch} x (2 + {args.history} + {args.candidates}) = "
-          f"{per_step:,.0f} | {median * 1e3:.1f} | {summary['tokens_per_s']:,.0f} | {summary['candidates_per_s']:,.0f} | {peak} |")
+    bias = "bias" if args.relative_bias else "no bias"
+    shape = f"{args.layers} x {args.hidden} ({args.heads} x {args.head_dim}), {bias}"
+    tokens = f"{args.users_per_batch} x (2 + {args.history} + {args.candidates}) = {per_step:,.0f}"
+    print(f"| {summary['device']} | {summary['precision']}, {summary['backend']} | {shape} | {tokens} | "
+          f"{median * 1e3:.1f} | {summary['tokens_per_s']:,.0f} | {summary['candidates_per_s']:,.0f} | {peak} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)
