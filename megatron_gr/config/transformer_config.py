@@ -14,7 +14,7 @@ from megatron_gr.config.fp8_validation import validate_fp8
 from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
 from megatron_gr.ops.time_buckets import TIME_BUCKET_FNS
 
-MODEL_TYPES = ("retrieval",)
+MODEL_TYPES = ("retrieval", "ranking")
 ATTENTION_NORMALIZERS = ("max_seq_len", "seq_len")
 BLOCK_TYPES = ("stu", "transformer")
 TIME_FEATURES = ("since_previous", "until_query", "none")
@@ -28,9 +28,10 @@ MHC_RECOMPUTE_MODULE = "mhc"
 
 @dataclass
 class GRTransformerConfig(TransformerConfig):
-    type: Literal["retrieval"] = "retrieval"
+    type: Literal["retrieval", "ranking"] = "retrieval"
     """The model family, which picks its training recipe (``megatron_gr.models.registry``):
-    ``retrieval`` (HSTU next-item retrieval)."""
+    ``retrieval`` (HSTU next-item retrieval) or ``ranking`` (DLRM-HSTU, configured by the
+    ``ranking`` section)."""
 
     # ---------------- layers ----------------
     block_type: Literal["stu", "transformer"] = "stu"

@@ -74,14 +74,16 @@ def make_plan(
     config: ExperimentConfig,
     *,
     num_items: Optional[int] = None,
+    table_rows: Optional[dict[str, int]] = None,
     world_size: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> RunPlan:
     """Resolves and checks every run-level decision (raises ConfigError, one line).
 
-    ``num_items``: the item count of the data, when it is known (sizes and checks the item
-    table). ``world_size`` and ``device`` are facts of the launch, found when not given
-    (tests give them to plan for other machines).
+    ``table_rows``: the rows each plain table needs for the data, when it is known
+    (``Dataset.table_rows``); ``num_items`` is short for ``{"item": num_items + 1}``.
+    ``world_size`` and ``device`` are facts of the launch, found when not given (tests give
+    them to plan for other machines).
     """
     training, parallel = config.training, config.parallel
     if device is None:
@@ -104,7 +106,8 @@ def make_plan(
     )
     global_batch, per_rank = _batch_arithmetic(config, data_parallel)
     if num_items is not None:
-        _check_item_table(config, num_items)
+        table_rows = {"item": num_items + 1, **(table_rows or {})}
+    _check_table_rows(config, table_rows or {})
     _check_output_paths(config)
     model_config = _model_config(config, layout, bf16)
     check_fp8_runnable(model_config, device)  # FP8 is an error where it cannot run, never a no-op
@@ -180,13 +183,14 @@ def _backend_for_model(config: ExperimentConfig, backend: KernelBackend) -> Kern
     )
 
 
-def _check_item_table(config: ExperimentConfig, num_items: int) -> None:
-    item = config.embeddings["item"]
-    if item.type == "plain" and item.num_embeddings is not None and item.num_embeddings < num_items + 1:
-        raise ConfigError(
-            f"embeddings.item.num_embeddings={item.num_embeddings} is too small for {num_items} items "
-            f"(plus the padding row): use >= {num_items + 1} or leave it unset"
-        )
+def _check_table_rows(config: ExperimentConfig, table_rows: dict[str, int]) -> None:
+    for name, rows in table_rows.items():
+        table = config.embeddings.get(name)
+        if table is not None and table.type == "plain" and table.num_embeddings is not None and table.num_embeddings < rows:
+            raise ConfigError(
+                f"embeddings.{name}.num_embeddings={table.num_embeddings} is too small for {rows - 1} items "
+                f"(the data's distinct ids, plus the padding row): use >= {rows} or leave it unset"
+            )
 
 
 def _check_output_paths(config: ExperimentConfig) -> None:

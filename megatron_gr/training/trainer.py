@@ -50,7 +50,7 @@ class Trainer:
         started = time.time()
         self.spec = get_train_spec(config.model.type)
         self.dataset = self.spec.build_dataset(config)
-        self.plan = make_plan(config, num_items=self.dataset.num_items)
+        self.plan = make_plan(config, table_rows=self.dataset.table_rows())
         self.runtime = initialize(
             config.training,
             tensor_parallel_size=self.plan.layout.tensor,
@@ -202,7 +202,8 @@ class Trainer:
             self.log.evaluation(step, which, metrics, note="best validation weights")
         note = f"; {self.spec.evaluation_note}" if self.spec.evaluation_note else ""
         splits = " | ".join(
-            f"{which} " + " ".join(f"{name.upper()} {results[which][name]:.4f}" for name in self.spec.headline_metrics)
+            f"{which} "
+            + " ".join(f"{name.upper()} {results[which][name]:.4f}" for name in self.spec.headline_metrics if name in results[which])
             for which in ("valid", "test")
         )
         self.log.info(f"final (weights of step {step}{note}): {splits}")

@@ -53,11 +53,13 @@ class TokenSplit:
         timestamps: Optional[torch.Tensor] = None,
         query_timestamps: Optional[torch.Tensor] = None,
         *,
+        num_targets: Optional[torch.Tensor] = None,
         token_keys: Optional[torch.Tensor] = None,
         dropout_seed: int = 0,
     ) -> JaggedSeqParams:
-        """Jagged metadata of the padded batch: the padding is one more sequence.
-        ``token_keys`` ``[T]`` (the batch's dropout keys) are padded and sliced too."""
+        """Jagged metadata of the padded batch: the padding is one more sequence, with no
+        targets (``num_targets`` ``[B]`` -> ``[B + 1]``). ``token_keys`` ``[T]`` (the
+        batch's dropout keys) are padded and sliced too."""
         if self.padding:
             offsets = torch.cat([offsets, offsets[-1:] + self.padding])
             max_len = max(max_len, self.padding)
@@ -65,10 +67,12 @@ class TokenSplit:
                 timestamps = F.pad(timestamps, (0, self.padding))
             if query_timestamps is not None:
                 query_timestamps = F.pad(query_timestamps, (0, self.padding))
+            if num_targets is not None:
+                num_targets = F.pad(num_targets, (0, 1))
         token_keys, local_keys = self.padded_keys(token_keys)
         return JaggedSeqParams.from_offsets(
-            offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps, dropout_seed=dropout_seed,
-            token_keys=token_keys, local_token_keys=local_keys,
+            offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps, num_targets=num_targets,
+            dropout_seed=dropout_seed, token_keys=token_keys, local_token_keys=local_keys,
         )
 
     def padded_keys(self, token_keys: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
