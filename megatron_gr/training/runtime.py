@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_gr.compat import cpu_mode
+from megatron_gr.compat import cpu_mode, fast_optimizer_ops
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.training_config import TrainingConfig
@@ -21,6 +21,9 @@ from megatron_gr.config.training_config import TrainingConfig
 # shutdown() leaves; initialize() on a GPU leaves it too.
 _SCOPE = contextlib.ExitStack()
 _in_cpu_mode = False
+# megatron's optimizer helpers on torch's for-each kernels, from initialize() to shutdown().
+_OPTIMIZER_OPS = contextlib.ExitStack()
+_optimizer_ops_held = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
     device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
     _hold_cpu_mode(device.type == "cpu")
+    _hold_fast_optimizer_ops(True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -110,6 +114,15 @@ def _hold_cpu_mode(on: bool) -> None:
     _in_cpu_mode = on
 
 
+def _hold_fast_optimizer_ops(on: bool) -> None:
+    global _optimizer_ops_held
+    if on and not _optimizer_ops_held:
+        _OPTIMIZER_OPS.enter_context(fast_optimizer_ops())
+    elif not on:
+        _OPTIMIZER_OPS.close()
+    _optimizer_ops_held = on
+
+
 def shutdown() -> None:
     """Ends what :func:`initialize` started; torch and megatron-core are as installed again."""
     if parallel_state.model_parallel_is_initialized():
@@ -117,3 +130,4 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _hold_cpu_mode(False)
+    _hold_fast_optimizer_ops(False)
