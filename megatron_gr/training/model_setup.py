@@ -15,7 +15,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_gr.compat import megatron_collective_deprecations_silenced
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec
 from megatron_gr.training.plan import RunPlan
-from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
+from megatron_gr.training.sparse_step import dynamic_tables, per_token_finalize
 
 
 def build_model(plan: RunPlan, spec: TrainSpec, dataset: Dataset) -> list[DistributedDataParallel]:
@@ -36,12 +36,9 @@ def build_model(plan: RunPlan, spec: TrainSpec, dataset: Dataset) -> list[Distri
         model = Float16Module(model_config, model)
     ddp_config = _ddp_config(plan)
     wrapped = DistributedDataParallel(model_config, ddp_config, model)
-    # Rows of dynamic tables are not parameters: their gradients get the dense ones' scaling
-    # (see sparse_step.py).
-    tables = dynamic_tables([wrapped])
-    model_config.finalize_model_grads_func = (
-        with_sparse_gradient_scaling(finalize_model_grads, tables) if tables else finalize_model_grads
-    )
+    # Per-token scaling on the device; rows of dynamic tables are not parameters: their
+    # gradients get the dense ones' scaling (see sparse_step.py).
+    model_config.finalize_model_grads_func = per_token_finalize(finalize_model_grads, dynamic_tables([wrapped]))
     if ddp_config.overlap_grad_reduce:
         # The schedules hold reductions back until the last micro-batch and let the last
         # pipeline stages start theirs early. Without overlap, finalize_model_grads reduces

@@ -1,6 +1,6 @@
 """compat.fast_optimizer: for-each norm and scale against megatron's local helpers, the
-patches restored, and a training run with fused Adam and the batched copies equal to one
-with megatron's own step (CPU, fp32)."""
+patches restored, and a training run with the fast step (fused Adam, batched copies, the
+per-token division on the device) equal to one with megatron's own (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _train(tmp_path, steps: int):
 
 
 def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
-    from megatron_gr.training import optimizer_setup, runtime
+    from megatron_gr.training import model_setup, optimizer_setup, runtime
 
     runtime.shutdown()
     fast_losses, fast_weights, fast_inner = _train(tmp_path / "fast", 4)
@@ -79,6 +79,7 @@ def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "fast_optimizer_ops", contextlib.nullcontext)
     monkeypatch.setattr(optimizer_setup, "use_fused_adam", lambda optimizer: 0)
     monkeypatch.setattr(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0)
+    monkeypatch.setattr(model_setup, "per_token_finalize", lambda finalize, tables: finalize)
     old_losses, old_weights, old_inner = _train(tmp_path / "old", 4)
     assert not any(group["fused"] for opt in old_inner for group in opt.param_groups)
 
