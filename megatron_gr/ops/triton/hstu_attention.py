@@ -15,7 +15,7 @@ from megatron_gr.ops.relative_bias import RelativeBiasInputs
 from megatron_gr.ops.triton.availability import interpreter_enabled
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel
-from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config, launch_options
+from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config, launch_options, uniform_bias_tiles
 
 # Private copies of the relative-bias weight gradients (atomics spread over them).
 _BIAS_GRAD_SLOTS = 64
@@ -43,6 +43,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normalizer: str, precision_dtype):
+    """Constexprs shared by every kernel of a call (the launches add UNIFORM_BIAS)."""
     dqk, dv = q.shape[2], v.shape[2]
     sixteen_bit = precision_dtype in (torch.bfloat16, torch.float16)
     return dict(
@@ -54,6 +55,10 @@ def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normaliz
         ASM_GATHER=not interpreter_enabled(),
         PRECISION=("upcast" if interpreter_enabled() else "tf32") if sixteen_bit else "ieee",
     )
+
+
+def _uniform_bias(bias: Optional[RelativeBiasInputs], max_len: int, cfg) -> bool:
+    return bias is not None and uniform_bias_tiles(max_len, bias.position_weights.numel(), cfg)
 
 
 def _bias_tensors(bias: Optional[RelativeBiasInputs], device):
@@ -90,7 +95,8 @@ class _HSTUAttention(torch.autograd.Function):
                 out.stride(0), out.stride(1),
                 heads, num_m_blocks, alpha, 1.0 / max_seq_len,
                 mask.contextual_len, mask.max_attn_len, mask.global_prefix_len, num_pos, num_time,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **launch_options(cfg), **common,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UNIFORM_BIAS=_uniform_bias(bias, max_len, cfg),
+                **launch_options(cfg), **common,
             )
         ctx.save_for_backward(q, k, v, offsets, targets, ts, pos_w, time_w)
         ctx.settings = settings
@@ -131,7 +137,8 @@ class _HSTUAttention(torch.autograd.Function):
                 dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 heads, num_n_blocks, alpha, 1.0 / max_seq_len, *scalars,
                 BLOCK_M=kcfg.block_m, BLOCK_N=kcfg.block_n, ATOMIC_DQ=cfg.atomic_dq and with_dk, NUM_SLOTS=slots,
-                WITH_DK=with_dk, WITH_DV=with_dv, **launch_options(kcfg), **common,
+                WITH_DK=with_dk, WITH_DV=with_dv, UNIFORM_BIAS=_uniform_bias(bias, max_len, kcfg),
+                **launch_options(kcfg), **common,
             )
         if launch and not cfg.atomic_dq:
             dq_cfg = cfg.dq or cfg
@@ -141,7 +148,8 @@ class _HSTUAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
                 heads, num_m_blocks, alpha, 1.0 / max_seq_len, *scalars,
-                BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **launch_options(dq_cfg), **common,
+                BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, UNIFORM_BIAS=_uniform_bias(bias, max_len, dq_cfg),
+                **launch_options(dq_cfg), **common,
             )
         grad_pos = grad_time = None
         if bias is not None:
