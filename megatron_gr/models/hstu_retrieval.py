@@ -19,6 +19,7 @@ from megatron_gr.models.preprocessor import InputPreprocessor
 from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.seeding import keyed_init
+from megatron_gr.transformer.graph_buckets import TokenBuckets
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_stu_block_spec
 
@@ -81,6 +82,8 @@ class HSTURetrievalModel(MegatronModule):
         self.item_table = item_table
         # Sequence parallelism splits the tokens over the tensor-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
+        # CUDA graphs (training.cuda_graphs) pad training batches to static token counts.
+        self.token_buckets: Optional[TokenBuckets] = None
         with keyed_init(init_seed, "preprocessor"):
             self.preprocessor = InputPreprocessor(config) if pre_process else None
         spec = get_stu_block_spec(
@@ -106,7 +109,8 @@ class HSTURetrievalModel(MegatronModule):
         return self.item_table.weight if self.item_table is not None else None
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
-        tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
+        buckets = self.token_buckets if self.training else None
+        tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group, num_sequences=batch.batch_size, buckets=buckets)
         params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps)
         hidden = None
         if self.pre_process:

@@ -93,6 +93,7 @@ def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, worl
     global_batch, per_rank = _batch_arithmetic(config, data_parallel)
     if num_items is not None:
         _check_item_table(config, num_items)
+    _check_cuda_graphs(config, device, backend, layout)
     _check_output_paths(config)
     return RunPlan(
         config=config,
@@ -155,6 +156,32 @@ def _check_item_table(config: ExperimentConfig, num_items: int) -> None:
         raise ConfigError(
             f"embeddings.item.num_embeddings={item.num_embeddings} is too small for {num_items} items "
             f"(plus the padding row): use >= {num_items + 1} or leave it unset"
+        )
+
+
+def _check_cuda_graphs(config: ExperimentConfig, device: torch.device, backend: KernelBackend, layout: ParallelLayout) -> None:
+    """``training.cuda_graphs`` where graphs can capture the layers (``training/cuda_graphs.py``)."""
+    mode = config.training.cuda_graphs
+    if mode == "none":
+        return
+    key = f"training.cuda_graphs={mode!r}"
+    model = config.model
+    if device.type != "cuda":
+        raise ConfigError(f"{key} needs a CUDA GPU (this run trains on the CPU): use training.cuda_graphs=none")
+    if backend is not KernelBackend.TRITON:
+        raise ConfigError(
+            f"{key} needs the Triton kernels (training.kernel_backend=triton or auto): the PyTorch reference "
+            "attention reads sequence lengths on the host, which a graph cannot replay"
+        )
+    if model.recompute_granularity == "full" or model.recompute_mhc:
+        what = "full-layer recompute" if model.recompute_granularity == "full" else "mHC recompute (recompute_modules: [mhc])"
+        raise ConfigError(
+            f"{key} does not capture recomputed layers yet ({what}): turn recompute off or use training.cuda_graphs=none"
+        )
+    if mode == "step" and layout.pipeline > 1:
+        raise ConfigError(
+            f"{key} captures the whole stage as one graph, which pipeline parallelism feeds through its own "
+            f"input (pipeline_model_parallel_size={layout.pipeline}): use training.cuda_graphs=layers"
         )
 
 

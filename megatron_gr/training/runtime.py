@@ -90,19 +90,21 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
-    seed_everything(training.seed)
+    seed_everything(training.seed, graph_safe=device.type == "cuda" and training.cuda_graphs != "none")
     return Runtime(device=device, bf16=bf16, rank=dist.get_rank(), world_size=world)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, *, graph_safe: bool = False) -> None:
     """Same seed on every tensor- and data-parallel rank (identical replicated parameters);
-    pipeline stages differ so their layers draw different values, as in Megatron."""
+    pipeline stages differ so their layers draw different values, as in Megatron.
+    ``graph_safe``: megatron's RNG tracker keeps CUDA-graph-safe generator states (CUDA
+    graphs register them, so dropout in a replayed graph draws new masks)."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     stage_seed = seed + 100 * pp_rank
     random.seed(stage_seed)
     np.random.seed(stage_seed % 2**32)
     torch.manual_seed(stage_seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed, use_cudagraphable_rng=graph_safe, force_reset_rng=graph_safe)
 
 
 def _hold_cpu_mode(on: bool) -> None:

@@ -7,7 +7,8 @@ sequence of their own at the end (offsets get one more entry)::
     offsets [0, 3, 4, 7]  tp = 2  ->  offsets [0, 3, 4, 7, 8]   one padding token
 
 Attention never crosses sequence boundaries, so no real token sees the padding and the
-padding sees only itself; the model drops the padding before the loss and the ranks.
+padding sees only itself; the model drops the padding before the loss and the ranks. CUDA
+graphs pad the same way, to a few static token counts (``graph_buckets``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
+from megatron_gr.transformer.graph_buckets import TokenBuckets, padded_offsets
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 
 
@@ -27,31 +29,55 @@ class TokenSplit:
     """How a batch's tokens are laid out between the attention blocks."""
 
     num_tokens: int  # real tokens T
-    padding: int  # tokens appended so that T + padding divides by the group size
+    padding: int  # tokens appended (T + padding divides by the group size; or fills a bucket)
     group: Optional[torch.distributed.ProcessGroup]  # None: tokens are not split
+    padding_sequences: int = 1  # sequences appended for the padding (empty ones included)
+    static_max_len: Optional[int] = None  # with buckets: the longest length of every padded batch
 
     @classmethod
-    def for_tokens(cls, num_tokens: int, group: Optional[torch.distributed.ProcessGroup]) -> "TokenSplit":
-        if group is None or group.size() == 1:
-            return cls(num_tokens, 0, None)
-        return cls(num_tokens, -num_tokens % group.size(), group)
+    def for_tokens(
+        cls,
+        num_tokens: int,
+        group: Optional[torch.distributed.ProcessGroup],
+        *,
+        num_sequences: int = 0,
+        buckets: Optional[TokenBuckets] = None,
+    ) -> "TokenSplit":
+        """The layout of ``num_tokens`` tokens in ``num_sequences`` sequences. With
+        ``buckets`` (CUDA graphs: ``graph_buckets``) a batch is padded to its bucket and to the
+        bucket's fixed number of sequences, when one holds it."""
+        split = group if group is not None and group.size() > 1 else None
+        bucket = buckets.bucket(num_tokens) if buckets is not None else None
+        if bucket is not None:
+            slots = buckets.capacity(bucket) - num_sequences
+            return cls(num_tokens, bucket - num_tokens, split, slots, buckets.max_seq_len)
+        if split is None:
+            return cls(num_tokens, 0, None, 0)
+        padding = -num_tokens % split.size()
+        return cls(num_tokens, padding, split, 1 if padding else 0)
 
     def seq_params(
         self, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None
     ) -> JaggedSeqParams:
-        """Jagged metadata of the padded batch: the padding is one more sequence."""
-        if self.padding:
-            offsets = torch.cat([offsets, offsets[-1:] + self.padding])
+        """Jagged metadata of the padded batch: the padding is one more sequence (sequences
+        of up to the bucket's ``max_seq_len``, then empty ones, with buckets)."""
+        if self.padding_sequences:
+            longest = self.static_max_len or self.padding
+            offsets = padded_offsets(offsets, padding=self.padding, slots=self.padding_sequences, max_seq_len=longest)
+        if self.static_max_len is not None:
+            max_len = self.static_max_len
+        elif self.padding:
             max_len = max(max_len, self.padding)
-            if timestamps is not None:
-                timestamps = F.pad(timestamps, (0, self.padding))
+        if self.padding and timestamps is not None:
+            timestamps = F.pad(timestamps, (0, self.padding))
         return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[T, 1, C]`` (the same on every rank) -> this rank's ``[(T + p) / tp, 1, C]``."""
+        if self.padding:
+            hidden = F.pad(hidden, (0, 0, 0, 0, 0, self.padding))
         if self.group is None:
             return hidden
-        hidden = F.pad(hidden, (0, 0, 0, 0, 0, self.padding))
         return tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.group)
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -60,9 +86,8 @@ class TokenSplit:
         Every rank then computes the same loss from the same tokens, so the backward pass
         keeps only this rank's slice of the gradient (no reduction).
         """
-        if self.group is None:
-            return hidden
-        hidden = tensor_parallel.gather_from_sequence_parallel_region(
-            hidden, tensor_parallel_output_grad=False, group=self.group
-        )
-        return hidden[: self.num_tokens]
+        if self.group is not None:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.group
+            )
+        return hidden[: self.num_tokens] if self.padding else hidden
