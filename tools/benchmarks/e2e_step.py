@@ -3,7 +3,7 @@
 from that step's own micro-batches, peak memory, and where the GPU time goes.
 
     # the standard shape of docs/benchmarks/e2e.md (8 layers, hidden 1024, 4 x 256 heads,
-    # max length 4096, Zipf(1.2) lengths, 32 users per micro-batch), four variants
+    # max length 4096, Zipf(1.2) lengths, 32 users per micro-batch), three variants
     python tools/benchmarks/e2e_step.py --standard --json $OUT/e2e.json --markdown $OUT/e2e.md
     # any config and flags, variants as overrides
     python tools/benchmarks/e2e_step.py --config configs/hstu_ml100k.yaml --data-path DIR \
@@ -44,12 +44,13 @@ STANDARD_FLAGS = [
     (["model", "qk_head_dim"], 256), (["model", "v_head_dim"], 256), (["model", "max_seq_len"], 4096),
     (["training", "micro_batch_size"], 32),
 ]
+DYNAMIC = "embeddings.item.type=dynamic,embeddings.item.dynamic.capacity=65536"
 STANDARD_VARIANTS = [
     "plain:model.relative_attention_bias=false",
     "plain_bias:model.relative_attention_bias=true",
-    "dynamic:model.relative_attention_bias=false,embeddings.item.type=dynamic,embeddings.item.dynamic.capacity=65536",
-    "dynamic_bias:model.relative_attention_bias=true,embeddings.item.type=dynamic,embeddings.item.dynamic.capacity=65536",
+    f"dynamic:model.relative_attention_bias=false,{DYNAMIC}",
 ]
+"""The standard rows; the dynamic table with the bias too: ``--variant dynamic_bias:model.relative_attention_bias=true,<DYNAMIC>``."""
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -107,6 +108,7 @@ def summarize(run: dict, flops_per_step: list, *, peak: float | None, ceiling: f
         "flops_per_step": flops_per_step,
         "host_step_ms_median": statistics.median(run["host_step_s"]) * 1e3,
         "losses": run["losses"],
+        **({"cuda_graphs": run["cuda_graphs"]} if "cuda_graphs" in run else {}),
     }
     if run.get("trace"):
         trace = json.loads(Path(run["trace"]).read_text())
@@ -117,9 +119,14 @@ def summarize(run: dict, flops_per_step: list, *, peak: float | None, ceiling: f
 
 
 def loss_parity(rows: dict, first: str, second: str) -> dict:
-    a, b = rows[first]["losses"], rows[second]["losses"]
-    diffs = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
-    return {"variants": [first, second], "steps": len(diffs), "max_rel_diff": max(diffs), "mean_rel_diff": statistics.mean(diffs)}
+    """Relative differences of two runs' losses, step by step. A run is ``variant`` (this
+    tree) or ``tree/variant`` (``before/plain``); a run that did not happen is reported so."""
+    keys = [tuple(name.split("/", 1)) if "/" in name else ("after", name) for name in (first, second)]
+    runs = [rows.get(key, {}) for key in keys]
+    if not all("losses" in run for run in runs):
+        return {"runs": [first, second], "missing": [n for n, r in zip((first, second), runs) if "losses" not in r]}
+    diffs = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(runs[0]["losses"], runs[1]["losses"])]
+    return {"runs": [first, second], "steps": len(diffs), "max_rel_diff": max(diffs), "mean_rel_diff": statistics.mean(diffs)}
 
 
 def markdown(rows: dict) -> str:
@@ -157,9 +164,10 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--standard", action="store_true", help="the standard shape and its four variants")
+    parser.add_argument("--standard", action="store_true", help="the standard shape and its variants (STANDARD_VARIANTS)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--tree", help="also run with the megatron_gr package of this directory (rows 'before')")
+    parser.add_argument("--tree-variants", help="with --tree: only these variants (comma separated)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -167,7 +175,8 @@ def main() -> int:
     parser.add_argument("--matmul-size", type=int, default=8192, help="size of the timed bf16 matrix product (0: skip)")
     parser.add_argument("--data-dir", help="where --standard writes its data (default: a temporary directory)")
     parser.add_argument("--loss-parity", action="append", default=[], metavar="A,B",
-                        help="compare the loss curves of two variants (same seed)")
+                        help="compare the loss curves of two runs (same seed): variant names, or "
+                             "tree/variant across trees (before/plain,after/plain)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -188,10 +197,13 @@ def main() -> int:
     trees = [("after", REPO_ROOT)] + ([("before", Path(args.tree).resolve())] if args.tree else [])
     rows, ceilings = {}, {}
     for label, tree in trees:
-        result = run_tree(tree, spec, work, label)
+        only = args.tree_variants.split(",") if label == "before" and args.tree_variants else None
+        result = run_tree(tree, {**spec, "only": only}, work, label)
         ceilings[label] = result.get("matmul_ceiling_tflops")
         for variant in variants:
             name = variant["name"]
+            if only and name not in only:
+                continue
             run = result["variants"].get(name, {"error": result.get("error", "not run")})
             if "window_s" not in run:
                 rows[(label, name)] = run
@@ -201,12 +213,16 @@ def main() -> int:
             flops = [step_flops(model_config, step).total for step in run["micro_batch_lengths"]]
             peak = args.peak_tflops or peak_tflops(run["device"])
             rows[(label, name)] = summarize(run, flops, peak=peak, ceiling=ceilings[label])
-    parity = [loss_parity({n: rows[("after", n)] for (t, n) in rows if t == "after"}, *p.split(",")) for p in args.loss_parity]
+    parity = [loss_parity(rows, *pair.split(",")) for pair in args.loss_parity]
     table = markdown(rows)
     print(table)
     for item in parity:
-        print(f"loss parity {item['variants'][0]} vs {item['variants'][1]}: max rel diff {item['max_rel_diff']:.2e} "
-              f"(mean {item['mean_rel_diff']:.2e}) over {item['steps']} steps")
+        first, second = item["runs"]
+        if "missing" in item:
+            print(f"loss parity {first} vs {second}: not run ({', '.join(item['missing'])})")
+        else:
+            print(f"loss parity {first} vs {second}: max rel diff {item['max_rel_diff']:.2e} "
+                  f"(mean {item['mean_rel_diff']:.2e}) over {item['steps']} steps")
     summary = {
         "matmul_ceiling_tflops": ceilings,
         "rows": [{"tree": tree, "variant": name, **row} for (tree, name), row in rows.items()],

@@ -8,7 +8,8 @@ trees run it unchanged; FLOPs and phases are computed by the driver.
     python tools/benchmarks/e2e_worker.py SPEC.json RESULT.json
 
 SPEC: {"config": path or null, "overrides": [[path, value], ...], "variants": [{"name",
-"overrides"}], "warmup", "steps", "profile_steps", "matmul_size", "trace_dir"}.
+"overrides"}], "only": [names] or null, "warmup", "steps", "profile_steps", "matmul_size",
+"trace_dir"}.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path:
         prof.export_chrome_trace(str(trace_path))
         trace = str(trace_path)
     return {
+        **_graph_statistics(trainer),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "window_s": window,
         "steps": steps,
@@ -128,6 +130,17 @@ def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path:
         "profiled_steps": profile_steps,
         "trace": trace,
     }
+
+
+def _graph_statistics(trainer) -> dict:
+    """The CUDA graph runner's counters (trees without training.cuda_graphs: none)."""
+    try:
+        from megatron_gr.training.cuda_graphs import graph_runner
+        from megatron_gr.training.model_setup import unwrap
+    except ImportError:
+        return {}
+    runner = graph_runner(unwrap(trainer.model[0]))
+    return {"cuda_graphs": runner.statistics()} if runner is not None else {}
 
 
 def main(spec_path: str, result_path: str) -> int:
@@ -144,13 +157,14 @@ def main(spec_path: str, result_path: str) -> int:
     if torch.cuda.is_available() and spec.get("matmul_size"):
         result["matmul_ceiling_tflops"] = matmul_ceiling_tflops(spec["matmul_size"])
     for variant in spec["variants"]:
+        if spec.get("only") and variant["name"] not in spec["only"]:
+            continue
         overrides = [tuple(o) for o in spec["overrides"]] + [tuple(o) for o in variant["overrides"]] + fixed
         try:
-            config = resolve_config(spec["config"], overrides)
-        except ConfigError as error:  # e.g. a key this (older) tree does not know
+            trainer = Trainer(resolve_config(spec["config"], overrides))
+        except ConfigError as error:  # a key this (older) tree does not know, a plan-time refusal
             result["variants"][variant["name"]] = {"skipped": str(error)}
             continue
-        trainer = Trainer(config)
         trace_path = Path(spec["trace_dir"]) / f"trace_{variant['name']}.json"
         result["variants"][variant["name"]] = measure(
             trainer, warmup=spec["warmup"], steps=spec["steps"], profile_steps=spec["profile_steps"], trace_path=trace_path

@@ -121,19 +121,30 @@ def test_gpu_graphed_steps_train_as_eager_steps(tmp_path, mode, hyper_connection
     assert graphed == pytest.approx(eager, rel=1e-2)
 
 
-@pytest.mark.gpu
-def test_gpu_dropout_draws_new_masks_on_every_replay(tmp_path):
+def _replayed_losses(trainer, count: int) -> list[float]:
+    """Forward and backward of one batch ``count`` times through the replayed layers."""
+    from megatron_gr.training.cuda_graphs import graph_runner
     from megatron_gr.training.model_setup import unwrap
 
-    trainer = _gpu_trainer(tmp_path, "layers", dropout=0.3)
     model = unwrap(trainer.model[0])
+    runner = graph_runner(model)
     batch = trainer.loader.next_step()[0]
-    first, second = model(batch).sum().item(), model(batch).sum().item()  # two replays of the same batch
+    losses = []
+    for _ in range(count):
+        replays = runner.replays
+        loss = model(batch).sum()
+        loss.backward()  # releases the slot for the next forward
+        assert runner.replays == replays + len(runner.units)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_draws_new_masks_on_every_replay(tmp_path):
+    first, second = _replayed_losses(_gpu_trainer(tmp_path, "layers", dropout=0.3), 2)
     assert first != second
-    quiet = _gpu_trainer(tmp_path / "quiet", "layers", dropout=0.0)
-    model = unwrap(quiet.model[0])
-    batch = quiet.loader.next_step()[0]
-    assert model(batch).sum().item() == model(batch).sum().item()
+    first, second = _replayed_losses(_gpu_trainer(tmp_path / "quiet", "layers", dropout=0.0), 2)
+    assert first == second
 
 
 @pytest.mark.gpu
