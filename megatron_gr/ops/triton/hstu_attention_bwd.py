@@ -95,7 +95,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_n_blocks"])  # varies per batch: one compile
 def hstu_bwd_dkdv_kernel(
     Q, K, V, GradOut, GradQ, GradK, GradV, Offsets, NumTargets, Timestamps, PosW, TimeW, DPosW, DTimeW,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -230,7 +230,7 @@ def _dq_tile(
     return mma(dx.to(k.dtype), k, dq, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def hstu_bwd_dq_kernel(
     Q, K, V, GradOut, GradQ, Offsets, NumTargets, Timestamps, PosW, TimeW,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,

@@ -52,7 +52,7 @@ def _fwd_tile(
     return mma(p.to(v.dtype), v, acc, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks"])  # varies per batch: one compile
 def hstu_fwd_kernel(
     Q, K, V, Out, Offsets, NumTargets, Timestamps, PosW, TimeW,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,

@@ -65,7 +65,7 @@ def _update(Y, b, Seed, rows, c, c_start, mask, C, p, BLOCK_C: tl.constexpr, DRO
     return u, keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_fwd(X, HRes, HPost, Y, Bias, Seed, Out, num_tokens, C, p, n: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -84,7 +84,7 @@ def _merge_fwd(X, HRes, HPost, Y, Bias, Seed, Out, num_tokens, C, p, n: tl.const
         tl.store(Out + stream0 + i * C, out.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DMapPart, DBiasPart, num_tokens, C, p,
                n: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):

@@ -45,7 +45,7 @@ def _row_block(X, U, W, B, Seed, rows, R, G, E, stride_xr, stride_xg, stride_ur,
     return xhat, ln, u, keep, mask, rstd, mean, cols, w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # the token count varies per batch: one compile
 def _stu_output_fwd(X, U, W, B, Seed, Y, Mean, Rstd, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -60,7 +60,7 @@ def _stu_output_fwd(X, U, W, B, Seed, Y, Mean, Rstd, R, G, E, stride_xr, stride_
     tl.store(Rstd + rows, rstd, mask=rows < R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _stu_output_bwd(X, U, W, B, Seed, DY, DX, DU, DW, DB, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     D = G * E
