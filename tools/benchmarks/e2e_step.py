@@ -78,15 +78,32 @@ def write_standard_data(directory: Path) -> Path:
     return directory
 
 
-def run_tree(tree: Path, spec: dict, work: Path, label: str) -> dict:
+def _worker(tree: Path, spec: dict, work: Path, label: str) -> tuple[list[str], dict, Path]:
     spec_path, result_path = work / f"spec_{label}.json", work / f"result_{label}.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
     worker = REPO_ROOT / "tools" / "benchmarks" / "e2e_worker.py"
-    done = subprocess.run([sys.executable, str(worker), str(spec_path), str(result_path)], env=env)
+    return [sys.executable, str(worker), str(spec_path), str(result_path)], env, result_path
+
+
+def run_tree(tree: Path, spec: dict, work: Path, label: str) -> dict:
+    command, env, result_path = _worker(tree, spec, work, label)
+    done = subprocess.run(command, env=env)
     if done.returncode != 0:
         return {"error": f"worker exited with {done.returncode}", "variants": {}}
     return json.loads(result_path.read_text())
+
+
+def warm_caches(runs: list[tuple[str, Path, str]], spec: dict, work: Path) -> int:
+    """Runs a few steps of every (tree label, tree, variant) at once, one process each, and
+    waits: Triton compiles a kernel in the process that first launches it, single-threaded,
+    and keeps it in its on-disk cache, so the measured runs that follow start compiled."""
+    quick = {**spec, "warmup": 2, "steps": 1, "profile_steps": 0, "matmul_size": 0}
+    processes = []
+    for label, tree, name in runs:
+        command, env, _ = _worker(tree, {**quick, "only": [name]}, work, f"warm_{label}_{name}")
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
+    return max((p.wait() for p in processes), default=0)
 
 
 def summarize(run: dict, flops_per_step: list, *, peak: float | None, ceiling: float | None) -> dict:
@@ -177,6 +194,8 @@ def main() -> int:
     parser.add_argument("--loss-parity", action="append", default=[], metavar="A,B",
                         help="compare the loss curves of two runs (same seed): variant names, or "
                              "tree/variant across trees (before/plain,after/plain)")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only compile: a few steps of every run, all at once (fills Triton's cache)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -195,6 +214,11 @@ def main() -> int:
         "trace_dir": str(work),
     }
     trees = [("after", REPO_ROOT)] + ([("before", Path(args.tree).resolve())] if args.tree else [])
+    if args.warm_only:
+        picked = args.tree_variants.split(",") if args.tree_variants else None
+        runs = [(label, tree, v["name"]) for label, tree in trees for v in variants
+                if label == "after" or picked is None or v["name"] in picked]
+        return warm_caches(runs, spec, work)
     rows, ceilings = {}, {}
     for label, tree in trees:
         only = args.tree_variants.split(",") if label == "before" and args.tree_variants else None
