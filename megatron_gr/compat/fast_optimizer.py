@@ -152,9 +152,8 @@ def batch_main_to_model_copies(optimizer) -> int:
 def _plain_distributed_copy(part) -> bool:
     if part.ddp_config.use_megatron_fsdp or part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         return False
-    return not any(
-        type(p).__name__.startswith("Float8") for group in part.model_float16_groups + part.model_fp32_groups for p in group
-    )
+    groups = part.model_float16_groups + part.model_fp32_groups
+    return not any(type(p).__name__.startswith("Float8") for group in groups for p in group)
 
 
 def _main_to_model_views(part) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

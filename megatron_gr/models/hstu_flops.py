@@ -96,7 +96,9 @@ def batch_flops(config: GRTransformerConfig, lengths) -> StepFlops:
     c, h = config.hidden_size, config.num_attention_heads
     dqk, dv = config.qk_head_dim, config.v_head_dim
     window, prefix = config.attention_window
-    pairs = attention_pairs(lengths, max_attn_len=window, global_prefix_len=prefix, contextual_len=config.contextual_len)
+    pairs = attention_pairs(
+        lengths, max_attn_len=window, global_prefix_len=prefix, contextual_len=config.contextual_len
+    )
     layers = config.num_layers
     forward = StepFlops(
         projections=layers * (2 * tokens * c * h * (2 * dv + 2 * dqk) + 2 * tokens * h * dv * c),

@@ -110,7 +110,9 @@ class HSTURetrievalModel(MegatronModule):
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
         buckets = self.token_buckets if self.training else None
-        tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group, num_sequences=batch.batch_size, buckets=buckets)
+        tokens = TokenSplit.for_tokens(
+            batch.num_tokens, self.token_group, num_sequences=batch.batch_size, buckets=buckets
+        )
         params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps)
         hidden = None
         if self.pre_process:

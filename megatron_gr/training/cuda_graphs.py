@@ -168,7 +168,8 @@ class GraphRunner:
         if not (torch.is_grad_enabled() and hidden.requires_grad and self.units[index].module.training):
             return None
         if index > 0:
-            return self.current if self.current is not None and self._fits(self.current, index, hidden, params) else None
+            current = self.current
+            return current if current is not None and self._fits(current, index, hidden, params) else None
         bucket = hidden.shape[0] * self.split
         self.current = None
         for slot in range(len(self.pools)):
@@ -305,7 +306,9 @@ def apply_cuda_graphs(model: torch.nn.Module, *, mode: str, max_tokens: int, mic
     streams = config.num_residual_streams if config.enable_hyper_connections else 1
     if mode == "layers":  # every layer reads the n residual streams (expanded before the first)
         originals = [layer.forward for layer in decoder.layers]
-        units = [_Unit(layer, _run_layer(original, config.max_seq_len)) for layer, original in zip(decoder.layers, originals)]
+        units = [
+            _Unit(layer, _run_layer(original, config.max_seq_len)) for layer, original in zip(decoder.layers, originals)
+        ]
         width = config.hidden_size * streams
     else:  # the stack reads the stage's input (plan: step runs without pipeline parallelism)
         units = [_Unit(decoder, _run_stack(decoder.forward, config.max_seq_len))]

@@ -44,7 +44,8 @@ def build_model(plan: RunPlan, spec: TrainSpec, dataset: Dataset) -> list[Distri
     training = plan.config.training
     apply_cuda_graphs(
         unwrap(wrapped), mode=training.cuda_graphs, max_tokens=training.cuda_graph_max_tokens,
-        micro_batch_size=training.micro_batch_size, num_slots=plan.layout.pipeline, sequence_parallel_size=plan.layout.tensor,
+        micro_batch_size=training.micro_batch_size, num_slots=plan.layout.pipeline,
+        sequence_parallel_size=plan.layout.tensor,
     )
     if ddp_config.overlap_grad_reduce:
         # The schedules hold reductions back until the last micro-batch and let the last

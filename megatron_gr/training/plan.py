@@ -159,7 +159,9 @@ def _check_item_table(config: ExperimentConfig, num_items: int) -> None:
         )
 
 
-def _check_cuda_graphs(config: ExperimentConfig, device: torch.device, backend: KernelBackend, layout: ParallelLayout) -> None:
+def _check_cuda_graphs(
+    config: ExperimentConfig, device: torch.device, backend: KernelBackend, layout: ParallelLayout
+) -> None:
     """``training.cuda_graphs`` where graphs can capture the layers (``training/cuda_graphs.py``)."""
     mode = config.training.cuda_graphs
     if mode == "none":
@@ -176,7 +178,8 @@ def _check_cuda_graphs(config: ExperimentConfig, device: torch.device, backend: 
     if model.recompute_granularity == "full" or model.recompute_mhc:
         what = "full-layer recompute" if model.recompute_granularity == "full" else "mHC recompute (recompute_modules: [mhc])"
         raise ConfigError(
-            f"{key} does not capture recomputed layers yet ({what}): turn recompute off or use training.cuda_graphs=none"
+            f"{key} does not capture recomputed layers yet ({what}): turn recompute off "
+            "or use training.cuda_graphs=none"
         )
     if mode == "step" and layout.pipeline > 1:
         raise ConfigError(

@@ -104,7 +104,9 @@ def seed_everything(seed: int, *, graph_safe: bool = False) -> None:
     random.seed(stage_seed)
     np.random.seed(stage_seed % 2**32)
     torch.manual_seed(stage_seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed, use_cudagraphable_rng=graph_safe, force_reset_rng=graph_safe)
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        stage_seed, use_cudagraphable_rng=graph_safe, force_reset_rng=graph_safe
+    )
 
 
 def _hold_cpu_mode(on: bool) -> None:

@@ -58,10 +58,10 @@ class Trainer:
         self.sparse = SparseTables(self.model)
         self.scheduler = build_scheduler(config.training, self.optimizer)
         # The next step's micro-batches are built (and copied to the GPU) while a step runs.
-        self.loader = PrefetchingStream(
-            self.spec.training_stream(self.plan, self.dataset, parallel_state.get_data_parallel_rank(), self.plan.layout.data),
-            self.runtime.device,
+        stream = self.spec.training_stream(
+            self.plan, self.dataset, parallel_state.get_data_parallel_rank(), self.plan.layout.data
         )
+        self.loader = PrefetchingStream(stream, self.runtime.device)
         self.state = TrainState()
         self.best_weights: Optional[dict] = None
         self._validated_at: Optional[int] = None
