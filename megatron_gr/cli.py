@@ -5,8 +5,11 @@
     megatron-gr evaluate --config ... --load runs/ml100k  # valid/test of the best weights
     megatron-gr show-config --config ... --set model.num_layers=4
 
-User mistakes (bad keys, values, files, a megatron-core that lacks what a shim needs) and a
-run stopped for non-finite losses print one ``error: ...`` line and exit with code 2.
+User mistakes (bad keys, values, files, checkpoints, a megatron-core that lacks what a shim
+needs) and a run stopped for non-finite losses print one ``error: ...`` line and exit with
+code 2; a collective that fails because another rank hung or died prints one line and exits
+with 1; Ctrl-C prints one line and exits with 130. SIGTERM and SIGUSR1 save a checkpoint at
+the end of the current step and exit with 0 (``training/exit_conditions.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import yaml
 from megatron_gr.compat import MegatronVersionError
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
 from megatron_gr.data import DataFormatError, resolve_source
-from megatron_gr.training.checkpointing import CheckpointError
+from megatron_gr.training.checkpoint_errors import CheckpointError
+from megatron_gr.training.distributed_failure import DistributedFailure
 from megatron_gr.training.nonfinite import TrainingDivergedError
 
 
@@ -42,6 +46,9 @@ def _run(args: argparse.Namespace) -> int:
         if config.data.source == "auto":
             print(_auto_source_comment(config.data.path))
         return 0
+    from megatron_gr.training import distributed_failure
+    from megatron_gr.training.evaluate_checkpoint import evaluate_checkpoint
+    from megatron_gr.training.run_lock import release_all
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
 
@@ -49,10 +56,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "pretrain":
             Trainer(config).train()
         else:
-            if not config.checkpoint.load:
-                raise ConfigError("evaluate needs a checkpoint directory: pass --load DIR")
-            Trainer(config).final_evaluation()
+            evaluate_checkpoint(config)
+    except RuntimeError as error:
+        # Described while the process group exists (the description asks the other ranks).
+        message = distributed_failure.describe(error, timeout_minutes=config.training.distributed_timeout_minutes)
+        if message is None:
+            raise
+        raise DistributedFailure(message) from None
     finally:
+        release_all()
         shutdown()
     return 0
 
@@ -74,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DistributedFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted (Ctrl-C): stopped at once without saving; complete checkpoints already saved are kept "
+            "(SIGTERM or SIGUSR1 save first)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# Helpers live in tests/support; these names stay importable from here for older imports.
+from tests.support.paths import REPO_ROOT, ml100k_dir  # noqa: F401
 
 if not torch.cuda.is_available():
     # Triton kernel tests run in the interpreter without a GPU; it must be on before anything
     # (megatron-core included) imports triton. See tests/triton_support.py.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def ml100k_dir() -> Path:
-    """ML-100K location: $MEGATRON_GR_ML100K, else ../shared/data/ml-100k beside the repo."""
-    return Path(os.environ.get("MEGATRON_GR_ML100K", REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
 
 
 def pytest_collection_modifyitems(config, items):

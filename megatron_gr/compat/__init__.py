@@ -8,6 +8,7 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``dist_optimizer``: the distributed optimizer's reshardable checkpoints (any device);
 - ``fast_optimizer``: the optimizer step without a host read per parameter, fused Adam,
   one for-each main-to-model copy;
+- ``checkpoint_writes``: checkpoint saves without a helper process that outlives the run;
 - ``optimizer_step``: megatron's optimizer step in two halves, for dynamic-table rows;
 - ``recompute``: ``CheckpointWithoutOutput`` replayed in our order, a block's full recompute;
 - ``quiet``: megatron-core's own warnings, silenced around our calls into it;
@@ -15,6 +16,7 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``version``: the megatron-core version the shims were written for, and its guard.
 """
 
+from megatron_gr.compat.checkpoint_writes import checkpoint_writes_without_manager_process
 from megatron_gr.compat.cpu_mode import cpu_mode, cpu_mode_active
 from megatron_gr.compat.dist_optimizer import (
     allocate_distributed_optimizer_state,
@@ -42,6 +44,7 @@ __all__ = [
     "allocate_distributed_optimizer_state",
     "batch_main_to_model_copies",
     "checkpoint_without_output_fp8_arg",
+    "checkpoint_writes_without_manager_process",
     "checkpointed_block_forward",
     "checkpointed_outputs",
     "clip_grads_and_step",

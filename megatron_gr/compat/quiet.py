@@ -48,12 +48,12 @@ def megatron_collective_deprecations_silenced() -> Iterator[None]:
         yield
 
 
-def load_distributed_checkpoint(sharded_state_dict: dict, checkpoint_dir: str) -> dict:
-    """megatron's ``dist_checkpointing.load``, without torch's deprecation notices for the
-    checkpoint API it calls."""
+def load_distributed_checkpoint(sharded_state_dict: dict, checkpoint_dir: str, **kwargs):
+    """megatron's ``dist_checkpointing.load`` (its keyword arguments too, e.g. ``strict``),
+    without torch's deprecation notices for the checkpoint API it calls."""
     from megatron.core import dist_checkpointing
 
     with warnings.catch_warnings():
         for message in _DEPRECATED_CHECKPOINT_LOAD:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        return dist_checkpointing.load(sharded_state_dict, checkpoint_dir)
+        return dist_checkpointing.load(sharded_state_dict, checkpoint_dir, **kwargs)

@@ -95,6 +95,19 @@ class TrainingConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better validation NDCG@10 (0 = off)."""
 
+    exit_interval: Optional[int] = None
+    """Save a checkpoint (with ``checkpoint.save``) and exit after every step that is a
+    multiple of N, as Megatron's ``--exit-interval``; None = off."""
+
+    exit_duration_in_mins: Optional[float] = None
+    """Save a checkpoint and exit at the first step boundary after this many minutes of
+    the run (all ranks agree), as Megatron's ``--exit-duration-in-mins``; None = off."""
+
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective waits for the other ranks before the run stops with an error
+    naming the rank (Megatron's default, 10). Raise it when one rank legitimately works
+    alone for long, e.g. reading a large data set before the first collective."""
+
     def __post_init__(self):
         check_int_range("train_iters", self.train_iters, low=1)
         check_int_range("micro_batch_size", self.micro_batch_size, low=1)
@@ -133,6 +146,11 @@ class TrainingConfig:
         check_int_range("eval_interval", self.eval_interval, low=0)
         check_int_range("eval_batch_size", self.eval_batch_size, low=1)
         check_int_range("early_stopping_patience", self.early_stopping_patience, low=0)
+        if self.exit_interval is not None:
+            check_int_range("exit_interval", self.exit_interval, low=1)
+        if self.exit_duration_in_mins is not None:
+            check_float_range("exit_duration_in_mins", self.exit_duration_in_mins, low=0.0, low_exclusive=True)
+        check_float_range("distributed_timeout_minutes", self.distributed_timeout_minutes, low=0.0, low_exclusive=True)
 
     @property
     def decay_iters(self) -> int:

@@ -99,19 +99,25 @@ class PrefetchingStream:
 
 
 def _tensors(batch: JaggedBatch) -> list[torch.Tensor]:
+    """The batch's device tensors (the copies made on the side stream)."""
     if not dataclasses.is_dataclass(batch):
         return []
-    return [value for value in (getattr(batch, f.name) for f in dataclasses.fields(batch)) if torch.is_tensor(value)]
+    values = (getattr(batch, f.name) for f in dataclasses.fields(batch))
+    return [value for value in values if torch.is_tensor(value) and value.device.type != "cpu"]
 
 
 def _to_device(batch: JaggedBatch, device: torch.device) -> JaggedBatch:
-    """The batch on ``device``: each host tensor pinned, then copied without blocking."""
+    """The batch on ``device``: each host tensor pinned, then copied without blocking; the
+    offsets also stay on the host (``JaggedBatch.host_offsets``, as ``JaggedBatch.to`` keeps
+    them: context parallelism plans from them without waiting for the device)."""
     if not dataclasses.is_dataclass(batch):
         return batch.to(device)
     moved = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
-        if torch.is_tensor(value):
-            value = value.pin_memory().to(device, non_blocking=True) if value.device.type == "cpu" else value
+        if torch.is_tensor(value) and value.device.type == "cpu" and f.name != "host_offsets":
+            value = value.pin_memory().to(device, non_blocking=True)
         moved[f.name] = value
+    if isinstance(batch, JaggedBatch):
+        moved["host_offsets"] = batch.offsets_on_host()
     return dataclasses.replace(batch, **moved)

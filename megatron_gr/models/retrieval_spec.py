@@ -55,8 +55,9 @@ def build_stage(request: StageRequest) -> HSTURetrievalModel:
             seed=plan.seed,
             device=plan.device,
             backend=plan.backend,
-            # Sharded over data-parallel ranks; tensor-parallel ranks keep identical copies.
-            shard_group=parallel_state.get_data_parallel_group(),
+            # Sharded over the data- and context-parallel ranks (each looks up its own tokens);
+            # tensor-parallel ranks keep identical copies.
+            shard_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
     return HSTURetrievalModel(
         plan.model_config,
@@ -82,6 +83,9 @@ def training_stream(plan, dataset: RetrievalDataset, dp_rank: int, dp_size: int)
         dp_rank=dp_rank,
         dp_size=dp_size,
         partition_fn=PARTITIONS[plan.micro_batch_balance],
+        windows=plan.config.data.train_windows,
+        num_negatives=plan.model_config.num_negatives,
+        num_in_batch_negatives=plan.model_config.num_in_batch_negatives,
     )
 
 

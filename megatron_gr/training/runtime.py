@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -58,13 +59,19 @@ def resolve_bf16(training: TrainingConfig, device: torch.device) -> bool:
     return training.precision == "bf16" or (training.precision == "auto" and device.type == "cuda")
 
 
-def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> Runtime:
+def initialize(
+    training: TrainingConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+) -> Runtime:
     """Starts torch.distributed (gloo on CPU, NCCL on GPU; a one-process group when not
     launched by torchrun), megatron's parallel state and all seeds.
 
-    The data-parallel size is what is left of the world: world / (tensor x pipeline). A
-    process that is already initialised for another layout (tests running several layouts
-    in one process group) gets its parallel state rebuilt. On the CPU it holds
+    The data-parallel size is what is left of the world: world / (tensor x context x
+    pipeline). A process that is already initialised for another layout (tests running
+    several layouts in one process group) gets its parallel state rebuilt. On the CPU it holds
     :func:`megatron_gr.compat.cpu_mode` until :func:`shutdown`.
     """
     device = resolve_device(training)
@@ -74,31 +81,41 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = timedelta(minutes=training.distributed_timeout_minutes)  # a hung rank ends the job
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         else:  # a plain `megatron-gr` run: a one-process group with an in-memory store
             dist.init_process_group(
-                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     world = dist.get_world_size()
-    layout = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size, pipeline_model_parallel_size=pipeline_parallel_size)
+    layout = ParallelConfig(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        context_parallel_size=context_parallel_size,
+        context_parallel_split_threshold=2 * context_parallel_size,
+    )
     layout.data_parallel_size(world)  # raises ConfigError for a world that does not split
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size
         or parallel_state.get_pipeline_model_parallel_world_size() != pipeline_parallel_size
+        or parallel_state.get_context_parallel_world_size() != context_parallel_size
     ):
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size)
+        parallel_state.initialize_model_parallel(
+            tensor_parallel_size, pipeline_parallel_size, context_parallel_size=context_parallel_size,
+            distributed_timeout_minutes=training.distributed_timeout_minutes,
+        )
     seed_everything(training.seed, graph_safe=device.type == "cuda" and training.cuda_graphs != "none")
     return Runtime(device=device, bf16=bf16, rank=dist.get_rank(), world_size=world)
 
 
 def seed_everything(seed: int, *, graph_safe: bool = False) -> None:
-    """Same seed on every tensor- and data-parallel rank (identical replicated parameters);
-    pipeline stages differ so their layers draw different values, as in Megatron.
-    ``graph_safe``: megatron's RNG tracker keeps CUDA-graph-safe generator states (CUDA
-    graphs register them, so dropout in a replayed graph draws new masks)."""
+    """Same seed on every tensor-, context- and data-parallel rank (identical replicated
+    parameters); pipeline stages differ so their layers draw different values, as in
+    Megatron. ``graph_safe``: megatron's RNG tracker keeps CUDA-graph-safe generator states
+    (CUDA graphs register them, so dropout in a replayed graph draws new masks)."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     stage_seed = seed + 100 * pp_rank
     random.seed(stage_seed)

@@ -21,11 +21,14 @@ from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.data.prefetch import PrefetchingStream
 from megatron_gr.models.registry import get_train_spec
 from megatron_gr.training import checkpointing
+from megatron_gr.training.checkpoint_layout import resolve_load
 from megatron_gr.training.evaluation import evaluate
+from megatron_gr.training.exit_conditions import ExitConditions
 from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.nonfinite import NonFiniteGuard, is_better
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
 from megatron_gr.training.plan import make_plan
+from megatron_gr.training.run_lock import hold_run_lock
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
 from megatron_gr.training.sparse_step import SparseTables
@@ -45,6 +48,7 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
+        started = time.time()
         self.spec = get_train_spec(config.model.type)
         self.dataset = self.spec.build_dataset(config)
         self.plan = make_plan(config, num_items=self.dataset.num_items)
@@ -52,7 +56,10 @@ class Trainer:
             config.training,
             tensor_parallel_size=self.plan.layout.tensor,
             pipeline_parallel_size=self.plan.layout.pipeline,
+            context_parallel_size=self.plan.layout.context,
         )
+        self.run_lock = hold_run_lock(config.checkpoint.save)  # before anything is written there
+        self.exits = ExitConditions(config.training, start_time=started, device=self.runtime.device)
         self.model = build_model(self.plan, self.spec, self.dataset)
         self.optimizer = build_optimizer(config.training, self.runtime, self.model)
         self.sparse = SparseTables(self.model)
@@ -77,6 +84,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
+        """Trains to ``train_iters`` (or early stopping, or an exit condition); the final
+        evaluation's results, or ``{"exited": reason, "iteration": step}``."""
+        try:
+            with self.exits:  # SIGTERM / SIGUSR1 set a flag checked after each step
+                return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> dict:
         training = self.config.training
         self.log.advance(self.state.iteration)
         stop = False
@@ -92,6 +109,9 @@ class Trainer:
                 stop = self.validate()
             if self.config.checkpoint.save_interval and step % self.config.checkpoint.save_interval == 0:
                 self.save()
+            reason = self.exits.check(step)
+            if reason:
+                return self._exit(reason)
         if self._validated_at != self.state.iteration:
             self.validate()
         if self.config.checkpoint.save and not self._saved_at(self.state.iteration):
@@ -117,7 +137,9 @@ class Trainer:
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
                 totals[:2] += out["loss_sum_and_tokens"]
-        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and (
+            parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
+        ):
             totals[2] = sum(b.num_tokens for b in batches)
         dist.all_reduce(totals)  # every rank knows the loss before the step
         host = {}
@@ -166,7 +188,9 @@ class Trainer:
             with updated_weights(self.model):
                 self.best_weights = _snapshot(self.model[0])
                 if self.config.checkpoint.save and self.config.checkpoint.keep_best:
-                    checkpointing.save_best(self.config.checkpoint.save, self.model, {"iteration": step, selection: value})
+                    checkpointing.save_best(
+                        self.config.checkpoint.save, self.model, {"iteration": step, selection: value}, config=self.config
+                    )
         else:
             self.state.evals_since_best += 1
         self.log.evaluation(step, "valid", metrics, note="best so far" if improved else None)
@@ -199,20 +223,37 @@ class Trainer:
     def save(self) -> None:
         with updated_weights(self.model):
             checkpointing.save_checkpoint(
-                self.config.checkpoint.save, self.state.iteration, self.model, self.optimizer, self.scheduler, asdict(self.state)
+                self.config.checkpoint.save, self.state.iteration, self.model, self.optimizer, self.scheduler,
+                asdict(self.state), config=self.config,
             )
         self.log.info(f"saved checkpoint of step {self.state.iteration} to {self.config.checkpoint.save}")
 
     def _saved_at(self, iteration: int) -> bool:
         return checkpointing.latest_iteration(self.config.checkpoint.save) == iteration
 
+    def _exit(self, reason: str) -> dict:
+        """Saves (with ``--save``) and ends the run early, as Megatron does on a signal or
+        an exit condition: no final evaluation."""
+        step = self.state.iteration
+        saved = "no --save directory, nothing saved"
+        if self.config.checkpoint.save:
+            if not self._saved_at(step):
+                self.save()
+            saved = f"checkpoint of step {step} in {self.config.checkpoint.save}"
+        self.log.info(f"{reason} at step {step}: exiting ({saved})")
+        self.log.close()
+        return {"exited": reason, "iteration": step}
+
     def _resume(self, root: str) -> None:
-        best = checkpointing.load_best(root, self.model)
-        if best is not None:
-            self.best_weights = _snapshot(self.model[0])
-        train_state = checkpointing.load_checkpoint(root, self.model, self.optimizer, self.scheduler)
+        # best/ belongs to the run being resumed: loaded only when a checkpoint is (its
+        # weights are snapshot, then the checkpoint's replace them in the model).
+        if resolve_load(root, step=self.config.checkpoint.ckpt_step).directory is not None:
+            if checkpointing.load_best(root, self.model, config=self.config, log=self.log.info) is not None:
+                self.best_weights = _snapshot(self.model[0])
+        train_state = checkpointing.load_checkpoint(
+            root, self.model, self.optimizer, self.scheduler, config=self.config, log=self.log.info
+        )
         if train_state is None:
-            self.log.info(f"no checkpoint in {root}: starting from scratch")
             return
         self.state = TrainState(**{k: train_state[k] for k in asdict(TrainState())})
         self.loader.load_state_dict({"consumed_samples": self.state.consumed_samples})

@@ -7,8 +7,13 @@ sequence of their own at the end (offsets get one more entry)::
     offsets [0, 3, 4, 7]  tp = 2  ->  offsets [0, 3, 4, 7, 8]   one padding token
 
 Attention never crosses sequence boundaries, so no real token sees the padding and the
-padding sees only itself; the model drops the padding before the loss and the ranks. CUDA
+padding sees only itself; the model drops the padding before the loss and the ranks. A
+context-parallel rank left without tokens by a micro-batch (one short sequence, placed
+whole on another rank) is padded the same way, so that no layer sees an empty batch. CUDA
 graphs pad the same way, to a few static token counts (``graph_buckets``).
+
+The tokens' dropout keys follow them: the padded batch's keys (padding tokens get negative
+keys, which no real token has) and this rank's slice of them (``JaggedSeqParams``).
 """
 
 from __future__ import annotations
@@ -29,10 +34,18 @@ class TokenSplit:
     """How a batch's tokens are laid out between the attention blocks."""
 
     num_tokens: int  # real tokens T
-    padding: int  # tokens appended (T + padding divides by the group size; or fills a bucket)
+    # tokens appended so that T + padding divides by the group size (and is not 0), or fills a bucket
+    padding: int
     group: Optional[torch.distributed.ProcessGroup]  # None: tokens are not split
-    padding_sequences: int = 1  # sequences appended for the padding (empty ones included)
+    # sequences appended for the padding, empty ones included (None: one if there is padding)
+    bucket_sequences: Optional[int] = None
     static_max_len: Optional[int] = None  # with buckets: the longest length of every padded batch
+
+    @property
+    def padding_sequences(self) -> int:
+        if self.bucket_sequences is not None:
+            return self.bucket_sequences
+        return 1 if self.padding else 0
 
     @classmethod
     def for_tokens(
@@ -40,27 +53,38 @@ class TokenSplit:
         num_tokens: int,
         group: Optional[torch.distributed.ProcessGroup],
         *,
+        never_empty: bool = False,
         num_sequences: int = 0,
         buckets: Optional[TokenBuckets] = None,
     ) -> "TokenSplit":
-        """The layout of ``num_tokens`` tokens in ``num_sequences`` sequences. With
+        """The layout of ``num_tokens`` tokens in ``num_sequences`` sequences.
+        ``never_empty``: pad a batch without tokens (a context-parallel rank's share). With
         ``buckets`` (CUDA graphs: ``graph_buckets``) a batch is padded to its bucket and to the
         bucket's fixed number of sequences, when one holds it."""
-        split = group if group is not None and group.size() > 1 else None
+        size = group.size() if group is not None else 1
+        split = group if size > 1 else None
         bucket = buckets.bucket(num_tokens) if buckets is not None else None
         if bucket is not None:
             slots = buckets.capacity(bucket) - num_sequences
             return cls(num_tokens, bucket - num_tokens, split, slots, buckets.max_seq_len)
-        if split is None:
-            return cls(num_tokens, 0, None, 0)
-        padding = -num_tokens % split.size()
-        return cls(num_tokens, padding, split, 1 if padding else 0)
+        padding = -num_tokens % size
+        if never_empty and num_tokens + padding == 0:
+            padding = size
+        return cls(num_tokens, padding, split)
 
     def seq_params(
-        self, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None
+        self,
+        offsets: torch.Tensor,
+        max_len: int,
+        timestamps: Optional[torch.Tensor] = None,
+        query_timestamps: Optional[torch.Tensor] = None,
+        *,
+        token_keys: Optional[torch.Tensor] = None,
+        dropout_seed: int = 0,
     ) -> JaggedSeqParams:
         """Jagged metadata of the padded batch: the padding is one more sequence (sequences
-        of up to the bucket's ``max_seq_len``, then empty ones, with buckets)."""
+        of up to the bucket's ``max_seq_len``, then empty ones, with buckets). ``token_keys``
+        ``[T]`` (the batch's dropout keys) are padded and sliced too."""
         if self.padding_sequences:
             longest = self.static_max_len or self.padding
             offsets = padded_offsets(offsets, padding=self.padding, slots=self.padding_sequences, max_seq_len=longest)
@@ -68,9 +92,28 @@ class TokenSplit:
             max_len = self.static_max_len
         elif self.padding:
             max_len = max(max_len, self.padding)
-        if self.padding and timestamps is not None:
-            timestamps = F.pad(timestamps, (0, self.padding))
-        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
+        if self.padding:
+            if timestamps is not None:
+                timestamps = F.pad(timestamps, (0, self.padding))
+            if query_timestamps is not None:
+                query_timestamps = F.pad(query_timestamps, (0, self.padding))
+        token_keys, local_keys = self.padded_keys(token_keys)
+        return JaggedSeqParams.from_offsets(
+            offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps, dropout_seed=dropout_seed,
+            token_keys=token_keys, local_token_keys=local_keys,
+        )
+
+    def padded_keys(self, token_keys: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The tokens' dropout keys with the padding's (negative: no real token has one), and
+        this rank's slice of them (the tokens ``scatter`` keeps)."""
+        if token_keys is None:
+            return None, None
+        if self.padding:
+            padding_keys = -1 - torch.arange(self.padding, dtype=token_keys.dtype, device=token_keys.device)
+            token_keys = torch.cat([token_keys, padding_keys])
+        if self.group is None:
+            return token_keys, token_keys
+        return token_keys, token_keys.view(self.group.size(), -1)[self.group.rank()]
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[T, 1, C]`` (the same on every rank) -> this rank's ``[(T + p) / tp, 1, C]``."""

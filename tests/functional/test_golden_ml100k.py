@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO_ROOT, ml100k_dir
+from tests.support.paths import REPO_ROOT, ml100k_dir
 
 NAME = "hstu_ml100k_short"
 

@@ -24,9 +24,10 @@ def _stream() -> TrainingBatches:
 def _same(a, b) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for name in ("item_ids", "timestamps", "offsets", "labels", "user_ids"):
+        for name in ("item_ids", "timestamps", "query_timestamps", "offsets", "labels", "user_ids", "negative_ids",
+                     "token_keys"):
             torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=0, atol=0)
-        assert (x.max_len, x.sample_seed) == (y.max_len, y.sample_seed)
+        assert (x.max_len, x.dropout_seed) == (y.max_len, y.dropout_seed)
 
 
 def test_same_batches_and_positions_as_the_wrapped_stream():
@@ -64,6 +65,8 @@ def test_gpu_batches_arrive_on_the_device_with_their_values():
     plain, wrapped = _stream(), PrefetchingStream(_stream(), torch.device("cuda"))
     for _ in range(3):
         got, want = wrapped.next_step(), plain.next_step()
-        assert all(b.item_ids.is_cuda and b.offsets.is_cuda for b in got)
+        assert all(b.item_ids.is_cuda and b.offsets.is_cuda and b.token_keys.is_cuda for b in got)
+        # the offsets also stay on the host (context parallelism plans from them)
+        assert all(b.host_offsets.device.type == "cpu" and torch.equal(b.host_offsets, b.offsets.cpu()) for b in got)
         _same([b.to("cpu") for b in got], want)
     assert np.isfinite(float(got[0].timestamps.float().sum()))

@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 LAUNCH = REPO_ROOT / "launch"
 spec = importlib.util.spec_from_file_location("launch_py", LAUNCH / "launch.py")
@@ -84,3 +86,34 @@ def test_local_dry_run():
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "--log-dir=runs/x/logs",
         "--redirects=3", "--tee=3", "-m", "megatron_gr.cli", "pretrain", "--cpu", "--pipeline-model-parallel-size", "2",
     ])
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_sbatch_usr1_saves_then_requeues(tmp_path):
+    """Slurm's USR1 before the time limit: the script passes it to the job step, waits for
+    the ranks to save and exit, then requeues (stubs stand in for srun, scancel, scontrol)."""
+    calls, pid_file = tmp_path / "calls", tmp_path / "step.pid"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # the job step: a "training" that saves and exits 0 on USR1
+    _stub(bin_dir, "srun", f'trap \'echo "step: USR1, saved" >> {calls}; exit 0\' USR1\n'
+                           f'echo $$ > {pid_file}\nwhile true; do sleep 0.1; done\n')
+    _stub(bin_dir, "scancel", f'echo "scancel $*" >> {calls}\nkill -USR1 "$(cat {pid_file})"\n')
+    _stub(bin_dir, "scontrol", f'echo "scontrol $*" >> {calls}\n')
+    env = {**os.environ, **FAKE_ALLOCATION, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path / "run"),
+           "SLURM_SUBMIT_DIR": str(REPO_ROOT)}
+    script = subprocess.Popen(["bash", str(LAUNCH / "slurm_pretrain.sbatch"), "--config", "c.yaml"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    script.send_signal(signal.SIGUSR1)
+    _, err = script.communicate(timeout=60)
+    assert script.returncode == 0, err
+    assert calls.read_text().splitlines() == ["scancel --signal=USR1 4242", "step: USR1, saved", "scontrol requeue 4242"]
