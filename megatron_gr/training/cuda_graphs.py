@@ -23,14 +23,16 @@ How it fits the model:
 - Memory. All buckets of one in-flight micro-batch share one graph memory pool (one
   micro-batch runs forward then backward before the next, so the captures never overlap
   in time); under pipeline parallelism each in-flight micro-batch gets its own pool.
-- Randomness. Megatron's RNG tracker is created graph-safe (``runtime``) and every one of
-  its generator states is registered with every graph, so dropout draws fresh masks on
-  every replay.
+- Per-batch inputs. Offsets, timestamps, the tokens' dropout keys and the step's dropout
+  stream words of every site live in static tensors written before each replay
+  (``graph_inputs.StaticBatch``): keyed dropout reads its words from the device, so a
+  replay draws the step's masks, the eager step's. Megatron's RNG tracker is created
+  graph-safe (``runtime``) and its generator states are registered with every graph too.
 - Capture happens once, before training (``capture_all``): every bucket, every slot.
 
 What the plan refuses (``training/plan.py``): a CPU run, the PyTorch kernel backend (its
-reference attention reads lengths on the host), full-layer or mHC recompute, and ``step``
-under pipeline parallelism.
+reference attention reads lengths on the host), full-layer or mHC recompute, ``step``
+under pipeline parallelism, context parallelism, FP8 linears and SASRec blocks.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from typing import Callable, Optional
 import torch
 from megatron.core.tensor_parallel import random as mp_random
 
+from megatron_gr.training.graph_inputs import StaticBatch, WordTables
+from megatron_gr.transformer.dropout_sites import num_sites
 from megatron_gr.transformer.graph_buckets import TokenBuckets, padded_offsets
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 
@@ -55,10 +59,10 @@ _RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, GraphRunner]" = weakref.We
 
 @dataclass
 class _Unit:
-    """One captured callable: ``run(hidden, offsets, timestamps) -> hidden`` of ``module``."""
+    """One captured callable: ``run(hidden, batch) -> hidden`` of ``module``."""
 
     module: torch.nn.Module
-    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    run: Callable[[torch.Tensor, StaticBatch], torch.Tensor]
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -69,8 +73,7 @@ class _Unit:
 class _Captured:
     """The graphs of every unit for one (bucket, slot) and their static tensors."""
 
-    offsets: torch.Tensor
-    timestamps: torch.Tensor
+    batch: StaticBatch
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     grad_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -85,11 +88,8 @@ class _Replay(torch.autograd.Function):
     """Unit ``index`` of a captured set as one autograd node."""
 
     @staticmethod
-    def forward(ctx, runner, captured, index, hidden, offsets, timestamps, *params):
+    def forward(ctx, runner, captured, index, hidden, *params):
         _copy_if_other(captured.inputs[index], hidden)
-        if index == 0:
-            _copy_if_other(captured.offsets, offsets)
-            _copy_if_other(captured.timestamps, timestamps)
         captured.forward_graphs[index].replay()
         ctx.runner, ctx.captured, ctx.index = runner, captured, index
         return captured.outputs[index].detach()
@@ -103,7 +103,7 @@ class _Replay(torch.autograd.Function):
             ctx.runner.release(captured)
         grad_input = captured.grad_inputs[index]
         params = [g.detach() if g is not None else None for g in captured.grad_params[index]]
-        return (None, None, None, grad_input.detach() if grad_input is not None else None, None, None, *params)
+        return (None, None, None, grad_input.detach() if grad_input is not None else None, *params)
 
 
 def _copy_if_other(static: torch.Tensor, value: torch.Tensor) -> None:
@@ -138,12 +138,15 @@ class GraphRunner:
     same bookkeeping with :class:`_EmulatedGraph` instead of CUDA graphs."""
 
     def __init__(self, units: list[_Unit], buckets: TokenBuckets, *, width: int, dtype: torch.dtype,
-                 device: torch.device, num_slots: int, split: int, emulate: bool = False):
+                 device: torch.device, num_slots: int, split: int, dropout_sites: int, query_time: bool = False,
+                 emulate: bool = False):
         self.units = units
         self.buckets = buckets
         self.width, self.dtype, self.device = width, dtype, device
         self.split = split  # sequence-parallel size: each rank holds bucket / split tokens
         self.emulate = emulate
+        self.query_time = query_time  # the layers read query timestamps (time_bias_origin='query')
+        self.words = WordTables(dropout_sites, pin=not emulate)
         self.pools = [None if emulate else torch.cuda.graph_pool_handle() for _ in range(num_slots)]
         self.captured: dict[tuple[int, int], _Captured] = {}
         self.busy: set[int] = set()
@@ -161,8 +164,9 @@ class GraphRunner:
             self.eager_calls += 1
             return None
         self.replays += 1
-        timestamps = params.timestamps if params.timestamps is not None else captured.timestamps
-        return _Replay.apply(self, captured, index, hidden, params.offsets, timestamps, *self.units[index].params)
+        if index == 0:  # the units of a set share its batch
+            captured.batch.write(params, self.words)
+        return _Replay.apply(self, captured, index, hidden, *self.units[index].params)
 
     def _set_for(self, index: int, hidden: torch.Tensor, params: JaggedSeqParams) -> Optional[_Captured]:
         if not (torch.is_grad_enabled() and hidden.requires_grad and self.units[index].module.training):
@@ -184,9 +188,7 @@ class GraphRunner:
         static = captured.inputs[index]
         return (
             hidden.shape == static.shape and hidden.dtype == static.dtype
-            and params.offsets.shape == captured.offsets.shape and params.max_len == self.buckets.max_seq_len
-            and params.num_targets is None
-            and (params.timestamps is None or params.timestamps.shape == captured.timestamps.shape)
+            and params.max_len == self.buckets.max_seq_len and captured.batch.fits(params)
         )
 
     def release(self, captured: _Captured) -> None:
@@ -204,30 +206,32 @@ class GraphRunner:
             torch.cuda.synchronize(self.device)
             self.capture_memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
 
-    def _sample(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sample(self, bucket: int) -> tuple[torch.Tensor, StaticBatch]:
         """A valid padded batch of ``bucket`` tokens: sequences of the longest length."""
         capacity = self.buckets.capacity(bucket)
         empty = torch.zeros(1, dtype=torch.int64, device=self.device)
         offsets = padded_offsets(empty, padding=bucket, slots=capacity, max_seq_len=self.buckets.max_seq_len)
         hidden = torch.randn(bucket // self.split, 1, self.width, device=self.device, dtype=self.dtype)
-        return hidden, offsets, torch.zeros(bucket, dtype=torch.int64, device=self.device)
+        batch = StaticBatch.sample(offsets, bucket=bucket, split=self.split, sites=self.words.sites,
+                                   query_time=self.query_time, device=self.device)
+        return hidden, batch
 
     def _capture(self, bucket: int, slot: int) -> _Captured:
-        hidden, offsets, timestamps = self._sample(bucket)
+        hidden, batch = self._sample(bucket)
         stream = None
         if not self.emulate:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(WARMUP_RUNS):
-                self._eager_chain(hidden, offsets, timestamps)
+                self._eager_chain(hidden, batch)
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
-        captured = _Captured(offsets=offsets, timestamps=timestamps, slot=slot)
+        captured = _Captured(batch=batch, slot=slot)
         value = hidden
         for unit in self.units:  # forward graphs, in replay order
             static_in = value.detach().requires_grad_()
-            graph, value = self._record(slot, stream, functools.partial(unit.run, static_in, offsets, timestamps))
+            graph, value = self._record(slot, stream, functools.partial(unit.run, static_in, batch))
             captured.inputs.append(static_in)
             captured.outputs.append(value)
             captured.forward_graphs.append(graph)
@@ -264,11 +268,11 @@ class GraphRunner:
             outputs = work()
         return graph, outputs
 
-    def _eager_chain(self, hidden, offsets, timestamps) -> None:
+    def _eager_chain(self, hidden, batch: StaticBatch) -> None:
         value = hidden.detach().requires_grad_()
         out = value
         for unit in self.units:
-            out = unit.run(out, offsets, timestamps)
+            out = unit.run(out, batch)
         params = [p for unit in self.units for p in unit.params]
         torch.autograd.grad(out, [value, *params], grad_outputs=torch.ones_like(out), allow_unused=True)
 
@@ -313,8 +317,10 @@ def apply_cuda_graphs(model: torch.nn.Module, *, mode: str, max_tokens: int, mic
     else:  # the stack reads the stage's input (plan: step runs without pipeline parallelism)
         units = [_Unit(decoder, _run_stack(decoder.forward, config.max_seq_len))]
         width = config.hidden_size
+    query_time = config.relative_attention_bias and config.time_bias_origin == "query"
     runner = GraphRunner(units, buckets, width=width, dtype=config.params_dtype,
-                         device=next(model.parameters()).device, num_slots=num_slots, split=split, emulate=emulate)
+                         device=next(model.parameters()).device, num_slots=num_slots, split=split,
+                         dropout_sites=num_sites(config.num_layers), query_time=query_time, emulate=emulate)
     if mode == "layers":
         for index, (layer, original) in enumerate(zip(decoder.layers, originals)):
             layer.forward = _graphed_layer_forward(runner, index, original)
@@ -327,17 +333,15 @@ def apply_cuda_graphs(model: torch.nn.Module, *, mode: str, max_tokens: int, mic
 
 
 def _run_layer(forward, max_len: int):
-    def run(hidden, offsets, timestamps):
-        params = JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
-        return forward(hidden_states=hidden, packed_seq_params=params)[0]
+    def run(hidden, batch: StaticBatch):
+        return forward(hidden_states=hidden, packed_seq_params=batch.seq_params(max_len))[0]
 
     return run
 
 
 def _run_stack(forward, max_len: int):
-    def run(hidden, offsets, timestamps):
-        params = JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
-        return forward(hidden_states=hidden, attention_mask=None, packed_seq_params=params)
+    def run(hidden, batch: StaticBatch):
+        return forward(hidden_states=hidden, attention_mask=None, packed_seq_params=batch.seq_params(max_len))
 
     return run
 

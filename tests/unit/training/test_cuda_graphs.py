@@ -1,8 +1,12 @@
-"""training.cuda_graphs: the config and plan guards (one line each, CPU), and on a GPU the
-graphed step training as the eager step (bf16 tolerance), dropout drawing new masks on
-every replay, and the runner's bookkeeping."""
+"""training.cuda_graphs: the config and plan guards (one line each, CPU); the runner's
+bookkeeping with emulated graphs on the CPU (training as the eager step with keyed dropout,
+each step's dropout words written into the captured tensors); and on a GPU the graphed step
+training as the eager step (bf16 tolerance), replays at two dropout seeds equal to the eager
+layers at those seeds (fp32), and the runner's bookkeeping."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -54,22 +58,32 @@ def test_supported_combinations_pass():
 
 
 # ------------------------------------------------- the runner's bookkeeping, emulated on the CPU
-def _cpu_losses(tmp_path, mode: str, *, hyper_connections: bool, steps: int = 3):
-    """Losses and final weights of a tiny CPU run; with ``mode`` its layers replayed through
-    the graph runner with emulated graphs (the same static buffers, copies, padding, slots
-    and autograd plumbing; the work re-run instead of a CUDA graph replayed)."""
+def _cpu_trainer(tmp_path, mode: str, *, hyper_connections: bool = False, dropout: float = 0.2):
+    """A tiny CPU trainer; with ``mode`` its layers replayed through the graph runner with
+    emulated graphs (the same static buffers, copies, padding, slots and autograd plumbing;
+    the work re-run instead of a CUDA graph replayed: a value the runner forgot to write
+    into the static tensors is read stale, as a replayed graph would)."""
     from megatron_gr.training.cuda_graphs import apply_cuda_graphs
     from megatron_gr.training.model_setup import unwrap
     from megatron_gr.training.trainer import Trainer
     from tests.unit.training.helpers import tiny_config
 
-    model = {"hidden_dropout": 0.0, "embedding_dropout": 0.0, "enable_hyper_connections": hyper_connections}
+    model = {"hidden_dropout": dropout, "embedding_dropout": 0.0, "enable_hyper_connections": hyper_connections}
     trainer = Trainer(tiny_config(tmp_path, model=model))
-    bare = unwrap(trainer.model[0])
     runner = None
     if mode != "none":
-        runner = apply_cuda_graphs(bare, mode=mode, max_tokens=512, micro_batch_size=trainer.config.training.micro_batch_size,
-                                   num_slots=1, sequence_parallel_size=1, emulate=True)
+        runner = apply_cuda_graphs(unwrap(trainer.model[0]), mode=mode, max_tokens=512,
+                                   micro_batch_size=trainer.config.training.micro_batch_size, num_slots=1,
+                                   sequence_parallel_size=1, emulate=True)
+    return trainer, runner
+
+
+def _cpu_losses(tmp_path, mode: str, *, hyper_connections: bool, steps: int = 3):
+    """Losses and final weights of a tiny CPU run with dropout (keyed: each step its masks)."""
+    from megatron_gr.training.model_setup import unwrap
+
+    trainer, runner = _cpu_trainer(tmp_path, mode, hyper_connections=hyper_connections)
+    bare = unwrap(trainer.model[0])
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     weights = {k: v.detach().clone() for k, v in bare.state_dict().items() if torch.is_tensor(v)}
     return losses, weights, runner
@@ -88,15 +102,63 @@ def test_replayed_units_train_as_eager_layers(megatron_cpu, tmp_path, mode, hype
         torch.testing.assert_close(weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _stack_output_at_seed(model, batch, seed: int) -> torch.Tensor:
+    """What the layer stack adds to its input (its output minus its input: the part dropout
+    acts on) for the real tokens of ``batch`` (forward and backward) at dropout seed ``seed``."""
+    changes = []
+
+    def record(module, args, kwargs, output):
+        changes.append((output - kwargs["hidden_states"]).detach())
+
+    hook = model.decoder.register_forward_hook(record, with_kwargs=True)
+    try:
+        model(dataclasses.replace(batch, dropout_seed=seed)).sum().backward()  # releases the runner's slot
+    finally:
+        hook.remove()
+    return changes[0][: batch.num_tokens].double()
+
+
+def _check_replays_at_two_seeds(model, runner, batch, *, tolerance: float) -> None:
+    """``batch`` at two dropout seeds through the graphs, then eagerly: each replay equals
+    the eager layers at its seed (relative to the norm), and the two seeds differ."""
+    buckets, seeds = model.token_buckets, (11, 2**40 + 7)
+    replays, eager_calls = runner.replays, runner.eager_calls
+    graphed = [_stack_output_at_seed(model, batch, seed) for seed in seeds]
+    assert runner.replays == replays + 2 * len(runner.units) and runner.eager_calls == eager_calls
+    model.token_buckets = None  # unpadded: no captured set fits, the layers run eagerly
+    try:
+        eager = [_stack_output_at_seed(model, batch, seed) for seed in seeds]
+    finally:
+        model.token_buckets = buckets
+    assert runner.eager_calls == eager_calls + 2 * len(runner.units)
+    for seed, got, want in zip(seeds, graphed, eager):
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < tolerance, f"seed {seed}: replay vs eager {error:.2e}"
+    assert ((eager[0] - eager[1]).norm() / eager[0].norm()).item() > 0.1, "two seeds, two masks"
+
+
+@pytest.mark.parametrize("mode", ["layers", "step"])
+def test_replays_draw_each_steps_masks(megatron_cpu, tmp_path, mode):
+    """The runner writes each seed's word table (and the batch's keys) into the captured
+    tensors: the emulated graphs replayed at two seeds equal the eager layers."""
+    from megatron_gr.training.model_setup import unwrap
+
+    trainer, runner = _cpu_trainer(tmp_path, mode, dropout=0.3)
+    model = unwrap(trainer.model[0])
+    _check_replays_at_two_seeds(model, runner, trainer.loader.next_step()[0], tolerance=1e-5)
+
+
 # ---------------------------------------------------------------------------------- GPU
-def _gpu_trainer(tmp_path, mode: str, *, dropout: float = 0.0, hyper_connections: bool = False, seed: int = 5):
+def _gpu_trainer(tmp_path, mode: str, *, dropout: float = 0.0, hyper_connections: bool = False, seed: int = 5,
+                 precision: str = "auto"):
     from megatron_gr.training.trainer import Trainer
     from tests.unit.training.helpers import tiny_config
 
     model = {"hidden_dropout": dropout, "embedding_dropout": 0.0, "hidden_size": 64, "qk_head_dim": 32,
              "v_head_dim": 32, "enable_hyper_connections": hyper_connections}
     config = tiny_config(tmp_path, model=model, embeddings={"item": {"dim": 64}},
-                         training={"device": "cuda", "kernel_backend": "triton", "cuda_graphs": mode, "seed": seed})
+                         training={"device": "cuda", "kernel_backend": "triton", "cuda_graphs": mode, "seed": seed,
+                                   "precision": precision})
     return Trainer(config)
 
 
@@ -121,30 +183,18 @@ def test_gpu_graphed_steps_train_as_eager_steps(tmp_path, mode, hyper_connection
     assert graphed == pytest.approx(eager, rel=1e-2)
 
 
-def _replayed_losses(trainer, count: int) -> list[float]:
-    """Forward and backward of one batch ``count`` times through the replayed layers."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, hyper_connections", [("layers", False), ("step", True)])
+def test_gpu_replays_at_two_seeds_equal_eager_layers(tmp_path, mode, hyper_connections):
+    """Captured CUDA graphs (Triton dropout in the STU output and, with mHC, the merges)
+    replayed at two dropout seeds draw each seed's masks: equal to the eager layers at that
+    seed (fp32; the padded batch's GEMMs have other shapes), and different between seeds."""
     from megatron_gr.training.cuda_graphs import graph_runner
     from megatron_gr.training.model_setup import unwrap
 
+    trainer = _gpu_trainer(tmp_path, mode, dropout=0.3, hyper_connections=hyper_connections, precision="fp32")
     model = unwrap(trainer.model[0])
-    runner = graph_runner(model)
-    batch = trainer.loader.next_step()[0]
-    losses = []
-    for _ in range(count):
-        replays = runner.replays
-        loss = model(batch).sum()
-        loss.backward()  # releases the slot for the next forward
-        assert runner.replays == replays + len(runner.units)
-        losses.append(loss.item())
-    return losses
-
-
-@pytest.mark.gpu
-def test_gpu_dropout_draws_new_masks_on_every_replay(tmp_path):
-    first, second = _replayed_losses(_gpu_trainer(tmp_path, "layers", dropout=0.3), 2)
-    assert first != second
-    first, second = _replayed_losses(_gpu_trainer(tmp_path / "quiet", "layers", dropout=0.0), 2)
-    assert first == second
+    _check_replays_at_two_seeds(model, graph_runner(model), trainer.loader.next_step()[0], tolerance=1e-4)
 
 
 @pytest.mark.gpu
