@@ -79,8 +79,8 @@ class TrainingConfig:
     the stage's layers as one graph per direction (no pipeline parallelism). Training batches
     are padded to those counts with sequences no real token attends to; the embedding
     lookups, the loss and the optimizer step run eagerly. Captured before training, for
-    every count; dropout draws fresh masks on every replay. See
-    ``docs/benchmarks/cuda_graphs.md``."""
+    every count; each replay draws the step's keyed dropout masks (the eager step's). Not
+    with context parallelism, FP8 or SASRec blocks. See ``docs/benchmarks/cuda_graphs.md``."""
 
     cuda_graph_max_tokens: int = 16384
     """Micro-batches of more tokens than this run eagerly (they keep the GPU busy anyway);

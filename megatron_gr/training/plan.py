@@ -212,6 +212,22 @@ def _check_cuda_graphs(
             f"{key} does not capture recomputed layers yet ({what}): turn recompute off "
             "or use training.cuda_graphs=none"
         )
+    if layout.context > 1:
+        raise ConfigError(
+            f"{key} does not capture context-parallel layers (parallel.context_parallel_size={layout.context}: "
+            "their key exchange and per-batch layouts change with every batch): use training.cuda_graphs=none "
+            "or context_parallel_size=1"
+        )
+    if model.fp8:
+        raise ConfigError(
+            f"{key} does not capture FP8 linears (model.fp8={model.fp8!r}: their weight casts and amax "
+            "histories are decided on the host per micro-batch): unset fp8 or use training.cuda_graphs=none"
+        )
+    if model.block_type != "stu":
+        raise ConfigError(
+            f"{key} captures STU layers only (model.block_type={model.block_type!r}): use model.block_type=stu "
+            "or training.cuda_graphs=none"
+        )
     if mode == "step" and layout.pipeline > 1:
         raise ConfigError(
             f"{key} captures the whole stage as one graph, which pipeline parallelism feeds through its own "

@@ -49,6 +49,19 @@ def test_unsupported_combinations_are_one_line(sections, words):
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("model, context, words", [
+    ({}, 2, "context_parallel_size=2"),
+    ({"fp8": "e4m3"}, 1, "FP8 linears (model.fp8='e4m3'"),
+    ({"block_type": "transformer"}, 1, "STU layers only (model.block_type='transformer')"),
+])
+def test_layers_graphs_cannot_capture_are_one_line(model, context, words):
+    layout = ParallelLayout(world_size=context, tensor=1, pipeline=1, data=1, sequence_parallel=False, context=context)
+    with pytest.raises(ConfigError) as error:
+        _check_cuda_graphs(_config(training={"cuda_graphs": "layers"}, model=model), torch.device("cuda", 0),
+                           KernelBackend.TRITON, layout)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
 def test_supported_combinations_pass():
     layers = _config(training={"cuda_graphs": "layers"}, model={"enable_hyper_connections": True})
     _check_cuda_graphs(layers, torch.device("cuda", 0), KernelBackend.TRITON, LAYOUT)  # PP, mHC: fine
