@@ -18,7 +18,11 @@ timed in the same run (``--matmul-size``).
 
 ``--tree DIR`` also runs every variant with the ``megatron_gr`` package found in DIR (e.g.
 an export of an older commit: ``git archive <commit> megatron_gr | tar -x -C DIR``): the
-"before" rows. Variants whose keys that tree does not know are reported as skipped.
+"before" rows (for speed: main's numerics changed since, see ``reference_step.py``).
+Variants whose keys that tree does not know are reported as skipped. ``--reference`` runs
+every variant (``--reference-variants``: these) again with this tree's step speed-ups
+turned off (``reference_step.py``): the "reference" rows, the like-with-like baseline, in
+speed and in loss (``--loss-parity reference/plain,after/plain``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,18 @@ def _worker(tree: Path, spec: dict, work: Path, label: str) -> tuple[list[str], 
     return [sys.executable, str(worker), str(spec_path), str(result_path)], env, result_path
 
 
+def _trees(args) -> list[tuple[str, Path, dict, list[str] | None]]:
+    """(label, package directory, spec additions, variant subset) of every tree that runs."""
+    trees = [("after", REPO_ROOT, {}, None)]
+    if args.reference:
+        picked = args.reference_variants.split(",") if args.reference_variants else None
+        trees.append(("reference", REPO_ROOT, {"reference_step": True}, picked))
+    if args.tree:
+        picked = args.tree_variants.split(",") if args.tree_variants else None
+        trees.append(("before", Path(args.tree).resolve(), {}, picked))
+    return trees
+
+
 def run_tree(tree: Path, spec: dict, work: Path, label: str) -> dict:
     command, env, result_path = _worker(tree, spec, work, label)
     done = subprocess.run(command, env=env)
@@ -100,8 +116,8 @@ def warm_caches(runs: list[tuple[str, Path, str]], spec: dict, work: Path) -> in
     and keeps it in its on-disk cache, so the measured runs that follow start compiled."""
     quick = {**spec, "warmup": 2, "steps": 1, "profile_steps": 0, "matmul_size": 0}
     processes = []
-    for label, tree, name in runs:
-        command, env, _ = _worker(tree, {**quick, "only": [name]}, work, f"warm_{label}_{name}")
+    for label, tree, extra, name in runs:
+        command, env, _ = _worker(tree, {**quick, **extra, "only": [name]}, work, f"warm_{label}_{name}")
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
     return max((p.wait() for p in processes), default=0)
 
@@ -185,6 +201,9 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--tree", help="also run with the megatron_gr package of this directory (rows 'before')")
     parser.add_argument("--tree-variants", help="with --tree: only these variants (comma separated)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also run this tree with its step speed-ups off (rows 'reference', reference_step.py)")
+    parser.add_argument("--reference-variants", help="with --reference: only these variants (comma separated)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -193,7 +212,7 @@ def main() -> int:
     parser.add_argument("--data-dir", help="where --standard writes its data (default: a temporary directory)")
     parser.add_argument("--loss-parity", action="append", default=[], metavar="A,B",
                         help="compare the loss curves of two runs (same seed): variant names, or "
-                             "tree/variant across trees (before/plain,after/plain)")
+                             "tree/variant across trees (reference/plain,after/plain)")
     parser.add_argument("--warm-only", action="store_true",
                         help="only compile: a few steps of every run, all at once (fills Triton's cache)")
     parser.add_argument("--json")
@@ -213,16 +232,14 @@ def main() -> int:
         "steps": args.steps, "profile_steps": args.profile_steps, "matmul_size": args.matmul_size,
         "trace_dir": str(work),
     }
-    trees = [("after", REPO_ROOT)] + ([("before", Path(args.tree).resolve())] if args.tree else [])
+    trees = _trees(args)
     if args.warm_only:
-        picked = args.tree_variants.split(",") if args.tree_variants else None
-        runs = [(label, tree, v["name"]) for label, tree in trees for v in variants
-                if label == "after" or picked is None or v["name"] in picked]
+        runs = [(label, tree, extra, v["name"]) for label, tree, extra, picked in trees for v in variants
+                if picked is None or v["name"] in picked]
         return warm_caches(runs, spec, work)
     rows, ceilings = {}, {}
-    for label, tree in trees:
-        only = args.tree_variants.split(",") if label == "before" and args.tree_variants else None
-        result = run_tree(tree, {**spec, "only": only}, work, label)
+    for label, tree, extra, only in trees:
+        result = run_tree(tree, {**spec, **extra, "only": only}, work, label)
         ceilings[label] = result.get("matmul_ceiling_tflops")
         for variant in variants:
             name = variant["name"]

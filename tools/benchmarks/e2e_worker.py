@@ -9,7 +9,7 @@ trees run it unchanged; FLOPs and phases are computed by the driver.
 
 SPEC: {"config": path or null, "overrides": [[path, value], ...], "variants": [{"name",
 "overrides"}], "only": [names] or null, "warmup", "steps", "profile_steps", "matmul_size",
-"trace_dir"}.
+"trace_dir", "reference_step": bool (this tree with its step speed-ups off: reference_step.py)}.
 """
 
 from __future__ import annotations
@@ -150,6 +150,10 @@ def main(spec_path: str, result_path: str) -> int:
     from megatron_gr.training.trainer import Trainer
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("reference_step"):
+        from reference_step import speedups_off  # beside this file
+
+        speedups_off().__enter__()  # for the whole process
     total_steps = spec["warmup"] + spec["steps"] + spec["profile_steps"]
     fixed = [(["logging", "progress"], "off"), (["training", "eval_interval"], 0),
              (["training", "train_iters"], max(total_steps, 2))]

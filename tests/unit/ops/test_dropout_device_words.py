@@ -71,10 +71,7 @@ def leaves_for(name: str, tokens: int) -> list[torch.Tensor]:
 OPS = {"dropout": dropout_op, "stu_output": stu_output_op, "merge": merge_op}
 
 
-@pytest.mark.parametrize("kernel", ["pytorch", "triton"])
-@pytest.mark.parametrize("name", list(OPS))
-def test_device_words_draw_the_host_seeds_mask(name, kernel):
-    tokens = 37
+def check_device_words(name: str, kernel: str, tokens: int) -> None:
     op, leaves = OPS[name](kernel), leaves_for(name, tokens)
     want_same = outputs_and_grads(op, leaves, host_keys(tokens))
     got_same = outputs_and_grads(op, leaves, device_keys(tokens, SEED))
@@ -84,6 +81,18 @@ def test_device_words_draw_the_host_seeds_mask(name, kernel):
         for index, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(a, b), f"{name}/{kernel}: result {index} differs from the host words'"
     assert not torch.equal(want_same[0], want_other[0]), "two seeds, one mask: the test would prove nothing"
+
+
+@pytest.mark.parametrize("kernel", ["pytorch", "triton"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_device_words_draw_the_host_seeds_mask(name, kernel):
+    check_device_words(name, kernel, tokens=37)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(OPS))
+def test_gpu_device_words_at_training_size(name):
+    check_device_words(name, "triton", tokens=8195)
 
 
 def test_the_word_table_rows_are_the_sites_words():
