@@ -46,6 +46,19 @@ def test_token_split_pads_a_batch_to_its_bucket():
     assert TokenSplit.for_tokens(5000, None, num_sequences=3, buckets=buckets).padding == 0
 
 
+def test_bucket_padding_carries_token_keys_and_query_timestamps():
+    """The padding of a bucket gets negative dropout keys (no real token has one, so no
+    real token's mask changes) and query timestamps, as the captured graphs read them."""
+    buckets = TokenBuckets.build(max_tokens=200, max_seq_len=50, max_sequences=4)
+    split = TokenSplit.for_tokens(9, None, num_sequences=3, buckets=buckets)
+    keys, query = torch.arange(9) * 64 + 5, torch.arange(9) + 1000
+    params = split.seq_params(torch.tensor([0, 3, 4, 9]), 5, timestamps=torch.arange(9), query_timestamps=query,
+                              token_keys=keys, dropout_seed=7)
+    assert params.token_keys.tolist() == [*keys.tolist(), *range(-1, -120, -1)]
+    assert params.local_token_keys is params.token_keys and params.dropout_seed == 7
+    assert params.query_timestamps.tolist() == [*query.tolist(), *[0] * 119]
+
+
 def test_a_padded_batch_trains_as_the_unpadded_one(megatron_cpu, tmp_path):
     from megatron_gr.training.model_setup import unwrap
     from megatron_gr.training.trainer import Trainer
