@@ -108,6 +108,7 @@ def make_plan(
     if num_items is not None:
         table_rows = {"item": num_items + 1, **(table_rows or {})}
     _check_table_rows(config, table_rows or {})
+    _check_cuda_graphs(config, device, backend, layout)
     _check_output_paths(config)
     model_config = _model_config(config, layout, bf16)
     check_fp8_runnable(model_config, device)  # FP8 is an error where it cannot run, never a no-op
@@ -191,6 +192,56 @@ def _check_table_rows(config: ExperimentConfig, table_rows: dict[str, int]) -> N
                 f"embeddings.{name}.num_embeddings={table.num_embeddings} is too small for {rows - 1} items "
                 f"(the data's distinct ids, plus the padding row): use >= {rows} or leave it unset"
             )
+
+
+def _check_cuda_graphs(
+    config: ExperimentConfig, device: torch.device, backend: KernelBackend, layout: ParallelLayout
+) -> None:
+    """``training.cuda_graphs`` where graphs can capture the layers (``training/cuda_graphs.py``)."""
+    mode = config.training.cuda_graphs
+    if mode == "none":
+        return
+    key = f"training.cuda_graphs={mode!r}"
+    model = config.model
+    if device.type != "cuda":
+        raise ConfigError(f"{key} needs a CUDA GPU (this run trains on the CPU): use training.cuda_graphs=none")
+    if backend is not KernelBackend.TRITON:
+        raise ConfigError(
+            f"{key} needs the Triton kernels (training.kernel_backend=triton or auto): the PyTorch reference "
+            "attention reads sequence lengths on the host, which a graph cannot replay"
+        )
+    if model.recompute_granularity == "full" or model.recompute_mhc:
+        what = "full-layer recompute" if model.recompute_granularity == "full" else "mHC recompute (recompute_modules: [mhc])"
+        raise ConfigError(
+            f"{key} does not capture recomputed layers yet ({what}): turn recompute off "
+            "or use training.cuda_graphs=none"
+        )
+    if layout.context > 1:
+        raise ConfigError(
+            f"{key} does not capture context-parallel layers (parallel.context_parallel_size={layout.context}: "
+            "their key exchange and per-batch layouts change with every batch): use training.cuda_graphs=none "
+            "or context_parallel_size=1"
+        )
+    if model.fp8:
+        raise ConfigError(
+            f"{key} does not capture FP8 linears (model.fp8={model.fp8!r}: their weight casts and amax "
+            "histories are decided on the host per micro-batch): unset fp8 or use training.cuda_graphs=none"
+        )
+    if model.type != "retrieval":
+        raise ConfigError(
+            f"{key} captures the retrieval model's layers only (model.type={model.type!r}: ranking batches "
+            "carry per-request candidates the graph buckets do not pad): use training.cuda_graphs=none"
+        )
+    if model.block_type != "stu":
+        raise ConfigError(
+            f"{key} captures STU layers only (model.block_type={model.block_type!r}): use model.block_type=stu "
+            "or training.cuda_graphs=none"
+        )
+    if mode == "step" and layout.pipeline > 1:
+        raise ConfigError(
+            f"{key} captures the whole stage as one graph, which pipeline parallelism feeds through its own "
+            f"input (pipeline_model_parallel_size={layout.pipeline}): use training.cuda_graphs=layers"
+        )
 
 
 def _check_output_paths(config: ExperimentConfig) -> None:

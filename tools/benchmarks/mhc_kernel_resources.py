@@ -39,7 +39,7 @@ from megatron_gr.ops.triton.mhc_pre import _pre_bwd_gates  # noqa: E402
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-# Pointers in the streams' dtype (every other pointer is float32, the token keys int64).
+# Pointers in the streams' dtype (every other pointer is float32, the token keys and dropout words int64).
 _STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias"}
 # Matrix operands of the mapping kernels: bf16 halves for bf16 streams, else float32.
 _OPERAND_POINTERS = {"PHi", "PLo", "P", "GHi", "GLo"}
@@ -56,7 +56,7 @@ def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, o
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
         elif name[0].isupper() and name not in _INT_SCALARS:
-            if name == "Keys":
+            if name in ("Keys", "Words"):
                 signature[name] = "*i64"
             elif name in _OPERAND_POINTERS:
                 signature[name] = f"*{operands}"
@@ -117,7 +117,7 @@ def kernels(n: int, dtype: torch.dtype):
         yield (op.replace("_", " "), fn, consts, cfg, "fp32")
     for op, fn in (("merge_fwd", _merge_fwd), ("merge_bwd", _merge_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True)
+        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True, DEVICE_WORDS=False)
         if op == "merge_bwd":
             consts["MP"] = triton.next_power_of_2(n * n + n)
         yield (op.replace("_", " "), fn, consts, cfg, "fp32")

@@ -45,7 +45,7 @@ from megatron_gr.ops.triton.mhc_sinkhorn import sinkhorn_backward, sinkhorn_forw
 from megatron_gr.ops.triton.mhc_tiles import stream_tiles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _pre_bwd_gates(X, Grad, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
                    num_tokens, C, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_C: tl.constexpr, SPLIT: tl.constexpr):
