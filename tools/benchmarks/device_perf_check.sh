@@ -4,7 +4,7 @@
 # step with the speed-ups off and the loss curves of the two compared, an older tree's step
 # for speed), the ML-100K step with and without CUDA graphs, the relative-bias attention
 # kernel's two paths, the mHC overhead with graphs. Run from the repository root with
-# megatron-core importable; writes 9 logs and JSON files to $OUT (default ./out). Needs
+# megatron-core importable; writes 8 logs and JSON files to $OUT (default ./out). Needs
 # .device/ml-100k (ML-100K's u.data); .device/baseline (the package at 952dd4b: `git archive
 # 952dd4b megatron_gr | tar -x -C .device/baseline`) adds the "before" row (speed only: main's
 # numerics changed since), skipped without it.
@@ -30,13 +30,13 @@ M="--num-layers 8 --hidden-size 1024 --num-attention-heads 8 --max-seq-len 1024 
 # 1. compile warm-up (background) and the GPU tests
 for w in "e2e_step.py $S --warm-only" "e2e_step.py $G --warm-only" "ab_step_time.py $M --steps 1" \
          "hstu_attention.py $A --warmup 0 --reps 1"; do
-  timeout 180 python3 $B/$w >> "$O/warm.log" 2>&1 &
+  timeout 180 python3 $B/$w >> /tmp/warm.log 2>&1 &
 done
 timeout 170 python3 -m pytest -q -rfE -m gpu $T/training/test_cuda_graphs.py $T/training/test_resume.py \
   $T/data/test_prefetch.py $T/ops/test_triton_hstu_attention.py $T/ops/test_dropout_device_words.py \
   -k "graph or resume or prefetch or dropout or bucket or uniform_tiles" > "$O/tests.log" 2>&1
 echo "tests rc=$?"; tail -4 "$O/tests.log"
-wait
+wait; grep -iE "error|Traceback" /tmp/warm.log | tail -5
 
 # 2. timed runs, one at a time
 timeout 170 python3 $B/e2e_step.py $S --steps 15 --profile-steps 2 --json "$O/e2e.json" > "$O/e2e.log" 2>&1
