@@ -6,6 +6,7 @@ or built."""
 from __future__ import annotations
 
 from megatron_gr.config.errors import ConfigError
+from megatron_gr.config.ultra_checks import check_ultra_experiment
 from megatron_gr.config.validation import require
 from megatron_gr.data.ranking.columns import SOURCE_COLUMNS
 
@@ -15,6 +16,7 @@ RANKING_SOURCES = ("synthetic", "movielens", "impressions")
 def check_ranking_experiment(config) -> None:
     """Raises ConfigError for the first problem of a ranking ``ExperimentConfig``."""
     _check_source(config)
+    check_ultra_experiment(config)  # channel groups before the tables they name
     _check_columns(config)
     _check_tables(config)
     _check_widths(config)
@@ -65,7 +67,8 @@ def _check_columns(config) -> None:
 
 def _check_tables(config) -> None:
     pp = config.parallel.pipeline_model_parallel_size
-    for group, features in config.ranking.features.embedded().items():
+    groups = {**config.ranking.features.embedded(), **config.ranking.features.channel_embedded()}
+    for group, features in groups.items():
         for feature, table in features.items():
             settings = config.embeddings.get(table)
             if settings is None:
@@ -84,7 +87,7 @@ def _check_tables(config) -> None:
                     f"embeddings.{table}.dynamic.pooling={settings.dynamic.pooling!r}: ranking features look up one "
                     f"id per token; set embeddings.{table}.dynamic.pooling=none",
                 )
-    used = {table for features in config.ranking.features.embedded().values() for table in features.values()}
+    used = {table for features in groups.values() for table in features.values()}
     unused = [name for name in config.embeddings if name not in used]
     if unused:
         raise ConfigError(
