@@ -268,7 +268,7 @@ class GRTransformerConfig(TransformerConfig):
 
     def _validate_ultra(self) -> None:
         validate_transducers(self.transducers)
-        validate_truncation(self.attn_truncation_split_layer, self.attn_truncation_tail_len, self.num_layers, "")
+        validate_truncation(self.attn_truncation_split_layer, self.attn_truncation_tail_len, self.num_layers, "model.")
         if self.type != "ranking":
             for name in ("transducers", "attn_truncation_split_layer", "recompute_normed_x", "recompute_uvqk"):
                 require(

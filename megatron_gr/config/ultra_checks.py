@@ -6,6 +6,7 @@ columns, the parallel layout. Each problem is one line, raised before anything i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.ranking_config import FeatureGroupsConfig
@@ -68,10 +69,11 @@ def _check_group_names(features: FeatureGroupsConfig, named: list[str], *, uses_
     if not unknown:
         return
     if not named:
-        raise ConfigError(
-            f"unknown key ranking.features.{unknown[0]}: the groups are {', '.join(f.name for f in dataclasses.fields(FeatureGroupsConfig) if f.name != 'channel_groups')}"
-            + ("" if uses_transducers else "; a channel's groups need model.transducers naming the channel")
-        )
+        groups = [f.name for f in dataclasses.fields(FeatureGroupsConfig) if f.name != "channel_groups"]
+        close = difflib.get_close_matches(unknown[0], groups, n=3)
+        hint = f"; did you mean {', '.join('ranking.features.' + c for c in close)}?" if close else ""
+        channels = "" if uses_transducers else " (a channel's groups need model.transducers naming the channel)"
+        raise ConfigError(f"unknown key ranking.features.{unknown[0]}{hint} Groups: {', '.join(groups)}{channels}.")
     raise ConfigError(
         f"ranking.features.{unknown[0]} is not a group of any channel of model.transducers "
         f"({', '.join(named)}): a channel x reads {', '.join('x' + s for s in CHANNEL_GROUP_SUFFIXES)}"
