@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# Helpers live in tests/support; these names stay importable from here for older imports.
+from tests.support.paths import REPO_ROOT, ml100k_dir  # noqa: F401
 
 if not torch.cuda.is_available():
     # Triton kernel tests run in the interpreter without a GPU; it must be on before anything
     # (megatron-core included) imports triton. See tests/triton_support.py.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def ml100k_dir() -> Path:
-    """ML-100K location: $MEGATRON_GR_ML100K, else ../shared/data/ml-100k beside the repo."""
-    return Path(os.environ.get("MEGATRON_GR_ML100K", REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,11 +25,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def megatron_cpu():
-    """torch.distributed (gloo, one rank) + megatron parallel state, CPU mode."""
+    """torch.distributed (gloo, one rank) + megatron parallel state, in CPU mode for the
+    module's tests only: ``shutdown`` restores torch and megatron-core, so the CPU mode
+    never reaches the GPU tests of another module run in the same process."""
     from megatron_gr.config import TrainingConfig
     from megatron_gr.training.runtime import initialize, shutdown
 
     yield initialize(TrainingConfig(device="cpu", seed=1234))
-    shutdown()  # an open gloo group delays interpreter exit by about a minute
+    shutdown()  # also: an open gloo group delays interpreter exit by about a minute

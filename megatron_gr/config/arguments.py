@@ -16,6 +16,11 @@ FLAG_TO_KEY = {
     "--max-seq-len": "model.max_seq_len",
     "--attention-kernel": "model.attention_kernel",  # deprecated: --kernel-backend
     "--num-residual-streams": "model.num_residual_streams",
+    "--fp8-format": "model.fp8",
+    "--fp8-recipe": "model.fp8_recipe",
+    "--fp8-amax-history-len": "model.fp8_amax_history_len",
+    "--fp8-amax-compute-algo": "model.fp8_amax_compute_algo",
+    "--fp8-margin": "model.fp8_margin",
     # data
     "--data-path": "data.path",
     "--data-source": "data.source",
@@ -34,16 +39,21 @@ FLAG_TO_KEY = {
     "--eval-interval": "training.eval_interval",
     "--eval-batch-size": "training.eval_batch_size",
     "--early-stopping-patience": "training.early_stopping_patience",
+    "--exit-interval": "training.exit_interval",
+    "--exit-duration-in-mins": "training.exit_duration_in_mins",
+    "--distributed-timeout-minutes": "training.distributed_timeout_minutes",
     "--precision": "training.precision",
     "--device": "training.device",
     "--kernel-backend": "training.kernel_backend",
     # parallel
     "--tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
     "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",
+    "--context-parallel-size": "parallel.context_parallel_size",
     # checkpoint
     "--save": "checkpoint.save",
     "--load": "checkpoint.load",
     "--save-interval": "checkpoint.save_interval",
+    "--ckpt-step": "checkpoint.ckpt_step",
     # logging
     "--log-interval": "logging.log_interval",
     "--metrics-file": "logging.metrics_file",
@@ -64,6 +74,9 @@ SWITCHES = {
     "--use-distributed-optimizer": ("parallel.use_distributed_optimizer", True),
     "--overlap-grad-reduce": ("parallel.overlap_grad_reduce", True),
     "--overlap-param-gather": ("parallel.overlap_param_gather", True),
+    "--override-opt-param-scheduler": ("checkpoint.override_opt_param_scheduler", True),
+    # Megatron's spelling, underscore included.
+    "--use-checkpoint-opt_param-scheduler": ("checkpoint.use_checkpoint_opt_param_scheduler", True),
 }
 
 

@@ -8,19 +8,31 @@ from __future__ import annotations
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.ultra_checks import check_ultra_experiment
 from megatron_gr.config.validation import require
+from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.ranking.columns import SOURCE_COLUMNS
+from megatron_gr.data.ranking.source import resolve_ranking_source
 
-RANKING_SOURCES = ("synthetic", "movielens", "impressions")
+RANKING_SOURCES = ("auto", "synthetic", "movielens", "impressions")
+# Model fields only the retrieval model reads (its preprocessor and head), at their defaults.
+_RETRIEVAL_ONLY = {
+    "time_feature": "since_previous",
+    "position_encoding": "from_start",
+    "scale_item_embeddings": True,
+    "retrieval_loss": "sampled_softmax",
+    "output_normalization": "l2",
+}
 
 
 def check_ranking_experiment(config) -> None:
     """Raises ConfigError for the first problem of a ranking ``ExperimentConfig``."""
     _check_source(config)
-    check_ultra_experiment(config)  # channel groups before the tables they name
-    _check_columns(config)
+    _check_model(config)
+    source = _known_source(config)
+    check_ultra_experiment(config, source)  # channel groups before the tables they name
+    _check_columns(config, source)
     _check_tables(config)
     _check_widths(config)
-    _check_sequence_room(config)
+    _check_sequence_room(config, source)
 
 
 def contextual_len_of(ranking) -> int:
@@ -37,9 +49,45 @@ def _check_source(config) -> None:
     )
 
 
-def _check_columns(config) -> None:
+def _known_source(config):
+    """The source the data resolves to, or None when the path does not tell yet (a missing
+    or unreadable path is reported when the data is read)."""
+    try:
+        return resolve_ranking_source(config.data.source, config.data.path)
+    except (DataFormatError, FileNotFoundError):
+        return None
+
+
+def _check_model(config) -> None:
+    """Model settings the ranking model does not have: one line each, never ignored."""
+    model = config.model
+    require(
+        model.block_type == "stu",
+        f"model.block_type={model.block_type!r}: the ranking model's target-aware attention needs STU layers; "
+        "set model.block_type=stu",
+    )
+    require(
+        not (model.relative_attention_bias and model.time_bias_origin == "query"),
+        "model.time_bias_origin='query' is a retrieval option (the time of the event each token predicts); "
+        "ranking tokens are bucketed by |ts_i - ts_j|: set model.time_bias_origin=token",
+    )
+    for name, default in _RETRIEVAL_ONLY.items():
+        value = getattr(model, name)
+        require(
+            value == default,
+            f"model.{name}={value!r} configures the retrieval model, which model.type=ranking does not build: "
+            f"leave it at {default!r} (ranking encodings are under ranking:)",
+        )
+    require(
+        model.fp8 is None,
+        f"model.fp8={model.fp8!r} with model.type=ranking: FP8 linears for the ranking tower are not built yet "
+        "(issue 14); unset model.fp8 to train the ranking model in bf16",
+    )
+
+
+def _check_columns(config, source) -> None:
     """Every named column exists in a built-in source (a CSV's header is checked when read)."""
-    ranking, source = config.ranking, config.data.source
+    ranking = config.ranking
     provided = SOURCE_COLUMNS.get(source)
     if provided is None:
         return
@@ -113,10 +161,10 @@ def _check_widths(config) -> None:
     )
 
 
-def _check_sequence_room(config) -> None:
+def _check_sequence_room(config, source) -> None:
     """The contextual tokens, the candidates and one history event fit ``max_seq_len``
     (longer histories keep their latest events)."""
-    source, data = config.data.source, config.data.ranking
+    data = config.data.ranking
     candidates = {"synthetic": data.synthetic.candidates_per_request, "movielens": data.num_candidates}.get(source)
     if candidates is None:
         return  # known once the file is read

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from megatron_gr.config.errors import ConfigError
-from megatron_gr.config.validation import check_choice, check_float_range, check_int_range, require
+from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
 
 FEATURE_GROUPS = (
     "contextual", "uih", "uih_action", "uih_watchtime", "uih_timestamp", "candidate", "candidate_timestamp"
@@ -183,12 +183,13 @@ class TowerConfig:
     """Layer norm after each fusion layer."""
 
     dropout: float = 0.0
-    """Dropout after each fusion layer."""
+    """Dropout after each fusion layer; its masks are keyed by the candidates' tokens and the
+    step, as the STU layers' are, so every parallel layout drops the same elements."""
 
     def __post_init__(self):
         for i, width in enumerate(self.hidden_sizes):
             check_int_range(f"hidden_sizes[{i}]", width, low=1)
-        check_float_range("dropout", self.dropout, low=0.0, high=1.0)
+        check_dropout("dropout", self.dropout)
 
 
 @dataclass

@@ -47,6 +47,13 @@ class TrainingConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
 
+    max_nonfinite_steps: int = 5
+    """Stop the run (one line, exit code 2) after this many steps in a row whose loss or
+    gradient norm is NaN or infinite. Such a step is always skipped: no weight, row or
+    optimizer state moves and the LR schedule does not advance; the metrics file marks it
+    ``skipped``. A few in a row can pass (a bad batch); more mean the run has diverged and
+    every further step would be skipped too. 0 = never stop."""
+
     seed: int = 1234
     """Seeds parameters, dropout, negative sampling and data order."""
 
@@ -73,6 +80,19 @@ class TrainingConfig:
 
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better validation NDCG@10 (0 = off)."""
+
+    exit_interval: Optional[int] = None
+    """Save a checkpoint (with ``checkpoint.save``) and exit after every step that is a
+    multiple of N, as Megatron's ``--exit-interval``; None = off."""
+
+    exit_duration_in_mins: Optional[float] = None
+    """Save a checkpoint and exit at the first step boundary after this many minutes of
+    the run (all ranks agree), as Megatron's ``--exit-duration-in-mins``; None = off."""
+
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective waits for the other ranks before the run stops with an error
+    naming the rank (Megatron's default, 10). Raise it when one rank legitimately works
+    alone for long, e.g. reading a large data set before the first collective."""
 
     def __post_init__(self):
         check_int_range("train_iters", self.train_iters, low=1)
@@ -102,6 +122,7 @@ class TrainingConfig:
         check_float_range("adam_beta2", self.adam_beta2, low=0.0, high=1.0)
         check_float_range("adam_eps", self.adam_eps, low=0.0, low_exclusive=True)
         check_float_range("clip_grad", self.clip_grad, low=0.0)
+        check_int_range("max_nonfinite_steps", self.max_nonfinite_steps, low=0)
         check_int_range("seed", self.seed, low=0, high=2**63 - 1)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
@@ -109,6 +130,11 @@ class TrainingConfig:
         check_int_range("eval_interval", self.eval_interval, low=0)
         check_int_range("eval_batch_size", self.eval_batch_size, low=1)
         check_int_range("early_stopping_patience", self.early_stopping_patience, low=0)
+        if self.exit_interval is not None:
+            check_int_range("exit_interval", self.exit_interval, low=1)
+        if self.exit_duration_in_mins is not None:
+            check_float_range("exit_duration_in_mins", self.exit_duration_in_mins, low=0.0, low_exclusive=True)
+        check_float_range("distributed_timeout_minutes", self.distributed_timeout_minutes, low=0.0, low_exclusive=True)
 
     @property
     def decay_iters(self) -> int:

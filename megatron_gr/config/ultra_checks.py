@@ -49,16 +49,23 @@ def channel_features(features: FeatureGroupsConfig, name: str) -> FeatureGroupsC
     )
 
 
-def check_ultra_experiment(config) -> None:
-    """Raises ConfigError for the first problem of the channels of a ranking experiment."""
+def check_ultra_experiment(config, source) -> None:
+    """Raises ConfigError for the first problem of the channels of a ranking experiment;
+    ``source``: the data source ``data.source`` resolves to (None: not known yet)."""
     model, features = config.model, config.ranking.features
     channels = channels_of(model)
     named = [c.name for c in channels if c.name]
     _check_group_names(features, named, uses_transducers=model.uses_transducers)
     if not model.uses_transducers:
         return
+    cp = config.parallel.context_parallel_size
+    require(
+        cp == 1,
+        f"parallel.context_parallel_size={cp} with ULTRA-HSTU (model.transducers, attention truncation or "
+        "rematerialization): its channels do not run under context parallelism yet; use context_parallel_size=1",
+    )
     _check_needed_groups(config, named)
-    _check_stores(config, channels)
+    _check_stores(config, channels, source)
     for i, channel in enumerate(channels):
         _check_channel_layout(config, i, channel)
 
@@ -108,9 +115,8 @@ def _check_needed_groups(config, named: list[str]) -> None:
             )
 
 
-def _check_stores(config, channels: list[TransducerConfig]) -> None:
+def _check_stores(config, channels: list[TransducerConfig], source) -> None:
     """Every channel's columns come from one event store of the data (a history)."""
-    source = config.data.source
     stores = SOURCE_EVENT_STORES.get(source)
     if source == "impressions":
         require(

@@ -31,6 +31,14 @@ def check_float_range(
     _check_bounds(name, value, None if low_exclusive else low, high)
 
 
+def check_dropout(name: str, value: Any) -> None:
+    """A dropout probability: p in [0, 1). p = 1 would zero every activation (and the
+    1 / (1 - p) rescaling divides by zero)."""
+    check_float_range(name, value, low=0.0)
+    if value >= 1.0:
+        raise ConfigError(f"{name}={value!r} is out of range: a dropout probability must be in [0, 1)")
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:

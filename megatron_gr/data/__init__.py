@@ -5,12 +5,15 @@ Readers (MovieLens) and the synthetic generator produce :class:`RawEvents` in fi
 format stores on disk and :class:`LeaveOneOutSplit` splits for training and evaluation.
 """
 
+from megatron_gr.data.duplicates import duplicate_events
 from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.movielens import MOVIELENS_FORMATS, read_movielens
 from megatron_gr.data.prepared import is_prepared, load_prepared, save_prepared
 from megatron_gr.data.sequences import LeaveOneOutSplit, RawEvents, UserSequences
-from megatron_gr.data.sources import RAW_FORMATS, build_sequences, load_events, load_sequences
-from megatron_gr.data.summary import SequenceSummary
+from megatron_gr.data.sources import (
+    RAW_FORMATS, build_sequences, infer_source, load_events, load_sequences, resolve_source,
+)
+from megatron_gr.data.summary import DataReport, SequenceSummary
 from megatron_gr.data.synthetic import SyntheticSpec, generate
 
 
@@ -26,6 +29,7 @@ def __getattr__(name):
 
 __all__ = [
     "DataFormatError",
+    "DataReport",
     "JaggedBatch",
     "LeaveOneOutSplit",
     "MOVIELENS_FORMATS",
@@ -35,11 +39,14 @@ __all__ = [
     "SyntheticSpec",
     "UserSequences",
     "build_sequences",
+    "duplicate_events",
     "generate",
+    "infer_source",
     "is_prepared",
     "load_events",
     "load_prepared",
     "load_sequences",
     "read_movielens",
+    "resolve_source",
     "save_prepared",
 ]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_gr.data.errors import DataFormatError
+
 PADDING_ITEM_ID = 0
 
 
@@ -95,6 +97,20 @@ class UserSequences:
             self.ratings[index], self.item_vocab,
         )
 
+    def select_events(self, keep: np.ndarray) -> "UserSequences":
+        """Keeps the events where ``keep`` is True, in order (users and vocabulary unchanged;
+        a user may be left with fewer events, or none)."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.num_events,):
+            raise ValueError(
+                f"keep has shape {keep.shape}; expected one entry per event, ({self.num_events},)"
+            )
+        kept_before = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+        return UserSequences(
+            self.user_ids, kept_before[self.offsets], self.item_ids[keep], self.timestamps[keep],
+            self.ratings[keep], self.item_vocab,
+        )
+
 
 @dataclass
 class LeaveOneOutSplit:
@@ -117,9 +133,9 @@ class LeaveOneOutSplit:
         if dropped:
             sequences = sequences.select_users(enough)
         if sequences.num_users == 0:
-            raise ValueError(
-                f"no user has at least {cls.MIN_EVENTS} events; leave-one-out needs one training "
-                "event, one validation and one test event per user"
+            raise DataFormatError(
+                f"no user has at least {cls.MIN_EVENTS} events (all {dropped} have fewer); "
+                "leave-one-out needs one training, one validation and one test event per user"
             )
         return cls(sequences, dropped)
 

@@ -1,9 +1,12 @@
-"""A short description of a set of user sequences, for tools and logs."""
+"""Short descriptions of a set of user sequences, for tools and logs: counts, lengths and
+time span (:class:`SequenceSummary`), and the line a training run starts with
+(:class:`DataReport`)."""
 
 from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -51,6 +54,47 @@ class SequenceSummary:
             f"time span {_date(self.first_timestamp)} to {_date(self.last_timestamp)} "
             f"({days:,.1f} days)",
         ]
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What a run trains on, as one line::
+
+        data: movielens ../shared/data/ml-100k: 943 users, 1682 items, 100000 events (0 users with < 3 events dropped)
+
+    Users and events are those read (without the removed duplicates), before the split drops
+    the users with too few events; items are the whole corpus that evaluation ranks.
+    """
+
+    source: str
+    """``synthetic``, ``movielens`` or ``prepared`` (never ``auto``: the resolved source)."""
+    path: Optional[str]
+    """The data path as configured; None for generated data."""
+    summary: SequenceSummary
+    """Counts of the sequences read, duplicates removed when ``duplicates_removed``."""
+    num_dropped_users: int
+    """Users the leave-one-out split drops for having fewer than ``min_events`` events."""
+    min_events: int
+    num_duplicates: int
+    """Events that repeat an earlier (user, item, timestamp) of the data."""
+    duplicates_removed: bool
+    """Whether those repeats were removed (``data.deduplicate``) or kept."""
+
+    def line(self) -> str:
+        where = f"{self.source} {self.path}" if self.path is not None else self.source
+        s = self.summary
+        notes = [f"{self.num_dropped_users} users with < {self.min_events} events dropped"]
+        if self.num_duplicates and self.duplicates_removed:
+            notes.append(f"{self.num_duplicates} duplicate (user, item, timestamp) events removed")
+        elif self.num_duplicates:
+            notes.append(
+                f"{self.num_duplicates} duplicate (user, item, timestamp) events kept, which can put "
+                "held-out targets into the input: data.deduplicate=true removes them"
+            )
+        return (
+            f"data: {where}: {s.num_users} users, {s.num_items} items, {s.num_events} events "
+            f"({'; '.join(notes)})"
+        )
 
 
 def _date(timestamp: int) -> str:

@@ -30,8 +30,9 @@ on CUDA (on the CPU only in Triton's interpreter, for tests). They compute in fl
 take float32, bfloat16 or float16 tensors (float64 checks need the reference).
 ``mhc_pre`` is ``mhc_mappings`` then ``mhc_aggregate`` with the same numbers; its Triton
 kernels are the two ops' forward kernels in one autograd function and a fused backward that
-writes one dx (the hyper-connection layers use it; h_pre has no other reader). Their
-dropout in ``mhc_merge`` draws a different mask from the reference's. ``input_expand`` and
+writes one dx (the hyper-connection layers use it; h_pre has no other reader). Dropout in
+``mhc_merge`` is keyed (:mod:`megatron_gr.ops.keyed_dropout`): both kernels draw the same
+mask from the token keys. ``input_expand`` and
 ``output_contract`` are one copy and one mean, a single pass in PyTorch already: both
 kernels run the same code for them.
 """
@@ -43,6 +44,7 @@ from typing import Optional
 import torch
 
 from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
+from megatron_gr.ops.keyed_dropout import DropoutKeys, check_dropout_keys
 from megatron_gr.ops.pytorch.mhc import (
     pytorch_input_expand,
     pytorch_mhc_aggregate,
@@ -157,6 +159,7 @@ def mhc_merge(
     *,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout_keys: Optional[DropoutKeys] = None,
     kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """The streams after a sublayer, ``[T, n, C]`` in ``x.dtype``:
@@ -169,6 +172,8 @@ def mhc_merge(
         h_post: ``[T, n]`` weight of the sublayer output in each new stream.
         y: ``[T, C]`` sublayer output; ``bias`` ``[C]`` its bias when not yet added.
         dropout_p, training: dropout of ``y + bias`` (off unless ``training``).
+        dropout_keys: keys of the dropout mask, one per token, features = the C channels;
+            needed when dropout is active.
     """
     kernel = check_backend(kernel)
     _check_streams("x", x)
@@ -180,12 +185,18 @@ def mhc_merge(
         _check_shape("bias", bias, (channels,))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+    if training and dropout_p > 0.0:
+        check_dropout_keys(dropout_keys, num_tokens=num_tokens, device=x.device)
     if kernel == "triton":
         _require_triton("mhc_merge", x, h_res, h_post, y, *([] if bias is None else [bias]))
         from megatron_gr.ops.triton.mhc_merge import triton_mhc_merge
 
-        return triton_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
-    return pytorch_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
+        return triton_mhc_merge(
+            x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys
+        )
+    return pytorch_mhc_merge(
+        x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys
+    )
 
 
 def input_expand(x: torch.Tensor, n: int, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
+from megatron_gr.compat import megatron_collective_deprecations_silenced
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec
 from megatron_gr.training.plan import RunPlan
 from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
@@ -70,11 +71,12 @@ def _tie_item_tables(model: torch.nn.Module) -> None:
 
 
 def _ddp_config(plan: RunPlan) -> DistributedDataParallelConfig:
-    """Gradient reduction over data-parallel ranks: fp32 buffers; the distributed optimizer
-    and the overlaps where they pay off (see ``ParallelConfig``)."""
+    """Gradient reduction over data- and context-parallel ranks (megatron's DDP reduces over
+    both): fp32 buffers; the distributed optimizer and the overlaps where they pay off (see
+    ``ParallelConfig``)."""
     parallel = plan.config.parallel
     distributed_optimizer = parallel.use_distributed_optimizer
-    gpu_default = plan.device.type == "cuda" and plan.layout.data > 1
+    gpu_default = plan.device.type == "cuda" and plan.layout.data * plan.layout.context > 1
     overlap_grad_reduce = parallel.overlap_grad_reduce
     if overlap_grad_reduce is None:
         overlap_grad_reduce = gpu_default
@@ -100,8 +102,9 @@ def updated_weights(model_chunks):
     reads the weights first must gather them now and keep the hooks off while it runs.
     """
     hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
-    for chunk in hooked:
-        chunk.disable_forward_pre_hook()  # synchronous all-gather of every bucket
+    with megatron_collective_deprecations_silenced():
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook()  # synchronous all-gather of every bucket
     try:
         yield
     finally:

@@ -8,8 +8,12 @@ as a dense table would, they get the same treatment at the same moments:
   (``calculate_per_token_loss``); :func:`with_sparse_gradient_scaling` applies the same
   factor to the rows' gradients;
 - clipping uses the norm of dense and row gradients together, and scales both;
-- a step megatron skips (non-finite gradients) updates no row either; otherwise the rows
-  follow the dense learning rate schedule (unless their table sets its own ``lr``).
+- a skipped step (non-finite gradients, loss or norm: see ``nonfinite.py``) updates no row
+  either; otherwise the rows follow the dense learning rate schedule (unless their table
+  sets its own ``lr``).
+
+Without dynamic tables the same step runs with the dense part only, so the non-finite checks
+cover every run.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+from megatron_gr.compat import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.embeddings.dynamic import PhysicalTable, collections_of
+from megatron_gr.training.nonfinite import any_rank
 
 
 def dynamic_tables(model_chunks) -> list[PhysicalTable]:
@@ -48,39 +53,32 @@ class SparseTables:
 
     def __init__(self, model_chunks):
         self.tables = dynamic_tables(model_chunks)
-        # A row lives on one data-parallel rank: its norm share is summed over that group
-        # (tensor-parallel ranks hold copies and must not count them twice).
-        self.group = parallel_state.get_data_parallel_group() if self.tables else None
+        # A row lives on one data- or context-parallel rank: its norm share is summed over
+        # that group (tensor-parallel ranks hold copies and must not count them twice).
+        self.group = parallel_state.get_data_parallel_group(with_context_parallel=True) if self.tables else None
+        self.device = _device_of(model_chunks, self.tables)
 
-    def step(self, optimizer) -> tuple[bool, float | None]:
+    def step(self, optimizer, *, loss_is_finite: bool = True) -> tuple[bool, float]:
         """megatron's optimizer step (as ``ChainedOptimizer.step``) with the rows included
-        in the gradient norm, clipping and update. Returns (updated, grad norm)."""
-        if not self.tables:
-            updated, grad_norm, _ = optimizer.step()
-            return updated, grad_norm
-        if optimizer.prepare_grads():  # non-finite gradients: megatron skips the step
+        in the gradient norm, clipping and update. Returns (updated, grad norm).
+
+        The step is skipped (no weight and no row moves) when megatron's ``prepare_grads``
+        finds non-finite gradients, when the loss is not finite (``loss_is_finite``, the same
+        on every rank) or when the joint gradient norm is not finite; every rank takes the
+        same decision (:func:`~megatron_gr.training.nonfinite.any_rank`)."""
+        found_inf, dense_norm = prepare_grads_and_norm(optimizer)  # megatron's own check (with a loss scaler)
+        total_norm = self._joint_grad_norm(dense_norm)
+        if any_rank(found_inf or not loss_is_finite or not math.isfinite(total_norm), self.device):
             for table in self.tables:
                 table.discard_step()
-            return False, None
-        dense_norm = float(optimizer.get_grad_norm() or 0.0)
-        sparse_square = torch.stack([table.gradient_square_sum() for table in self.tables]).sum()
-        dist.all_reduce(sparse_square, group=self.group)
-        total_norm = math.sqrt(dense_norm**2 + float(sparse_square))
+            return False, total_norm
         clip = optimizer.config.clip_grad
-        if clip > 0.0:
-            # As ChainedOptimizer.step clips: every part's (main) parameters by the one norm.
-            for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-                if getattr(part, "is_stub_optimizer", False):  # a part with no parameters here
-                    continue
-                params = part.get_parameters()
-                if params:
-                    decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
-                    clip_grad_by_total_norm_fp32(params, clip, total_norm, use_decoupled_grad=decoupled)
+        if clip > 0.0:  # the rows by the factor megatron's clipping gives the dense gradients
             coefficient = clip / (total_norm + 1.0e-6)
             if coefficient < 1.0:
                 for table in self.tables:
                     table.scale_gradients(coefficient)
-        updated = optimizer.step_with_ready_grads()
+        updated = clip_grads_and_step(optimizer, total_norm=total_norm)
         lr = optimizer.param_groups[0]["lr"]
         for table in self.tables:
             if updated:
@@ -88,6 +86,15 @@ class SparseTables:
             else:
                 table.discard_step()
         return updated, total_norm
+
+    def _joint_grad_norm(self, dense_norm: float) -> float:
+        """The L2 norm of the dense gradients (megatron's, over its gradient-statistics
+        group) and the rows' gradients together; NaN or Inf when any gradient is."""
+        if not self.tables:
+            return dense_norm
+        sparse_square = torch.stack([table.gradient_square_sum() for table in self.tables]).sum()
+        dist.all_reduce(sparse_square, group=self.group)
+        return math.sqrt(dense_norm**2 + float(sparse_square))
 
     def statistics(self) -> dict[str, float]:
         """Counters of every table summed over the shard group, for the logs:
@@ -106,3 +113,13 @@ class SparseTables:
             stats["load_factor"] = stats["occupancy"] / (table.capacity * world)
             record.update({f"embedding/{table.name}/{name}": value for name, value in stats.items()})
         return record
+
+
+def _device_of(model_chunks, tables: list[PhysicalTable]) -> torch.device:
+    """Where this rank's collectives run (NCCL needs CUDA tensors, gloo CPU ones)."""
+    if tables:
+        return tables[0].device
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            return param.device
+    return torch.device("cpu")

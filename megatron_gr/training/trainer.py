@@ -4,6 +4,7 @@ validation weights."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,13 +16,18 @@ import yaml
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_gr.compat import megatron_collective_deprecations_silenced, zero_grad
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.models.registry import get_train_spec
 from megatron_gr.training import checkpointing
+from megatron_gr.training.checkpoint_layout import resolve_load
 from megatron_gr.training.evaluation import evaluate
+from megatron_gr.training.exit_conditions import ExitConditions
 from megatron_gr.training.model_setup import build_model, updated_weights
+from megatron_gr.training.nonfinite import NonFiniteGuard, is_better
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
 from megatron_gr.training.plan import make_plan
+from megatron_gr.training.run_lock import hold_run_lock
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
 from megatron_gr.training.sparse_step import SparseTables
@@ -41,6 +47,7 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
+        started = time.time()
         self.spec = get_train_spec(config.model.type)
         self.dataset = self.spec.build_dataset(config)
         self.plan = make_plan(config, table_rows=self.dataset.table_rows())
@@ -48,7 +55,10 @@ class Trainer:
             config.training,
             tensor_parallel_size=self.plan.layout.tensor,
             pipeline_parallel_size=self.plan.layout.pipeline,
+            context_parallel_size=self.plan.layout.context,
         )
+        self.run_lock = hold_run_lock(config.checkpoint.save)  # before anything is written there
+        self.exits = ExitConditions(config.training, start_time=started, device=self.runtime.device)
         self.model = build_model(self.plan, self.spec, self.dataset)
         self.optimizer = build_optimizer(config.training, self.runtime, self.model)
         self.sparse = SparseTables(self.model)
@@ -61,7 +71,8 @@ class Trainer:
         self._validated_at: Optional[int] = None
         self.forward_backward = get_forward_backward_func()
         self.log = RunLogger(config.logging, enabled=self.runtime.is_main, total_steps=config.training.train_iters, start_step=0)
-        self.log.info(self.dataset.describe())
+        self.log.info(self.dataset.describe())  # what the run trains on, once (main rank)
+        self.nonfinite = NonFiniteGuard(config.training.max_nonfinite_steps)
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
         if config.checkpoint.save and self.runtime.is_main:
@@ -70,6 +81,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
+        """Trains to ``train_iters`` (or early stopping, or an exit condition); the final
+        evaluation's results, or ``{"exited": reason, "iteration": step}``."""
+        try:
+            with self.exits:  # SIGTERM / SIGUSR1 set a flag checked after each step
+                return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> dict:
         training = self.config.training
         self.log.advance(self.state.iteration)
         stop = False
@@ -78,23 +99,28 @@ class Trainer:
             self.state.iteration += 1
             step = self.state.iteration
             self.log.advance(step)
-            if step % self.config.logging.log_interval == 0 or step == training.train_iters:
+            skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
+            if not skipped and (step % self.config.logging.log_interval == 0 or step == training.train_iters):
                 self.log.train(step, record)
             if training.eval_interval and step % training.eval_interval == 0:
                 stop = self.validate()
             if self.config.checkpoint.save_interval and step % self.config.checkpoint.save_interval == 0:
                 self.save()
+            reason = self.exits.check(step)
+            if reason:
+                return self._exit(reason)
         if self._validated_at != self.state.iteration:
             self.validate()
         if self.config.checkpoint.save and not self._saved_at(self.state.iteration):
             self.save()
         return self.final_evaluation()
 
+    @megatron_collective_deprecations_silenced()
     def train_step(self) -> dict:
         start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        zero_grad(self.optimizer)
         batches = self.loader.next_step()
         outputs = self.forward_backward(
             forward_step_func=forward_step_for(self.spec, self.plan.device, training=True),
@@ -104,22 +130,27 @@ class Trainer:
             **schedule_shapes(self.model[0].config, batches),
             forward_only=False,
         )
-        updated, grad_norm = self.sparse.step(self.optimizer)  # dense and dynamic-table rows
-        self.scheduler.step(increment=1)
-        self.state.consumed_samples = self.loader.consumed_samples
         totals = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
                 totals[:2] += out["loss_sum_and_tokens"]
-        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and (
+            parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
+        ):
             totals[2] = sum(b.num_tokens for b in batches)
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # every rank knows the loss before the step
+        loss = float(totals[0] / totals[1])
+        # dense and dynamic-table rows; skipped for a non-finite loss or gradient norm
+        updated, grad_norm = self.sparse.step(self.optimizer, loss_is_finite=math.isfinite(loss))
+        if updated:  # as in megatron's loop, a skipped step does not advance the LR schedule
+            self.scheduler.step(increment=1)
+        self.state.consumed_samples = self.loader.consumed_samples
         elapsed = time.perf_counter() - start
         memory = {}
         if self.runtime.device.type == "cuda":
             memory["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         return {
-            "loss": float(totals[0] / totals[1]),
+            "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": int(totals[2]),
@@ -141,13 +172,15 @@ class Trainer:
         step = self._validated_at = self.state.iteration
         selection = self.spec.selection_metric
         value = metrics[selection]
-        improved = self.state.best_metric is None or value > self.state.best_metric
+        improved = is_better(value, self.state.best_metric)  # never a NaN
         if improved:
             self.state.best_metric, self.state.best_iteration, self.state.evals_since_best = value, step, 0
             with updated_weights(self.model):
                 self.best_weights = _snapshot(self.model[0])
                 if self.config.checkpoint.save and self.config.checkpoint.keep_best:
-                    checkpointing.save_best(self.config.checkpoint.save, self.model, {"iteration": step, selection: value})
+                    checkpointing.save_best(
+                        self.config.checkpoint.save, self.model, {"iteration": step, selection: value}, config=self.config
+                    )
         else:
             self.state.evals_since_best += 1
         self.log.evaluation(step, "valid", metrics, note="best so far" if improved else None)
@@ -181,20 +214,37 @@ class Trainer:
     def save(self) -> None:
         with updated_weights(self.model):
             checkpointing.save_checkpoint(
-                self.config.checkpoint.save, self.state.iteration, self.model, self.optimizer, self.scheduler, asdict(self.state)
+                self.config.checkpoint.save, self.state.iteration, self.model, self.optimizer, self.scheduler,
+                asdict(self.state), config=self.config,
             )
         self.log.info(f"saved checkpoint of step {self.state.iteration} to {self.config.checkpoint.save}")
 
     def _saved_at(self, iteration: int) -> bool:
         return checkpointing.latest_iteration(self.config.checkpoint.save) == iteration
 
+    def _exit(self, reason: str) -> dict:
+        """Saves (with ``--save``) and ends the run early, as Megatron does on a signal or
+        an exit condition: no final evaluation."""
+        step = self.state.iteration
+        saved = "no --save directory, nothing saved"
+        if self.config.checkpoint.save:
+            if not self._saved_at(step):
+                self.save()
+            saved = f"checkpoint of step {step} in {self.config.checkpoint.save}"
+        self.log.info(f"{reason} at step {step}: exiting ({saved})")
+        self.log.close()
+        return {"exited": reason, "iteration": step}
+
     def _resume(self, root: str) -> None:
-        best = checkpointing.load_best(root, self.model)
-        if best is not None:
-            self.best_weights = _snapshot(self.model[0])
-        train_state = checkpointing.load_checkpoint(root, self.model, self.optimizer, self.scheduler)
+        # best/ belongs to the run being resumed: loaded only when a checkpoint is (its
+        # weights are snapshot, then the checkpoint's replace them in the model).
+        if resolve_load(root, step=self.config.checkpoint.ckpt_step).directory is not None:
+            if checkpointing.load_best(root, self.model, config=self.config, log=self.log.info) is not None:
+                self.best_weights = _snapshot(self.model[0])
+        train_state = checkpointing.load_checkpoint(
+            root, self.model, self.optimizer, self.scheduler, config=self.config, log=self.log.info
+        )
         if train_state is None:
-            self.log.info(f"no checkpoint in {root}: starting from scratch")
             return
         self.state = TrainState(**{k: train_state[k] for k in asdict(TrainState())})
         self.loader.load_state_dict({"consumed_samples": self.state.consumed_samples})

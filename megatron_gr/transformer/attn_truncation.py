@@ -6,7 +6,8 @@ re-packed once per micro-batch. With contextual_len 1, tail_len 2::
     tokens    [c h h h h k k | c h k]        offsets [0, 7, 10]   num_targets [2, 1]
     kept      [c     h h k k | c h k]        offsets [0, 5, 8]    keep [0 3 4 5 6 7 8 9]
 
-Positions (offsets), timestamps and the tokens' dropout keys follow the kept tokens; the
+Positions (offsets), timestamps and the tokens' dropout keys (``token_keys``, so a kept
+token draws the same masks on every layout) follow the kept tokens; the
 layers after the split read the re-packed :class:`JaggedSeqParams`. Under sequence
 parallelism the tokens are gathered, truncated and split again (the token split of the
 truncated batch); with hyper-connections the token rows carry all n streams, which are
@@ -86,12 +87,14 @@ def plan_truncation(
     lengths = truncated_lengths(offsets[1:] - offsets[:-1], num_targets, contextual_len=contextual_len, tail_len=tail_len)
     new_offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
     after = TokenSplit.for_tokens(keep.numel(), before.group)
-    timestamps = params.timestamps[: before.num_tokens][keep] if params.timestamps is not None else None
+    real = lambda values: None if values is None else values[: before.num_tokens][keep]  # noqa: E731
     new_params = after.seq_params(
         new_offsets,
         min(params.max_len, contextual_len + tail_len + max_targets),
-        timestamps=timestamps,
+        timestamps=real(params.timestamps),
         num_targets=num_targets,
+        token_keys=real(params.token_keys),
+        dropout_seed=params.dropout_seed,
     )
     return TruncationPlan(split_layer, keep, new_position, before, after, new_params)
 

@@ -21,10 +21,11 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import make_viewless_tensor
+from megatron.core import utils as megatron_utils  # make_viewless_tensor: looked up at call time (compat.export)
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, check_backend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.ops.mhc import input_expand, mhc_mappings, mhc_merge, mhc_pre, output_contract
 
 # Initial H_res diagonal: each stream keeps most of itself (the identity start of
@@ -111,9 +112,11 @@ class HyperConnectionModule(MegatronModule):
         bias: Optional[torch.Tensor] = None,
         *,
         dropout_p: float,
+        dropout_keys: Optional[DropoutKeys] = None,
     ) -> torch.Tensor:
         """Bias-dropout-add of the sublayer ``output`` ``[s, b, C]`` into the mixed streams,
-        ``[s, b, n C]``."""
+        ``[s, b, n C]``; ``dropout_keys`` key the ``s b`` tokens (needed when the dropout
+        is active)."""
         s, b, _ = streams.shape
         merged = mhc_merge(
             self._as_streams(streams),
@@ -123,11 +126,12 @@ class HyperConnectionModule(MegatronModule):
             bias,
             dropout_p=dropout_p,
             training=self.training,
+            dropout_keys=dropout_keys,
             kernel=self.kernel,
         )
         # not a view: the recompute manager swaps the storage of replayed outputs, which a
         # view's base would keep alive
-        return make_viewless_tensor(merged.view(s, b, -1), requires_grad=merged.requires_grad, keep_graph=True)
+        return megatron_utils.make_viewless_tensor(merged.view(s, b, -1), requires_grad=merged.requires_grad, keep_graph=True)
 
     def _as_streams(self, streams: torch.Tensor) -> torch.Tensor:
         s, b, width = streams.shape

@@ -13,9 +13,9 @@ Stages in between receive and send ``[s, b, n C]``. With ``'mhc'`` in
 megatron-core 0.16.1's block has no place for the expansion, the contraction before the
 final norm or the recompute blocks, so ``forward`` is ours: it keeps megatron's
 pipeline input (``set_input_tensor``), sequence-parallel RNG region and full-layer
-recompute (``_checkpointed_forward``), and leaves out what hyper-connections do not
-support yet (FP8/FP4 contexts, CPU offloading, CUDA graphs, inference), which the config
-rejects.
+recompute (through ``compat.checkpointed_block_forward``), and leaves out what
+hyper-connections do not support yet (FP8/FP4 contexts, CPU offloading, CUDA graphs,
+inference), which the config rejects.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import make_viewless_tensor
+from megatron.core import utils as megatron_utils  # make_viewless_tensor: looked up at call time (compat.export)
 
+from megatron_gr.compat import checkpointed_block_forward
 from megatron_gr.transformer.hyper_connection import contract_streams, expand_streams
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 
@@ -72,7 +73,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
             hidden_states = expand_streams(hidden_states, self.num_streams)
         else:
             hidden_states = self.input_tensor
-        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        hidden_states = megatron_utils.make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         layer_kwargs = dict(
             attention_mask=attention_mask,
             context_mask=context_mask,
@@ -90,9 +91,10 @@ class HyperConnectionTransformerBlock(TransformerBlock):
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
         with rng:
             if self.config.recompute_granularity == "full" and self.training:
-                hidden_states = self._checkpointed_forward(
-                    hidden_states, attention_mask, context, context_mask, rotary_pos_emb, attention_bias,
-                    packed_seq_params, use_inner_quantization_context=False, padding_mask=padding_mask,
+                hidden_states = checkpointed_block_forward(
+                    self, hidden_states, attention_mask=attention_mask, context=context, context_mask=context_mask,
+                    rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                    padding_mask=padding_mask,
                 )
             else:
                 recompute = self.config.recompute_mhc and self.training and torch.is_grad_enabled()
@@ -108,7 +110,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
             hidden_states = contract_streams(hidden_states, self.num_streams)
             if self.final_layernorm is not None:
                 hidden_states = self.final_layernorm(hidden_states)
-            hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+            hidden_states = megatron_utils.make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         elif len(self.layers) == 0:
             # as megatron's block: input and output must not be one autograd node
             hidden_states = hidden_states.clone()

@@ -9,7 +9,7 @@ Each takes and returns the n residual streams ``[s, b, n C]``; around every subl
 
 With an :class:`MHCRecomputeManager` (passed by the block as ``mhc_recompute_manager``)
 the two hyper-connection steps (pre with the norm, merge) run without keeping their
-activations.
+activations. The merge's dropout is keyed (``dropout_sites``): a replay draws its mask again.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
+from megatron_gr.transformer.dropout_sites import MHC_MERGE_ATTENTION, MHC_MERGE_MLP, layer_site, site_keys
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule
 from megatron_gr.transformer.layer_init import layer_init_scope
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
@@ -40,8 +42,10 @@ def hyper_connected(
     *,
     dropout_p: float,
     recompute: Optional[MHCRecomputeManager],
+    dropout_keys: Optional[DropoutKeys] = None,
 ) -> torch.Tensor:
-    """One sublayer with its hyper-connection; returns the new streams ``[s, b, n C]``."""
+    """One sublayer with its hyper-connection; returns the new streams ``[s, b, n C]``
+    (``dropout_keys``: the merge's, needed when its dropout is active)."""
     run = recompute.checkpoint if recompute is not None else _call
 
     def pre(x):
@@ -52,7 +56,7 @@ def hyper_connected(
     output, bias = sublayer(normed)
 
     def merge(x, mix, post, y):
-        return connection.merge(x, mix, post, y, bias, dropout_p=dropout_p)
+        return connection.merge(x, mix, post, y, bias, dropout_p=dropout_p, dropout_keys=dropout_keys)
 
     return run(merge, streams, h_res, h_post, output)
 
@@ -143,6 +147,11 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         if inference_context is not None:
             raise NotImplementedError("HyperConnectionTransformerLayer does not support inference contexts yet")
 
+        keys = {
+            kind: self._merge_dropout_keys(packed_seq_params, hidden_states, kind)
+            for kind in (MHC_MERGE_ATTENTION, MHC_MERGE_MLP)
+        }
+
         def attention(normed):
             return self.self_attention(
                 normed,
@@ -158,10 +167,19 @@ class HyperConnectionTransformerLayer(TransformerLayer):
 
         streams = hyper_connected(
             self.attention_hyper_connection, self.input_layernorm, attention, hidden_states,
-            dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager,
+            dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_ATTENTION],
         )
         streams = hyper_connected(
             self.mlp_hyper_connection, self.pre_mlp_layernorm, lambda normed: self.mlp(normed, padding_mask=padding_mask),
-            streams, dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager,
+            streams, dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_MLP],
         )
         return streams, context
+
+    def _merge_dropout_keys(self, params, streams: torch.Tensor, kind: int) -> Optional[DropoutKeys]:
+        """Keys of one merge's dropout over this rank's ``s b`` tokens (None without
+        dropout). Drawn before the merge runs, so a recomputed merge reuses them."""
+        if not (self.training and self.hidden_dropout > 0):
+            return None
+        s, b, _ = streams.shape
+        return site_keys(params, layer_site(self.layer_number, kind), num_tokens=s * b, device=streams.device,
+                         local=True)

@@ -24,9 +24,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from megatron.core import tensor_parallel
 
-from megatron_gr.compat import checkpoint_without_output_fp8_arg
+from megatron_gr.compat import (
+    checkpointed_outputs,
+    leave_output_out_of_replay,
+    new_checkpoint_without_output,
+    replay_checkpoint,
+)
 
 
 class MHCRecomputeManager:
@@ -34,7 +38,7 @@ class MHCRecomputeManager:
     own: the replay closes over this forward's checkpoints)."""
 
     def __init__(self):
-        self._checkpoints: list[tensor_parallel.CheckpointWithoutOutput] = []
+        self._checkpoints: list = []  # megatron CheckpointWithoutOutput objects, forward order
         self._finished = False
 
     def checkpoint(self, function: Callable, *args):
@@ -42,7 +46,7 @@ class MHCRecomputeManager:
         :meth:`discard_outputs_and_register_recompute` and rebuilt in the backward."""
         if self._finished:
             raise RuntimeError("this MHCRecomputeManager already closed its block: start a new one")
-        checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=checkpoint_without_output_fp8_arg())
+        checkpoint = new_checkpoint_without_output()
         outputs = checkpoint.checkpoint(function, *args)
         self._checkpoints.append(checkpoint)
         return outputs
@@ -56,29 +60,22 @@ class MHCRecomputeManager:
             self._checkpoints = []
             return
         for checkpoint in self._checkpoints:
-            if any(output is block_output for output in checkpoint.outputs):
-                if len(checkpoint.outputs) != 1:
+            outputs = checkpointed_outputs(checkpoint)
+            if any(output is block_output for output in outputs):
+                if len(outputs) != 1:
                     raise ValueError(
                         f"the block output must be the only output of the op that computes it, which "
-                        f"returned {len(checkpoint.outputs)} tensors"
+                        f"returned {len(outputs)} tensors"
                     )
-                # megatron's replay refills the outputs it holds: not this one, which may be
-                # gone by then (see the module docstring) and which no op of the block reads
-                checkpoint.outputs = ()
+                # not refilled by the replay: it may be gone by then (see the module
+                # docstring) and no op of the block reads it
+                leave_output_out_of_replay(checkpoint)
                 continue
-            for output in checkpoint.outputs:
+            for output in outputs:
                 output.untyped_storage().resize_(0)
         block_output.register_hook(self._recompute)
 
     def _recompute(self, grad: torch.Tensor) -> None:
         checkpoints, self._checkpoints = self._checkpoints, []
-        for checkpoint in checkpoints:
-            originals, ctx = checkpoint.outputs, checkpoint.ctx
-            # megatron's replay of one checkpoint (restores RNG states, refills the
-            # outputs' storage); driven from here so the order is the forward order.
-            checkpoint._recompute(grad)
-            # megatron keeps the replayed outputs (they carry the replay's graph) beside the
-            # originals it refilled from them until this op's backward: point them at the
-            # refilled storage, bitwise the same values, so the block's outputs exist once.
-            for original, replayed in zip(originals, ctx.outputs):
-                replayed.data = original.data
+        for checkpoint in checkpoints:  # in forward order: each replay refills what later ops read
+            replay_checkpoint(checkpoint, grad)

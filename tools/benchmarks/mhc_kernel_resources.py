@@ -39,12 +39,14 @@ from megatron_gr.ops.triton.mhc_pre import _pre_bwd_gates  # noqa: E402
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-# Pointers in the streams' dtype (every other pointer is float32, the seed int64).
+# Pointers in the streams' dtype (every other pointer is float32, the token keys int64).
 _STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias"}
 # Matrix operands of the mapping kernels: bf16 halves for bf16 streams, else float32.
 _OPERAND_POINTERS = {"PHi", "PLo", "P", "GHi", "GLo"}
 _FLOAT_SCALARS = {"eps", "p"}
 _INT_SCALARS = {"K", "C"}  # sizes with upper-case names
+# Scalars the kernels do not specialise on (the keyed-dropout words, the Sinkhorn iterations).
+_UNSPECIALIZED = {"feature_offset", "s0", "s1", "s2", "threshold", "iterations"}
 
 
 def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, operands: str = "fp32") -> str:
@@ -54,7 +56,7 @@ def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, o
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
         elif name[0].isupper() and name not in _INT_SCALARS:
-            if name == "Seed":
+            if name == "Keys":
                 signature[name] = "*i64"
             elif name in _OPERAND_POINTERS:
                 signature[name] = f"*{operands}"
@@ -67,7 +69,7 @@ def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, o
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name != "iterations":
+            if name not in _UNSPECIALIZED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))

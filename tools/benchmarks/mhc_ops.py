@@ -41,6 +41,7 @@ SUBLAYERS = {"sublayer": ("mappings", "aggregate", "merge"), "sublayer (pre)": (
 
 def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, seed=0):
     """``(forward(kernel) -> tuple of outputs, leaves, forward bytes, backward bytes)``."""
+    from megatron_gr.ops.keyed_dropout import DropoutKeys
     from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, mhc_pre, sinkhorn
     from megatron_gr.transformer.hyper_connection import initial_bias
 
@@ -75,8 +76,10 @@ def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, se
     if op == "aggregate":
         return (lambda kernel: (mhc_aggregate(x, h_pre, kernel=kernel),), [x, h_pre],
                 streams + out + tokens * n * f, 2 * streams + out + 2 * tokens * n * f)
-    small = tokens * (n * n + n) * f
-    return (lambda kernel: (mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout, training=True, kernel=kernel),),
+    small = tokens * (n * n + n) * f + (tokens * 8 if dropout else 0)  # with dropout: the int64 token keys
+    keys = DropoutKeys(seed=seed, site=1, token_keys=torch.arange(tokens, device=device))
+    return (lambda kernel: (mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout, training=True, dropout_keys=keys,
+                                      kernel=kernel),),
             [x, h_res, h_post, y, bias], 2 * streams + out + small, 3 * streams + 2 * out + 2 * small)
 
 

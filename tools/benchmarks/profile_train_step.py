@@ -42,7 +42,7 @@ def main() -> int:
         step()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, tokens, flops = [], [], []
+    times, tokens = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         # The loader state tells which users the next step takes: count their FLOPs.

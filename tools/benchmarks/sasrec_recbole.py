@@ -1,28 +1,31 @@
 #!/usr/bin/env python3
 """SASRec baseline on MovieLens-100K, trained with RecBole, evaluated on OUR split and protocol.
 
-RecBole is NOT a dependency of megatron_gr: it lives in its own virtualenv, outside the repo.
+RecBole is NOT a dependency of megatron_gr: it lives in its own virtualenv, outside the repo
+(``$RECBOLE_VENV`` below; any directory, e.g. ``../venv-recbole`` beside the checkout).
 Setup (Python 3.11, CPU; install the CPU torch FIRST so pip does not pull CUDA wheels)::
 
-    python3 -m venv /work/venv-recbole
-    /work/venv-recbole/bin/pip install --upgrade pip
-    /work/venv-recbole/bin/pip install torch==2.13.0
-    /work/venv-recbole/bin/pip install recbole==1.2.1
+    RECBOLE_VENV=../venv-recbole
+    python3 -m venv $RECBOLE_VENV
+    $RECBOLE_VENV/bin/pip install --upgrade pip
+    $RECBOLE_VENV/bin/pip install torch==2.13.0
+    $RECBOLE_VENV/bin/pip install recbole==1.2.1
 
 (RecBole 1.2.1 pulls numpy 2.x / pandas 3.x. No RecBole file is patched; at import time this
 script restores the numpy aliases ``np.float_``, ``np.complex_``, ``np.unicode_`` (removed in numpy
 2, read by RecBole's ``Config.compatibility_settings``), replaces RecBole's TensorBoard writer by a
 no-op (it would create ./log_tensorboard) and silences pandas-3 chained-assignment warnings.)
 
-Run (from the repository root; the data directory comes from $MEGATRON_GR_ML100K, default
-/work/shared/data/ml-100k, and must hold u.data; results go to runs/sasrec_ml100k/)::
+Run (from the repository root; the data directory is --data-dir, else $MEGATRON_GR_ML100K, else
+../shared/data/ml-100k beside the checkout, and must hold u.data; results go to --out, default
+runs/sasrec_ml100k/)::
 
     # verify the split on both sides (prints users' sequences/targets), no training
-    /work/venv-recbole/bin/python tools/benchmarks/sasrec_recbole.py --verify-only
+    $RECBOLE_VENV/bin/python tools/benchmarks/sasrec_recbole.py --verify-only
     # search: SEARCH_CONFIGS (or --configs JSON, or --full-grid), 2 runs at a time -> search.json
-    /work/venv-recbole/bin/python tools/benchmarks/sasrec_recbole.py --search --jobs 2
+    $RECBOLE_VENV/bin/python tools/benchmarks/sasrec_recbole.py --search --jobs 2
     # one config, several seeds (mean/std) -> final.json
-    /work/venv-recbole/bin/python tools/benchmarks/sasrec_recbole.py \\
+    $RECBOLE_VENV/bin/python tools/benchmarks/sasrec_recbole.py \\
         --hidden 64 --layers 2 --heads 2 --dropout 0.5 --lr 1e-3 --seeds 2020 2021 2022 --jobs 2
 
 See docs/benchmarks/ml100k_sasrec_baseline.md for the results.
@@ -74,7 +77,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from megatron_gr.data.sequences import LeaveOneOutSplit, RawEvents, UserSequences  # noqa: E402
 
 DATA_ENV = "MEGATRON_GR_ML100K"
-DEFAULT_DATA_DIR = "/work/shared/data/ml-100k"
+# Beside the checkout, as the tests look for it (tests/support/paths.py).
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "ml-100k"
 MAX_SEQ_LEN = 200
 KS = (10, 50, 200)
 DATASET_NAME = "ml100k_loo"
@@ -650,7 +654,7 @@ def run_many(jobs, cfgs_seeds, data_dir, threads, rb, split, workdir, on_result)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=None, help=f"default: ${DATA_ENV} or {DEFAULT_DATA_DIR}")
+    p.add_argument("--data-dir", default=None, help=f"default: ${DATA_ENV} or ../shared/data/ml-100k beside the checkout")
     p.add_argument("--out", default=str(REPO_ROOT / "runs" / "sasrec_ml100k"))
     p.add_argument("--verify-only", action="store_true")
     p.add_argument("--search", action="store_true",
@@ -702,7 +706,7 @@ def main(argv=None):
                        f"parallel x {args.threads} torch thread(s), no GPU",
             "max_seq_len": MAX_SEQ_LEN, "tie_rule": "rank = #higher + 0.5 * #equal (others)",
             "num_users": int(split.sequences.num_users),
-            "num_items": int(split.sequences.num_items), "argv": argv or sys.orig_argv}
+            "num_items": int(split.sequences.num_items), "argv": argv or ["python", *sys.orig_argv[1:]]}  # no interpreter path of this machine
 
     with tempfile.TemporaryDirectory(prefix="sasrec_recbole_") as tmp:
         workdir = write_atomic_files(split, Path(tmp))

@@ -16,7 +16,7 @@ history events back from it (the latest event is 1). ``labels`` has one column p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -62,6 +62,15 @@ class RankingBatch:
     """``[N, tasks]`` float64 planted probabilities (NaN: unknown); None when none is known."""
     max_len: int = 0
     """Longest sequence, computed on the host."""
+    token_keys: Optional[torch.Tensor] = None
+    """``[T]`` int64 dropout keys of the tokens (training batches): the sample's index in the
+    step's global batch x ``max_seq_len`` + the token's position, so every layout drops the
+    same elements (``megatron_gr/ops/keyed_dropout.py``); None in evaluation."""
+    dropout_seed: int = 0
+    """The step's dropout seed (training batches)."""
+    host_offsets: Optional[torch.Tensor] = field(default=None, repr=False)
+    """The offsets on the CPU once the batch moved to a device (context parallelism plans
+    its split on the host)."""
 
     @property
     def batch_size(self) -> int:
@@ -76,8 +85,15 @@ class RankingBatch:
         return self.candidate_index.numel()
 
     def to(self, device) -> "RankingBatch":
-        moved = {}
+        moved = {"host_offsets": self.offsets_on_host()}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            if f.name != "host_offsets":
+                moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return RankingBatch(**moved)
+
+    def offsets_on_host(self) -> torch.Tensor:
+        """The offsets as a CPU tensor (a device copy only when the batch was built on a device)."""
+        if self.host_offsets is not None:
+            return self.host_offsets
+        return self.offsets if self.offsets.device.type == "cpu" else self.offsets.cpu()

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from megatron_gr.data.loader import step_dropout_seed
 from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.data.ranking.indexed import IndexedSamples
 from megatron_gr.data.ranking.loader import RankingTrainingBatches, SequenceLayout, make_batch
@@ -54,8 +55,17 @@ class Channel:
     layout: SequenceLayout
 
 
-def make_channel_batch(channels: dict[str, Channel], chunk: np.ndarray) -> ChannelBatch:
-    batches = {name: make_batch(channel.data, channel.layout, chunk) for name, channel in channels.items()}
+def make_channel_batch(
+    channels: dict[str, Channel], chunk: np.ndarray, *, key_base: Optional[np.ndarray] = None, dropout_seed: int = 0
+) -> ChannelBatch:
+    """The batches of samples ``chunk`` in every channel. ``key_base``: each sample's index
+    in the global batch (training; None: no dropout keys). Channel c of n keys its tokens
+    from ``(index x n + c) x max_seq_len``: no two tokens of a step share a key, and one
+    channel keys them as DLRM-HSTU does."""
+    batches = {}
+    for c, (name, channel) in enumerate(channels.items()):
+        keys = None if key_base is None else (key_base * len(channels) + c) * channel.layout.max_seq_len
+        batches[name] = make_batch(channel.data, channel.layout, chunk, key_base=keys, dropout_seed=dropout_seed)
     first = next(iter(channels.values())).data.samples
     counts = first.num_candidates[chunk]
     return ChannelBatch(batches, max_candidates=int(counts.max()) if counts.size else 0)
@@ -73,11 +83,18 @@ class ChannelTrainingBatches(RankingTrainingBatches):
         self.lengths = sum(channel.layout.lengths for channel in channels.values())
 
     def next_step(self) -> list[ChannelBatch]:
-        chosen = self._stream(self.consumed_samples, self.global_batch_size)
+        first = self.consumed_samples
+        chosen = self._stream(first, self.global_batch_size)
         self.consumed_samples += self.global_batch_size
-        parts = self.partition_fn(chosen, self.lengths[chosen], self.num_micro_batches * self.dp_size)
+        dropout_seed = step_dropout_seed(self.seed, first)
+        # Partitioned by index in the global batch: the index keys the sample's dropout.
+        parts = self.partition_fn(np.arange(chosen.size), self.lengths[chosen], self.num_micro_batches * self.dp_size)
         mine = parts[self.dp_rank * self.num_micro_batches : (self.dp_rank + 1) * self.num_micro_batches]
-        return [self.finish(make_channel_batch(self.channels, part)) for part in mine]
+        return [
+            self.finish(make_channel_batch(self.channels, chosen[part], key_base=part.astype(np.int64),
+                                           dropout_seed=dropout_seed))
+            for part in mine
+        ]
 
 
 def channel_evaluation_batches(

@@ -2,22 +2,26 @@
 batches of a split, each a :class:`RankingBatch`.
 
 As the retrieval loader: epoch e of the training stream is a permutation drawn from
-``(seed, e)``; each optimizer step takes one global batch of samples, partitions it into
-micro-batches by ``partition_fn`` (which sees each sample's token count) and data-parallel
-rank r takes the r-th block, so every layout trains on the same micro-batches.
+``derive_seed(seed, "data", e)``; each optimizer step takes one global batch of samples,
+partitions it into micro-batches by ``partition_fn`` (which sees each sample's token count)
+and data-parallel rank r takes the r-th block, so every layout trains on the same
+micro-batches. Training batches carry the dropout keys of their tokens (the sample's index
+in the global batch x ``max_seq_len`` + position) and the step's dropout seed, so every
+layout drops the same elements.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from megatron_gr.data.loader import PartitionFn, contiguous_partition
+from megatron_gr.data.loader import PartitionFn, contiguous_partition, step_dropout_seed
 from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.data.ranking.indexed import IndexedSamples
 from megatron_gr.data.ranking.samples import SPLITS, TRAIN
+from megatron_gr.seeding import derive_seed
 
 
 class SequenceLayout:
@@ -34,14 +38,24 @@ class SequenceLayout:
                 f"model.max_seq_len={max_seq_len} leaves no room for its history; use max_seq_len >= "
                 f"{data.num_contextual + worst + 1}"
             )
+        self.max_seq_len = max_seq_len
         kept = np.minimum(samples.history_lengths, room) if use_history else np.zeros(samples.num_samples, np.int64)
         self.history_end = samples.history_end
         self.history_begin = samples.history_end - kept
         self.lengths = data.num_contextual + kept + samples.num_candidates  # tokens per sample
 
 
-def make_batch(data: IndexedSamples, layout: SequenceLayout, chunk: np.ndarray) -> RankingBatch:
-    """The batch of samples ``chunk`` (sample indices, in this order)."""
+def make_batch(
+    data: IndexedSamples,
+    layout: SequenceLayout,
+    chunk: np.ndarray,
+    *,
+    key_base: Optional[np.ndarray] = None,
+    dropout_seed: int = 0,
+) -> RankingBatch:
+    """The batch of samples ``chunk`` (sample indices, in this order). ``key_base``: each
+    sample's first dropout key (training: its index in the global batch x ``max_seq_len``);
+    None leaves the batch without keys (evaluation)."""
     samples = data.samples
     c = data.num_contextual
     hist_begin, hist_end = layout.history_begin[chunk], layout.history_end[chunk]
@@ -84,7 +98,15 @@ def make_batch(data: IndexedSamples, layout: SequenceLayout, chunk: np.ndarray) 
         user_ids=as_long(samples.user_ids[chunk][cands_user]),
         oracle=None if np.isnan(oracle).all() else torch.from_numpy(oracle),
         max_len=int(lengths.max()) if lengths.size else 0,
+        token_keys=None if key_base is None else as_long(np.repeat(key_base, lengths) + _positions(offsets)),
+        dropout_seed=dropout_seed,
     )
+
+
+def _positions(offsets: np.ndarray) -> np.ndarray:
+    """Each token's position in its sequence."""
+    lengths = np.diff(offsets)
+    return np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
 
 
 def _ranges(begins: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,18 +159,29 @@ class RankingTrainingBatches:
         filled = 0
         while filled < count:
             epoch, offset = divmod(first + filled, n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            order = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(n)
             take = min(count - filled, n - offset)
             out[filled : filled + take] = self.samples[order[offset : offset + take]]
             filled += take
         return out
 
     def next_step(self) -> list[RankingBatch]:
-        chosen = self._stream(self.consumed_samples, self.global_batch_size)
+        first = self.consumed_samples
+        chosen = self._stream(first, self.global_batch_size)
         self.consumed_samples += self.global_batch_size
-        parts = self.partition_fn(chosen, self.layout.lengths[chosen], self.num_micro_batches * self.dp_size)
+        dropout_seed = step_dropout_seed(self.seed, first)
+        # Partitioned by index in the global batch: the index keys the sample's dropout.
+        parts = self.partition_fn(
+            np.arange(chosen.size), self.layout.lengths[chosen], self.num_micro_batches * self.dp_size
+        )
         mine = parts[self.dp_rank * self.num_micro_batches : (self.dp_rank + 1) * self.num_micro_batches]
-        return [make_batch(self.data, self.layout, part) for part in mine]
+        return [
+            make_batch(
+                self.data, self.layout, chosen[part], key_base=part.astype(np.int64) * self.layout.max_seq_len,
+                dropout_seed=dropout_seed,
+            )
+            for part in mine
+        ]
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

@@ -9,25 +9,38 @@ preprocessor, without interleaving actions as separate tokens)::
     candidate token    = content_mlp(content(e(candidate))) + action_mlp(a_candidate)
                          + position(0) + time(gap to query)
 
-then dropout. ``e`` are the features' tables (a token's content is its features'
+then dropout, keyed by the tokens (``megatron_gr/ops/keyed_dropout.py``: every layout drops
+the same elements). ``e`` are the features' tables (a token's content is its features'
 embeddings concatenated); without ``features.uih_action`` there is no action term.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
 from megatron_gr.config.ranking_config import RankingConfig
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.models.ranking.encoders import ActionEncoder, ContentEncoder, PositionTimeEncoder, SimpleMLP
+from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keyed_dropout
 
 
 class RankingPreprocessor(torch.nn.Module):
-    def __init__(self, config: GRTransformerConfig, ranking: RankingConfig, table_dims: dict[str, int]):
-        """``table_dims``: the width of each table the features name."""
+    def __init__(
+        self,
+        config: GRTransformerConfig,
+        ranking: RankingConfig,
+        table_dims: dict[str, int],
+        *,
+        backend: KernelBackend = KernelBackend.PYTORCH,
+    ):
+        """``table_dims``: the width of each table the features name; ``backend`` runs the
+        dropout."""
         super().__init__()
+        self.backend = backend
         features = ranking.features
         width = config.hidden_size
         self.embedding_dropout = config.embedding_dropout
@@ -55,14 +68,17 @@ class RankingPreprocessor(torch.nn.Module):
             init_std=config.init_method_std,
         )
 
-    def forward(self, batch: RankingBatch, tables: torch.nn.ModuleDict) -> torch.Tensor:
+    def forward(
+        self, batch: RankingBatch, tables: torch.nn.ModuleDict, dropout_keys: Optional[DropoutKeys] = None
+    ) -> torch.Tensor:
+        """``dropout_keys``: the embedding site's keys of every token (training)."""
         contextual = self.contextual_tokens(batch, tables)  # [B * C, width]
         history, candidates = self.item_tokens(batch, tables)  # [H, width], [N, width]
         tokens = torch.cat([contextual, history, candidates])
         order = torch.cat([batch.contextual_index, batch.history_index, batch.candidate_index])
         # tokens[i] belongs at position order[i]: gather by the inverse permutation.
         x = tokens[torch.argsort(order)]
-        x = F.dropout(x, p=self.embedding_dropout, training=self.training)
+        x = keyed_dropout(x, dropout_keys, p=self.embedding_dropout, training=self.training, kernel=self.backend)
         return x.unsqueeze(1)  # [T, 1, width]
 
     def contextual_tokens(self, batch: RankingBatch, tables: torch.nn.ModuleDict) -> torch.Tensor:

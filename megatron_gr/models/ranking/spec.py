@@ -19,6 +19,7 @@ from megatron_gr.data.ranking.indexed import IndexedSamples, TaskLabel, index_sa
 from megatron_gr.data.ranking.loader import RankingTrainingBatches, SequenceLayout, ranking_evaluation_batches
 from megatron_gr.data.ranking.movielens import read_movielens_ranking
 from megatron_gr.data.ranking.samples import RankingSamples
+from megatron_gr.data.ranking.source import resolve_ranking_source
 from megatron_gr.data.ranking.synthetic import generate_ranking
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.ranking.metrics import auc, gather_rows, task_metrics
@@ -64,9 +65,10 @@ class RankingDataset(Dataset):
 
 def _read_samples(config) -> tuple[RankingSamples, str]:
     data, features = config.data, config.ranking.features
-    if data.source == "synthetic":
+    source = resolve_ranking_source(data.source, data.path)
+    if source == "synthetic":
         return generate_ranking(data.ranking.synthetic), "synthetic ranking"
-    if data.source == "movielens":
+    if source == "movielens":
         return read_movielens_ranking(data.path, num_candidates=data.ranking.num_candidates), f"movielens ranking {data.path}"
     history = {name: "id" for name in features.uih}
     history[features.uih_timestamp] = "int"
@@ -128,7 +130,7 @@ def build_stage(request: StageRequest) -> DLRMHSTUModel:
                 seed=plan.seed,
                 device=plan.device,
                 backend=plan.backend,
-                shard_group=parallel_state.get_data_parallel_group(),
+                shard_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
             )
             for name in names
         }
@@ -139,6 +141,11 @@ def build_stage(request: StageRequest) -> DLRMHSTUModel:
         table_dims={name: config.embeddings[name].dim for name in names},
         table_vocabularies={
             name: dataset.data.tables[name].corpus() for name in names if config.embeddings[name].keyed_by_raw_ids
+        },
+        table_rows={
+            name: config.embeddings[name].num_embeddings or rows
+            for name, rows in dataset.table_rows().items()
+            if config.embeddings[name].type == "plain"
         },
         pre_process=request.pre_process,
         post_process=request.post_process,

@@ -6,6 +6,8 @@ MLP and one head per task, and score or train the tasks.
   for each period p])`` with ``u_p = floor(ts / unit_p) mod n_p`` (hour of day, day of week).
 - :class:`MultiTaskTower`: fusion MLP (Linear, SiLU, optional LayerNorm and dropout per
   layer), then a linear head per task: logits for binary tasks, values for regressions.
+  Its dropout masks are keyed by the candidates' tokens (``megatron_gr/ops/keyed_dropout.py``),
+  so every parallel layout drops the elements one rank drops.
 - :func:`task_losses`: per candidate the weighted sum of the task losses (BCE with logits,
   squared error), so megatron's per-token reduction normalises by candidates.
 """
@@ -13,11 +15,15 @@ MLP and one head per task, and score or train the tasks.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron_gr.config.ranking_config import RankingConfig, TaskConfig, TowerConfig
+from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keyed_dropout
+from megatron_gr.transformer.dropout_sites import layer_site
 
 
 class LayerNormPostprocessor(torch.nn.Module):
@@ -57,25 +63,56 @@ def build_postprocessor(ranking: RankingConfig, width: int, eps: float) -> torch
     return LayerNormPostprocessor(width, eps)
 
 
-class MultiTaskTower(torch.nn.Module):
-    """``[N, width]`` -> ``[N, tasks]``: the fusion MLP, then one linear head per task."""
+def tower_site(num_layers: int, index: int) -> int:
+    """The dropout site of the tower's ``index``-th dropout: past every site of the
+    ``num_layers`` STU layers (``megatron_gr/transformer/dropout_sites.py``)."""
+    return layer_site(num_layers + 1, 0) + index
 
-    def __init__(self, config: TowerConfig, tasks: list[TaskConfig], width: int, eps: float):
+
+class TowerDropout(torch.nn.Module):
+    """Keyed dropout of one fusion layer's output (site ``site``)."""
+
+    def __init__(self, p: float, site: int, backend: KernelBackend):
+        super().__init__()
+        self.p, self.site, self.backend = p, site, backend
+
+    def forward(self, x: torch.Tensor, keys: Optional[DropoutKeys]) -> torch.Tensor:
+        keys = None if keys is None else DropoutKeys(seed=keys.seed, site=self.site, token_keys=keys.token_keys)
+        return keyed_dropout(x, keys, p=self.p, training=self.training, kernel=self.backend)
+
+
+class MultiTaskTower(torch.nn.Module):
+    """``[N, width]`` -> ``[N, tasks]``: the fusion MLP, then one linear head per task.
+    ``num_layers``: the STU layers before it (its dropout sites follow theirs)."""
+
+    def __init__(
+        self,
+        config: TowerConfig,
+        tasks: list[TaskConfig],
+        width: int,
+        eps: float,
+        *,
+        num_layers: int = 0,
+        backend: KernelBackend = KernelBackend.PYTORCH,
+    ):
         super().__init__()
         layers: list[torch.nn.Module] = []
-        for hidden in config.hidden_sizes:
+        for i, hidden in enumerate(config.hidden_sizes):
             layers += [torch.nn.Linear(width, hidden), torch.nn.SiLU()]
             if config.layer_norm:
                 layers.append(torch.nn.LayerNorm(hidden, eps=eps))
             if config.dropout > 0:
-                layers.append(torch.nn.Dropout(config.dropout))
+                layers.append(TowerDropout(config.dropout, tower_site(num_layers, i), backend))
             width = hidden
         self.fusion = torch.nn.Sequential(*layers)
         self.heads = torch.nn.ModuleDict({task.name: torch.nn.Linear(width, 1) for task in tasks})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fusion(x)
-        return torch.cat([head(fused) for head in self.heads.values()], dim=1)
+    def forward(self, x: torch.Tensor, dropout_keys: Optional[DropoutKeys] = None) -> torch.Tensor:
+        """``dropout_keys``: the candidates' token keys and the step's seed (any site: each
+        dropout uses its own); needed in training when the tower has dropout."""
+        for layer in self.fusion:
+            x = layer(x, dropout_keys) if isinstance(layer, TowerDropout) else layer(x)
+        return torch.cat([head(x) for head in self.heads.values()], dim=1)
 
 
 def task_losses(outputs: torch.Tensor, labels: torch.Tensor, tasks: list[TaskConfig]) -> torch.Tensor:

@@ -41,8 +41,10 @@ from megatron_gr.models.ranking.preprocessor import RankingPreprocessor
 from megatron_gr.models.ranking.tower import MultiTaskTower, build_postprocessor, task_losses, task_scores
 from megatron_gr.models.ultra.streams import ChannelStreams
 from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.seeding import derive_seed, keyed_init
 from megatron_gr.transformer.attn_truncation import TruncationPlan, attach, plan_truncation
+from megatron_gr.transformer.dropout_sites import EMBEDDING
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.ultra_layers import get_ultra_block_spec
 
@@ -95,7 +97,7 @@ class TransducerChannel(MegatronModule):
         super().__init__(config)
         if pre_process:
             with keyed_init(init_seed, *init_key, "preprocessor"):
-                self.preprocessor = RankingPreprocessor(config, ranking, table_dims)
+                self.preprocessor = RankingPreprocessor(config, ranking, table_dims, backend=backend)
         layers_seed = init_seed if not init_key[1:] or init_seed is None else derive_seed(init_seed, *init_key)
         spec = get_ultra_block_spec(
             config, backend=backend, init_seed=layers_seed, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp)
@@ -120,6 +122,7 @@ class UltraHSTUModel(MegatronModule):
         *,
         table_dims: dict[str, int],
         table_vocabularies: Optional[dict[str, torch.Tensor]] = None,
+        table_rows: Optional[dict[str, int]] = None,
         pre_process: bool = True,
         post_process: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
@@ -137,6 +140,7 @@ class UltraHSTUModel(MegatronModule):
             raise ValueError("the first pipeline stage needs the feature tables")
         self.tables = torch.nn.ModuleDict(tables) if pre_process else None
         self.table_vocabularies = table_vocabularies or {}
+        self.table_rows = dict(table_rows or {})  # plain tables' rows, on every stage (checkpoints record them)
         self.token_group = pg_collection.tp if config.sequence_parallel else None
         self.pp_rank, self.pp_size = get_pg_rank(pg_collection.pp), get_pg_size(pg_collection.pp)
         self.channel_configs = channel_configs(config)
@@ -156,7 +160,10 @@ class UltraHSTUModel(MegatronModule):
             width = sum(c.hidden_size for c in self.channel_configs.values())
             with keyed_init(init_seed, "ranking", "tower"):
                 self.postprocessor = build_postprocessor(ranking, width, config.layernorm_epsilon)
-                self.tower = MultiTaskTower(ranking.tower, self.tasks, self.postprocessor.width, config.layernorm_epsilon)
+                self.tower = MultiTaskTower(
+                    ranking.tower, self.tasks, self.postprocessor.width, config.layernorm_epsilon,
+                    num_layers=max(c.num_layers for c in self.channel_configs.values()), backend=backend,
+                )
         self.streams = ChannelStreams()
         self.input_tensor = None
 
@@ -167,6 +174,8 @@ class UltraHSTUModel(MegatronModule):
         return None
 
     def forward(self, batch: ChannelBatch):
+        if self.training and batch.first.token_keys is None:
+            raise ValueError("a training batch needs token_keys (ChannelTrainingBatches draws them)")
         check_candidate_counts(batch)
         runs = {key: self.channel_run(key, batch.channels[key], batch.max_candidates) for key in self.channels}
         inputs = self._stage_inputs(batch, runs)
@@ -181,7 +190,10 @@ class UltraHSTUModel(MegatronModule):
             [self._candidate_rows(runs[key], outputs[key], batch.channels[key]) for key in self.channels], dim=-1
         )  # [N, sum of channel widths]
         first = batch.first
-        scores = self.tower(self.postprocessor(candidates, first.candidate_timestamps))  # [N, tasks]
+        keys = None  # the tower's sites are its own; the keys are the candidates' (of the first channel)
+        if first.token_keys is not None:
+            keys = DropoutKeys(seed=first.dropout_seed, site=EMBEDDING, token_keys=first.token_keys[first.candidate_index])
+        scores = self.tower(self.postprocessor(candidates, first.candidate_timestamps), keys)  # [N, tasks]
         if self.training:
             return task_losses(scores, first.labels, self.tasks)
         return CandidateScores(task_scores(scores, self.tasks), first.labels, first.user_ids, first.oracle)
@@ -190,7 +202,8 @@ class UltraHSTUModel(MegatronModule):
         config = self.channel_configs[key]
         tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
         params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.token_timestamps,
-                                   num_targets=batch.num_targets)
+                                   num_targets=batch.num_targets, token_keys=batch.token_keys,
+                                   dropout_seed=batch.dropout_seed)
         plan = None
         if config.attn_truncation_split_layer:
             plan = plan_truncation(
@@ -202,7 +215,7 @@ class UltraHSTUModel(MegatronModule):
     def _stage_inputs(self, batch: ChannelBatch, runs: dict[str, ChannelRun]) -> dict:
         if self.pre_process:
             return {
-                key: runs[key].tokens.scatter(channel.preprocessor(batch.channels[key], self.tables))
+                key: runs[key].tokens.scatter(channel.preprocessor(batch.channels[key], self.tables, _keys(batch.channels[key])))
                 for key, channel in self.channels.items()
             }
         sizes, shapes = [], []
@@ -232,6 +245,13 @@ class UltraHSTUModel(MegatronModule):
             if name in self.table_vocabularies:
                 stack.enter_context(table.evaluation_cache(self.table_vocabularies[name].to(device)))
         return stack
+
+
+def _keys(batch: RankingBatch) -> Optional[DropoutKeys]:
+    """The embedding site's dropout keys of the channel's tokens (training)."""
+    if batch.token_keys is None:
+        return None
+    return DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=batch.token_keys)
 
 
 def check_candidate_counts(batch: ChannelBatch) -> None:

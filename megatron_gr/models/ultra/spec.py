@@ -22,6 +22,7 @@ from megatron_gr.data.ranking.channel_batches import (
 from megatron_gr.data.ranking.channels import event_stores, index_channels
 from megatron_gr.data.ranking.indexed import TaskLabel
 from megatron_gr.data.ranking.loader import SequenceLayout
+from megatron_gr.data.ranking.source import resolve_ranking_source
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.ranking.spec import RankingDataset, _read_samples
 from megatron_gr.models.registry import StageRequest
@@ -56,7 +57,7 @@ def build_dataset(config) -> UltraDataset:
     raw_keyed = {name for name, table in config.embeddings.items() if table.keyed_by_raw_ids}
     transducers = channels_of(config.model)
     indexed = index_channels(
-        samples, event_stores(samples, config.data.source),
+        samples, event_stores(samples, resolve_ranking_source(config.data.source, config.data.path)),
         {channel_key(t): channel_features(ranking.features, t.name) for t in transducers},
         tasks=tasks, raw_keyed_tables=raw_keyed, source=source,
     )
@@ -90,7 +91,8 @@ def build_stage(request: StageRequest) -> UltraHSTUModel:
         tables = {
             name: build_table(
                 name, config.embeddings[name], plan.model_config, num_embeddings=rows[name], seed=plan.seed,
-                device=plan.device, backend=plan.backend, shard_group=parallel_state.get_data_parallel_group(),
+                device=plan.device, backend=plan.backend,
+                shard_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
             )
             for name in names
         }
@@ -101,7 +103,10 @@ def build_stage(request: StageRequest) -> UltraHSTUModel:
             vocabularies[name] = holder.tables[name].corpus()
     return UltraHSTUModel(
         plan.model_config, config.ranking, tables, table_dims={name: config.embeddings[name].dim for name in names},
-        table_vocabularies=vocabularies, pre_process=request.pre_process, post_process=request.post_process,
+        table_vocabularies=vocabularies,
+        table_rows={name: config.embeddings[name].num_embeddings or rows[name] for name in names
+                    if config.embeddings[name].type == "plain"},
+        pre_process=request.pre_process, post_process=request.post_process,
         backend=plan.backend, init_seed=plan.seed,
     )
 

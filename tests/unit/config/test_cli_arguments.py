@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from megatron_gr.cli import main
 from megatron_gr.config import ConfigError
@@ -27,6 +28,18 @@ def test_flags_and_set_reach_their_keys(capsys):
     assert "save: runs/x" in out
     assert "num_layers: 5" in out
     assert "num_users: 11" in out
+
+
+def test_show_config_names_the_source_auto_stands_for(tmp_path, capsys):
+    assert main(["show-config"]) == 0
+    assert capsys.readouterr().out.endswith("# data.source auto -> synthetic\n")
+    (tmp_path / "u.data").write_text("1\t2\t3\t4\n")
+    assert main(["show-config", "--data-path", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("# data.source auto -> movielens\n")
+    assert yaml.safe_load(out)["data"] == {**yaml.safe_load(out)["data"], "source": "auto", "path": str(tmp_path)}
+    assert main(["show-config", "--data-path", str(tmp_path / "nowhere")]) == 0
+    assert "# data.source auto -> unresolved: data path" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("expression", ["model.num_layers", "num_layers=3", ".x=1", "model.=1"])
@@ -63,6 +76,8 @@ def _assert_user_error(result, words):
     [
         (["--data-source", "movielens", "--data-path", "/nonexistent/ml"], ["/nonexistent/ml", "does not exist"]),
         (["--load", "{bad}"], ["corrupt", "latest_checkpointed_iteration.txt"]),
+        # A path of no known data: never a silent run on synthetic data.
+        (["--data-path", "{bad}"], ["cannot tell what data the directory {bad} holds", "u.data", "manifest.json"]),
     ],
 )
 def test_pretrain_user_errors_without_traceback(tmp_path, argv, words):
@@ -70,6 +85,7 @@ def test_pretrain_user_errors_without_traceback(tmp_path, argv, words):
     bad.mkdir()
     (bad / "latest_checkpointed_iteration.txt").write_text("xx\n")
     argv = [a.replace("{bad}", str(bad)) for a in argv]
+    words = [w.replace("{bad}", str(bad)) for w in words]
     result = subprocess.run(
         [sys.executable, "-m", "megatron_gr.cli", "pretrain", "--cpu", "--train-iters", "1", *argv],
         capture_output=True, text=True,

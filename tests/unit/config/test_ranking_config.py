@@ -70,6 +70,12 @@ BAD = [
     (ranking(ranking={"tasks": [{"name": "a/b", "label": "cand_action", "bitmask": 1}]}), ["name='a/b' must not contain '/'"]),
     (ranking(ranking={"tasks": [{"name": "click", "type": "ordinal", "label": "cand_action"}]}),
      ["ranking.tasks[0].type='ordinal'", "'binary', 'regression'"]),
+    # model settings the ranking model does not build
+    (ranking(model={"type": "ranking", "block_type": "transformer", "contextual_len": 0}), ["model.block_type='transformer'"]),
+    (ranking(model={"type": "ranking", "time_bias_origin": "query"}), ["model.time_bias_origin='query'", "token"]),
+    (ranking(model={"type": "ranking", "time_feature": "until_query"}), ["model.time_feature='until_query'", "retrieval"]),
+    (ranking(model={"type": "ranking", "output_normalization": "none"}), ["model.output_normalization='none'"]),
+    (ranking(model={"type": "ranking", "fp8": "hybrid"}), ["model.fp8='hybrid' with model.type=ranking", "issue 14"]),
     # sources and sections
     (ranking(data={"source": "prepared", "path": "x"}), ["data.source='prepared' holds retrieval sequences"]),
     ({"data": {"source": "impressions", "path": "x.csv"}}, ["data.source='impressions' holds ranking samples"]),
@@ -94,6 +100,29 @@ def test_movielens_columns_are_checked_before_reading():
     raw = ranking(data={"source": "movielens", "path": "/nowhere"})  # the synthetic features
     with pytest.raises(ConfigError, match="ranking.features.contextual names column 'segment', which the movielens"):
         ExperimentConfig.from_dict(raw)
+
+
+def test_auto_source_is_told_from_the_path(tmp_path):
+    """No path: synthetic; MovieLens ratings: movielens; any other file: an impression CSV
+    (whose header its reader checks); a prepared or unknown directory: an error at read time."""
+    from megatron_gr.data import DataFormatError
+    from megatron_gr.data.ranking.source import resolve_ranking_source
+
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text("1\t2\t3\t4\n")
+    (tmp_path / "kuairand.csv").write_text("user_id\n")
+    assert resolve_ranking_source("auto", None) == "synthetic"
+    assert resolve_ranking_source("auto", tmp_path / "ml") == "movielens"
+    assert resolve_ranking_source("auto", tmp_path / "kuairand.csv") == "impressions"
+    assert resolve_ranking_source("impressions", tmp_path / "ml") == "impressions"  # named: as it is
+    with pytest.raises(DataFormatError, match="cannot tell what ranking data the directory"):
+        resolve_ranking_source("auto", tmp_path)
+    with pytest.raises(FileNotFoundError):
+        resolve_ranking_source("auto", tmp_path / "missing.csv")
+    # the config checks the columns of the source the path resolves to
+    with pytest.raises(ConfigError, match="which the movielens data set does not provide"):
+        ExperimentConfig.from_dict(ranking(data={"path": str(tmp_path / "ml")}))
+    assert ExperimentConfig.from_dict(ranking()).data.source == "auto"  # synthetic, no path
 
 
 def test_defaults_fill_contextual_len_and_round_trip():

@@ -151,6 +151,44 @@ def test_every_data_parallel_layout_trains_on_the_same_micro_batches():
     assert [b.user_ids.tolist() for b in again.next_step()] == single[2]
 
 
+def test_training_tokens_carry_dropout_keys_that_no_layout_changes():
+    """A token's key is its sample's index in the step's global batch x max_seq_len + its
+    position; the step's seed is shared; evaluation batches have none."""
+    data = index_samples(many_users(50), features=FEATURES, tasks=TASKS, raw_keyed_tables=set(), source="test")
+    layout = SequenceLayout(data, max_seq_len=12, use_history=True)
+
+    def keyed(dp_size):
+        ranks = [RankingTrainingBatches(data, layout, micro_batch_size=3, num_micro_batches=4 // dp_size, seed=5,
+                                        dp_rank=r, dp_size=dp_size, partition_fn=attention_cost_partition)
+                 for r in range(dp_size)]
+        steps = []
+        for _ in range(3):
+            batches = [b for rank in ranks for b in rank.next_step()]
+            keys = {(int(u), int(k)) for b in batches for u, k in zip(_token_users(b), b.token_keys)}
+            steps.append((keys, {b.dropout_seed for b in batches}))
+        return steps
+
+    single = keyed(1)
+    assert keyed(2) == single and keyed(4) == single
+    for keys, seeds in single:
+        assert len(seeds) == 1 and len(keys) == len({k for _, k in keys})  # one seed; no key twice
+        samples = {k // 12 for _, k in keys}
+        assert samples == set(range(12))  # 12 samples per global batch
+        for sample in samples:  # positions 0..length-1 of one sequence
+            positions = sorted(k % 12 for _, k in keys if k // 12 == sample)
+            assert positions == list(range(len(positions)))
+    assert single[0][1] != single[1][1]  # a seed per step
+    batch = next(ranking_evaluation_batches(data, layout, "valid", batch_size=2))
+    assert batch.token_keys is None
+
+
+def _token_users(batch) -> np.ndarray:
+    """The user of each token."""
+    lengths = np.diff(batch.offsets.numpy())
+    first = np.cumsum(batch.num_targets.numpy()) - batch.num_targets.numpy()
+    return np.repeat(batch.user_ids.numpy()[first], lengths)
+
+
 def test_evaluation_batches_cover_a_split_once_over_ranks():
     data = index_samples(many_users(50), features=FEATURES, tasks=TASKS, raw_keyed_tables=set(), source="test")
     layout = SequenceLayout(data, max_seq_len=12, use_history=True)

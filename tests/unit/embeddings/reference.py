@@ -5,8 +5,6 @@ global step count)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megatron_gr.ops.pytorch.id_hash import init_scale, initial_values, row_salt

@@ -16,7 +16,7 @@ from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
 from megatron_gr.config.embedding_config import EmbeddingTableConfig
 from megatron_gr.embeddings.dynamic import DynamicEmbeddingCollection
 from megatron_gr.embeddings.dynamic.state import export_state
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 
 def _collection(device: str, kernel: str, **dynamic) -> DynamicEmbeddingCollection:

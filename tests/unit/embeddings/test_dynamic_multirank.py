@@ -13,8 +13,8 @@ import torch
 from megatron_gr.embeddings.dynamic import load_dumps
 from megatron_gr.embeddings.dynamic.checkpoint import load_collection
 from megatron_gr.embeddings.dynamic.state import export_state
+from tests.support.multirank import run_ranks
 from tests.unit.embeddings import worker
-from tests.unit.embeddings.multirank import run_ranks
 
 
 def _merged(states: list[dict]) -> dict:
@@ -69,13 +69,15 @@ def test_optimizers_match_dense_reference_on_one_rank(single_process_group, tmp_
 def test_four_and_two_ranks(tmp_path, single_process_group):
     # 4 ranks: every optimizer against the reference, admission over ranks, then a save
     # with the truth recorded.
-    run_ranks(4, "optimizers,admission,save", tmp_path)
+    run_ranks(4, "tests.unit.embeddings.worker:run", {"scenarios": ["optimizers", "admission", "save"], "workdir": tmp_path},
+              workdir=tmp_path)
     truth = _load(tmp_path, "truth_rank{rank}.pt", 4)
     assert len(truth["rows"]) > 100 and truth["admission"], "the scenario should store rows and count waiting ids"
     assert {len(f) for f in truth["rows"].values()} == {5}  # last_seen, freq, weights, exp_avg, exp_avg_sq
 
     # 2 ranks: the optimizers again; the 4-rank save loaded; incremental dumps taken.
-    run_ranks(2, "optimizers,admission,load", tmp_path)
+    run_ranks(2, "tests.unit.embeddings.worker:run", {"scenarios": ["optimizers", "admission", "load"], "workdir": tmp_path},
+              workdir=tmp_path)
     _assert_same_content(_load(tmp_path, "loaded2_rank{rank}.pt", 2), truth)
 
     # 1 rank (this process): the same save, the same reads.

@@ -1,13 +1,11 @@
-"""Multi-rank scenarios of the dynamic-embedding tests (one gloo process per rank, started
-by ``multirank.run_ranks``). Every rank can rebuild every rank's batches, so each checks its
-own results against a single-process reference.
-
-    python -m tests.unit.embeddings.worker SCENARIO[,SCENARIO...] WORKDIR
+"""Multi-rank scenarios of the dynamic-embedding tests, run on every rank of a gloo group
+(``run_ranks(N, "tests.unit.embeddings.worker:run", {"scenarios": [...], "workdir": ...})``).
+Every rank can rebuild every rank's batches, so each checks its own results against a
+single-process reference.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -138,41 +136,7 @@ def scenario_load(workdir: Path) -> None:
     torch.save(export_state(collection.tables["item"]), workdir / f"dumped_rank{rank}.pt")
 
 
-def dynamic_training_config(workdir: Path, world: int):
-    """A tiny HSTU run on synthetic raw ids (up to 2^40) through a dynamic item table,
-    without dropout (its masks depend on how micro-batches fall on ranks), with the same
-    micro-batches on every world size (``auto`` balancing differs between 1 and 2 ranks)."""
-    from tests.unit.training.helpers import tiny_config
-
-    return tiny_config(
-        workdir / f"run{world}",
-        model={"hidden_dropout": 0.0, "embedding_dropout": 0.0},
-        embeddings={"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size": 16}}},
-        training={"train_iters": 4, "lr_decay_iters": 4, "eval_interval": 2},
-        parallel={"micro_batch_balance": "attention_cost"},
-    )
-
-
-def scenario_train(workdir: Path) -> None:
-    """The trainer on this world size (data parallel); rank 0 writes the metrics."""
-    from megatron_gr.training.runtime import shutdown
-    from megatron_gr.training.trainer import Trainer
-
-    Trainer(dynamic_training_config(workdir, dist.get_world_size())).train()
-    shutdown()
-
-
-def main() -> int:
-    scenarios, workdir = sys.argv[1].split(","), Path(sys.argv[2])
-    dist.init_process_group("gloo")
-    try:
-        for scenario in scenarios:  # one process start for several scenarios
-            globals()[f"scenario_{scenario}"](workdir)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(payload: dict) -> None:
+    """The named scenarios in order, in one process group (one process start for several)."""
+    for scenario in payload["scenarios"]:
+        globals()[f"scenario_{scenario}"](Path(payload["workdir"]))

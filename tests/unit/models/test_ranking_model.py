@@ -50,8 +50,11 @@ def build(config):
     return model, dataset
 
 
-def batch_of(dataset, samples):
-    return make_batch(dataset.data, dataset.layout, np.asarray(samples))
+def batch_of(dataset, samples, *, keyed=False):
+    """``keyed``: with the dropout keys a training batch carries."""
+    samples = np.asarray(samples)
+    key_base = np.arange(samples.size) * dataset.layout.max_seq_len if keyed else None
+    return make_batch(dataset.data, dataset.layout, samples, key_base=key_base, dropout_seed=7)
 
 
 def test_ranking_is_a_registered_model_type():
@@ -86,7 +89,7 @@ def test_a_candidate_sees_its_history_and_itself_but_no_other_candidate(megatron
 def test_training_output_is_the_weighted_loss_of_each_candidate(megatron_cpu, tmp_path):
     config = tiny(tmp_path)
     model, dataset = build(config)
-    batch = batch_of(dataset, [1, 2, 3])
+    batch = batch_of(dataset, [1, 2, 3], keyed=True)
     model.eval()
     with torch.no_grad():
         scores = model(batch).scores.double()
@@ -98,6 +101,29 @@ def test_training_output_is_the_weighted_loss_of_each_candidate(megatron_cpu, tm
     assert torch.allclose(losses.double(), expected.double(), rtol=1e-4, atol=1e-5)
     losses.sum().backward()
     assert model.tables["item"].weight.grad.abs().sum() > 0
+
+
+def test_dropout_masks_follow_the_tokens_not_the_batch(megatron_cpu, tmp_path):
+    """With dropout on the inputs, the STU layers and the tower, a sample's candidate losses
+    are the same alone as inside a larger micro-batch when its tokens keep their keys (as
+    on every parallel layout), and change with the step's seed."""
+    config = tiny(tmp_path, tower={"hidden_sizes": [8], "dropout": 0.3})
+    config.model.hidden_dropout = config.model.embedding_dropout = 0.3
+    model, dataset = build(config)
+    model.train()
+    together = batch_of(dataset, [1, 2, 3], keyed=True)
+    alone = make_batch(dataset.data, dataset.layout, np.asarray([2]), key_base=np.asarray([dataset.layout.max_seq_len]),
+                       dropout_seed=7)
+    with torch.no_grad():
+        mixed = model(together)
+        single = model(alone)
+        reseeded = model(dataclasses.replace(alone, dropout_seed=8))
+    mine = slice(4, 8)  # sample 2's 4 candidates
+    assert torch.allclose(single, mixed[mine], rtol=1e-5, atol=1e-6)
+    assert (reseeded - single).abs().max() > 1e-4
+    model.eval()
+    with torch.no_grad():
+        assert (model(alone).scores - model(alone).scores).abs().max() == 0  # no dropout in evaluation
 
 
 def test_without_history_the_sequence_is_contextual_and_candidates(megatron_cpu, tmp_path):

@@ -1,6 +1,8 @@
 """DLRM-HSTU on the Triton kernels (target-aware attention with contextual tokens, fused
-output path) equals the same model on the PyTorch references: candidate scores, training
-losses and every parameter gradient. CPU: Triton interpreter, fp32; GPU: bf16 as trained."""
+output path, keyed dropout) equals the same model on the PyTorch references: candidate
+scores, training losses and every parameter gradient, dropout on (the kernels draw the
+reference's masks from the same keys). CPU: Triton interpreter, fp32; GPU: bf16 as
+trained."""
 
 from __future__ import annotations
 
@@ -46,11 +48,13 @@ def model_on(backend: KernelBackend, config: ExperimentConfig, dataset, plan) ->
 
 
 def test_triton_ranking_model_matches_pytorch(megatron_runtime, tmp_path):
-    config = tiny(tmp_path)
+    config = tiny(tmp_path, tower={"hidden_sizes": [8], "dropout": 0.2})
+    config.model.hidden_dropout = config.model.embedding_dropout = 0.2
     dataset = get_train_spec("ranking").build_dataset(config)
     plan = make_plan(config, table_rows=dataset.table_rows(), world_size=1)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    batch = make_batch(dataset.data, dataset.layout, np.arange(6)).to(DEVICE)
+    keys = np.arange(6) * dataset.layout.max_seq_len  # a training batch's dropout keys
+    batch = make_batch(dataset.data, dataset.layout, np.arange(6), key_base=keys, dropout_seed=11).to(DEVICE)
     results = {}
     for backend in (KernelBackend.PYTORCH, KernelBackend.TRITON):
         model = model_on(backend, config, dataset, plan).to(DEVICE, dtype)  # keyed init: the same weights

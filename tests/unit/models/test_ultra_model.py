@@ -65,16 +65,18 @@ def ultra_key(name: str) -> str:
 
 
 def test_one_unnamed_channel_is_dlrm_hstu_bit_for_bit(megatron_cpu, tmp_path):
-    dlrm, dataset = build(tiny(tmp_path))
-    ultra, ultra_data = build(tiny(tmp_path, model={"transducers": [{}]}))
+    dropout = {"hidden_dropout": 0.2, "embedding_dropout": 0.2}  # keyed: the same masks in both
+    dlrm, dataset = build(tiny(tmp_path, model=dropout))
+    ultra, ultra_data = build(tiny(tmp_path, model={"transducers": [{}], **dropout}))
     assert isinstance(dlrm, DLRMHSTUModel) and isinstance(ultra, UltraHSTUModel)
     weights = dict(ultra.named_parameters())
     assert sorted(ultra_key(n) for n, _ in dlrm.named_parameters()) == sorted(weights)
     for name, value in dlrm.named_parameters():  # keyed initialisation: equal already; make sure
         assert torch.equal(weights[ultra_key(name)], value), name
-    chunk = np.array([0, 3, 7, 11])
-    plain = make_batch(dataset.data, dataset.layout, chunk)
-    channels = make_channel_batch(ultra_data.channels, chunk)
+    chunk, index = np.array([0, 3, 7, 11]), np.array([4, 0, 2, 9])  # samples, their places in a global batch
+    plain = make_batch(dataset.data, dataset.layout, chunk, key_base=index * 24, dropout_seed=5)
+    channels = make_channel_batch(ultra_data.channels, chunk, key_base=index, dropout_seed=5)
+    assert torch.equal(channels.first.token_keys, plain.token_keys)
     for model in (dlrm, ultra):
         model.eval()
     with torch.no_grad():

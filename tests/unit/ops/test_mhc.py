@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keep_mask
 from megatron_gr.ops.mhc import (
     input_expand,
     mhc_aggregate,
@@ -16,16 +17,7 @@ from megatron_gr.ops.mhc import (
     output_contract,
     sinkhorn,
 )
-
-
-def direct_sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Sinkhorn-Knopp as the paper writes it: M = exp(logits), then row and column
-    normalisation ``iterations`` times. Differentiable by plain autograd."""
-    m = logits.exp()
-    for _ in range(iterations):
-        m = m / m.sum(dim=-1, keepdim=True)
-        m = m / m.sum(dim=-2, keepdim=True)
-    return m
+from tests.unit.ops.mhc_reference import direct_sinkhorn, reference_mappings
 
 
 def identity_leaning(n: int) -> torch.Tensor:
@@ -105,21 +97,6 @@ def test_sinkhorn_backward_saves_only_its_input():
     assert len(saved) == 1 and saved[0].shape == (16, 4, 4)
 
 
-def reference_mappings(x, projection, alpha, bias, iterations, eps):
-    """The paper's equations, one token at a time, in float64."""
-    x, projection, alpha, bias = (t.double() for t in (x, projection, alpha, bias))
-    num_tokens, n, _ = x.shape
-    pres, posts, ress = [], [], []
-    for t in range(num_tokens):
-        vec = x[t].reshape(-1)
-        normed = vec / torch.sqrt((vec * vec).mean() + eps)
-        logits = projection @ normed
-        pres.append(torch.sigmoid(alpha[0] * logits[:n] + bias[:n]))
-        posts.append(2 * torch.sigmoid(alpha[1] * logits[n : 2 * n] + bias[n : 2 * n]))
-        ress.append(direct_sinkhorn((alpha[2] * logits[2 * n :] + bias[2 * n :]).view(n, n), iterations))
-    return torch.stack(pres), torch.stack(posts), torch.stack(ress)
-
-
 def random_mapping_inputs(num_tokens, n, channels, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, n, channels, generator=g).to(dtype)
@@ -190,11 +167,15 @@ def test_merge_dropout_shares_one_mask_across_streams():
     h_res = torch.eye(4).expand(6, 4, 4)
     h_post = torch.ones(6, 4)
     y = torch.randn(6, 16, generator=g)
-    out = mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=True)
+    keys = DropoutKeys(seed=3, site=6, token_keys=torch.arange(6) * 40 + 7)
+    out = mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=True, dropout_keys=keys)
     dropped = out == 0
     assert dropped.any() and not dropped.all()
     assert (dropped == dropped[:, :1]).all()  # same positions in every stream
+    assert torch.equal(~dropped[:, 0], keep_mask(keys, 16, p=0.5))  # the keyed mask of the token keys
     torch.testing.assert_close(out[:, 0][~dropped[:, 0]], 2 * y[~dropped[:, 0]])
+    with pytest.raises(ValueError, match="DropoutKeys"):
+        mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=True)
     assert torch.equal(mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=False), y.unsqueeze(1).expand(6, 4, 16))
 
 

@@ -1,4 +1,5 @@
-"""Small experiment configs for training tests."""
+"""Small experiment configs for training tests, and the dynamic-table run that a multi-rank
+test starts on every rank."""
 
 from __future__ import annotations
 
@@ -29,3 +30,26 @@ def read_records(path: Path, kind: str = "train") -> list[dict]:
     if kind == "train":
         return [r for r in records if "loss" in r]
     return [r for r in records if r.get("split") == kind]
+
+
+def dynamic_training_config(workdir: Path, world: int) -> ExperimentConfig:
+    """A tiny HSTU run on synthetic raw ids (up to 2^40) through a dynamic item table,
+    without dropout, with the default micro-batch balancing: ``auto`` cuts the global batch
+    by attention cost on 2 ranks and in stream order on 1, which must not change the
+    objective (negatives are drawn per global batch)."""
+    return tiny_config(
+        workdir / f"run{world}",
+        model={"hidden_dropout": 0.0, "embedding_dropout": 0.0},
+        embeddings={"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size": 16}}},
+        training={"train_iters": 4, "lr_decay_iters": 4, "eval_interval": 2},
+    )
+
+
+def train_dynamic(workdir: Path) -> None:
+    """On every rank of a multi-rank run: the trainer on this world size (data parallel);
+    rank 0 writes the metrics."""
+    import torch.distributed as dist
+
+    from megatron_gr.training.trainer import Trainer
+
+    Trainer(dynamic_training_config(Path(workdir), dist.get_world_size())).train()

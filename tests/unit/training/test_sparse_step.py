@@ -87,8 +87,21 @@ def test_a_skipped_step_moves_no_row(megatron_cpu):
     tables = SparseTables([model])
     before = _touch(model, [1.0, 1.0])
     updated, norm = tables.step(DenseOptimizer(clip_grad=1.0, finite=False))
-    assert not updated and norm is None
+    assert not updated and math.isclose(norm, math.sqrt(3.0**2 + 2.0))  # reported, not applied
     assert tables.tables[0].step == 0
+    torch.testing.assert_close(model.table.lookup("item", torch.tensor([7])).detach()[0], before)
+
+
+@pytest.mark.parametrize("cause", ["loss", "row gradient"])
+def test_a_non_finite_loss_or_row_gradient_moves_nothing(megatron_cpu, cause):
+    model = _model_with_table()
+    tables = SparseTables([model])
+    before = _touch(model, [float("nan"), 1.0] if cause == "row gradient" else [1.0, 1.0])
+    optimizer = DenseOptimizer(clip_grad=1.0)
+    updated, norm = tables.step(optimizer, loss_is_finite=cause != "loss")
+    assert not updated and tables.tables[0].step == 0
+    assert math.isnan(norm) if cause == "row gradient" else math.isfinite(norm)
+    torch.testing.assert_close(optimizer.param.detach(), torch.zeros(2), rtol=0, atol=0)
     torch.testing.assert_close(model.table.lookup("item", torch.tensor([7])).detach()[0], before)
 
 
@@ -155,12 +168,16 @@ def test_joint_clipping_with_the_distributed_optimizer(megatron_cpu, tmp_path):
 
     dense_square = sum(float(g.double().square().sum()) for g in dense_grads)
     assert updated and sparse_square > 0.01 * dense_square  # both parts weigh in the norm
-    assert norm == pytest.approx(math.sqrt(dense_square + sparse_square), rel=1e-6)
+    # fp32 sums over thousands of squares against float64 ones; leaving out the rows' share
+    # (> 1% of the square) would move the norm by > 0.5%
+    assert norm == pytest.approx(math.sqrt(dense_square + sparse_square), rel=1e-5)
     coefficient = 0.05 / (norm + 1e-6)
     for param, before, grad in zip(params, dense_before, dense_grads):
         clipped = coefficient * grad.double()
         expected = -lr * clipped / (clipped.abs() + EPS)  # Adam's first step
-        torch.testing.assert_close((param.detach() - before).double(), expected, rtol=1e-3, atol=1e-8)
+        # the fp32 weight holds the step to within half an ulp of the weight itself
+        ulp = float(before.abs().max()) * 2.0**-23
+        torch.testing.assert_close((param.detach() - before).double(), expected, rtol=1e-3, atol=ulp)
     rows_after = _rows(table)
     moved = sum(float((rows_after[k] - v).double().square().sum()) for k, v in rows_before.items())
     assert math.sqrt(moved) == pytest.approx(lr * coefficient * math.sqrt(sparse_square), rel=1e-4)
@@ -177,7 +194,7 @@ def test_a_skipped_megatron_step_moves_nothing(megatron_cpu, tmp_path, monkeypat
     weights = [p.detach().clone() for p in trainer.model[0].parameters()]
     rows = _rows(table)
     record = trainer.train_step()
-    assert record["skipped"] and record["grad_norm"] is None and table.step == 1
+    assert record["skipped"] and table.step == 1
     for param, before in zip(trainer.model[0].parameters(), weights):
         torch.testing.assert_close(param.detach(), before, rtol=0, atol=0)
     after = _rows(table)

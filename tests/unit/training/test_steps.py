@@ -13,7 +13,7 @@ from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.training.steps import schedule_shapes, stage_tensor_shape
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_stu_block_spec
-from tests.unit.transformer.test_stu_layer import jagged
+from tests.unit.transformer.helpers import jagged
 
 MHC = {"enable_hyper_connections": True, "num_residual_streams": 3}
 TP2_SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}

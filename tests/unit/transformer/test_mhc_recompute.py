@@ -9,31 +9,8 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
 
-from megatron_gr.config import GRTransformerConfig
-from megatron_gr.training.live_memory import LiveTensorBytes
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
-from megatron_gr.transformer.specs import get_stu_block_spec, get_transformer_block_spec
-from tests.unit.transformer.test_stu_layer import jagged
-
-
-def config(kind: str, *, recompute_layers=None, recompute=True, **overrides) -> GRTransformerConfig:
-    values = dict(
-        num_layers=4, hidden_size=32, num_attention_heads=2, qk_head_dim=8, v_head_dim=8, max_seq_len=64,
-        hidden_dropout=0.3, use_cpu_initialization=True, enable_hyper_connections=True, num_residual_streams=4,
-        mhc_init_gating_factor=0.2, ffn_hidden_size=32, relative_attention_bias=kind == "stu",
-    )
-    if recompute:
-        values.update(recompute_granularity="selective", recompute_modules=["mhc"], mhc_recompute_layer_num=recompute_layers)
-    values.update(overrides)
-    return GRTransformerConfig(**values)
-
-
-def build(kind: str, cfg: GRTransformerConfig, *, backend="pytorch", **stage):
-    if kind == "stu":
-        spec = get_stu_block_spec(cfg, backend=backend)
-    else:
-        spec = get_transformer_block_spec(cfg, use_transformer_engine=False, backend=backend)
-    return spec.module(cfg, spec, **stage)
+from tests.unit.transformer.helpers import build, config, jagged, run
 
 
 def inputs(kind: str):
@@ -43,20 +20,6 @@ def inputs(kind: str):
         x = torch.randn(128, 1, 32, generator=g)
         return x, {"attention_mask": None, "packed_seq_params": params}
     return torch.randn(32, 4, 32, generator=g), {"attention_mask": None}
-
-
-def run(block, x, kwargs, rng_states, measure=False):
-    """Forward and backward from fixed RNG states: output, grads, held and peak bytes."""
-    torch.set_rng_state(rng_states[0])
-    tensor_parallel.get_cuda_rng_tracker().set_states(dict(rng_states[1]))
-    x = x.clone().requires_grad_()
-    tracker = LiveTensorBytes()
-    with tracker:
-        out = block(x, **kwargs)
-        held = tracker.current()
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    grads = {name: p.grad for name, p in block.named_parameters()}
-    return out.detach(), x.grad, grads, held, tracker.peak
 
 
 @pytest.mark.parametrize("kind", ["stu", "transformer"])

@@ -8,36 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from megatron_gr.config import GRTransformerConfig
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
-from megatron_gr.transformer.specs import get_stu_layer_spec
-from megatron.core.transformer.spec_utils import build_module
-
-from tests.unit.ops.test_hstu_attention import dense_attention
-
-
-def make_layer(*, bias: bool, dtype=torch.float64, dropout=0.0, backend="pytorch", **config):
-    config = GRTransformerConfig(**{
-        **dict(
-            num_layers=1, hidden_size=8, num_attention_heads=2, qk_head_dim=4, v_head_dim=3,
-            max_seq_len=12, hidden_dropout=dropout, params_dtype=dtype, use_cpu_initialization=True,
-            relative_attention_bias=bias, num_position_buckets=5, num_time_buckets=6, init_method_std=0.3,
-        ),
-        **config,
-    })
-    layer = build_module(get_stu_layer_spec(relative_attention_bias=bias, backend=backend), config=config)
-    with torch.no_grad():  # non-trivial norms and biases
-        for name, p in layer.named_parameters():
-            if name.endswith("bias") or "layernorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return layer
-
-
-def jagged(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    ts = torch.cat([torch.sort(torch.randint(0, 50, (n,), generator=g))[0] for n in lengths])
-    return JaggedSeqParams.from_offsets(offsets, max(lengths), timestamps=ts), g
+from tests.unit.ops.attention_reference import dense_attention
+from tests.unit.transformer.helpers import jagged, make_layer
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -106,3 +79,24 @@ def test_layer_needs_jagged_params(megatron_cpu):
     layer = make_layer(bias=False)
     with pytest.raises(ValueError, match="JaggedSeqParams"):
         layer(torch.zeros(3, 1, 8, dtype=torch.float64))
+
+
+def test_dropout_masks_follow_the_token_keys(megatron_cpu):
+    """With the batch's keys, a sequence gets the same dropout (so the same output) in any
+    batch: alone, or after another sequence; other keys or another seed drop other elements."""
+    layer = make_layer(bias=True, dropout=0.5)
+    params, g = jagged([5, 3], seed=3)
+    x = torch.randn(8, 1, 8, dtype=torch.float64, generator=g)
+    keys = torch.tensor([0, 1, 2, 3, 4, 12, 13, 14])  # samples 0 and 1 of max_seq_len 12
+    both, _ = layer(x, packed_seq_params=JaggedSeqParams.from_offsets(
+        params.offsets, 5, timestamps=params.timestamps, dropout_seed=7, token_keys=keys))
+    second = JaggedSeqParams.from_offsets(torch.tensor([0, 3]), 3, timestamps=params.timestamps[5:],
+                                          dropout_seed=7, token_keys=keys[5:])
+    alone, _ = layer(x[5:], packed_seq_params=second)
+    torch.testing.assert_close(alone, both[5:], rtol=0, atol=1e-12)
+    for seed, shifted in ((7, keys[5:] + 1), (8, keys[5:])):
+        other = JaggedSeqParams.from_offsets(torch.tensor([0, 3]), 3, timestamps=params.timestamps[5:],
+                                             dropout_seed=seed, token_keys=shifted)
+        assert not torch.allclose(layer(x[5:], packed_seq_params=other)[0], alone)
+    layer.eval()
+    assert not torch.allclose(layer(x[5:], packed_seq_params=second)[0], alone)  # the dropout was active

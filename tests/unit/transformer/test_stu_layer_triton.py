@@ -12,7 +12,7 @@ from tests.triton_support import triton_or_skip
 DEVICE = triton_or_skip()
 
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams  # noqa: E402
-from tests.unit.transformer.test_stu_layer import make_layer  # noqa: E402
+from tests.unit.transformer.helpers import make_layer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def held_for_backward(run):
 def step(config, chunk):
     model, dataset = build(config)
     model.train()
-    batch = make_channel_batch(dataset.channels, chunk)
+    batch = make_channel_batch(dataset.channels, chunk, key_base=chunk, dropout_seed=3)
     losses, held = held_for_backward(lambda: model(batch))
     losses.sum().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}, held, batch

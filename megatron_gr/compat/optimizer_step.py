@@ -1,0 +1,47 @@
+"""megatron-core's optimizer step split where gradients it does not own join the norm.
+
+``ChainedOptimizer.step`` (0.16.1) is: prepare the gradients (unscale, check for non-finite
+values), take their norm, clip every part's main gradients by that one norm, step. Rows of
+dynamic tables are trained beside the optimizer and must share the norm and the clip
+factor, so the step is driven here in two halves, with megatron's own methods, in its
+order; what a part of a chained optimizer is (``chained_optimizers``,
+``is_stub_optimizer``, decoupled gradients) is its internal business, kept in this module.
+"""
+
+from __future__ import annotations
+
+from megatron_gr.compat.version import require
+
+
+def _parts(optimizer) -> list:
+    """The optimizers a (possibly chained) megatron optimizer steps, without stubs (parts
+    that hold no parameters on this rank)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [part for part in parts if not getattr(part, "is_stub_optimizer", False)]
+
+
+def prepare_grads_and_norm(optimizer) -> tuple[bool, float]:
+    """The first half of megatron's step: prepares the gradients; returns whether megatron
+    found a non-finite gradient (it then skips the step: call nothing else) and their norm
+    over every part (0.0 without any; computed either way, for the logs)."""
+    for method in ("prepare_grads", "get_grad_norm"):
+        require(optimizer, method, purpose="step dynamic tables with the dense optimizer")
+    found_inf = bool(optimizer.prepare_grads())
+    return found_inf, float(optimizer.get_grad_norm() or 0.0)
+
+
+def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
+    """The second half: clips every part's main gradients as ``ChainedOptimizer.step`` does,
+    but by ``total_norm`` (which may count more than this optimizer's gradients), then
+    steps. Returns whether the parameters were updated."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    require(optimizer, "step_with_ready_grads", purpose="step dynamic tables with the dense optimizer")
+    clip = optimizer.config.clip_grad
+    if clip > 0.0:
+        for part in _parts(optimizer):
+            params = part.get_parameters()
+            if params:
+                decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+                clip_grad_by_total_norm_fp32(params, clip, total_norm, use_decoupled_grad=decoupled)
+    return bool(optimizer.step_with_ready_grads())
