@@ -107,6 +107,25 @@ class TransducerChannel(MegatronModule):
         )
 
 
+class ChannelStacks(MegatronModule):
+    """The channels by key. A MegatronModule (not a ModuleDict) so that checkpoints reach
+    each channel's block, which maps its layers to global numbers across pipeline stages."""
+
+    def __init__(self, config: GRTransformerConfig, channels: dict[str, TransducerChannel]):
+        super().__init__(config)
+        for key, channel in channels.items():
+            self.add_module(key, channel)
+
+    def items(self):
+        return self._modules.items()
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __getitem__(self, key: str) -> TransducerChannel:
+        return self._modules[key]
+
+
 class UltraHSTUModel(MegatronModule):
     """``forward`` takes a :class:`ChannelBatch` and returns, on the last pipeline stage, the
     per-candidate weighted loss ``[N]`` (training) or :class:`CandidateScores` (eval); on
@@ -155,7 +174,7 @@ class UltraHSTUModel(MegatronModule):
                 post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage, backend=backend,
                 init_seed=init_seed,
             )
-        self.channels = torch.nn.ModuleDict(channels)
+        self.channels = ChannelStacks(config, channels)
         if post_process:
             width = sum(c.hidden_size for c in self.channel_configs.values())
             with keyed_init(init_seed, "ranking", "tower"):
