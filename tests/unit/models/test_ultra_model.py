@@ -6,6 +6,8 @@ a short ULTRA run through the trainer evaluates."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,28 @@ def test_ultra_trains_and_evaluates_through_the_trainer(megatron_cpu, tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
     for which in ("valid", "test"):
         assert 0.0 < results[which]["auc"] < 1.0 and results[which]["bayes_auc"] == pytest.approx(trainer.dataset.bayes_auc(which))
+
+
+def test_a_first_stage_sends_the_shape_its_batch_declares(megatron_cpu, tmp_path):
+    """Under PP=2 the first stage holds half of every channel's layers (channel imp
+    truncates inside it) and sends one flat tensor: the size ``with_pipeline_shapes``
+    declares for stage 0's send and stage 1's receive."""
+    from megatron_gr.models.ultra.spec import with_pipeline_shapes
+
+    config = tiny(tmp_path, model={"transducers": [{**TWO_CHANNELS[0], "num_layers": 4}, TWO_CHANNELS[1]]},
+                  features={**IMP, **CLICK})
+    spec = get_train_spec("ranking")
+    dataset = spec.build_dataset(config)
+    plan = make_plan(config, table_rows=dataset.table_rows(), world_size=1)
+    staged = dataclasses.replace(plan.model_config, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    names = list(config.embeddings)
+    first = UltraHSTUModel(staged, config.ranking, dict(build(config)[0].tables.items()),
+                           table_dims={n: config.embeddings[n].dim for n in names}, post_process=False, init_seed=1)
+    assert [len(c.decoder.layers) for _, c in first.channels.items()] == [2, 1]
+    batch = with_pipeline_shapes(make_channel_batch(dataset.channels, np.arange(5)), staged)
+    sent = first.eval()(batch)
+    imp, click = batch.channels["imp"], batch.channels["click"]
+    kept = sum(min(int(h), 3) for h in (imp.offsets.diff() - imp.num_targets - 2))  # imp: truncated to 3 events
+    expected = (2 * 5 + kept + imp.num_candidates) * 16 + click.num_tokens * 8  # click: whole
+    assert sent.shape == (expected, 1, 1)
+    assert batch.pipeline_shapes[0][1] == batch.pipeline_shapes[1][0] == (expected, 1, 1)
