@@ -4,7 +4,8 @@ attention-truncation hook and selective rematerialization.
 - Truncation: each layer reads its input through :func:`attn_truncation.layer_input`, so
   the layer after the split truncates the batch and later layers see the re-packed one.
 - ``config.recompute_uvqk``: ``SiLU(W_uvqk x̂ + b)`` (U, V, Q, K, the widest activation of
-  the layer) runs under megatron's ``CheckpointWithoutOutput``: its storage is freed once
+  the layer) runs under megatron's ``CheckpointWithoutOutput`` (driven by the
+  :class:`MHCRecomputeManager`, a general replay of freed outputs): its storage is freed once
   the sublayer's output exists and refilled by recomputing it when that output's gradient
   arrives, before the attention and gating backward read it. The SiLU input is not kept
   either (the SiLU runs inside the recomputed function).
@@ -21,20 +22,20 @@ import dataclasses
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
-
-from megatron_gr.compat import checkpoint_without_output_fp8_arg
 from megatron_gr.transformer.attn_truncation import layer_input
 from megatron_gr.transformer.hyper_connection_layers import HyperConnectionSTULayer
+from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.specs import get_stu_block_spec
 from megatron_gr.transformer.stu_layer import STULayer, jagged_params
 
 
 class _Rematerialized:
     """Recomputes U, V, Q, K in the backward when ``config.recompute_uvqk`` (mixin of an
-    STU layer class)."""
+    STU layer class). The replay is :class:`MHCRecomputeManager`'s: megatron's
+    ``CheckpointWithoutOutput`` per op, and the replayed outputs pointed at the refilled
+    storage so that they exist once."""
 
-    _uvqk_checkpoint: Optional[tensor_parallel.CheckpointWithoutOutput] = None
+    _uvqk_recompute: Optional[MHCRecomputeManager] = None
 
     def _rematerializes(self, flag: bool) -> bool:
         return flag and self.training and torch.is_grad_enabled()
@@ -42,16 +43,15 @@ class _Rematerialized:
     def project_uvqk(self, normed: torch.Tensor) -> torch.Tensor:
         if not self._rematerializes(self.config.recompute_uvqk):
             return super().project_uvqk(normed)
-        checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=checkpoint_without_output_fp8_arg())
-        self._uvqk_checkpoint = checkpoint
-        return checkpoint.checkpoint(super().project_uvqk, normed)
+        self._uvqk_recompute = MHCRecomputeManager()
+        return self._uvqk_recompute.checkpoint(super().project_uvqk, normed)
 
     def attention(self, normed: torch.Tensor, params) -> torch.Tensor:
         out = super().attention(normed, params)
-        checkpoint, self._uvqk_checkpoint = self._uvqk_checkpoint, None
-        if checkpoint is not None:
+        recompute, self._uvqk_recompute = self._uvqk_recompute, None
+        if recompute is not None:
             # U, V, Q, K are read by the attention and gating backward only, after out's gradient.
-            checkpoint.discard_output_and_register_recompute(out)
+            recompute.discard_outputs_and_register_recompute(out)
         return out
 
 
@@ -60,12 +60,12 @@ class UltraSTULayer(_Rematerialized, STULayer):
         hidden_states, params = layer_input(self.layer_number, hidden_states, jagged_params(packed_seq_params))
         if not self._rematerializes(self.config.recompute_normed_x):
             return super().forward(hidden_states, attention_mask, context, params, **kwargs)
-        checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=checkpoint_without_output_fp8_arg())
-        normed = checkpoint.checkpoint(self.input_layernorm, hidden_states)
+        recompute = MHCRecomputeManager()
+        normed = recompute.checkpoint(self.input_layernorm, hidden_states)
         output = hidden_states + self.attention(normed, params)
         # The output's gradient arrives before the sublayer's: the norm is back before the
-        # UVQK recompute (registered on the sublayer output) reads it.
-        checkpoint.discard_output_and_register_recompute(output)
+        # UVQK replay (registered on the sublayer output) reads it.
+        recompute.discard_outputs_and_register_recompute(output)
         return output, context
 
 
