@@ -7,7 +7,6 @@ checks the streams' synchronisation. CPU: Triton interpreter, fp32; GPU: bf16.""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from tests.triton_support import triton_or_skip
