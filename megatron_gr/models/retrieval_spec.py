@@ -33,6 +33,10 @@ class RetrievalDataset(Dataset):
     def num_items(self) -> int:
         return self.items.num_items
 
+    @property
+    def num_users(self) -> int:
+        return self.split.sequences.num_users
+
     def describe(self) -> str:
         return self.report.line()
 

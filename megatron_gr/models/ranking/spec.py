@@ -38,6 +38,10 @@ class RankingDataset(Dataset):
         """Distinct ids of the first candidate feature's table."""
         return self.data.tables[self.data.candidate_tables[0]].num_items
 
+    @property
+    def num_users(self) -> int:
+        return int(np.unique(self.data.samples.user_ids).size)
+
     def table_rows(self) -> dict[str, int]:
         return {name: space.num_items + 1 for name, space in self.data.tables.items()}
 
