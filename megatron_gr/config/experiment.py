@@ -19,6 +19,7 @@ from megatron_gr.config.ranking_checks import check_ranking_experiment, contextu
 from megatron_gr.config.ranking_config import RankingConfig
 from megatron_gr.config.schema import build_dataclass, check_known_keys, dataclass_to_dict
 from megatron_gr.config.training_config import TrainingConfig
+from megatron_gr.config.ultra_checks import gather_channel_groups
 from megatron_gr.config.transformer_config import GRTransformerConfig
 
 SECTIONS = ("model", "embeddings", "data", "training", "parallel", "checkpoint", "logging", "ranking")
@@ -183,7 +184,7 @@ class ExperimentConfig:
         ranks = model_raw.get("type") == "ranking"
         if raw.get("ranking") is not None and not ranks:
             raise ConfigError("the ranking section configures the ranking model: set model.type=ranking or remove it")
-        ranking = build_dataclass(RankingConfig, raw.get("ranking") or {}, "ranking")
+        ranking = build_dataclass(RankingConfig, gather_channel_groups(raw.get("ranking") or {}), "ranking")
         if ranks and "contextual_len" not in model_raw:
             model_raw["contextual_len"] = contextual_len_of(ranking)  # one token per contextual feature
         model = build_dataclass(GRTransformerConfig, {**DEFAULT_MODEL, **model_raw}, "model", MODEL_FIELDS)

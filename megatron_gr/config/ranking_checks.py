@@ -6,6 +6,7 @@ or built."""
 from __future__ import annotations
 
 from megatron_gr.config.errors import ConfigError
+from megatron_gr.config.ultra_checks import check_ultra_experiment
 from megatron_gr.config.validation import require
 from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.ranking.columns import SOURCE_COLUMNS
@@ -27,6 +28,7 @@ def check_ranking_experiment(config) -> None:
     _check_source(config)
     _check_model(config)
     source = _known_source(config)
+    check_ultra_experiment(config, source)  # channel groups before the tables they name
     _check_columns(config, source)
     _check_tables(config)
     _check_widths(config)
@@ -113,7 +115,8 @@ def _check_columns(config, source) -> None:
 
 def _check_tables(config) -> None:
     pp = config.parallel.pipeline_model_parallel_size
-    for group, features in config.ranking.features.embedded().items():
+    groups = {**config.ranking.features.embedded(), **config.ranking.features.channel_embedded()}
+    for group, features in groups.items():
         for feature, table in features.items():
             settings = config.embeddings.get(table)
             if settings is None:
@@ -132,7 +135,7 @@ def _check_tables(config) -> None:
                     f"embeddings.{table}.dynamic.pooling={settings.dynamic.pooling!r}: ranking features look up one "
                     f"id per token; set embeddings.{table}.dynamic.pooling=none",
                 )
-    used = {table for features in config.ranking.features.embedded().values() for table in features.values()}
+    used = {table for features in groups.values() for table in features.values()}
     unused = [name for name in config.embeddings if name not in used]
     if unused:
         raise ConfigError(

@@ -25,7 +25,7 @@ Checks that need other sections (tables, dims, the data's columns) live in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
@@ -68,6 +68,11 @@ class FeatureGroupsConfig:
     candidate_timestamp: str = "cand_timestamp"
     """Time of each candidate impression (seconds); a user's query time is the latest."""
 
+    channel_groups: dict[str, Union[dict[str, str], str]] = field(default_factory=dict)
+    """ULTRA-HSTU channels' groups (``<name>``, ``<name>_action``, ``<name>_watchtime``,
+    ``<name>_timestamp``, see ``transducer_config.py``): written in YAML beside the groups
+    above, collected here when the config loads."""
+
     def __post_init__(self):
         for group in ("uih", "candidate"):
             require(
@@ -90,6 +95,10 @@ class FeatureGroupsConfig:
         out = {group: tuple(getattr(self, group)) for group in ("contextual", "uih", "candidate")}
         out.update({group: (getattr(self, group),) for group in single if getattr(self, group) is not None})
         return out
+
+    def channel_embedded(self) -> dict[str, dict[str, str]]:
+        """The channels' history groups: group -> {feature: table}."""
+        return {group: value for group, value in self.channel_groups.items() if isinstance(value, dict)}
 
     def embedded(self) -> dict[str, dict[str, str]]:
         """The groups whose features are looked up in tables: group -> {feature: table}."""

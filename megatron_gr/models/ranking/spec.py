@@ -95,6 +95,8 @@ def _read_samples(config) -> tuple[RankingSamples, str]:
 
 
 def build_dataset(config) -> RankingDataset:
+    if config.model.uses_transducers:
+        return _ultra().build_dataset(config)
     samples, source = _read_samples(config)
     ranking = config.ranking
     for which in ("train", "valid", "test"):
@@ -118,6 +120,8 @@ def build_stage(request: StageRequest) -> DLRMHSTUModel:
     the tower on the last, the stage's STU layers; each module drawn under its own key."""
     plan, dataset = request.plan, request.dataset
     config = plan.config
+    if config.model.uses_transducers:
+        return _ultra().build_stage(request)
     names = list(dict.fromkeys(t for group in config.ranking.features.embedded().values() for t in group.values()))
     tables = None
     if request.pre_process:
@@ -155,6 +159,8 @@ def build_stage(request: StageRequest) -> DLRMHSTUModel:
 
 
 def training_stream(plan, dataset: RankingDataset, dp_rank: int, dp_size: int) -> RankingTrainingBatches:
+    if plan.config.model.uses_transducers:
+        return _ultra().training_stream(plan, dataset, dp_rank, dp_size)
     return RankingTrainingBatches(
         dataset.data,
         dataset.layout,
@@ -168,9 +174,18 @@ def training_stream(plan, dataset: RankingDataset, dp_rank: int, dp_size: int) -
 
 
 def evaluation_stream(plan, dataset: RankingDataset, which: str, dp_rank: int, dp_size: int) -> Iterator:
+    if plan.config.model.uses_transducers:
+        return _ultra().evaluation_stream(plan, dataset, which, dp_rank, dp_size)
     return ranking_evaluation_batches(
         dataset.data, dataset.layout, which, batch_size=plan.config.training.eval_batch_size, dp_rank=dp_rank, dp_size=dp_size
     )
+
+
+def _ultra():
+    """ULTRA-HSTU (channels, truncation, rematerialization): ``models/ultra/spec.py``."""
+    from megatron_gr.models.ultra import spec as ultra_spec  # it builds on this module
+
+    return ultra_spec
 
 
 def candidate_loss(losses: torch.Tensor):
