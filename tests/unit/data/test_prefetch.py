@@ -36,6 +36,7 @@ def test_same_batches_and_positions_as_the_wrapped_stream():
         _same(wrapped.next_step(), plain.next_step())
         assert wrapped.consumed_samples == plain.consumed_samples
         assert wrapped.state_dict() == plain.state_dict()
+    wrapped.close()  # waits for the step being built ahead (a worker thread: no timing assumption)
     assert wrapped.stream.consumed_samples > plain.consumed_samples  # one step built ahead
     assert wrapped.global_batch_size == plain.global_batch_size
 
