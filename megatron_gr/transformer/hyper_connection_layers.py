@@ -10,6 +10,12 @@ Each takes and returns the n residual streams ``[s, b, n C]``; around every subl
 With an :class:`MHCRecomputeManager` (passed by the block as ``mhc_recompute_manager``)
 the two hyper-connection steps (pre with the norm, merge) run without keeping their
 activations.
+
+A block that fuses the merges (``mhc_defer_merge=True``) passes and receives the streams as
+:mod:`megatron_gr.transformer.mhc_pending` forms: a layer then leaves its last merge
+pending, and each sublayer runs the pending merge of the one before inside its pre op
+(``merge_pre``; ``expand_pre`` on the block input), so the fused kernels move the streams
+fewer times. The ops and their order are the same either way.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule
 from megatron_gr.transformer.layer_init import layer_init_scope
+from megatron_gr.transformer.mhc_pending import BlockInput, PendingMerge, Streams, materialize
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules, jagged_params
 
@@ -36,25 +43,45 @@ def hyper_connected(
     connection: HyperConnectionModule,
     norm: Callable[[torch.Tensor], torch.Tensor],
     sublayer: Sublayer,
-    streams: torch.Tensor,
+    streams: Streams,
     *,
     dropout_p: float,
     recompute: Optional[MHCRecomputeManager],
-) -> torch.Tensor:
-    """One sublayer with its hyper-connection; returns the new streams ``[s, b, n C]``."""
-    run = recompute.checkpoint if recompute is not None else _call
+) -> PendingMerge:
+    """One sublayer with its hyper-connection: its pre op on ``streams`` (a tensor, the
+    block input, or the previous sublayer's pending merge, run in the same op), the
+    sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it)."""
+    run = _runner(recompute)
+    if isinstance(streams, PendingMerge):
+        previous = streams
 
-    def pre(x):
-        u, post, res = connection.pre(x)
-        return norm(u), post, res
+        def merge_pre(x, mix, post, y):
+            merged, u, h_post, h_res = connection.merge_pre(x, mix, post, y, previous.bias,
+                                                            dropout_p=previous.dropout_p)
+            return merged, norm(u), h_post, h_res
 
-    normed, h_post, h_res = run(pre, streams)
+        entered, normed, h_post, h_res = run(merge_pre, *previous.tensors())
+    else:
+        entered = streams.hidden if isinstance(streams, BlockInput) else streams
+        pre_op = connection.expand_pre if isinstance(streams, BlockInput) else connection.pre
+
+        def pre(x):
+            u, post, res = pre_op(x)
+            return norm(u), post, res
+
+        normed, h_post, h_res = run(pre, entered)
     output, bias = sublayer(normed)
+    return PendingMerge(connection, entered, h_res, h_post, output, bias, dropout_p)
 
-    def merge(x, mix, post, y):
-        return connection.merge(x, mix, post, y, bias, dropout_p=dropout_p)
 
-    return run(merge, streams, h_res, h_post, output)
+def finish(pending: PendingMerge, *, defer: bool, recompute: Optional[MHCRecomputeManager]) -> Streams:
+    """A layer's result: its pending merge for a block that fuses merges (``defer``), else
+    the merged streams."""
+    return pending if defer else materialize(pending, _runner(recompute))
+
+
+def _runner(recompute: Optional[MHCRecomputeManager]):
+    return recompute.checkpoint if recompute is not None else _call
 
 
 def _call(function, *args):
@@ -84,12 +111,15 @@ class HyperConnectionSTULayer(STULayer):
         context: Optional[torch.Tensor] = None,
         packed_seq_params=None,
         mhc_recompute_manager: Optional[MHCRecomputeManager] = None,
+        mhc_defer_merge: bool = False,
         **unused,
     ):
         """``hidden_states`` the streams ``[T, 1, n C]`` (``[T / tp, 1, n C]`` under sequence
-        parallelism). Returns ``(streams, context)``."""
+        parallelism), or a fusing block's :mod:`~megatron_gr.transformer.mhc_pending` form.
+        Returns ``(streams, context)``; with ``mhc_defer_merge`` the streams are this layer's
+        pending merge."""
         params = jagged_params(packed_seq_params)
-        streams = hyper_connected(
+        pending = hyper_connected(
             self.hyper_connection,
             self.input_layernorm,
             lambda normed: (self.attention(normed, params), None),
@@ -97,7 +127,7 @@ class HyperConnectionSTULayer(STULayer):
             dropout_p=0.0,  # the STU sublayer applies hidden_dropout before its output projection
             recompute=mhc_recompute_manager,
         )
-        return streams, context
+        return finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), context
 
 
 @dataclass
@@ -136,10 +166,12 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         sequence_len_offset: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
         mhc_recompute_manager: Optional[MHCRecomputeManager] = None,
+        mhc_defer_merge: bool = False,
         **unused,
     ):
-        """``hidden_states`` the streams ``[s, b, n C]``; the other arguments as megatron's
-        ``TransformerLayer``. Returns ``(streams, context)``."""
+        """``hidden_states`` the streams ``[s, b, n C]`` (or a fusing block's form, as the STU
+        layer's); the other arguments as megatron's ``TransformerLayer``. Returns
+        ``(streams, context)``."""
         if inference_context is not None:
             raise NotImplementedError("HyperConnectionTransformerLayer does not support inference contexts yet")
 
@@ -156,12 +188,13 @@ class HyperConnectionTransformerLayer(TransformerLayer):
                 sequence_len_offset=sequence_len_offset,
             )
 
-        streams = hyper_connected(
+        pending = hyper_connected(
             self.attention_hyper_connection, self.input_layernorm, attention, hidden_states,
             dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager,
         )
-        streams = hyper_connected(
+        pending = hyper_connected(
             self.mlp_hyper_connection, self.pre_mlp_layernorm, lambda normed: self.mlp(normed, padding_mask=padding_mask),
-            streams, dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager,
+            finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), dropout_p=self.hidden_dropout,
+            recompute=mhc_recompute_manager,
         )
-        return streams, context
+        return finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), context
