@@ -13,10 +13,11 @@ Stages in between receive and send ``[s, b, n C]``. With ``'mhc'`` in
 With ``fuse_merges`` (the default when the hyper-connections run on the Triton backend) the
 ops that run back to back are fused (:mod:`megatron_gr.transformer.mhc_pending`): the
 expansion into the first sublayer's pre op, every merge into the next sublayer's pre op,
-the last merge into the contraction. A pipeline stage's and a recompute block's last merge
-run alone (a stage sends, and a recompute block ends on, the merged streams); so does
-every merge under full-layer recompute (megatron's checkpoint passes tensors between
-layers).
+the last merge into the contraction, also across mHC recompute blocks (a block that ends
+on a pending merge keeps its streams and maps, so the ops and their numbers are those of
+the run without recompute). A pipeline stage's last merge runs alone (the stage sends the
+merged streams), and so does every merge under full-layer recompute (megatron's
+checkpoint passes tensors between layers).
 
 megatron-core 0.16.1's block has no place for the expansion, the contraction before the
 final norm or the recompute blocks, so ``forward`` is ours: it keeps megatron's
@@ -39,7 +40,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_gr.compat import checkpointed_block_forward
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule, contract_streams, expand_streams
-from megatron_gr.transformer.mhc_pending import BlockInput, contract, materialize
+from megatron_gr.transformer.mhc_pending import BlockInput, PendingMerge, contract, materialize
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 
 
@@ -126,11 +127,17 @@ class HyperConnectionTransformerBlock(TransformerBlock):
                         state, context = layer(hidden_states=state, context=context, mhc_recompute_manager=manager,
                                                mhc_defer_merge=fuse, **layer_kwargs)
                     run = manager.checkpoint if manager is not None else _call
-                    if fuse and self.post_process and index == len(groups) - 1:
+                    last = index == len(groups) - 1
+                    if last and fuse and self.post_process:
                         state, contracted = contract(state, run, num_streams=self.num_streams), True
-                    elif manager is not None or index == len(groups) - 1:
-                        state = materialize(state, run)  # a recompute block's or the stage's output
-                    if manager is not None:
+                    elif last:
+                        state = materialize(state, run)  # the stage's output: the merged streams
+                    if manager is None:
+                        continue
+                    if isinstance(state, PendingMerge):  # the next recompute block's first op merges it
+                        manager.discard_outputs_and_register_recompute(
+                            state.output, kept=(state.streams, state.h_res, state.h_post))
+                    else:
                         manager.discard_outputs_and_register_recompute(state)
         hidden_states = state
         if self.post_process:

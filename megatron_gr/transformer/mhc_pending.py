@@ -9,9 +9,8 @@ the Triton backend) hands its layers one of three things instead of the merged s
 - :class:`PendingMerge`: a sublayer's output with the maps of its merge, the merge not yet
   run: the next sublayer runs it inside its pre op (``mhc_merge_pre``), the block's last
   sublayer inside the contraction of the streams (``mhc_merge_contract``);
-- the streams ``[s, b, n C]``: after a pipeline stage or a recompute block, where a merge
-  runs alone (:func:`materialize`), since neither a stage's output nor a recompute block's
-  may be an op's second output.
+- the streams ``[s, b, n C]``: at a pipeline stage's end, where the merge runs alone
+  (:func:`materialize`: the stage sends the merged streams).
 
 Each step runs through ``run`` (the block's :class:`MHCRecomputeManager` checkpoint, or a
 plain call), as the separate ops do.

@@ -45,7 +45,7 @@ OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_
        "merge_pre_fwd", "merge_pre_bwd_gates", "merge_pre_bwd", "merge_contract_fwd", "merge_contract_bwd")
 
 # Register use checked for sm_90 with tools/benchmarks/mhc_kernel_resources.py for n = 2 to 8,
-# bf16 and fp32 streams: no spills.
+# bf16 and fp32 streams: no spills, except the fused pairs' where noted.
 # Stream-wise ops (aggregate, merge): block_c counts 16-bit channels, 32 lanes x 16 bytes,
 # so that one warp spans a token's chunk (sums over channels stay within the warp; see
 # mhc_tiles.py); 32-bit streams halve it (the same bytes). block_t >= num_warps: fewer token
@@ -61,10 +61,14 @@ _GPU = {
     # the aggregate backward does (set by analogy with aggregate_bwd); the op's other
     # kernels are the mappings', the aggregate's and Sinkhorn's, with their blocks.
     "pre_bwd_gates": Blocks(4, 256, 4),
-    # the fused merge pairs (mhc_merge_pre.py). The forward walks every channel of block_t
+    # The fused merge pairs (mhc_merge_pre.py). The forward walks every channel of block_t
     # tokens holding the n input tiles and feeds each merged tile to a tensor-core product
-    # (block_t >= 16); the backward holds the n input tiles, the n stream gradients and
-    # per stream a [WP, block_c] projection-gradient tile across its token tiles.
+    # (block_t >= 16; 64 tokens: wgmma): capped at 128 registers, unpipelined, two programs
+    # of 8 warps share a multiprocessor without spilling. The backward holds the n input
+    # tiles, the n stream gradients, per stream a [WP, block_c] projection-gradient tile
+    # across its token tiles and the products' operands (mma.sync fragments): about 240
+    # registers whatever the tile, so one program of 8 warps per multiprocessor, its loads
+    # pipelined 3 deep (48 KiB of shared memory) to keep enough bytes in flight.
     "merge_pre_fwd": Blocks(64, 32, 8, num_stages=1, maxnreg=128),
     "merge_pre_bwd_gates": Blocks(4, 256, 4),
     "merge_pre_bwd": Blocks(16, 64, 8),
@@ -75,9 +79,11 @@ _GPU = {
 # half the channels per token row and half the rows.
 _GPU_WIDE = {
     "merge_bwd": Blocks(4, 128, 4),
-    "merge_pre_fwd": Blocks(16, 32, 4),
+    # the fused pairs spill some registers above 4 streams (correct, slower): unpipelined,
+    # a forward pipelined 3 deep would need more shared memory than a multiprocessor has
+    "merge_pre_fwd": Blocks(32, 16, 4, num_stages=1),
     "merge_pre_bwd_gates": Blocks(4, 128, 4),
-    "merge_pre_bwd": Blocks(16, 16, 4),
+    "merge_pre_bwd": Blocks(16, 16, 8, num_stages=1),
     "merge_contract_fwd": Blocks(4, 128, 4),
     "merge_contract_bwd": Blocks(4, 128, 4),
 }
@@ -85,6 +91,9 @@ _GPU_WIDE = {
 # both operands: smaller tiles (and fewer tokens per backward tile above 4 streams, whose
 # projection-gradient tile has 128 rows).
 _GPU_FP32_MAPPINGS = {"mappings_fwd": Blocks(64, 32, 4), "mappings_bwd": Blocks(32, 32, 4)}
+# float32 streams in the fused pair's backward: tf32x3 products spill a little (136 bytes)
+# whatever the tile; unpipelined spills least.
+_GPU_FP32_MERGE_PRE = {"merge_pre_bwd": Blocks(16, 32, 8, num_stages=1)}
 _GPU_FP32_MAPPINGS_WIDE = {"mappings_bwd": Blocks(16, 32, 4)}
 _INTERPRETER = {
     "mappings_fwd": Blocks(16, 16, 1),
@@ -121,8 +130,8 @@ CANDIDATES = {
         dict(pre_bwd_gates=Blocks(4, 512, 4)),
     ],
     "merge_pre": [
-        dict(merge_pre_fwd=Blocks(64, 32, 4), merge_pre_bwd=Blocks(32, 64, 8)),
-        dict(merge_pre_fwd=Blocks(32, 128, 8), merge_pre_bwd=Blocks(16, 128, 8)),
+        dict(merge_pre_fwd=Blocks(64, 32, 8, num_stages=2), merge_pre_bwd=Blocks(16, 64, 8, num_stages=1)),
+        dict(merge_pre_fwd=Blocks(32, 32, 4, num_stages=2), merge_pre_bwd=Blocks(16, 32, 8)),
     ],
     "merge_contract": [
         dict(merge_contract_fwd=Blocks(8, 256, 8), merge_contract_bwd=Blocks(4, 256, 4)),
@@ -144,6 +153,8 @@ def blocks(op: str, *, streams: int, dtype: torch.dtype) -> Blocks:
         return (wide and _GPU_FP32_MAPPINGS_WIDE.get(op)) or _GPU_FP32_MAPPINGS[op]
     if wide and op in _GPU_WIDE:
         return _GPU_WIDE[op]
+    if dtype.itemsize > 2 and op in _GPU_FP32_MERGE_PRE:
+        return _GPU_FP32_MERGE_PRE[op]
     chosen = _GPU[op]
     return chosen if dtype.itemsize <= 2 else dataclasses.replace(chosen, block_c=chosen.block_c // 2)
 

@@ -14,8 +14,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_gr.transformer.mhc_pending import PendingMerge
-from tests.unit.transformer.helpers import build, config, run
-from tests.unit.transformer.test_mhc_recompute import inputs, run_two_stages
+from tests.unit.transformer.helpers import block_inputs, build, config, run, run_two_stages
 
 FLOAT64 = dict(params_dtype=torch.float64)
 
@@ -43,7 +42,7 @@ def test_fused_block_matches_the_separate_block(megatron_cpu, kind, recompute_la
     fused = build(kind, config(kind, **overrides), fuse_merges=True)
     fused.load_state_dict(separate.state_dict())
     assert fused.fuse_merges and not separate.fuse_merges
-    x, kwargs = inputs(kind)
+    x, kwargs = block_inputs(kind)
     rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
     assert_same(flat(run(fused, x.double(), kwargs, rng_states)), flat(run(separate, x.double(), kwargs, rng_states)))
 
@@ -61,7 +60,7 @@ def test_fused_pipeline_stages_match_the_separate_stages(megatron_cpu, kind, rec
                         build(kind, cfg, pre_process=False, fuse_merges=fuse))
     for plain, fused in zip(stages[False], stages[True]):
         fused.load_state_dict(plain.state_dict())
-    x, kwargs = inputs(kind)
+    x, kwargs = block_inputs(kind)
     rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
     sent_a, out_a, dx_a, grads_a = run_two_stages(*stages[False], x.double(), kwargs, rng_states)
     sent_b, out_b, dx_b, grads_b = run_two_stages(*stages[True], x.double(), kwargs, rng_states)
@@ -75,7 +74,7 @@ def test_layers_leave_their_last_merge_pending_for_a_fusing_block(megatron_cpu):
     alone, the merged streams."""
     block = build("transformer", config("transformer", **FLOAT64, recompute=False, num_layers=1), fuse_merges=True)
     layer = block.layers[0]
-    x, kwargs = inputs("transformer")
+    x, kwargs = block_inputs("transformer")
     streams = x.double().repeat(1, 1, 4)
     pending, _ = layer(streams, mhc_defer_merge=True, **kwargs)
     merged, _ = layer(streams, **kwargs)
@@ -90,7 +89,7 @@ def test_full_layer_recompute_runs_the_merges_alone(megatron_cpu):
     separate = build("stu", config("stu", **overrides), fuse_merges=False)
     fused = build("stu", config("stu", **overrides), fuse_merges=True)
     fused.load_state_dict(separate.state_dict())
-    x, kwargs = inputs("stu")
+    x, kwargs = block_inputs("stu")
     rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
     assert_same(flat(run(fused, x.double(), kwargs, rng_states)), flat(run(separate, x.double(), kwargs, rng_states)))
 
