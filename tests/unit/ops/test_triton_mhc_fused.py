@@ -8,7 +8,8 @@ interpreter on tiny shapes; tests marked ``gpu`` run the compiled kernels at tra
 What is compared, every result against the float64 reference composition (relative error
 over the whole tensor): the fused op must be as accurate as the separate Triton kernels on
 the same inputs (within 1.5 times their error), or within a floor: 2e-5 for fp32 streams
-(3e-4 for the n = 8 maps, as their own tests), 1e-4 for bf16 streams. With bf16 streams
+(3e-4 for the n = 8 maps, as their own tests), 1e-4 for bf16 streams (the gate gradient:
+see :data:`ALPHA`). With bf16 streams
 both round the merged streams to bf16 where the separate merge writes them, so their
 forward errors are that rounding's; the fused backward adds the gradients of the merged
 streams in float32 (the separate ops add two bf16 gradients), so it is at least as
@@ -48,6 +49,17 @@ def floor(dtype: torch.dtype, n: int) -> float:
     return 3e-4 if n > 4 else 2e-5
 
 
+# The gate (alpha) gradient: 3 values, each a sum of T x W products of both signs that
+# cancel, so its error is ill-conditioned and moves with the order of the sums (the
+# separate ops' own tests give it 2e-3 with bf16 streams): its floor, not 1.5 times the
+# separate kernels' error, which it can exceed by chance.
+ALPHA = {torch.float32: 1e-4, torch.bfloat16: 2e-3}
+
+
+def tolerances(dtype: torch.dtype, n: int) -> dict:
+    return dict(floor=floor(dtype, n), floors={"d_alpha": ALPHA[dtype]})
+
+
 def expand_pre(x, projection, alpha, map_bias, **kwargs):
     return mhc_expand_pre(x, projection, alpha, map_bias, **kwargs)
 
@@ -71,7 +83,7 @@ def test_merge_pre_matches_the_separate_ops(n, channels, expanded, dtype):
     leaves = {**merge_inputs(19, n, channels, dtype, DEVICE, seed=n + channels, expanded=expanded),
               **map_inputs(n, channels, DEVICE, seed=n)}
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=3, eps=1e-6))
-    assert_as_accurate(results, floor=floor(dtype, n))
+    assert_as_accurate(results, **tolerances(dtype, n))
     check_forward_matches_separate(results, dtype)
     merged = results[0][1]
     assert merged.shape == (19, n, channels) and merged.dtype == dtype
@@ -85,7 +97,7 @@ def test_expand_pre_matches_the_separate_ops(n, dtype):
               **map_inputs(n, 20, DEVICE, seed=n + 1)}
     kwargs = dict(num_streams=n, iterations=3, eps=1e-6)
     results = run_three_ways(expand_pre, separate_expand_pre, leaves, kwargs)
-    assert_as_accurate(results, floor=floor(dtype, n))
+    assert_as_accurate(results, **tolerances(dtype, n))
 
 
 @DTYPES
@@ -95,7 +107,7 @@ def test_merge_contract_matches_the_separate_ops(n, channels, with_bias, expande
     """The fused mean skips the separate merge's rounding of the merged streams."""
     leaves = merge_inputs(9, n, channels, dtype, DEVICE, seed=3 * n, expanded=expanded, with_bias=with_bias)
     results = run_three_ways(mhc_merge_contract, separate_merge_contract, leaves, {})
-    assert_as_accurate(results, floor=floor(dtype, n))
+    assert_as_accurate(results, **tolerances(dtype, n))
 
 
 def test_merge_pre_dropout_is_the_plain_merge_mask():
@@ -202,7 +214,7 @@ def test_gpu_merge_pre_at_training_sizes(n, channels, expanded, dtype):
     leaves = {**merge_inputs(4099, n, channels, dtype, DEVICE, seed=20, expanded=expanded),
               **map_inputs(n, channels, DEVICE, seed=21, scale=0.05)}
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=20, eps=1e-6))
-    assert_as_accurate(results, floor=floor(dtype, n))
+    assert_as_accurate(results, **tolerances(dtype, n))
     check_forward_matches_separate(results, dtype)
 
 
@@ -214,6 +226,6 @@ def test_gpu_expand_pre_and_merge_contract_at_training_sizes(n, channels, dtype)
     leaves = {"x": torch.randn(4099, channels, generator=g).to(DEVICE, dtype).requires_grad_(),
               **map_inputs(n, channels, DEVICE, seed=23, scale=0.05)}
     results = run_three_ways(expand_pre, separate_expand_pre, leaves, dict(num_streams=n, iterations=20, eps=1e-6))
-    assert_as_accurate(results, floor=floor(dtype, n))
+    assert_as_accurate(results, **tolerances(dtype, n))
     merge = merge_inputs(4099, n, channels, dtype, DEVICE, seed=24, expanded=False)
-    assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, {}), floor=floor(dtype, n))
+    assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, {}), **tolerances(dtype, n))
