@@ -156,7 +156,7 @@ def main() -> int:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     settings = [("default", {})]
     if args.candidates:
-        settings += [(" ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in c.items()), c)
+        settings += [(" ".join(f"{k}={v.label()}" for k, v in c.items()), c)
                      for group in mhc_configs.CANDIDATES.values() for c in group]
     for label, overrides in settings:
         print(f"-- {label}")

@@ -168,7 +168,7 @@ def run_case(op, kernel, tokens, n, channels, dtype, device, args, blocks=None):
 def _label(blocks: dict) -> str:
     if not blocks:
         return "default"
-    return " ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in blocks.items())
+    return " ".join(f"{k}={v.label()}" for k, v in blocks.items())
 
 
 def main() -> int:
@@ -244,9 +244,30 @@ def main() -> int:
         print(f"| {r['op']} | {r['tokens']} | {r['channels']} | {r['impl']} | {r['fwd_us']:.0f} | "
               f"{fmt(r, 'fwd_gbs', '.0f')} | {r['bwd_us']:.0f} | {fmt(r, 'bwd_gbs', '.0f')} | "
               f"{fmt(r, 'fwd_speedup', '.2f')} | {fmt(r, 'bwd_speedup', '.2f')} |")
+    moved = _pair_bytes(ops, args, n, dtype)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=name, args=vars(args), rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(device=name, args=vars(args), rows=rows, pair_bytes=moved),
+                                              indent=1))
     return 0
+
+
+def _pair_bytes(ops, args, n, dtype) -> list:
+    """With a merge-pre pair among ``ops``: the bytes its kernels move per sublayer, before
+    and after the fusion (analytic, ``mhc_bytes.py``), printed and returned."""
+    if not {"merge+pre", "merge_pre"} & set(ops):
+        return []
+    from mhc_bytes import sublayer_bytes  # beside this script
+
+    print("\nBytes the kernels move per sublayer (analytic, tools/benchmarks/mhc_bytes.py), fwd / bwd MB:")
+    moved = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for channels in (int(c) for c in args.channels.split(",")):
+            pair = sublayer_bytes(tokens=tokens, streams=n, channels=channels, itemsize=dtype.itemsize)
+            moved.append(dict(tokens=tokens, channels=channels, **pair))
+            print(f"T={tokens} C={channels}: separate (merge, pre, autograd's add) "
+                  f"{pair['before'][0] / 1e6:.0f} / {pair['before'][1] / 1e6:.0f}, fused (merge_pre) "
+                  f"{pair['after'][0] / 1e6:.0f} / {pair['after'][1] / 1e6:.0f}")
+    return moved
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ class Blocks:
         """The launch options: warps, stages and the register cap."""
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
 
+    def label(self) -> str:
+        """``64x32/w8/s1/r128``: tile, warps, stages (and the register cap)."""
+        cap = f"/r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.block_t}x{self.block_c}/w{self.num_warps}/s{self.num_stages}{cap}"
+
 
 OPS = ("mappings_fwd", "mappings_bwd", "aggregate_fwd", "aggregate_bwd", "merge_fwd", "merge_bwd", "pre_bwd_gates",
        "merge_pre_fwd", "merge_pre_bwd_gates", "merge_pre_bwd", "merge_contract_fwd", "merge_contract_bwd")

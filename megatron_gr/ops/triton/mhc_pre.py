@@ -24,6 +24,12 @@ backward walks x again and writes ``dx = g P - coef x + h_pre ⊗ du`` once, acc
 and 1 write of dx. Separately, mappings and aggregate backward read it twice and write two
 dx that autograd then adds (an add kernel: two more reads and a write); launches: 3
 forward as separately, 3 instead of 4 backward, one autograd node instead of three.
+
+The same function runs the first sublayer's pre op on the block input x ``[T, C]``
+(``triton_mhc_expand_pre``: the n copies are never made): the mappings' kernels see x as
+one stream and the projection summed over the streams (the same logits: the copies are
+equal), the aggregate weighs x by ``sum_i h_pre_i``, the gates kernel takes every stream's
+product from the one ``x . du``, and the projection's gradient is the same for each copy.
 """
 
 from __future__ import annotations
