@@ -4,6 +4,8 @@
     megatron-gr pretrain --config configs/hstu_ml100k.yaml --data-path ../shared/data/ml-100k
     megatron-gr evaluate --config ... --load runs/ml100k  # valid/test of the best weights
     megatron-gr show-config --config ... --set model.num_layers=4
+    megatron-gr export --config ... --load runs/ml100k --out hstu.pt2   # a torch.export serving program
+    megatron-gr checkpoint inspect|convert|reshard|import-gr|export-gr ...   # no training
 
 User mistakes (bad keys, values, files, checkpoints, a megatron-core that lacks what a shim
 needs) and a run stopped for non-finite losses print one ``error: ...`` line and exit with
@@ -19,6 +21,7 @@ import sys
 
 import yaml
 
+from megatron_gr.checkpoint_tools import cli as checkpoint_tools
 from megatron_gr.compat import MegatronVersionError
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
 from megatron_gr.data import DataFormatError, resolve_source
@@ -34,12 +37,20 @@ def _parser() -> argparse.ArgumentParser:
         ("pretrain", "train a model (the embedded synthetic HSTU when no config is given)"),
         ("evaluate", "evaluate the best (or latest) weights of --load on the valid and test splits"),
         ("show-config", "print the resolved config as YAML and exit"),
+        ("export", "write a torch.export program of the saved weights of --load for serving"),
     ):
-        add_config_arguments(commands.add_parser(name, help=text, description=text))
+        command = commands.add_parser(name, help=text, description=text)
+        add_config_arguments(command)
+        if name == "export":
+            command.add_argument("--out", required=True, help="the program file to write (.pt2)")
+            command.add_argument("--top-k", type=int, default=10, help="items the program returns per user (default 10)")
+    checkpoint_tools.add_parser(commands)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "checkpoint":
+        return checkpoint_tools.run(args)
     config = resolve_config(args.config, overrides_from_args(args))
     if args.command == "show-config":
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
@@ -55,6 +66,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "pretrain":
             Trainer(config).train()
+        elif args.command == "export":
+            from megatron_gr.serving import export_program
+
+            export_program(config, out=args.out, top_k=args.top_k)
         else:
             evaluate_checkpoint(config)
     except RuntimeError as error:

@@ -3,9 +3,12 @@
 pipeline stage or the order in which streams are used. So each parameter's initial values,
 the data order and the sampling of a step are the same on every parallel layout.
 
-Keys in use: ``("init", <global module name>)`` for initial weights (a layer is named by its
-global layer number), ``("data", epoch)`` for the data order, ``("step", n)`` for what a step
-samples, ``("dropout", ...)`` for dropout streams.
+Keys in use: ``("init", <module name>)`` for initial weights (a layer is named by its global
+layer number, a table by its name), ``("data", epoch)`` for the order of the training
+stream, ``("negatives", step)`` and ``("dropout", step)`` for what a step draws (a step is
+named by its first position in the stream), ``("process",)`` and ``("megatron",)`` for the
+global generators (``training/runtime.py``). Dynamic tables seed their rows from the run seed
+too (``embeddings/dynamic``).
 """
 
 from __future__ import annotations

@@ -10,12 +10,14 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``optimizer_step``: megatron's optimizer step in two halves, for dynamic-table rows;
 - ``recompute``: ``CheckpointWithoutOutput`` replayed in our order, a block's full recompute;
 - ``quiet``: megatron-core's own warnings, silenced around our calls into it;
+- ``export``: megatron's blocks traced by ``torch.export`` (serving programs);
 - ``te``: whether Transformer Engine is installed;
 - ``version``: the megatron-core version the shims were written for, and its guard.
 """
 
 from megatron_gr.compat.checkpoint_writes import checkpoint_writes_without_manager_process
 from megatron_gr.compat.cpu_mode import cpu_mode, cpu_mode_active
+from megatron_gr.compat.export import traceable_viewless_tensors
 from megatron_gr.compat.dist_optimizer import (
     allocate_distributed_optimizer_state,
     keep_adam_step_on_reshardable_load,
@@ -54,6 +56,7 @@ __all__ = [
     "prepare_grads_and_norm",
     "replay_checkpoint",
     "reshardable_state_in_buffer_coordinates",
+    "traceable_viewless_tensors",
     "transformer_engine_available",
     "zero_grad",
 ]

@@ -16,6 +16,11 @@ FLAG_TO_KEY = {
     "--max-seq-len": "model.max_seq_len",
     "--attention-kernel": "model.attention_kernel",  # deprecated: --kernel-backend
     "--num-residual-streams": "model.num_residual_streams",
+    "--fp8-format": "model.fp8",
+    "--fp8-recipe": "model.fp8_recipe",
+    "--fp8-amax-history-len": "model.fp8_amax_history_len",
+    "--fp8-amax-compute-algo": "model.fp8_amax_compute_algo",
+    "--fp8-margin": "model.fp8_margin",
     # data
     "--data-path": "data.path",
     "--data-source": "data.source",
@@ -43,6 +48,7 @@ FLAG_TO_KEY = {
     # parallel
     "--tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
     "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",
+    "--context-parallel-size": "parallel.context_parallel_size",
     # checkpoint
     "--save": "checkpoint.save",
     "--load": "checkpoint.load",

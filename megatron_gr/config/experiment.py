@@ -32,13 +32,13 @@ _BASE_MODEL_FIELDS = (
     "init_method_std",
     "recompute_granularity",
     "recompute_modules",
+    "fp8",
+    "fp8_recipe",
+    "fp8_amax_history_len",
+    "fp8_amax_compute_algo",
+    "fp8_margin",
+    "fp8_wgrad",
 )
-_BASE_NAMES = {f.name for f in dataclasses.fields(TransformerConfig)}
-_OWN_MODEL_FIELDS = tuple(
-    f.name for f in dataclasses.fields(GRTransformerConfig) if f.name not in _BASE_NAMES
-) + ("attention_dropout",)
-MODEL_FIELDS = _BASE_MODEL_FIELDS + _OWN_MODEL_FIELDS
-
 # Model fields derived from another section: one place for each setting.
 _SET_ELSEWHERE = {
     "bf16": "training.precision",
@@ -48,7 +48,15 @@ _SET_ELSEWHERE = {
     "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
     "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
     "sequence_parallel": "parallel.sequence_parallel",
+    "context_parallel_size": "parallel.context_parallel_size",
+    "context_parallel_split_threshold": "parallel.context_parallel_split_threshold",
 }
+
+_BASE_NAMES = {f.name for f in dataclasses.fields(TransformerConfig)}
+_OWN_MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(GRTransformerConfig) if f.name not in _BASE_NAMES and f.name not in _SET_ELSEWHERE
+) + ("attention_dropout",)
+MODEL_FIELDS = _BASE_MODEL_FIELDS + _OWN_MODEL_FIELDS
 
 # Defaults of the embedded run: a small HSTU on the synthetic data set, a few CPU minutes.
 DEFAULT_MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
@@ -113,6 +121,13 @@ class ExperimentConfig:
             )
 
     def _validate_model_type(self) -> None:
+        model = self.model
+        if model.time_bias_origin == "query" and model.relative_attention_bias and self.parallel.context_parallel_size > 1:
+            raise ConfigError(
+                f"model.time_bias_origin='query' with parallel.context_parallel_size={self.parallel.context_parallel_size}: "
+                "the context-parallel attention buckets the bias from the keys' timestamps only; set "
+                "model.time_bias_origin=token or context_parallel_size=1"
+            )
         if self.model.type == "retrieval" and self.model.contextual_len > 0:
             raise ConfigError(
                 "model.contextual_len > 0 needs contextual features, which the HSTU retrieval model "

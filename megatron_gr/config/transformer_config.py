@@ -10,11 +10,18 @@ from typing import Literal, Optional
 from megatron.core.transformer import TransformerConfig
 
 from megatron_gr.config.errors import ConfigError
+from megatron_gr.config.fp8_validation import validate_fp8
 from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
+from megatron_gr.ops.time_buckets import TIME_BUCKET_FNS
 
 MODEL_TYPES = ("retrieval",)
 ATTENTION_NORMALIZERS = ("max_seq_len", "seq_len")
-TIME_BUCKET_FNS = ("sqrt", "log")
+BLOCK_TYPES = ("stu", "transformer")
+TIME_FEATURES = ("since_previous", "until_query", "none")
+TIME_BIAS_ORIGINS = ("token", "query")
+POSITION_ENCODINGS = ("from_start", "from_end", "none")
+RETRIEVAL_LOSSES = ("sampled_softmax", "full_softmax")
+OUTPUT_NORMALIZATIONS = ("l2", "none")
 # Our entry in megatron's ``recompute_modules``: the hyper-connection ops of every layer.
 MHC_RECOMPUTE_MODULE = "mhc"
 
@@ -24,6 +31,14 @@ class GRTransformerConfig(TransformerConfig):
     type: Literal["retrieval"] = "retrieval"
     """The model family, which picks its training recipe (``megatron_gr.models.registry``):
     ``retrieval`` (HSTU next-item retrieval)."""
+
+    # ---------------- layers ----------------
+    block_type: Literal["stu", "transformer"] = "stu"
+    """Layers of the retrieval model: ``stu`` (HSTU) or ``transformer``, megatron's
+    transformer layer (softmax self-attention + MLP, pre-norm) with a final layer norm, i.e.
+    SASRec. Transformer layers use ``num_attention_heads`` heads of hidden_size / heads,
+    ``ffn_hidden_size`` and ``attention_dropout``; the STU fields below (head dims, windows,
+    relative bias) apply to STU layers only."""
 
     # ---------------- STU (HSTU) attention ----------------
     qk_head_dim: int = 64
@@ -63,11 +78,14 @@ class GRTransformerConfig(TransformerConfig):
     """Scale of q.k before the SiLU; None means 1/sqrt(qk_head_dim)."""
 
     attention_dropout: float = 0.0
-    """STU attention has no dropout on attention weights (its kernels do not implement it);
-    must stay 0. Dropout is applied by ``hidden_dropout`` after the gated attention output."""
+    """Dropout on softmax attention weights of ``transformer`` layers. STU attention has none
+    (its kernels do not implement it): must stay 0 there, where ``hidden_dropout`` acts after
+    the gated attention output."""
 
     embedding_dropout: float = 0.2
-    """Dropout on the input token embeddings (item embedding plus encodings)."""
+    """Dropout on the input token embeddings (item embedding plus encodings). Like
+    ``hidden_dropout`` its mask is keyed by (seed, step, site, sample, position, feature), so
+    every parallel layout drops the same elements (``megatron_gr/ops/keyed_dropout.py``)."""
 
     # ---------------- position and time encodings ----------------
     num_position_buckets: int = 256
@@ -75,27 +93,70 @@ class GRTransformerConfig(TransformerConfig):
     share the last bucket."""
 
     num_time_buckets: int = 128
-    """Buckets for time gaps, used by the time encoding of each event (gap to the previous
-    event) and by the relative time bias (gap between query and key events)."""
+    """Buckets for time gaps, used by the time encoding of each event (``time_feature``) and
+    by the relative time bias (``time_bias_origin``)."""
 
-    time_bucket_fn: Literal["sqrt", "log"] = "sqrt"
-    """How a gap in seconds maps to a bucket: floor(sqrt(gap)) or floor(log(gap)), clipped
-    to the last bucket."""
+    time_bucket_fn: Literal["sqrt", "log", "hstu_log"] = "sqrt"
+    """How a gap in seconds maps to a bucket: floor(sqrt(gap)), floor(log2(gap + 1)) or
+    ``hstu_log``, floor(ln(max(gap, 1)) / 0.301) as in the HSTU reference code; clipped to
+    the last bucket."""
 
     relative_attention_bias: bool = True
     """Add a learned relative position + time bias to STU attention scores."""
 
+    # A token's *query time* is the time of the event it predicts: its label's timestamp in
+    # training; at evaluation the next input event's, and for a sequence's last token the
+    # held-out target's (known when the recommendation is requested, as in the HSTU paper;
+    # the target item itself is never revealed). See ``JaggedBatch.query_timestamps``.
+    time_feature: Literal["since_previous", "until_query", "none"] = "since_previous"
+    """Time encoding added to each input token (one learned vector per time bucket):
+    ``since_previous``, the gap from the previous event of the window (0 for the first);
+    ``until_query``, the gap from the token's event to its query time (the HSTU paper's
+    time-to-query feature, per token); ``none`` (the HSTU reference's MovieLens runs)."""
+
+    time_bias_origin: Literal["token", "query"] = "token"
+    """Relative time bias of query i and key j: the bucket of |ts_i - ts_j| (``token``) or
+    of tq_i - ts_j with tq_i the query time of token i (``query``: the HSTU reference's
+    ts_{i+1} - ts_j). ``query`` runs on the PyTorch attention reference only."""
+
+    position_encoding: Literal["from_start", "from_end", "none"] = "from_start"
+    """Learned absolute position embedding of each input token: its position counted from
+    the first event of the window (the HSTU reference and SASRec), from the last event
+    (recency, as the production HSTU encoder counts), or none."""
+
+    scale_item_embeddings: bool = True
+    """Multiply input item embeddings by sqrt(hidden_size) before the encodings are added
+    (the HSTU reference and the original SASRec do; RecBole's SASRec does not)."""
+
     # ---------------- retrieval task ----------------
     num_negatives: int = 128
-    """Negatives drawn uniformly from the item corpus for each micro-batch, shared by all its
-    positions."""
+    """Negatives drawn uniformly from the item corpus once per optimizer step (by the data
+    loader, for the whole global batch), shared by all its positions on every rank."""
 
     num_in_batch_negatives: int = 128
-    """Negatives drawn from the micro-batch's own target items (so popular items appear in
-    proportion to their frequency), shared by all positions."""
+    """Negatives drawn once per optimizer step from the target items of the whole global
+    batch (so popular items appear in proportion to their frequency), shared by all its
+    positions on every rank."""
 
     softmax_temperature: float = 0.05
-    """Temperature of the sampled softmax over cosine similarities."""
+    """Temperature of the softmax: scores are divided by it."""
+
+    retrieval_loss: Literal["sampled_softmax", "full_softmax"] = "sampled_softmax"
+    """``sampled_softmax``: each label against the shared ``num_negatives`` +
+    ``num_in_batch_negatives`` negatives; ``full_softmax``: against every other item of the
+    corpus (exact cross-entropy, as SASRec's CE loss; T x num_items scores per micro-batch,
+    meant for corpora up to ~10^5 items)."""
+
+    output_normalization: Literal["l2", "none"] = "l2"
+    """``l2``: user states and item embeddings are L2-normalised, scores are cosine
+    similarities (the HSTU reference); ``none``: raw dot products (SASRec; use
+    ``softmax_temperature=1``)."""
+
+    # ---------------- context parallelism ----------------
+    context_parallel_split_threshold: int = 1024
+    """Sequences longer than this are split over the context-parallel ranks, shorter ones
+    stay whole on one; filled from ``parallel.context_parallel_split_threshold`` (see
+    there), as ``context_parallel_size`` is from ``parallel.context_parallel_size``."""
 
     # ---------------- manifold-constrained hyper-connections (mHC) ----------------
     enable_hyper_connections: bool = False
@@ -122,6 +183,16 @@ class GRTransformerConfig(TransformerConfig):
     :meth:`mhc_recompute_block_size`). Blocks are cut within each pipeline stage: none spans
     two stages, and a stage's last block holds what is left of its layers."""
 
+    # ---------------- FP8 (megatron's fields: fp8, fp8_amax_history_len, ...) ----------------
+    fp8_recipe: Optional[Literal["delayed", "tensorwise", "rowwise", "mxfp8", "blockwise", "custom"]] = "delayed"
+    """megatron's FP8 recipe field, with ``rowwise`` added. Without Transformer Engine the
+    native FP8 linears run ``delayed`` (per-tensor scales from an amax history of
+    ``fp8_amax_history_len`` micro-batches, ``fp8_amax_compute_algo``), ``tensorwise``
+    (per-tensor scales from each tensor's own amax) or ``rowwise`` (one scale per token and
+    per output feature); with Transformer Engine installed megatron's recipes apply
+    (``delayed``, ``tensorwise``, ``mxfp8``, ``blockwise``, ``custom``). Only read when
+    ``fp8`` (``e4m3`` or ``hybrid``: e5m2 gradients) is set."""
+
     def __post_init__(self):
         # Our shape checks first: the base class divides by some of these fields.
         check_choice("type", self.type, MODEL_TYPES)
@@ -139,9 +210,11 @@ class GRTransformerConfig(TransformerConfig):
             if recompute_mhc:
                 self.recompute_modules = list(self.recompute_modules or []) + [MHC_RECOMPUTE_MODULE]
         self._validate_attention()
+        self._validate_block()
         self._validate_encodings()
         self._validate_task()
         self._validate_hyper_connections()
+        validate_fp8(self)
 
     def _validate_shapes(self) -> None:
         check_int_range("num_layers", self.num_layers, low=1)
@@ -176,21 +249,41 @@ class GRTransformerConfig(TransformerConfig):
             check_float_range("attention_alpha", self.attention_alpha, low=0.0, low_exclusive=True)
         check_dropout("hidden_dropout", self.hidden_dropout)
         check_dropout("embedding_dropout", self.embedding_dropout)
+        check_dropout("attention_dropout", self.attention_dropout)
         require(
-            self.attention_dropout == 0.0,
+            self.attention_dropout == 0.0 or self.block_type == "transformer",
             f"attention_dropout={self.attention_dropout!r} is not supported by STU attention: "
             "set it to 0 and use hidden_dropout",
         )
+
+    def _validate_block(self) -> None:
+        check_choice("block_type", self.block_type, BLOCK_TYPES)
+        if self.block_type != "transformer":
+            return
+        for name in ("max_attn_len", "sla_k1", "contextual_len"):
+            require(
+                getattr(self, name) == 0,
+                f"{name}={getattr(self, name)} applies to STU layers only: set it to 0 with block_type='transformer'",
+            )
 
     def _validate_encodings(self) -> None:
         check_int_range("num_position_buckets", self.num_position_buckets, low=1)
         check_int_range("num_time_buckets", self.num_time_buckets, low=1)
         check_choice("time_bucket_fn", self.time_bucket_fn, TIME_BUCKET_FNS)
+        check_choice("time_feature", self.time_feature, TIME_FEATURES)
+        check_choice("time_bias_origin", self.time_bias_origin, TIME_BIAS_ORIGINS)
+        check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
+        require(
+            isinstance(self.scale_item_embeddings, bool),
+            f"scale_item_embeddings={self.scale_item_embeddings!r} must be true or false",
+        )
 
     def _validate_task(self) -> None:
         check_int_range("num_negatives", self.num_negatives, low=0)
         check_int_range("num_in_batch_negatives", self.num_in_batch_negatives, low=0)
         check_float_range("softmax_temperature", self.softmax_temperature, low=0.0, low_exclusive=True)
+        check_choice("retrieval_loss", self.retrieval_loss, RETRIEVAL_LOSSES)
+        check_choice("output_normalization", self.output_normalization, OUTPUT_NORMALIZATIONS)
         require(
             self.num_negatives + self.num_in_batch_negatives > 0,
             "num_negatives=0 and num_in_batch_negatives=0 leave the sampled softmax without "
@@ -228,8 +321,6 @@ class GRTransformerConfig(TransformerConfig):
                 )
         unsupported = {
             "virtual_pipeline_model_parallel_size": (self.virtual_pipeline_model_parallel_size, None),
-            "context_parallel_size": (self.context_parallel_size, 1),
-            "fp8": (self.fp8, None),
             "fp4": (self.fp4, None),
             "num_moe_experts": (self.num_moe_experts, None),
             "cpu_offloading": (self.cpu_offloading, False),

@@ -1,13 +1,20 @@
 """Jagged training and evaluation batches from a leave-one-out split.
 
-Training reads an endless, deterministic stream of users: epoch e is a permutation drawn
-from ``(seed, e)``, and the stream position (``consumed_samples``) is the whole loader
+Training reads an endless, deterministic stream of examples (windows of a user's training
+events, :mod:`megatron_gr.data.windows`; one per user by default): epoch e is a permutation
+drawn from ``(seed, e)``, and the stream position (``consumed_samples``) is the whole loader
 state, so a resumed run continues with exactly the batches it would have seen.
 
 Each optimizer step takes one global batch from the stream and partitions it into
-micro-batches of ``micro_batch_size`` users; data-parallel rank r takes the r-th block of
-``num_micro_batches`` of them. The partition depends only on the global batch, never on
-the number of ranks, so every layout trains on the same micro-batches.
+micro-batches of ``micro_batch_size`` examples; data-parallel rank r takes the r-th block of
+``num_micro_batches`` of them. The partition depends only on the global batch and the
+partition function, never on the number of ranks.
+
+What the step's objective draws is drawn once per global batch, from the run seed and the
+step's position in the stream, so no cut of the global batch into micro-batches or ranks
+changes it: the sampled-softmax negatives (uniform over the corpus, and in-batch from the
+labels of the whole global batch), carried by every micro-batch, and the dropout seed.
+Each token's dropout key names its sample by its index in the global batch.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from megatron_gr.data.errors import DataFormatError
 from megatron_gr.data.item_space import ItemSpace
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.data.sequences import LeaveOneOutSplit
+from megatron_gr.data.windows import training_windows
+from megatron_gr.seeding import derive_seed
 
-# partition_fn(users of one global batch, their token counts, number of micro-batches) ->
-# the users of each micro-batch, equal in number.
+# partition_fn(samples of one global batch, their token counts, number of micro-batches) ->
+# the samples of each micro-batch, equal in number.
 PartitionFn = Callable[[np.ndarray, np.ndarray, int], Sequence[np.ndarray]]
 
 
@@ -58,9 +67,10 @@ def attention_cost_partition(users: np.ndarray, token_counts: np.ndarray, num_pa
 PARTITIONS = {"none": contiguous_partition, "attention_cost": attention_cost_partition}
 
 
-def micro_batch_seed(seed: int, first_sample: int) -> int:
-    """Seed of a micro-batch's sampling, from the run seed and its first global sample."""
-    return int(np.random.SeedSequence([seed, first_sample]).generate_state(1, np.uint64)[0] >> 1)
+def step_dropout_seed(seed: int, first_sample: int) -> int:
+    """The dropout seed of the step whose global batch starts at stream position
+    ``first_sample``."""
+    return derive_seed(seed, "dropout", first_sample)
 
 
 def _gather_windows(split: LeaveOneOutSplit, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +89,9 @@ def _batch(
     return JaggedBatch(
         item_ids=items.table_ids(seqs.item_ids[index]),
         timestamps=torch.from_numpy(seqs.timestamps[index].astype(np.int64)),
+        # Every token's next event is in its own user's sequence: the training label (a
+        # window's last event is never a token) or, in evaluation, the next input or the target.
+        query_timestamps=torch.from_numpy(seqs.timestamps[index + 1].astype(np.int64)),
         ratings=torch.from_numpy(seqs.ratings[index].astype(np.float32)),
         offsets=torch.from_numpy(offsets),
         user_ids=torch.from_numpy(seqs.user_ids[users].astype(np.int64)),
@@ -96,9 +109,14 @@ def training_users(split: LeaveOneOutSplit) -> np.ndarray:
 class TrainingBatches:
     """Micro-batches of one data-parallel rank, one optimizer step at a time.
 
-    A training example is a user's most recent ``max_seq_len + 1`` training events: tokens
-    are all but the last, ``labels`` the event that follows each token. Item ids are those
-    the item table is keyed by (``items``).
+    A training example is a window of ``max_seq_len + 1`` (or fewer) consecutive training
+    events of one user: tokens are all but the last, ``labels`` the event that follows each
+    token. ``windows='latest'`` serves each user's most recent window, ``'all'`` windows
+    covering every training event (:func:`training_windows`). Item ids are those the item
+    table is keyed by (``items``); negatives are given in the same ids. Each step's
+    ``negative_ids`` are ``num_negatives`` items uniform over the corpus, then
+    ``num_in_batch_negatives`` labels drawn uniformly from all the labels of the global
+    batch (popular items in proportion to their frequency).
     """
 
     def __init__(
@@ -113,17 +131,21 @@ class TrainingBatches:
         dp_rank: int = 0,
         dp_size: int = 1,
         partition_fn: PartitionFn = contiguous_partition,
+        windows: str = "latest",
+        num_negatives: int = 0,
+        num_in_batch_negatives: int = 0,
     ):
         starts, ends = split.input_range("train")
         self.split = split
-        self.users = training_users(split)
-        if self.users.size == 0:
+        examples = training_windows(starts, ends, max_seq_len=max_seq_len, mode=windows)
+        if examples.users.size == 0:
             raise DataFormatError(
                 "no user has two training events (four in all: leave-one-out holds out the last "
                 "two); training needs at least one (input, next item) pair"
             )
-        self.starts = np.maximum(starts, ends - (max_seq_len + 1))
-        self.ends = ends
+        # Per example: its user and its events [starts, ends).
+        self.example_users, self.starts, self.ends = examples.users, examples.starts, examples.ends
+        self.max_seq_len = max_seq_len
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
         self.seed = seed
@@ -131,6 +153,8 @@ class TrainingBatches:
         self.dp_size = dp_size
         self.partition_fn = partition_fn
         self.items = items
+        self.num_negatives = num_negatives
+        self.num_in_batch_negatives = num_in_batch_negatives
         self.consumed_samples = 0
 
     @property
@@ -138,28 +162,41 @@ class TrainingBatches:
         return self.micro_batch_size * self.num_micro_batches * self.dp_size
 
     def _stream(self, first: int, count: int) -> np.ndarray:
-        """Users at stream positions ``[first, first + count)``."""
-        n = self.users.size
+        """Examples at stream positions ``[first, first + count)``."""
+        n = self.example_users.size
         out = np.empty(count, dtype=np.int64)
         filled = 0
         while filled < count:
             epoch, offset = divmod(first + filled, n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            order = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(n)
             take = min(count - filled, n - offset)
-            out[filled : filled + take] = self.users[order[offset : offset + take]]
+            out[filled : filled + take] = order[offset : offset + take]
             filled += take
         return out
 
+    def _negatives(self, examples: np.ndarray, tokens: np.ndarray, first: int) -> torch.Tensor:
+        """The step's negatives ``[num_negatives + num_in_batch_negatives]`` (table ids)."""
+        rng = np.random.default_rng(derive_seed(self.seed, "negatives", first))
+        uniform = rng.integers(1, self.split.sequences.num_items + 1, self.num_negatives)  # dense corpus ids
+        ends = np.cumsum(tokens)  # a sample has one label per token
+        picks = rng.integers(0, ends[-1], self.num_in_batch_negatives)
+        sample = np.searchsorted(ends, picks, side="right")
+        label_events = self.starts[examples[sample]] + 1 + picks - (ends - tokens)[sample]
+        return self.items.table_ids(np.concatenate([uniform, self.split.sequences.item_ids[label_events]]))
+
     def next_step(self) -> list[JaggedBatch]:
         first = self.consumed_samples
-        users = self._stream(first, self.global_batch_size)
-        tokens = self.ends[users] - self.starts[users] - 1  # a window's last event is only a label
-        parts = self.partition_fn(users, tokens, self.num_micro_batches * self.dp_size)
+        examples = self._stream(first, self.global_batch_size)
+        tokens = self.ends[examples] - self.starts[examples] - 1  # a window's last event is only a label
+        parts = self.partition_fn(np.arange(examples.size), tokens, self.num_micro_batches * self.dp_size)
         mine = range(self.dp_rank * self.num_micro_batches, (self.dp_rank + 1) * self.num_micro_batches)
         self.consumed_samples += self.global_batch_size
+        negatives = self._negatives(examples, tokens, first)
+        dropout_seed = step_dropout_seed(self.seed, first)
         batches = []
         for g in mine:
-            chunk = parts[g]
+            samples = parts[g]  # indices into the global batch
+            chunk = examples[samples]
             index, offsets = _gather_windows(self.split, self.starts[chunk], self.ends[chunk])
             # Tokens: every window event but the last; labels: every event but the first.
             lengths = np.diff(offsets) - 1
@@ -169,11 +206,15 @@ class TrainingBatches:
             is_first = np.zeros(index.size, dtype=bool)
             is_first[offsets[:-1]] = True
             labels = self.items.table_ids(self.split.sequences.item_ids[index[~is_first]])
+            positions = np.arange(token_offsets[-1]) - np.repeat(token_offsets[:-1], lengths)
+            token_keys = np.repeat(samples.astype(np.int64) * self.max_seq_len, lengths) + positions
             batches.append(
                 _batch(
-                    self.split, self.items, chunk, index[~is_last], token_offsets,
+                    self.split, self.items, self.example_users[chunk], index[~is_last], token_offsets,
                     labels=labels,
-                    sample_seed=micro_batch_seed(self.seed, first + g * self.micro_batch_size),
+                    negative_ids=negatives,
+                    token_keys=torch.from_numpy(token_keys),
+                    dropout_seed=dropout_seed,
                 )
             )
         return batches

@@ -16,18 +16,28 @@ from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.preprocessor import InputPreprocessor
-from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
+from megatron_gr.models.retrieval_head import full_corpus_ranks, full_softmax_loss, sampled_softmax_loss
 from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.seeding import keyed_init
+from megatron_gr.transformer.context_parallel import BatchShard
+from megatron_gr.transformer.dropout_sites import EMBEDDING
 from megatron_gr.transformer.sequence_parallel import TokenSplit
-from megatron_gr.transformer.specs import get_stu_block_spec
+from megatron_gr.transformer.specs import get_retrieval_block_spec
 
 
 class HSTURetrievalModel(MegatronModule):
     """Item table -> encodings -> STU block -> L2-normalised user states.
 
+    ``config.block_type='transformer'`` puts megatron's transformer layers in place of the
+    STU layers (SASRec); ``config.output_normalization='none'`` keeps the user states and
+    item rows unnormalised (dot-product scores); ``config.retrieval_loss='full_softmax'``
+    trains against the whole corpus instead of sampled negatives.
+
     With ``config.enable_hyper_connections`` the block carries n residual streams between
-    its layers (expanded after the encodings, averaged before the L2 norm).
+    its layers (expanded after the encodings, averaged before the L2 norm). Under context
+    parallelism each rank computes its share of the tokens (:class:`BatchShard`): the loss
+    of its tokens, the ranks of the sequences that end on it.
 
     ``forward`` on a training batch (with ``labels``) returns the per-token sampled-softmax
     loss ``[T]``; on an evaluation batch (with ``target_ids``) the full-corpus rank of each
@@ -79,11 +89,13 @@ class HSTURetrievalModel(MegatronModule):
             raise ValueError(f"corpus_ids must hold num_items={num_items} ids, got shape {tuple(corpus_ids.shape)}")
         self.register_buffer("corpus_ids", corpus_ids.to(torch.int64), persistent=False)
         self.item_table = item_table
-        # Sequence parallelism splits the tokens over the tensor-parallel group.
+        # Sequence parallelism splits the tokens over the tensor-parallel group, context
+        # parallelism the sequences over the context-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
+        self.context_group = pg_collection.cp if config.context_parallel_size > 1 else None
         with keyed_init(init_seed, "preprocessor"):
-            self.preprocessor = InputPreprocessor(config) if pre_process else None
-        spec = get_stu_block_spec(
+            self.preprocessor = InputPreprocessor(config, backend=backend) if pre_process else None
+        spec = get_retrieval_block_spec(
             config, backend=backend, init_seed=init_seed, vp_stage=vp_stage, pp_rank=get_pg_rank(pg_collection.pp)
         )
         self.decoder = spec.module(
@@ -105,34 +117,69 @@ class HSTURetrievalModel(MegatronModule):
         gradient over the first and last stage)."""
         return self.item_table.weight if self.item_table is not None else None
 
-    def forward(self, batch: JaggedBatch) -> torch.Tensor:
-        tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
-        params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.timestamps)
+    def encode(self, batch: JaggedBatch, *, shard: Optional[BatchShard] = None) -> torch.Tensor:
+        """This stage's output: the hidden states ``[T, 1, C]`` on a stage that is not the
+        last; on the last, the user state after each of this rank's tokens ``[T, C]``
+        (L2-normalised with ``output_normalization='l2'``), which training, evaluation and
+        the exported serving program all score. ``shard``: this rank's context-parallel
+        share of the tokens (default: computed from ``batch``)."""
+        shard = self._shard(batch) if shard is None else shard
+        tokens = TokenSplit.for_tokens(
+            shard.num_tokens(batch.num_tokens), self.token_group, never_empty=self.context_group is not None
+        )
+        params = shard.seq_params(
+            tokens, batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps,
+            token_keys=batch.token_keys, dropout_seed=batch.dropout_seed,
+        )
         hidden = None
         if self.pre_process:
-            hidden = self.preprocessor(self.item_table(batch.item_ids), batch.offsets, batch.timestamps)
+            keys = None
+            if batch.token_keys is not None:
+                keys = DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=shard.take(batch.token_keys))
+            hidden = self.preprocessor(
+                self.item_table(shard.take(batch.item_ids)), batch.offsets, batch.timestamps,
+                query_timestamps=batch.query_timestamps, dropout_keys=keys, tokens=shard.token_index,
+            )
             hidden = tokens.scatter(hidden)
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=params)
         if not self.post_process:
             return hidden
         hidden = tokens.gather(hidden)
-        user = F.normalize(hidden.squeeze(1).float(), dim=-1)  # [T, C]
+        user = hidden.squeeze(1).float()  # [T, C]
+        return F.normalize(user, dim=-1) if self.config.output_normalization == "l2" else user
+
+    def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
+            raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
+        shard = self._shard(batch)
+        user = self.encode(batch, shard=shard)
+        if not self.post_process:
+            return user
+        normalize = self.config.output_normalization == "l2"
+        if batch.labels is not None and self.config.retrieval_loss == "full_softmax":
+            return full_softmax_loss(
+                user, shard.take(batch.labels), self.item_table, corpus_ids=self.corpus_ids,
+                temperature=self.config.softmax_temperature, normalize_items=normalize,
+            )
         if batch.labels is not None:
-            generator = torch.Generator(device=user.device).manual_seed(batch.sample_seed)
             return sampled_softmax_loss(
-                user,
-                batch.labels,
-                self.item_table,
-                corpus_ids=self.corpus_ids,
-                num_negatives=self.config.num_negatives,
-                num_in_batch_negatives=self.config.num_in_batch_negatives,
-                temperature=self.config.softmax_temperature,
-                generator=generator,
+                user, shard.take(batch.labels), self.item_table, negative_ids=batch.negative_ids,
+                temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
         if batch.target_ids is None:
             raise ValueError("a batch needs labels (training) or target_ids (evaluation)")
-        last = user[batch.offsets[1:] - 1]  # [B, C]: the state after each whole sequence
-        return full_corpus_ranks(last, batch.target_ids, self.item_table, corpus_ids=self.corpus_ids)
+        last, sequences = shard.last_tokens(batch.offsets)  # the state after each whole sequence
+        targets = batch.target_ids if sequences is None else batch.target_ids[sequences]
+        return full_corpus_ranks(user[last], targets, self.item_table, corpus_ids=self.corpus_ids, normalize_items=normalize)
+
+    def _shard(self, batch: JaggedBatch) -> BatchShard:
+        """The tokens of ``batch`` this rank computes: all of them, or its context-parallel share."""
+        if self.context_group is None:
+            return BatchShard(None, None, batch.offsets.device)
+        return BatchShard.of(
+            batch.offsets_on_host(), group=self.context_group, device=batch.offsets.device,
+            split_threshold=self.config.context_parallel_split_threshold, contextual_len=self.config.contextual_len,
+        )
 
     def evaluation_cache(self) -> ContextManager[None]:
         """Evaluation reads only corpus items: a sharded item table fetches them once, so

@@ -80,6 +80,13 @@ class TrainSpec:
     """Metrics of the final summary line."""
     evaluation_note: str = ""
     """How the metrics are computed, for the final summary line."""
+    checkpoint_dataset: Optional[Callable[["object", dict], Dataset]] = None
+    """(ExperimentConfig, a checkpoint's model facts) -> a stand-in for the data holding
+    only what ``build_stage`` needs, for tools that rebuild the model from a checkpoint
+    alone (``megatron-gr checkpoint reshard``). None: those tools refuse the model type."""
+    serving_module: Optional[Callable[..., torch.nn.Module]] = None
+    """(bare model, **options) -> a plain ``torch.nn.Module`` of the serving computation
+    that ``torch.export`` traces (``megatron-gr export``). None: not exportable yet."""
 
 
 _REGISTRY: dict[str, TrainSpec] = {}

@@ -1,7 +1,9 @@
-"""Retrieval head: cosine similarity between user states and item embeddings, a sampled
-softmax for training and full-corpus ranks for evaluation."""
+"""Retrieval head: similarity between user states and item embeddings (cosine, or the raw
+dot product without L2 normalisation), a sampled or full softmax for training and
+full-corpus ranks for evaluation."""
 
 from __future__ import annotations
+
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +13,12 @@ from megatron_gr.embeddings.base import EmbeddingTable
 CORPUS_CHUNK = 65536
 
 
-def normalized(table: EmbeddingTable, ids: torch.Tensor) -> torch.Tensor:
-    """Unit-length rows, at least float32 (bf16 tables are scored in float32)."""
+def item_vectors(table: EmbeddingTable, ids: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """Rows at least float32 (bf16 tables are scored in float32), unit-length when
+    ``normalize`` (cosine scores)."""
     rows = table(ids)
-    return F.normalize(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    return F.normalize(rows, dim=-1) if normalize else rows
 
 
 def sampled_softmax_loss(
@@ -22,32 +26,51 @@ def sampled_softmax_loss(
     labels: torch.Tensor,
     table: EmbeddingTable,
     *,
-    corpus_ids: torch.Tensor,
-    num_negatives: int,
-    num_in_batch_negatives: int,
+    negative_ids: torch.Tensor,
     temperature: float,
-    generator: torch.Generator,
+    normalize_items: bool = True,
 ) -> torch.Tensor:
-    """Per-token loss ``[T]`` of predicting ``labels`` from L2-normalised ``user`` ``[T, C]``.
-
-    Negatives are shared by all tokens of the micro-batch: ``num_negatives`` uniform over
-    the items of ``corpus_ids`` ``[num_items]`` and ``num_in_batch_negatives`` drawn from
-    ``labels`` (frequency-weighted). A negative equal to a token's own label is masked out
-    for that token.
+    """Per-token loss ``[T]`` of predicting ``labels`` from ``user`` ``[T, C]`` (L2-normalised
+    by the caller when ``normalize_items``: cosine scores) against ``negative_ids`` ``[R]``,
+    shared by every token (the training loader draws them once per global batch:
+    ``TrainingBatches``). A negative equal to a token's own label is masked out for that
+    token.
     """
-    device = labels.device
-    uniform = corpus_ids[torch.randint(0, corpus_ids.numel(), (num_negatives,), device=device, generator=generator)]
-    picks = torch.randint(0, labels.numel(), (num_in_batch_negatives,), device=device, generator=generator)
-    negative_ids = torch.cat([uniform, labels[picks]])  # [R]
-    positive = (user * normalized(table, labels)).sum(-1, keepdim=True)  # [T, 1]
-    negative = user @ normalized(table, negative_ids).t()  # [T, R]
+    positive = (user * item_vectors(table, labels, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
+    negative = user @ item_vectors(table, negative_ids, normalize=normalize_items).t()  # [T, R]
     negative = negative.masked_fill(negative_ids.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))
     logits = torch.cat([positive, negative], dim=1) / temperature
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
+def full_softmax_loss(
+    user: torch.Tensor,
+    labels: torch.Tensor,
+    table: EmbeddingTable,
+    *,
+    corpus_ids: torch.Tensor,
+    temperature: float,
+    normalize_items: bool = True,
+) -> torch.Tensor:
+    """Per-token cross-entropy ``[T]`` of ``labels`` against every item of ``corpus_ids``:
+    the exact softmax over the corpus (each label counted once), no sampling. Scores are
+    ``[T, num_items]``: for small corpora."""
+    positive = (user * item_vectors(table, labels, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
+    others = user @ item_vectors(table, corpus_ids, normalize=normalize_items).t()  # [T, num_items]
+    others = others.masked_fill(corpus_ids.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))
+    logits = torch.cat([positive, others], dim=1) / temperature
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
 @torch.no_grad()
-def full_corpus_ranks(user: torch.Tensor, targets: torch.Tensor, table: EmbeddingTable, *, corpus_ids: torch.Tensor) -> torch.Tensor:
+def full_corpus_ranks(
+    user: torch.Tensor,
+    targets: torch.Tensor,
+    table: EmbeddingTable,
+    *,
+    corpus_ids: torch.Tensor,
+    normalize_items: bool = True,
+) -> torch.Tensor:
     """0-based rank of each target among all items of ``corpus_ids`` ``[B]``: the number of
     other items scored at least as high. Items the user has seen are not removed.
 
@@ -59,10 +82,11 @@ def full_corpus_ranks(user: torch.Tensor, targets: torch.Tensor, table: Embeddin
       below every item with a number and ties with (so is beaten by) every other NaN; a NaN
       item never beats a target with a number. All-NaN scores rank every target last.
     """
-    target_score = _nan_as_lowest((user * normalized(table, targets)).sum(-1, keepdim=True))  # [B, 1]
+    target = item_vectors(table, targets, normalize=normalize_items)
+    target_score = _nan_as_lowest((user * target).sum(-1, keepdim=True))  # [B, 1]
     ranks = torch.zeros(targets.shape[0], dtype=torch.int64, device=targets.device)
     for ids in corpus_ids.split(CORPUS_CHUNK):
-        scores = _nan_as_lowest(user @ normalized(table, ids).t())  # [B, chunk]
+        scores = _nan_as_lowest(user @ item_vectors(table, ids, normalize=normalize_items).t())  # [B, chunk]
         beaten = (scores >= target_score) & (ids.unsqueeze(0) != targets.unsqueeze(1))
         ranks += beaten.sum(dim=1)
     return ranks

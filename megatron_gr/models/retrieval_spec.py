@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -18,6 +19,7 @@ from megatron_gr.data.summary import DataReport
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.hstu_retrieval import HSTURetrievalModel
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec, register
+from megatron_gr.models.retrieval_serving import RetrievalServing
 from megatron_gr.models.retrieval_metrics import NAMES, metric_sums, metrics_from_sums
 
 
@@ -41,6 +43,30 @@ def build_dataset(config) -> RetrievalDataset:
     return RetrievalDataset(data.split, items, data.report)
 
 
+@dataclass
+class CheckpointItems(Dataset):
+    """The item space a checkpoint implies, standing in for the data when a tool rebuilds
+    the model from the checkpoint alone: a plain table's dense ids 1..num_items (its row
+    count is in the checkpoint's facts). A dynamic table is keyed by raw ids the checkpoint
+    does not list; the stand-in corpus is then one id, which only sampling and evaluation
+    read."""
+
+    items: ItemSpace
+
+    @property
+    def num_items(self) -> int:
+        return self.items.num_items
+
+    def describe(self) -> str:
+        return f"{self.num_items} items (from a checkpoint)"
+
+
+def checkpoint_items(config, facts: dict) -> CheckpointItems:
+    item = config.embeddings["item"]
+    num_items = int(facts.get("num_items", 1)) if item.type == "plain" else 1
+    return CheckpointItems(ItemSpace(vocab=np.arange(num_items + 1, dtype=np.int64), raw_keys=item.keyed_by_raw_ids))
+
+
 def build_stage(request: StageRequest) -> HSTURetrievalModel:
     """This stage of the model: the item table on the first and the last stage (inputs;
     loss and ranking), the stage's STU layers, each module drawn under its own key."""
@@ -55,8 +81,9 @@ def build_stage(request: StageRequest) -> HSTURetrievalModel:
             seed=plan.seed,
             device=plan.device,
             backend=plan.backend,
-            # Sharded over data-parallel ranks; tensor-parallel ranks keep identical copies.
-            shard_group=parallel_state.get_data_parallel_group(),
+            # Sharded over the data- and context-parallel ranks (each looks up its own tokens);
+            # tensor-parallel ranks keep identical copies.
+            shard_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
     return HSTURetrievalModel(
         plan.model_config,
@@ -82,6 +109,9 @@ def training_stream(plan, dataset: RetrievalDataset, dp_rank: int, dp_size: int)
         dp_rank=dp_rank,
         dp_size=dp_size,
         partition_fn=PARTITIONS[plan.micro_batch_balance],
+        windows=plan.config.data.train_windows,
+        num_negatives=plan.model_config.num_negatives,
+        num_in_batch_negatives=plan.model_config.num_in_batch_negatives,
     )
 
 
@@ -134,5 +164,7 @@ RETRIEVAL = register(
         selection_metric="ndcg@10",
         headline_metrics=("hr@10", "ndcg@10"),
         evaluation_note="full-corpus ranking, seen items not removed",
+        checkpoint_dataset=checkpoint_items,
+        serving_module=RetrievalServing,
     )
 )

@@ -43,12 +43,30 @@ def attention_mask(
     global_prefix_len: int = 0,
 ) -> torch.Tensor:
     """Boolean ``[B, max_len, max_len]``: True where query i may attend to key j."""
-    device = lengths.device
-    idx = torch.arange(max_len, device=device)
-    row = idx.view(1, -1, 1)
-    col = idx.view(1, 1, -1)
-    length = lengths.view(-1, 1, 1)
-    history = length - (num_targets.view(-1, 1, 1) if num_targets is not None else 0)
+    idx = torch.arange(max_len, device=lengths.device)
+    return allowed_pairs(
+        idx.view(1, -1, 1), idx.view(1, 1, -1), lengths.view(-1, 1, 1), causal=causal, max_attn_len=max_attn_len,
+        contextual_len=contextual_len, num_targets=num_targets.view(-1, 1, 1) if num_targets is not None else None,
+        global_prefix_len=global_prefix_len,
+    )
+
+
+def allowed_pairs(
+    row: torch.Tensor,
+    col: torch.Tensor,
+    length: torch.Tensor,
+    *,
+    causal: bool = True,
+    max_attn_len: int = 0,
+    contextual_len: int = 0,
+    num_targets: Optional[torch.Tensor] = None,
+    global_prefix_len: int = 0,
+) -> torch.Tensor:
+    """The rules for queries at positions ``row`` and keys at positions ``col`` of sequences
+    of ``length`` tokens with ``num_targets`` targets (int tensors that broadcast together):
+    True where the query may attend to the key. Positions count from the start of the
+    sequence, also when a rank holds only part of it (context parallelism)."""
+    history = length - (num_targets if num_targets is not None else 0)
     in_range = (row < length) & (col < length)
 
     pos_row = torch.minimum(row, history)

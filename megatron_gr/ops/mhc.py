@@ -34,10 +34,11 @@ on CUDA (on the CPU only in Triton's interpreter, for tests). They compute in fl
 take float32, bfloat16 or float16 tensors (float64 checks need the reference).
 ``mhc_pre`` is ``mhc_mappings`` then ``mhc_aggregate`` with the same numbers; its Triton
 kernels are the two ops' forward kernels in one autograd function and a fused backward that
-writes one dx (the hyper-connection layers use it; h_pre has no other reader). Their
-dropout in ``mhc_merge`` draws a different mask from the reference's. ``input_expand`` and
-``output_contract`` are one copy and one mean, a single pass in PyTorch already: both
-kernels run the same code for them.
+writes one dx (the hyper-connection layers use it; h_pre has no other reader). Dropout in
+``mhc_merge`` is keyed (:mod:`megatron_gr.ops.keyed_dropout`): both kernels draw the same
+mask from the token keys, and so do the fused pairs below (every layout, and a recompute
+replay, drops the same elements). ``input_expand`` and ``output_contract`` are one copy and
+one mean, a single pass in PyTorch already: both kernels run the same code for them.
 
 The last three fuse ops that run back to back in a hyper-connection block (the design and
 the bytes they save: ``docs/design/mhc.md``). Their references are the compositions of the
@@ -53,6 +54,7 @@ from typing import Optional
 import torch
 
 from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
+from megatron_gr.ops.keyed_dropout import DropoutKeys, check_dropout_keys
 from megatron_gr.ops.pytorch.mhc_fused import (
     pytorch_mhc_expand_pre,
     pytorch_mhc_merge_contract,
@@ -172,6 +174,7 @@ def mhc_merge(
     *,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout_keys: Optional[DropoutKeys] = None,
     kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """The streams after a sublayer, ``[T, n, C]`` in ``x.dtype``:
@@ -184,6 +187,8 @@ def mhc_merge(
         h_post: ``[T, n]`` weight of the sublayer output in each new stream.
         y: ``[T, C]`` sublayer output; ``bias`` ``[C]`` its bias when not yet added.
         dropout_p, training: dropout of ``y + bias`` (off unless ``training``).
+        dropout_keys: keys of the dropout mask, one per token, features = the C channels;
+            needed when dropout is active.
     """
     kernel = check_backend(kernel)
     _check_streams("x", x)
@@ -195,12 +200,18 @@ def mhc_merge(
         _check_shape("bias", bias, (channels,))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+    if training and dropout_p > 0.0:
+        check_dropout_keys(dropout_keys, num_tokens=num_tokens, device=x.device)
     if kernel == "triton":
         _require_triton("mhc_merge", x, h_res, h_post, y, *([] if bias is None else [bias]))
         from megatron_gr.ops.triton.mhc_merge import triton_mhc_merge
 
-        return triton_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
-    return pytorch_mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
+        return triton_mhc_merge(
+            x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys
+        )
+    return pytorch_mhc_merge(
+        x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys
+    )
 
 
 def input_expand(x: torch.Tensor, n: int, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
@@ -236,6 +247,7 @@ def mhc_merge_pre(
     eps: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout_keys: Optional[DropoutKeys] = None,
     kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sublayer's merge and the next sublayer's pre op in one: :func:`mhc_merge` of
@@ -245,7 +257,8 @@ def mhc_merge_pre(
     Args:
         x: ``[T, n, C]`` streams that entered the sublayer, or ``[T, C]``: the block input
             standing for its n copies (:func:`input_expand` folded in; n from ``h_res``).
-        h_res, h_post, y, bias, dropout_p, training: the merge's, as :func:`mhc_merge`.
+        h_res, h_post, y, bias, dropout_p, training, dropout_keys: the merge's, as
+            :func:`mhc_merge` (the same keyed mask).
         projection, alpha, map_bias, iterations, eps: the next pre op's, as :func:`mhc_pre`.
 
     Returns:
@@ -253,7 +266,7 @@ def mhc_merge_pre(
         ``h_post`` ``[T, n]`` and ``h_res`` ``[T, n, n]``.
     """
     kernel = check_backend(kernel)
-    _, n, channels = _check_merge_args(x, h_res, h_post, y, bias, dropout_p)
+    _, n, channels = _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys)
     _check_maps((n, channels), projection, alpha, map_bias, iterations, eps)
     if kernel == "triton":
         _require_triton("mhc_merge_pre", x, h_res, h_post, y, projection, alpha, map_bias,
@@ -261,9 +274,9 @@ def mhc_merge_pre(
         from megatron_gr.ops.triton.mhc_merge_pre import triton_mhc_merge_pre
 
         return triton_mhc_merge_pre(x, h_res, h_post, y, bias, projection, alpha, map_bias, iterations=iterations,
-                                    eps=eps, dropout_p=dropout_p, training=training)
+                                    eps=eps, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys)
     return pytorch_mhc_merge_pre(x, h_res, h_post, y, bias, projection, alpha, map_bias, iterations=iterations,
-                                 eps=eps, dropout_p=dropout_p, training=training)
+                                 eps=eps, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys)
 
 
 def mhc_expand_pre(
@@ -304,22 +317,25 @@ def mhc_merge_contract(
     *,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout_keys: Optional[DropoutKeys] = None,
     kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> torch.Tensor:
     """The block's last merge and the contraction in one: :func:`output_contract` of
     :func:`mhc_merge`, ``[T, C]`` in x's dtype. Arguments as :func:`mhc_merge_pre`'s merge
     (x may be the block input ``[T, C]``, a block of one sublayer)."""
     kernel = check_backend(kernel)
-    _check_merge_args(x, h_res, h_post, y, bias, dropout_p)
+    _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys)
     if kernel == "triton":
         _require_triton("mhc_merge_contract", x, h_res, h_post, y, *([] if bias is None else [bias]))
         from megatron_gr.ops.triton.mhc_merge_pre import triton_mhc_merge_contract
 
-        return triton_mhc_merge_contract(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
-    return pytorch_mhc_merge_contract(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training)
+        return triton_mhc_merge_contract(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training,
+                                         dropout_keys=dropout_keys)
+    return pytorch_mhc_merge_contract(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training,
+                                      dropout_keys=dropout_keys)
 
 
-def _check_merge_args(x, h_res, h_post, y, bias, dropout_p) -> tuple[int, int, int]:
+def _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys) -> tuple[int, int, int]:
     """Checks a merge's inputs, x ``[T, n, C]`` or the block input ``[T, C]``; returns the
     merged streams' shape ``(T, n, C)``."""
     if x.dim() not in (2, 3) or not x.is_floating_point():
@@ -336,6 +352,8 @@ def _check_merge_args(x, h_res, h_post, y, bias, dropout_p) -> tuple[int, int, i
         _check_shape("bias", bias, (channels,))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+    if training and dropout_p > 0.0:
+        check_dropout_keys(dropout_keys, num_tokens=num_tokens, device=x.device)
     return num_tokens, n, channels
 
 

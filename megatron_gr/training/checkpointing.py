@@ -1,7 +1,7 @@
 """Checkpoints with megatron ``dist_checkpointing``: model, optimizer, LR schedule, RNG and
 training state (step, data position, early-stopping record). A checkpoint saved under any
-(tensor, pipeline, data-parallel) layout loads under any other; RNG states are restored
-only under the layout that saved them. The directory layout: ``checkpoint_layout``.
+(tensor, context, pipeline, data-parallel) layout loads under any other; RNG states are
+restored only under the layout that saved them. The directory layout: ``checkpoint_layout``.
 
 A checkpoint is written into a hidden temporary directory with the run's ``config.yaml``
 and a ``manifest.json`` of checksums (``checkpoint_integrity``), and renamed into place only
@@ -81,7 +81,13 @@ def _layout() -> dict[str, int]:
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "context_parallel_size": parallel_state.get_context_parallel_world_size(),
     }
+
+
+def _same_layout(saved: dict) -> bool:
+    """Checkpoints from before context parallelism have no context-parallel size: 1."""
+    return {"context_parallel_size": 1, **saved} == _layout()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -106,13 +112,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _rng_sharded_object() -> ShardedObject:
-    """Every rank's RNG state (they differ across tensor-parallel ranks and stages)."""
+    """Every rank's RNG state (they differ across tensor-parallel ranks and stages); the last
+    axis counts data- and context-parallel ranks together."""
     layout = _layout()
-    shape = (layout["pipeline_model_parallel_size"], layout["tensor_model_parallel_size"], layout["data_parallel_size"])
+    shape = (
+        layout["pipeline_model_parallel_size"],
+        layout["tensor_model_parallel_size"],
+        layout["data_parallel_size"] * layout["context_parallel_size"],
+    )
     offset = (
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
     return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
 
@@ -203,7 +214,8 @@ def load_checkpoint(
     train state, or None (after logging why) when there is nothing to resume from. RNG
     states are restored only under the layout that saved them; the LR schedule follows
     ``schedule_resume``. ``weights_only``: the model alone (for evaluation; the optimizer
-    and scheduler are not touched)."""
+    and scheduler are not touched), as for a checkpoint that holds weights only (written by
+    ``megatron-gr checkpoint convert``: a run starts from them at step 0)."""
     root = Path(root)
     target = resolve_load(root, step=config.checkpoint.ckpt_step)
     if target.directory is None:
@@ -212,6 +224,13 @@ def load_checkpoint(
     directory = target.directory
     hint = previous_hint(root, before=target.iteration)
     common = _checked_common_state(directory, root, model_chunks, config, hint=hint, log=log)
+    saved_state = common.get("train_state", {})
+    if saved_state.get("weights_only") and not weights_only:  # written by `megatron-gr checkpoint`
+        log(
+            f"{directory} holds weights only (of step {saved_state.get('source_iteration')}): training starts "
+            "from them at step 0 with a fresh optimizer and learning-rate schedule"
+        )
+        weights_only = True
     if weights_only:
         loaded = _strict_load({"model": _model_state(model_chunks)}, directory, hint=hint, may_remain=_TRAINING_STATE)
         _model(model_chunks).load_state_dict(loaded["model"])
@@ -232,7 +251,9 @@ def load_checkpoint(
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA),
     }
-    same_layout = common["train_state"]["layout"] == _layout()
+    # A checkpoint rewritten by a tool carries no RNG states of its own (``fresh_rng``).
+    train_state = common["train_state"]
+    same_layout = _same_layout(train_state["layout"]) and not train_state.get("fresh_rng")
     if same_layout:
         template["rng_state"] = _rng_sharded_object()
     loaded = _strict_load(template, directory, hint=hint, may_remain=_LAYOUT_BOUND)

@@ -20,6 +20,12 @@ from megatron_gr.training.checkpoint_layout import BEST, TRACKER, resolve_load
 
 def evaluate_checkpoint(config: ExperimentConfig) -> dict:
     """The final evaluation (valid and test) of the saved weights ``config`` points to."""
+    return trainer_with_saved_weights(config).final_evaluation()
+
+
+def trainer_with_saved_weights(config: ExperimentConfig):
+    """A trainer (no save directory, no resume) holding the saved weights ``config``
+    points to (see the module docstring), for evaluating or exporting them."""
     from megatron_gr.training.trainer import Trainer
 
     if not config.checkpoint.load:
@@ -44,4 +50,4 @@ def evaluate_checkpoint(config: ExperimentConfig) -> dict:
         )
         trainer.state.iteration = train_state["iteration"]
         trainer.log.info(f"evaluating the checkpoint of step {trainer.state.iteration} in {root}")
-    return trainer.final_evaluation()
+    return trainer

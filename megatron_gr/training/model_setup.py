@@ -71,11 +71,12 @@ def _tie_item_tables(model: torch.nn.Module) -> None:
 
 
 def _ddp_config(plan: RunPlan) -> DistributedDataParallelConfig:
-    """Gradient reduction over data-parallel ranks: fp32 buffers; the distributed optimizer
-    and the overlaps where they pay off (see ``ParallelConfig``)."""
+    """Gradient reduction over data- and context-parallel ranks (megatron's DDP reduces over
+    both): fp32 buffers; the distributed optimizer and the overlaps where they pay off (see
+    ``ParallelConfig``)."""
     parallel = plan.config.parallel
     distributed_optimizer = parallel.use_distributed_optimizer
-    gpu_default = plan.device.type == "cuda" and plan.layout.data > 1
+    gpu_default = plan.device.type == "cuda" and plan.layout.data * plan.layout.context > 1
     overlap_grad_reduce = parallel.overlap_grad_reduce
     if overlap_grad_reduce is None:
         overlap_grad_reduce = gpu_default

@@ -25,6 +25,7 @@ from megatron_gr.config.experiment import MODEL_FIELDS, ExperimentConfig
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, resolve_backend
 from megatron_gr.training.runtime import resolve_bf16, resolve_device
+from megatron_gr.transformer.fp8 import check_fp8_runnable
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ParallelLayout:
     pipeline: int
     data: int
     sequence_parallel: bool
+    context: int = 1
 
 
 @dataclass(frozen=True)
@@ -68,19 +70,28 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, world_size: Optional[int] = None) -> RunPlan:
+def make_plan(
+    config: ExperimentConfig,
+    *,
+    num_items: Optional[int] = None,
+    world_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> RunPlan:
     """Resolves and checks every run-level decision (raises ConfigError, one line).
 
     ``num_items``: the item count of the data, when it is known (sizes and checks the item
-    table).
+    table). ``world_size`` and ``device`` are facts of the launch, found when not given
+    (tests give them to plan for other machines).
     """
     training, parallel = config.training, config.parallel
-    device = resolve_device(training)
+    if device is None:
+        device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
     try:
         backend = resolve_backend(training.kernel_backend, device)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    backend = _backend_for_model(config, backend)
     world = launch_world_size() if world_size is None else world_size
     data_parallel = parallel.data_parallel_size(world)  # ConfigError when the world does not split
     layout = ParallelLayout(
@@ -89,11 +100,14 @@ def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, worl
         pipeline=parallel.pipeline_model_parallel_size,
         data=data_parallel,
         sequence_parallel=parallel.sequence_parallel,
+        context=parallel.context_parallel_size,
     )
     global_batch, per_rank = _batch_arithmetic(config, data_parallel)
     if num_items is not None:
         _check_item_table(config, num_items)
     _check_output_paths(config)
+    model_config = _model_config(config, layout, bf16)
+    check_fp8_runnable(model_config, device)  # FP8 is an error where it cannot run, never a no-op
     return RunPlan(
         config=config,
         device=device,
@@ -103,7 +117,7 @@ def make_plan(config: ExperimentConfig, *, num_items: Optional[int] = None, worl
         global_batch_size=global_batch,
         micro_batches_per_rank=per_rank,
         micro_batch_balance=parallel.balance_for(data_parallel),
-        model_config=_model_config(config, layout, bf16),
+        model_config=model_config,
         seed=training.seed,
     )
 
@@ -129,6 +143,8 @@ def _model_config(config: ExperimentConfig, layout: ParallelLayout, bf16: bool) 
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         sequence_parallel=layout.sequence_parallel,
+        context_parallel_size=layout.context,
+        context_parallel_split_threshold=config.parallel.context_parallel_split_threshold,
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -146,6 +162,21 @@ def _model_config(config: ExperimentConfig, layout: ParallelLayout, bf16: bool) 
         # CPU that direct call also keeps the compat device redirect active in backward
         # (``torch.autograd.backward`` would switch it off: see compat).
         deallocate_pipeline_outputs=True,
+    )
+
+
+def _backend_for_model(config: ExperimentConfig, backend: KernelBackend) -> KernelBackend:
+    """The backend, unless the model needs what only the PyTorch ops do: then ``auto``
+    resolves to PyTorch and an explicit ``triton`` is an error."""
+    model = config.model
+    query_bias = model.block_type == "stu" and model.relative_attention_bias and model.time_bias_origin == "query"
+    if not (query_bias and backend is KernelBackend.TRITON):
+        return backend
+    if config.training.kernel_backend == "auto":
+        return KernelBackend.PYTORCH
+    raise ConfigError(
+        "model.time_bias_origin='query' needs the PyTorch attention (the Triton kernel buckets |ts_i - ts_j| "
+        "only): set --kernel-backend pytorch (or auto) or model.time_bias_origin=token"
     )
 
 

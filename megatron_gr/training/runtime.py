@@ -17,6 +17,7 @@ from megatron_gr.compat import cpu_mode
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.training_config import TrainingConfig
+from megatron_gr.seeding import derive_seed
 
 # What initialize() entered for the life of the runtime (CPU mode on a CPU device) and
 # shutdown() leaves; initialize() on a GPU leaves it too.
@@ -56,13 +57,19 @@ def resolve_bf16(training: TrainingConfig, device: torch.device) -> bool:
     return training.precision == "bf16" or (training.precision == "auto" and device.type == "cuda")
 
 
-def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> Runtime:
+def initialize(
+    training: TrainingConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+) -> Runtime:
     """Starts torch.distributed (gloo on CPU, NCCL on GPU; a one-process group when not
     launched by torchrun), megatron's parallel state and all seeds.
 
-    The data-parallel size is what is left of the world: world / (tensor x pipeline). A
-    process that is already initialised for another layout (tests running several layouts
-    in one process group) gets its parallel state rebuilt. On the CPU it holds
+    The data-parallel size is what is left of the world: world / (tensor x context x
+    pipeline). A process that is already initialised for another layout (tests running
+    several layouts in one process group) gets its parallel state rebuilt. On the CPU it holds
     :func:`megatron_gr.compat.cpu_mode` until :func:`shutdown`.
     """
     device = resolve_device(training)
@@ -79,30 +86,39 @@ def initialize(training: TrainingConfig, *, tensor_parallel_size: int = 1, pipel
                 "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     world = dist.get_world_size()
-    layout = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size, pipeline_model_parallel_size=pipeline_parallel_size)
+    layout = ParallelConfig(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        context_parallel_size=context_parallel_size,
+        context_parallel_split_threshold=2 * context_parallel_size,
+    )
     layout.data_parallel_size(world)  # raises ConfigError for a world that does not split
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size
         or parallel_state.get_pipeline_model_parallel_world_size() != pipeline_parallel_size
+        or parallel_state.get_context_parallel_world_size() != context_parallel_size
     ):
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_parallel_size, pipeline_parallel_size, distributed_timeout_minutes=training.distributed_timeout_minutes
+            tensor_parallel_size, pipeline_parallel_size, context_parallel_size=context_parallel_size,
+            distributed_timeout_minutes=training.distributed_timeout_minutes,
         )
     seed_everything(training.seed)
     return Runtime(device=device, bf16=bf16, rank=dist.get_rank(), world_size=world)
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed on every tensor- and data-parallel rank (identical replicated parameters);
-    pipeline stages differ so their layers draw different values, as in Megatron."""
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    stage_seed = seed + 100 * pp_rank
-    random.seed(stage_seed)
-    np.random.seed(stage_seed % 2**32)
-    torch.manual_seed(stage_seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    """The process's global generators, from the run seed alone (``megatron_gr.seeding``):
+    the same on every rank. What training draws does not come from them: initial values,
+    negatives and dropout masks are keyed by name, step and token. They serve megatron's own
+    draws (its model-parallel RNG tracker, which gives each tensor-parallel rank its stream)
+    and anything a user adds."""
+    process_seed = derive_seed(seed, "process")
+    random.seed(process_seed)
+    np.random.seed(process_seed % 2**32)
+    torch.manual_seed(process_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(derive_seed(seed, "megatron") % 2**31)
 
 
 def _hold_cpu_mode(on: bool) -> None:

@@ -53,9 +53,9 @@ class SparseTables:
 
     def __init__(self, model_chunks):
         self.tables = dynamic_tables(model_chunks)
-        # A row lives on one data-parallel rank: its norm share is summed over that group
-        # (tensor-parallel ranks hold copies and must not count them twice).
-        self.group = parallel_state.get_data_parallel_group() if self.tables else None
+        # A row lives on one data- or context-parallel rank: its norm share is summed over
+        # that group (tensor-parallel ranks hold copies and must not count them twice).
+        self.group = parallel_state.get_data_parallel_group(with_context_parallel=True) if self.tables else None
         self.device = _device_of(model_chunks, self.tables)
 
     def step(self, optimizer, *, loss_is_finite: bool = True) -> tuple[bool, float]:

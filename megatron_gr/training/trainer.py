@@ -55,6 +55,7 @@ class Trainer:
             config.training,
             tensor_parallel_size=self.plan.layout.tensor,
             pipeline_parallel_size=self.plan.layout.pipeline,
+            context_parallel_size=self.plan.layout.context,
         )
         self.run_lock = hold_run_lock(config.checkpoint.save)  # before anything is written there
         self.exits = ExitConditions(config.training, start_time=started, device=self.runtime.device)
@@ -133,7 +134,9 @@ class Trainer:
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
                 totals[:2] += out["loss_sum_and_tokens"]
-        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and (
+            parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
+        ):
             totals[2] = sum(b.num_tokens for b in batches)
         dist.all_reduce(totals)  # every rank knows the loss before the step
         loss = float(totals[0] / totals[1])

@@ -26,10 +26,11 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import make_viewless_tensor
+from megatron.core import utils as megatron_utils  # make_viewless_tensor: looked up at call time (compat.export)
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, check_backend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.ops.mhc import (
     input_expand,
     mhc_expand_pre,
@@ -123,16 +124,17 @@ class HyperConnectionModule(MegatronModule):
         bias: Optional[torch.Tensor] = None,
         *,
         dropout_p: float,
+        dropout_keys: Optional[DropoutKeys] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The previous sublayer's :meth:`merge` (its maps ``h_res``, ``h_post``, its
-        ``output`` and ``bias``) and this sublayer's :meth:`pre` in one op. ``streams``
-        ``[s, b, n C]``, or the block input ``[s, b, C]`` standing for its n copies.
-        Returns the merged streams ``[s, b, n C]`` and :meth:`pre`'s results."""
+        ``output``, ``bias`` and ``dropout_keys``) and this sublayer's :meth:`pre` in one op.
+        ``streams`` ``[s, b, n C]``, or the block input ``[s, b, C]`` standing for its n
+        copies. Returns the merged streams ``[s, b, n C]`` and :meth:`pre`'s results."""
         s, b, _ = output.shape
         merged, u, h_post_next, h_res_next = mhc_merge_pre(
             self._merge_input(streams), h_res, h_post, output.reshape(s * b, -1), bias, self.projection, self.alpha,
             self.bias, iterations=self.config.mhc_sinkhorn_iterations, eps=self.config.layernorm_epsilon,
-            dropout_p=dropout_p, training=self.training, kernel=self.kernel,
+            dropout_p=dropout_p, training=self.training, dropout_keys=dropout_keys, kernel=self.kernel,
         )
         return _viewless(merged.view(s, b, -1)), u.view(s, b, -1), h_post_next, h_res_next
 
@@ -145,13 +147,14 @@ class HyperConnectionModule(MegatronModule):
         bias: Optional[torch.Tensor] = None,
         *,
         dropout_p: float,
+        dropout_keys: Optional[DropoutKeys] = None,
     ) -> torch.Tensor:
         """:meth:`merge` then :func:`contract_streams` in one op: the block output
         ``[s, b, C]`` after its last sublayer. ``streams`` as :meth:`merge_pre`."""
         s, b, _ = output.shape
         out = mhc_merge_contract(
             self._merge_input(streams), h_res, h_post, output.reshape(s * b, -1), bias, dropout_p=dropout_p,
-            training=self.training, kernel=self.kernel,
+            training=self.training, dropout_keys=dropout_keys, kernel=self.kernel,
         )
         return _viewless(out.view(s, b, -1))
 
@@ -183,9 +186,11 @@ class HyperConnectionModule(MegatronModule):
         bias: Optional[torch.Tensor] = None,
         *,
         dropout_p: float,
+        dropout_keys: Optional[DropoutKeys] = None,
     ) -> torch.Tensor:
         """Bias-dropout-add of the sublayer ``output`` ``[s, b, C]`` into the mixed streams,
-        ``[s, b, n C]``."""
+        ``[s, b, n C]``; ``dropout_keys`` key the ``s b`` tokens (needed when the dropout
+        is active)."""
         s, b, _ = streams.shape
         merged = mhc_merge(
             self._as_streams(streams),
@@ -195,6 +200,7 @@ class HyperConnectionModule(MegatronModule):
             bias,
             dropout_p=dropout_p,
             training=self.training,
+            dropout_keys=dropout_keys,
             kernel=self.kernel,
         )
         return _viewless(merged.view(s, b, -1))
@@ -209,7 +215,7 @@ class HyperConnectionModule(MegatronModule):
 def _viewless(tensor: torch.Tensor) -> torch.Tensor:
     """Not a view: the recompute manager swaps the storage of replayed outputs, which a
     view's base would keep alive."""
-    return make_viewless_tensor(tensor, requires_grad=tensor.requires_grad, keep_graph=True)
+    return megatron_utils.make_viewless_tensor(tensor, requires_grad=tensor.requires_grad, keep_graph=True)
 
 
 def expand_streams(hidden: torch.Tensor, n: int) -> torch.Tensor:

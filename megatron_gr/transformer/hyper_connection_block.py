@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import make_viewless_tensor
+from megatron.core import utils as megatron_utils  # make_viewless_tensor: looked up at call time (compat.export)
 
 from megatron_gr.compat import checkpointed_block_forward
 from megatron_gr.ops.backend import KernelBackend
@@ -145,7 +145,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
                 hidden_states = contract_streams(hidden_states, self.num_streams)
             if self.final_layernorm is not None:
                 hidden_states = self.final_layernorm(hidden_states)
-            hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+            hidden_states = megatron_utils.make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         elif len(self.layers) == 0:
             # as megatron's block: input and output must not be one autograd node
             hidden_states = hidden_states.clone()
@@ -153,7 +153,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
 
 
 def _viewless(tensor: torch.Tensor) -> torch.Tensor:
-    return make_viewless_tensor(inp=tensor, requires_grad=True, keep_graph=True)
+    return megatron_utils.make_viewless_tensor(inp=tensor, requires_grad=True, keep_graph=True)
 
 
 def _call(function, *args):

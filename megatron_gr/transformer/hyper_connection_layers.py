@@ -9,13 +9,14 @@ Each takes and returns the n residual streams ``[s, b, n C]``; around every subl
 
 With an :class:`MHCRecomputeManager` (passed by the block as ``mhc_recompute_manager``)
 the two hyper-connection steps (pre with the norm, merge) run without keeping their
-activations.
+activations. The merge's dropout is keyed (``dropout_sites``): a replay draws its mask again.
 
 A block that fuses the merges (``mhc_defer_merge=True``) passes and receives the streams as
 :mod:`megatron_gr.transformer.mhc_pending` forms: a layer then leaves its last merge
 pending, and each sublayer runs the pending merge of the one before inside its pre op
 (``merge_pre``; ``expand_pre`` on the block input), so the fused kernels move the streams
-fewer times. The ops and their order are the same either way.
+fewer times. The ops, their order and the dropout masks (keyed, carried with the pending
+merge) are the same either way.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_gr.ops.backend import KernelBackend
+from megatron_gr.ops.keyed_dropout import DropoutKeys
+from megatron_gr.transformer.dropout_sites import MHC_MERGE_ATTENTION, MHC_MERGE_MLP, layer_site, site_keys
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule
 from megatron_gr.transformer.layer_init import layer_init_scope
-from megatron_gr.transformer.mhc_pending import BlockInput, PendingMerge, Streams, materialize
+from megatron_gr.transformer.mhc_pending import BlockInput, PendingMerge, Streams, materialize, token_count
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules, jagged_params
 
@@ -47,17 +50,20 @@ def hyper_connected(
     *,
     dropout_p: float,
     recompute: Optional[MHCRecomputeManager],
+    dropout_keys: Optional[DropoutKeys] = None,
 ) -> PendingMerge:
     """One sublayer with its hyper-connection: its pre op on ``streams`` (a tensor, the
     block input, or the previous sublayer's pending merge, run in the same op), the
-    sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it)."""
+    sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it);
+    ``dropout_keys``: the merge's, needed when its dropout is active."""
     run = _runner(recompute)
     if isinstance(streams, PendingMerge):
         previous = streams
 
         def merge_pre(x, mix, post, y):
             merged, u, h_post, h_res = connection.merge_pre(x, mix, post, y, previous.bias,
-                                                            dropout_p=previous.dropout_p)
+                                                            dropout_p=previous.dropout_p,
+                                                            dropout_keys=previous.dropout_keys)
             return merged, norm(u), h_post, h_res
 
         entered, normed, h_post, h_res = run(merge_pre, *previous.tensors())
@@ -71,8 +77,7 @@ def hyper_connected(
 
         normed, h_post, h_res = run(pre, entered)
     output, bias = sublayer(normed)
-    return PendingMerge(connection, entered, h_res, h_post, output, bias, dropout_p)
-
+    return PendingMerge(connection, entered, h_res, h_post, output, bias, dropout_p, dropout_keys)
 
 def finish(pending: PendingMerge, *, defer: bool, recompute: Optional[MHCRecomputeManager]) -> Streams:
     """A layer's result: its pending merge for a block that fuses merges (``defer``), else
@@ -175,6 +180,11 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         if inference_context is not None:
             raise NotImplementedError("HyperConnectionTransformerLayer does not support inference contexts yet")
 
+        keys = {
+            kind: self._merge_dropout_keys(packed_seq_params, hidden_states, kind)
+            for kind in (MHC_MERGE_ATTENTION, MHC_MERGE_MLP)
+        }
+
         def attention(normed):
             return self.self_attention(
                 normed,
@@ -190,11 +200,20 @@ class HyperConnectionTransformerLayer(TransformerLayer):
 
         pending = hyper_connected(
             self.attention_hyper_connection, self.input_layernorm, attention, hidden_states,
-            dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager,
+            dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_ATTENTION],
         )
         pending = hyper_connected(
             self.mlp_hyper_connection, self.pre_mlp_layernorm, lambda normed: self.mlp(normed, padding_mask=padding_mask),
             finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), dropout_p=self.hidden_dropout,
-            recompute=mhc_recompute_manager,
+            recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_MLP],
         )
         return finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), context
+
+    def _merge_dropout_keys(self, params, streams: Streams, kind: int) -> Optional[DropoutKeys]:
+        """Keys of one merge's dropout over this rank's ``s b`` tokens (None without
+        dropout). Drawn before the merge runs, so a recomputed merge reuses them."""
+        if not (self.training and self.hidden_dropout > 0):
+            return None
+        num_tokens, device = token_count(streams)
+        return site_keys(params, layer_site(self.layer_number, kind), num_tokens=num_tokens, device=device,
+                         local=True)

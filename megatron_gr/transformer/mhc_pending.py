@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule, contract_streams, expand_streams
 
 
@@ -52,6 +53,9 @@ class PendingMerge:
 
     bias: Optional[torch.Tensor]
     dropout_p: float
+    dropout_keys: Optional[DropoutKeys] = None
+    """The merge's keyed dropout mask (drawn when the sublayer ran: whichever op runs the
+    merge, and a recompute replay of it, drops the same elements)."""
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The merge's tensor inputs, as a checkpointed op takes them."""
@@ -60,6 +64,13 @@ class PendingMerge:
 
 Streams = Union[torch.Tensor, BlockInput, PendingMerge]
 Run = Callable  # run(function, *tensors): a recompute checkpoint or a plain call
+
+
+def token_count(state: Streams) -> tuple[int, torch.device]:
+    """``(s b, device)``: how many tokens the streams hold, in any of their forms."""
+    tensor = state.hidden if isinstance(state, BlockInput) else state.output if isinstance(state, PendingMerge) else state
+    s, b, _ = tensor.shape
+    return s * b, tensor.device
 
 
 def materialize(state: Streams, run: Run) -> torch.Tensor:
@@ -74,7 +85,8 @@ def materialize(state: Streams, run: Run) -> torch.Tensor:
     def merge(streams, h_res, h_post, output):
         if streams.shape[-1] == output.shape[-1]:  # the block input, one sublayer into the block
             streams = expand_streams(streams, pending.connection.num_streams)
-        return pending.connection.merge(streams, h_res, h_post, output, pending.bias, dropout_p=pending.dropout_p)
+        return pending.connection.merge(streams, h_res, h_post, output, pending.bias, dropout_p=pending.dropout_p,
+                                        dropout_keys=pending.dropout_keys)
 
     return run(merge, *pending.tensors())
 
@@ -88,7 +100,7 @@ def contract(state: Streams, run: Run, *, num_streams: int) -> torch.Tensor:
 
     def merge_contract(streams, h_res, h_post, output):
         return pending.connection.merge_contract(streams, h_res, h_post, output, pending.bias,
-                                                 dropout_p=pending.dropout_p)
+                                                 dropout_p=pending.dropout_p, dropout_keys=pending.dropout_keys)
 
     return run(merge_contract, *pending.tensors())
 

@@ -1,7 +1,9 @@
 """Learned relative attention bias of STU layers: one weight per position-distance bucket
-plus one per time-gap bucket, shared by all heads. The layer hands the weights and the
-batch's timestamps to the attention op (:class:`RelativeBiasInputs`), which applies the bias
-pair by pair: the reference materialises it, the Triton kernel computes it on chip."""
+plus one per time-gap bucket (from the key's time to the query token's own time, or to the
+time of the event it predicts with ``time_bias_origin='query'``), shared by all heads. The
+layer hands the weights and the batch's timestamps to the attention op
+(:class:`RelativeBiasInputs`), which applies the bias pair by pair: the reference
+materialises it, the Triton kernel computes it on chip."""
 
 from __future__ import annotations
 
@@ -33,10 +35,16 @@ class RelativeBucketedBias(MegatronModule):
             tensor_parallel.copy_to_tensor_model_parallel_region(w, group=self.tp_group)
             for w in (self.position_weights, self.time_weights)
         )
+        query_timestamps = None
+        if self.config.time_bias_origin == "query":
+            if params.query_timestamps is None:
+                raise ValueError("time_bias_origin='query' needs the batch's query_timestamps in the JaggedSeqParams")
+            query_timestamps = params.query_timestamps
         return RelativeBiasInputs(
             position_weights=position,
             time_weights=time,
             timestamps=params.timestamps,
             time_bucket_fn=self.config.time_bucket_fn,
+            query_timestamps=query_timestamps,
             cache=params.cache,
         )

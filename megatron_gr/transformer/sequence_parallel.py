@@ -7,7 +7,12 @@ sequence of their own at the end (offsets get one more entry)::
     offsets [0, 3, 4, 7]  tp = 2  ->  offsets [0, 3, 4, 7, 8]   one padding token
 
 Attention never crosses sequence boundaries, so no real token sees the padding and the
-padding sees only itself; the model drops the padding before the loss and the ranks.
+padding sees only itself; the model drops the padding before the loss and the ranks. A
+context-parallel rank left without tokens by a micro-batch (one short sequence, placed
+whole on another rank) is padded the same way, so that no layer sees an empty batch.
+
+The tokens' dropout keys follow them: the padded batch's keys (padding tokens get negative
+keys, which no real token has) and this rank's slice of them (``JaggedSeqParams``).
 """
 
 from __future__ import annotations
@@ -27,31 +32,63 @@ class TokenSplit:
     """How a batch's tokens are laid out between the attention blocks."""
 
     num_tokens: int  # real tokens T
-    padding: int  # tokens appended so that T + padding divides by the group size
+    padding: int  # tokens appended so that T + padding divides by the group size (and is not 0)
     group: Optional[torch.distributed.ProcessGroup]  # None: tokens are not split
 
     @classmethod
-    def for_tokens(cls, num_tokens: int, group: Optional[torch.distributed.ProcessGroup]) -> "TokenSplit":
-        if group is None or group.size() == 1:
-            return cls(num_tokens, 0, None)
-        return cls(num_tokens, -num_tokens % group.size(), group)
+    def for_tokens(
+        cls, num_tokens: int, group: Optional[torch.distributed.ProcessGroup], *, never_empty: bool = False
+    ) -> "TokenSplit":
+        """``never_empty``: pad a batch without tokens (a context-parallel rank's share)."""
+        size = group.size() if group is not None else 1
+        padding = -num_tokens % size
+        if never_empty and num_tokens + padding == 0:
+            padding = size
+        return cls(num_tokens, padding, group if size > 1 else None)
 
     def seq_params(
-        self, offsets: torch.Tensor, max_len: int, timestamps: Optional[torch.Tensor] = None
+        self,
+        offsets: torch.Tensor,
+        max_len: int,
+        timestamps: Optional[torch.Tensor] = None,
+        query_timestamps: Optional[torch.Tensor] = None,
+        *,
+        token_keys: Optional[torch.Tensor] = None,
+        dropout_seed: int = 0,
     ) -> JaggedSeqParams:
-        """Jagged metadata of the padded batch: the padding is one more sequence."""
+        """Jagged metadata of the padded batch: the padding is one more sequence.
+        ``token_keys`` ``[T]`` (the batch's dropout keys) are padded and sliced too."""
         if self.padding:
             offsets = torch.cat([offsets, offsets[-1:] + self.padding])
             max_len = max(max_len, self.padding)
             if timestamps is not None:
                 timestamps = F.pad(timestamps, (0, self.padding))
-        return JaggedSeqParams.from_offsets(offsets, max_len, timestamps=timestamps)
+            if query_timestamps is not None:
+                query_timestamps = F.pad(query_timestamps, (0, self.padding))
+        token_keys, local_keys = self.padded_keys(token_keys)
+        return JaggedSeqParams.from_offsets(
+            offsets, max_len, timestamps=timestamps, query_timestamps=query_timestamps, dropout_seed=dropout_seed,
+            token_keys=token_keys, local_token_keys=local_keys,
+        )
+
+    def padded_keys(self, token_keys: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The tokens' dropout keys with the padding's (negative: no real token has one), and
+        this rank's slice of them (the tokens ``scatter`` keeps)."""
+        if token_keys is None:
+            return None, None
+        if self.padding:
+            padding_keys = -1 - torch.arange(self.padding, dtype=token_keys.dtype, device=token_keys.device)
+            token_keys = torch.cat([token_keys, padding_keys])
+        if self.group is None:
+            return token_keys, token_keys
+        return token_keys, token_keys.view(self.group.size(), -1)[self.group.rank()]
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[T, 1, C]`` (the same on every rank) -> this rank's ``[(T + p) / tp, 1, C]``."""
+        if self.padding:
+            hidden = F.pad(hidden, (0, 0, 0, 0, 0, self.padding))
         if self.group is None:
             return hidden
-        hidden = F.pad(hidden, (0, 0, 0, 0, 0, self.padding))
         return tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.group)
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -60,9 +97,8 @@ class TokenSplit:
         Every rank then computes the same loss from the same tokens, so the backward pass
         keeps only this rank's slice of the gradient (no reduction).
         """
-        if self.group is None:
-            return hidden
-        hidden = tensor_parallel.gather_from_sequence_parallel_region(
-            hidden, tensor_parallel_output_grad=False, group=self.group
-        )
-        return hidden[: self.num_tokens]
+        if self.group is not None:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.group
+            )
+        return hidden[: self.num_tokens] if self.padding else hidden

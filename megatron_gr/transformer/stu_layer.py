@@ -5,7 +5,9 @@
     A = jagged_attention(Q, K, V)                           SiLU scores, causal, + bias
     y = x + W_o dropout(LN(A) * U) + b_o                    (ops.stu_output: fused in Triton)
 
-The layer's ``backend`` (from its spec) picks the implementation of both ops (PyTorch or Triton).
+The layer's ``backend`` (from its spec) picks the implementation of both ops (PyTorch or
+Triton). The dropout is keyed (``dropout_sites``): its mask is a function of the tokens'
+keys and the features' global indices, the same on every layout.
 
 Heads are laid out head-major in the fused projection (``[u_h v_h q_h k_h]`` for each head
 h), so a column-parallel split gives every tensor-parallel rank whole heads.
@@ -13,23 +15,23 @@ h), so a column-parallel split gives every tensor-parallel rank whole heads.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
-from megatron.core.utils import divide, get_pg_size
+from megatron.core.utils import divide, get_pg_rank, get_pg_size
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, check_backend
 from megatron_gr.ops.hstu_attention import hstu_attention
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keyed_dropout
 from megatron_gr.ops.stu_output import stu_output
+from megatron_gr.transformer.dropout_sites import STU_OUTPUT, layer_site, site_keys
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 from megatron_gr.transformer.layer_init import global_layer_number, layer_init_scope
 
@@ -140,7 +142,9 @@ class STULayer(MegatronModule, BaseTransformerLayer):
         u, v, q, k = torch.split(uvqk, self.split_sizes, dim=-1)
         bias = self.relative_bias(params) if self.relative_bias is not None else None
         window, prefix = self.config.attention_window
-        attn = hstu_attention(
+        # Context parallelism: the local queries against the keys of every rank.
+        attend = hstu_attention if params.context_parallel is None else params.context_parallel.attention
+        attn = attend(
             q,
             k,
             v,
@@ -157,24 +161,26 @@ class STULayer(MegatronModule, BaseTransformerLayer):
             max_len=params.max_len,
             kernel=self.backend,
         )  # [T, local_heads, dv]
-        # Each tensor-parallel rank drops its own heads' features: the model-parallel RNG
-        # stream. Under sequence parallelism megatron's block already runs every layer
-        # inside that stream, and nesting a second fork would rewind it.
-        rng = nullcontext() if self.config.sequence_parallel else tensor_parallel.get_cuda_rng_tracker().fork()
-        norm = self.attention_output_layernorm
-        with rng:
-            if get_pg_size(self.tp_group) == 1:
-                gated = stu_output(
-                    attn, u, norm.weight, norm.bias, eps=norm.eps, dropout_p=self.config.hidden_dropout,
-                    training=self.training, kernel=self.backend,
-                )  # [T, heads * dv]
-            else:
-                # The fused op normalises over the heads it is given; with heads split over
-                # ranks the norm must combine every rank's statistics.
-                gated = norm(attn.reshape(num_tokens, -1)) * u.reshape(num_tokens, -1)
-                gated = F.dropout(gated, p=self.config.hidden_dropout, training=self.training)
+        norm, p = self.attention_output_layernorm, self.config.hidden_dropout
+        keys = self._output_dropout_keys(params, num_tokens, attn.device) if self.training and p > 0 else None
+        if get_pg_size(self.tp_group) == 1:
+            gated = stu_output(
+                attn, u, norm.weight, norm.bias, eps=norm.eps, dropout_p=p, training=self.training,
+                dropout_keys=keys, kernel=self.backend,
+            )  # [T, heads * dv]
+        else:
+            # The fused op normalises over the heads it is given; with heads split over
+            # ranks the norm must combine every rank's statistics.
+            gated = norm(attn.reshape(num_tokens, -1)) * u.reshape(num_tokens, -1)
+            gated = keyed_dropout(gated, keys, p=p, training=self.training, kernel=self.backend)
         out, _ = self.output_proj(gated.unsqueeze(1))
         return out
+
+    def _output_dropout_keys(self, params: JaggedSeqParams, num_tokens: int, device: torch.device) -> DropoutKeys:
+        """Features are numbered over all heads: this rank's first is its first head's."""
+        first_feature = get_pg_rank(self.tp_group) * self.num_local_heads * self.config.v_head_dim
+        return site_keys(params, layer_site(self.layer_number, STU_OUTPUT), num_tokens=num_tokens, device=device,
+                         local=False, feature_offset=first_feature)
 
 
 def jagged_params(packed_seq_params) -> JaggedSeqParams:

@@ -5,12 +5,16 @@ memory, how many programs fit on one SM at once, and whether the matrix products
 time; use it to prune configurations before timing them.
 
     python tools/benchmarks/hstu_kernel_resources.py [--dims 256,128,64] [--dtype bf16]
-        [--variants fused,split]
+        [--variants fused,split] [--sharded] [--dump-ptx DIR]
 
 Configurations: the per-head-dim tables of ``megatron_gr/ops/triton/hstu_configs.py``
 (causal mask, no bias; ``--heaviest``: every mask rule and the bias, which need more shared
 memory: check new table entries this way), one block of backward kernels per variant. ``wgmma`` counts the
-instructions in the code, not their executions. Needs triton (its wheel ships ptxas).
+instructions in the code, not their executions. ``--sharded``: the context-parallel variant
+(query segments against their own keys). ``--dump-ptx DIR``: each kernel's PTX code without
+its parameter list, line and debug information, so that two commits can be diffed (the
+context-parallel change left the code of the default variant identical). Needs triton (its
+wheel ships ptxas).
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from megatron_gr.ops.triton.hstu_configs import _FORWARD, backward_config, overr
 
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-_INT64_POINTERS = {"Offsets", "NumTargets", "Timestamps"}
+_INT64_POINTERS = {"Offsets", "NumTargets", "Timestamps", "KeyOffsets", "QueryStart", "SeqLengths", "KeyTimestamps"}
 _FP32_POINTERS = {"PosW", "TimeW", "DPosW", "DTimeW"}
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype: str, maxnreg=None) -> str:
+def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype: str, maxnreg=None, dump=None) -> str:
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
@@ -55,9 +59,12 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype:
             signature[name] = "i32"
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}  # older kernels
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     ptx = kernel.asm["ptx"]
+    if dump is not None:
+        dump.write_text(code_of(ptx))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
     report = subprocess.run([PTXAS, "-arch=sm_90a", "-v", handle.name, "-o", os.devnull], capture_output=True, text=True).stderr
@@ -75,6 +82,14 @@ def compile_report(fn, constexprs: dict, num_warps: int, num_stages: int, dtype:
             per_sm = "0 (over the 227 KiB a program may use: fails to launch)"
     return (f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}B "
             f"smem={kernel.metadata.shared // 1024}KiB programs/SM={per_sm} wgmma={ptx.count('wgmma.mma_async')}")
+
+
+def code_of(ptx: str) -> str:
+    """The instructions of a PTX module: no parameter declarations (their number changes
+    with the signature), line markers, comments or debug sections."""
+    code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
+    keep = [re.sub(r"\s*//.*$", "", line) for line in code.splitlines()]
+    return "\n".join(line for line in keep if line.strip() and not re.match(r"\s*\.(param|loc|file)\b", line)) + "\n"
 
 
 def backward_runs(label: str, bwd) -> list:
@@ -100,12 +115,16 @@ def main() -> int:
     parser.add_argument("--heaviest", action="store_true",
                         help="every mask rule and the relative bias on (the most shared memory and registers) "
                              "instead of the causal mask alone")
+    parser.add_argument("--sharded", action="store_true", help="the context-parallel variant of every kernel")
+    parser.add_argument("--dump-ptx", type=Path, help="write each kernel's PTX code (see above) into this directory")
     args = parser.parse_args()
     heavy = args.heaviest
+    if args.dump_ptx:
+        args.dump_ptx.mkdir(parents=True, exist_ok=True)
     for d in (int(x) for x in args.dims.split(",")):
         flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=heavy, HAS_CONTEXT=heavy,
                      HAS_WINDOW=heavy, HAS_PREFIX=heavy, HAS_BIAS=heavy, TIME_FN=0, NORM_BY_LEN=False,
-                     FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32")
+                     FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32", SHARDED=args.sharded)
         if args.candidates:
             from hstu_attention import SWEEP  # the benchmark beside this file
 
@@ -122,7 +141,10 @@ def main() -> int:
             consts = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
             if "NUM_SLOTS" in consts and heavy:
                 consts["NUM_SLOTS"] = 64  # as hstu_attention.py launches with a bias
-            report = compile_report(fn, consts, cfg.num_warps, cfg.num_stages, args.dtype, cfg.maxnreg)
+            dump = None
+            if args.dump_ptx:
+                dump = args.dump_ptx / f"D{d}_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{cfg.block_m}x{cfg.block_n}.ptx"
+            report = compile_report(fn, consts, cfg.num_warps, cfg.num_stages, args.dtype, cfg.maxnreg, dump)
             print(f"D={d} {name:11s} {cfg.block_m}x{cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages} "
                   f"maxnreg={cfg.maxnreg}: {report}")
     return 0

@@ -4,9 +4,9 @@
     python tools/benchmarks/kernel_loss_parity.py --config configs/hstu_ml100k.yaml \
         --data-path ../shared/data/ml-100k --train-iters 300 --out runs/parity
 
-Dropout is switched off (the fused Triton STU output draws other dropout masks than
-PyTorch's dropout), evaluation too; everything else (seed, data order, negatives) is the
-same, so the curves differ only by the kernels' arithmetic.
+Evaluation is switched off. Dropout stays as configured: both kernels draw the same keyed
+dropout masks (``megatron_gr/ops/keyed_dropout.py``); with seed, data order and negatives
+the same too, the curves differ only by the kernels' arithmetic.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def main() -> int:
         metrics = out / f"{kernel}.jsonl"
         metrics.unlink(missing_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "megatron_gr.cli", "pretrain", *flags, "--attention-kernel", kernel,
-             "--set", "model.hidden_dropout=0", "--set", "model.embedding_dropout=0", "--eval-interval", "0",
+            [sys.executable, "-m", "megatron_gr.cli", "pretrain", *flags, "--kernel-backend", kernel,
+             "--eval-interval", "0",
              "--log-interval", "1", "--progress", "off", "--metrics-file", str(metrics)],
             check=True, stdout=subprocess.DEVNULL,
         )

@@ -9,7 +9,11 @@ timing them with ``tools/benchmarks/mhc_ops.py``.
 
 Configurations: the defaults of ``megatron_gr/ops/triton/mhc_configs.py`` (and with
 ``--candidates`` its ``CANDIDATES``), compiled as the JIT sees a launch on torch
-allocations (pointers and sizes divisible by 16). Needs triton (its wheel ships ptxas).
+allocations (pointers and sizes divisible by 16). The merge kernels compile with and
+without their keyed dropout (``dropout`` in the label): both run in training (the
+transformer layers' merges drop, the STU layers' do not), and their register use differs
+(Triton lays out the merged tiles differently when the mask's hashes sit between the loads
+and the tensor-core product). Needs triton (its wheel ships ptxas).
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ from megatron_gr.ops.triton.mhc_merge_pre_kernels import merge_bwd_fused, merge_
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-# Pointers in the streams' dtype (every other pointer is float32, the seed int64).
+# Pointers in the streams' dtype (every other pointer is float32, the token keys int64).
 _STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias", "DU"}
 # Matrix operands of the mapping kernels: bf16 halves for bf16 streams, else float32.
 _OPERAND_POINTERS = {"PHi", "PLo", "P", "GHi", "GLo"}
 _FLOAT_SCALARS = {"eps", "p"}
 _INT_SCALARS = {"K", "C"}  # sizes with upper-case names
+# Scalars the kernels do not specialise on (the keyed-dropout words, the Sinkhorn iterations).
+_UNSPECIALIZED = {"feature_offset", "s0", "s1", "s2", "threshold", "iterations"}
 
 
 def compile_report(fn, constexprs: dict, cfg: mhc_configs.Blocks, stream_dtype: str, *, operands: str = "fp32") -> str:
@@ -55,7 +61,7 @@ def compile_report(fn, constexprs: dict, cfg: mhc_configs.Blocks, stream_dtype: 
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
         elif name[0].isupper() and name not in _INT_SCALARS:
-            if name == "Seed":
+            if name == "Keys":
                 signature[name] = "*i64"
             elif name in _OPERAND_POINTERS:
                 signature[name] = f"*{operands}"
@@ -68,7 +74,7 @@ def compile_report(fn, constexprs: dict, cfg: mhc_configs.Blocks, stream_dtype: 
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name != "iterations":
+            if name not in _UNSPECIALIZED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {key: value for key, value in cfg.launch().items() if value is not None}
@@ -109,16 +115,16 @@ def kernels(n: int, dtype: torch.dtype):
     yield ("pre bwd gates", pre_gates, dict(gate_consts, S=n, MERGE=False), pre_cfg, operands)
     yield ("expand pre bwd gates", pre_gates, dict(gate_consts, S=1, MERGE=False), pre_cfg, operands)
     # the fused merge pairs (merge + next pre; the block's last merge + contraction), S = n
-    # streams and S = 1 (the block input standing for n copies)
-    for stored in (n, 1):
-        label = "" if stored == n else " (expand)"
+    # streams and S = 1 (the block input standing for n copies), without and with dropout
+    for stored, dropout in ((n, False), (n, True), (1, False), (1, True)):
+        label = ("" if stored == n else " (expand)") + (" dropout" if dropout else "")
         cfg = mhc_configs.blocks("merge_pre_fwd", streams=n, dtype=dtype)
-        merge = dict(n=n, S=stored, HAS_BIAS=True, DROPOUT=True, SPLIT=split, UPCAST=False)
+        merge = dict(n=n, S=stored, HAS_BIAS=True, DROPOUT=dropout, SPLIT=split, UPCAST=False)
         yield ("merge pre fwd" + label, merge_fwd_fused, dict(merge, W=width, WP=wp, BLOCK_T=cfg.block_t,
                BLOCK_C=cfg.block_c, MAPS=True, CONTRACT=False), cfg, operands)
         cfg = mhc_configs.blocks("merge_pre_bwd_gates", streams=n, dtype=dtype)
         yield ("merge pre bwd gates" + label, pre_gates, dict(gate_consts, S=stored, MERGE=True, HAS_BIAS=True,
-               DROPOUT=True, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c), cfg, operands)
+               DROPOUT=dropout, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c), cfg, operands)
         cfg = mhc_configs.blocks("merge_pre_bwd", streams=n, dtype=dtype)
         yield ("merge pre bwd" + label, merge_bwd_fused, dict(merge, MP=triton.next_power_of_2(n * n + n), W=width,
                WP=wp, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PRE=True, CONTRACT=False, HAS_GRAD=True), cfg,
@@ -141,10 +147,11 @@ def kernels(n: int, dtype: torch.dtype):
         yield (op.replace("_", " "), fn, consts, cfg, "fp32")
     for op, fn in (("merge_fwd", _merge_fwd), ("merge_bwd", _merge_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True)
-        if op == "merge_bwd":
-            consts["MP"] = triton.next_power_of_2(n * n + n)
-        yield (op.replace("_", " "), fn, consts, cfg, "fp32")
+        for dropout in (False, True):
+            consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=dropout)
+            if op == "merge_bwd":
+                consts["MP"] = triton.next_power_of_2(n * n + n)
+            yield (op.replace("_", " ") + (" dropout" if dropout else ""), fn, consts, cfg, "fp32")
 
 
 def main() -> int:
@@ -169,7 +176,7 @@ def main() -> int:
                         report = compile_report(fn, consts, cfg, name, operands=operands)
                         launch = f"warps={cfg.num_warps} stages={cfg.num_stages}" + (
                             f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
-                        print(f"n={n} {name} {kernel_name:18s} {cfg.block_t}x{cfg.block_c} {launch}: "
+                        print(f"n={n} {name} {kernel_name:36s} {cfg.block_t}x{cfg.block_c} {launch}: "
                               f"{report}", flush=True)
     return 0
 

@@ -49,6 +49,7 @@ SUBLAYERS = {"sublayer": ("mappings", "aggregate", "merge"), "sublayer (pre)": (
 
 def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, seed=0):
     """``(forward(kernel) -> tuple of outputs, leaves, forward bytes, backward bytes)``."""
+    from megatron_gr.ops.keyed_dropout import DropoutKeys
     from megatron_gr.ops.mhc import (
         input_expand,
         mhc_aggregate,
@@ -106,29 +107,31 @@ def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, se
         return (lambda kernel: (mhc_aggregate(x, h_pre, kernel=kernel),), [x, h_pre],
                 streams + hidden + tokens * n * f, 2 * streams + hidden + 2 * tokens * n * f)
     merge = [x, h_res, h_post, y, bias]
-    train = dict(dropout_p=dropout, training=True)
+    keys = DropoutKeys(seed=seed, site=1, token_keys=torch.arange(tokens, device=device))
+    train = dict(dropout_p=dropout, training=True, dropout_keys=keys)
+    key_bytes = tokens * 8 if dropout else 0  # with dropout each direction reads the int64 token keys once
     if op == "merge":
         return (lambda kernel: (mhc_merge(*merge, kernel=kernel, **train),), merge,
-                2 * streams + hidden + small, 3 * streams + 2 * hidden + 2 * small)
+                2 * streams + hidden + small + key_bytes, 3 * streams + 2 * hidden + 2 * small + key_bytes)
     if op in ("merge+contract", "merge_contract"):  # x, y read, the mean written; backward: x read, dx written
+        fwd, bwd = streams + 2 * hidden + small + key_bytes, 2 * streams + 3 * hidden + 2 * small + key_bytes
         if op == "merge_contract":
-            return (lambda kernel: (mhc_merge_contract(*merge, kernel=kernel, **train),), merge,
-                    streams + 2 * hidden + small, 2 * streams + 3 * hidden + 2 * small)
+            return (lambda kernel: (mhc_merge_contract(*merge, kernel=kernel, **train),), merge, fwd, bwd)
         return (lambda kernel: (output_contract(mhc_merge(*merge, kernel=kernel, **train), kernel=kernel),), merge,
-                streams + 2 * hidden + small, 2 * streams + 3 * hidden + 2 * small)
+                fwd, bwd)
     # merge_pre, merge+pre: x, y read, x' and u written; backward: x, the gradient of x', y and du read, dx
     # and dy written
     leaves = [*merge, *map_leaves()]
     kwargs = dict(iterations=iterations, eps=1e-5, **train)
+    fwd, bwd = 2 * streams + 2 * hidden + 2 * small + key_bytes, 3 * streams + 3 * hidden + 2 * small + key_bytes
     if op == "merge_pre":
-        return (lambda kernel: mhc_merge_pre(*leaves, kernel=kernel, **kwargs), leaves,
-                2 * streams + 2 * hidden + 2 * small, 3 * streams + 3 * hidden + 2 * small)
+        return lambda kernel: mhc_merge_pre(*leaves, kernel=kernel, **kwargs), leaves, fwd, bwd
 
     def separate(kernel):
         merged = mhc_merge(*merge, kernel=kernel, **train)
         return (merged, *mhc_pre(merged, *leaves[5:], iterations=iterations, eps=1e-5, kernel=kernel))
 
-    return separate, leaves, 2 * streams + 2 * hidden + 2 * small, 3 * streams + 3 * hidden + 2 * small
+    return separate, leaves, fwd, bwd
 
 
 def time_us(fn, warmup: int, reps: int, device) -> float:

@@ -101,6 +101,40 @@ def load_collection(collection: DynamicEmbeddingCollection, directory: str | Pat
         restore_state(table, parts, rank=rank, world=world)
 
 
+# ------------------------------------------------------------- offline tools
+def saved_tables(directory: str | Path) -> dict[str, dict]:
+    """``{physical table: its manifest}`` of the dynamic tables saved under ``directory``."""
+    root = Path(directory) / SUBDIR
+    if not root.is_dir():
+        return {}
+    return {
+        folder.name: json.loads((folder / "manifest.json").read_text())
+        for folder in sorted(root.iterdir())
+        if (folder / "manifest.json").is_file()
+    }
+
+
+def read_saved_table(directory: str | Path, name: str) -> dict:
+    """The rows of table ``name`` saved under ``directory`` (a full save by any number of
+    ranks), merged into one state: ``{"step", "rows", "optimizer"?, "admission"?}``."""
+    folder = Path(directory) / SUBDIR / name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT or manifest.get("kind") != "full":
+        raise ValueError(f"{folder / 'manifest.json'}: not a full save of format {FORMAT}")
+    parts = [torch.load(folder / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True) for r in range(manifest["world_size"])]
+    return _merge_parts(parts)
+
+
+def write_saved_table(directory: str | Path, name: str, *, description: dict, state: dict) -> None:
+    """Writes one table's merged state (:func:`read_saved_table`) under ``directory`` as a
+    full save of one rank, which :func:`load_collection` re-routes to any number of ranks."""
+    folder = Path(directory) / SUBDIR / name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "rank_00000.pt")
+    manifest = {"format": FORMAT, "kind": "full", "world_size": 1, "step": state["step"], "table": description}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 # ---------------------------------------------------------------------- dumps
 def dump(collection: DynamicEmbeddingCollection, directory: str | Path, *, incremental: bool) -> None:
     """A full dump, or the rows changed (and ids removed) since the previous dump. The first

@@ -11,7 +11,8 @@ For the ``n`` residual streams ``x`` ``[n, C]`` of a token, flattened to ``x⃗`
 
     aggregate:  u      = sum_i H_pre[i] x[i]                          [C], the sublayer input
     pre:        (u, H_post, H_res), the mappings then the aggregate, H_pre used only by it
-    merge:      x'[i]  = sum_j H_res[i, j] x[j] + H_post[i] dropout(y + b)   y: sublayer output
+    merge:      x'[i]  = sum_j H_res[i, j] x[j] + H_post[i] dropout(y + b)   y: sublayer output,
+                dropout keyed (:mod:`megatron_gr.ops.pytorch.keyed_dropout`), one mask per token
 
 The RMS division follows the projection (the paper's reordering): the same numbers, and P x⃗
 needs one pass over x. The norm has no weight of its own: one would multiply the columns of
@@ -25,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron_gr.ops.pytorch.keyed_dropout import pytorch_keyed_dropout
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -146,9 +149,14 @@ def pytorch_mhc_merge(
     *,
     dropout_p: float,
     training: bool,
+    dropout_keys=None,
 ) -> torch.Tensor:
     update = y if bias is None else y + bias
-    update = F.dropout(update, p=dropout_p, training=training)  # one mask, shared by the streams
+    if training and dropout_p > 0.0:  # one mask, shared by the streams
+        keys = dropout_keys
+        update = pytorch_keyed_dropout(
+            update, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=dropout_p
+        )
     compute = _compute_dtype(x, h_res, h_post, update)
     mixed = torch.einsum("tij,tjc->tic", h_res.to(compute), x.to(compute))  # [T, n, C]
     return (mixed + h_post.to(compute).unsqueeze(-1) * update.to(compute).unsqueeze(1)).to(x.dtype)

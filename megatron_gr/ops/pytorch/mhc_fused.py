@@ -42,9 +42,10 @@ def pytorch_mhc_merge_pre(
     eps: float,
     dropout_p: float,
     training: bool,
+    dropout_keys=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     merged = pytorch_mhc_merge(_streams(x, h_res.shape[1]), h_res, h_post, y, bias, dropout_p=dropout_p,
-                               training=training)
+                               training=training, dropout_keys=dropout_keys)
     return (merged, *pytorch_mhc_pre(merged, projection, alpha, map_bias, iterations=iterations, eps=eps))
 
 
@@ -71,7 +72,8 @@ def pytorch_mhc_merge_contract(
     *,
     dropout_p: float,
     training: bool,
+    dropout_keys=None,
 ) -> torch.Tensor:
     merged = pytorch_mhc_merge(_streams(x, h_res.shape[1]), h_res, h_post, y, bias, dropout_p=dropout_p,
-                               training=training)
+                               training=training, dropout_keys=dropout_keys)
     return pytorch_output_contract(merged)

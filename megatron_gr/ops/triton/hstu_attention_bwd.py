@@ -23,6 +23,10 @@ Relative-bias weight gradients: a tile whose pairs all fall in one bucket (far f
 diagonal for positions; common for time gaps past the last bucket) adds one sum; other
 tiles add per pair, into one of ``NUM_SLOTS`` private copies of the gradient to spread the
 atomic traffic (the caller sums the copies).
+
+``SHARDED``: query segments against their own keys, as in the forward kernel; a key block
+visits the query blocks of its segment only, the first of which may start before the
+segment's first row (rows outside ``[p0, LQ)`` are loaded as zeros and masked).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.hstu_tiles import (
-    bias_buckets, gather, key_ranges, load_rows, mma, pair_mask, query_ranges, silu, silu_and_grad,
+    bias_buckets, gather, key_ranges, load_rows, load_rows_between, mma, pair_mask, query_ranges, silu,
+    silu_and_grad,
 )
 
 
@@ -63,21 +68,28 @@ def _bias_grad(dx, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT,
 def _dkdv_tile(
     dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
     PosW, TimeW, DPosW, DTimeW, slot, n0,
-    L, H, c, w, g, alpha, inv_n, P, NT,
+    LQ, LK, H, c, w, g, p0, alpha, inv_n, P, NT,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SHARDED: tl.constexpr,
 ):
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = load_rows(q_base, offs_m, stride_qt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_M, Dqk]
-    do = load_rows(do_base, offs_m, stride_dot, L, DV, BLOCK_DV, MASKED)  # [BLOCK_M, Dv]
+    if SHARDED and MASKED:
+        q = load_rows_between(q_base, offs_m, stride_qt, p0, LQ, DQK, BLOCK_DQK)  # [BLOCK_M, Dqk]
+        do = load_rows_between(do_base, offs_m, stride_dot, p0, LQ, DV, BLOCK_DV)  # [BLOCK_M, Dv]
+    else:
+        q = load_rows(q_base, offs_m, stride_qt, LQ, DQK, BLOCK_DQK, MASKED)  # [BLOCK_M, Dqk]
+        do = load_rows(do_base, offs_m, stride_dot, LQ, DV, BLOCK_DV, MASKED)  # [BLOCK_M, Dv]
     # Transposed tile: rows are keys, columns queries.
     x = mma(k, tl.trans(q), None, PRECISION) * alpha  # [BLOCK_N, BLOCK_M]
     if HAS_BIAS:
-        ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
+        if SHARDED:
+            ts_i = tl.load(ts_base + offs_m, mask=(offs_m >= p0) & (offs_m < LQ), other=0)
+        else:
+            ts_i = tl.load(ts_base + offs_m, mask=offs_m < LQ, other=0)
         pos, tb = bias_buckets(offs_m[None, :], offs_n[:, None], ts_i[None, :], ts_j[:, None], P, NT, TIME_FN)
         x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     if WITH_DK:
@@ -88,9 +100,11 @@ def _dkdv_tile(
         p = silu(x, FAST_SILU)
     if MASKED:
         allowed = pair_mask(
-            offs_m[None, :], offs_n[:, None], L, H, c, w, g,
+            offs_m[None, :], offs_n[:, None], LQ, LK, H, c, w, g,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX,
         )
+        if SHARDED:
+            allowed = allowed & (offs_m >= p0)[None, :]
         if WITH_DV:
             p = tl.where(allowed, p, 0.0)
         if WITH_DK:
@@ -106,7 +120,11 @@ def _dkdv_tile(
             dq = mma(tl.trans(dx16), k, None, PRECISION) * (alpha * inv_n)  # [BLOCK_M, Dqk]
             cols = tl.arange(0, BLOCK_DQK)
             ptrs = dq_base + offs_m[:, None] * stride_dqt + cols[None, :]
-            tl.atomic_add(ptrs, dq, mask=(offs_m < L)[:, None] & (cols < DQK)[None, :], sem="relaxed")
+            if SHARDED:
+                rows_ok = (offs_m >= p0) & (offs_m < LQ)
+            else:
+                rows_ok = offs_m < LQ
+            tl.atomic_add(ptrs, dq, mask=rows_ok[:, None] & (cols < DQK)[None, :], sem="relaxed")
         if HAS_BIAS:
             _bias_grad(dx * inv_n, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT, BLOCK_M, BLOCK_N, MASKED, allowed)
     return dk, dv
@@ -119,12 +137,14 @@ def hstu_bwd_dkdv_kernel(
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     num_heads, num_n_blocks, alpha, inv_max_seq_len,
     contextual_len, max_attn_len, global_prefix_len, num_pos_buckets, num_time_buckets,
+    KeyOffsets, QueryStart, SeqLengths, KeyTimestamps,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, NUM_SLOTS: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+    SHARDED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if CAUSAL:  # the first key blocks are seen by the most queries: launch them first
@@ -136,8 +156,31 @@ def hstu_bwd_dkdv_kernel(
     start = tl.load(Offsets + b).to(tl.int64)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
     n0 = pid_n * BLOCK_N
-    if n0 >= L:
-        return
+    if SHARDED:
+        # Rows are positions in sequences of up to millions of tokens: 64-bit row offsets.
+        stride_qt = tl.cast(stride_qt, tl.int64)
+        stride_kt = tl.cast(stride_kt, tl.int64)
+        stride_vt = tl.cast(stride_vt, tl.int64)
+        stride_dot = tl.cast(stride_dot, tl.int64)
+        stride_dqt = tl.cast(stride_dqt, tl.int64)
+        stride_dkt = tl.cast(stride_dkt, tl.int64)
+        stride_dvt = tl.cast(stride_dvt, tl.int64)
+        p0 = tl.load(QueryStart + b).to(tl.int32)
+        LQ = p0 + L
+        L = tl.load(SeqLengths + b).to(tl.int32)
+        k_start = tl.load(KeyOffsets + b).to(tl.int64)
+        LK = (tl.load(KeyOffsets + b + 1) - k_start).to(tl.int32)
+        q_row0 = start - p0  # the address of position 0 (rows before p0 are never read)
+        if n0 >= LK:
+            return
+    else:
+        p0 = 0
+        LQ = L
+        LK = L
+        k_start = start
+        q_row0 = start
+        if n0 >= L:
+            return
     if HAS_TARGETS:
         H = L - tl.load(NumTargets + b).to(tl.int32)
     else:
@@ -152,55 +195,61 @@ def hstu_bwd_dkdv_kernel(
     slot = (tl.program_id(1) * tl.num_programs(0) + pid_bh) % NUM_SLOTS
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(K + start * stride_kt + h * stride_kh, offs_n, stride_kt, L, DQK, BLOCK_DQK, True)
+    k = load_rows(K + k_start * stride_kt + h * stride_kh, offs_n, stride_kt, LK, DQK, BLOCK_DQK, True)
     if WITH_DK:  # do v^T
-        v = load_rows(V + start * stride_vt + h * stride_vh, offs_n, stride_vt, L, DV, BLOCK_DV, True)
+        v = load_rows(V + k_start * stride_vt + h * stride_vh, offs_n, stride_vt, LK, DV, BLOCK_DV, True)
     else:
         v = k
-    q_base = Q + start * stride_qt + h * stride_qh
-    do_base = GradOut + start * stride_dot + h * stride_doh
-    dq_base = GradQ + start * stride_dqt + h * stride_dqh
-    ts_base = Timestamps + start
+    q_base = Q + q_row0 * stride_qt + h * stride_qh
+    do_base = GradOut + q_row0 * stride_dot + h * stride_doh
+    dq_base = GradQ + q_row0 * stride_dqt + h * stride_dqh
+    ts_base = Timestamps + q_row0
     if HAS_BIAS:
-        ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
+        if SHARDED:
+            ts_j = tl.load(KeyTimestamps + k_start + offs_n, mask=offs_n < LK, other=0)
+        else:
+            ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
     else:
         ts_j = offs_n
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = query_ranges(
-        n0, L, H, c, w, g, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX
+        n0, LQ, LK, H, c, w, g, p0, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, SHARDED
     )
     for m0 in range(lo, full_lo, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
-            PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
+            PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
+            num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED,
         )
     for m0 in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
-            PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
+            PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
+            num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, False,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED,
         )
     for m0 in range(full_hi, hi, BLOCK_M):
         dk, dv = _dkdv_tile(
             dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
-            PosW, TimeW, DPosW, DTimeW, slot, n0, L, H, c, w, g, alpha, inv_n, num_pos_buckets, num_time_buckets,
+            PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
+            num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED,
         )
 
-    row_ok = (offs_n < L)[:, None]
+    row_ok = (offs_n < LK)[:, None]
     cols_qk = tl.arange(0, BLOCK_DQK)
     cols_v = tl.arange(0, BLOCK_DV)
-    dk_ptrs = GradK + start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + cols_qk[None, :]
-    dv_ptrs = GradV + start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + cols_v[None, :]
+    dk_ptrs = GradK + k_start * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + cols_qk[None, :]
+    dv_ptrs = GradV + k_start * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + cols_v[None, :]
     if WITH_DK:
         tl.store(dk_ptrs, (dk * (alpha * inv_n)).to(GradK.dtype.element_ty), mask=row_ok & (cols_qk < DQK)[None, :])
     if WITH_DV:
@@ -210,7 +259,7 @@ def hstu_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(
     dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-    L, H, c, w, g, alpha, P, NT,
+    LQ, LK, H, c, w, g, alpha, P, NT,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
@@ -218,11 +267,11 @@ def _dq_tile(
     FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(k_base, offs_n, stride_kt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
-    v = load_rows(v_base, offs_n, stride_vt, L, DV, BLOCK_DV, MASKED)  # [BLOCK_N, Dv]
+    k = load_rows(k_base, offs_n, stride_kt, LK, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
+    v = load_rows(v_base, offs_n, stride_vt, LK, DV, BLOCK_DV, MASKED)  # [BLOCK_N, Dv]
     x = mma(q, tl.trans(k), None, PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
-        ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
+        ts_j = tl.load(ts_base + offs_n, mask=offs_n < LK, other=0)
         pos, tb = bias_buckets(offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], P, NT, TIME_FN)
         x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     _, dsilu = silu_and_grad(x, FAST_SILU)
@@ -230,7 +279,7 @@ def _dq_tile(
     dx = dp * dsilu
     if MASKED:
         allowed = pair_mask(
-            offs_m[:, None], offs_n[None, :], L, H, c, w, g,
+            offs_m[:, None], offs_n[None, :], LQ, LK, H, c, w, g,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX,
         )
         dx = tl.where(allowed, dx, 0.0)
@@ -244,11 +293,13 @@ def hstu_bwd_dq_kernel(
     stride_dqt, stride_dqh,
     num_heads, num_m_blocks, alpha, inv_max_seq_len,
     contextual_len, max_attn_len, global_prefix_len, num_pos_buckets, num_time_buckets,
+    KeyOffsets, QueryStart, SeqLengths, KeyTimestamps,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    SHARDED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = num_m_blocks - 1 - tl.program_id(1)
@@ -256,9 +307,30 @@ def hstu_bwd_dq_kernel(
     h = pid_bh % num_heads
     start = tl.load(Offsets + b).to(tl.int64)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
-    m0 = pid_m * BLOCK_M
-    if m0 >= L:
-        return
+    if SHARDED:
+        # Rows are positions in sequences of up to millions of tokens: 64-bit row offsets.
+        stride_qt = tl.cast(stride_qt, tl.int64)
+        stride_kt = tl.cast(stride_kt, tl.int64)
+        stride_vt = tl.cast(stride_vt, tl.int64)
+        stride_dot = tl.cast(stride_dot, tl.int64)
+        stride_dqt = tl.cast(stride_dqt, tl.int64)
+        p0 = tl.load(QueryStart + b).to(tl.int32)
+        LQ = p0 + L
+        L = tl.load(SeqLengths + b).to(tl.int32)
+        k_start = tl.load(KeyOffsets + b).to(tl.int64)
+        LK = (tl.load(KeyOffsets + b + 1) - k_start).to(tl.int32)
+        q_row0 = start - p0  # the address of position 0 (rows before p0 are never read)
+        m0 = p0 // BLOCK_M * BLOCK_M + pid_m * BLOCK_M
+        if m0 >= LQ:
+            return
+    else:
+        LQ = L
+        LK = L
+        k_start = start
+        q_row0 = start
+        m0 = pid_m * BLOCK_M
+        if m0 >= L:
+            return
     if HAS_TARGETS:
         H = L - tl.load(NumTargets + b).to(tl.int32)
     else:
@@ -268,46 +340,57 @@ def hstu_bwd_dq_kernel(
     g = global_prefix_len
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = load_rows(Q + start * stride_qt + h * stride_qh, offs_m, stride_qt, L, DQK, BLOCK_DQK, True)
-    do = load_rows(GradOut + start * stride_dot + h * stride_doh, offs_m, stride_dot, L, DV, BLOCK_DV, True)
-    k_base = K + start * stride_kt + h * stride_kh
-    v_base = V + start * stride_vt + h * stride_vh
-    ts_base = Timestamps + start
-    if HAS_BIAS:
-        ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
+    if SHARDED:
+        q = load_rows_between(Q + q_row0 * stride_qt + h * stride_qh, offs_m, stride_qt, p0, LQ, DQK, BLOCK_DQK)
+        do = load_rows_between(GradOut + q_row0 * stride_dot + h * stride_doh, offs_m, stride_dot, p0, LQ, DV, BLOCK_DV)
+        k_base = K + k_start * stride_kt + h * stride_kh
+        v_base = V + k_start * stride_vt + h * stride_vh
+        ts_base = KeyTimestamps + k_start
+        if HAS_BIAS:
+            ts_i = tl.load(Timestamps + q_row0 + offs_m, mask=(offs_m >= p0) & (offs_m < LQ), other=0)
+        else:
+            ts_i = offs_m
     else:
-        ts_i = offs_m
+        q = load_rows(Q + start * stride_qt + h * stride_qh, offs_m, stride_qt, L, DQK, BLOCK_DQK, True)
+        do = load_rows(GradOut + start * stride_dot + h * stride_doh, offs_m, stride_dot, L, DV, BLOCK_DV, True)
+        k_base = K + start * stride_kt + h * stride_kh
+        v_base = V + start * stride_vt + h * stride_vh
+        ts_base = Timestamps + start
+        if HAS_BIAS:
+            ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
+        else:
+            ts_i = offs_m
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
 
     prefix_hi, lo, full_lo, full_hi, hi = key_ranges(
-        m0, L, H, c, w, g, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX
+        m0, LQ, LK, H, c, w, g, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, SHARDED
     )
     if HAS_WINDOW and (HAS_CONTEXT or HAS_PREFIX):
         for n0 in range(0, prefix_hi, BLOCK_N):
             dq = _dq_tile(
                 dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-                L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
                 ASM_GATHER, PRECISION,
             )
     for n0 in range(lo, full_lo, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
     for n0 in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
     for n0 in range(full_hi, hi, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
@@ -317,5 +400,9 @@ def hstu_bwd_dq_kernel(
     else:
         scale = alpha * inv_max_seq_len
     cols = tl.arange(0, BLOCK_DQK)
-    ptrs = GradQ + start * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + cols[None, :]
-    tl.store(ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=(offs_m < L)[:, None] & (cols < DQK)[None, :])
+    ptrs = GradQ + q_row0 * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + cols[None, :]
+    if SHARDED:
+        rows_ok = (offs_m >= p0) & (offs_m < LQ)
+    else:
+        rows_ok = offs_m < L
+    tl.store(ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=rows_ok[:, None] & (cols < DQK)[None, :])

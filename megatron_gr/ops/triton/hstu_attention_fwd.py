@@ -9,6 +9,11 @@ its queries and an fp32 accumulator on chip and streams key/value blocks:
     out = acc / n
 
 No softmax means no running maximum and no rescaling: the normaliser n is applied once.
+
+``SHARDED`` (context parallelism, :class:`~megatron_gr.ops.key_layout.KeyLayout`): program b
+holds the query segment b, positions ``[p0, p0 + n)`` of a sequence of L tokens, and streams
+that segment's own keys, positions ``[0, LK)``; query blocks stay aligned to multiples of
+BLOCK_M from position 0 (one more block than the longest segment needs).
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.hstu_tiles import bias_buckets, gather, key_ranges, load_rows, mma, pair_mask, silu
+from megatron_gr.ops.triton.hstu_tiles import (
+    bias_buckets, gather, key_ranges, load_rows, load_rows_between, mma, pair_mask, silu,
+)
 
 
 @triton.jit
 def _fwd_tile(
     acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-    L, H, c, w, g, alpha, P, NT,
+    LQ, LK, H, c, w, g, alpha, P, NT,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
@@ -30,20 +37,20 @@ def _fwd_tile(
     FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(k_base, offs_n, stride_kt, L, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
+    k = load_rows(k_base, offs_n, stride_kt, LK, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
     x = mma(q, tl.trans(k), None, PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
-        ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
+        ts_j = tl.load(ts_base + offs_n, mask=offs_n < LK, other=0)
         pos, tb = bias_buckets(offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], P, NT, TIME_FN)
         x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
     p = silu(x, FAST_SILU)
     if MASKED:
         allowed = pair_mask(
-            offs_m[:, None], offs_n[None, :], L, H, c, w, g,
+            offs_m[:, None], offs_n[None, :], LQ, LK, H, c, w, g,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX,
         )
         p = tl.where(allowed, p, 0.0)
-    v = load_rows(v_base, offs_n, stride_vt, L, DV, BLOCK_DV, MASKED)  # [BLOCK_N, Dv]
+    v = load_rows(v_base, offs_n, stride_vt, LK, DV, BLOCK_DV, MASKED)  # [BLOCK_N, Dv]
     return mma(p.to(v.dtype), v, acc, PRECISION)
 
 
@@ -53,11 +60,13 @@ def hstu_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_heads, num_m_blocks, alpha, inv_max_seq_len,
     contextual_len, max_attn_len, global_prefix_len, num_pos_buckets, num_time_buckets,
+    KeyOffsets, QueryStart, SeqLengths, KeyTimestamps,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    SHARDED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = num_m_blocks - 1 - tl.program_id(1)  # heaviest (last) query blocks first
@@ -65,9 +74,29 @@ def hstu_fwd_kernel(
     h = pid_bh % num_heads
     start = tl.load(Offsets + b).to(tl.int64)
     L = (tl.load(Offsets + b + 1) - start).to(tl.int32)
-    m0 = pid_m * BLOCK_M
-    if m0 >= L:
-        return
+    if SHARDED:
+        # Rows are positions in sequences of up to millions of tokens: 64-bit row offsets.
+        stride_qt = tl.cast(stride_qt, tl.int64)
+        stride_kt = tl.cast(stride_kt, tl.int64)
+        stride_vt = tl.cast(stride_vt, tl.int64)
+        stride_ot = tl.cast(stride_ot, tl.int64)
+        p0 = tl.load(QueryStart + b).to(tl.int32)
+        LQ = p0 + L
+        L = tl.load(SeqLengths + b).to(tl.int32)
+        k_start = tl.load(KeyOffsets + b).to(tl.int64)
+        LK = (tl.load(KeyOffsets + b + 1) - k_start).to(tl.int32)
+        q_row0 = start - p0  # the address of position 0 (rows before p0 are never read)
+        m0 = p0 // BLOCK_M * BLOCK_M + pid_m * BLOCK_M
+        if m0 >= LQ:
+            return
+    else:
+        LQ = L
+        LK = L
+        k_start = start
+        q_row0 = start
+        m0 = pid_m * BLOCK_M
+        if m0 >= L:
+            return
     if HAS_TARGETS:
         H = L - tl.load(NumTargets + b).to(tl.int32)
     else:
@@ -77,45 +106,55 @@ def hstu_fwd_kernel(
     g = global_prefix_len
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = load_rows(Q + start * stride_qt + h * stride_qh, offs_m, stride_qt, L, DQK, BLOCK_DQK, True)
-    k_base = K + start * stride_kt + h * stride_kh
-    v_base = V + start * stride_vt + h * stride_vh
-    ts_base = Timestamps + start
-    if HAS_BIAS:
-        ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
+    if SHARDED:
+        q = load_rows_between(Q + q_row0 * stride_qt + h * stride_qh, offs_m, stride_qt, p0, LQ, DQK, BLOCK_DQK)
+        k_base = K + k_start * stride_kt + h * stride_kh
+        v_base = V + k_start * stride_vt + h * stride_vh
+        ts_base = KeyTimestamps + k_start
+        if HAS_BIAS:
+            ts_i = tl.load(Timestamps + q_row0 + offs_m, mask=(offs_m >= p0) & (offs_m < LQ), other=0)
+        else:
+            ts_i = offs_m
     else:
-        ts_i = offs_m
+        q = load_rows(Q + start * stride_qt + h * stride_qh, offs_m, stride_qt, L, DQK, BLOCK_DQK, True)
+        k_base = K + start * stride_kt + h * stride_kh
+        v_base = V + start * stride_vt + h * stride_vh
+        ts_base = Timestamps + start
+        if HAS_BIAS:
+            ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
+        else:
+            ts_i = offs_m
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     prefix_hi, lo, full_lo, full_hi, hi = key_ranges(
-        m0, L, H, c, w, g, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX
+        m0, LQ, LK, H, c, w, g, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, SHARDED
     )
     if HAS_WINDOW and (HAS_CONTEXT or HAS_PREFIX):
         for n0 in range(0, prefix_hi, BLOCK_N):
             acc = _fwd_tile(
                 acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-                L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
                 True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
                 ASM_GATHER, PRECISION,
             )
     for n0 in range(lo, full_lo, BLOCK_N):
         acc = _fwd_tile(
             acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
     for n0 in range(full_lo, full_hi, BLOCK_N):
         acc = _fwd_tile(
             acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
     for n0 in range(full_hi, hi, BLOCK_N):
         acc = _fwd_tile(
             acc, q, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            L, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
             True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
             PRECISION,
         )
@@ -125,5 +164,9 @@ def hstu_fwd_kernel(
     else:
         acc = acc * inv_max_seq_len
     offs_d = tl.arange(0, BLOCK_DV)
-    out_ptrs = Out + start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < L)[:, None] & (offs_d < DV)[None, :])
+    out_ptrs = Out + q_row0 * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    if SHARDED:
+        rows_ok = (offs_m >= p0) & (offs_m < LQ)
+    else:
+        rows_ok = offs_m < L
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_d < DV)[None, :])

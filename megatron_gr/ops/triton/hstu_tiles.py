@@ -8,6 +8,13 @@ masked head, a run of *full* tiles (every pair allowed: no mask is evaluated) an
 tail. Ranges may over-cover (the masked loops evaluate the exact rules) but a full tile must
 really be full; the kernel tests sweep masks and lengths with small blocks so that every
 loop is exercised.
+
+Limits. Positions count from the start of the sequence. ``LQ`` bounds the query rows and
+``LK`` the keys; both are the sequence length L unless the queries are a window of their
+sequence (``SHARDED``, :class:`~megatron_gr.ops.key_layout.KeyLayout`): rows ``[p0, LQ)``
+against keys ``[0, LK)`` of a sequence of L tokens. Blocks stay aligned to multiples of the
+block size from position 0, so a window's first block may start before ``p0``: its rows
+below ``p0`` are loaded as zeros and never stored, and no *full* tile holds them.
 """
 
 from __future__ import annotations
@@ -82,14 +89,28 @@ def load_rows(base, rows, stride, limit, D: tl.constexpr, BLOCK_D: tl.constexpr,
 
 
 @triton.jit
+def load_rows_between(base, rows, stride, lo, hi, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``load_rows`` of the rows in ``[lo, hi)`` (others read as 0): a window's first block
+    may start before its first row, whose address lies before the window's data."""
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    ok = (rows >= lo) & (rows < hi)
+    if BLOCK_D == D:
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
 def pair_mask(
-    i, j, L, H, c, w, g,
+    i, j, LQ, LK, H, c, w, g,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
     """The rules of ``attention_mask`` for query positions ``i`` and key positions ``j``
-    (broadcastable int tensors) of a sequence of length L with history H."""
-    in_range = (i < L) & (j < L)
+    (broadcastable int tensors) of a sequence with history H; rows at or past LQ and keys at
+    or past LK are out of range."""
+    in_range = (i < LQ) & (j < LK)
     if HAS_TARGETS:
         pi = tl.minimum(i, H)
         pj = tl.minimum(j, H)
@@ -116,12 +137,15 @@ def pair_mask(
 
 @triton.jit
 def key_ranges(
-    m0, L, H, c, w, g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    m0, LQ, LK, H, c, w, g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    SHARDED: tl.constexpr,
 ):
     """Key loops of query block m0: ``(prefix_hi, lo, full_lo, full_hi, hi)``. Loops:
-    masked [0, prefix_hi), masked [lo, full_lo), full [full_lo, full_hi), masked [full_hi, hi)."""
-    i_last = tl.minimum(m0 + BLOCK_M, L) - 1
+    masked [0, prefix_hi), masked [lo, full_lo), full [full_lo, full_hi), masked [full_hi, hi).
+    Rows of the block before a window's first row only make the ranges wider (they are
+    never stored)."""
+    i_last = tl.minimum(m0 + BLOCK_M, LQ) - 1
     p_first = tl.minimum(m0, H)
     p_last = tl.minimum(i_last, H)
     if CAUSAL:
@@ -132,10 +156,10 @@ def key_ranges(
             if HAS_PREFIX:
                 hi = tl.maximum(hi, g)
         else:
-            hi = L
+            hi = LK
     if HAS_CONTEXT:
         hi = tl.maximum(hi, c)
-    hi = tl.minimum(hi, L)
+    hi = tl.minimum(hi, LK)
     if HAS_WINDOW:
         lo = tl.maximum(p_first - w, 0) // BLOCK_N * BLOCK_N
         prefix_hi = lo * 0
@@ -152,24 +176,28 @@ def key_ranges(
         full_lo = lo
     # Full tiles: every row valid, every column a history key every row may see.
     col_hi = H
+    if SHARDED:
+        col_hi = tl.minimum(col_hi, LK)
     if CAUSAL:
         col_hi = tl.minimum(col_hi, p_first + 1)
     elif HAS_WINDOW:
         col_hi = tl.minimum(col_hi, p_first + w + 1)
     full_lo = tl.minimum(full_lo, (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
     full_hi = tl.maximum(col_hi // BLOCK_N * BLOCK_N, full_lo)
-    full_hi = tl.where(m0 + BLOCK_M <= L, full_hi, full_lo)
+    full_hi = tl.where(m0 + BLOCK_M <= LQ, full_hi, full_lo)
     return prefix_hi, lo, full_lo, full_hi, hi
 
 
 @triton.jit
 def query_ranges(
-    n0, L, H, c, w, g, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    n0, LQ, LK, H, c, w, g, p0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    SHARDED: tl.constexpr,
 ):
     """Query loops of key block n0: ``(lo, full_lo, full_hi, hi)``. Loops: masked
-    [lo, full_lo), full [full_lo, full_hi), masked [full_hi, hi)."""
-    j_last = tl.minimum(n0 + BLOCK_N, L) - 1
+    [lo, full_lo), full [full_lo, full_hi), masked [full_hi, hi). ``SHARDED``: only rows
+    from ``p0`` on exist; full tiles start at the first block boundary at or after it."""
+    j_last = tl.minimum(n0 + BLOCK_N, LK) - 1
     if CAUSAL:
         lo = n0
     else:
@@ -183,15 +211,17 @@ def query_ranges(
         if not CAUSAL:
             lo = tl.where(n0 < g, 0, lo)
     lo = lo // BLOCK_M * BLOCK_M
+    if SHARDED:
+        lo = tl.maximum(lo, p0 // BLOCK_M * BLOCK_M)
     if HAS_WINDOW:
-        hi = tl.where(j_last + w >= H, L, j_last + w + 1)
+        hi = tl.where(j_last + w >= H, LQ, j_last + w + 1)
         if HAS_CONTEXT:
-            hi = tl.where(n0 < c, L, hi)
+            hi = tl.where(n0 < c, LQ, hi)
         if HAS_PREFIX:
-            hi = tl.where(n0 < g, L, hi)
-        hi = tl.minimum(hi, L)
+            hi = tl.where(n0 < g, LQ, hi)
+        hi = tl.minimum(hi, LQ)
     else:
-        hi = L + n0 * 0
+        hi = LQ + n0 * 0
     # Full tiles: every column a valid history key, every row valid and allowed to see it.
     if CAUSAL:
         full_lo = (j_last + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -200,12 +230,17 @@ def query_ranges(
     else:
         full_lo = lo
     full_lo = tl.minimum(tl.maximum(full_lo, lo), (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    if SHARDED:
+        full_lo = tl.maximum(full_lo, (p0 + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
     if HAS_WINDOW:
-        rows_hi = tl.where(n0 + w >= H, L, tl.minimum(n0 + w + 1, L))
+        rows_hi = tl.where(n0 + w >= H, LQ, tl.minimum(n0 + w + 1, LQ))
     else:
-        rows_hi = L + n0 * 0
+        rows_hi = LQ + n0 * 0
     full_hi = tl.maximum(rows_hi // BLOCK_M * BLOCK_M, full_lo)
-    full_hi = tl.where(n0 + BLOCK_N <= H, full_hi, full_lo)
+    if SHARDED:
+        full_hi = tl.where(n0 + BLOCK_N <= tl.minimum(H, LK), full_hi, full_lo)
+    else:
+        full_hi = tl.where(n0 + BLOCK_N <= H, full_hi, full_lo)
     return lo, full_lo, full_hi, hi
 
 
@@ -228,20 +263,23 @@ def gather(table, idx, ASM: tl.constexpr):
 
 @triton.jit
 def time_bucket(gap, NT, TIME_FN: tl.constexpr):
-    """``bucketize_time_gaps`` for int64 gaps >= 0, exact: a float estimate corrected with
-    integer arithmetic (float32 alone misplaces gaps next to a bucket boundary)."""
+    """``bucketize_time_gaps`` for int64 gaps >= 0. ``sqrt`` and ``log`` are exact: a float
+    estimate corrected with integer arithmetic (float32 alone misplaces gaps next to a
+    bucket boundary); ``hstu_log`` is computed in float64, as the reference does."""
     if TIME_FN == 0:  # floor(sqrt(gap))
         capped = tl.minimum(gap, NT.to(tl.int64) * NT).to(tl.int32)
         r = tl.sqrt(capped.to(tl.float32)).to(tl.int32)
         r = tl.where(r * r > capped, r - 1, r)
         r = tl.where((r + 1) * (r + 1) <= capped, r + 1, r)
-    else:  # floor(log2(gap + 1))
+    elif TIME_FN == 1:  # floor(log2(gap + 1))
         x = gap + 1
         r = tl.log2(x.to(tl.float32)).to(tl.int32)
         r = tl.minimum(tl.maximum(r, 0), 62)
         one = tl.full(r.shape, 1, tl.int64)
         r = tl.where((one << r.to(tl.int64)) > x, r - 1, r)
         r = tl.where((one << (r + 1).to(tl.int64)) <= x, r + 1, r)
+    else:  # floor(ln(max(gap, 1)) * 1000 / 301) in float64, the PyTorch reference's operations
+        r = (tl.log(tl.maximum(gap, 1).to(tl.float64)) * 1000.0 / 301.0).to(tl.int32)
     return tl.minimum(r, NT - 1)
 
 

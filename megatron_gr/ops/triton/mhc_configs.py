@@ -68,13 +68,15 @@ _GPU = {
     "pre_bwd_gates": Blocks(4, 256, 4),
     # The fused merge pairs (mhc_merge_pre.py). The forward walks every channel of block_t
     # tokens holding the n input tiles and feeds each merged tile to a tensor-core product
-    # (block_t >= 16; 64 tokens: wgmma): capped at 128 registers, unpipelined, two programs
-    # of 8 warps share a multiprocessor without spilling. The backward holds the n input
+    # (block_t >= 16; 64 tokens: wgmma), unpipelined. Without dropout Triton keeps the
+    # merged tiles in the product's register layout: 252 registers at n = 4 (bf16), 174
+    # with the keyed dropout; a cap of 128 (two programs of 8 warps per multiprocessor)
+    # spills 668 and 40 bytes, so no cap (the capped tile is a candidate). The backward holds the n input
     # tiles, the n stream gradients, per stream a [WP, block_c] projection-gradient tile
     # across its token tiles and the products' operands (mma.sync fragments): about 240
     # registers whatever the tile, so one program of 8 warps per multiprocessor, its loads
     # pipelined 3 deep (48 KiB of shared memory) to keep enough bytes in flight.
-    "merge_pre_fwd": Blocks(64, 32, 8, num_stages=1, maxnreg=128),
+    "merge_pre_fwd": Blocks(64, 32, 8, num_stages=1),
     "merge_pre_bwd_gates": Blocks(4, 256, 4),
     "merge_pre_bwd": Blocks(16, 64, 8),
     "merge_contract_fwd": Blocks(4, 256, 4),
@@ -135,6 +137,7 @@ CANDIDATES = {
         dict(pre_bwd_gates=Blocks(4, 512, 4)),
     ],
     "merge_pre": [
+        dict(merge_pre_fwd=Blocks(64, 32, 8, num_stages=1, maxnreg=128)),
         dict(merge_pre_fwd=Blocks(64, 32, 8, num_stages=2), merge_pre_bwd=Blocks(16, 64, 8, num_stages=1)),
         dict(merge_pre_fwd=Blocks(32, 32, 4, num_stages=2), merge_pre_bwd=Blocks(16, 32, 8)),
     ],

@@ -7,18 +7,17 @@ Both directions hold every stream as its own ``[BLOCK_T, BLOCK_C]`` tile
 (:mod:`megatron_gr.ops.triton.mhc_tiles`). Forward: a program reads the n stream tiles
 and the sublayer output once and writes the n new tiles; ``y + bias`` and its dropout never
 reach memory. Backward: programs own a channel chunk and a range of token tiles; each tile
-reads x, y and the output gradient once and writes dx and dy, with the dropout mask
-regenerated from the forward's seed (Philox, one call per 4 channels of a token: see
-``_uniform``) instead of stored. Per
+reads x, y and the output gradient once and writes dx and dy, with the keyed dropout mask
+hashed again from the token keys (:mod:`megatron_gr.ops.triton.keyed_dropout`: the
+reference's mask) instead of stored. Per
 token the ``n² + n`` products ``g_i . x_j`` and ``g_i . u`` (the H_res and H_post
 gradients) are reduced over the chunk's channels within a warp and stored as one row per
 chunk, added up afterwards (4 (n² + n) bytes per token and chunk written and read again:
 about 2% of the bytes the kernel moves at n = 4 with 256 bf16 channels per chunk); the
 bias gradient is summed in registers per program and over the programs afterwards.
 
-The seed is drawn from the current device generator (megatron's RNG tracker state when
-forked): a replay under megatron's checkpointing restores that state and draws the same
-mask. Masks differ from ``torch.nn.functional.dropout``'s.
+The mask is a function of the token keys, the site and the step seed only, so a replay
+under recompute draws it again.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, kernel_key_args, row_hashes
 from megatron_gr.ops.triton.mhc_configs import blocks, multiprocessors
 from megatron_gr.ops.triton.mhc_tiles import map_column, stream_tiles
 
@@ -43,31 +43,31 @@ def _bias_row(Bias, c, C, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _uniform(Seed, rows, c_start, C, BLOCK_C: tl.constexpr):
-    """Uniform [0, 1) numbers of a ``[BLOCK_T, BLOCK_C]`` tile (``c_start`` a multiple of
-    4): one Philox call per 4 channels of a token, counter ``t ceil(C / 4) + c // 4``,
-    channel c taking output ``c % 4`` (a quarter of the Philox work of one call per
-    value); the same numbers whatever the block sizes."""
-    quads = c_start // 4 + tl.arange(0, BLOCK_C // 4)
-    r0, r1, r2, r3 = tl.randint4x(tl.load(Seed), rows[:, None] * tl.cdiv(C, 4) + quads[None, :])
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], BLOCK_C])  # r0 r1 r2 r3 r0 ...
-    return tl.random.uint_to_uniform_float(r)
-
-
-@triton.jit
-def _update(Y, b, Seed, rows, c, c_start, mask, C, p, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr):
-    """``dropout(y + b)`` of a ``[BLOCK_T, BLOCK_C]`` tile in float32, and its keep mask."""
-    u = tl.load(Y + rows[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32) + b
-    keep = mask
+def _keep(Keys, rows, live, columns_hash, s0, s1, threshold, mask, DROPOUT: tl.constexpr):
+    """The keyed dropout mask of a ``[BLOCK_T, BLOCK_C]`` tile (``columns_hash``: its
+    channels hashed once per program); ``mask`` without dropout."""
     if DROPOUT:
-        keep = _uniform(Seed, rows, c_start, C, BLOCK_C) >= p
-        u = tl.where(keep, u / (1.0 - p), 0.0)
-    return u, keep
+        return keep_elements(row_hashes(Keys, rows, live, s0, s1), columns_hash, threshold)
+    return mask
 
 
 @triton.jit
-def _merge_fwd(X, HRes, HPost, Y, Bias, Seed, Out, num_tokens, C, p, n: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+def _dropped(values, keep, p, DROPOUT: tl.constexpr):
+    if DROPOUT:
+        return tl.where(keep, values / (1.0 - p), 0.0)
+    return values
+
+
+@triton.jit
+def _update(Y, b, rows, c, mask, C):
+    """``y + b`` of a ``[BLOCK_T, BLOCK_C]`` tile in float32."""
+    return tl.load(Y + rows[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32) + b
+
+
+@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
+def _merge_fwd(X, HRes, HPost, Y, Bias, Keys, Out, num_tokens, C, p, feature_offset, s0, s1, s2, threshold,
+               n: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+               DROPOUT: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = tokens.to(tl.int64)
@@ -75,8 +75,8 @@ def _merge_fwd(X, HRes, HPost, Y, Bias, Seed, Out, num_tokens, C, p, n: tl.const
     mask = live[:, None] & (c < C)[None, :]
     stream0 = rows[:, None] * (n * C) + c[None, :]
     x = stream_tiles(X, stream0, mask, C, n)
-    u, _ = _update(Y, _bias_row(Bias, c, C, HAS_BIAS), Seed, rows, c, tl.program_id(1) * BLOCK_C, mask, C, p,
-                   BLOCK_C, DROPOUT)
+    keep = _keep(Keys, rows, live, column_hashes(feature_offset + c, s2), s0, s1, threshold, mask, DROPOUT)
+    u = _dropped(_update(Y, _bias_row(Bias, c, C, HAS_BIAS), rows, c, mask, C), keep, p, DROPOUT)
     for i in tl.static_range(n):
         out = map_column(HPost, rows * n + i, live) * u
         for j in tl.static_range(n):
@@ -84,10 +84,10 @@ def _merge_fwd(X, HRes, HPost, Y, Bias, Seed, Out, num_tokens, C, p, n: tl.const
         tl.store(Out + stream0 + i * C, out.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DMapPart, DBiasPart, num_tokens, C, p,
-               n: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-               HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
+def _merge_bwd(X, HRes, HPost, Y, Bias, Keys, Grad, DX, DY, DMapPart, DBiasPart, num_tokens, C, p,
+               feature_offset, s0, s1, s2, threshold, n: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     """One channel chunk of a range of token tiles. Every stream is its own
     ``[BLOCK_T, BLOCK_C]`` tile, so sums over streams are register adds; the only reductions
     run over the channels of a token (within a warp when one warp spans the chunk's channels
@@ -98,6 +98,7 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DMapPart, DBiasPart,
     c_live = c < C
     chunk_start = chunk.to(tl.int64) * num_tokens  # first token row of this chunk's partial sums
     b = _bias_row(Bias, c, C, HAS_BIAS)
+    columns_hash = column_hashes(feature_offset + c, s2)
     slot = tl.arange(0, MP)[None, :]
     d_bias = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # summed over tokens at the end
     for tile in range(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
@@ -106,18 +107,21 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DMapPart, DBiasPart,
         live = tokens < num_tokens
         mask = live[:, None] & c_live[None, :]
         stream0 = rows[:, None] * (n * C) + c[None, :]
+        # The mask is hashed before the tiles load and x loads only for the dx loop: fewer
+        # live registers (no spills at n = 4 with bf16 streams).
+        keep = _keep(Keys, rows, live, columns_hash, s0, s1, threshold, mask, DROPOUT)
         g = stream_tiles(Grad, stream0, mask, C, n)
-        x = stream_tiles(X, stream0, mask, C, n)
-        u, keep = _update(Y, b, Seed, rows, c, chunk * BLOCK_C, mask, C, p, BLOCK_C, DROPOUT)
-        maps = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
         du = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for i in tl.static_range(n):
             du += map_column(HPost, rows * n + i, live) * g[i]
+        du = _dropped(du, keep, p, DROPOUT)
+        u = _dropped(_update(Y, b, rows, c, mask, C), keep, p, DROPOUT)
+        maps = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
+        for i in tl.static_range(n):
             maps = tl.where(slot == n * n + i, tl.sum(g[i] * u, axis=1, keep_dims=True), maps)
-        if DROPOUT:
-            du = tl.where(keep, du / (1.0 - p), 0.0)
         tl.store(DY + rows[:, None] * C + c[None, :], du.to(DY.dtype.element_ty), mask=mask)
         d_bias += du
+        x = stream_tiles(X, stream0, mask, C, n)
         for j in tl.static_range(n):
             dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
             for i in tl.static_range(n):
@@ -132,16 +136,11 @@ def _merge_bwd(X, HRes, HPost, Y, Bias, Seed, Grad, DX, DY, DMapPart, DBiasPart,
 
 class _Merge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h_res, h_post, y, bias, dropout_p):
+    def forward(ctx, x, h_res, h_post, y, bias, dropout_p, keys):
         x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
         num_tokens, n, channels = x.shape
         dropout = dropout_p > 0.0
-        # From the current generator (megatron's tracker state under its fork()); stays on
-        # the device: no synchronisation.
-        seed = (
-            torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-            if dropout else torch.zeros(1, device=x.device, dtype=torch.int64)
-        )
+        token_keys, key_args = kernel_key_args(keys, dropout_p, x.device)
         has_bias = bias is not None
         b = bias.contiguous() if has_bias else y  # any pointer: not read
         out = torch.empty_like(x)
@@ -149,17 +148,17 @@ class _Merge(torch.autograd.Function):
         if num_tokens:
             grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(channels, cfg.block_c))
             _merge_fwd[grid](
-                x, h_res, h_post, y, b, seed, out, num_tokens, channels, dropout_p, n=n,
+                x, h_res, h_post, y, b, token_keys, out, num_tokens, channels, dropout_p, *key_args, n=n,
                 BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=has_bias, DROPOUT=dropout, num_warps=cfg.num_warps,
             )
-        ctx.save_for_backward(x, h_res, h_post, y, b, seed)
-        ctx.meta = (has_bias, dropout_p)
+        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys)
+        ctx.meta = (has_bias, dropout_p, key_args)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h_res, h_post, y, b, seed = ctx.saved_tensors
-        has_bias, dropout_p = ctx.meta
+        x, h_res, h_post, y, b, token_keys = ctx.saved_tensors
+        has_bias, dropout_p, key_args = ctx.meta
         num_tokens, n, channels = x.shape
         cfg = blocks("merge_bwd", streams=n, dtype=x.dtype)
         chunks = triton.cdiv(channels, cfg.block_c)
@@ -172,8 +171,8 @@ class _Merge(torch.autograd.Function):
         d_bias = torch.empty(ranges, channels, device=device, dtype=f32)
         if num_tokens:
             _merge_bwd[(ranges, chunks)](
-                x, h_res, h_post, y, b, seed, grad.contiguous(), dx, dy, maps, d_bias, num_tokens, channels,
-                dropout_p, n=n, MP=triton.next_power_of_2(width), BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
+                x, h_res, h_post, y, b, token_keys, grad.contiguous(), dx, dy, maps, d_bias, num_tokens, channels,
+                dropout_p, *key_args, n=n, MP=triton.next_power_of_2(width), BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
                 HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, num_warps=cfg.num_warps,
             )
         else:
@@ -181,7 +180,7 @@ class _Merge(torch.autograd.Function):
         maps = maps.sum(0) if chunks > 1 else maps[0]
         d_res, d_post = maps[:, : n * n].reshape(num_tokens, n, n), maps[:, n * n :]
         grad_bias = d_bias.sum(0).to(b.dtype) if has_bias else None
-        return dx, d_res.to(h_res.dtype), d_post.to(h_post.dtype), dy, grad_bias, None
+        return dx, d_res.to(h_res.dtype), d_post.to(h_post.dtype), dy, grad_bias, None, None
 
 
 def triton_mhc_merge(
@@ -193,7 +192,7 @@ def triton_mhc_merge(
     *,
     dropout_p: float,
     training: bool,
+    dropout_keys=None,
 ) -> torch.Tensor:
-    """Same semantics as :func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_merge` (a different
-    dropout mask: Philox in the kernel)."""
-    return _Merge.apply(x, h_res, h_post, y, bias, dropout_p if training else 0.0)
+    """Same semantics and dropout mask as :func:`megatron_gr.ops.pytorch.mhc.pytorch_mhc_merge`."""
+    return _Merge.apply(x, h_res, h_post, y, bias, dropout_p if training else 0.0, dropout_keys)

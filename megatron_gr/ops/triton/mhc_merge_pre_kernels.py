@@ -17,7 +17,10 @@ a sublayer's merge ``x' = h_res x + h_post ⊗ dropout(y + b)`` with what reads 
 Every kernel takes the streams as X ``[T, S, C]``: S = n streams, or S = 1, the block input
 standing for its n copies (the block's first merge: the expansion is folded in, see
 :func:`megatron_gr.ops.triton.mhc_tiles.streams_of`). The merge's dropout is drawn in one
-place, :func:`sublayer_update`.
+place, :func:`sublayer_update`: the keyed mask of the plain merge
+(:mod:`megatron_gr.ops.triton.keyed_dropout`), hashed from the token keys ``Keys`` and the
+site's stream words ``s0, s1, s2`` in every kernel that needs it, never stored. The
+kernels do not specialise on those words (a new step or site reuses the compiled kernel).
 """
 
 from __future__ import annotations
@@ -25,18 +28,43 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, row_hashes
 from megatron_gr.ops.triton.mhc_mappings import dot_acc, gates_tile, map_outputs
-from megatron_gr.ops.triton.mhc_merge import _bias_row, _update
+from megatron_gr.ops.triton.mhc_merge import _bias_row, _dropped, _update
 from megatron_gr.ops.triton.mhc_tiles import map_column, merged_stream, stream_tiles, streams_of
 
 
+_KEY_SCALARS = ["feature_offset", "s0", "s1", "s2", "threshold"]  # the keyed dropout's: not specialised
+
+
 @triton.jit
-def sublayer_update(Y, Bias, Seed, rows, c, c_start, mask, C, p, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+def token_hashes(Keys, rows, live, s0, s1, DROPOUT: tl.constexpr):
+    """The keyed mask's ``[BLOCK_T]`` hashes of the tokens ``rows`` (one per token tile,
+    kept across its channel chunks); a placeholder without dropout."""
+    if DROPOUT:
+        return row_hashes(Keys, rows, live, s0, s1)
+    return rows.to(tl.uint32)
+
+
+@triton.jit
+def channel_hashes(c, feature_offset, s2, DROPOUT: tl.constexpr):
+    """The keyed mask's ``[BLOCK_C]`` hashes of the channels ``c`` (global index
+    ``feature_offset + c``); a placeholder without dropout."""
+    if DROPOUT:
+        return column_hashes(feature_offset + c, s2)
+    return c.to(tl.uint32)
+
+
+@triton.jit
+def sublayer_update(Y, Bias, rows, c, mask, C, p, rows_hash, columns_hash, threshold, HAS_BIAS: tl.constexpr,
                     DROPOUT: tl.constexpr):
     """``dropout(y + bias)`` of a ``[BLOCK_T, BLOCK_C]`` tile (float32) and its keep mask: the
-    plain merge's dropout (the same mask for the same seed), and the only place the fused
-    kernels draw it."""
-    return _update(Y, _bias_row(Bias, c, C, HAS_BIAS), Seed, rows, c, c_start, mask, C, p, BLOCK_C, DROPOUT)
+    plain merge's keyed mask of these tokens and channels (from :func:`token_hashes` and
+    :func:`channel_hashes`), and the only place the fused kernels apply it."""
+    keep = mask
+    if DROPOUT:
+        keep = keep_elements(rows_hash, columns_hash, threshold)
+    return _dropped(_update(Y, _bias_row(Bias, c, C, HAS_BIAS), rows, c, mask, C), keep, p, DROPOUT), keep
 
 
 @triton.jit
@@ -54,10 +82,10 @@ def _project(q, PHi, PLo, k, k_live, w, W, K, acc, SPLIT: tl.constexpr, UPCAST: 
     return acc
 
 
-@triton.jit
-def merge_fwd_fused(X, HRes, HPost, Y, Bias, Seed, Out, PHi, PLo, Alpha, MapBias, Pre, Post, ResLogits, Logits, InvRms,
-                    num_tokens, C, p, eps, n: tl.constexpr, S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, MAPS: tl.constexpr, CONTRACT: tl.constexpr,
+@triton.jit(do_not_specialize=_KEY_SCALARS)
+def merge_fwd_fused(X, HRes, HPost, Y, Bias, Keys, Out, PHi, PLo, Alpha, MapBias, Pre, Post, ResLogits, Logits, InvRms,
+                    num_tokens, C, p, feature_offset, s0, s1, s2, threshold, eps, n: tl.constexpr, S: tl.constexpr,
+                    W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, MAPS: tl.constexpr, CONTRACT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """``BLOCK_T`` tokens, all their channels: x and y read once, x' ``[T, n, C]`` (or its
     mean ``[T, C]`` with CONTRACT) written once; with MAPS, the mappings of x' as
@@ -70,12 +98,15 @@ def merge_fwd_fused(X, HRes, HPost, Y, Bias, Seed, Out, PHi, PLo, Alpha, MapBias
     w = tl.arange(0, WP)
     acc = tl.zeros([BLOCK_T, WP], dtype=tl.float32)
     squares = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # reduced over the channels once, after the loop
+    rows_hash = token_hashes(Keys, rows, live, s0, s1, DROPOUT)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_live = c < C
         mask = live[:, None] & c_live[None, :]
+        # the update (and its mask's hashes) before the stream tiles load: fewer live registers
+        u, _ = sublayer_update(Y, Bias, rows, c, mask, C, p, rows_hash, channel_hashes(c, feature_offset, s2, DROPOUT),
+                               threshold, HAS_BIAS, DROPOUT)
         x = streams_of(X, rows, c, mask, C, n, S)
-        u, _ = sublayer_update(Y, Bias, Seed, rows, c, start, mask, C, p, BLOCK_C, HAS_BIAS, DROPOUT)
         total = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for i in tl.static_range(n):
             merged = merged_stream(x, u, HRes, HPost, rows, live, i, n)
@@ -95,10 +126,10 @@ def merge_fwd_fused(X, HRes, HPost, Y, Bias, Seed, Out, PHi, PLo, Alpha, MapBias
                     InvRms, n, W, WP)
 
 
-@triton.jit
-def pre_gates(X, HRes, HPost, Y, Bias, Seed, DU, DPost, DRes, Logits, InvRms, Alpha, MapBias, GHi, GLo, Coef,
-              DBiasPart, DAlphaPart, num_tokens, C, p, n: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-              WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, MERGE: tl.constexpr,
+@triton.jit(do_not_specialize=_KEY_SCALARS)
+def pre_gates(X, HRes, HPost, Y, Bias, Keys, DU, DPost, DRes, Logits, InvRms, Alpha, MapBias, GHi, GLo, Coef,
+              DBiasPart, DAlphaPart, num_tokens, C, p, feature_offset, s0, s1, s2, threshold, n: tl.constexpr,
+              S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, MERGE: tl.constexpr,
               HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr):
     """The pre op's gates for ``BLOCK_T`` tokens: ``dh_pre[t, i] = x'_i . du`` from one walk
     over their streams and ``du`` (products per stream in registers, reduced over the
@@ -112,6 +143,7 @@ def pre_gates(X, HRes, HPost, Y, Bias, Seed, DU, DPost, DRes, Logits, InvRms, Al
     products = ()
     for i in tl.static_range(n):
         products = products + (tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32),)
+    rows_hash = token_hashes(Keys, rows, live, s0, s1, DROPOUT and MERGE)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         mask = live[:, None] & (c < C)[None, :]
@@ -119,7 +151,8 @@ def pre_gates(X, HRes, HPost, Y, Bias, Seed, DU, DPost, DRes, Logits, InvRms, Al
         summed = ()
         if MERGE:
             x = streams_of(X, rows, c, mask, C, n, S)
-            u, _ = sublayer_update(Y, Bias, Seed, rows, c, start, mask, C, p, BLOCK_C, HAS_BIAS, DROPOUT)
+            u, _ = sublayer_update(Y, Bias, rows, c, mask, C, p, rows_hash,
+                                   channel_hashes(c, feature_offset, s2, DROPOUT), threshold, HAS_BIAS, DROPOUT)
             for i in tl.static_range(n):
                 q = merged_stream(x, u, HRes, HPost, rows, live, i, n).to(X.dtype.element_ty).to(tl.float32)
                 summed = summed + (products[i] + q * du,)
@@ -196,10 +229,10 @@ def _with_pre_terms(grads, dp, x, u, HRes, HPost, DU, Pre, GHi, GLo, Coef, p_til
     return new_grads, new_dp
 
 
-@triton.jit
-def merge_bwd_fused(X, HRes, HPost, Y, Bias, Seed, Grad, DU, Pre, GHi, GLo, Coef, P, DX, DY, DMapPart,
-                    DBiasPart, DPPart, num_tokens, C, p, n: tl.constexpr, S: tl.constexpr, MP: tl.constexpr,
-                    W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+@triton.jit(do_not_specialize=_KEY_SCALARS)
+def merge_bwd_fused(X, HRes, HPost, Y, Bias, Keys, Grad, DU, Pre, GHi, GLo, Coef, P, DX, DY, DMapPart,
+                    DBiasPart, DPPart, num_tokens, C, p, feature_offset, s0, s1, s2, threshold, n: tl.constexpr,
+                    S: tl.constexpr, MP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                     PRE: tl.constexpr, CONTRACT: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                     DROPOUT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """One channel chunk of a range of token tiles (as the plain merge's backward): each tile
@@ -214,6 +247,7 @@ def merge_bwd_fused(X, HRes, HPost, Y, Bias, Seed, Grad, DU, Pre, GHi, GLo, Coef
     slot = tl.arange(0, MP)[None, :]
     w = tl.arange(0, WP)
     d_bias = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # summed over tokens at the end
+    columns_hash = channel_hashes(c, feature_offset, s2, DROPOUT)
     K = n * C
     dp_mask = (w < W)[:, None] & c_live[None, :]
     dp = ()
@@ -228,7 +262,8 @@ def merge_bwd_fused(X, HRes, HPost, Y, Bias, Seed, Grad, DU, Pre, GHi, GLo, Coef
         live = tokens < num_tokens
         mask = live[:, None] & c_live[None, :]
         x = streams_of(X, rows, c, mask, C, n, S)
-        u, keep = sublayer_update(Y, Bias, Seed, rows, c, chunk * BLOCK_C, mask, C, p, BLOCK_C, HAS_BIAS, DROPOUT)
+        u, keep = sublayer_update(Y, Bias, rows, c, mask, C, p, token_hashes(Keys, rows, live, s0, s1, DROPOUT),
+                                  columns_hash, threshold, HAS_BIAS, DROPOUT)
         grads = _stream_grads(Grad, rows, c, mask, C, n, CONTRACT, HAS_GRAD)
         if PRE:
             grads, dp = _with_pre_terms(grads, dp, x, u, HRes, HPost, DU, Pre, GHi, GLo, Coef, p_tiles, rows, tokens,
@@ -238,8 +273,7 @@ def merge_bwd_fused(X, HRes, HPost, Y, Bias, Seed, Grad, DU, Pre, GHi, GLo, Coef
         for i in tl.static_range(n):
             du += map_column(HPost, rows * n + i, live) * grads[i]
             maps = tl.where(slot == n * n + i, tl.sum(grads[i] * u, axis=1, keep_dims=True), maps)
-        if DROPOUT:
-            du = tl.where(keep, du / (1.0 - p), 0.0)
+        du = _dropped(du, keep, p, DROPOUT)
         tl.store(DY + rows[:, None] * C + c[None, :], du.to(DY.dtype.element_ty), mask=mask)
         d_bias += du
         if S == 1:  # one input stream: its gradient sums over the copies

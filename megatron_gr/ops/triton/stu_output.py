@@ -1,10 +1,11 @@
 """Fused STU output path in Triton: ``y = dropout(LayerNorm(attn) * u)``.
 
 Forward: one pass over each row block reads attn and u once, writes y and the row
-statistics (mean, 1/std). Backward: one pass recomputes the normalised row and the dropout
-mask (Philox, from the seed the forward drew), writes d_attn and d_u and accumulates the
-layer-norm weight gradients per program (summed by the caller). The unfused path reads
-and writes the [T, D] activations about three times more and stores the dropout mask.
+statistics (mean, 1/std). Backward: one pass recomputes the normalised row and the keyed
+dropout mask (hashed from the token keys: :mod:`megatron_gr.ops.triton.keyed_dropout`, the
+reference's mask), writes d_attn and d_u and accumulates the layer-norm weight gradients
+per program (summed by the caller). The unfused path reads and writes the [T, D]
+activations about three times more and stores the dropout mask.
 
 Rows are ``[R, G, E]`` with a free row and group stride (D = G * E), so the per-head gate
 ``u`` can be read straight out of the fused UVQK projection without a copy.
@@ -18,9 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, kernel_key_args, row_hashes
+
 
 @triton.jit
-def _row_block(X, U, W, B, Seed, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
+def _row_block(X, U, W, B, Keys, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps,
+               feature_offset, s0, s1, s2, threshold,
                BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     """Loads one row block; returns (xhat, ln, u, keep, mask, rstd, mean, cols)."""
     D = G * E
@@ -39,18 +43,21 @@ def _row_block(X, U, W, B, Seed, rows, R, G, E, stride_xr, stride_xg, stride_ur,
         ln += tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     u = tl.load(U + rows[:, None] * stride_ur + (gi * stride_ug + ei)[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        keep = tl.rand(tl.load(Seed), rows[:, None] * D + cols[None, :]) >= p
+        keep = keep_elements(row_hashes(Keys, rows, rows < R, s0, s1), column_hashes(feature_offset + cols, s2),
+                             threshold)
     else:
         keep = mask
     return xhat, ln, u, keep, mask, rstd, mean, cols, w
 
 
-@triton.jit
-def _stu_output_fwd(X, U, W, B, Seed, Y, Mean, Rstd, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
+@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
+def _stu_output_fwd(X, U, W, B, Keys, Y, Mean, Rstd, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
+                    feature_offset, s0, s1, s2, threshold,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     xhat, ln, u, keep, mask, rstd, mean, cols, w = _row_block(
-        X, U, W, B, Seed, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p, BLOCK_D, HAS_BIAS, DROPOUT
+        X, U, W, B, Keys, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps,
+        feature_offset, s0, s1, s2, threshold, BLOCK_D, HAS_BIAS, DROPOUT
     )
     y = ln * u
     if DROPOUT:
@@ -60,8 +67,9 @@ def _stu_output_fwd(X, U, W, B, Seed, Y, Mean, Rstd, R, G, E, stride_xr, stride_
     tl.store(Rstd + rows, rstd, mask=rows < R)
 
 
-@triton.jit
-def _stu_output_bwd(X, U, W, B, Seed, DY, DX, DU, DW, DB, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
+@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
+def _stu_output_bwd(X, U, W, B, Keys, DY, DX, DU, DW, DB, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
+                    feature_offset, s0, s1, s2, threshold,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     D = G * E
     pid = tl.program_id(0)
@@ -71,8 +79,8 @@ def _stu_output_bwd(X, U, W, B, Seed, DY, DX, DU, DW, DB, R, G, E, stride_xr, st
     for start in range(pid * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         xhat, ln, u, keep, mask, rstd, mean, cols, w = _row_block(
-            X, U, W, B, Seed, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
-            BLOCK_D, HAS_BIAS, DROPOUT,
+            X, U, W, B, Keys, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps,
+            feature_offset, s0, s1, s2, threshold, BLOCK_D, HAS_BIAS, DROPOUT,
         )
         offs = rows[:, None] * D + cols[None, :]
         dz = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
@@ -106,7 +114,7 @@ def _block_rows(width: int) -> int:
 
 class _STUOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, attn, u, weight, bias, eps, dropout_p):
+    def forward(ctx, attn, u, weight, bias, eps, dropout_p, keys):
         x, g = _as_groups(attn), _as_groups(u)
         if x.shape != g.shape:
             x, g = attn.reshape(attn.shape[0], 1, -1).contiguous(), u.reshape(u.shape[0], 1, -1).contiguous()
@@ -116,29 +124,24 @@ class _STUOutput(torch.autograd.Function):
         mean = torch.empty(rows, device=attn.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         dropout = dropout_p > 0.0
-        # The seed comes from the current CUDA generator (megatron's tracker state under
-        # its fork()) and stays on the device: no synchronisation.
-        seed = (
-            torch.randint(0, 2**31 - 1, (1,), device=attn.device, dtype=torch.int64)
-            if dropout else torch.zeros(1, device=attn.device, dtype=torch.int64)
-        )
+        token_keys, key_args = kernel_key_args(keys, dropout_p, attn.device)
         has_bias = bias is not None
         b = bias if has_bias else weight
         block_d, block_r = triton.next_power_of_2(width), _block_rows(width)
         if rows:
             _stu_output_fwd[(triton.cdiv(rows, block_r),)](
-                x, g, weight, b, seed, y, mean, rstd, rows, groups, inner,
-                x.stride(0), x.stride(1), g.stride(0), g.stride(1), eps, dropout_p,
+                x, g, weight, b, token_keys, y, mean, rstd, rows, groups, inner,
+                x.stride(0), x.stride(1), g.stride(0), g.stride(1), eps, dropout_p, *key_args,
                 BLOCK_R=block_r, BLOCK_D=block_d, HAS_BIAS=has_bias, DROPOUT=dropout, num_warps=4,
             )
-        ctx.save_for_backward(x, g, weight, b, seed)
-        ctx.meta = (eps, dropout_p, has_bias, attn.shape, u.shape)
+        ctx.save_for_backward(x, g, weight, b, token_keys)
+        ctx.meta = (eps, dropout_p, has_bias, attn.shape, u.shape, key_args)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, g, weight, b, seed = ctx.saved_tensors
-        eps, dropout_p, has_bias, attn_shape, u_shape = ctx.meta
+        x, g, weight, b, token_keys = ctx.saved_tensors
+        eps, dropout_p, has_bias, attn_shape, u_shape, key_args = ctx.meta
         rows, groups, inner = x.shape
         width = groups * inner
         grad_y = grad_y.contiguous()
@@ -150,12 +153,12 @@ class _STUOutput(torch.autograd.Function):
         db = torch.zeros_like(dw)
         if rows:
             _stu_output_bwd[(programs,)](
-                x, g, weight, b, seed, grad_y, dx, du, dw, db, rows, groups, inner,
-                x.stride(0), x.stride(1), g.stride(0), g.stride(1), eps, dropout_p,
+                x, g, weight, b, token_keys, grad_y, dx, du, dw, db, rows, groups, inner,
+                x.stride(0), x.stride(1), g.stride(0), g.stride(1), eps, dropout_p, *key_args,
                 BLOCK_R=block_r, BLOCK_D=block_d, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, num_warps=4,
             )
         grad_bias = db.sum(0).to(b.dtype) if has_bias else None
-        return dx.view(attn_shape), du.view(u_shape), dw.sum(0).to(weight.dtype), grad_bias, None, None
+        return dx.view(attn_shape), du.view(u_shape), dw.sum(0).to(weight.dtype), grad_bias, None, None, None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -173,5 +176,6 @@ def triton_stu_output(
     eps: float,
     dropout_p: float,
     training: bool,
+    dropout_keys=None,
 ) -> torch.Tensor:
-    return _STUOutput.apply(attn, u, weight, bias, eps, dropout_p if training else 0.0)
+    return _STUOutput.apply(attn, u, weight, bias, eps, dropout_p if training else 0.0, dropout_keys)

@@ -1,6 +1,6 @@
 """Only ``megatron_gr/compat`` touches megatron-core's internals: no other module of the
-package imports a private megatron name, reads a private attribute of an object it did not
-define, assigns into a megatron module, names megatron's RNG tracker global, or drives
+package imports a private megatron name, reads a private attribute (one megatron_gr does not
+define; torch's own private API aside) of an object it did not define, assigns into a megatron module, names megatron's RNG tracker global, or drives
 the halves of megatron's optimizer step."""
 
 from __future__ import annotations
@@ -51,11 +51,30 @@ def _megatron_aliases(tree: ast.AST) -> set[str]:
     return aliases
 
 
+def _torch_aliases(tree: ast.AST) -> set[str]:
+    """Local names bound to torch modules by imports (torch's private API, e.g.
+    ``torch._scaled_mm``, is torch's business, not megatron's)."""
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "torch"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            aliases |= {a.asname or a.name for a in node.names}
+    return aliases
+
+
+def _root(node: ast.AST) -> str:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else ""
+
+
 def violations(source: str, name: str, *, own: set[str]) -> list[str]:
     """What in ``source`` (the module ``name``) reaches into megatron; ``own``: the private
-    names megatron_gr defines."""
+    names megatron_gr defines (read on any of its objects)."""
     tree = ast.parse(source)
     megatron = _megatron_aliases(tree)
+    torch_names = _torch_aliases(tree)
     found = []
     for node in ast.walk(tree):
         where = f"{name}:{getattr(node, 'lineno', '?')}"
@@ -66,9 +85,10 @@ def violations(source: str, name: str, *, own: set[str]) -> list[str]:
             base = node.value
             on_self = isinstance(base, ast.Name) and base.id in ("self", "cls")
             on_super = isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super"
-            if _private(node.attr) and not (on_self or on_super):
+            foreign = node.attr not in own and _root(base) not in torch_names
+            if _private(node.attr) and not (on_self or on_super) and foreign:
                 found.append(f"{where}: reads private attribute {node.attr} of another object")
-            elif _private(node.attr) and node.attr not in own:
+            elif _private(node.attr) and node.attr not in own and _root(base) not in torch_names:
                 found.append(f"{where}: uses {node.attr}, which megatron_gr does not define (inherited from megatron?)")
             if node.attr in OPTIMIZER_INTERNALS:
                 found.append(f"{where}: drives megatron's optimizer step by hand ({node.attr})")

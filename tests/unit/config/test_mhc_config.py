@@ -41,8 +41,8 @@ def test_bad_mhc_setting_is_a_clear_error(model, words):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("virtual_pipeline_model_parallel_size", 2), ("context_parallel_size", 2), ("num_moe_experts", 4),
-     ("cuda_graph_impl", "local"), ("cpu_offloading", True)],
+    [("virtual_pipeline_model_parallel_size", 2), ("num_moe_experts", 4), ("cuda_graph_impl", "local"),
+     ("cpu_offloading", True)],
 )
 def test_unsupported_combinations_are_rejected(field, value):
     pipeline = {"pipeline_model_parallel_size": 2, "pipeline_dtype": torch.float32}
@@ -56,6 +56,14 @@ def test_pipeline_parallelism_is_accepted():
     config = ExperimentConfig.from_dict({"model": {**MHC_RECOMPUTE, "num_layers": 4},
                                          "parallel": {"pipeline_model_parallel_size": 2}})
     assert config.model.enable_hyper_connections and config.parallel.pipeline_model_parallel_size == 2
+
+
+def test_context_parallelism_is_accepted():
+    """Hyper-connections mix streams token by token: splitting sequences over ranks changes
+    nothing for them (tests/unit/parallel/test_mhc_multi_rank.py runs CP = 2)."""
+    config = GRTransformerConfig(num_layers=4, hidden_size=16, num_attention_heads=2, enable_hyper_connections=True,
+                                 context_parallel_size=2)
+    assert config.context_parallel_size == 2
 
 
 def test_mhc_recompute_passes_megatron_validation_and_round_trips():

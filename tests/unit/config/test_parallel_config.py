@@ -30,6 +30,12 @@ BAD_LAYOUTS = [
      ["embeddings.item.dynamic.pooling='sum'", "pooling=none"]),
     ({"training": {"optimizer": "sgd"}},
      ["training.optimizer='sgd'", "use_distributed_optimizer=true", "use_distributed_optimizer=false"]),
+    ({"parallel": {"context_parallel_size": 0}}, ["parallel.context_parallel_size=0", ">= 1"]),
+    ({"parallel": {"context_parallel_size": 4, "context_parallel_split_threshold": 6}},
+     ["parallel.context_parallel_split_threshold=6", "2 x context_parallel_size = 8", "set it to 8 or more"]),
+    ({"model": {"context_parallel_size": 2}}, ["model.context_parallel_size", "parallel.context_parallel_size"]),
+    ({"model": {"context_parallel_split_threshold": 64}},
+     ["model.context_parallel_split_threshold", "parallel.context_parallel_split_threshold"]),
 ]
 
 
@@ -60,24 +66,31 @@ def test_world_size_must_split_into_model_parallel_groups(world):
     with pytest.raises(ConfigError) as caught:
         ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).data_parallel_size(world)
     assert f"world size {world} is not divisible by" in str(caught.value)
-    assert "2 x 2" in str(caught.value) and "multiple of 4" in str(caught.value)
+    assert "2 x 1 x 2" in str(caught.value) and "multiple of 4" in str(caught.value)
 
 
 def test_data_parallel_size_and_balance():
     layout = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     assert layout.data_parallel_size(8) == 2
+    with_context = ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2, pipeline_model_parallel_size=2)
+    assert with_context.data_parallel_size(16) == 2
+    with pytest.raises(ConfigError, match="context_parallel_size x pipeline_model_parallel_size = 2 x 2 x 2"):
+        with_context.data_parallel_size(12)
     assert layout.balance_for(2) == "attention_cost" and layout.balance_for(1) == "none"
     assert ParallelConfig(micro_batch_balance="none").balance_for(4) == "none"
 
 
 def test_parallel_flags_reach_their_keys(capsys):
     code = main(["show-config", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                 "--sequence-parallel", "--set", "model.num_layers=4", "--set", "parallel.ddp_bucket_size=1000000"])
+                 "--sequence-parallel", "--context-parallel-size", "2", "--set", "model.num_layers=4",
+                 "--set", "parallel.ddp_bucket_size=1000000"])
     out = capsys.readouterr().out
     assert code == 0
     for line in ("tensor_model_parallel_size: 2", "pipeline_model_parallel_size: 2", "sequence_parallel: true",
-                 "use_distributed_optimizer: true", "ddp_bucket_size: 1000000", "micro_batch_balance: auto"):
+                 "use_distributed_optimizer: true", "ddp_bucket_size: 1000000", "micro_batch_balance: auto",
+                 "context_parallel_size: 2", "context_parallel_split_threshold: 1024"):
         assert line in out
+    assert "model:" in out and "\n  context_parallel" not in out.split("parallel:")[0]  # not a model key
 
 
 def test_cli_reports_an_impossible_layout_in_one_line(capsys):

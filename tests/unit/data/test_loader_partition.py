@@ -1,4 +1,5 @@
-"""Micro-batches: cost-balanced partition of a global batch, the same on every layout."""
+"""Micro-batches: cost-balanced partition of a global batch, the same on every
+data-parallel size."""
 
 from __future__ import annotations
 
@@ -58,11 +59,12 @@ def split():
 @pytest.mark.parametrize("balance", list(PARTITIONS))
 def test_micro_batches_do_not_depend_on_the_data_parallel_size(split, balance):
     """Rank r of 2 (2 micro-batches each) gets micro-batches 2r and 2r + 1 of one rank with
-    4: same users, tokens, labels and negative-sampling seeds, over several steps."""
+    4: same users, tokens, labels, negatives, dropout keys and seeds, over several steps."""
     def loader(dp_rank, dp_size, num_micro_batches):
         items = ItemSpace(vocab=split.sequences.item_vocab, raw_keys=False)
         return TrainingBatches(split, items, max_seq_len=30, micro_batch_size=6, num_micro_batches=num_micro_batches,
-                               seed=9, dp_rank=dp_rank, dp_size=dp_size, partition_fn=PARTITIONS[balance])
+                               seed=9, dp_rank=dp_rank, dp_size=dp_size, partition_fn=PARTITIONS[balance],
+                               num_negatives=5, num_in_batch_negatives=3)
 
     single, ranks = loader(0, 1, 4), [loader(r, 2, 2) for r in range(2)]
     for _ in range(3):
@@ -70,7 +72,7 @@ def test_micro_batches_do_not_depend_on_the_data_parallel_size(split, balance):
         got = [b for rank in ranks for b in rank.next_step()]
         assert len(got) == len(expected) == 4
         for a, b in zip(got, expected):
-            assert a.sample_seed == b.sample_seed
-            for name in ("user_ids", "item_ids", "offsets", "labels", "timestamps"):
+            assert a.dropout_seed == b.dropout_seed
+            for name in ("user_ids", "item_ids", "offsets", "labels", "timestamps", "negative_ids", "token_keys"):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert ranks[0].consumed_samples == single.consumed_samples == 3 * 24

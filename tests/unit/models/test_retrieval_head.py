@@ -7,7 +7,7 @@ import math
 import torch
 
 from megatron_gr.embeddings.base import EmbeddingTable
-from megatron_gr.models.retrieval_head import full_corpus_ranks, sampled_softmax_loss
+from megatron_gr.models.retrieval_head import full_corpus_ranks, full_softmax_loss, sampled_softmax_loss
 
 
 class FixedTable(EmbeddingTable):
@@ -31,16 +31,8 @@ def test_sampled_softmax_by_hand():
     user = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # already unit vectors
     labels = torch.tensor([1, 3])
     temperature = 0.5
-    seed = 7
-    loss = sampled_softmax_loss(
-        user, labels, table, corpus_ids=torch.arange(1, 4), num_negatives=2, num_in_batch_negatives=1,
-        temperature=temperature, generator=torch.Generator().manual_seed(seed),
-    )
-    # The negatives the head draws: 2 uniform in 1..3, then 1 of the labels.
-    g = torch.Generator().manual_seed(seed)
-    uniform = torch.randint(1, 4, (2,), generator=g).tolist()
-    picked = labels[torch.randint(0, 2, (1,), generator=g)].tolist()
-    negatives = uniform + picked
+    negatives = [2, 1, 3, 2]  # repeats count twice; a token's own label is masked out
+    loss = sampled_softmax_loss(user, labels, table, negative_ids=torch.tensor(negatives), temperature=temperature)
     cos = {  # cosine(user row, item) by hand
         (0, 1): 1.0, (0, 2): 0.0, (0, 3): 1 / math.sqrt(2),
         (1, 1): 0.0, (1, 2): 1.0, (1, 3): 1 / math.sqrt(2),
@@ -56,13 +48,10 @@ def test_sampled_softmax_by_hand():
 def test_loss_gradient_reaches_the_table():
     table = FixedTable(TABLE)
     user = torch.nn.functional.normalize(torch.tensor([[0.3, 0.7]], dtype=torch.float64), dim=-1)
-    loss = sampled_softmax_loss(
-        user, torch.tensor([2]), table, corpus_ids=torch.arange(1, 4), num_negatives=4, num_in_batch_negatives=0,
-        temperature=0.1, generator=torch.Generator().manual_seed(0),
-    )
+    loss = sampled_softmax_loss(user, torch.tensor([2]), table, negative_ids=torch.tensor([1, 3, 3]), temperature=0.1)
     loss.sum().backward()
-    assert table.weight.grad[2].abs().sum() > 0
-    assert table.weight.grad[0].abs().sum() == 0  # padding is never sampled
+    assert table.weight.grad[2].abs().sum() > 0 and table.weight.grad[3].abs().sum() > 0
+    assert table.weight.grad[0].abs().sum() == 0  # not a label, not a negative
 
 
 def test_full_corpus_ranks_by_hand():
@@ -122,3 +111,45 @@ def test_infinite_scores_follow_the_same_rules():
 def test_one_item_and_no_users():
     assert _ranks([[NAN, NAN], [0.0, 1.0]], [1, 1], UNIT[:2]) == [0, 0]  # nothing else to beat it
     assert _ranks([], [], UNIT) == []
+
+
+def test_full_softmax_by_hand():
+    """Cross-entropy of each label against every other corpus item, cosine scores."""
+    table = FixedTable(TABLE)
+    user = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    temperature = 0.5
+    loss = full_softmax_loss(user, torch.tensor([1, 3]), table, corpus_ids=torch.arange(1, 4), temperature=temperature)
+    s = 1 / math.sqrt(2)
+    # user 0 scores items 1, 2, 3: 1, 0, s (label 1); user 1: 0, 1, s (label 3)
+    expected = [
+        math.log(math.exp(1 / temperature) + math.exp(0) + math.exp(s / temperature)) - 1 / temperature,
+        math.log(math.exp(0) + math.exp(1 / temperature) + math.exp(s / temperature)) - s / temperature,
+    ]
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_dot_product_scores_use_raw_rows():
+    """Without L2 normalisation the scores are raw dot products: user (1, 1) scores item 1
+    (1, 0) at 1, item 2 (0, 2) at 2, item 3 (5, 5) at 10."""
+    table = FixedTable(TABLE)
+    user = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    loss = full_softmax_loss(user, torch.tensor([2]), table, corpus_ids=torch.arange(1, 4), temperature=1.0,
+                             normalize_items=False)
+    expected = math.log(math.exp(1) + math.exp(2) + math.exp(10)) - 2
+    torch.testing.assert_close(loss, torch.tensor([expected], dtype=torch.float64))
+    sampled = sampled_softmax_loss(
+        user, torch.tensor([2]), table, negative_ids=torch.tensor([2, 3]), temperature=1.0, normalize_items=False,
+    )
+    # the label itself is masked out: the loss of label 2 against item 3 alone, raw dot products
+    assert sampled.item() == math.log(math.exp(2) + math.exp(10)) - 2
+
+
+def test_dot_product_ranks_differ_from_cosine_ranks():
+    """User (1, 0.1), target item 1: dot products 1 (item 1), 0.2 (item 2), 5.5 (item 3) ->
+    rank 1; cosines .995, .0995, .774 -> rank 0."""
+    table = FixedTable(TABLE)
+    user = torch.tensor([[1.0, 0.1]], dtype=torch.float64)
+    target, corpus = torch.tensor([1]), torch.arange(1, 4)
+    assert full_corpus_ranks(user, target, table, corpus_ids=corpus, normalize_items=False).tolist() == [1]
+    unit = torch.nn.functional.normalize(user, dim=-1)
+    assert full_corpus_ranks(unit, target, table, corpus_ids=corpus).tolist() == [0]

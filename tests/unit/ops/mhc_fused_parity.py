@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.ops.mhc import input_expand, mhc_merge, mhc_pre, output_contract
 
 
@@ -28,6 +29,13 @@ def merge_inputs(tokens: int, n: int, channels: int, dtype: torch.dtype, device,
     )
 
 
+def merge_keys(tokens: int, device) -> DropoutKeys:
+    """Keys of a merge's dropout: large and negative token keys (both int64 halves reach
+    the hash), a large seed, a feature offset (a tensor-parallel slice's)."""
+    keys = torch.arange(tokens, dtype=torch.int64) * 2**33 - 3
+    return DropoutKeys(seed=2**62 + 11, site=14, token_keys=keys.to(device), feature_offset=5)
+
+
 def map_inputs(n: int, channels: int, device, *, seed: int, scale: float = 0.5) -> dict:
     """A pre op's maps: projection ``[n² + 2n, n C]``, gates, static logits (float32)."""
     g = torch.Generator().manual_seed(seed)
@@ -40,10 +48,11 @@ def map_inputs(n: int, channels: int, device, *, seed: int, scale: float = 0.5) 
 
 
 def separate_merge_pre(x, h_res, h_post, y, bias, projection, alpha, map_bias, *, kernel, iterations, eps,
-                       dropout_p=0.0, training=False):
+                       dropout_p=0.0, training=False, dropout_keys=None):
     """The merge then the pre op, as the layers ran them before the fusion."""
     streams = input_expand(x, h_res.shape[1], kernel=kernel) if x.dim() == 2 else x
-    merged = mhc_merge(streams, h_res, h_post, y, bias, dropout_p=dropout_p, training=training, kernel=kernel)
+    merged = mhc_merge(streams, h_res, h_post, y, bias, dropout_p=dropout_p, training=training,
+                       dropout_keys=dropout_keys, kernel=kernel)
     return (merged, *mhc_pre(merged, projection, alpha, map_bias, iterations=iterations, eps=eps, kernel=kernel))
 
 
@@ -52,9 +61,11 @@ def separate_expand_pre(x, projection, alpha, map_bias, *, num_streams, kernel, 
                    eps=eps, kernel=kernel)
 
 
-def separate_merge_contract(x, h_res, h_post, y, bias, *, kernel, dropout_p=0.0, training=False):
+def separate_merge_contract(x, h_res, h_post, y, bias, *, kernel, dropout_p=0.0, training=False,
+                            dropout_keys=None):
     streams = input_expand(x, h_res.shape[1], kernel=kernel) if x.dim() == 2 else x
-    merged = mhc_merge(streams, h_res, h_post, y, bias, dropout_p=dropout_p, training=training, kernel=kernel)
+    merged = mhc_merge(streams, h_res, h_post, y, bias, dropout_p=dropout_p, training=training,
+                       dropout_keys=dropout_keys, kernel=kernel)
     return output_contract(merged, kernel=kernel)
 
 

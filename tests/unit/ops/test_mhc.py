@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keep_mask
 from megatron_gr.ops.mhc import (
     input_expand,
     mhc_aggregate,
@@ -166,11 +167,15 @@ def test_merge_dropout_shares_one_mask_across_streams():
     h_res = torch.eye(4).expand(6, 4, 4)
     h_post = torch.ones(6, 4)
     y = torch.randn(6, 16, generator=g)
-    out = mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=True)
+    keys = DropoutKeys(seed=3, site=6, token_keys=torch.arange(6) * 40 + 7)
+    out = mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=True, dropout_keys=keys)
     dropped = out == 0
     assert dropped.any() and not dropped.all()
     assert (dropped == dropped[:, :1]).all()  # same positions in every stream
+    assert torch.equal(~dropped[:, 0], keep_mask(keys, 16, p=0.5))  # the keyed mask of the token keys
     torch.testing.assert_close(out[:, 0][~dropped[:, 0]], 2 * y[~dropped[:, 0]])
+    with pytest.raises(ValueError, match="DropoutKeys"):
+        mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=True)
     assert torch.equal(mhc_merge(x, h_res, h_post, y, None, dropout_p=0.5, training=False), y.unsqueeze(1).expand(6, 4, 16))
 
 

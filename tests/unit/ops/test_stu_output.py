@@ -1,7 +1,7 @@
 """The fused STU output path (Triton) against the PyTorch reference: forward and every
-gradient without dropout (float64 reference), and with dropout the kept elements, the
-dropped fraction and gradients through the same mask. Without a GPU the kernel runs in
-the Triton interpreter. Tolerances (relative, whole tensor): fp32 1e-5, bf16 1e-2."""
+gradient (float64 reference) without dropout and with it (the same keyed mask). Without a
+GPU the kernel runs in the Triton interpreter. Tolerances (relative, whole tensor): fp32
+1e-5, bf16 1e-2."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tests.triton_support import triton_or_skip
 
 DEVICE = triton_or_skip()
 
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keep_mask  # noqa: E402
 from megatron_gr.ops.stu_output import stu_output  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -50,20 +51,37 @@ def test_matches_reference_without_dropout(tokens, heads, dv, with_bias, dtype):
         assert relative(a, b) < TOLERANCE[dtype], f"{name}: {relative(a, b):.2e}"
 
 
-def test_dropout_keeps_scaled_values_and_gradients_follow_the_mask():
+def stu_keys(tokens: int, feature_offset: int = 0) -> DropoutKeys:
+    keys = torch.arange(tokens, dtype=torch.int64) * 200 + 7
+    return DropoutKeys(seed=2**40 + 3, site=9, token_keys=keys.to(DEVICE), feature_offset=feature_offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens, heads, dv, feature_offset", [(37, 2, 12, 0), (300, 2, 16, 64), (5, 1, 64, 3)])
+def test_dropout_draws_the_reference_mask(tokens, heads, dv, feature_offset, dtype):
+    """p > 0: the kernel hashes the reference's keyed mask in the forward and again in the
+    backward: output and every gradient match the float64 reference, the dropped elements
+    are exactly the reference's, and the kept ones are scaled by 1 / (1 - p)."""
     p = 0.25
-    attn, u, weight, bias = make_inputs(300, 2, 16, torch.float32, seed=1)
-    torch.manual_seed(5)
-    out = stu_output(attn, u, weight, bias, eps=1e-5, dropout_p=p, training=True, kernel="triton")
-    plain = stu_output(attn, u, weight, bias, eps=1e-5, dropout_p=p, training=False, kernel="pytorch")
-    kept = out != 0
-    assert abs((~kept).float().mean().item() - p) < 0.03
-    torch.testing.assert_close(out[kept], plain[kept] / (1 - p), rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (attn, u, weight, bias), grad)
-    want = torch.autograd.grad(plain * kept / (1 - p), (attn, u, weight, bias), grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    torch.manual_seed(5)
-    again = stu_output(attn, u, weight, bias, eps=1e-5, dropout_p=p, training=True, kernel="triton")
-    assert torch.equal(again, out), "the same generator state must draw the same mask"
+    attn, u, weight, bias = make_inputs(tokens, heads, dv, dtype, seed=1)
+    keys = stu_keys(tokens, feature_offset)
+    leaves = [attn, u, weight, bias]
+    out = stu_output(attn, u, weight, bias, eps=1e-5, dropout_p=p, training=True, dropout_keys=keys, kernel="triton")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    got = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = stu_output(*ref_leaves, eps=1e-5, dropout_p=p, training=True, dropout_keys=keys, kernel="pytorch")
+    want = torch.autograd.grad(ref, ref_leaves, grad.double())
+    for name, a, b in zip(["out", "d_attn", "d_u", "d_weight", "d_bias"], [out, *got], [ref, *want]):
+        assert relative(a, b) < TOLERANCE[dtype], f"{name}: {relative(a, b):.2e}"
+    keep = keep_mask(keys, heads * dv, p=p)
+    assert torch.equal(out != 0, keep), "the dropped elements are the keyed mask's"
+    plain = stu_output(*ref_leaves, eps=1e-5, dropout_p=p, training=False, kernel="pytorch")
+    torch.testing.assert_close(ref[keep], plain[keep] / (1 - p))
+
+
+def test_dropout_in_training_needs_keys():
+    attn, u, weight, bias = make_inputs(4, 1, 8, torch.float32)
+    for kernel in ("pytorch", "triton"):
+        with pytest.raises(ValueError, match="DropoutKeys"):
+            stu_output(attn, u, weight, bias, eps=1e-5, dropout_p=0.1, training=True, kernel=kernel)

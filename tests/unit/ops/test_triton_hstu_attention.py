@@ -123,6 +123,18 @@ def test_interpreter_relative_bias(mask, time_fn):
 
 
 @cpu_only
+def test_interpreter_hstu_log_time_buckets():
+    check_parity([1, 40, 23], mask=MASKS["all"], dtype=torch.float32, device="cpu", bias=True, time_fn="hstu_log")
+
+
+def test_query_time_bias_is_refused_with_one_line():
+    q, k, v, offsets, rel = make_inputs([3], heads=1, dqk=4, dv=4, dtype=torch.float32, device=DEVICE, bias=True)
+    rel.query_timestamps = rel.timestamps + 1
+    with pytest.raises(ValueError, match="need the PyTorch reference"):
+        hstu_attention(q, k, v, offsets, max_seq_len=4, alpha=1.0, relative_bias=rel, kernel="triton")
+
+
+@cpu_only
 def test_interpreter_odd_head_dims_and_seq_len_normaliser():
     check_parity([2, 29, 1], mask=MASKS["targets"], dtype=torch.float32, device="cpu", dqk=24, dv=12,
                  normalizer="seq_len", bias=True)
@@ -231,7 +243,7 @@ def test_gpu_head_dims(dqk, dv, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("time_fn", ["sqrt", "log"])
+@pytest.mark.parametrize("time_fn", ["sqrt", "log", "hstu_log"])
 def test_gpu_relative_bias_seq_len_normaliser(time_fn):
     check_parity(GPU_LENGTHS, mask=MASKS["causal"], dtype=torch.bfloat16, device="cuda", dqk=128, dv=128,
                  bias=True, time_fn=time_fn, normalizer="seq_len")

@@ -1,7 +1,8 @@
 """The fused mHC kernels (Triton) against the PyTorch reference in float64 on random inputs:
 the mappings (RMS norm + projection + gates, then Sinkhorn-Knopp), Sinkhorn alone (row and
-column sums, extreme logits), aggregate and merge (bias-dropout-add), and the fused pre op
-(mappings then aggregate) against the reference composition; forward output and
+column sums, extreme logits), aggregate and merge (bias-dropout-add, with the reference's
+keyed dropout mask), and the fused pre op (mappings then aggregate) against the reference
+composition; forward output and
 every gradient. Without a GPU the kernels run in the Triton interpreter on tiny shapes;
 tests marked ``gpu`` run the compiled kernels at training sizes.
 
@@ -23,6 +24,7 @@ from tests.triton_support import triton_or_skip
 
 DEVICE = triton_or_skip()
 
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keep_mask  # noqa: E402
 from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, mhc_pre, sinkhorn  # noqa: E402
 
 STREAM_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
@@ -241,38 +243,33 @@ def test_merge_matches_reference_without_dropout(tokens, n, channels, with_bias,
         assert out.dtype == dtype
 
 
-def test_merge_dropout_mask_is_shared_drawn_again_in_backward_and_follows_the_generator():
-    """p > 0: masks cannot match torch's bitwise. The kept values equal the reference's
-    ``(y + b) / (1 - p)``, one mask serves every stream, the dropped share is about p, the
-    gradients are those of the reference through the same mask, and the same generator
-    state draws the same mask."""
-    p, tokens, n, channels = 0.3, 16, 4, 40
-    x, _, h_post, h_res, y, bias = stream_inputs(tokens, n, channels, torch.float32, seed=7)
-    torch.manual_seed(11)
-    out = mhc_merge(x, h_res, h_post, y, bias, dropout_p=p, training=True, kernel="triton")
-    torch.manual_seed(11)  # the mask alone: zero streams, h_post = 1, y = 1
-    ones = torch.ones_like(h_post)
+def merge_keys(tokens: int) -> DropoutKeys:
+    """Large and negative keys (the int64 halves of a key both reach the hash)."""
+    keys = torch.arange(tokens, dtype=torch.int64) * 2**33 - 3
+    return DropoutKeys(seed=2**62 + 11, site=14, token_keys=keys.to(DEVICE), feature_offset=5)
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens, n, channels, with_bias", [(9, 4, 40, True), (16, 2, 42, False), (5, 8, 20, True)])
+def test_merge_dropout_draws_the_reference_mask(tokens, n, channels, with_bias, dtype):
+    """p > 0: the kernel hashes the reference's keyed mask (one per token, shared by the
+    streams), in the forward and again in the backward: output and every gradient match
+    the float64 reference, and the dropped elements are exactly the reference's."""
+    x, _, h_post, h_res, y, bias = stream_inputs(tokens, n, channels, dtype, seed=7, with_bias=with_bias)
+    keys, p = merge_keys(tokens), 0.3
+    streams, maps = STREAM_TOLERANCE[dtype], MAP_TOLERANCE[dtype]
+    check_parity(mhc_merge, [x, h_res, h_post, y, bias], dict(dropout_p=p, training=True, dropout_keys=keys),
+                 [streams, streams, maps, maps, streams, streams])
+    ones = torch.ones_like(h_post)  # the mask alone: zero streams, h_post = 1, y = 1
     mask = mhc_merge(torch.zeros_like(x), h_res, ones, torch.ones_like(y), None, dropout_p=p, training=True,
-                     kernel="triton").detach()
+                     dropout_keys=keys, kernel="triton").detach()
     assert (mask == mask[:, :1]).all(), "one mask for all streams"
-    keep = mask[:, 0] != 0
-    torch.testing.assert_close(mask[:, 0][keep], torch.full_like(mask[:, 0][keep], 1 / (1 - p)))
-    assert abs((~keep).float().mean().item() - p) < 0.06  # 640 draws: 3.3 sigma
-    leaves = (x, h_res, h_post, y, bias)
-    ref = mhc_merge(x, h_res, h_post, (y + bias) * keep / (1 - p), None, kernel="pytorch")
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
-    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.manual_seed(11)
-    again = mhc_merge(x, h_res, h_post, y, bias, dropout_p=p, training=True, kernel="triton")
-    assert torch.equal(again, out), "the same generator state draws the same mask"
-    assert not torch.equal(mhc_merge(x, h_res, h_post, y, bias, dropout_p=p, training=True, kernel="triton"), out)
+    assert torch.equal((mask[:, 0] != 0).cpu(), keep_mask(keys, channels, p=p).cpu())
 
 
 def test_merge_dropout_mask_does_not_depend_on_blocks():
-    """The mask is a function of (seed, token, channel), Philox drawn per 4 channels: the
-    forward and the backward may tile differently (C = 42: a token's last quad is short)."""
+    """The mask is a function of (keys, channel): the forward and the backward may tile
+    differently (C = 42: a short last chunk) and still drop the same elements."""
     from megatron_gr.ops.triton.mhc_configs import Blocks, override
 
     x, _, h_post, h_res, y, bias = stream_inputs(10, 2, 42, torch.float32, seed=9)
@@ -281,8 +278,7 @@ def test_merge_dropout_mask_does_not_depend_on_blocks():
     results = []
     for fwd, bwd in ((16, 16), (32, 16), (16, 64)):
         with override(merge_fwd=Blocks(4, fwd, 1), merge_bwd=Blocks(4, bwd, 1)):
-            torch.manual_seed(3)
-            out = mhc_merge(*leaves, dropout_p=0.5, training=True, kernel="triton")
+            out = mhc_merge(*leaves, dropout_p=0.5, training=True, dropout_keys=merge_keys(10), kernel="triton")
             results.append((out, *torch.autograd.grad(out, leaves, grad)))
     for other in results[1:]:  # the map gradients sum the channel chunks in another order
         for a, b in zip(results[0], other):
@@ -297,7 +293,8 @@ def test_no_tokens():
     grads = torch.autograd.grad([m.sum() for m in maps], [x, projection, alpha, bias])
     assert grads[0].shape == x.shape and all(not g.any() for g in grads[1:])
     x, h_pre, h_post, h_res, y, b = stream_inputs(0, 4, 8, torch.bfloat16)
-    out = mhc_merge(x, h_res, h_post, y, b, dropout_p=0.1, training=True, kernel="triton")
+    keys = DropoutKeys(seed=1, site=2, token_keys=torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    out = mhc_merge(x, h_res, h_post, y, b, dropout_p=0.1, training=True, dropout_keys=keys, kernel="triton")
     agg = mhc_aggregate(x, h_pre, kernel="triton")
     grads = torch.autograd.grad([out.sum(), agg.sum()], [x, h_pre, h_res, h_post, y, b])
     assert out.shape == (0, 4, 8) and agg.shape == (0, 8) and not grads[-1].any()
@@ -331,8 +328,9 @@ def test_gpu_aggregate_and_merge_at_training_sizes(n, channels, dtype):
     x, h_pre, h_post, h_res, y, bias = stream_inputs(8195, n, channels, dtype, seed=21)
     streams, maps = STREAM_TOLERANCE[dtype], MAP_TOLERANCE[dtype]
     check_parity(mhc_aggregate, [x, h_pre], {}, [streams] * 2 + [maps])
-    check_parity(mhc_merge, [x, h_res, h_post, y, bias], dict(dropout_p=0.0, training=True),
-                 [streams, streams, maps, maps, streams, streams])
+    for dropout in (dict(dropout_p=0.0), dict(dropout_p=0.1, dropout_keys=merge_keys(8195))):
+        check_parity(mhc_merge, [x, h_res, h_post, y, bias], dict(training=True, **dropout),
+                     [streams, streams, maps, maps, streams, streams])
 
 
 @pytest.mark.gpu

@@ -2,7 +2,8 @@
 inputs: a merge with the next pre op (``mhc_merge_pre``; streams, and the block input
 standing for its copies), the first pre op on the block input (``mhc_expand_pre``), the
 last merge with the contraction (``mhc_merge_contract``); forward outputs and every
-gradient; n = 2, 4, 8; fp32 and bf16 streams. Without a GPU the kernels run in the Triton
+gradient; n = 2, 4, 8; fp32 and bf16 streams; with the merge's keyed dropout on, the same
+keys drop the same elements as the reference composition. Without a GPU the kernels run in the Triton
 interpreter on tiny shapes; tests marked ``gpu`` run the compiled kernels at training sizes.
 
 What is compared, every result against the float64 reference composition (relative error
@@ -27,11 +28,13 @@ from tests.triton_support import triton_or_skip
 
 DEVICE = triton_or_skip()
 
-from megatron_gr.ops.mhc import mhc_expand_pre, mhc_merge, mhc_merge_contract, mhc_merge_pre  # noqa: E402
+from megatron_gr.ops.keyed_dropout import DropoutKeys, keep_mask  # noqa: E402
+from megatron_gr.ops.mhc import mhc_expand_pre, mhc_merge_contract, mhc_merge_pre  # noqa: E402
 from tests.unit.ops.mhc_fused_parity import (  # noqa: E402
     assert_as_accurate,
     map_inputs,
     merge_inputs,
+    merge_keys,
     relative,
     run_three_ways,
     separate_expand_pre,
@@ -110,30 +113,45 @@ def test_merge_contract_matches_the_separate_ops(n, channels, with_bias, expande
     assert_as_accurate(results, **tolerances(dtype, n))
 
 
-def test_merge_pre_dropout_is_the_plain_merge_mask():
-    """p > 0: from the same generator state the fused op draws the separate Triton merge's
-    mask (the merged streams agree to float32 rounding, the gradients through it too); the
-    same state draws the same mask again, another state another mask."""
-    p, n, channels = 0.3, 4, 40
-    leaves = {**merge_inputs(21, n, channels, torch.float32, DEVICE, seed=5, expanded=False),
-              **map_inputs(n, channels, DEVICE, seed=6)}
-    kwargs = dict(iterations=5, eps=1e-6, dropout_p=p, training=True)
-    torch.manual_seed(11)
-    fused = mhc_merge_pre(**leaves, kernel="triton", **kwargs)
-    torch.manual_seed(11)
-    separate = separate_merge_pre(**leaves, kernel="triton", **kwargs)
-    grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE)
-             for i, o in enumerate(fused)]
-    live = [t for t in leaves.values() if t is not None]
-    for a, b in zip((*fused, *torch.autograd.grad(fused, live, grads)),
-                    (*separate, *torch.autograd.grad(separate, live, grads))):
-        assert relative(a, b) < 1e-5
-    dropped = (fused[0] - mhc_merge(leaves["x"], leaves["h_res"], leaves["h_post"], leaves["y"], leaves["bias"],
-                                    kernel="triton")).abs().amax(dim=(1, 2))
-    assert (dropped > 0).all(), "every token has dropped channels at p = 0.3 over 40 channels"
-    torch.manual_seed(11)
-    assert torch.equal(mhc_merge_pre(**leaves, kernel="triton", **kwargs)[0], fused[0])
-    assert not torch.equal(mhc_merge_pre(**leaves, kernel="triton", **kwargs)[0], fused[0])
+@pytest.mark.parametrize("n, channels, expanded, dtype", [
+    (2, 12, True, torch.float32), (4, 20, False, torch.bfloat16), (8, 16, False, torch.float32),
+    (4, 40, True, torch.bfloat16),
+], ids=["n2-block_input-fp32", "n4-streams-bf16", "n8-streams-fp32", "n4-block_input-bf16"])
+def test_merge_pairs_with_dropout_match_the_reference_composition(n, channels, expanded, dtype):
+    """p = 0.3 with the same keys: both fused pairs drop the elements the reference merge
+    drops (a different mask would move every result by order one), in the forward and again
+    in the backward kernels; outputs and every gradient as accurate as the separate kernels."""
+    tokens = 19
+    keys, p = merge_keys(tokens, DEVICE), 0.3
+    train = dict(dropout_p=p, training=True, dropout_keys=keys)
+    leaves = {**merge_inputs(tokens, n, channels, dtype, DEVICE, seed=n + 40, expanded=expanded),
+              **map_inputs(n, channels, DEVICE, seed=n + 41)}
+    results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=3, eps=1e-6, **train))
+    assert_as_accurate(results, **tolerances(dtype, n))
+    check_forward_matches_separate(results, dtype)
+    merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
+    assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, train),
+                       **tolerances(dtype, n))
+    # The mask alone: zero streams, h_post = 1, y = 1, so every merged value is keep / (1 - p).
+    alone = dict(x=torch.zeros_like(merge["x"]), h_res=merge["h_res"], h_post=torch.ones_like(merge["h_post"]),
+                 y=torch.ones_like(merge["y"]), bias=None)
+    want = keep_mask(keys, channels, p=p).cpu()
+    merged = mhc_merge_pre(**alone, **{k: leaves[k] for k in ("projection", "alpha", "map_bias")}, iterations=3,
+                           eps=1e-6, kernel="triton", **train)[0].detach()
+    assert (merged == merged[:, :1]).all(), "one mask for all streams"
+    assert torch.equal((merged[:, 0] != 0).cpu(), want)
+    assert torch.equal((mhc_merge_contract(**alone, kernel="triton", **train) != 0).cpu(), want)
+
+
+def test_merge_pairs_need_keys_for_dropout():
+    leaves = {**merge_inputs(5, 4, 8, torch.float32, DEVICE, seed=1, expanded=False), **map_inputs(4, 8, DEVICE, seed=1)}
+    with pytest.raises(ValueError, match="DropoutKeys"):
+        mhc_merge_pre(**leaves, iterations=2, eps=1e-6, dropout_p=0.1, training=True, kernel="triton")
+    merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
+    with pytest.raises(ValueError, match=r"token_keys must be a \[5\] int64"):
+        mhc_merge_contract(**merge, dropout_p=0.1, training=True, kernel="triton",
+                           dropout_keys=DropoutKeys(seed=1, site=2, token_keys=torch.zeros(4, dtype=torch.int64)))
+    assert mhc_merge_contract(**merge, dropout_p=0.1, training=False).shape == (5, 8)  # no dropout: no keys needed
 
 
 @pytest.mark.parametrize("used", ["u", "streams"])
@@ -177,12 +195,14 @@ def test_no_tokens():
     for expanded in (False, True):
         leaves = {**merge_inputs(0, 4, 8, torch.bfloat16, DEVICE, seed=1, expanded=expanded),
                   **map_inputs(4, 8, DEVICE, seed=1)}
-        outs = mhc_merge_pre(**leaves, iterations=5, eps=1e-6, dropout_p=0.1, training=True, kernel="triton")
+        keys = DropoutKeys(seed=1, site=2, token_keys=torch.zeros(0, dtype=torch.int64, device=DEVICE))
+        outs = mhc_merge_pre(**leaves, iterations=5, eps=1e-6, dropout_p=0.1, training=True, dropout_keys=keys,
+                             kernel="triton")
         assert [tuple(o.shape) for o in outs] == [(0, 4, 8), (0, 8), (0, 4), (0, 4, 4)]
         grads = torch.autograd.grad([o.float().sum() for o in outs], list(leaves.values()))
         assert all(not g.any() for g in grads)
         merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
-        out = mhc_merge_contract(**merge, dropout_p=0.1, training=True, kernel="triton")
+        out = mhc_merge_contract(**merge, dropout_p=0.1, training=True, dropout_keys=keys, kernel="triton")
         assert out.shape == (0, 8) and not torch.autograd.grad(out.float().sum(), leaves["bias"])[0].any()
     maps = map_inputs(4, 8, DEVICE, seed=2)
     outs = expand_pre(torch.zeros(0, 8, device=DEVICE, requires_grad=True), **maps, num_streams=4, iterations=5,
@@ -216,6 +236,21 @@ def test_gpu_merge_pre_at_training_sizes(n, channels, expanded, dtype):
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=20, eps=1e-6))
     assert_as_accurate(results, **tolerances(dtype, n))
     check_forward_matches_separate(results, dtype)
+
+
+@pytest.mark.gpu
+@DTYPES
+def test_gpu_merge_pairs_with_dropout_at_training_sizes(dtype):
+    """n = 4, 1024 channels, p = 0.1: the reference's keyed mask at many token tiles."""
+    train = dict(dropout_p=0.1, training=True, dropout_keys=merge_keys(4099, DEVICE))
+    leaves = {**merge_inputs(4099, 4, 1024, dtype, DEVICE, seed=25, expanded=False),
+              **map_inputs(4, 1024, DEVICE, seed=26, scale=0.05)}
+    results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=20, eps=1e-6, **train))
+    assert_as_accurate(results, **tolerances(dtype, 4))
+    check_forward_matches_separate(results, dtype)
+    merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
+    assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, train),
+                       **tolerances(dtype, 4))
 
 
 @pytest.mark.gpu

@@ -1,9 +1,9 @@
 """Runs training scenarios on any parallel layout and records what a single rank would see:
 losses, gradient norms, every parameter's full gradient per step (tensor-parallel slices
-joined, pipeline stages merged, data-parallel shards of the distributed optimizer
-gathered), full weights, the rows of dynamic item tables (data-parallel shards joined),
-evaluation metrics. Used in-process for single-rank references and, through
-:func:`run_plan`, on several ranks (``tests/unit/parallel/layouts.py``).
+joined, pipeline stages merged, data- and context-parallel shards of the distributed
+optimizer gathered), full weights, the rows of dynamic item tables (data- and
+context-parallel shards joined), evaluation metrics. Used in-process for single-rank
+references and, through :func:`run_plan`, on several ranks (``tests/unit/parallel/layouts.py``).
 
 A scenario is a dict; its phases run in this order, each optional::
 
@@ -70,10 +70,13 @@ def run_scenario(scenario: dict) -> Optional[dict]:
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
         "distributed_optimizer": trainer.model[0].ddp_config.use_distributed_optimizer,
         "overlap_grad_reduce": trainer.model[0].ddp_config.overlap_grad_reduce,
         "overlap_param_gather": trainer.model[0].ddp_config.overlap_param_gather,
         "buckets": sum(len(buffer.buckets) for chunk in trainer.model for buffer in chunk.buffers),
+        "dropout": {"hidden": model_config.hidden_dropout, "embedding": model_config.embedding_dropout},
+        "micro_batch_balance": config.parallel.balance_for(parallel_state.get_data_parallel_world_size()),
     }
     model_config.finalize_model_grads_func = finalize
     return record if dist.get_rank() == 0 else None
@@ -117,14 +120,14 @@ def _dynamic_rows(trainer: Trainer) -> Optional[dict]:
 
 def _reduced_grads(model_chunks) -> dict:
     """Every parameter's gradient as the optimizer sees it. The distributed optimizer leaves
-    each data-parallel rank only its shard of every bucket: gather the shards."""
+    each data- and context-parallel rank only its shard of every bucket: gather the shards."""
     grads = {}
     for chunk in model_chunks:
         sharded = chunk.ddp_config.use_distributed_optimizer
         for buffer in chunk.buffers:
             data = buffer.grad_data.clone()
             if sharded:
-                group = parallel_state.get_data_parallel_group()
+                group = parallel_state.get_data_parallel_group(with_context_parallel=True)
                 for bucket in buffer.buckets:
                     shard = bucket.grad_data.view(group.size(), -1)[group.rank()].clone()
                     dist.all_gather_into_tensor(data[bucket.offset : bucket.offset + bucket.grad_data.numel()], shard, group=group)

@@ -1,8 +1,9 @@
 """The HSTU retrieval model with hyper-connections (n = 3) and mHC recompute trains the
-single-rank model without recompute under TP=2 with sequence parallelism, DP=2, PP=2 and
-TP=2 x PP=2 with sequence parallelism (losses, gradient norms, every parameter's gradient
+single-rank model without recompute under TP=2 with sequence parallelism, DP=2, PP=2,
+TP=2 x PP=2 with sequence parallelism and CP=2 (losses, gradient norms, every parameter's gradient
 over several steps, metrics), and checkpoints saved under TP=2 + SP and TP=2 x PP=2 + SP
-load under other layouts (one rank; PP=2) with the same metrics and next losses.
+load under other layouts (one rank; PP=2) with the same metrics and next losses. Dropout
+is on and micro-batches are cut by the default balancing, as in test_multi_rank.py.
 
 Pipeline stages exchange the n streams, ``[T, 1, n C]`` (``[T / 2, 1, n C]`` under
 sequence parallelism). Recompute blocks are cut per stage (2 layers each): PP=2 runs the
@@ -60,6 +61,7 @@ def records(megatron_cpu, tmp_path_factory):
         parity("dp2", config(tmp, "dp2")),
         parity("pp2", config(tmp, "pp2", pp=2, recompute=default_blocks)),
         resuming("tp2pp2_to_pp2", config(tmp, "tp2pp2_to_pp2", pp=2, load=tp2_pp2)),
+        parity("cp2", config(tmp, "cp2", context_parallel_size=2, context_parallel_split_threshold=8)),
     ])
     one_rank = {
         "single": run_scenario(single_rank("single", config(tmp, "single", recompute={}))),
@@ -70,11 +72,12 @@ def records(megatron_cpu, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, layout", [
-    ("tp2_sp", (2, 1, 1)), ("dp2", (1, 1, 2)), ("pp2", (1, 2, 1)), ("tp2_pp2_sp", (2, 2, 1)),
+    ("tp2_sp", (2, 1, 1, 1)), ("dp2", (1, 1, 2, 1)), ("pp2", (1, 2, 1, 1)), ("tp2_pp2_sp", (2, 2, 1, 1)),
+    ("cp2", (1, 1, 1, 2)),
 ])
 def test_mhc_layout_reproduces_single_rank(records, name, layout):
     run, single = records[name], records["single"]
-    assert (run["layout"]["tp"], run["layout"]["pp"], run["layout"]["dp"]) == layout
+    assert tuple(run["layout"][k] for k in ("tp", "pp", "dp", "cp")) == layout
     assert_same_training(run, single, weights=assert_mhc_weights_close)
     assert run["valid"] == pytest.approx(single["valid"], rel=1e-6)
 

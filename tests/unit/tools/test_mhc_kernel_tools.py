@@ -1,6 +1,7 @@
 """The mHC kernel tools without a GPU: every fused kernel compiles for an H100 (sm_90a) with
-the default blocks and spills no registers for bf16 streams (the interpreter tests cannot
-see GPU compile errors), and the op benchmark runs end to end in the interpreter."""
+the default blocks and spills no registers for bf16 streams, the merges with and without
+their dropout (the interpreter tests cannot see GPU compile errors), and the op benchmark
+runs end to end in the interpreter."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def test_kernels_compile_for_h100_without_spills():
     out = run_tool("mhc_kernel_resources.py", "--streams", "3,4", "--dtypes", "bf16", interpret=False)
     lines = [line for line in out.splitlines() if line.startswith("n=")]
     # mappings fwd, gates, bwd x; pre bwd x, gates; expand pre gates; the fused pairs' five
-    # kernels on streams and on the block input; Sinkhorn fwd/bwd; aggregate x2; merge x2
-    assert len(lines) == 2 * 22, out
+    # kernels on streams and on the block input, each without and with dropout; Sinkhorn
+    # fwd/bwd; aggregate x2; merge x2 without and with dropout
+    assert len(lines) == 2 * 34, out
     for line in lines:
         assert "spill_stores=0B" in line, line
     assert all("wgmma=0" not in line for line in lines if "mappings fwd" in line), "projection off tensor cores"

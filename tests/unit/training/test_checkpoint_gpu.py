@@ -51,7 +51,10 @@ def test_sigterm_on_a_gpu_saves_and_resumes(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_torchrun_forwards_sigusr1_and_both_ranks_save(tmp_path, monkeypatch):
+    # Recent torch launchers read PET_SIGNALS_TO_HANDLE and overwrite the other with it (as
+    # launch/slurm_pretrain.sbatch says); 2.9 reads TORCHELASTIC_SIGNALS_TO_HANDLE: set both.
     monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
     save = tmp_path / "ckpt"
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")

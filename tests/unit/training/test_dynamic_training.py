@@ -1,6 +1,6 @@
 """The HSTU model with a dynamic item table: raw ids flow in, training resumes bit for bit
 (best weights included), hyper-connections train with it, and 2 data-parallel ranks train
-as 1 does."""
+as 1 does (default balancing, which cuts their global batches differently)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_two_data_parallel_ranks_train_as_one(megatron_cpu, tmp_path):
     run_ranks(2, "tests.unit.training.helpers:train_dynamic", tmp_path, workdir=tmp_path)
     two = dynamic_training_config(tmp_path, 2)
     single, double = read_records(one.logging.metrics_file), read_records(two.logging.metrics_file)
-    assert [r["loss"] for r in double] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    assert [r["loss"] for r in double] == pytest.approx([r["loss"] for r in single], rel=1e-6)
     valid_one, valid_two = read_records(one.logging.metrics_file, "valid"), read_records(two.logging.metrics_file, "valid")
     assert [r["ndcg@10"] for r in valid_two] == pytest.approx([r["ndcg@10"] for r in valid_one], rel=1e-4)
     assert double[-1]["embedding/item/occupancy"] == single[-1]["embedding/item/occupancy"]

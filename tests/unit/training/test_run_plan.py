@@ -72,6 +72,15 @@ def test_contradicting_kernel_keys_are_an_error(raw, words):
         assert word in str(caught.value)
 
 
+def test_the_query_time_bias_needs_the_pytorch_attention(monkeypatch):
+    query = {"model": {"time_bias_origin": "query"}}
+    cuda = torch.device("cuda", 0)
+    assert plan_of({**query, "training": {"kernel_backend": "auto"}}, device=cuda).backend is KernelBackend.PYTORCH
+    assert plan_of({"training": {"kernel_backend": "auto"}}, device=cuda).backend is KernelBackend.TRITON
+    with pytest.raises(ConfigError, match=r"model.time_bias_origin='query' needs the PyTorch attention"):
+        plan_of({**query, "training": {"kernel_backend": "triton"}}, device=cuda)
+
+
 def test_layout_and_batch_arithmetic_are_checked_against_the_world_size():
     plan = plan_of({"training": {"device": "cpu", "micro_batch_size": 4, "global_batch_size": 32},
                     "parallel": {"tensor_model_parallel_size": 2}}, world_size=4)

@@ -1,7 +1,7 @@
 """Blocks that fuse their hyper-connection ops (``fuse_merges``) against the same blocks
 running them one by one, on the PyTorch references, whose fused ops are the compositions
 of the separate ones: the same outputs and gradients (float64, to 1e-9: only the order of
-autograd's sums differs; dropout on: the masks are drawn in the same order) for STU and
+autograd's sums differs; dropout on: every merge draws the keyed mask of its tokens) for STU and
 transformer layers, with mHC recompute blocks and
 across two pipeline stages, where the merge at each boundary runs alone. Fast: these check
 the layer and block wiring; the Triton kernels are checked in tests/unit/ops and

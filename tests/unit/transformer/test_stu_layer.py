@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 from tests.unit.ops.attention_reference import dense_attention
 from tests.unit.transformer.helpers import jagged, make_layer
 
@@ -78,3 +79,24 @@ def test_layer_needs_jagged_params(megatron_cpu):
     layer = make_layer(bias=False)
     with pytest.raises(ValueError, match="JaggedSeqParams"):
         layer(torch.zeros(3, 1, 8, dtype=torch.float64))
+
+
+def test_dropout_masks_follow_the_token_keys(megatron_cpu):
+    """With the batch's keys, a sequence gets the same dropout (so the same output) in any
+    batch: alone, or after another sequence; other keys or another seed drop other elements."""
+    layer = make_layer(bias=True, dropout=0.5)
+    params, g = jagged([5, 3], seed=3)
+    x = torch.randn(8, 1, 8, dtype=torch.float64, generator=g)
+    keys = torch.tensor([0, 1, 2, 3, 4, 12, 13, 14])  # samples 0 and 1 of max_seq_len 12
+    both, _ = layer(x, packed_seq_params=JaggedSeqParams.from_offsets(
+        params.offsets, 5, timestamps=params.timestamps, dropout_seed=7, token_keys=keys))
+    second = JaggedSeqParams.from_offsets(torch.tensor([0, 3]), 3, timestamps=params.timestamps[5:],
+                                          dropout_seed=7, token_keys=keys[5:])
+    alone, _ = layer(x[5:], packed_seq_params=second)
+    torch.testing.assert_close(alone, both[5:], rtol=0, atol=1e-12)
+    for seed, shifted in ((7, keys[5:] + 1), (8, keys[5:])):
+        other = JaggedSeqParams.from_offsets(torch.tensor([0, 3]), 3, timestamps=params.timestamps[5:],
+                                             dropout_seed=seed, token_keys=shifted)
+        assert not torch.allclose(layer(x[5:], packed_seq_params=other)[0], alone)
+    layer.eval()
+    assert not torch.allclose(layer(x[5:], packed_seq_params=second)[0], alone)  # the dropout was active

@@ -1,0 +1,51 @@
+"""Reference FP8 cast: ``x * scale``, saturated to the format's range, rounded to the nearest
+FP8 value (ties to even), optionally also written transposed with zero-padded columns (the
+layout ``torch._scaled_mm`` needs for a weight-gradient operand), optionally accumulating
+``max |x|`` on the way."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def fp8_scale_view(scale: torch.Tensor, scale_axis: Optional[int]) -> torch.Tensor:
+    """``scale`` shaped to broadcast over ``[M, N]``: a scalar, a column ``[M, 1]`` (one
+    scale per row, ``scale_axis=0``) or a row ``[1, N]`` (one per column, ``scale_axis=1``)."""
+    if scale_axis is None:
+        return scale.reshape(())
+    return scale.reshape(-1, 1) if scale_axis == 0 else scale.reshape(1, -1)
+
+
+def abs_max_nan_as_inf(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` in float32 (0 for an empty ``x``) in one pass over ``x``; a NaN
+    anywhere gives inf, so that a poisoned tensor always has a non-finite amax."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    magnitude = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)  # NaN propagates
+    return torch.nan_to_num(magnitude, nan=float("inf"), posinf=float("inf"))
+
+
+def pytorch_fp8_cast(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    scale_axis: Optional[int],
+    out: bool,
+    transposed: bool,
+    pad_to: int,
+    amax: Optional[torch.Tensor],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    limit = torch.finfo(dtype).max
+    scaled = (x.float() * fp8_scale_view(scale, scale_axis)).clamp_(-limit, limit)
+    if amax is not None:
+        amax.copy_(torch.maximum(amax.reshape(()), abs_max_nan_as_inf(x)).reshape(amax.shape))
+    data = scaled.to(dtype) if out else None
+    data_t = None
+    if transposed:
+        rows = x.shape[0]
+        data_t = torch.zeros(x.shape[1], -(-rows // pad_to) * pad_to, dtype=dtype, device=x.device)
+        data_t[:, :rows] = scaled.t().to(dtype)
+    return data, data_t

@@ -1,0 +1,184 @@
+"""Scales and quantised GEMM operands: amaxes (reduced over a process group), scales from
+amaxes, the amax history of delayed scaling, and the three ways an operand is cast.
+
+Every operand is kept as ``[rows, contraction]`` row-major FP8 with the factor that turns
+it back, ``data * scale_inv`` ~ the original: one factor (per tensor) or one per row
+(``[rows, 1]``). ``torch._scaled_mm`` multiplies two such operands (see ``linear.py``).
+
+Overflow handling (every recipe): an amax that is inf or NaN (the tensor holds an inf or a
+NaN) gives a NaN ``scale_inv``, so the GEMM's output is NaN where the tensor's values were
+used: the overflow propagates as it would without FP8, and megatron skips the step or the
+loss shows it. It never enters an amax history and never changes a delayed scale. Finite
+values beyond the scaled range (a tensor that grew since its delayed scale was set)
+saturate at the format's largest value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_gr.ops.fp8_cast import fp8_cast
+from megatron_gr.ops.pytorch.fp8_cast import abs_max_nan_as_inf
+
+# amaxes below this give the scale of this amax: finite scales for all-zero tensors
+MIN_AMAX = 1e-12
+
+
+@dataclass
+class Fp8Operand:
+    """``data`` ``[rows, cols]`` FP8, row-major; ``scale_inv`` float32, one element or
+    ``[rows, 1]``."""
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
+def all_reduce_max_(amax: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Max over ``group`` in place (nothing to do without a group or alone in it). A NaN
+    has been turned into inf already, so the max keeps it non-finite."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
+def amax_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``max |x|`` over ``dim`` of a 2-d ``x``, float32 (zeros when ``dim`` is empty; NaN
+    gives inf)."""
+    if x.shape[dim] == 0:
+        return torch.zeros(x.shape[1 - dim], dtype=torch.float32, device=x.device)
+    magnitude = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dim, dtype=torch.float32)
+    return torch.nan_to_num(magnitude, nan=float("inf"), posinf=float("inf"))
+
+
+def scale_from_amax(amax: torch.Tensor, *, dtype: torch.dtype, margin: int) -> torch.Tensor:
+    """``fp8_max / amax / 2**margin`` (float32): the largest magnitude lands ``margin``
+    binades below the format's largest value."""
+    return (fp8_max(dtype) / 2.0**margin) / amax.float().clamp(min=MIN_AMAX)
+
+
+def scale_inv_of(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """The dequantisation factor ``1 / scale``; NaN where ``amax`` is not finite."""
+    return torch.where(torch.isfinite(amax), scale.reciprocal(), float("nan"))
+
+
+class AmaxHistory:
+    """Delayed scaling of one tensor: each quantisation uses the scale set by the amaxes of
+    the earlier ones.
+
+    The history holds ``length`` amaxes, newest first, one per quantisation (per micro-batch
+    for activations, per backward pass for gradients). Recording an amax rolls the history
+    and sets the scale from its maximum (``compute_algo='max'``) or its newest entry
+    (``'most_recent'``), with the margin. Rules that keep it sane:
+
+    - The first quantisation has no history: it is scaled by its own amax (current
+      scaling), and its amax becomes the first entry.
+    - A non-finite amax is not recorded: the history does not roll and the scale stays.
+    - A history whose reference amax is 0 (all-zero tensors) keeps the previous scale
+      (1.0 if there never was a positive amax).
+
+    State lives on the tensor's device and is updated with tensor ops only: no host sync.
+    """
+
+    def __init__(self, *, length: int, compute_algo: str, dtype: torch.dtype, margin: int):
+        if length < 1:
+            raise ValueError(f"amax history length must be >= 1, got {length}")
+        if compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"compute_algo={compute_algo!r}: choose 'max' or 'most_recent'")
+        self.length, self.compute_algo, self.dtype, self.margin = length, compute_algo, dtype, margin
+        self.history: Optional[torch.Tensor] = None  # [length] float32, newest first
+        self.scale: Optional[torch.Tensor] = None  # [1] float32
+        self.calls = 0
+
+    def record(self, amax: torch.Tensor) -> None:
+        amax = amax.reshape(1).float()
+        if self.history is None:
+            self.history = torch.zeros(self.length, dtype=torch.float32, device=amax.device)
+            self.scale = torch.ones(1, dtype=torch.float32, device=amax.device)
+        finite = torch.isfinite(amax)
+        self.history = torch.where(finite, torch.cat([amax, self.history[:-1]]), self.history)
+        reference = self.history.amax().reshape(1) if self.compute_algo == "max" else self.history[:1]
+        updated = scale_from_amax(reference, dtype=self.dtype, margin=self.margin)
+        self.scale = torch.where(finite & (reference > 0), updated, self.scale)
+        self.calls += 1
+
+
+def quantize_per_tensor(
+    x: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    margin: int,
+    group: Optional[dist.ProcessGroup],
+    kernel: str,
+    history: Optional[AmaxHistory] = None,
+    out: bool = True,
+    transposed: bool = False,
+    pad_to: int = 1,
+) -> tuple[Optional[Fp8Operand], Optional[Fp8Operand]]:
+    """``x`` ``[M, N]`` with one scale: from its own amax (reduced over ``group``), or from
+    ``history`` once it has one (the amax is then taken in the same pass as the cast and
+    recorded). Returns the row-major operand and/or the transposed one (``[N, M_pad]``),
+    sharing the scale."""
+    if history is not None and history.calls > 0:
+        scale = history.scale
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        data, data_t = fp8_cast(x, scale, dtype=dtype, out=out, transposed=transposed, pad_to=pad_to, amax=amax,
+                                kernel=kernel)
+        all_reduce_max_(amax, group)
+    else:
+        amax = all_reduce_max_(abs_max_nan_as_inf(x).reshape(1), group)
+        scale = scale_from_amax(amax, dtype=dtype, margin=margin)
+        data, data_t = fp8_cast(x, scale, dtype=dtype, out=out, transposed=transposed, pad_to=pad_to, kernel=kernel)
+    if history is not None:
+        history.record(amax)
+    scale_inv = scale_inv_of(scale, amax)
+    return (
+        Fp8Operand(data, scale_inv) if out else None,
+        Fp8Operand(data_t, scale_inv) if transposed else None,
+    )
+
+
+def quantize_per_row(
+    x: torch.Tensor, *, dtype: torch.dtype, margin: int, group: Optional[dist.ProcessGroup], kernel: str
+) -> Fp8Operand:
+    """``x`` ``[M, N]`` with one scale per row (the row's amax, reduced over ``group`` when
+    its columns are split over the group's ranks)."""
+    amax = all_reduce_max_(amax_along(x, dim=1), group)
+    scale = scale_from_amax(amax, dtype=dtype, margin=margin)
+    data, _ = fp8_cast(x, scale, dtype=dtype, scale_axis=0, kernel=kernel)
+    return Fp8Operand(data, scale_inv_of(scale, amax).reshape(-1, 1))
+
+
+def quantize_per_column_transposed(
+    x: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    margin: int,
+    group: Optional[dist.ProcessGroup],
+    kernel: str,
+    pad_to: int = 1,
+) -> Fp8Operand:
+    """The transpose of ``x`` ``[M, N]``, ``[N, M_pad]``, with one scale per row of the
+    result (per column of ``x``, its amax reduced over ``group``); padding columns are zero."""
+    amax = all_reduce_max_(amax_along(x, dim=0), group)
+    scale = scale_from_amax(amax, dtype=dtype, margin=margin)
+    _, data_t = fp8_cast(x, scale, dtype=dtype, scale_axis=1, out=False, transposed=True, pad_to=pad_to, kernel=kernel)
+    return Fp8Operand(data_t, scale_inv_of(scale, amax).reshape(-1, 1))
+
+
+def transpose_padded(operand: Fp8Operand, *, pad_to: int) -> Fp8Operand:
+    """A per-tensor operand ``[M, N]`` as ``[N, M_pad]`` (zeros in the padding columns),
+    same scale: one byte copy instead of a new cast."""
+    if operand.scale_inv.numel() != 1:
+        raise ValueError("transpose_padded takes per-tensor operands; per-row scales belong to the other axis")
+    raw = operand.data.view(torch.uint8).t()
+    rows = operand.data.shape[0]
+    padded = torch.nn.functional.pad(raw, (0, -(-rows // pad_to) * pad_to - rows)).contiguous()
+    return Fp8Operand(padded.view(operand.data.dtype), operand.scale_inv)
