@@ -41,7 +41,7 @@ timeout 30 python3 $B/ab_step_time.py $L --micro-batch-size 16 --steps 30 --json
   > "$O/host_bound.log" 2>&1
 echo "host-bound rc=$?"; tail -3 "$O/host_bound.log"
 for p in 0 0.1; do
-  timeout 30 python3 $B/mhc_ops.py $OPS --tokens 65536 --dropout $p --candidates --json "$O/mhc_fused_ops_p$p.json" \
+  timeout 30 python3 $B/mhc_ops.py $OPS --tokens 65536 --dropout $p --candidates --json "$O/mhc_fused_ops_p${p}_h100.json" \
     > "$O/ops_p$p.log" 2>&1
   echo "ops dropout $p rc=$?"; grep -E "^\| merge|^\| expand" "$O/ops_p$p.log"
 done
