@@ -25,6 +25,7 @@ from megatron_gr.checkpoint_tools import cli as checkpoint_tools
 from megatron_gr.compat import MegatronVersionError
 from megatron_gr.config import ConfigError, add_config_arguments, overrides_from_args, resolve_config
 from megatron_gr.data import DataFormatError, resolve_source
+from megatron_gr.data.ranking.source import resolve_ranking_source
 from megatron_gr.training.checkpoint_errors import CheckpointError
 from megatron_gr.training.distributed_failure import DistributedFailure
 from megatron_gr.training.nonfinite import TrainingDivergedError
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "show-config":
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         if config.data.source == "auto":
-            print(_auto_source_comment(config.data.path))
+            print(_auto_source_comment(config))
         return 0
     from megatron_gr.training import distributed_failure
     from megatron_gr.training.evaluate_checkpoint import evaluate_checkpoint
@@ -84,10 +85,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_source_comment(path) -> str:
+def _auto_source_comment(config) -> str:
     """A YAML comment saying which source ``data.source: auto`` stands for (or why none)."""
+    resolve = resolve_ranking_source if config.model.type == "ranking" else resolve_source
     try:
-        return f"# data.source auto -> {resolve_source('auto', path)}"
+        return f"# data.source auto -> {resolve('auto', config.data.path)}"
     except (DataFormatError, FileNotFoundError) as error:
         return f"# data.source auto -> unresolved: {error}"
 

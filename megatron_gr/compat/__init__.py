@@ -6,6 +6,8 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``cpu_mode``: megatron-core on the CPU inside ``with cpu_mode():``, restored on exit
   (``cuda_to_cpu`` and ``cpu_rng`` hold its device redirect and RNG tracker);
 - ``dist_optimizer``: the distributed optimizer's reshardable checkpoints (any device);
+- ``fast_optimizer``: the optimizer step without a host read per parameter, fused Adam,
+  one for-each main-to-model copy;
 - ``checkpoint_writes``: checkpoint saves without a helper process that outlives the run;
 - ``optimizer_step``: megatron's optimizer step in two halves, for dynamic-table rows;
 - ``recompute``: ``CheckpointWithoutOutput`` replayed in our order, a block's full recompute;
@@ -23,6 +25,7 @@ from megatron_gr.compat.dist_optimizer import (
     keep_adam_step_on_reshardable_load,
     reshardable_state_in_buffer_coordinates,
 )
+from megatron_gr.compat.fast_optimizer import batch_main_to_model_copies, fast_optimizer_ops, use_fused_adam
 from megatron_gr.compat.optimizer_step import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.compat.quiet import load_distributed_checkpoint, megatron_collective_deprecations_silenced, zero_grad
 from megatron_gr.compat.recompute import (
@@ -41,6 +44,7 @@ __all__ = [
     "MegatronVersionError",
     "MegatronVersionWarning",
     "allocate_distributed_optimizer_state",
+    "batch_main_to_model_copies",
     "checkpoint_without_output_fp8_arg",
     "checkpoint_writes_without_manager_process",
     "checkpointed_block_forward",
@@ -48,6 +52,7 @@ __all__ = [
     "clip_grads_and_step",
     "cpu_mode",
     "cpu_mode_active",
+    "fast_optimizer_ops",
     "keep_adam_step_on_reshardable_load",
     "leave_output_out_of_replay",
     "load_distributed_checkpoint",
@@ -58,5 +63,6 @@ __all__ = [
     "reshardable_state_in_buffer_coordinates",
     "traceable_viewless_tensors",
     "transformer_engine_available",
+    "use_fused_adam",
     "zero_grad",
 ]

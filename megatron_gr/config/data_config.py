@@ -5,26 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from megatron_gr.config.ranking_data_config import RankingDataConfig
 from megatron_gr.config.validation import check_choice, require
 from megatron_gr.data.synthetic import SyntheticSpec
 from megatron_gr.data.windows import TRAIN_WINDOWS
 
-DATA_SOURCES = ("auto", "synthetic", "movielens", "prepared")
+DATA_SOURCES = ("auto", "synthetic", "movielens", "prepared", "impressions")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["auto", "synthetic", "movielens", "prepared"] = "auto"
+    source: Literal["auto", "synthetic", "movielens", "prepared", "impressions"] = "auto"
     """``auto``: told from ``path`` when one is given (a prepared directory -> ``prepared``;
     ``u.data``, ``ratings.dat`` or ``ratings.csv``, or a directory holding one ->
     ``movielens``; anything else is an error), ``synthetic`` when there is no path.
-    ``synthetic``: generated in memory from ``data.synthetic`` (no download, no path);
-    ``movielens``: raw MovieLens files (u.data, ratings.dat or ratings.csv) under ``path``;
-    ``prepared``: a directory written by ``tools/prepare_data.py``. The run's first line
-    names the source it resolved to."""
+    ``synthetic``: generated in memory from ``data.synthetic`` (retrieval) or
+    ``data.ranking.synthetic`` (ranking), no download, no path; ``movielens``: raw
+    MovieLens files (u.data, ratings.dat or ratings.csv) under ``path``; ``prepared``: a
+    directory written by ``tools/prepare_data.py`` (retrieval); ``impressions``: a
+    KuaiRand-style impression CSV file (ranking, see
+    ``megatron_gr/data/ranking/impressions.py``; never inferred, name it). The run's first
+    line names the source it resolved to."""
 
     path: Optional[str] = None
-    """File or directory of the data for ``movielens`` and ``prepared`` sources."""
+    """File or directory of the data for the ``movielens``, ``prepared`` and
+    ``impressions`` sources."""
 
     deduplicate: bool = True
     """Remove events that repeat an earlier (user, item, timestamp) of the same data, keeping
@@ -41,6 +46,9 @@ class DataConfig:
     from the end and sharing one event, so every training event but the first is a label
     once (as training on every prefix does; SASRec/RecBole). ``all`` has more examples per
     epoch for users longer than ``max_seq_len + 1`` events."""
+
+    ranking: RankingDataConfig = field(default_factory=RankingDataConfig)
+    """How ranking samples are built (``model.type: ranking``)."""
 
     def __post_init__(self):
         check_choice("source", self.source, DATA_SOURCES)

@@ -15,11 +15,14 @@ from megatron_gr.config.embedding_config import EmbeddingTableConfig
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.logging_config import LoggingConfig
 from megatron_gr.config.parallel_config import ParallelConfig
+from megatron_gr.config.ranking_checks import check_ranking_experiment, contextual_len_of
+from megatron_gr.config.ranking_config import RankingConfig
 from megatron_gr.config.schema import build_dataclass, check_known_keys, dataclass_to_dict
 from megatron_gr.config.training_config import TrainingConfig
+from megatron_gr.config.ultra_checks import gather_channel_groups
 from megatron_gr.config.transformer_config import GRTransformerConfig
 
-SECTIONS = ("model", "embeddings", "data", "training", "parallel", "checkpoint", "logging")
+SECTIONS = ("model", "embeddings", "data", "training", "parallel", "checkpoint", "logging", "ranking")
 
 # megatron TransformerConfig fields our layers read and users may set under ``model``.
 _BASE_MODEL_FIELDS = (
@@ -74,8 +77,18 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    """DLRM-HSTU's features, encoders, tower and tasks (``model.type: ranking`` only)."""
 
     def __post_init__(self):
+        if self.model.type == "ranking":
+            check_ranking_experiment(self)
+        else:
+            self._validate_retrieval()
+        self._validate_layout()
+        self._validate_optimizer()
+
+    def _validate_retrieval(self) -> None:
         item = self.embeddings.get("item")
         if item is None:
             raise ConfigError("embeddings.item is missing: the retrieval model needs an item table")
@@ -85,9 +98,12 @@ class ExperimentConfig:
                 f"{self.model.hidden_size}: item embeddings are the STU input and the output "
                 "space scored against"
             )
+        if self.data.source == "impressions":
+            raise ConfigError(
+                "data.source='impressions' holds ranking samples: set model.type=ranking, or read "
+                "synthetic, movielens or prepared data for retrieval"
+            )
         self._validate_model_type()
-        self._validate_layout()
-        self._validate_optimizer()
         self._validate_dynamic_item_table()
 
     def _validate_layout(self) -> None:
@@ -165,8 +181,15 @@ class ExperimentConfig:
         for key, owner in _SET_ELSEWHERE.items():
             if key in model_raw:
                 raise ConfigError(f"model.{key} cannot be set here: it follows {owner}")
+        ranks = model_raw.get("type") == "ranking"
+        if raw.get("ranking") is not None and not ranks:
+            raise ConfigError("the ranking section configures the ranking model: set model.type=ranking or remove it")
+        ranking = build_dataclass(RankingConfig, gather_channel_groups(raw.get("ranking") or {}), "ranking")
+        if ranks and "contextual_len" not in model_raw:
+            model_raw["contextual_len"] = contextual_len_of(ranking)  # one token per contextual feature
         model = build_dataclass(GRTransformerConfig, {**DEFAULT_MODEL, **model_raw}, "model", MODEL_FIELDS)
-        embeddings = {"item": {"dim": model.hidden_size}}
+        # Retrieval's item table by default; ranking tables are all named by its features.
+        embeddings = {} if ranks else {"item": {"dim": model.hidden_size}}
         for name, table in (raw.get("embeddings") or {}).items():
             if not isinstance(table, dict):
                 raise ConfigError(f"embeddings.{name} must be a mapping of keys, got {table!r}")
@@ -182,6 +205,7 @@ class ExperimentConfig:
             parallel=build_dataclass(ParallelConfig, raw.get("parallel") or {}, "parallel"),
             checkpoint=build_dataclass(CheckpointConfig, raw.get("checkpoint") or {}, "checkpoint"),
             logging=build_dataclass(LoggingConfig, raw.get("logging") or {}, "logging"),
+            ranking=ranking,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,4 +218,5 @@ class ExperimentConfig:
             "parallel": dataclass_to_dict(self.parallel),
             "checkpoint": dataclass_to_dict(self.checkpoint),
             "logging": dataclass_to_dict(self.logging),
+            **({"ranking": dataclass_to_dict(self.ranking)} if self.model.type == "ranking" else {}),
         }

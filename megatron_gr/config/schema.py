@@ -49,6 +49,14 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be a list, e.g. [a, b]")
         (item,) = typing.get_args(annotation)
         return [coerce(element, item, f"{key}[{i}]") for i, element in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping, e.g. {{name: value}}")
+        key_type, value_type = typing.get_args(annotation)
+        return {
+            coerce(name, key_type, f"{key} key {name!r}"): coerce(element, value_type, f"{key}.{name}")
+            for name, element in value.items()
+        }
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -120,8 +128,14 @@ def build_dataclass(cls, raw: dict, section: str, allowed: Optional[Iterable[str
 def dataclass_to_dict(obj, keys: Optional[Iterable[str]] = None) -> dict:
     """Plain-value dict of a config dataclass (nested dataclasses become dicts)."""
     names = list(keys) if keys is not None else [f.name for f in dataclasses.fields(obj) if f.init]
-    out = {}
-    for name in names:
-        value = getattr(obj, name)
-        out[name] = dataclass_to_dict(value) if dataclasses.is_dataclass(value) else value
-    return out
+    return {name: _plain(getattr(obj, name)) for name in names}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclass_to_dict(value)
+    if isinstance(value, list):
+        return [_plain(element) for element in value]
+    if isinstance(value, dict):
+        return {name: _plain(element) for name, element in value.items()}
+    return value

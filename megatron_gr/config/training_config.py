@@ -11,6 +11,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", "pytorch", "triton")
+CUDA_GRAPH_MODES = ("none", "layers", "step")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -72,6 +73,19 @@ class TrainingConfig:
     Replaces ``model.attention_kernel``, ``model.use_fused_mhc`` and
     ``embeddings.<table>.dynamic.kernel`` (still read, with a deprecation notice)."""
 
+    cuda_graphs: Literal["none", "layers", "step"] = "none"
+    """Replay the layers from CUDA graphs (GPU, Triton backend): ``layers``, each layer's
+    forward and backward captured once per static token count; ``step``, the whole stack of
+    the stage's layers as one graph per direction (no pipeline parallelism). Training batches
+    are padded to those counts with sequences no real token attends to; the embedding
+    lookups, the loss and the optimizer step run eagerly. Captured before training, for
+    every count; each replay draws the step's keyed dropout masks (the eager step's). Not
+    with context parallelism, FP8 or SASRec blocks. See ``docs/benchmarks/cuda_graphs.md``."""
+
+    cuda_graph_max_tokens: int = 16384
+    """Micro-batches of more tokens than this run eagerly (they keep the GPU busy anyway);
+    the largest captured count, which bounds the graphs' memory."""
+
     eval_interval: int = 100
     """Evaluate on the validation split every N steps (0 = only at the end)."""
 
@@ -127,6 +141,8 @@ class TrainingConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        check_int_range("cuda_graph_max_tokens", self.cuda_graph_max_tokens, low=128)
         check_int_range("eval_interval", self.eval_interval, low=0)
         check_int_range("eval_batch_size", self.eval_batch_size, low=1)
         check_int_range("early_stopping_patience", self.early_stopping_patience, low=0)

@@ -11,10 +11,11 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.fp8_validation import validate_fp8
+from megatron_gr.config.transducer_config import TransducerConfig, validate_transducers, validate_truncation
 from megatron_gr.config.validation import check_choice, check_dropout, check_float_range, check_int_range, require
 from megatron_gr.ops.time_buckets import TIME_BUCKET_FNS
 
-MODEL_TYPES = ("retrieval",)
+MODEL_TYPES = ("retrieval", "ranking")
 ATTENTION_NORMALIZERS = ("max_seq_len", "seq_len")
 BLOCK_TYPES = ("stu", "transformer")
 TIME_FEATURES = ("since_previous", "until_query", "none")
@@ -28,9 +29,10 @@ MHC_RECOMPUTE_MODULE = "mhc"
 
 @dataclass
 class GRTransformerConfig(TransformerConfig):
-    type: Literal["retrieval"] = "retrieval"
+    type: Literal["retrieval", "ranking"] = "retrieval"
     """The model family, which picks its training recipe (``megatron_gr.models.registry``):
-    ``retrieval`` (HSTU next-item retrieval)."""
+    ``retrieval`` (HSTU next-item retrieval) or ``ranking`` (DLRM-HSTU, configured by the
+    ``ranking`` section)."""
 
     # ---------------- layers ----------------
     block_type: Literal["stu", "transformer"] = "stu"
@@ -193,6 +195,27 @@ class GRTransformerConfig(TransformerConfig):
     (``delayed``, ``tensorwise``, ``mxfp8``, ``blockwise``, ``custom``). Only read when
     ``fp8`` (``e4m3`` or ``hybrid``: e5m2 gradients) is set."""
 
+    # ---------------- ULTRA-HSTU (ranking) ----------------
+    transducers: Optional[list[TransducerConfig]] = None
+    """Mixture of transducers: one STU stack per behaviour channel (``transducer_config.py``);
+    None: one unnamed channel, DLRM-HSTU's single stack. Ranking only."""
+
+    attn_truncation_split_layer: int = 0
+    """Attention truncation: after this many layers only the last
+    ``attn_truncation_tail_len`` history events of each user go on (contextual tokens and
+    candidates stay); 0 = off. Channels may set their own. Ranking only."""
+
+    attn_truncation_tail_len: int = 0
+    """History events kept after ``attn_truncation_split_layer``."""
+
+    recompute_normed_x: bool = False
+    """Recompute the input layer norm of every STU layer in the backward instead of keeping
+    it (ranking; without hyper-connections, whose ``'mhc'`` recompute covers the norm)."""
+
+    recompute_uvqk: bool = False
+    """Recompute U, V, Q, K (the SiLU of the fused projection) of every STU layer in the
+    backward instead of keeping them (ranking)."""
+
     def __post_init__(self):
         # Our shape checks first: the base class divides by some of these fields.
         check_choice("type", self.type, MODEL_TYPES)
@@ -215,6 +238,7 @@ class GRTransformerConfig(TransformerConfig):
         self._validate_task()
         self._validate_hyper_connections()
         validate_fp8(self)
+        self._validate_ultra()
 
     def _validate_shapes(self) -> None:
         check_int_range("num_layers", self.num_layers, low=1)
@@ -332,6 +356,26 @@ class GRTransformerConfig(TransformerConfig):
                 value == supported,
                 f"{name}={value!r} is not supported with enable_hyper_connections=True yet: use {supported!r}",
             )
+
+    def _validate_ultra(self) -> None:
+        validate_transducers(self.transducers)
+        validate_truncation(self.attn_truncation_split_layer, self.attn_truncation_tail_len, self.num_layers, "model.")
+        if self.type != "ranking":
+            for name in ("transducers", "attn_truncation_split_layer", "recompute_normed_x", "recompute_uvqk"):
+                require(
+                    not getattr(self, name),
+                    f"{name}={getattr(self, name)!r} applies to the ranking model (ULTRA-HSTU): set type=ranking or drop it",
+                )
+        require(
+            not (self.recompute_normed_x and self.enable_hyper_connections),
+            "recompute_normed_x=True with enable_hyper_connections=True: the norm then belongs to the "
+            "hyper-connection ops; use recompute_modules=[mhc] (recompute_granularity=selective) instead",
+        )
+
+    @property
+    def uses_transducers(self) -> bool:
+        """The ranking model runs ULTRA-HSTU (channels, truncation or rematerialization)."""
+        return bool(self.transducers or self.attn_truncation_split_layer or self.recompute_normed_x or self.recompute_uvqk)
 
     @property
     def recompute_mhc(self) -> bool:

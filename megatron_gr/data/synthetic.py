@@ -8,8 +8,11 @@ hit rate near ``structure`` where popularity alone stays far lower, which makes 
 quick learnability check for the whole training stack.
 
 Raw item ids are distinct sparse ids in ``[1, item_id_space]`` (2**40 and beyond, as hashed
-ids in production are); users are ``1..num_users``. Sequence lengths are long-tailed (a
-lognormal above ``min_length``, clipped at ``max_length``). Timestamps increase per user in
+ids in production are); users are ``1..num_users``. Sequence lengths are long-tailed: a
+lognormal above ``min_length`` clipped at ``max_length`` (``length_distribution:
+lognormal``), or a discrete power law ``p(L) ~ L**-length_zipf_exponent`` on
+``[min_length, max_length]`` (``zipf``, the shape of public HSTU benchmarks, e.g. Zipf(1.2)
+histories up to 4096 events). Timestamps increase per user in
 sessions: minutes apart within a session, days between sessions. Ratings are 1..5 around a
 per-item mean. Events come out grouped by user, in time order.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -35,6 +39,7 @@ _MEAN_RATING_RANGE = (2.5, 4.5)
 _RATING_NOISE = 0.9
 # Below this many candidate ids per item, distinct ids are cheaper to draw by permutation.
 _DENSE_ID_SPACE_RATIO = 4
+LENGTH_DISTRIBUTIONS = ("lognormal", "zipf")
 
 
 @dataclass(frozen=True)
@@ -50,14 +55,22 @@ class SyntheticSpec:
     """Raw item ids are distinct draws from [1, item_id_space]; at least num_items."""
 
     # --- sequence lengths ---
+    length_distribution: Literal["lognormal", "zipf"] = "lognormal"
+    """``lognormal``: min_length plus a lognormal of mean ``mean_length - min_length`` and
+    sigma ``length_sigma``, clipped at max_length. ``zipf``: ``p(L) ~ L**-length_zipf_exponent``
+    for every integer L in [min_length, max_length] (mean_length and length_sigma unused)."""
     min_length: int = 5
     """Shortest sequence."""
     mean_length: float = 50.0
-    """Mean length before clipping at max_length."""
+    """Mean length before clipping at max_length (lognormal only)."""
     max_length: int = 1000
     """Longest sequence."""
     length_sigma: float = 1.0
-    """Lognormal sigma of the length above min_length: 0 gives equal lengths, more a longer tail."""
+    """Lognormal sigma of the length above min_length: 0 gives equal lengths, more a longer
+    tail (lognormal only)."""
+    length_zipf_exponent: float = 1.2
+    """Exponent a of the zipf length law ``p(L) ~ L**-a`` (zipf only): larger a, more short
+    sequences; at 1.2 on [5, 4096] the mean is about 360 events."""
 
     # --- what there is to learn ---
     zipf_alpha: float = 1.0
@@ -75,12 +88,19 @@ class SyntheticSpec:
         _check_int("num_items", self.num_items, 1, 2**31 - 1)
         _check_int("item_id_space", self.item_id_space, self.num_items, _INT64_MAX,
                    "at least num_items")
+        if self.length_distribution not in LENGTH_DISTRIBUTIONS:
+            raise ValueError(
+                f"SyntheticSpec.length_distribution={self.length_distribution!r} is not allowed; "
+                f"choose one of {', '.join(LENGTH_DISTRIBUTIONS)}"
+            )
         _check_int("min_length", self.min_length, 1, _INT64_MAX)
         _check_int("max_length", self.max_length, self.min_length, 1_000_000,
                    "at least min_length")
-        _check_real("mean_length", self.mean_length, self.min_length, self.max_length,
-                    "between min_length and max_length")
+        if self.length_distribution == "lognormal":  # the zipf law has no mean parameter
+            _check_real("mean_length", self.mean_length, self.min_length, self.max_length,
+                        "between min_length and max_length")
         _check_real("length_sigma", self.length_sigma, 0.0, 4.0)
+        _check_real("length_zipf_exponent", self.length_zipf_exponent, 0.0, 10.0)
         _check_real("zipf_alpha", self.zipf_alpha, 0.0, 10.0)
         _check_real("structure", self.structure, 0.0, 1.0)
         _check_int("num_successors", self.num_successors, 1, 1024)
@@ -153,6 +173,10 @@ def _draw_from_cdf(rng, cdf: np.ndarray, size) -> np.ndarray:
 
 
 def _draw_lengths(rng, spec: SyntheticSpec) -> np.ndarray:
+    if spec.length_distribution == "zipf":
+        support = np.arange(spec.min_length, spec.max_length + 1, dtype=np.float64)
+        cdf = np.cumsum(support**-spec.length_zipf_exponent)
+        return spec.min_length + _draw_from_cdf(rng, cdf / cdf[-1], spec.num_users).astype(np.int64)
     excess_mean = spec.mean_length - spec.min_length
     if excess_mean == 0 or spec.length_sigma == 0:
         excess = np.full(spec.num_users, excess_mean)

@@ -22,6 +22,7 @@ from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.seeding import keyed_init
 from megatron_gr.transformer.context_parallel import BatchShard
 from megatron_gr.transformer.dropout_sites import EMBEDDING
+from megatron_gr.transformer.graph_buckets import TokenBuckets
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 from megatron_gr.transformer.specs import get_retrieval_block_spec
 
@@ -93,6 +94,8 @@ class HSTURetrievalModel(MegatronModule):
         # parallelism the sequences over the context-parallel group.
         self.token_group = pg_collection.tp if config.sequence_parallel else None
         self.context_group = pg_collection.cp if config.context_parallel_size > 1 else None
+        # CUDA graphs (training.cuda_graphs) pad training batches to static token counts.
+        self.token_buckets: Optional[TokenBuckets] = None
         with keyed_init(init_seed, "preprocessor"):
             self.preprocessor = InputPreprocessor(config, backend=backend) if pre_process else None
         spec = get_retrieval_block_spec(
@@ -124,8 +127,10 @@ class HSTURetrievalModel(MegatronModule):
         the exported serving program all score. ``shard``: this rank's context-parallel
         share of the tokens (default: computed from ``batch``)."""
         shard = self._shard(batch) if shard is None else shard
+        buckets = self.token_buckets if self.training else None
         tokens = TokenSplit.for_tokens(
-            shard.num_tokens(batch.num_tokens), self.token_group, never_empty=self.context_group is not None
+            shard.num_tokens(batch.num_tokens), self.token_group, never_empty=self.context_group is not None,
+            num_sequences=batch.batch_size, buckets=buckets,
         )
         params = shard.seq_params(
             tokens, batch.offsets, batch.max_len, timestamps=batch.timestamps, query_timestamps=batch.query_timestamps,

@@ -44,6 +44,11 @@ class Dataset(abc.ABC):
     def describe(self) -> str:
         """One line: what the run trains on."""
 
+    def table_rows(self) -> dict[str, int]:
+        """Rows each plain embedding table needs (ids 0..rows - 1), by table name; the run
+        plan checks the configured sizes against them."""
+        return {"item": self.num_items + 1}
+
 
 @dataclass(frozen=True)
 class StageRequest:
@@ -71,9 +76,10 @@ class TrainSpec:
     evaluation_statistics: Callable[[torch.Tensor], LossOutput]
     """An evaluation micro-batch's model output -> megatron's loss triple whose dict holds
     the statistics to reduce."""
-    reduce_statistics: Callable[[list[dict], torch.device], dict[str, float]]
-    """The statistics of this rank's evaluation micro-batches (last pipeline stage, first
-    tensor rank; empty elsewhere) -> the metrics, equal on every rank (collective)."""
+    reduce_statistics: Callable[[list[dict], "object"], dict[str, float]]
+    """(the statistics of this rank's evaluation micro-batches (last pipeline stage, first
+    tensor rank; empty elsewhere), the run plan) -> the metrics, equal on every rank
+    (collective)."""
     selection_metric: str
     """Validation metric (higher is better) that selects the best weights."""
     headline_metrics: tuple[str, ...]
@@ -114,6 +120,7 @@ def registered_types() -> tuple[str, ...]:
 
 def _load_builtin_specs() -> None:
     from megatron_gr.models import retrieval_spec  # noqa: F401  (registers "retrieval")
+    from megatron_gr.models.ranking import spec  # noqa: F401  (registers "ranking")
 
 
 def unwrap_model(chunk: torch.nn.Module, kind: Optional[type] = None) -> torch.nn.Module:

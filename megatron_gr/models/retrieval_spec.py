@@ -33,6 +33,10 @@ class RetrievalDataset(Dataset):
     def num_items(self) -> int:
         return self.items.num_items
 
+    @property
+    def num_users(self) -> int:
+        return self.split.sequences.num_users
+
     def describe(self) -> str:
         return self.report.line()
 
@@ -141,10 +145,10 @@ def rank_statistics(ranks: torch.Tensor):
     return zero, count, {"metric_sums": metric_sums(ranks)}
 
 
-def reduce_rank_statistics(outputs: list[dict], device: torch.device) -> dict[str, float]:
+def reduce_rank_statistics(outputs: list[dict], plan) -> dict[str, float]:
     """One contributor per data-parallel rank: a sum over all ranks gives every rank the
     global numbers."""
-    sums = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=device)
+    sums = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=plan.device)
     for out in outputs:
         sums += out["metric_sums"]
     dist.all_reduce(sums)

@@ -12,6 +12,9 @@ Element ``(t, f)`` of a ``[T, F]`` activation is kept or dropped as a function o
   features ``[k, k + F)`` of a wider activation passes ``feature_offset = k``),
 
 through the counter-based integer hash of :mod:`megatron_gr.ops.pytorch.keyed_dropout`.
+The seed and site enter the hash as three 32-bit stream words, computed on the host, or read
+from a device tensor (``DropoutKeys.words``: CUDA graphs replay kernels whose host arguments
+are fixed at capture, so each step's words are written into a tensor the graph reads).
 So micro-batches, data-parallel ranks, sequence-parallel slices and tensor-parallel feature
 slices all see their part of one mask, and a recomputed forward draws it again. The
 Triton kernels (this op's, and the fused STU output and mHC merge) compute the same bits as
@@ -38,6 +41,9 @@ class DropoutKeys:
     site: int
     token_keys: torch.Tensor  # [T] int64
     feature_offset: int = 0
+    # [3] int64 on the activations' device: ``stream_words(seed, site)``, when set read from
+    # here instead of computed from ``seed`` (CUDA graphs rewrite it every step); same mask.
+    words: Optional[torch.Tensor] = None
 
 
 def keep_mask(keys: DropoutKeys, num_features: int, *, p: float) -> torch.Tensor:
@@ -45,7 +51,8 @@ def keep_mask(keys: DropoutKeys, num_features: int, *, p: float) -> torch.Tensor
     _check_p(p)
     check_dropout_keys(keys, num_tokens=keys.token_keys.shape[0], device=keys.token_keys.device)
     return pytorch_keep_mask(
-        keys.token_keys, num_features, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=p
+        keys.token_keys, num_features, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=p,
+        words=keys.words,
     )
 
 
@@ -79,7 +86,7 @@ def keyed_dropout(
 
         return triton_keyed_dropout(x, keys, p=p)
     return pytorch_keyed_dropout(
-        x, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=p
+        x, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=p, words=keys.words
     )
 
 
@@ -106,6 +113,12 @@ def _check_token_keys(keys: DropoutKeys, num_tokens: int, device: torch.device) 
         raise ValueError(f"token_keys are on {token_keys.device}, the activations on {device}")
     if keys.feature_offset < 0:
         raise ValueError(f"feature_offset={keys.feature_offset} must be >= 0")
+    words = keys.words
+    if words is not None and (words.shape != (3,) or words.dtype != torch.int64 or words.device != device):
+        raise ValueError(
+            f"DropoutKeys.words must be a [3] int64 tensor on {device} (the site's stream words), "
+            f"got {words.dtype} {list(words.shape)} on {words.device}"
+        )
 
 
 def _check_p(p: float) -> None:

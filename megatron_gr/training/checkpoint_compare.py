@@ -32,9 +32,26 @@ MUST_MATCH = (
     "model.time_bucket_fn",
     "model.relative_attention_bias",
     "model.enable_hyper_connections",
-    "embeddings.item.type",
-    "embeddings.item.dim",
+    "model.contextual_len",
+    # Shapes of the ranking model's encoders and tower (absent from other models' configs).
+    "ranking.features",
+    "ranking.num_position_buckets",
+    "ranking.action_encoder.action_weights",
+    "ranking.action_encoder.watchtime_thresholds",
+    "ranking.action_encoder.dim",
+    "ranking.action_encoder.mlp_hidden",
+    "ranking.content_encoder.type",
+    "ranking.content_encoder.dim",
+    "ranking.content_encoder.mlp_hidden",
+    "ranking.output_postprocessor",
+    "ranking.time_period_units",
+    "ranking.tower.hidden_sizes",
+    "ranking.tower.layer_norm",
 )
+# Per table, under every table name either config has (``embeddings.<name>.<field>``).
+MUST_MATCH_PER_TABLE = ("type", "dim")
+# Lists of records compared by some of their fields: the tasks' heads are named and typed.
+MUST_MATCH_FIELDS_OF = {"ranking.tasks": ("name", "type")}
 # Settings that matter only when a feature is on in both runs.
 MUST_MATCH_WHEN = {
     "model.num_position_buckets": "model.relative_attention_bias",
@@ -45,8 +62,12 @@ MUST_MATCH_WHEN = {
 def model_facts(model, config: ExperimentConfig) -> dict[str, Any]:
     """What the config alone does not say: the model class and the item space of the data.
     A plain item table's rows are dense ids of this data set's items, so the item count must
-    match; a dynamic table is keyed by raw ids and may meet other items."""
+    match; a dynamic table is keyed by raw ids and may meet other items. A model with
+    several plain tables lists their rows (``model.table_rows``)."""
     facts = {"model_type": type(model).__name__}
+    table_rows = getattr(model, "table_rows", None)
+    if table_rows:
+        facts["table_rows"] = {name: int(rows) for name, rows in sorted(table_rows.items())}
     item = config.embeddings.get("item")
     if item is None:
         return facts
@@ -91,12 +112,17 @@ def check_same_model(
     differences = []
     if saved_config is not None:
         current = config.to_dict()
+        tables = sorted(set(saved_config.get("embeddings") or {}) | set(current["embeddings"]))
         keys = list(MUST_MATCH) + [key for key, when in MUST_MATCH_WHEN.items()
                                    if _lookup(saved_config, when)[1] and _lookup(current, when)[1]]
-        for key in keys:
+        keys += [f"embeddings.{name}.{field}" for name in tables for field in MUST_MATCH_PER_TABLE]
+        for key in keys + list(MUST_MATCH_FIELDS_OF):
             known, value = _lookup(saved_config, key)
-            if known and value != _lookup(current, key)[1]:
-                differences.append(f"{key}={value!r} there, {_lookup(current, key)[1]!r} in this run")
+            ours = _lookup(current, key)[1]
+            if key in MUST_MATCH_FIELDS_OF:
+                value, ours = _fields_of(value, MUST_MATCH_FIELDS_OF[key]), _fields_of(ours, MUST_MATCH_FIELDS_OF[key])
+            if known and value != ours:
+                differences.append(f"{key}={value!r} there, {ours!r} in this run")
     for key, value in (saved_facts or {}).items():
         if key in facts and facts[key] != value:
             differences.append(f"{_FACT_NAMES.get(key, key)} {value!r} there, {facts[key]!r} in this run")
@@ -108,9 +134,17 @@ def check_same_model(
         )
 
 
+def _fields_of(records: Any, fields: tuple[str, ...]) -> Any:
+    """``[{field: value}]`` restricted to ``fields`` (anything else as it is)."""
+    if not isinstance(records, list):
+        return records
+    return [{f: r.get(f) for f in fields} if isinstance(r, dict) else r for r in records]
+
+
 _FACT_NAMES = {
     "model_type": "model type",
     "item_table": "item table type",
     "num_items": "items in the data set (dense ids of a plain item table)",
     "item_table_rows": "item table rows",
+    "table_rows": "rows of the plain tables",
 }

@@ -37,6 +37,7 @@ from megatron_gr.compat import (
     keep_adam_step_on_reshardable_load,
     load_distributed_checkpoint,
     reshardable_state_in_buffer_coordinates,
+    use_fused_adam,
 )
 from megatron_gr.config.experiment import ExperimentConfig
 from megatron_gr.embeddings.dynamic import collections_of, load_collection, save_collection
@@ -260,6 +261,7 @@ def load_checkpoint(
     _model(model_chunks).load_state_dict(loaded["model"])
     _load_dynamic_tables(model_chunks, directory, hint=hint)
     optimizer.load_state_dict(loaded["optimizer"])
+    use_fused_adam(optimizer)  # the loaded param groups bring the saving run's fused setting
     notice = restore_schedule(
         scheduler,
         loaded["scheduler"],

@@ -46,4 +46,4 @@ def evaluate(model_chunks, spec: TrainSpec, plan: RunPlan, dataset: Dataset, whi
         chunk.train()
     # Statistics count once: from the last stage's first tensor-parallel rank.
     contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    return spec.reduce_statistics(list(outputs) if contributes else [], plan.device)
+    return spec.reduce_statistics(list(outputs) if contributes else [], plan)

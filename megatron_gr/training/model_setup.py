@@ -14,8 +14,9 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_gr.compat import megatron_collective_deprecations_silenced
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec
+from megatron_gr.training.cuda_graphs import apply_cuda_graphs
 from megatron_gr.training.plan import RunPlan
-from megatron_gr.training.sparse_step import dynamic_tables, with_sparse_gradient_scaling
+from megatron_gr.training.sparse_step import dynamic_tables, per_token_finalize
 
 
 def build_model(plan: RunPlan, spec: TrainSpec, dataset: Dataset) -> list[DistributedDataParallel]:
@@ -36,11 +37,15 @@ def build_model(plan: RunPlan, spec: TrainSpec, dataset: Dataset) -> list[Distri
         model = Float16Module(model_config, model)
     ddp_config = _ddp_config(plan)
     wrapped = DistributedDataParallel(model_config, ddp_config, model)
-    # Rows of dynamic tables are not parameters: their gradients get the dense ones' scaling
-    # (see sparse_step.py).
-    tables = dynamic_tables([wrapped])
-    model_config.finalize_model_grads_func = (
-        with_sparse_gradient_scaling(finalize_model_grads, tables) if tables else finalize_model_grads
+    # Per-token scaling on the device; rows of dynamic tables are not parameters: their
+    # gradients get the dense ones' scaling (see sparse_step.py).
+    model_config.finalize_model_grads_func = per_token_finalize(finalize_model_grads, dynamic_tables([wrapped]))
+    # training.cuda_graphs: layers replayed from graphs captured now, before training.
+    training = plan.config.training
+    apply_cuda_graphs(
+        unwrap(wrapped), mode=training.cuda_graphs, max_tokens=training.cuda_graph_max_tokens,
+        micro_batch_size=training.micro_batch_size, num_slots=plan.layout.pipeline,
+        sequence_parallel_size=plan.layout.tensor,
     )
     if ddp_config.overlap_grad_reduce:
         # The schedules hold reductions back until the last micro-batch and let the last

@@ -74,14 +74,16 @@ def make_plan(
     config: ExperimentConfig,
     *,
     num_items: Optional[int] = None,
+    table_rows: Optional[dict[str, int]] = None,
     world_size: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> RunPlan:
     """Resolves and checks every run-level decision (raises ConfigError, one line).
 
-    ``num_items``: the item count of the data, when it is known (sizes and checks the item
-    table). ``world_size`` and ``device`` are facts of the launch, found when not given
-    (tests give them to plan for other machines).
+    ``table_rows``: the rows each plain table needs for the data, when it is known
+    (``Dataset.table_rows``); ``num_items`` is short for ``{"item": num_items + 1}``.
+    ``world_size`` and ``device`` are facts of the launch, found when not given (tests give
+    them to plan for other machines).
     """
     training, parallel = config.training, config.parallel
     if device is None:
@@ -104,7 +106,9 @@ def make_plan(
     )
     global_batch, per_rank = _batch_arithmetic(config, data_parallel)
     if num_items is not None:
-        _check_item_table(config, num_items)
+        table_rows = {"item": num_items + 1, **(table_rows or {})}
+    _check_table_rows(config, table_rows or {})
+    _check_cuda_graphs(config, device, backend, layout)
     _check_output_paths(config)
     model_config = _model_config(config, layout, bf16)
     check_fp8_runnable(model_config, device)  # FP8 is an error where it cannot run, never a no-op
@@ -180,12 +184,63 @@ def _backend_for_model(config: ExperimentConfig, backend: KernelBackend) -> Kern
     )
 
 
-def _check_item_table(config: ExperimentConfig, num_items: int) -> None:
-    item = config.embeddings["item"]
-    if item.type == "plain" and item.num_embeddings is not None and item.num_embeddings < num_items + 1:
+def _check_table_rows(config: ExperimentConfig, table_rows: dict[str, int]) -> None:
+    for name, rows in table_rows.items():
+        table = config.embeddings.get(name)
+        if table is not None and table.type == "plain" and table.num_embeddings is not None and table.num_embeddings < rows:
+            raise ConfigError(
+                f"embeddings.{name}.num_embeddings={table.num_embeddings} is too small for {rows - 1} items "
+                f"(the data's distinct ids, plus the padding row): use >= {rows} or leave it unset"
+            )
+
+
+def _check_cuda_graphs(
+    config: ExperimentConfig, device: torch.device, backend: KernelBackend, layout: ParallelLayout
+) -> None:
+    """``training.cuda_graphs`` where graphs can capture the layers (``training/cuda_graphs.py``)."""
+    mode = config.training.cuda_graphs
+    if mode == "none":
+        return
+    key = f"training.cuda_graphs={mode!r}"
+    model = config.model
+    if device.type != "cuda":
+        raise ConfigError(f"{key} needs a CUDA GPU (this run trains on the CPU): use training.cuda_graphs=none")
+    if backend is not KernelBackend.TRITON:
         raise ConfigError(
-            f"embeddings.item.num_embeddings={item.num_embeddings} is too small for {num_items} items "
-            f"(plus the padding row): use >= {num_items + 1} or leave it unset"
+            f"{key} needs the Triton kernels (training.kernel_backend=triton or auto): the PyTorch reference "
+            "attention reads sequence lengths on the host, which a graph cannot replay"
+        )
+    if model.recompute_granularity == "full" or model.recompute_mhc:
+        what = "full-layer recompute" if model.recompute_granularity == "full" else "mHC recompute (recompute_modules: [mhc])"
+        raise ConfigError(
+            f"{key} does not capture recomputed layers yet ({what}): turn recompute off "
+            "or use training.cuda_graphs=none"
+        )
+    if layout.context > 1:
+        raise ConfigError(
+            f"{key} does not capture context-parallel layers (parallel.context_parallel_size={layout.context}: "
+            "their key exchange and per-batch layouts change with every batch): use training.cuda_graphs=none "
+            "or context_parallel_size=1"
+        )
+    if model.fp8:
+        raise ConfigError(
+            f"{key} does not capture FP8 linears (model.fp8={model.fp8!r}: their weight casts and amax "
+            "histories are decided on the host per micro-batch): unset fp8 or use training.cuda_graphs=none"
+        )
+    if model.type != "retrieval":
+        raise ConfigError(
+            f"{key} captures the retrieval model's layers only (model.type={model.type!r}: ranking batches "
+            "carry per-request candidates the graph buckets do not pad): use training.cuda_graphs=none"
+        )
+    if model.block_type != "stu":
+        raise ConfigError(
+            f"{key} captures STU layers only (model.block_type={model.block_type!r}): use model.block_type=stu "
+            "or training.cuda_graphs=none"
+        )
+    if mode == "step" and layout.pipeline > 1:
+        raise ConfigError(
+            f"{key} captures the whole stage as one graph, which pipeline parallelism feeds through its own "
+            f"input (pipeline_model_parallel_size={layout.pipeline}): use training.cuda_graphs=layers"
         )
 
 

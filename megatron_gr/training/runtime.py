@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_gr.compat import cpu_mode
+from megatron_gr.compat import cpu_mode, fast_optimizer_ops
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.training_config import TrainingConfig
@@ -23,6 +23,9 @@ from megatron_gr.seeding import derive_seed
 # shutdown() leaves; initialize() on a GPU leaves it too.
 _SCOPE = contextlib.ExitStack()
 _in_cpu_mode = False
+# megatron's optimizer helpers on torch's for-each kernels, from initialize() to shutdown().
+_OPTIMIZER_OPS = contextlib.ExitStack()
+_optimizer_ops_held = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def initialize(
     device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
     _hold_cpu_mode(device.type == "cpu")
+    _hold_fast_optimizer_ops(True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -104,21 +108,24 @@ def initialize(
             tensor_parallel_size, pipeline_parallel_size, context_parallel_size=context_parallel_size,
             distributed_timeout_minutes=training.distributed_timeout_minutes,
         )
-    seed_everything(training.seed)
+    seed_everything(training.seed, graph_safe=device.type == "cuda" and training.cuda_graphs != "none")
     return Runtime(device=device, bf16=bf16, rank=dist.get_rank(), world_size=world)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, *, graph_safe: bool = False) -> None:
     """The process's global generators, from the run seed alone (``megatron_gr.seeding``):
     the same on every rank. What training draws does not come from them: initial values,
     negatives and dropout masks are keyed by name, step and token. They serve megatron's own
     draws (its model-parallel RNG tracker, which gives each tensor-parallel rank its stream)
-    and anything a user adds."""
+    and anything a user adds. ``graph_safe``: megatron's RNG tracker keeps CUDA-graph-safe
+    generator states (CUDA graphs register them)."""
     process_seed = derive_seed(seed, "process")
     random.seed(process_seed)
     np.random.seed(process_seed % 2**32)
     torch.manual_seed(process_seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(derive_seed(seed, "megatron") % 2**31)
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        derive_seed(seed, "megatron") % 2**31, use_cudagraphable_rng=graph_safe, force_reset_rng=graph_safe
+    )
 
 
 def _hold_cpu_mode(on: bool) -> None:
@@ -130,6 +137,15 @@ def _hold_cpu_mode(on: bool) -> None:
     _in_cpu_mode = on
 
 
+def _hold_fast_optimizer_ops(on: bool) -> None:
+    global _optimizer_ops_held
+    if on and not _optimizer_ops_held:
+        _OPTIMIZER_OPS.enter_context(fast_optimizer_ops())
+    elif not on:
+        _OPTIMIZER_OPS.close()
+    _optimizer_ops_held = on
+
+
 def shutdown() -> None:
     """Ends what :func:`initialize` started; torch and megatron-core are as installed again."""
     if parallel_state.model_parallel_is_initialized():
@@ -137,3 +153,4 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _hold_cpu_mode(False)
+    _hold_fast_optimizer_ops(False)

@@ -4,9 +4,9 @@ Megatron owns the dense parameters; the dynamic tables' rows are not parameters 
 number changes), so their gradients bypass DDP and megatron's optimizer. To train exactly
 as a dense table would, they get the same treatment at the same moments:
 
-- ``finalize_model_grads`` divides dense gradients by the global token count
-  (``calculate_per_token_loss``); :func:`with_sparse_gradient_scaling` applies the same
-  factor to the rows' gradients;
+- the dense gradients are divided by the global token count (``calculate_per_token_loss``;
+  :func:`per_token_finalize` does megatron's division on the device) and the rows'
+  gradients by the same factor;
 - clipping uses the norm of dense and row gradients together, and scales both;
 - a skipped step (non-finite gradients, loss or norm: see ``nonfinite.py``) updates no row
   either; otherwise the rows follow the dense learning rate schedule (unless their table
@@ -19,11 +19,12 @@ cover every run.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
 from megatron_gr.compat import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.embeddings.dynamic import PhysicalTable, collections_of
@@ -34,18 +35,38 @@ def dynamic_tables(model_chunks) -> list[PhysicalTable]:
     return [table for chunk in model_chunks for c in collections_of(chunk) for table in c.tables.values()]
 
 
-def with_sparse_gradient_scaling(finalize: Callable, tables: list[PhysicalTable]) -> Callable:
-    """``finalize`` (megatron's ``finalize_model_grads``) that also scales the tables' row
-    gradients by 1 / the global token count it computes (it all-reduces ``num_tokens`` in
-    place)."""
+def per_token_finalize(finalize: Callable, tables: list[PhysicalTable]) -> Callable:
+    """``finalize`` (megatron's ``finalize_model_grads``) with the division by the global
+    token count done on the device, for the dense gradients and the tables' rows.
 
-    def finalize_dense_and_sparse(model, num_tokens=None, **kwargs):
-        finalize(model, num_tokens, **kwargs)
-        if num_tokens is not None and float(num_tokens) > 0:
+    megatron divides only after reading the count on the host (``if num_tokens > 0``): one
+    synchronisation per step, before the optimizer's own. Here megatron reduces the
+    gradients (``num_tokens=None``), then the count is broadcast from the last pipeline stage
+    and summed over data-parallel ranks as megatron does, and the gradients are multiplied
+    by ``1 / max(count, 1)`` (with no token every gradient is zero, which megatron leaves as
+    it is). The rows of dynamic tables get the same factor, read once on the host (their
+    step reads their counters there anyway)."""
+
+    def finalize_model_grads(model, num_tokens=None, pg_collection=None, **kwargs):
+        finalize(model, None, pg_collection=pg_collection, **kwargs)
+        if num_tokens is None:
+            return
+        if pg_collection is not None:
+            pp_group, dp_group = pg_collection.pp, pg_collection.dp_cp
+        else:
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+            dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+        dist.all_reduce(num_tokens, group=dp_group)
+        scaling = 1.0 / num_tokens.clamp(min=1)
+        for chunk in model:
+            chunk.scale_gradients(scaling)
+        if tables:
+            factor = float(scaling)
             for table in tables:
-                table.scale_gradients(1.0 / float(num_tokens))
+                table.scale_gradients(factor)
 
-    return finalize_dense_and_sparse
+    return finalize_model_grads
 
 
 class SparseTables:
@@ -58,17 +79,20 @@ class SparseTables:
         self.group = parallel_state.get_data_parallel_group(with_context_parallel=True) if self.tables else None
         self.device = _device_of(model_chunks, self.tables)
 
-    def step(self, optimizer, *, loss_is_finite: bool = True) -> tuple[bool, float]:
+    def step(self, optimizer, *, loss_is_finite: Union[bool, Callable[[], bool]] = True) -> tuple[bool, float]:
         """megatron's optimizer step (as ``ChainedOptimizer.step``) with the rows included
         in the gradient norm, clipping and update. Returns (updated, grad norm).
 
         The step is skipped (no weight and no row moves) when megatron's ``prepare_grads``
         finds non-finite gradients, when the loss is not finite (``loss_is_finite``, the same
         on every rank) or when the joint gradient norm is not finite; every rank takes the
-        same decision (:func:`~megatron_gr.training.nonfinite.any_rank`)."""
+        same decision (:func:`~megatron_gr.training.nonfinite.any_rank`). A callable
+        ``loss_is_finite`` is called once the norm is on the host: the step's one wait for the
+        device, so reading the loss there costs no second wait."""
         found_inf, dense_norm = prepare_grads_and_norm(optimizer)  # megatron's own check (with a loss scaler)
         total_norm = self._joint_grad_norm(dense_norm)
-        if any_rank(found_inf or not loss_is_finite or not math.isfinite(total_norm), self.device):
+        finite_loss = loss_is_finite() if callable(loss_is_finite) else loss_is_finite
+        if any_rank(found_inf or not finite_loss or not math.isfinite(total_norm), self.device):
             for table in self.tables:
                 table.discard_step()
             return False, total_norm

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Iterator
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.data.jagged import JaggedBatch
@@ -48,6 +49,12 @@ def schedule_shapes(config: GRTransformerConfig, batches: list[JaggedBatch]) -> 
     longest = max(batch.num_tokens for batch in batches)
     shapes = {"seq_length": longest, "micro_batch_size": 1}
     if config.pipeline_model_parallel_size > 1:
-        shape = stage_tensor_shape(config, longest)
-        shapes["adjust_tensor_shapes_fn"] = lambda recv, send: ([shape], [shape])
+        recv = send = stage_tensor_shape(config, longest)
+        if getattr(batches[0], "pipeline_shapes", None) is not None:
+            # Batches whose stages exchange something else (ULTRA-HSTU's channels, rows that
+            # shrink after truncation) give each stage's shapes; the largest is declared.
+            stage = parallel_state.get_pipeline_model_parallel_rank()
+            recv = max((b.pipeline_shapes[stage][0] for b in batches), key=lambda shape: shape[0])
+            send = max((b.pipeline_shapes[stage][1] for b in batches), key=lambda shape: shape[0])
+        shapes["adjust_tensor_shapes_fn"] = lambda _recv, _send: ([recv], [send])
     return shapes

@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_gr.compat import megatron_collective_deprecations_silenced, zero_grad
 from megatron_gr.config.experiment import ExperimentConfig
+from megatron_gr.data.prefetch import PrefetchingStream
 from megatron_gr.models.registry import get_train_spec
 from megatron_gr.training import checkpointing
 from megatron_gr.training.checkpoint_layout import resolve_load
@@ -50,7 +51,7 @@ class Trainer:
         started = time.time()
         self.spec = get_train_spec(config.model.type)
         self.dataset = self.spec.build_dataset(config)
-        self.plan = make_plan(config, num_items=self.dataset.num_items)
+        self.plan = make_plan(config, table_rows=self.dataset.table_rows())
         self.runtime = initialize(
             config.training,
             tensor_parallel_size=self.plan.layout.tensor,
@@ -63,9 +64,11 @@ class Trainer:
         self.optimizer = build_optimizer(config.training, self.runtime, self.model)
         self.sparse = SparseTables(self.model)
         self.scheduler = build_scheduler(config.training, self.optimizer)
-        self.loader = self.spec.training_stream(
+        # The next step's micro-batches are built (and copied to the GPU) while a step runs.
+        stream = self.spec.training_stream(
             self.plan, self.dataset, parallel_state.get_data_parallel_rank(), self.plan.layout.data
         )
+        self.loader = PrefetchingStream(stream, self.runtime.device)
         self.state = TrainState()
         self.best_weights: Optional[dict] = None
         self._validated_at: Optional[int] = None
@@ -139,9 +142,16 @@ class Trainer:
         ):
             totals[2] = sum(b.num_tokens for b in batches)
         dist.all_reduce(totals)  # every rank knows the loss before the step
-        loss = float(totals[0] / totals[1])
+        host = {}
+
+        def loss_is_finite() -> bool:  # read where the step waits for its gradient norm anyway
+            host["totals"] = totals.tolist()
+            return math.isfinite(_mean(*host["totals"][:2]))
+
         # dense and dynamic-table rows; skipped for a non-finite loss or gradient norm
-        updated, grad_norm = self.sparse.step(self.optimizer, loss_is_finite=math.isfinite(loss))
+        updated, grad_norm = self.sparse.step(self.optimizer, loss_is_finite=loss_is_finite)
+        loss_sum, count, tokens = host["totals"]
+        loss = _mean(loss_sum, count)
         if updated:  # as in megatron's loop, a skipped step does not advance the LR schedule
             self.scheduler.step(increment=1)
         self.state.consumed_samples = self.loader.consumed_samples
@@ -153,8 +163,8 @@ class Trainer:
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens": int(totals[2]),
-            "tokens_per_s": float(totals[2]) / elapsed,
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / elapsed,
             "step_time_s": elapsed,
             "skipped": not updated,
             **memory,
@@ -202,7 +212,8 @@ class Trainer:
             self.log.evaluation(step, which, metrics, note="best validation weights")
         note = f"; {self.spec.evaluation_note}" if self.spec.evaluation_note else ""
         splits = " | ".join(
-            f"{which} " + " ".join(f"{name.upper()} {results[which][name]:.4f}" for name in self.spec.headline_metrics)
+            f"{which} "
+            + " ".join(f"{name.upper()} {results[which][name]:.4f}" for name in self.spec.headline_metrics if name in results[which])
             for which in ("valid", "test")
         )
         self.log.info(f"final (weights of step {step}{note}): {splits}")
@@ -248,6 +259,10 @@ class Trainer:
         self.state = TrainState(**{k: train_state[k] for k in asdict(TrainState())})
         self.loader.load_state_dict({"consumed_samples": self.state.consumed_samples})
         self.log.info(f"resumed from step {self.state.iteration} of {root}")
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else float("nan")
 
 
 def _snapshot(module: torch.nn.Module) -> dict:

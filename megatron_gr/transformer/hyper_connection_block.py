@@ -17,7 +17,8 @@ the last merge into the contraction, also across mHC recompute blocks (a block t
 on a pending merge keeps its streams and maps, so the ops and their numbers are those of
 the run without recompute). A pipeline stage's last merge runs alone (the stage sends the
 merged streams), and so does every merge under full-layer recompute (megatron's
-checkpoint passes tensors between layers).
+checkpoint passes tensors between layers) and under ``training.cuda_graphs=layers`` (each
+layer a captured unit of tensors: ``training/cuda_graphs.py`` sets ``fuse_merges`` off).
 
 megatron-core 0.16.1's block has no place for the expansion, the contraction before the
 final norm or the recompute blocks, so ``forward`` is ours: it keeps megatron's
@@ -107,6 +108,8 @@ class HyperConnectionTransformerBlock(TransformerBlock):
             sequence_len_offset=sequence_len_offset,
             padding_mask=padding_mask,
         )
+        if fuse:  # only then: a layer called as megatron's block calls it can be replaced (CUDA graphs)
+            layer_kwargs["mhc_defer_merge"] = True
         contracted = False
         # As megatron's block: with tokens split over tensor-parallel ranks, dropout draws
         # from the rank's own stream.
@@ -125,7 +128,7 @@ class HyperConnectionTransformerBlock(TransformerBlock):
                     manager = MHCRecomputeManager() if recompute else None
                     for layer in group:
                         state, context = layer(hidden_states=state, context=context, mhc_recompute_manager=manager,
-                                               mhc_defer_merge=fuse, **layer_kwargs)
+                                               **layer_kwargs)
                     run = manager.checkpoint if manager is not None else _call
                     last = index == len(groups) - 1
                     if last and fuse and self.post_process:

@@ -19,7 +19,10 @@ class JaggedSeqParams(PackedSeqParams):
     keys, ``token_keys`` for every token of the (padded) batch, as attention sees them, and
     ``local_token_keys`` for this rank's tokens between attention blocks (its
     sequence-parallel slice; all tokens without sequence parallelism). None: the batch
-    has no keys (evaluation, layers used on their own)."""
+    has no keys (evaluation, layers used on their own). ``dropout_words``: the step's
+    stream words of every dropout site on the device, which the dropout kernels then read
+    instead of words computed from ``dropout_seed`` on the host (CUDA graphs,
+    ``training/cuda_graphs.py``: a replayed kernel keeps the host arguments of its capture)."""
 
     timestamps: Optional[torch.Tensor] = None  # [T] int64, for the relative time bias
     # [T] int64, the time of the event each token predicts (``JaggedBatch.query_timestamps``)
@@ -28,6 +31,8 @@ class JaggedSeqParams(PackedSeqParams):
     dropout_seed: int = 0  # the step's dropout seed
     token_keys: Optional[torch.Tensor] = None  # [T] int64
     local_token_keys: Optional[torch.Tensor] = None  # [T / tp] int64 under sequence parallelism, else [T]
+    # [sites, 3] int64: row s = stream_words(dropout_seed, s) (dropout_sites); None: host words
+    dropout_words: Optional[torch.Tensor] = None
     # Per-batch values that every layer would otherwise recompute (e.g. bias bucket ids).
     cache: dict[str, Any] = field(default_factory=dict)
     # Context parallelism: the keys of other ranks the layers' attention needs (a

@@ -136,9 +136,9 @@ class STULayer(MegatronModule, BaseTransformerLayer):
     def attention(self, normed: torch.Tensor, params: JaggedSeqParams) -> torch.Tensor:
         """The sublayer without its norm and residual: ``W_o dropout(LN(A) * U) + b_o`` of
         the normalised input ``[T, 1, C]``; hyper-connection layers wrap it."""
-        uvqk, _ = self.uvqk_proj(normed)  # [T, 1, local_heads * (2 dv + 2 dqk)]
+        uvqk = self.project_uvqk(normed)  # [T, 1, local_heads * (2 dv + 2 dqk)]
         num_tokens = uvqk.shape[0]
-        uvqk = F.silu(uvqk).view(num_tokens, self.num_local_heads, sum(self.split_sizes))
+        uvqk = uvqk.view(num_tokens, self.num_local_heads, sum(self.split_sizes))
         u, v, q, k = torch.split(uvqk, self.split_sizes, dim=-1)
         bias = self.relative_bias(params) if self.relative_bias is not None else None
         window, prefix = self.config.attention_window
@@ -175,6 +175,12 @@ class STULayer(MegatronModule, BaseTransformerLayer):
             gated = keyed_dropout(gated, keys, p=p, training=self.training, kernel=self.backend)
         out, _ = self.output_proj(gated.unsqueeze(1))
         return out
+
+    def project_uvqk(self, normed: torch.Tensor) -> torch.Tensor:
+        """``SiLU(W_uvqk x̂ + b)`` ``[T, 1, local_heads * (2 dv + 2 dqk)]``, one method so that
+        a layer may recompute it in the backward instead of keeping it."""
+        uvqk, _ = self.uvqk_proj(normed)
+        return F.silu(uvqk)
 
     def _output_dropout_keys(self, params: JaggedSeqParams, num_tokens: int, device: torch.device) -> DropoutKeys:
         """Features are numbered over all heads: this rank's first is its first head's."""

@@ -5,7 +5,7 @@ backend) on the same shapes. Prints a markdown table (and writes JSON with ``--j
 
     python tools/benchmarks/hstu_attention.py [--shapes 4x256,4x128,2x64]
         [--lengths 1024,2048,4096,8192,16384] [--dists fixed,zipf] [--tokens 65536]
-        [--sweep] [--bias] [--masks causal,all] [--bwd-variants fused,split] [--kernel-times]
+        [--sweep] [--bias [--bias-paths uniform,per_pair]] [--masks causal,all] [--bwd-variants fused,split] [--kernel-times]
 
 FLOPs count unmasked query-key pairs only (a causal sequence of L tokens has L(L+1)/2):
 forward 2 * pairs * H * (Dqk + Dv) (the two matrix products), backward 2.5x forward (five
@@ -96,6 +96,14 @@ def zipf_lengths(max_len: int, tokens: int, rng: np.random.Generator) -> list[in
     while sum(lengths) < tokens:
         lengths.append(int(rng.choice(support, p=p)))
     return lengths
+
+
+def _bias_cases(args) -> list[tuple[bool, str]]:
+    """(bias, relative-bias path) of each timed case; path "" leaves the kernels' choice."""
+    cases = [(False, "")]
+    if args.bias:
+        cases += [(True, path) for path in (args.bias_paths.split(",") if args.bias_paths else [""])]
+    return cases
 
 
 def make_batch(lengths, heads, d, dtype, *, bias: bool, seed: int):
@@ -341,6 +349,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per batch")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--bias", action="store_true", help="also time with the relative position + time bias")
+    parser.add_argument("--bias-paths", default="",
+                        help="with --bias: time these relative-bias paths (uniform,per_pair; default: the "
+                             "kernels' own choice, hstu_configs.uniform_bias_tiles)")
     parser.add_argument("--impls", default="triton,pytorch,sdpa")
     parser.add_argument("--reference-max-len", type=int, default=2048, help="longest length timed for the reference")
     parser.add_argument("--sweep", action="store_true", help="time the candidate configs at --sweep-len first and use the best")
@@ -379,13 +390,16 @@ def main() -> int:
             for length in (int(x) for x in args.lengths.split(",")):
                 lengths = [length] * max(1, args.tokens // length) if dist == "fixed" else zipf_lengths(length, args.tokens, rng)
                 for mask in args.masks.split(","):
-                    for bias in ([False, True] if args.bias else [False]):
+                    for bias, bias_path in _bias_cases(args):
                         for impl in args.impls.split(","):
                             if impl == "pytorch" and length > args.reference_max_len:
                                 continue
                             if impl == "sdpa" and (dist != "fixed" or mask != "causal" or bias):
                                 continue
                             for label, variant, overrides in _timed_configs(impl, variants, fwd_cfg, bwd_cfgs):
+                                if bias_path:
+                                    overrides = dict(overrides, uniform_bias_tiles=bias_path == "uniform")
+                                    label = f"{label} {bias_path}"
                                 with hstu_configs.override(**overrides):
                                     r = _safe(run_case, impl, lengths, heads, d, dtype, mask, bias, args)
                                 row = dict(shape=f"{heads}x{d}", dist=dist, max_len=length, seqs=len(lengths),

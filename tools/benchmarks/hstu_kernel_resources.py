@@ -115,16 +115,21 @@ def main() -> int:
     parser.add_argument("--heaviest", action="store_true",
                         help="every mask rule and the relative bias on (the most shared memory and registers) "
                              "instead of the causal mask alone")
+    parser.add_argument("--bias", action="store_true", help="the causal mask with the relative bias (the e2e shape)")
+    parser.add_argument("--per-pair-bias", action="store_true",
+                        help="the bias without its uniform-tile path (hstu_configs.uniform_bias_tiles)")
     parser.add_argument("--sharded", action="store_true", help="the context-parallel variant of every kernel")
     parser.add_argument("--dump-ptx", type=Path, help="write each kernel's PTX code (see above) into this directory")
     args = parser.parse_args()
-    heavy = args.heaviest
+    heavy = args.heaviest or args.bias
     if args.dump_ptx:
         args.dump_ptx.mkdir(parents=True, exist_ok=True)
     for d in (int(x) for x in args.dims.split(",")):
-        flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=heavy, HAS_CONTEXT=heavy,
-                     HAS_WINDOW=heavy, HAS_PREFIX=heavy, HAS_BIAS=heavy, TIME_FN=0, NORM_BY_LEN=False,
-                     FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32", SHARDED=args.sharded)
+        masks = args.heaviest
+        flags = dict(DQK=d, DV=d, BLOCK_DQK=d, BLOCK_DV=d, CAUSAL=True, HAS_TARGETS=masks, HAS_CONTEXT=masks,
+                     HAS_WINDOW=masks, HAS_PREFIX=masks, HAS_BIAS=heavy, TIME_FN=0, NORM_BY_LEN=False,
+                     FAST_SILU=True, ASM_GATHER=True, PRECISION="tf32", UNIFORM_BIAS=heavy and not args.per_pair_bias,
+                     SHARDED=args.sharded)
         if args.candidates:
             from hstu_attention import SWEEP  # the benchmark beside this file
 

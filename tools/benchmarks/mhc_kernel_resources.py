@@ -43,14 +43,15 @@ from megatron_gr.ops.triton.mhc_merge_pre_kernels import merge_bwd_fused, merge_
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-# Pointers in the streams' dtype (every other pointer is float32, the token keys int64).
+# Pointers in the streams' dtype (every other pointer is float32, the token keys and dropout words int64).
 _STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias", "DU"}
 # Matrix operands of the mapping kernels: bf16 halves for bf16 streams, else float32.
 _OPERAND_POINTERS = {"PHi", "PLo", "P", "GHi", "GLo"}
 _FLOAT_SCALARS = {"eps", "p"}
 _INT_SCALARS = {"K", "C"}  # sizes with upper-case names
-# Scalars the kernels do not specialise on (the keyed-dropout words, the Sinkhorn iterations).
-_UNSPECIALIZED = {"feature_offset", "s0", "s1", "s2", "threshold", "iterations"}
+# Scalars the kernels do not specialise on (the token count, the keyed-dropout words, the
+# Sinkhorn iterations).
+_UNSPECIALIZED = {"num_tokens", "feature_offset", "s0", "s1", "s2", "threshold", "iterations"}
 
 
 def compile_report(fn, constexprs: dict, cfg: mhc_configs.Blocks, stream_dtype: str, *, operands: str = "fp32") -> str:
@@ -61,7 +62,7 @@ def compile_report(fn, constexprs: dict, cfg: mhc_configs.Blocks, stream_dtype: 
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
         elif name[0].isupper() and name not in _INT_SCALARS:
-            if name == "Keys":
+            if name in ("Keys", "Words"):
                 signature[name] = "*i64"
             elif name in _OPERAND_POINTERS:
                 signature[name] = f"*{operands}"
@@ -111,7 +112,7 @@ def kernels(n: int, dtype: torch.dtype):
                     AGGREGATE=aggregate, WHOLE_CHUNKS=True), bwd, operands)
     pre_cfg = mhc_configs.blocks("pre_bwd_gates", streams=n, dtype=dtype)
     gate_consts = dict(n=n, W=width, WP=wp, BLOCK_T=pre_cfg.block_t, BLOCK_C=pre_cfg.block_c, HAS_BIAS=False,
-                       DROPOUT=False, SPLIT=split)
+                       DROPOUT=False, DEVICE_WORDS=False, SPLIT=split)
     yield ("pre bwd gates", pre_gates, dict(gate_consts, S=n, MERGE=False), pre_cfg, operands)
     yield ("expand pre bwd gates", pre_gates, dict(gate_consts, S=1, MERGE=False), pre_cfg, operands)
     # the fused merge pairs (merge + next pre; the block's last merge + contraction), S = n
@@ -119,7 +120,7 @@ def kernels(n: int, dtype: torch.dtype):
     for stored, dropout in ((n, False), (n, True), (1, False), (1, True)):
         label = ("" if stored == n else " (expand)") + (" dropout" if dropout else "")
         cfg = mhc_configs.blocks("merge_pre_fwd", streams=n, dtype=dtype)
-        merge = dict(n=n, S=stored, HAS_BIAS=True, DROPOUT=dropout, SPLIT=split, UPCAST=False)
+        merge = dict(n=n, S=stored, HAS_BIAS=True, DROPOUT=dropout, DEVICE_WORDS=False, SPLIT=split, UPCAST=False)
         yield ("merge pre fwd" + label, merge_fwd_fused, dict(merge, W=width, WP=wp, BLOCK_T=cfg.block_t,
                BLOCK_C=cfg.block_c, MAPS=True, CONTRACT=False), cfg, operands)
         cfg = mhc_configs.blocks("merge_pre_bwd_gates", streams=n, dtype=dtype)
@@ -148,7 +149,8 @@ def kernels(n: int, dtype: torch.dtype):
     for op, fn in (("merge_fwd", _merge_fwd), ("merge_bwd", _merge_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
         for dropout in (False, True):
-            consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=dropout)
+            consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=dropout,
+                          DEVICE_WORDS=False)
             if op == "merge_bwd":
                 consts["MP"] = triton.next_power_of_2(n * n + n)
             yield (op.replace("_", " ") + (" dropout" if dropout else ""), fn, consts, cfg, "fp32")

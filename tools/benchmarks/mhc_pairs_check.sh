@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One H100 call (about 4 minutes) for docs/benchmarks/mhc.md, "Fused merge pairs": the GPU
-# tests of the mHC kernels (the fused pairs with and without the keyed dropout), the step
+# tests of the mHC kernels (the fused pairs with and without the keyed dropout, its stream
+# words from a device tensor, and CUDA graphs of blocks with mHC: layers, and the fused
+# stack captured whole), the step
 # overhead of mHC n = 4 at the GPU-bound and the host-bound shapes (A/B steps alternating),
 # and the per-op times of the pairs beside the separate kernels (merge dropout 0, as the STU
 # layers run it, and 0.1) with the alternative blocks of mhc_configs.CANDIDATES. Run from the
@@ -29,7 +31,9 @@ for p in 0 0.1; do
 done
 timeout 150 python3 -m pytest -q -rfE -m gpu $T/test_triton_mhc_fused.py -k bf16 > "$O/tests_fused_bf16.log" 2>&1 &
 timeout 150 python3 -m pytest -q -rfE -m gpu $T/test_triton_mhc_fused.py -k "not bf16" > "$O/tests_fused_fp32.log" 2>&1 &
-timeout 150 python3 -m pytest -q -rfE -m gpu $T/test_triton_mhc.py $T/test_triton_keyed_dropout.py > "$O/tests_mhc.log" 2>&1
+timeout 150 python3 -m pytest -q -rfE -m gpu tests/unit/training/test_cuda_graphs.py > "$O/tests_graphs.log" 2>&1 &
+timeout 150 python3 -m pytest -q -rfE -m gpu $T/test_triton_mhc.py $T/test_triton_keyed_dropout.py \
+  $T/test_dropout_device_words.py > "$O/tests_mhc.log" 2>&1
 wait
 for f in "$O"/tests_*.log; do echo "$f: $(tail -1 "$f")"; done
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Times and profiles training steps of any config; prints tokens/s, TFLOP/s (useful
-FLOPs, see megatron_gr.models.hstu_flops.py), peak memory and the top operators.
+FLOPs of every timed step, counted from its own micro-batches: megatron_gr/models/hstu_flops.py),
+peak memory and the top operators. MFU, the phase breakdown and before/after rows:
+``tools/benchmarks/e2e_step.py``.
 
     python tools/benchmarks/profile_train_step.py --config configs/hstu_ml100k.yaml \
         --data-path ../shared/data/ml-100k [--steps 20] [--profile-steps 3] [any pretrain flag]
@@ -19,7 +21,7 @@ import torch
 
 def main() -> int:
     from megatron_gr.config import add_config_arguments, overrides_from_args, resolve_config
-    from megatron_gr.models.hstu_flops import training_step_flops
+    from megatron_gr.models.hstu_flops import step_flops
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
 
@@ -34,24 +36,35 @@ def main() -> int:
     trainer = Trainer(config)
     cuda = trainer.runtime.device.type == "cuda"
 
+    taken = []
+    next_step = trainer.loader.next_step
+
+    def recording_next_step():
+        batches = next_step()
+        taken.append(batches)
+        return batches
+
+    trainer.loader.next_step = recording_next_step
+
     def step():
         record = trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
         return record
 
     for _ in range(3):
         step()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    taken.clear()
     times, tokens = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        # The loader state tells which users the next step takes: count their FLOPs.
         record = step()
         times.append(time.perf_counter() - start)
         tokens.append(record["tokens"])
-    # FLOPs from the step's actual lengths: recompute a fresh step's batches.
-    lengths = torch.cat([b.lengths for b in trainer.loader.next_step()])
-    step_flops = training_step_flops(trainer.model[0].config, lengths)
+    config = trainer.model[0].config
+    flops = [step_flops(config, [b.lengths.cpu() for b in batches]).total for batches in taken]
     median = statistics.median(times)
     summary = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -59,7 +72,7 @@ def main() -> int:
         "median_step_s": median,
         "tokens_per_step": statistics.mean(tokens),
         "tokens_per_s": statistics.mean(tokens) / median,
-        "useful_tflops_per_s": step_flops / median / 1e12,
+        "useful_tflops_per_s": sum(flops) / sum(times) / 1e12,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
     print(json.dumps(summary, indent=2))

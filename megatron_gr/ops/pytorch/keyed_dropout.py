@@ -12,6 +12,9 @@ With 32-bit words (all arithmetic modulo 2^32) and ``mix`` the lowbias32 integer
     col[f]     = mix((feature_offset + f) ^ s2)                 f: the feature's local index
     keep[t, f] = (mix(row[t] ^ col[f]) >> 8) >= round(p 2^24)
 
+The words may also come as a ``[3]`` int64 device tensor holding the same values
+(``words``: CUDA graphs read each step's words from one); the mask is the same.
+
 Row and column hashes are computed once per token and per feature; each element costs one
 ``mix``. Here the words live in int64 tensors and no intermediate reaches 2^63 (int64
 overflow never happens): a product by a multiplier above 2^31 is split (``_mul32_``). The
@@ -21,6 +24,7 @@ overflow never happens): a product by a multiplier above 2^31 is split (``_mul32
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -80,22 +84,32 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return mix32_(x, torch.empty_like(x))
 
 
-def row_hashes(token_keys: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
-    """``[T]`` int64 keys -> ``[T]`` 32-bit row hashes (int64 tensor)."""
+def row_hashes(token_keys: torch.Tensor, s0, s1) -> torch.Tensor:
+    """``[T]`` int64 keys -> ``[T]`` 32-bit row hashes (int64 tensor); the words are ints or
+    0-dim int64 tensors."""
     low, high = token_keys & _MASK32, (token_keys >> 32) & _MASK32
     return mix32(mix32(low ^ s0) ^ high ^ s1)
 
 
-def column_hashes(num_features: int, feature_offset: int, s2: int, device: torch.device) -> torch.Tensor:
+def column_hashes(num_features: int, feature_offset: int, s2, device: torch.device) -> torch.Tensor:
     features = torch.arange(feature_offset, feature_offset + num_features, dtype=torch.int64, device=device)
     return mix32((features & _MASK32) ^ s2)
 
 
 def pytorch_keep_mask(
-    token_keys: torch.Tensor, num_features: int, *, seed: int, site: int, feature_offset: int, p: float
+    token_keys: torch.Tensor,
+    num_features: int,
+    *,
+    seed: int,
+    site: int,
+    feature_offset: int,
+    p: float,
+    words: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``[T, num_features]`` bool: True where an element is kept."""
-    s0, s1, s2 = stream_words(seed, site)
+    """``[T, num_features]`` bool: True where an element is kept. ``words``: the site's
+    stream words as a ``[3]`` int64 tensor (read without a host synchronisation), else
+    computed from ``seed`` and ``site``."""
+    s0, s1, s2 = stream_words(seed, site) if words is None else words.unbind(0)
     rows = row_hashes(token_keys.to(torch.int64), s0, s1)
     cols = column_hashes(num_features, feature_offset, s2, token_keys.device).unsqueeze(0)
     # kept: the top 24 bits of the hash >= the threshold, i.e. hash >= threshold << 8
@@ -121,10 +135,19 @@ def _block_rows(num_features: int, device: torch.device) -> int:
 
 
 def pytorch_keyed_dropout(
-    x: torch.Tensor, token_keys: torch.Tensor, *, seed: int, site: int, feature_offset: int, p: float
+    x: torch.Tensor,
+    token_keys: torch.Tensor,
+    *,
+    seed: int,
+    site: int,
+    feature_offset: int,
+    p: float,
+    words: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``x`` ``[T, ...]`` with its per-token features (flattened) dropped by the keyed mask
     and the kept ones scaled by ``1 / (1 - p)``."""
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    keep = pytorch_keep_mask(token_keys, flat.shape[1], seed=seed, site=site, feature_offset=feature_offset, p=p)
+    keep = pytorch_keep_mask(
+        token_keys, flat.shape[1], seed=seed, site=site, feature_offset=feature_offset, p=p, words=words
+    )
     return torch.where(keep, flat / (1.0 - p), torch.zeros((), dtype=flat.dtype, device=flat.device)).view(x.shape)

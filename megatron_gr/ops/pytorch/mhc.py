@@ -155,7 +155,8 @@ def pytorch_mhc_merge(
     if training and dropout_p > 0.0:  # one mask, shared by the streams
         keys = dropout_keys
         update = pytorch_keyed_dropout(
-            update, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=dropout_p
+            update, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=dropout_p,
+            words=keys.words,
         )
     compute = _compute_dtype(x, h_res, h_post, update)
     mixed = torch.einsum("tij,tjc->tic", h_res.to(compute), x.to(compute))  # [T, n, C]

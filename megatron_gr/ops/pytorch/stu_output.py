@@ -29,5 +29,6 @@ def pytorch_stu_output(
         return gated
     keys = dropout_keys
     return pytorch_keyed_dropout(
-        gated, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=dropout_p
+        gated, keys.token_keys, seed=keys.seed, site=keys.site, feature_offset=keys.feature_offset, p=dropout_p,
+        words=keys.words,
     )

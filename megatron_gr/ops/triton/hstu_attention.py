@@ -16,7 +16,7 @@ from megatron_gr.ops.relative_bias import RelativeBiasInputs
 from megatron_gr.ops.triton.availability import interpreter_enabled
 from megatron_gr.ops.triton.hstu_attention_bwd import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
 from megatron_gr.ops.triton.hstu_attention_fwd import hstu_fwd_kernel
-from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config, launch_options
+from megatron_gr.ops.triton.hstu_configs import backward_config, forward_config, launch_options, uniform_bias_tiles
 
 # Private copies of the relative-bias weight gradients (atomics spread over them).
 _BIAS_GRAD_SLOTS = 64
@@ -46,6 +46,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normalizer: str, precision_dtype):
+    """Constexprs shared by every kernel of a call (the launches add UNIFORM_BIAS)."""
     dqk, dv = q.shape[2], v.shape[2]
     sixteen_bit = precision_dtype in (torch.bfloat16, torch.float16)
     return dict(
@@ -92,6 +93,14 @@ def _layout_args(settings: _Settings, offsets: torch.Tensor, ts: torch.Tensor) -
     return (keys.key_offsets.contiguous(), keys.query_start.contiguous(), keys.seq_lengths.contiguous(), key_ts), True
 
 
+def _uniform_bias(settings: _Settings, cfg) -> bool:
+    """Whether a launch takes the bias's uniform-tile path: by the farthest key position."""
+    if settings.bias is None:
+        return False
+    extent = settings.keys.max_key_len if settings.keys is not None else settings.max_len
+    return uniform_bias_tiles(extent, settings.bias.position_weights.numel(), cfg)
+
+
 def _query_blocks(settings: _Settings, block_m: int) -> int:
     """Query-block programs per segment: a window's blocks are aligned from position 0, so
     its first block may start before its first row (one block more)."""
@@ -115,7 +124,8 @@ def _forward(q, k, v, offsets, targets, bias_tensors: tuple, settings: _Settings
             out.stride(0), out.stride(1),
             heads, num_m_blocks, settings.alpha, 1.0 / settings.max_seq_len,
             mask.contextual_len, mask.max_attn_len, mask.global_prefix_len, num_pos, num_time, *layout,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SHARDED=sharded, **launch_options(cfg), **common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SHARDED=sharded, UNIFORM_BIAS=_uniform_bias(settings, cfg),
+            **launch_options(cfg), **common,
         )
     return out
 
@@ -155,7 +165,8 @@ def _backward(grad_out, q, k, v, offsets, targets, bias_tensors: tuple, settings
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             heads, num_n_blocks, settings.alpha, 1.0 / settings.max_seq_len, *scalars, *layout,
             BLOCK_M=kcfg.block_m, BLOCK_N=kcfg.block_n, ATOMIC_DQ=cfg.atomic_dq and with_dk, NUM_SLOTS=slots,
-            WITH_DK=with_dk, WITH_DV=with_dv, SHARDED=sharded, **launch_options(kcfg), **common,
+            WITH_DK=with_dk, WITH_DV=with_dv, SHARDED=sharded, UNIFORM_BIAS=_uniform_bias(settings, kcfg),
+            **launch_options(kcfg), **common,
         )
     if launch and not cfg.atomic_dq:
         dq_cfg = cfg.dq or cfg
@@ -165,7 +176,8 @@ def _backward(grad_out, q, k, v, offsets, targets, bias_tensors: tuple, settings
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
             heads, num_m_blocks, settings.alpha, 1.0 / settings.max_seq_len, *scalars, *layout,
-            BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, SHARDED=sharded, **launch_options(dq_cfg), **common,
+            BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, SHARDED=sharded,
+            UNIFORM_BIAS=_uniform_bias(settings, dq_cfg), **launch_options(dq_cfg), **common,
         )
     bias_grads = (d_pos.sum(0), d_time.sum(0)) if bias is not None else (None, None)
     return dq.to(q.dtype), dk, dv, *bias_grads

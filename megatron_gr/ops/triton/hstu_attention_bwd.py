@@ -22,7 +22,8 @@ kernel instead of seven.
 Relative-bias weight gradients: a tile whose pairs all fall in one bucket (far from the
 diagonal for positions; common for time gaps past the last bucket) adds one sum; other
 tiles add per pair, into one of ``NUM_SLOTS`` private copies of the gradient to spread the
-atomic traffic (the caller sums the copies).
+atomic traffic (the caller sums the copies). Such uniform tiles also read one weight
+instead of gathering a tile (:mod:`megatron_gr.ops.triton.hstu_bias_tiles`).
 
 ``SHARDED``: query segments against their own keys, as in the forward kernel; a key block
 visits the query blocks of its segment only, the first of which may start before the
@@ -34,39 +35,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from megatron_gr.ops.triton.hstu_bias_tiles import add_bias_grad, add_tile_bias, tile_distance, valid_range
 from megatron_gr.ops.triton.hstu_tiles import (
-    bias_buckets, gather, key_ranges, load_rows, load_rows_between, mma, pair_mask, query_ranges, silu,
-    silu_and_grad,
+    key_ranges, load_rows, load_rows_between, mma, pair_mask, query_ranges, silu, silu_and_grad,
 )
 
 
 @triton.jit
-def _bias_grad(dx, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, allowed):
-    """Adds ``dx`` (a [BLOCK_N, BLOCK_M] tile, zero where masked) to the weight gradients of
-    its position and time buckets."""
-    far = tl.maximum(tl.maximum(n0 - (m0 + BLOCK_M - 1), m0 - (n0 + BLOCK_N - 1)), 0)
-    if far >= P - 1:
-        tl.atomic_add(DPosW + slot * P + P - 1, tl.sum(tl.sum(dx, 1), 0), sem="relaxed")
-    else:
-        if MASKED:
-            tl.atomic_add(DPosW + slot * P + pos, dx, mask=allowed, sem="relaxed")
-        else:
-            tl.atomic_add(DPosW + slot * P + pos, dx, sem="relaxed")
-    t_lo = tl.min(tl.min(tb, 1), 0)
-    t_hi = tl.max(tl.max(tb, 1), 0)
-    if t_lo == t_hi:
-        tl.atomic_add(DTimeW + slot * NT + t_lo, tl.sum(tl.sum(dx, 1), 0), sem="relaxed")
-    else:
-        if MASKED:
-            tl.atomic_add(DTimeW + slot * NT + tb, dx, mask=allowed, sem="relaxed")
-        else:
-            tl.atomic_add(DTimeW + slot * NT + tb, dx, sem="relaxed")
-
-
-@triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
+    dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, tj_lo, tj_hi, ts_base,
     PosW, TimeW, DPosW, DTimeW, slot, n0,
     LQ, LK, H, c, w, g, p0, alpha, inv_n, P, NT,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -74,7 +51,7 @@ def _dkdv_tile(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SHARDED: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SHARDED: tl.constexpr, UNIFORM_BIAS: tl.constexpr,
 ):
     offs_m = m0 + tl.arange(0, BLOCK_M)
     if SHARDED and MASKED:
@@ -87,11 +64,16 @@ def _dkdv_tile(
     x = mma(k, tl.trans(q), None, PRECISION) * alpha  # [BLOCK_N, BLOCK_M]
     if HAS_BIAS:
         if SHARDED:
-            ts_i = tl.load(ts_base + offs_m, mask=(offs_m >= p0) & (offs_m < LQ), other=0)
+            rows_ok = (offs_m >= p0) & (offs_m < LQ)
         else:
-            ts_i = tl.load(ts_base + offs_m, mask=offs_m < LQ, other=0)
-        pos, tb = bias_buckets(offs_m[None, :], offs_n[:, None], ts_i[None, :], ts_j[:, None], P, NT, TIME_FN)
-        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
+            rows_ok = offs_m < LQ
+        ts_i = tl.load(ts_base + offs_m, mask=rows_ok, other=0)
+        ti_lo, ti_hi = valid_range(ts_i, rows_ok)
+        far = tile_distance(m0, n0, BLOCK_M, BLOCK_N)
+        x, pos_uniform, time_uniform, t_one = add_tile_bias(
+            x, offs_n[:, None], offs_m[None, :], ts_j[:, None], ts_i[None, :], far, tj_lo, tj_hi, ti_lo, ti_hi,
+            PosW, TimeW, P, NT, TIME_FN, ASM_GATHER, UNIFORM_BIAS,
+        )
     if WITH_DK:
         p, dsilu = silu_and_grad(x, FAST_SILU)
         dp = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -126,11 +108,14 @@ def _dkdv_tile(
                 rows_ok = offs_m < LQ
             tl.atomic_add(ptrs, dq, mask=rows_ok[:, None] & (cols < DQK)[None, :], sem="relaxed")
         if HAS_BIAS:
-            _bias_grad(dx * inv_n, pos, tb, m0, n0, slot, DPosW, DTimeW, P, NT, BLOCK_M, BLOCK_N, MASKED, allowed)
+            add_bias_grad(
+                dx * inv_n, offs_n[:, None], offs_m[None, :], ts_j[:, None], ts_i[None, :], pos_uniform, time_uniform,
+                t_one, far, slot, DPosW, DTimeW, P, NT, allowed, TIME_FN, MASKED, UNIFORM_BIAS,
+            )
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_n_blocks"])  # varies per batch: one compile
 def hstu_bwd_dkdv_kernel(
     Q, K, V, GradOut, GradQ, GradK, GradV, Offsets, NumTargets, Timestamps, PosW, TimeW, DPosW, DTimeW,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -144,7 +129,7 @@ def hstu_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, NUM_SLOTS: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-    SHARDED: tl.constexpr,
+    SHARDED: tl.constexpr, UNIFORM_BIAS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     if CAUSAL:  # the first key blocks are seen by the most queries: launch them first
@@ -209,8 +194,11 @@ def hstu_bwd_dkdv_kernel(
             ts_j = tl.load(KeyTimestamps + k_start + offs_n, mask=offs_n < LK, other=0)
         else:
             ts_j = tl.load(ts_base + offs_n, mask=offs_n < L, other=0)
+        tj_lo, tj_hi = valid_range(ts_j, offs_n < LK)
     else:
         ts_j = offs_n
+        tj_lo = 0
+        tj_hi = 0
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -219,30 +207,30 @@ def hstu_bwd_dkdv_kernel(
     )
     for m0 in range(lo, full_lo, BLOCK_M):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
-            PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
+            dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, tj_lo, tj_hi,
+            ts_base, PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
             num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED, UNIFORM_BIAS,
         )
     for m0 in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
-            PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
+            dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, tj_lo, tj_hi,
+            ts_base, PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
             num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, False,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED, UNIFORM_BIAS,
         )
     for m0 in range(full_hi, hi, BLOCK_M):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, ts_base,
-            PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
+            dk, dv, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, m0, offs_n, ts_j, tj_lo, tj_hi,
+            ts_base, PosW, TimeW, DPosW, DTimeW, slot, n0, LQ, LK, H, c, w, g, p0, alpha, inv_n, num_pos_buckets,
             num_time_buckets,
             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, True,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED,
+            PRECISION, ATOMIC_DQ, WITH_DK, WITH_DV, SHARDED, UNIFORM_BIAS,
         )
 
     row_ok = (offs_n < LK)[:, None]
@@ -258,13 +246,13 @@ def hstu_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
+    dq, q, do, k_base, v_base, stride_kt, stride_vt, m0, n0, offs_m, ts_i, ti_lo, ti_hi, ts_base, PosW, TimeW,
     LQ, LK, H, c, w, g, alpha, P, NT,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
-    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr, UNIFORM_BIAS: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(k_base, offs_n, stride_kt, LK, DQK, BLOCK_DQK, MASKED)  # [BLOCK_N, Dqk]
@@ -272,8 +260,11 @@ def _dq_tile(
     x = mma(q, tl.trans(k), None, PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         ts_j = tl.load(ts_base + offs_n, mask=offs_n < LK, other=0)
-        pos, tb = bias_buckets(offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], P, NT, TIME_FN)
-        x += gather(PosW, pos, ASM_GATHER) + gather(TimeW, tb, ASM_GATHER)
+        tj_lo, tj_hi = valid_range(ts_j, offs_n < LK)
+        x, _, _, _ = add_tile_bias(
+            x, offs_m[:, None], offs_n[None, :], ts_i[:, None], ts_j[None, :], tile_distance(m0, n0, BLOCK_M, BLOCK_N),
+            ti_lo, ti_hi, tj_lo, tj_hi, PosW, TimeW, P, NT, TIME_FN, ASM_GATHER, UNIFORM_BIAS,
+        )
     _, dsilu = silu_and_grad(x, FAST_SILU)
     dp = mma(do, tl.trans(v), None, PRECISION)  # [BLOCK_M, BLOCK_N]
     dx = dp * dsilu
@@ -286,7 +277,7 @@ def _dq_tile(
     return mma(dx.to(k.dtype), k, dq, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def hstu_bwd_dq_kernel(
     Q, K, V, GradOut, GradQ, Offsets, NumTargets, Timestamps, PosW, TimeW,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -299,7 +290,7 @@ def hstu_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BIAS: tl.constexpr, TIME_FN: tl.constexpr,
     NORM_BY_LEN: tl.constexpr, FAST_SILU: tl.constexpr, ASM_GATHER: tl.constexpr, PRECISION: tl.constexpr,
-    SHARDED: tl.constexpr,
+    SHARDED: tl.constexpr, UNIFORM_BIAS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = num_m_blocks - 1 - tl.program_id(1)
@@ -346,8 +337,9 @@ def hstu_bwd_dq_kernel(
         k_base = K + k_start * stride_kt + h * stride_kh
         v_base = V + k_start * stride_vt + h * stride_vh
         ts_base = KeyTimestamps + k_start
+        rows_ok = (offs_m >= p0) & (offs_m < LQ)
         if HAS_BIAS:
-            ts_i = tl.load(Timestamps + q_row0 + offs_m, mask=(offs_m >= p0) & (offs_m < LQ), other=0)
+            ts_i = tl.load(Timestamps + q_row0 + offs_m, mask=rows_ok, other=0)
         else:
             ts_i = offs_m
     else:
@@ -356,10 +348,16 @@ def hstu_bwd_dq_kernel(
         k_base = K + start * stride_kt + h * stride_kh
         v_base = V + start * stride_vt + h * stride_vh
         ts_base = Timestamps + start
+        rows_ok = offs_m < L
         if HAS_BIAS:
-            ts_i = tl.load(ts_base + offs_m, mask=offs_m < L, other=0)
+            ts_i = tl.load(ts_base + offs_m, mask=rows_ok, other=0)
         else:
             ts_i = offs_m
+    if HAS_BIAS:
+        ti_lo, ti_hi = valid_range(ts_i, rows_ok)
+    else:
+        ti_lo = 0
+        ti_hi = 0
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
 
     prefix_hi, lo, full_lo, full_hi, hi = key_ranges(
@@ -368,31 +366,31 @@ def hstu_bwd_dq_kernel(
     if HAS_WINDOW and (HAS_CONTEXT or HAS_PREFIX):
         for n0 in range(0, prefix_hi, BLOCK_N):
             dq = _dq_tile(
-                dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-                LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-                True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU,
-                ASM_GATHER, PRECISION,
+                dq, q, do, k_base, v_base, stride_kt, stride_vt, m0, n0, offs_m, ts_i, ti_lo, ti_hi, ts_base, PosW,
+                TimeW, LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                BLOCK_M, BLOCK_N, True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS,
+                TIME_FN, FAST_SILU, ASM_GATHER, PRECISION, UNIFORM_BIAS,
             )
     for n0 in range(lo, full_lo, BLOCK_N):
         dq = _dq_tile(
-            dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION,
+            dq, q, do, k_base, v_base, stride_kt, stride_vt, m0, n0, offs_m, ts_i, ti_lo, ti_hi, ts_base, PosW,
+            TimeW, LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV,
+            BLOCK_M, BLOCK_N, True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS,
+            TIME_FN, FAST_SILU, ASM_GATHER, PRECISION, UNIFORM_BIAS,
         )
     for n0 in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(
-            dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION,
+            dq, q, do, k_base, v_base, stride_kt, stride_vt, m0, n0, offs_m, ts_i, ti_lo, ti_hi, ts_base, PosW,
+            TimeW, LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV,
+            BLOCK_M, BLOCK_N, False, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS,
+            TIME_FN, FAST_SILU, ASM_GATHER, PRECISION, UNIFORM_BIAS,
         )
     for n0 in range(full_hi, hi, BLOCK_N):
         dq = _dq_tile(
-            dq, q, do, k_base, v_base, stride_kt, stride_vt, n0, offs_m, ts_i, ts_base, PosW, TimeW,
-            LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-            True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS, TIME_FN, FAST_SILU, ASM_GATHER,
-            PRECISION,
+            dq, q, do, k_base, v_base, stride_kt, stride_vt, m0, n0, offs_m, ts_i, ti_lo, ti_hi, ts_base, PosW,
+            TimeW, LQ, LK, H, c, w, g, alpha, num_pos_buckets, num_time_buckets, DQK, DV, BLOCK_DQK, BLOCK_DV,
+            BLOCK_M, BLOCK_N, True, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_PREFIX, HAS_BIAS,
+            TIME_FN, FAST_SILU, ASM_GATHER, PRECISION, UNIFORM_BIAS,
         )
 
     if NORM_BY_LEN:
@@ -401,8 +399,4 @@ def hstu_bwd_dq_kernel(
         scale = alpha * inv_max_seq_len
     cols = tl.arange(0, BLOCK_DQK)
     ptrs = GradQ + q_row0 * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + cols[None, :]
-    if SHARDED:
-        rows_ok = (offs_m >= p0) & (offs_m < LQ)
-    else:
-        rows_ok = offs_m < L
     tl.store(ptrs, (dq * scale).to(GradQ.dtype.element_ty), mask=rows_ok[:, None] & (cols < DQK)[None, :])

@@ -119,7 +119,20 @@ with 128 x 32 dq blocks); at 4x128 fused with 128 x 32 dq blocks ran 332 against
 316; below 128 and in float32 split was not timed."""
 _SPLIT_FROM_HEAD_DIM = 256
 
-_override: dict = {"forward": None, "backward": None, "backward_variant": None}
+_override: dict = {"forward": None, "backward": None, "backward_variant": None, "uniform_bias_tiles": None}
+
+
+def uniform_bias_tiles(max_len: int, num_position_buckets: int, cfg: KernelConfig) -> bool:
+    """Whether a launch takes the relative bias's uniform-tile path (``hstu_bias_tiles``:
+    tiles whose pairs share a position or time bucket read one weight and add one gradient
+    sum). By default only where it can pay: when the batch's longest sequence reaches tiles
+    past the last position bucket (``max_len > P + 2 x block``); its checks cost registers
+    (more spills in the register-capped kernels below head dim 256) that short sequences
+    would pay for nothing. ``override(uniform_bias_tiles=...)`` forces it on or off."""
+    forced = _override["uniform_bias_tiles"]
+    if forced is not None:
+        return forced
+    return max_len > num_position_buckets + 2 * max(cfg.block_m, cfg.block_n)
 
 
 def launch_options(cfg: KernelConfig) -> dict:
@@ -167,16 +180,20 @@ def override(
     forward: Optional[KernelConfig] = None,
     backward: Optional[KernelConfig] = None,
     backward_variant: Optional[str] = None,
+    uniform_bias_tiles: Optional[bool] = None,
 ) -> Iterator[None]:
     """Use these configs inside the block (benchmarks and tests). ``backward_variant`` (one
     of :data:`BACKWARD_VARIANTS` or ``auto``) picks the per-head-dim table when ``backward``
-    is None."""
+    is None; ``uniform_bias_tiles`` forces the relative bias's uniform-tile path on or off
+    (None: by sequence length, see :func:`uniform_bias_tiles`)."""
     if backward_variant is not None and backward_variant not in ("auto", *BACKWARD_VARIANTS):
         raise ValueError(
             f"backward_variant must be 'auto' or one of {BACKWARD_VARIANTS}, got {backward_variant!r}"
         )
     saved = dict(_override)
-    _override.update(forward=forward, backward=backward, backward_variant=backward_variant)
+    _override.update(
+        forward=forward, backward=backward, backward_variant=backward_variant, uniform_bias_tiles=uniform_bias_tiles
+    )
     try:
         yield
     finally:

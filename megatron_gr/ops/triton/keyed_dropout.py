@@ -7,7 +7,10 @@ A tile of ``[BLOCK_T, BLOCK_F]`` elements loads one int64 key per token and hash
 mask is stored, the backward hashes again.
 
 The three stream words travel as int32 kernel arguments (their bits; ``stream_args``) and
-are not specialised on, so a new step or site reuses the compiled kernel.
+are not specialised on, so a new step or site reuses the compiled kernel. With
+``DEVICE_WORDS`` the kernels read them from a ``[3]`` int64 device tensor instead
+(``DropoutKeys.words``): a CUDA graph replays its kernels with the arguments of its capture,
+so the words of each step must come from memory the graph reads.
 """
 
 from __future__ import annotations
@@ -27,12 +30,28 @@ def stream_args(seed: int, site: int, p: float) -> tuple[int, int, int, int]:
     return words[0], words[1], words[2], drop_threshold(p)
 
 
-def kernel_key_args(keys, dropout_p: float, device: torch.device) -> tuple[torch.Tensor, tuple]:
-    """What a fused kernel with keyed dropout takes: the token keys and ``(feature_offset,
-    s0, s1, s2, threshold)``; without dropout a placeholder that is never read."""
+def kernel_key_args(keys, dropout_p: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple, bool]:
+    """What a fused kernel with keyed dropout takes: the token keys, the stream-word tensor,
+    ``(feature_offset, s0, s1, s2, threshold)`` and ``DEVICE_WORDS`` (the words read from
+    the tensor, not from s0..s2); without dropout placeholders that are never read."""
     if dropout_p > 0.0:
-        return keys.token_keys.contiguous(), (keys.feature_offset, *stream_args(keys.seed, keys.site, dropout_p))
-    return torch.zeros(1, device=device, dtype=torch.int64), (0, 0, 0, 0, 0)
+        token_keys = keys.token_keys.contiguous()
+        if keys.words is not None:
+            return token_keys, keys.words, (keys.feature_offset, 0, 0, 0, drop_threshold(dropout_p)), True
+        return token_keys, token_keys, (keys.feature_offset, *stream_args(keys.seed, keys.site, dropout_p)), False
+    placeholder = torch.zeros(1, device=device, dtype=torch.int64)
+    return placeholder, placeholder, (0, 0, 0, 0, 0), False
+
+
+@triton.jit
+def stream_words_of(Words, s0, s1, s2, DEVICE_WORDS: tl.constexpr):
+    """The site's stream words as int32 bits: the arguments, or with ``DEVICE_WORDS`` the
+    int64 values in [0, 2^32) at ``Words[0..2]`` (truncated to their 32 bits)."""
+    if DEVICE_WORDS:
+        s0 = tl.load(Words).to(tl.int32)
+        s1 = tl.load(Words + 1).to(tl.int32)
+        s2 = tl.load(Words + 2).to(tl.int32)
+    return s0, s1, s2
 
 
 @triton.jit
@@ -68,9 +87,10 @@ def keep_elements(rows_hash, columns_hash, threshold):
     return (hashed >> 8) >= threshold.to(tl.uint32)
 
 
-@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
-def _keyed_dropout_kernel(X, Keys, Y, num_tokens, num_features, feature_offset, s0, s1, s2, threshold, keep_prob,
-                          BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+@triton.jit(do_not_specialize=["num_tokens", "feature_offset", "s0", "s1", "s2", "threshold"])
+def _keyed_dropout_kernel(X, Keys, Words, Y, num_tokens, num_features, feature_offset, s0, s1, s2, threshold,
+                          keep_prob, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, DEVICE_WORDS: tl.constexpr):
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     live = rows < num_tokens
@@ -81,7 +101,8 @@ def _keyed_dropout_kernel(X, Keys, Y, num_tokens, num_features, feature_offset, 
     tl.store(Y + offs, tl.where(keep, x / keep_prob, 0.0).to(Y.dtype.element_ty), mask=mask)
 
 
-def _apply(x: torch.Tensor, token_keys: torch.Tensor, feature_offset: int, args: tuple, p: float) -> torch.Tensor:
+def _apply(x: torch.Tensor, token_keys: torch.Tensor, words: torch.Tensor, args: tuple, device_words: bool,
+           p: float) -> torch.Tensor:
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous()
     tokens, features = flat.shape
     out = torch.empty_like(flat)
@@ -89,26 +110,26 @@ def _apply(x: torch.Tensor, token_keys: torch.Tensor, feature_offset: int, args:
     block_t = max(1, min(64, 4096 // block_f))
     if flat.numel():
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(features, block_f))
-        _keyed_dropout_kernel[grid](flat, token_keys, out, tokens, features, feature_offset, *args, 1.0 - p,
-                                    BLOCK_T=block_t, BLOCK_F=block_f, num_warps=4)
+        _keyed_dropout_kernel[grid](flat, token_keys, words, out, tokens, features, *args, 1.0 - p,
+                                    BLOCK_T=block_t, BLOCK_F=block_f, DEVICE_WORDS=device_words, num_warps=4)
     return out.view(x.shape)
 
 
 class _KeyedDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, token_keys, feature_offset, args, p):
-        ctx.save_for_backward(token_keys)
-        ctx.meta = (feature_offset, args, p)
-        return _apply(x, token_keys, feature_offset, args, p)
+    def forward(ctx, x, token_keys, words, args, device_words, p):
+        ctx.save_for_backward(token_keys, words)
+        ctx.meta = (args, device_words, p)
+        return _apply(x, token_keys, words, args, device_words, p)
 
     @staticmethod
     def backward(ctx, grad):
-        (token_keys,) = ctx.saved_tensors
-        feature_offset, args, p = ctx.meta
-        return _apply(grad, token_keys, feature_offset, args, p), None, None, None, None
+        token_keys, words = ctx.saved_tensors
+        args, device_words, p = ctx.meta
+        return _apply(grad, token_keys, words, args, device_words, p), None, None, None, None, None
 
 
 def triton_keyed_dropout(x: torch.Tensor, keys, *, p: float) -> torch.Tensor:
     """Same semantics and mask as :func:`megatron_gr.ops.pytorch.keyed_dropout.pytorch_keyed_dropout`."""
-    args = stream_args(keys.seed, keys.site, p)
-    return _KeyedDropout.apply(x, keys.token_keys.contiguous(), keys.feature_offset, args, p)
+    token_keys, words, args, device_words = kernel_key_args(keys, p, x.device)
+    return _KeyedDropout.apply(x, token_keys, words, args, device_words, p)

@@ -21,7 +21,7 @@ from megatron_gr.ops.triton.mhc_configs import blocks
 from megatron_gr.ops.triton.mhc_tiles import map_column, stream_tiles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _aggregate_fwd(X, H, Out, num_tokens, C, n: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -35,7 +35,7 @@ def _aggregate_fwd(X, H, Out, num_tokens, C, n: tl.constexpr, BLOCK_T: tl.conste
     tl.store(Out + rows[:, None] * C + c[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _aggregate_bwd(X, H, Grad, DX, DH, num_tokens, C, n: tl.constexpr, NP: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -60,7 +60,7 @@ def _gates(w, n: tl.constexpr, W: tl.constexpr, Alpha, Bias):
     return alpha, bias
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms, num_tokens, K, eps,
                   n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
@@ -147,7 +147,7 @@ def gates_tile(d_pre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, 
     tl.store(DAlphaPart + pid * 4 + q, tl.sum(per_group, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo, Coef, DBiasPart, DAlphaPart,
                         num_tokens, K, n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
                         SPLIT: tl.constexpr):
@@ -160,7 +160,7 @@ def _mappings_bwd_gates(DPre, DPost, DRes, Logits, InvRms, Alpha, Bias, GHi, GLo
                n, W, WP, BLOCK_T, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, C,
                     n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT: tl.constexpr, UPCAST: tl.constexpr, AGGREGATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr):

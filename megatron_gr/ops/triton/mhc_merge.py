@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, kernel_key_args, row_hashes
+from megatron_gr.ops.triton.keyed_dropout import (
+    column_hashes, keep_elements, kernel_key_args, row_hashes, stream_words_of,
+)
 from megatron_gr.ops.triton.mhc_configs import blocks, multiprocessors
 from megatron_gr.ops.triton.mhc_tiles import map_column, stream_tiles
 
@@ -64,10 +66,11 @@ def _update(Y, b, rows, c, mask, C):
     return tl.load(Y + rows[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32) + b
 
 
-@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
-def _merge_fwd(X, HRes, HPost, Y, Bias, Keys, Out, num_tokens, C, p, feature_offset, s0, s1, s2, threshold,
+@triton.jit(do_not_specialize=["num_tokens", "feature_offset", "s0", "s1", "s2", "threshold"])
+def _merge_fwd(X, HRes, HPost, Y, Bias, Keys, Words, Out, num_tokens, C, p, feature_offset, s0, s1, s2, threshold,
                n: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
-               DROPOUT: tl.constexpr):
+               DROPOUT: tl.constexpr, DEVICE_WORDS: tl.constexpr):
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = tokens.to(tl.int64)
@@ -84,15 +87,16 @@ def _merge_fwd(X, HRes, HPost, Y, Bias, Keys, Out, num_tokens, C, p, feature_off
         tl.store(Out + stream0 + i * C, out.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
-def _merge_bwd(X, HRes, HPost, Y, Bias, Keys, Grad, DX, DY, DMapPart, DBiasPart, num_tokens, C, p,
+@triton.jit(do_not_specialize=["num_tokens", "feature_offset", "s0", "s1", "s2", "threshold"])
+def _merge_bwd(X, HRes, HPost, Y, Bias, Keys, Words, Grad, DX, DY, DMapPart, DBiasPart, num_tokens, C, p,
                feature_offset, s0, s1, s2, threshold, n: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+               BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DEVICE_WORDS: tl.constexpr):
     """One channel chunk of a range of token tiles. Every stream is its own
     ``[BLOCK_T, BLOCK_C]`` tile, so sums over streams are register adds; the only reductions
     run over the channels of a token (within a warp when one warp spans the chunk's channels
     of a token). Per token the chunk's ``g_i . x_j`` (H_res) and ``g_i . u`` (H_post)
     partial sums go to one row of ``MP >= n² + n`` floats, stored once per tile."""
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     chunk = tl.program_id(1)
     c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     c_live = c < C
@@ -140,7 +144,7 @@ class _Merge(torch.autograd.Function):
         x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
         num_tokens, n, channels = x.shape
         dropout = dropout_p > 0.0
-        token_keys, key_args = kernel_key_args(keys, dropout_p, x.device)
+        token_keys, words, key_args, device_words = kernel_key_args(keys, dropout_p, x.device)
         has_bias = bias is not None
         b = bias.contiguous() if has_bias else y  # any pointer: not read
         out = torch.empty_like(x)
@@ -148,17 +152,18 @@ class _Merge(torch.autograd.Function):
         if num_tokens:
             grid = (triton.cdiv(num_tokens, cfg.block_t), triton.cdiv(channels, cfg.block_c))
             _merge_fwd[grid](
-                x, h_res, h_post, y, b, token_keys, out, num_tokens, channels, dropout_p, *key_args, n=n,
-                BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=has_bias, DROPOUT=dropout, num_warps=cfg.num_warps,
+                x, h_res, h_post, y, b, token_keys, words, out, num_tokens, channels, dropout_p, *key_args, n=n,
+                BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=has_bias, DROPOUT=dropout,
+                DEVICE_WORDS=device_words, num_warps=cfg.num_warps,
             )
-        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys)
-        ctx.meta = (has_bias, dropout_p, key_args)
+        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys, words)
+        ctx.meta = (has_bias, dropout_p, key_args, device_words)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h_res, h_post, y, b, token_keys = ctx.saved_tensors
-        has_bias, dropout_p, key_args = ctx.meta
+        x, h_res, h_post, y, b, token_keys, words = ctx.saved_tensors
+        has_bias, dropout_p, key_args, device_words = ctx.meta
         num_tokens, n, channels = x.shape
         cfg = blocks("merge_bwd", streams=n, dtype=x.dtype)
         chunks = triton.cdiv(channels, cfg.block_c)
@@ -171,9 +176,10 @@ class _Merge(torch.autograd.Function):
         d_bias = torch.empty(ranges, channels, device=device, dtype=f32)
         if num_tokens:
             _merge_bwd[(ranges, chunks)](
-                x, h_res, h_post, y, b, token_keys, grad.contiguous(), dx, dy, maps, d_bias, num_tokens, channels,
-                dropout_p, *key_args, n=n, MP=triton.next_power_of_2(width), BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
-                HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, num_warps=cfg.num_warps,
+                x, h_res, h_post, y, b, token_keys, words, grad.contiguous(), dx, dy, maps, d_bias, num_tokens,
+                channels, dropout_p, *key_args, n=n, MP=triton.next_power_of_2(width), BLOCK_T=cfg.block_t,
+                BLOCK_C=cfg.block_c, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, DEVICE_WORDS=device_words,
+                num_warps=cfg.num_warps,
             )
         else:
             d_bias.zero_()

@@ -19,7 +19,8 @@ them 7 times:
   with the pre op's gradient terms added to the merged streams' gradient in registers
   (no second stream gradient, no autograd add).
 
-Kept for the backward: the merge's inputs (x, h_res, h_post, y, bias, the dropout's token keys),
+Kept for the backward: the merge's inputs (x, h_res, h_post, y, bias, the dropout's token keys
+and, under CUDA graphs, its stream-word tensor),
 the float32 map parameters and the pre op's small float32 maps (logits, 1/rms, H_pre,
 H_res logits) -- not x', which the backward recomputes from x and y.
 """
@@ -47,10 +48,10 @@ def _layout(x: torch.Tensor, h_res: torch.Tensor) -> tuple[int, int, int, int]:
     return num_tokens, n, stored, x.shape[-1]
 
 
-def _merge_grads(x, h_res, h_post, y, b, token_keys, grad, meta, *, pre=None, n_maps: int = 0):
+def _merge_grads(x, h_res, h_post, y, b, token_keys, words, grad, meta, *, pre=None, n_maps: int = 0):
     """Launches :func:`merge_bwd_fused`: returns ``dx, d_res, d_post, dy, d_bias`` and, with
     ``pre`` (the pre op's tensors: du, h_pre, g halves, coef, P in g's dtype), dP ``[W, n C]``."""
-    has_bias, dropout_p, key_args, contract = meta
+    has_bias, dropout_p, key_args, device_words, contract = meta
     num_tokens, n, stored, channels = _layout(x, h_res)
     device, f32 = x.device, torch.float32
     op = "merge_pre_bwd" if pre is not None else "merge_contract_bwd"
@@ -67,11 +68,12 @@ def _merge_grads(x, h_res, h_post, y, b, token_keys, grad, meta, *, pre=None, n_
     du, h_pre, g_hi, g_lo, coef, p_g = pre if pre is not None else (y,) * 6  # any pointers: not read
     if num_tokens:
         merge_bwd_fused[(ranges, chunks)](
-            x, h_res, h_post, y, b, token_keys, y if grad is None else grad, du, h_pre, g_hi, g_lo, coef, p_g,
+            x, h_res, h_post, y, b, token_keys, words, y if grad is None else grad, du, h_pre, g_hi, g_lo, coef, p_g,
             dx, dy, maps, d_bias, dp, num_tokens, channels, dropout_p, *key_args, n=n, S=stored,
             MP=triton.next_power_of_2(width), W=max(W, 1), WP=g_hi.shape[1] if pre is not None else 16,
             BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PRE=pre is not None, CONTRACT=contract,
-            HAS_GRAD=grad is not None, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, SPLIT=x.dtype == torch.bfloat16,
+            HAS_GRAD=grad is not None, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, DEVICE_WORDS=device_words,
+            SPLIT=x.dtype == torch.bfloat16,
             UPCAST=interpreter_enabled(), **cfg.launch(),
         )
     maps = maps.sum(0) if chunks > 1 else maps[0]
@@ -91,7 +93,7 @@ class _MergePre(torch.autograd.Function):
         W = n * n + 2 * n
         WP = max(16, triton.next_power_of_2(W))
         split = x.dtype == torch.bfloat16
-        token_keys, key_args = kernel_key_args(keys, dropout_p, x.device)
+        token_keys, words, key_args, device_words = kernel_key_args(keys, dropout_p, x.device)
         has_bias = bias is not None
         b = bias.contiguous() if has_bias else y  # any pointer: not read
         p32, p_hi, p_lo, alpha32, bias32 = mapping_params(projection, alpha, map_bias, split=split)
@@ -100,24 +102,26 @@ class _MergePre(torch.autograd.Function):
         cfg = blocks("merge_pre_fwd", streams=n, dtype=x.dtype)
         if num_tokens:
             merge_fwd_fused[(triton.cdiv(num_tokens, cfg.block_t),)](
-                x, h_res, h_post, y, b, token_keys, out, p_hi, p_lo, alpha32, bias32, pre, post, res_logits, logits,
+                x, h_res, h_post, y, b, token_keys, words, out, p_hi, p_lo, alpha32, bias32, pre, post, res_logits, logits,
                 inv_rms, num_tokens, channels, dropout_p, *key_args, eps, n=n, S=stored, W=W, WP=WP, BLOCK_T=cfg.block_t,
                 BLOCK_C=cfg.block_c, MAPS=True, CONTRACT=False, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0,
+                DEVICE_WORDS=device_words,
                 SPLIT=split, UPCAST=interpreter_enabled(), **cfg.launch(),
             )
         u = aggregate_forward(out, pre)
         h_res_next = sinkhorn_forward(res_logits, iterations)
-        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys, p32, alpha32, bias32, logits, inv_rms, pre,
+        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys, words, p32, alpha32, bias32, logits, inv_rms, pre,
                               res_logits)
-        ctx.meta = (has_bias, dropout_p, key_args, False)
+        ctx.meta = (has_bias, dropout_p, key_args, device_words, False)
         ctx.iterations = iterations
         ctx.dtypes = (projection.dtype, alpha.dtype, map_bias.dtype)
         return out, u, post, h_res_next
 
     @staticmethod
     def backward(ctx, d_out, d_u, d_post, d_res):
-        x, h_res, h_post, y, b, token_keys, p32, alpha32, bias32, logits, inv_rms, pre, res_logits = ctx.saved_tensors
-        has_bias, dropout_p, key_args, _ = ctx.meta
+        (x, h_res, h_post, y, b, token_keys, words, p32, alpha32, bias32, logits, inv_rms, pre,
+         res_logits) = ctx.saved_tensors
+        has_bias, dropout_p, key_args, device_words, _ = ctx.meta
         num_tokens, n, stored, channels = _layout(x, h_res)
         W = n * n + 2 * n
         WP = max(16, triton.next_power_of_2(W))
@@ -132,13 +136,14 @@ class _MergePre(torch.autograd.Function):
         g_hi, g_lo, coef, d_bias_part, d_alpha_part = gate_buffers(num_tokens, WP, tiles, split, device)
         if num_tokens:
             pre_gates[(tiles,)](
-                x, h_res, h_post, y, b, token_keys, d_u, d_post, d_res_logits, logits, inv_rms, alpha32, bias32, g_hi,
+                x, h_res, h_post, y, b, token_keys, words, d_u, d_post, d_res_logits, logits, inv_rms, alpha32, bias32, g_hi,
                 g_lo, coef, d_bias_part, d_alpha_part, num_tokens, channels, dropout_p, *key_args, n=n, S=stored, W=W, WP=WP,
                 BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, MERGE=True, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0,
+                DEVICE_WORDS=device_words,
                 SPLIT=split, **cfg.launch(),
             )
         dx, d_res_in, d_post_in, dy, grad_bias, dp = _merge_grads(
-            x, h_res, h_post, y, b, token_keys, None if d_out is None else d_out.contiguous(), ctx.meta,
+            x, h_res, h_post, y, b, token_keys, words, None if d_out is None else d_out.contiguous(), ctx.meta,
             pre=(d_u, pre, g_hi, g_lo, coef, p32.to(g_hi.dtype)), n_maps=n,
         )
         p_dtype, alpha_dtype, bias_dtype = ctx.dtypes
@@ -154,28 +159,29 @@ class _MergeContract(torch.autograd.Function):
     def forward(ctx, x, h_res, h_post, y, bias, dropout_p, keys):
         x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
         num_tokens, n, stored, channels = _layout(x, h_res)
-        token_keys, key_args = kernel_key_args(keys, dropout_p, x.device)
+        token_keys, words, key_args, device_words = kernel_key_args(keys, dropout_p, x.device)
         has_bias = bias is not None
         b = bias.contiguous() if has_bias else y  # any pointer: not read
         out = torch.empty(num_tokens, channels, device=x.device, dtype=x.dtype)
         cfg = blocks("merge_contract_fwd", streams=n, dtype=x.dtype)
         if num_tokens:
             merge_fwd_fused[(triton.cdiv(num_tokens, cfg.block_t),)](
-                x, h_res, h_post, y, b, token_keys, out, y, y, y, y, y, y, y, y, y, num_tokens, channels, dropout_p,
+                x, h_res, h_post, y, b, token_keys, words, out, y, y, y, y, y, y, y, y, y, num_tokens, channels, dropout_p,
                 *key_args, 0.0,
                 n=n, S=stored, W=1, WP=16, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, MAPS=False, CONTRACT=True,
-                HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, SPLIT=False, UPCAST=interpreter_enabled(),
+                HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, DEVICE_WORDS=device_words, SPLIT=False,
+                UPCAST=interpreter_enabled(),
                 **cfg.launch(),
             )
-        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys)
-        ctx.meta = (has_bias, dropout_p, key_args, True)
+        ctx.save_for_backward(x, h_res, h_post, y, b, token_keys, words)
+        ctx.meta = (has_bias, dropout_p, key_args, device_words, True)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h_res, h_post, y, b, token_keys = ctx.saved_tensors
-        dx, d_res, d_post, dy, grad_bias, _ = _merge_grads(x, h_res, h_post, y, b, token_keys, grad.contiguous(),
-                                                           ctx.meta)
+        x, h_res, h_post, y, b, token_keys, words = ctx.saved_tensors
+        dx, d_res, d_post, dy, grad_bias, _ = _merge_grads(x, h_res, h_post, y, b, token_keys, words,
+                                                           grad.contiguous(), ctx.meta)
         return dx, d_res, d_post, dy, grad_bias, None, None
 
 

@@ -19,8 +19,11 @@ standing for its n copies (the block's first merge: the expansion is folded in, 
 :func:`megatron_gr.ops.triton.mhc_tiles.streams_of`). The merge's dropout is drawn in one
 place, :func:`sublayer_update`: the keyed mask of the plain merge
 (:mod:`megatron_gr.ops.triton.keyed_dropout`), hashed from the token keys ``Keys`` and the
-site's stream words ``s0, s1, s2`` in every kernel that needs it, never stored. The
-kernels do not specialise on those words (a new step or site reuses the compiled kernel).
+site's stream words in every kernel that needs it, never stored. The words are the
+arguments ``s0, s1, s2``, or with ``DEVICE_WORDS`` the ``[3]`` int64 tensor ``Words``
+(what a replayed CUDA graph reads), as the plain merge takes them. The kernels specialise
+neither on the words nor on the token count (a new step, site or batch reuses the
+compiled kernel).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, row_hashes
+from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, row_hashes, stream_words_of
 from megatron_gr.ops.triton.mhc_mappings import dot_acc, gates_tile, map_outputs
 from megatron_gr.ops.triton.mhc_merge import _bias_row, _dropped, _update
 from megatron_gr.ops.triton.mhc_tiles import map_column, merged_stream, stream_tiles, streams_of
 
 
-_KEY_SCALARS = ["feature_offset", "s0", "s1", "s2", "threshold"]  # the keyed dropout's: not specialised
+# per batch and step: the token count and the keyed dropout's scalars, not specialised on
+_UNSPECIALIZED = ["num_tokens", "feature_offset", "s0", "s1", "s2", "threshold"]
 
 
 @triton.jit
@@ -82,15 +86,17 @@ def _project(q, PHi, PLo, k, k_live, w, W, K, acc, SPLIT: tl.constexpr, UPCAST: 
     return acc
 
 
-@triton.jit(do_not_specialize=_KEY_SCALARS)
-def merge_fwd_fused(X, HRes, HPost, Y, Bias, Keys, Out, PHi, PLo, Alpha, MapBias, Pre, Post, ResLogits, Logits, InvRms,
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
+def merge_fwd_fused(X, HRes, HPost, Y, Bias, Keys, Words, Out, PHi, PLo, Alpha, MapBias, Pre, Post, ResLogits, Logits, InvRms,
                     num_tokens, C, p, feature_offset, s0, s1, s2, threshold, eps, n: tl.constexpr, S: tl.constexpr,
                     W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, MAPS: tl.constexpr, CONTRACT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DEVICE_WORDS: tl.constexpr, SPLIT: tl.constexpr,
+                    UPCAST: tl.constexpr):
     """``BLOCK_T`` tokens, all their channels: x and y read once, x' ``[T, n, C]`` (or its
     mean ``[T, C]`` with CONTRACT) written once; with MAPS, the mappings of x' as
     :func:`megatron_gr.ops.triton.mhc_mappings._mappings_fwd` computes them from memory,
     here from the rounded tiles in registers."""
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = tokens.to(tl.int64)
     live = tokens < num_tokens
@@ -126,17 +132,19 @@ def merge_fwd_fused(X, HRes, HPost, Y, Bias, Keys, Out, PHi, PLo, Alpha, MapBias
                     InvRms, n, W, WP)
 
 
-@triton.jit(do_not_specialize=_KEY_SCALARS)
-def pre_gates(X, HRes, HPost, Y, Bias, Keys, DU, DPost, DRes, Logits, InvRms, Alpha, MapBias, GHi, GLo, Coef,
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
+def pre_gates(X, HRes, HPost, Y, Bias, Keys, Words, DU, DPost, DRes, Logits, InvRms, Alpha, MapBias, GHi, GLo, Coef,
               DBiasPart, DAlphaPart, num_tokens, C, p, feature_offset, s0, s1, s2, threshold, n: tl.constexpr,
-              S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, MERGE: tl.constexpr,
-              HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr):
+              S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+              MERGE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DEVICE_WORDS: tl.constexpr,
+              SPLIT: tl.constexpr):
     """The pre op's gates for ``BLOCK_T`` tokens: ``dh_pre[t, i] = x'_i . du`` from one walk
     over their streams and ``du`` (products per stream in registers, reduced over the
     channels once), then :func:`gates_tile`. The streams x' are X itself, or with MERGE the
     merge of X, y (the fused forward's x', recomputed). Without MERGE and S = 1 (the block
     input standing for n copies) every stream's product is the one ``x . du``, and the RMS
     coefficient is per value of that one copy (``K = C``)."""
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = tokens.to(tl.int64)
     live = tokens < num_tokens
@@ -229,17 +237,19 @@ def _with_pre_terms(grads, dp, x, u, HRes, HPost, DU, Pre, GHi, GLo, Coef, p_til
     return new_grads, new_dp
 
 
-@triton.jit(do_not_specialize=_KEY_SCALARS)
-def merge_bwd_fused(X, HRes, HPost, Y, Bias, Keys, Grad, DU, Pre, GHi, GLo, Coef, P, DX, DY, DMapPart,
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
+def merge_bwd_fused(X, HRes, HPost, Y, Bias, Keys, Words, Grad, DU, Pre, GHi, GLo, Coef, P, DX, DY, DMapPart,
                     DBiasPart, DPPart, num_tokens, C, p, feature_offset, s0, s1, s2, threshold, n: tl.constexpr,
-                    S: tl.constexpr, MP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                    PRE: tl.constexpr, CONTRACT: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DROPOUT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+                    S: tl.constexpr, MP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_C: tl.constexpr, PRE: tl.constexpr, CONTRACT: tl.constexpr, HAS_GRAD: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DEVICE_WORDS: tl.constexpr, SPLIT: tl.constexpr,
+                    UPCAST: tl.constexpr):
     """One channel chunk of a range of token tiles (as the plain merge's backward): each tile
     reads x, y and the gradients once and writes dx and dy once. Per token the chunk's
     ``G_i . x_j`` (H_res) and ``G_i . u`` (H_post) sums go to one row of ``MP >= n² + n``
     floats; per program the bias gradient and, with PRE, ``gᵀ x'`` ``[W, n C]`` are summed
     over its tiles and stored once."""
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     chunk = tl.program_id(1)
     c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     c_live = c < C

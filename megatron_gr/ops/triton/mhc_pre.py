@@ -86,10 +86,11 @@ class _Pre(torch.autograd.Function):
         if num_tokens:
             unused = x  # the merge's pointers and dropout arguments: not read without MERGE
             pre_gates[(tiles,)](
-                values, unused, unused, unused, unused, unused, d_out, d_post, d_res_logits, logits, inv_rms, alpha32,
-                bias32, g_hi, g_lo, coef, d_bias_part, d_alpha_part, num_tokens, channels, 0.0, 0, 0, 0, 0, 0, n=n,
+                values, unused, unused, unused, unused, unused, unused, d_out, d_post, d_res_logits, logits, inv_rms,
+                alpha32, bias32, g_hi, g_lo, coef, d_bias_part, d_alpha_part, num_tokens, channels, 0.0, 0, 0, 0, 0, 0,
+                n=n,
                 S=stored, W=W, WP=WP, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, MERGE=False, HAS_BIAS=False,
-                DROPOUT=False, SPLIT=split, num_warps=cfg.num_warps,
+                DROPOUT=False, DEVICE_WORDS=False, SPLIT=split, num_warps=cfg.num_warps,
             )
         dx, dp = projection_backward(values, p32, g_hi, g_lo, coef, pre=weights, grad=d_out, streams=n)
         if stored == 1:  # every copy's share of the projection saw the same values

@@ -63,7 +63,7 @@ def _tile(num_tokens, n: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
     return first, offsets, valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _sinkhorn_fwd(Logits, Out, num_tokens, iterations,
                   n: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
     first, offsets, valid = _tile(num_tokens, n, N, BLOCK_T)
@@ -74,7 +74,7 @@ def _sinkhorn_fwd(Logits, Out, num_tokens, iterations,
     tl.store(Out + first + offsets, m, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _sinkhorn_bwd(Logits, Grad, GradLogits, num_tokens, iterations,
                   n: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, SEGMENT: tl.constexpr):
     first, offsets, valid = _tile(num_tokens, n, N, BLOCK_T)

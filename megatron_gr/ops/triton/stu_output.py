@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_gr.ops.triton.keyed_dropout import column_hashes, keep_elements, kernel_key_args, row_hashes
+from megatron_gr.ops.triton.keyed_dropout import (
+    column_hashes, keep_elements, kernel_key_args, row_hashes, stream_words_of,
+)
 
 
 @triton.jit
@@ -50,10 +52,12 @@ def _row_block(X, U, W, B, Keys, rows, R, G, E, stride_xr, stride_xg, stride_ur,
     return xhat, ln, u, keep, mask, rstd, mean, cols, w
 
 
-@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
-def _stu_output_fwd(X, U, W, B, Keys, Y, Mean, Rstd, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
-                    feature_offset, s0, s1, s2, threshold,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+@triton.jit(do_not_specialize=["R", "feature_offset", "s0", "s1", "s2", "threshold"])
+def _stu_output_fwd(X, U, W, B, Keys, Words, Y, Mean, Rstd, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug,
+                    eps, p, feature_offset, s0, s1, s2, threshold,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                    DEVICE_WORDS: tl.constexpr):
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     xhat, ln, u, keep, mask, rstd, mean, cols, w = _row_block(
         X, U, W, B, Keys, rows, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps,
@@ -67,10 +71,12 @@ def _stu_output_fwd(X, U, W, B, Keys, Y, Mean, Rstd, R, G, E, stride_xr, stride_
     tl.store(Rstd + rows, rstd, mask=rows < R)
 
 
-@triton.jit(do_not_specialize=["feature_offset", "s0", "s1", "s2", "threshold"])
-def _stu_output_bwd(X, U, W, B, Keys, DY, DX, DU, DW, DB, R, G, E, stride_xr, stride_xg, stride_ur, stride_ug, eps, p,
-                    feature_offset, s0, s1, s2, threshold,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+@triton.jit(do_not_specialize=["R", "feature_offset", "s0", "s1", "s2", "threshold"])
+def _stu_output_bwd(X, U, W, B, Keys, Words, DY, DX, DU, DW, DB, R, G, E, stride_xr, stride_xg, stride_ur,
+                    stride_ug, eps, p, feature_offset, s0, s1, s2, threshold,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                    DEVICE_WORDS: tl.constexpr):
+    s0, s1, s2 = stream_words_of(Words, s0, s1, s2, DEVICE_WORDS)
     D = G * E
     pid = tl.program_id(0)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -124,24 +130,25 @@ class _STUOutput(torch.autograd.Function):
         mean = torch.empty(rows, device=attn.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         dropout = dropout_p > 0.0
-        token_keys, key_args = kernel_key_args(keys, dropout_p, attn.device)
+        token_keys, words, key_args, device_words = kernel_key_args(keys, dropout_p, attn.device)
         has_bias = bias is not None
         b = bias if has_bias else weight
         block_d, block_r = triton.next_power_of_2(width), _block_rows(width)
         if rows:
             _stu_output_fwd[(triton.cdiv(rows, block_r),)](
-                x, g, weight, b, token_keys, y, mean, rstd, rows, groups, inner,
+                x, g, weight, b, token_keys, words, y, mean, rstd, rows, groups, inner,
                 x.stride(0), x.stride(1), g.stride(0), g.stride(1), eps, dropout_p, *key_args,
-                BLOCK_R=block_r, BLOCK_D=block_d, HAS_BIAS=has_bias, DROPOUT=dropout, num_warps=4,
+                BLOCK_R=block_r, BLOCK_D=block_d, HAS_BIAS=has_bias, DROPOUT=dropout, DEVICE_WORDS=device_words,
+                num_warps=4,
             )
-        ctx.save_for_backward(x, g, weight, b, token_keys)
-        ctx.meta = (eps, dropout_p, has_bias, attn.shape, u.shape, key_args)
+        ctx.save_for_backward(x, g, weight, b, token_keys, words)
+        ctx.meta = (eps, dropout_p, has_bias, attn.shape, u.shape, key_args, device_words)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, g, weight, b, token_keys = ctx.saved_tensors
-        eps, dropout_p, has_bias, attn_shape, u_shape, key_args = ctx.meta
+        x, g, weight, b, token_keys, words = ctx.saved_tensors
+        eps, dropout_p, has_bias, attn_shape, u_shape, key_args, device_words = ctx.meta
         rows, groups, inner = x.shape
         width = groups * inner
         grad_y = grad_y.contiguous()
@@ -153,9 +160,10 @@ class _STUOutput(torch.autograd.Function):
         db = torch.zeros_like(dw)
         if rows:
             _stu_output_bwd[(programs,)](
-                x, g, weight, b, token_keys, grad_y, dx, du, dw, db, rows, groups, inner,
+                x, g, weight, b, token_keys, words, grad_y, dx, du, dw, db, rows, groups, inner,
                 x.stride(0), x.stride(1), g.stride(0), g.stride(1), eps, dropout_p, *key_args,
-                BLOCK_R=block_r, BLOCK_D=block_d, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0, num_warps=4,
+                BLOCK_R=block_r, BLOCK_D=block_d, HAS_BIAS=has_bias, DROPOUT=dropout_p > 0.0,
+                DEVICE_WORDS=device_words, num_warps=4,
             )
         grad_bias = db.sum(0).to(b.dtype) if has_bias else None
         return dx.view(attn_shape), du.view(u_shape), dw.sum(0).to(weight.dtype), grad_bias, None, None, None

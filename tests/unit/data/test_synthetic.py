@@ -127,3 +127,28 @@ def test_without_structure_transitions_do_not_beat_popularity():
                          max_length=300, structure=0.0, seed=3)
     popularity, transitions = hit_rates_at_10(spec)
     assert transitions < popularity + 0.02
+
+
+def test_zipf_lengths_follow_the_power_law_on_their_range():
+    spec = SyntheticSpec(num_users=40_000, num_items=50, length_distribution="zipf", length_zipf_exponent=1.2,
+                         min_length=5, max_length=400, seed=3)
+    lengths = UserSequences.from_events(generate(spec)).lengths
+    assert lengths.min() >= 5 and lengths.max() <= 400
+    support = np.arange(5, 401, dtype=np.float64)
+    weights = support**-1.2
+    expected = weights / weights.sum()
+    # Frequencies of the first lengths and the mean against the law, hand-computed above.
+    counts = np.bincount(lengths, minlength=401)[5:401] / lengths.size
+    np.testing.assert_allclose(counts[:4], expected[:4], rtol=0.08)
+    assert abs(lengths.mean() - (support * expected).sum()) < 0.05 * (support * expected).sum()
+    assert lengths.max() > 300  # the tail is reached
+
+
+def test_zipf_lengths_ignore_mean_and_sigma_and_reject_a_bad_distribution():
+    spec = SyntheticSpec(num_users=50, num_items=20, length_distribution="zipf", min_length=100,
+                         mean_length=50.0, max_length=200, seed=1)  # mean_length unused: no error
+    assert UserSequences.from_events(generate(spec)).lengths.min() >= 100
+    with pytest.raises(ValueError, match="length_distribution='pareto'.*lognormal, zipf"):
+        dataclasses.replace(SMALL, length_distribution="pareto")
+    with pytest.raises(ValueError, match="length_zipf_exponent=-1"):
+        dataclasses.replace(SMALL, length_zipf_exponent=-1.0)

@@ -41,7 +41,7 @@ MASKS = {
 }
 
 
-def make_inputs(lengths, *, heads, dqk, dv, dtype, device, bias, time_fn="sqrt", seed=0):
+def make_inputs(lengths, *, heads, dqk, dv, dtype, device, bias, time_fn="sqrt", seed=0, sparse_times=False):
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
 
@@ -54,6 +54,8 @@ def make_inputs(lengths, *, heads, dqk, dv, dtype, device, bias, time_fn="sqrt",
     if bias:
         # Small gaps hit every bucket boundary; a few huge jumps land in the last bucket.
         gaps = torch.randint(0, 40, (total,), generator=g) + (torch.rand(total, generator=g) < 0.05) * 10**9
+        if sparse_times:  # every gap past the last sqrt bucket (7^2): uniform tiles off the diagonal
+            gaps = gaps + 50
         starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1])
         ts = torch.cumsum(gaps, 0)
         rel = RelativeBiasInputs(
@@ -66,9 +68,10 @@ def make_inputs(lengths, *, heads, dqk, dv, dtype, device, bias, time_fn="sqrt",
 
 
 def check_parity(lengths, *, mask, dtype, device, heads=2, dqk=16, dv=16, bias=False, time_fn="sqrt",
-                 normalizer="max_seq_len", seed=0):
+                 normalizer="max_seq_len", seed=0, sparse_times=False):
     q, k, v, offsets, rel = make_inputs(
-        lengths, heads=heads, dqk=dqk, dv=dv, dtype=dtype, device=device, bias=bias, time_fn=time_fn, seed=seed
+        lengths, heads=heads, dqk=dqk, dv=dv, dtype=dtype, device=device, bias=bias, time_fn=time_fn, seed=seed,
+        sparse_times=sparse_times,
     )
     mask = dict(mask)
     targets = None
@@ -123,6 +126,29 @@ def test_interpreter_relative_bias(mask, time_fn):
 
 
 @cpu_only
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform_tiles", "per_pair"])
+@pytest.mark.parametrize("time_fn, sparse", [("sqrt", True), ("log", True), ("sqrt", False)])
+@pytest.mark.parametrize("mask", ["causal", "bidirectional_all"])
+def test_interpreter_relative_bias_uniform_tiles(mask, time_fn, sparse, uniform):
+    """Sequences of up to 70 tokens against 9 position buckets: most 16 x 16 tiles lie past
+    the last position bucket; with gaps of 50 s and more (``sparse``) off-diagonal tiles are
+    past the last time bucket too. The uniform-tile path (one weight, one gradient sum per
+    such tile) and the per-pair path both match the reference."""
+    with hstu_configs.override(uniform_bias_tiles=uniform):
+        check_parity([70, 3, 45, 17], mask=MASKS[mask], dtype=torch.float32, device="cpu", bias=True,
+                     time_fn=time_fn, sparse_times=sparse)
+
+
+def test_uniform_bias_tiles_only_where_tiles_pass_the_last_position_bucket():
+    cfg = hstu_configs.KernelConfig(128, 32)
+    assert not hstu_configs.uniform_bias_tiles(200, 256, cfg)  # ML-100K: no tile that far
+    assert hstu_configs.uniform_bias_tiles(4096, 256, cfg)
+    with hstu_configs.override(uniform_bias_tiles=True):
+        assert hstu_configs.uniform_bias_tiles(10, 256, cfg)
+    with hstu_configs.override(uniform_bias_tiles=False):
+        assert not hstu_configs.uniform_bias_tiles(4096, 256, cfg)
+
+
 def test_interpreter_hstu_log_time_buckets():
     check_parity([1, 40, 23], mask=MASKS["all"], dtype=torch.float32, device="cpu", bias=True, time_fn="hstu_log")
 
@@ -247,6 +273,17 @@ def test_gpu_head_dims(dqk, dv, variant):
 def test_gpu_relative_bias_seq_len_normaliser(time_fn):
     check_parity(GPU_LENGTHS, mask=MASKS["causal"], dtype=torch.bfloat16, device="cuda", dqk=128, dv=128,
                  bias=True, time_fn=time_fn, normalizer="seq_len")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform_tiles", "per_pair"])
+def test_gpu_relative_bias_uniform_tiles(uniform):
+    """The e2e shape's head dims (4 x 256, the split backward) with sequences long enough for
+    tiles past the last of 9 position buckets and sparse timestamps, both bias paths (the log
+    time buckets: the interpreter tests)."""
+    with hstu_configs.override(uniform_bias_tiles=uniform):
+        check_parity([700, 33, 1, 450], mask=MASKS["causal"], dtype=torch.bfloat16, device="cuda", heads=4,
+                     dqk=256, dv=256, bias=True, sparse_times=True)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 parallelism, :class:`~megatron_gr.ops.key_layout.KeyLayout`): a batch split over simulated
 ranks, each rank's query segments run through the kernels against their own keys, equals the
 unsplit float64 reference (output and every gradient), for every mask with the relative
-bias, both backward variants, atomic dq, and 16-bit inputs. Chunk boundaries fall inside
+bias (both of its tile paths), both backward variants, atomic dq, and 16-bit inputs. Chunk boundaries fall inside
 kernel blocks (blocks of 16 in the interpreter; chunks of 11-12 and 17-18 tokens), so the
 first query block of a chunk starts before its first row. ``hstu_attention_backward`` (the
 kernels' backward without autograd) equals autograd.
@@ -100,6 +100,15 @@ def test_interpreter_atomic_dq_and_uneven_blocks():
     backward = hstu_configs.KernelConfig(16, 32, num_warps=1, num_stages=1, atomic_dq=True)
     with hstu_configs.override(forward=forward, backward=backward):
         check_split(LENGTHS, mask=MASKS["all"], dtype=torch.float32, device="cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform_tiles", "per_pair"])
+def test_interpreter_split_relative_bias_tile_paths(uniform):
+    """The relative bias's two tile paths under split layouts: whether a tile is far from the
+    diagonal or past the last time bucket is decided at whole-sequence positions."""
+    with hstu_configs.override(uniform_bias_tiles=uniform):
+        check_split(LENGTHS, mask=MASKS["causal"], dtype=torch.float32, device="cpu")
 
 
 @cpu_only

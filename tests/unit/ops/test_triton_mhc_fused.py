@@ -3,7 +3,8 @@ inputs: a merge with the next pre op (``mhc_merge_pre``; streams, and the block 
 standing for its copies), the first pre op on the block input (``mhc_expand_pre``), the
 last merge with the contraction (``mhc_merge_contract``); forward outputs and every
 gradient; n = 2, 4, 8; fp32 and bf16 streams; with the merge's keyed dropout on, the same
-keys drop the same elements as the reference composition. Without a GPU the kernels run in the Triton
+keys drop the same elements as the reference composition, and stream words read from a
+device tensor (CUDA graphs) the same as the host's. Without a GPU the kernels run in the Triton
 interpreter on tiny shapes; tests marked ``gpu`` run the compiled kernels at training sizes.
 
 What is compared, every result against the float64 reference composition (relative error
@@ -21,6 +22,8 @@ would not resolve under bf16 rounding.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,6 +33,7 @@ DEVICE = triton_or_skip()
 
 from megatron_gr.ops.keyed_dropout import DropoutKeys, keep_mask  # noqa: E402
 from megatron_gr.ops.mhc import mhc_expand_pre, mhc_merge_contract, mhc_merge_pre  # noqa: E402
+from megatron_gr.ops.pytorch.keyed_dropout import stream_words  # noqa: E402
 from tests.unit.ops.mhc_fused_parity import (  # noqa: E402
     assert_as_accurate,
     map_inputs,
@@ -143,6 +147,44 @@ def test_merge_pairs_with_dropout_match_the_reference_composition(n, channels, e
     assert torch.equal((mhc_merge_contract(**alone, kernel="triton", **train) != 0).cpu(), want)
 
 
+def pair_results(pair: str, leaves: dict, keys: DropoutKeys) -> list[torch.Tensor]:
+    """Outputs and every gradient of ``merge_pre`` or ``merge_contract`` at p = 0.3."""
+    train = dict(dropout_p=0.3, training=True, dropout_keys=keys, kernel="triton")
+    if pair == "merge_pre":
+        outs = mhc_merge_pre(**leaves, iterations=3, eps=1e-6, **train)
+    else:
+        outs = (mhc_merge_contract(**{k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}, **train),)
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    return [*outs, *torch.autograd.grad(outs, list(leaves.values()), grads, allow_unused=True)]
+
+
+def check_device_words(pair: str, *, tokens: int, n: int, channels: int, expanded: bool, scale: float = 0.5):
+    """Keys whose stream words come from a device tensor (``DropoutKeys.words``, what a
+    replayed CUDA graph reads) drop exactly what the host words of the same seed drop, in
+    every kernel of the pair; the words, not the keys' seed, decide."""
+    leaves = {**merge_inputs(tokens, n, channels, torch.bfloat16, DEVICE, seed=8, expanded=expanded),
+              **map_inputs(n, channels, DEVICE, seed=9, scale=scale)}
+    host, other = merge_keys(tokens, DEVICE), dataclasses.replace(merge_keys(tokens, DEVICE), seed=99)
+
+    def with_words_of(seed: int) -> DropoutKeys:
+        words = torch.tensor(stream_words(seed, host.site), dtype=torch.int64, device=DEVICE)
+        return dataclasses.replace(host, words=words)
+
+    want_host, want_other = pair_results(pair, leaves, host), pair_results(pair, leaves, other)
+    for got, want in ((pair_results(pair, leaves, with_words_of(host.seed)), want_host),
+                      (pair_results(pair, leaves, with_words_of(other.seed)), want_other)):
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert (a is None and b is None) or torch.equal(a, b), f"{pair}: result {index} differs"
+    assert not torch.equal(want_host[0], want_other[0]), "two seeds, one mask: the test would prove nothing"
+
+
+@pytest.mark.parametrize("pair", ["merge_pre", "merge_contract"])
+@pytest.mark.parametrize("expanded", [False, True], ids=["streams", "block_input"])
+def test_merge_pairs_read_the_stream_words_from_a_device_tensor(pair, expanded):
+    check_device_words(pair, tokens=19, n=4, channels=20, expanded=expanded)
+
+
 def test_merge_pairs_need_keys_for_dropout():
     leaves = {**merge_inputs(5, 4, 8, torch.float32, DEVICE, seed=1, expanded=False), **map_inputs(4, 8, DEVICE, seed=1)}
     with pytest.raises(ValueError, match="DropoutKeys"):
@@ -251,6 +293,12 @@ def test_gpu_merge_pairs_with_dropout_at_training_sizes(dtype):
     merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
     assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, train),
                        **tolerances(dtype, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pair", ["merge_pre", "merge_contract"])
+def test_gpu_merge_pairs_read_the_stream_words_from_a_device_tensor(pair):
+    check_device_words(pair, tokens=4099, n=4, channels=1024, expanded=False, scale=0.05)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import torch
 from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
 from megatron_gr.config.embedding_config import EmbeddingTableConfig
 from megatron_gr.embeddings.dynamic import DynamicEmbeddingCollection
-from megatron_gr.training.sparse_step import SparseTables, with_sparse_gradient_scaling
+from megatron_gr.training.sparse_step import SparseTables, per_token_finalize
 
 
 class DenseOptimizer:
@@ -71,15 +71,29 @@ def test_rows_share_the_dense_norm_clipping_and_learning_rate(megatron_cpu):
     torch.testing.assert_close(after, before - 0.5 * torch.tensor([0.0, 4.0]) * clip)  # the dense lr
 
 
-def test_finalize_divides_row_gradients_by_the_token_count(megatron_cpu):
+@pytest.mark.parametrize("tokens, factor", [(4, 0.25), (0, 1.0)])
+def test_finalize_divides_dense_and_row_gradients_by_the_token_count(megatron_cpu, tokens, factor):
     model = _model_with_table()
+    scaled = []
+    model.scale_gradients = scaled.append  # a megatron DDP chunk's method
     tables = SparseTables([model])
     calls = []
-    finalize = with_sparse_gradient_scaling(lambda m, n, **kw: calls.append(int(n)), tables.tables)
+    finalize = per_token_finalize(lambda m, n, **kw: calls.append(n), tables.tables)
     _touch(model, [0.0, 8.0])
-    finalize([model], torch.tensor(4))
-    assert calls == [4]
-    assert math.isclose(float(tables.tables[0].gradient_square_sum()), 4.0)  # (8 / 4)^2
+    finalize([model], torch.tensor(tokens, dtype=torch.int))
+    assert calls == [None]  # megatron reduces; the division is done on the device
+    (dense,) = scaled
+    assert torch.is_tensor(dense) and float(dense) == factor
+    assert math.isclose(float(tables.tables[0].gradient_square_sum()), (8.0 * factor) ** 2)
+
+
+def test_a_loss_read_at_the_synchronisation_point_decides(megatron_cpu):
+    model = _model_with_table()
+    tables = SparseTables([model])
+    _touch(model, [1.0, 1.0])
+    reads = []
+    updated, _ = tables.step(DenseOptimizer(clip_grad=1.0), loss_is_finite=lambda: reads.append(1) or False)
+    assert reads == [1] and not updated
 
 
 def test_a_skipped_step_moves_no_row(megatron_cpu):

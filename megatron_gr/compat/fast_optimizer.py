@@ -1,0 +1,173 @@
+"""megatron-core's optimizer step without a device read per parameter and with few launches.
+
+Without apex or Transformer Engine, megatron-core 0.16.1 steps with fallbacks that cost a
+bf16 training step milliseconds of host time:
+
+- ``local_multi_tensor_l2_norm`` (the gradient norm) takes ``torch.norm`` of every gradient
+  and builds a CPU tensor from them: one device-to-host read, a synchronisation, per
+  parameter; ``local_multi_tensor_scale`` (clipping, the main-to-model weight copy of the
+  non-distributed optimizer) launches two kernels per tensor;
+- the distributed optimizer copies its fp32 main shards into the bf16 weights one
+  ``copy_`` per parameter;
+- torch's Adam runs its for-each implementation (about a dozen passes over weights and
+  moments) instead of its fused kernel.
+
+:func:`fast_optimizer_ops` replaces the two helpers by torch's for-each kernels (the norm
+stays on the device until megatron reads it once); :func:`use_fused_adam` switches torch
+Adam to ``fused=True``; :func:`batch_main_to_model_copies` does the distributed
+optimizer's copy as one for-each copy. Each leaves megatron alone where apex, TE, FSDP,
+FP8 or precision-aware optimizers are in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from megatron_gr.compat.optimizer_step import _parts
+from megatron_gr.compat.patching import PatchSet
+from megatron_gr.compat.version import require
+
+_PATCHES = PatchSet()
+_depth = 0
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """``amp_C.multi_tensor_l2norm``'s contract: ``([1] float32 norm of every tensor of
+    tensor_lists[0]], None)``, computed on the device without a host read."""
+    del chunk_size, noop_flag, per_tensor, args
+    tensors = tensor_lists[0]
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """``amp_C.multi_tensor_scale``'s contract: ``dst = src * scale`` for each pair of
+    ``tensor_lists = [src, dst]`` (in place when they are the same tensors)."""
+    del chunk_size, noop_flag
+    sources, targets = tensor_lists
+    if all(s is t for s, t in zip(sources, targets)):
+        torch._foreach_mul_(targets, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(targets, sources)
+    else:
+        torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
+
+
+@contextlib.contextmanager
+def fast_optimizer_ops() -> Iterator[None]:
+    """megatron's local multi-tensor norm and scale replaced by :func:`foreach_l2_norm` and
+    :func:`foreach_scale` inside the block (nested blocks are free); restored on exit.
+    Where apex or TE provide them, nothing is patched."""
+    global _depth
+    if _depth == 0:
+        try:
+            _patch_local_multi_tensor_helpers(_PATCHES)
+        except BaseException:
+            _PATCHES.restore()
+            raise
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            _PATCHES.restore()
+
+
+def _patch_local_multi_tensor_helpers(patches: PatchSet) -> None:
+    """Patches: ``clip_grads.l2_norm_impl`` and ``multi_tensor_scale_impl`` (the gradient
+    norm and clipping) and ``optimizer.multi_tensor_scale_impl`` (the main-to-model copy of
+    the non-distributed mixed-precision optimizer), when they are megatron's local
+    fallbacks."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    purpose = "compute the gradient norm and scale gradients with torch's for-each kernels"
+    if getattr(clip_grads, "l2_norm_impl", None) is getattr(utils, "local_multi_tensor_l2_norm", ()):
+        patches.set(clip_grads, "l2_norm_impl", foreach_l2_norm, purpose=purpose)
+    for module in (clip_grads, optimizer):
+        if getattr(module, "multi_tensor_scale_impl", None) is getattr(utils, "local_multi_tensor_scale", ()):
+            patches.set(module, "multi_tensor_scale_impl", foreach_scale, purpose=purpose)
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switches every torch ``Adam``/``AdamW`` inside megatron's ``optimizer`` to its fused
+    kernel (``fused=True``), moving existing ``step`` counters to the weights' device as
+    fused Adam needs; returns how many torch optimizers were switched. Call it again after
+    loading optimizer state (a loaded state dict brings its own ``fused`` setting)."""
+    switched = 0
+    for part in _parts(optimizer):
+        inner = getattr(part, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW) or not _fused_capable(inner):
+            continue
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+        switched += 1
+    return switched
+
+
+def _fused_capable(inner: torch.optim.Optimizer) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    params = [p for group in inner.param_groups for p in group["params"]]
+    return bool(params) and all(
+        p.device.type in devices and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    ) and not any(group.get("differentiable", False) for group in inner.param_groups)
+
+
+def batch_main_to_model_copies(optimizer) -> int:
+    """Replaces the distributed optimizer's per-parameter main-to-model weight copy by one
+    for-each copy over the same views; returns how many optimizers were changed. Left to
+    megatron with megatron FSDP, FP8 weights or a precision-aware optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    changed = 0
+    for part in _parts(optimizer):
+        if not isinstance(part, DistributedOptimizer) or not _plain_distributed_copy(part):
+            continue
+        require(part, "_copy_main_params_to_model_params", purpose="copy main weights to the model in one launch")
+        pairs = None
+
+        def copy_main_params_to_model_params(part=part):
+            nonlocal pairs
+            if pairs is None:
+                pairs = _main_to_model_views(part)
+            if pairs[0]:
+                torch._foreach_copy_(pairs[0], pairs[1])
+
+        part._copy_main_params_to_model_params = copy_main_params_to_model_params
+        changed += 1
+    return changed
+
+
+def _plain_distributed_copy(part) -> bool:
+    if part.ddp_config.use_megatron_fsdp or part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return False
+    groups = part.model_float16_groups + part.model_fp32_groups
+    return not any(type(p).__name__.startswith("Float8") for group in groups for p in group)
+
+
+def _main_to_model_views(part) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(model weight views in the parameter buffers, main shards), as megatron's loop pairs them."""
+    targets, sources = [], []
+    for shard_groups, model_groups in (
+        (part.shard_fp32_from_float16_groups, part.model_float16_groups),
+        (part.shard_fp32_groups, part.model_fp32_groups),
+    ):
+        for shard_group, model_group in zip(shard_groups, model_groups):
+            for shard_main_param, model_param in zip(shard_group, model_group):
+                world_range = part._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                gbuf_index, _, bucket_id = part.model_param_gbuf_map[model_param]
+                buffer = part.buffers[gbuf_index].buckets[bucket_id].param_data
+                targets.append(buffer.view(-1)[world_range.start : world_range.end])
+                sources.append(shard_main_param)
+    return targets, sources

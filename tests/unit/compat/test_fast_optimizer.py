@@ -1,0 +1,88 @@
+"""compat.fast_optimizer: for-each norm and scale against megatron's local helpers, the
+patches restored, and a training run with the fast step (fused Adam, batched copies, the
+per-token division on the device) equal to one with megatron's own (CPU, fp32)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from megatron.core import utils as megatron_utils
+from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer import optimizer as megatron_optimizer
+
+from megatron_gr.compat import fast_optimizer_ops
+from megatron_gr.compat.fast_optimizer import foreach_l2_norm, foreach_scale
+from tests.unit.training.helpers import tiny_config
+
+
+def _tensors(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for shape in ((3, 4), (7,), (1,), (5, 2, 2))]
+
+
+def test_foreach_norm_matches_megatrons_local_norm():
+    tensors = _tensors(0)
+    norm, _ = foreach_l2_norm(0, None, [tensors], False)
+    expected = torch.cat([t.double().flatten() for t in tensors]).norm()
+    assert norm.shape == (1,) and norm.dtype == torch.float32
+    assert float(norm) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_foreach_scale_in_place_copy_and_scaled_copy():
+    grads = _tensors(1)
+    expected = [g * 0.5 for g in grads]
+    foreach_scale(0, None, [grads, grads], 0.5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    sources, targets = _tensors(2), [torch.zeros_like(t, dtype=torch.float64) for t in _tensors(2)]
+    foreach_scale(0, None, [sources, targets], 1.0)
+    for source, target in zip(sources, targets):
+        torch.testing.assert_close(target, source.double(), rtol=0, atol=0)
+    foreach_scale(0, None, [sources, targets], 3.0)
+    for source, target in zip(sources, targets):
+        torch.testing.assert_close(target, (source * 3.0).double(), rtol=0, atol=0)
+
+
+def test_patches_apply_to_the_local_fallbacks_and_are_restored():
+    with fast_optimizer_ops():
+        with fast_optimizer_ops():  # nested: free
+            assert clip_grads.l2_norm_impl is foreach_l2_norm
+        assert clip_grads.multi_tensor_scale_impl is foreach_scale
+        assert megatron_optimizer.multi_tensor_scale_impl is foreach_scale
+    assert clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale
+    assert megatron_optimizer.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale
+
+
+def _train(tmp_path, steps: int):
+    from megatron_gr.training.model_setup import unwrap
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, training={"clip_grad": 0.05}))  # small: clipping acts
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    weights = {k: v.detach().clone() for k, v in unwrap(trainer.model[0]).state_dict().items() if torch.is_tensor(v)}
+    inner = [part.optimizer for part in trainer.optimizer.chained_optimizers]
+    shutdown()
+    return losses, weights, inner
+
+
+def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
+    from megatron_gr.training import model_setup, optimizer_setup, runtime
+
+    runtime.shutdown()
+    fast_losses, fast_weights, fast_inner = _train(tmp_path / "fast", 4)
+    assert all(group["fused"] for opt in fast_inner for group in opt.param_groups)
+
+    monkeypatch.setattr(runtime, "fast_optimizer_ops", contextlib.nullcontext)
+    monkeypatch.setattr(optimizer_setup, "use_fused_adam", lambda optimizer: 0)
+    monkeypatch.setattr(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0)
+    monkeypatch.setattr(model_setup, "per_token_finalize", lambda finalize, tables: finalize)
+    old_losses, old_weights, old_inner = _train(tmp_path / "old", 4)
+    assert not any(group["fused"] for opt in old_inner for group in opt.param_groups)
+
+    assert fast_losses == pytest.approx(old_losses, rel=1e-5)
+    for name, weight in old_weights.items():
+        torch.testing.assert_close(fast_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)

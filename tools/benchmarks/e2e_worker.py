@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Runs the training steps that ``e2e_step.py`` measures, in one process, with whatever
+``megatron_gr`` is first on ``PYTHONPATH`` (this tree, or an older checkout for the
+"before" rows). It uses only the trainer's public surface (``resolve_config``,
+``Trainer.train_step``, ``trainer.loader.next_step``, ``trainer.sparse.step``), so older
+trees run it unchanged; FLOPs and phases are computed by the driver.
+
+    python tools/benchmarks/e2e_worker.py SPEC.json RESULT.json
+
+SPEC: {"config": path or null, "overrides": [[path, value], ...], "variants": [{"name",
+"overrides"}], "only": [names] or null, "warmup", "steps", "profile_steps", "matmul_size",
+"trace_dir", "reference_step": bool (this tree with its step speed-ups off: reference_step.py)}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ANNOTATION_OPTIMIZER = "e2e::optimizer"
+ANNOTATION_LOSS = "e2e::loss"
+ANNOTATION_EMBEDDINGS = "e2e::embeddings"
+
+
+def matmul_ceiling_tflops(size: int, reps: int = 10) -> float:
+    """bf16 ``[size, size] x [size, size]`` products per second on this GPU, in TFLOP/s."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def _annotated(function, name: str):
+    def run(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return function(*args, **kwargs)
+
+    return run
+
+
+def _annotate(trainer) -> None:
+    """Host ranges around the optimizer step, the loss and the embedding lookups (the
+    phases ``step_phases.py`` reads); the computation is unchanged."""
+    import megatron_gr.models.hstu_retrieval as retrieval
+
+    trainer.sparse.step = _annotated(trainer.sparse.step, ANNOTATION_OPTIMIZER)
+    if not getattr(retrieval.sampled_softmax_loss, "_e2e_annotated", False):
+        retrieval.sampled_softmax_loss = _annotated(retrieval.sampled_softmax_loss, ANNOTATION_LOSS)
+        retrieval.sampled_softmax_loss._e2e_annotated = True
+    for chunk in trainer.model:
+        for module in chunk.modules():
+            for name in ("item_table", "preprocessor"):
+                target = getattr(module, name, None)
+                if isinstance(target, torch.nn.Module) and not getattr(target, "_e2e_annotated", False):
+                    target.forward = _annotated(target.forward, ANNOTATION_EMBEDDINGS)
+                    target._e2e_annotated = True
+
+
+def _lengths(batches) -> list[list[int]]:
+    return [(b.offsets[1:] - b.offsets[:-1]).cpu().tolist() for b in batches]
+
+
+def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path: Path) -> dict:
+    cuda = trainer.runtime.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    taken: list = []
+    next_step = trainer.loader.next_step
+
+    def recording_next_step():
+        batches = next_step()
+        taken.append(batches)
+        return batches
+
+    trainer.loader.next_step = recording_next_step
+    _annotate(trainer)
+    losses = []
+    for _ in range(warmup):
+        losses.append(trainer.train_step()["loss"])
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    taken.clear()
+    records = []
+    host_step_s = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        begin = time.perf_counter()
+        records.append(trainer.train_step())
+        host_step_s.append(time.perf_counter() - begin)
+    sync()
+    window = time.perf_counter() - start
+    timed_batches = list(taken)
+    losses += [float(r["loss"]) for r in records]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    trace = None
+    if profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(profile_steps):
+                losses.append(float(trainer.train_step()["loss"]))
+            sync()
+        prof.export_chrome_trace(str(trace_path))
+        trace = str(trace_path)
+    return {
+        **_graph_statistics(trainer),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "window_s": window,
+        "steps": steps,
+        "host_step_s": host_step_s,
+        "tokens": [int(r["tokens"]) for r in records],
+        "micro_batch_lengths": [_lengths(batches) for batches in timed_batches],
+        "peak_memory_gib": peak,
+        "losses": losses,
+        "profiled_steps": profile_steps,
+        "trace": trace,
+    }
+
+
+def _graph_statistics(trainer) -> dict:
+    """The CUDA graph runner's counters (trees without training.cuda_graphs: none)."""
+    try:
+        from megatron_gr.training.cuda_graphs import graph_runner
+        from megatron_gr.training.model_setup import unwrap
+    except ImportError:
+        return {}
+    runner = graph_runner(unwrap(trainer.model[0]))
+    return {"cuda_graphs": runner.statistics()} if runner is not None else {}
+
+
+def main(spec_path: str, result_path: str) -> int:
+    from megatron_gr.config import resolve_config
+    from megatron_gr.config.errors import ConfigError
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("reference_step"):
+        from reference_step import speedups_off  # beside this file
+
+        speedups_off().__enter__()  # for the whole process
+    total_steps = spec["warmup"] + spec["steps"] + spec["profile_steps"]
+    fixed = [(["logging", "progress"], "off"), (["training", "eval_interval"], 0),
+             (["training", "train_iters"], max(total_steps, 2))]
+    result = {"matmul_ceiling_tflops": None, "variants": {}}
+    if torch.cuda.is_available() and spec.get("matmul_size"):
+        result["matmul_ceiling_tflops"] = matmul_ceiling_tflops(spec["matmul_size"])
+    for variant in spec["variants"]:
+        if spec.get("only") and variant["name"] not in spec["only"]:
+            continue
+        overrides = [tuple(o) for o in spec["overrides"]] + [tuple(o) for o in variant["overrides"]] + fixed
+        try:
+            trainer = Trainer(resolve_config(spec["config"], overrides))
+        except ConfigError as error:  # a key this (older) tree does not know, a plan-time refusal
+            result["variants"][variant["name"]] = {"skipped": str(error)}
+            continue
+        trace_path = Path(spec["trace_dir"]) / f"trace_{variant['name']}.json"
+        result["variants"][variant["name"]] = measure(
+            trainer, warmup=spec["warmup"], steps=spec["steps"], profile_steps=spec["profile_steps"], trace_path=trace_path
+        )
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"e2e worker: {variant['name']} done", flush=True)
+    with contextlib.suppress(Exception):
+        shutdown()
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))

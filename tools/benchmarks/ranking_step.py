@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Step time, tokens/s and peak memory of DLRM-HSTU training on one device, at long
+histories: every user has exactly ``--history`` history events and ``--candidates``
+candidates (synthetic ranking data), bf16 on a GPU with the Triton kernels.
+
+    python tools/benchmarks/ranking_step.py                      # H100: 4k history, 64 candidates
+    python tools/benchmarks/ranking_step.py --users-per-batch 4 --layers 3 --json out.json
+    python tools/benchmarks/ranking_step.py --device cpu --backend pytorch --history 32 \
+        --candidates 4 --hidden 32 --heads 2 --head-dim 16 --users-per-batch 2 --steps 2   # smoke test
+
+Prints one markdown row (device | layers x hidden | users x (history + candidates) | step
+ms | tokens/s | peak GiB) and, with ``--json``, the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+HEADER = ("| device | precision, backend | layers x hidden (heads x dim), relative bias | tokens per step: users x (contextual + history "
+          "+ candidates) | step ms (median) | tokens/s | candidates/s | peak memory GiB |")
+
+
+def benchmark_config(args) -> dict:
+    width = args.hidden // 2  # item and topic tables side by side fill the content width
+    warmup = -(-args.history // args.candidates)  # requests before the first sample
+    return {
+        "model": {"type": "ranking", "num_layers": args.layers, "hidden_size": args.hidden,
+                  "num_attention_heads": args.heads, "qk_head_dim": args.head_dim, "v_head_dim": args.head_dim,
+                  "max_seq_len": 2 + args.history + args.candidates, "hidden_dropout": 0.1,
+                  "embedding_dropout": 0.1, "num_time_buckets": 64, "time_bucket_fn": "log",
+                  "num_position_buckets": 256, "relative_attention_bias": args.relative_bias},
+        "embeddings": {"item": {"dim": width}, "topic": {"dim": args.hidden - width}, "segment": {"dim": 16},
+                       "activity": {"dim": 16}},
+        "ranking": {"action_encoder": {"watchtime_thresholds": [5.0], "dim": 16, "mlp_hidden": 128},
+                    "content_encoder": {"mlp_hidden": args.hidden}, "tower": {"hidden_sizes": [args.hidden]},
+                    "output_postprocessor": "timestamp_layernorm", "num_position_buckets": 512},
+        # Histories: exactly `warmup` requests of `candidates` impressions before the first
+        # sample request, cut to the latest `history` events by max_seq_len.
+        "data": {"ranking": {"synthetic": {"num_users": max(4 * args.users_per_batch, 8), "num_items": 20_000,
+                                           "num_topics": 32, "requests_per_user": 3,
+                                           "candidates_per_request": args.candidates,
+                                           "min_warmup_requests": warmup, "max_warmup_requests": warmup}}},
+        "training": {"train_iters": 10**6, "micro_batch_size": args.users_per_batch, "lr": 1e-4, "eval_interval": 0,
+                     "device": args.device, "kernel_backend": args.backend, "precision": args.precision},
+        "logging": {"progress": "off"},
+    }
+
+
+def main() -> int:
+    from megatron_gr.config import ExperimentConfig
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--history", type=int, default=4096, help="history events per user")
+    parser.add_argument("--candidates", type=int, default=64, help="candidates per user")
+    parser.add_argument("--users-per-batch", type=int, default=8, help="users (sequences) per training step")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--relative-bias", action=argparse.BooleanOptionalAction, default=True,
+                        help="the relative position + time attention bias (computed inside the attention kernel)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--backend", default="triton", choices=("auto", "pytorch", "triton"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
+    parser.add_argument("--json", help="write the details here")
+    args = parser.parse_args()
+
+    trainer = Trainer(ExperimentConfig.from_dict(benchmark_config(args)))
+    cuda = trainer.runtime.device.type == "cuda"
+
+    def timed_step() -> tuple[float, dict]:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        record = trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, record
+
+    for _ in range(3):
+        timed_step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens = [], []
+    for _ in range(args.steps):
+        elapsed, record = timed_step()
+        times.append(elapsed)
+        tokens.append(record["tokens"])
+    median = statistics.median(times)
+    per_step = statistics.mean(tokens)
+    candidates = args.users_per_batch * args.candidates
+    summary = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bf16" if trainer.runtime.bf16 else "fp32",
+        "backend": str(trainer.plan.backend),
+        "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "head_dim": args.head_dim,
+        "relative_bias": args.relative_bias,
+        "users_per_step": args.users_per_batch, "history": args.history, "candidates": args.candidates,
+        "tokens_per_step": per_step,
+        "median_step_s": median,
+        "tokens_per_s": per_step / median,
+        "candidates_per_s": candidates / median,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "step_s": times,
+    }
+    peak = f"{summary['peak_memory_gib']:.1f}" if cuda else "n/a"
+    print(HEADER)
+    print("|" + "---|" * 8)
+    bias = "bias" if args.relative_bias else "no bias"
+    shape = f"{args.layers} x {args.hidden} ({args.heads} x {args.head_dim}), {bias}"
+    tokens = f"{args.users_per_batch} x (2 + {args.history} + {args.candidates}) = {per_step:,.0f}"
+    print(f"| {summary['device']} | {summary['precision']}, {summary['backend']} | {shape} | {tokens} | "
+          f"{median * 1e3:.1f} | {summary['tokens_per_s']:,.0f} | {summary['candidates_per_s']:,.0f} | {peak} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
