@@ -56,7 +56,7 @@ def hyper_connected(
     block input, or the previous sublayer's pending merge, run in the same op), the
     sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it);
     ``dropout_keys``: the merge's, needed when its dropout is active."""
-    run = _runner(recompute)
+    run = runner(recompute)
     if isinstance(streams, PendingMerge):
         previous = streams
 
@@ -82,10 +82,12 @@ def hyper_connected(
 def finish(pending: PendingMerge, *, defer: bool, recompute: Optional[MHCRecomputeManager]) -> Streams:
     """A layer's result: its pending merge for a block that fuses merges (``defer``), else
     the merged streams."""
-    return pending if defer else materialize(pending, _runner(recompute))
+    return pending if defer else materialize(pending, runner(recompute))
 
 
-def _runner(recompute: Optional[MHCRecomputeManager]):
+def runner(recompute: Optional[MHCRecomputeManager]):
+    """How a hyper-connection step runs: through the recompute manager's checkpoint, or
+    plainly."""
     return recompute.checkpoint if recompute is not None else _call
 
 
