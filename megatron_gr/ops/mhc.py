@@ -21,6 +21,10 @@ mhc_merge          x [T, n, C]; h_res [T, n, n]; h_post [T, n]; [T, n, C] (x.dty
                    y [T, C]; bias [C] or None
 input_expand       x [T, C]                                     [T, n, C] (x.dtype)
 output_contract    x [T, n, C]                                  [T, C] (x.dtype)
+mhc_merge_pre      the merge's, then the next pre op's maps     merged [T, n, C] (x.dtype),
+                   (x [T, n, C] or the block input [T, C])      then as mhc_pre
+mhc_expand_pre     x [T, C], num_streams; maps as mhc_pre       as mhc_pre
+mhc_merge_contract as mhc_merge (x may be [T, C])               [T, C] (x.dtype)
 =================  ===========================================  ============================
 
 "compute dtype" is float32, or float64 when any input is float64.
@@ -32,9 +36,15 @@ take float32, bfloat16 or float16 tensors (float64 checks need the reference).
 kernels are the two ops' forward kernels in one autograd function and a fused backward that
 writes one dx (the hyper-connection layers use it; h_pre has no other reader). Dropout in
 ``mhc_merge`` is keyed (:mod:`megatron_gr.ops.keyed_dropout`): both kernels draw the same
-mask from the token keys. ``input_expand`` and
-``output_contract`` are one copy and one mean, a single pass in PyTorch already: both
-kernels run the same code for them.
+mask from the token keys, and so do the fused pairs below (every layout, and a recompute
+replay, drops the same elements). ``input_expand`` and ``output_contract`` are one copy and
+one mean, a single pass in PyTorch already: both kernels run the same code for them.
+
+The last three fuse ops that run back to back in a hyper-connection block (the design and
+the bytes they save: ``docs/design/mhc.md``). Their references are the compositions of the
+ops above (:mod:`megatron_gr.ops.pytorch.mhc_fused`); the Triton kernels move each token's
+streams fewer times: the merge with the next sublayer's pre op, the expansion inside the
+first pre op, the contraction inside the last merge.
 """
 
 from __future__ import annotations
@@ -45,6 +55,11 @@ import torch
 
 from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.keyed_dropout import DropoutKeys, check_dropout_keys
+from megatron_gr.ops.pytorch.mhc_fused import (
+    pytorch_mhc_expand_pre,
+    pytorch_mhc_merge_contract,
+    pytorch_mhc_merge_pre,
+)
 from megatron_gr.ops.pytorch.mhc import (
     pytorch_input_expand,
     pytorch_mhc_aggregate,
@@ -218,10 +233,139 @@ def output_contract(x: torch.Tensor, *, kernel: KernelBackend = KernelBackend.PY
     return pytorch_output_contract(x)
 
 
-def _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel) -> None:
+def mhc_merge_pre(
+    x: torch.Tensor,
+    h_res: torch.Tensor,
+    h_post: torch.Tensor,
+    y: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    projection: torch.Tensor,
+    alpha: torch.Tensor,
+    map_bias: torch.Tensor,
+    *,
+    iterations: int,
+    eps: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    dropout_keys: Optional[DropoutKeys] = None,
+    kernel: KernelBackend = KernelBackend.PYTORCH,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sublayer's merge and the next sublayer's pre op in one: :func:`mhc_merge` of
+    ``(x, h_res, h_post, y, bias)``, then :func:`mhc_pre` of the merged streams with the
+    next sublayer's maps ``(projection, alpha, map_bias)``.
+
+    Args:
+        x: ``[T, n, C]`` streams that entered the sublayer, or ``[T, C]``: the block input
+            standing for its n copies (:func:`input_expand` folded in; n from ``h_res``).
+        h_res, h_post, y, bias, dropout_p, training, dropout_keys: the merge's, as
+            :func:`mhc_merge` (the same keyed mask).
+        projection, alpha, map_bias, iterations, eps: the next pre op's, as :func:`mhc_pre`.
+
+    Returns:
+        The merged streams ``[T, n, C]`` (x's dtype) and the pre op's ``u`` ``[T, C]``,
+        ``h_post`` ``[T, n]`` and ``h_res`` ``[T, n, n]``.
+    """
     kernel = check_backend(kernel)
+    _, n, channels = _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys)
+    _check_maps((n, channels), projection, alpha, map_bias, iterations, eps)
+    if kernel == "triton":
+        _require_triton("mhc_merge_pre", x, h_res, h_post, y, projection, alpha, map_bias,
+                        *([] if bias is None else [bias]))
+        from megatron_gr.ops.triton.mhc_merge_pre import triton_mhc_merge_pre
+
+        return triton_mhc_merge_pre(x, h_res, h_post, y, bias, projection, alpha, map_bias, iterations=iterations,
+                                    eps=eps, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys)
+    return pytorch_mhc_merge_pre(x, h_res, h_post, y, bias, projection, alpha, map_bias, iterations=iterations,
+                                 eps=eps, dropout_p=dropout_p, training=training, dropout_keys=dropout_keys)
+
+
+def mhc_expand_pre(
+    x: torch.Tensor,
+    projection: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    num_streams: int,
+    iterations: int,
+    eps: float,
+    kernel: KernelBackend = KernelBackend.PYTORCH,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first sublayer's pre op on the block input ``x`` ``[T, C]``: :func:`mhc_pre` of
+    :func:`input_expand` ``(x, num_streams)`` (the copies never reach memory in Triton).
+    Arguments and results as :func:`mhc_pre`."""
+    kernel = check_backend(kernel)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a float [T, C] tensor, got {x.dtype} {list(x.shape)}")
+    if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
+        raise ValueError(f"num_streams={num_streams!r} must be a positive int")
+    _check_maps((num_streams, x.shape[1]), projection, alpha, bias, iterations, eps)
+    if kernel == "triton":
+        _require_triton("mhc_expand_pre", x, projection, alpha, bias)
+        from megatron_gr.ops.triton.mhc_pre import triton_mhc_expand_pre
+
+        return triton_mhc_expand_pre(x, projection, alpha, bias, num_streams=num_streams, iterations=iterations,
+                                     eps=eps)
+    return pytorch_mhc_expand_pre(x, projection, alpha, bias, num_streams=num_streams, iterations=iterations, eps=eps)
+
+
+def mhc_merge_contract(
+    x: torch.Tensor,
+    h_res: torch.Tensor,
+    h_post: torch.Tensor,
+    y: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    dropout_keys: Optional[DropoutKeys] = None,
+    kernel: KernelBackend = KernelBackend.PYTORCH,
+) -> torch.Tensor:
+    """The block's last merge and the contraction in one: :func:`output_contract` of
+    :func:`mhc_merge`, ``[T, C]`` in x's dtype. Arguments as :func:`mhc_merge_pre`'s merge
+    (x may be the block input ``[T, C]``, a block of one sublayer)."""
+    kernel = check_backend(kernel)
+    _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys)
+    if kernel == "triton":
+        _require_triton("mhc_merge_contract", x, h_res, h_post, y, *([] if bias is None else [bias]))
+        from megatron_gr.ops.triton.mhc_merge_pre import triton_mhc_merge_contract
+
+        return triton_mhc_merge_contract(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training,
+                                         dropout_keys=dropout_keys)
+    return pytorch_mhc_merge_contract(x, h_res, h_post, y, bias, dropout_p=dropout_p, training=training,
+                                      dropout_keys=dropout_keys)
+
+
+def _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys) -> tuple[int, int, int]:
+    """Checks a merge's inputs, x ``[T, n, C]`` or the block input ``[T, C]``; returns the
+    merged streams' shape ``(T, n, C)``."""
+    if x.dim() not in (2, 3) or not x.is_floating_point():
+        raise ValueError(f"x must be a float [T, n, C] or [T, C] tensor, got {x.dtype} {list(x.shape)}")
+    if h_res.dim() != 3 or h_res.shape[1] != h_res.shape[2]:
+        raise ValueError(f"h_res must be [T, n, n], got {list(h_res.shape)}")
+    num_tokens, n, channels = x.shape[0], h_res.shape[1], x.shape[-1]
+    if x.dim() == 3:
+        _check_shape("x", x, (num_tokens, n, channels))
+    _check_shape("h_res", h_res, (num_tokens, n, n))
+    _check_shape("h_post", h_post, (num_tokens, n))
+    _check_shape("y", y, (num_tokens, channels))
+    if bias is not None:
+        _check_shape("bias", bias, (channels,))
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+    if training and dropout_p > 0.0:
+        check_dropout_keys(dropout_keys, num_tokens=num_tokens, device=x.device)
+    return num_tokens, n, channels
+
+
+def _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel) -> None:
+    check_backend(kernel)
     _check_streams("x", x)
-    _, n, channels = x.shape
+    _check_maps(x.shape[1:], projection, alpha, bias, iterations, eps)
+
+
+def _check_maps(streams_shape, projection, alpha, bias, iterations, eps) -> None:
+    """The map parameters of streams ``[n, C]`` (``streams_shape``, per token)."""
+    n, channels = streams_shape
     width = n * n + 2 * n
     for name, tensor, shape in (
         ("projection", projection, (width, n * channels)),
@@ -229,7 +373,8 @@ def _check_mapping_args(x, projection, alpha, bias, iterations, eps, kernel) -> 
         ("bias", bias, (width,)),
     ):
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must be {list(shape)} for x {list(x.shape)}, got {list(tensor.shape)}")
+            raise ValueError(f"{name} must be {list(shape)} for {n} streams of {channels} channels, "
+                             f"got {list(tensor.shape)}")
         if tensor.dtype not in _MAPPING_DTYPES:
             raise ValueError(
                 f"{name} is {tensor.dtype}: mHC mapping parameters must stay float32 (or float64); "

@@ -309,6 +309,11 @@ def apply_cuda_graphs(model: torch.nn.Module, *, mode: str, max_tokens: int, mic
     decoder = model.decoder
     streams = config.num_residual_streams if config.enable_hyper_connections else 1
     if mode == "layers":  # every layer reads the n residual streams (expanded before the first)
+        # A graphed layer takes and returns the streams as tensors: a hyper-connection block
+        # must not leave a merge pending across layers (transformer/mhc_pending.py), so its
+        # layers run their own merges (the stack graphed whole, ``step``, keeps the fusion).
+        if getattr(decoder, "fuse_merges", False):
+            decoder.fuse_merges = False
         originals = [layer.forward for layer in decoder.layers]
         units = [
             _Unit(layer, _run_layer(original, config.max_seq_len)) for layer, original in zip(decoder.layers, originals)

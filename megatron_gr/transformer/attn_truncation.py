@@ -105,6 +105,13 @@ def attach(params: JaggedSeqParams, plan: Optional[TruncationPlan]) -> JaggedSeq
     return params
 
 
+def truncates_input(layer_number: int, params: JaggedSeqParams) -> bool:
+    """Whether layer ``layer_number`` (global, 1-based) re-packs its input rows (the layer
+    after the split)."""
+    plan: Optional[TruncationPlan] = params.cache.get(CACHE_KEY)
+    return plan is not None and layer_number == plan.split_layer + 1
+
+
 def layer_input(layer_number: int, hidden: torch.Tensor, params: JaggedSeqParams) -> tuple[torch.Tensor, JaggedSeqParams]:
     """What layer ``layer_number`` (global, 1-based) reads: the batch as given up to the
     split layer; the layer after it truncates its input; later ones get truncated input."""

@@ -8,6 +8,11 @@ checkpoints and pipeline stages carry them like a wider hidden state. Around a s
     y                = F(u)                                             # [s, b, C]
     streams          = module.merge(streams, h_res, h_post, y)          # [s, b, n C]
 
+Ops that run back to back fuse (the Triton kernels then move the streams fewer times):
+``next_module.merge_pre`` is a merge and the next sublayer's pre, ``expand_pre`` the first
+sublayer's pre on the block input (no n copies made), ``merge_contract`` the last merge
+and the mean of the streams.
+
 The math is in :mod:`megatron_gr.ops.mhc`. Its parameters stay float32 under any model
 dtype (see ``_apply``); they are replicated over tensor-parallel ranks and marked
 ``sequence_parallel`` so that, when tokens are split, ``finalize_model_grads`` sums their
@@ -26,7 +31,16 @@ from megatron.core import utils as megatron_utils  # make_viewless_tensor: looke
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.ops.backend import KernelBackend, check_backend
 from megatron_gr.ops.keyed_dropout import DropoutKeys
-from megatron_gr.ops.mhc import input_expand, mhc_mappings, mhc_merge, mhc_pre, output_contract
+from megatron_gr.ops.mhc import (
+    input_expand,
+    mhc_expand_pre,
+    mhc_mappings,
+    mhc_merge,
+    mhc_merge_contract,
+    mhc_merge_pre,
+    mhc_pre,
+    output_contract,
+)
 
 # Initial H_res diagonal: each stream keeps most of itself (the identity start of
 # hyper-connections) while Sinkhorn still converges to float32 precision in 20 iterations
@@ -91,6 +105,66 @@ class HyperConnectionModule(MegatronModule):
         u, h_post, h_res = self._with_maps(mhc_pre, streams)
         return u.view(s, b, -1), h_post, h_res
 
+    def expand_pre(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`pre` of the n streams the block input ``hidden`` ``[s, b, C]`` expands to,
+        without making them (the first sublayer of a block)."""
+        s, b, width = hidden.shape
+        u, h_post, h_res = mhc_expand_pre(
+            hidden.reshape(s * b, width), self.projection, self.alpha, self.bias, num_streams=self.num_streams,
+            iterations=self.config.mhc_sinkhorn_iterations, eps=self.config.layernorm_epsilon, kernel=self.kernel,
+        )
+        return u.view(s, b, -1), h_post, h_res
+
+    def merge_pre(
+        self,
+        streams: torch.Tensor,
+        h_res: torch.Tensor,
+        h_post: torch.Tensor,
+        output: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        dropout_p: float,
+        dropout_keys: Optional[DropoutKeys] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The previous sublayer's :meth:`merge` (its maps ``h_res``, ``h_post``, its
+        ``output``, ``bias`` and ``dropout_keys``) and this sublayer's :meth:`pre` in one op.
+        ``streams`` ``[s, b, n C]``, or the block input ``[s, b, C]`` standing for its n
+        copies. Returns the merged streams ``[s, b, n C]`` and :meth:`pre`'s results."""
+        s, b, _ = output.shape
+        merged, u, h_post_next, h_res_next = mhc_merge_pre(
+            self._merge_input(streams), h_res, h_post, output.reshape(s * b, -1), bias, self.projection, self.alpha,
+            self.bias, iterations=self.config.mhc_sinkhorn_iterations, eps=self.config.layernorm_epsilon,
+            dropout_p=dropout_p, training=self.training, dropout_keys=dropout_keys, kernel=self.kernel,
+        )
+        return _viewless(merged.view(s, b, -1)), u.view(s, b, -1), h_post_next, h_res_next
+
+    def merge_contract(
+        self,
+        streams: torch.Tensor,
+        h_res: torch.Tensor,
+        h_post: torch.Tensor,
+        output: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        dropout_p: float,
+        dropout_keys: Optional[DropoutKeys] = None,
+    ) -> torch.Tensor:
+        """:meth:`merge` then :func:`contract_streams` in one op: the block output
+        ``[s, b, C]`` after its last sublayer. ``streams`` as :meth:`merge_pre`."""
+        s, b, _ = output.shape
+        out = mhc_merge_contract(
+            self._merge_input(streams), h_res, h_post, output.reshape(s * b, -1), bias, dropout_p=dropout_p,
+            training=self.training, dropout_keys=dropout_keys, kernel=self.kernel,
+        )
+        return _viewless(out.view(s, b, -1))
+
+    def _merge_input(self, streams: torch.Tensor) -> torch.Tensor:
+        """``[s b, n, C]`` streams, or ``[s b, C]`` for the block input ``[s, b, C]``."""
+        s, b, width = streams.shape
+        if width == self.config.hidden_size:
+            return streams.reshape(s * b, width)
+        return self._as_streams(streams)
+
     def _with_maps(self, op, streams: torch.Tensor):
         """``op`` (mhc_mappings or mhc_pre) of the streams with this module's maps."""
         return op(
@@ -129,15 +203,19 @@ class HyperConnectionModule(MegatronModule):
             dropout_keys=dropout_keys,
             kernel=self.kernel,
         )
-        # not a view: the recompute manager swaps the storage of replayed outputs, which a
-        # view's base would keep alive
-        return megatron_utils.make_viewless_tensor(merged.view(s, b, -1), requires_grad=merged.requires_grad, keep_graph=True)
+        return _viewless(merged.view(s, b, -1))
 
     def _as_streams(self, streams: torch.Tensor) -> torch.Tensor:
         s, b, width = streams.shape
         if width % self.num_streams:
             raise ValueError(f"streams of width {width} do not split into {self.num_streams} residual streams")
         return streams.reshape(s * b, self.num_streams, width // self.num_streams)
+
+
+def _viewless(tensor: torch.Tensor) -> torch.Tensor:
+    """Not a view: the recompute manager swaps the storage of replayed outputs, which a
+    view's base would keep alive."""
+    return megatron_utils.make_viewless_tensor(tensor, requires_grad=tensor.requires_grad, keep_graph=True)
 
 
 def expand_streams(hidden: torch.Tensor, n: int) -> torch.Tensor:

@@ -10,6 +10,13 @@ Each takes and returns the n residual streams ``[s, b, n C]``; around every subl
 With an :class:`MHCRecomputeManager` (passed by the block as ``mhc_recompute_manager``)
 the two hyper-connection steps (pre with the norm, merge) run without keeping their
 activations. The merge's dropout is keyed (``dropout_sites``): a replay draws its mask again.
+
+A block that fuses the merges (``mhc_defer_merge=True``) passes and receives the streams as
+:mod:`megatron_gr.transformer.mhc_pending` forms: a layer then leaves its last merge
+pending, and each sublayer runs the pending merge of the one before inside its pre op
+(``merge_pre``; ``expand_pre`` on the block input), so the fused kernels move the streams
+fewer times. The ops, their order and the dropout masks (keyed, carried with the pending
+merge) are the same either way.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.transformer.dropout_sites import MHC_MERGE_ATTENTION, MHC_MERGE_MLP, layer_site, site_keys
 from megatron_gr.transformer.hyper_connection import HyperConnectionModule
 from megatron_gr.transformer.layer_init import layer_init_scope
+from megatron_gr.transformer.mhc_pending import BlockInput, PendingMerge, Streams, materialize, token_count
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.stu_layer import STULayer, STULayerSubmodules, jagged_params
 
@@ -38,27 +46,49 @@ def hyper_connected(
     connection: HyperConnectionModule,
     norm: Callable[[torch.Tensor], torch.Tensor],
     sublayer: Sublayer,
-    streams: torch.Tensor,
+    streams: Streams,
     *,
     dropout_p: float,
     recompute: Optional[MHCRecomputeManager],
     dropout_keys: Optional[DropoutKeys] = None,
-) -> torch.Tensor:
-    """One sublayer with its hyper-connection; returns the new streams ``[s, b, n C]``
-    (``dropout_keys``: the merge's, needed when its dropout is active)."""
-    run = recompute.checkpoint if recompute is not None else _call
+) -> PendingMerge:
+    """One sublayer with its hyper-connection: its pre op on ``streams`` (a tensor, the
+    block input, or the previous sublayer's pending merge, run in the same op), the
+    sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it);
+    ``dropout_keys``: the merge's, needed when its dropout is active."""
+    run = runner(recompute)
+    if isinstance(streams, PendingMerge):
+        previous = streams
 
-    def pre(x):
-        u, post, res = connection.pre(x)
-        return norm(u), post, res
+        def merge_pre(x, mix, post, y):
+            merged, u, h_post, h_res = connection.merge_pre(x, mix, post, y, previous.bias,
+                                                            dropout_p=previous.dropout_p,
+                                                            dropout_keys=previous.dropout_keys)
+            return merged, norm(u), h_post, h_res
 
-    normed, h_post, h_res = run(pre, streams)
+        entered, normed, h_post, h_res = run(merge_pre, *previous.tensors())
+    else:
+        entered = streams.hidden if isinstance(streams, BlockInput) else streams
+        pre_op = connection.expand_pre if isinstance(streams, BlockInput) else connection.pre
+
+        def pre(x):
+            u, post, res = pre_op(x)
+            return norm(u), post, res
+
+        normed, h_post, h_res = run(pre, entered)
     output, bias = sublayer(normed)
+    return PendingMerge(connection, entered, h_res, h_post, output, bias, dropout_p, dropout_keys)
 
-    def merge(x, mix, post, y):
-        return connection.merge(x, mix, post, y, bias, dropout_p=dropout_p, dropout_keys=dropout_keys)
+def finish(pending: PendingMerge, *, defer: bool, recompute: Optional[MHCRecomputeManager]) -> Streams:
+    """A layer's result: its pending merge for a block that fuses merges (``defer``), else
+    the merged streams."""
+    return pending if defer else materialize(pending, runner(recompute))
 
-    return run(merge, streams, h_res, h_post, output)
+
+def runner(recompute: Optional[MHCRecomputeManager]):
+    """How a hyper-connection step runs: through the recompute manager's checkpoint, or
+    plainly."""
+    return recompute.checkpoint if recompute is not None else _call
 
 
 def _call(function, *args):
@@ -88,12 +118,15 @@ class HyperConnectionSTULayer(STULayer):
         context: Optional[torch.Tensor] = None,
         packed_seq_params=None,
         mhc_recompute_manager: Optional[MHCRecomputeManager] = None,
+        mhc_defer_merge: bool = False,
         **unused,
     ):
         """``hidden_states`` the streams ``[T, 1, n C]`` (``[T / tp, 1, n C]`` under sequence
-        parallelism). Returns ``(streams, context)``."""
+        parallelism), or a fusing block's :mod:`~megatron_gr.transformer.mhc_pending` form.
+        Returns ``(streams, context)``; with ``mhc_defer_merge`` the streams are this layer's
+        pending merge."""
         params = jagged_params(packed_seq_params)
-        streams = hyper_connected(
+        pending = hyper_connected(
             self.hyper_connection,
             self.input_layernorm,
             lambda normed: (self.attention(normed, params), None),
@@ -101,7 +134,7 @@ class HyperConnectionSTULayer(STULayer):
             dropout_p=0.0,  # the STU sublayer applies hidden_dropout before its output projection
             recompute=mhc_recompute_manager,
         )
-        return streams, context
+        return finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), context
 
 
 @dataclass
@@ -140,10 +173,12 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         sequence_len_offset: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
         mhc_recompute_manager: Optional[MHCRecomputeManager] = None,
+        mhc_defer_merge: bool = False,
         **unused,
     ):
-        """``hidden_states`` the streams ``[s, b, n C]``; the other arguments as megatron's
-        ``TransformerLayer``. Returns ``(streams, context)``."""
+        """``hidden_states`` the streams ``[s, b, n C]`` (or a fusing block's form, as the STU
+        layer's); the other arguments as megatron's ``TransformerLayer``. Returns
+        ``(streams, context)``."""
         if inference_context is not None:
             raise NotImplementedError("HyperConnectionTransformerLayer does not support inference contexts yet")
 
@@ -165,21 +200,22 @@ class HyperConnectionTransformerLayer(TransformerLayer):
                 sequence_len_offset=sequence_len_offset,
             )
 
-        streams = hyper_connected(
+        pending = hyper_connected(
             self.attention_hyper_connection, self.input_layernorm, attention, hidden_states,
             dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_ATTENTION],
         )
-        streams = hyper_connected(
+        pending = hyper_connected(
             self.mlp_hyper_connection, self.pre_mlp_layernorm, lambda normed: self.mlp(normed, padding_mask=padding_mask),
-            streams, dropout_p=self.hidden_dropout, recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_MLP],
+            finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), dropout_p=self.hidden_dropout,
+            recompute=mhc_recompute_manager, dropout_keys=keys[MHC_MERGE_MLP],
         )
-        return streams, context
+        return finish(pending, defer=mhc_defer_merge, recompute=mhc_recompute_manager), context
 
-    def _merge_dropout_keys(self, params, streams: torch.Tensor, kind: int) -> Optional[DropoutKeys]:
+    def _merge_dropout_keys(self, params, streams: Streams, kind: int) -> Optional[DropoutKeys]:
         """Keys of one merge's dropout over this rank's ``s b`` tokens (None without
         dropout). Drawn before the merge runs, so a recomputed merge reuses them."""
         if not (self.training and self.hidden_dropout > 0):
             return None
-        s, b, _ = streams.shape
-        return site_keys(params, layer_site(self.layer_number, kind), num_tokens=s * b, device=streams.device,
+        num_tokens, device = token_count(streams)
+        return site_keys(params, layer_site(self.layer_number, kind), num_tokens=num_tokens, device=device,
                          local=True)

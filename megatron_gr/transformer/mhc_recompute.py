@@ -2,7 +2,8 @@
 after its forward and recomputes them, in forward order, when its backward starts.
 
 Per sublayer the hyper-connection ops are the pre op (mappings and aggregate) with the
-sublayer's norm, and the merge. Each runs under megatron's ``CheckpointWithoutOutput``: no autograd
+sublayer's norm, and the merge (or, in a block that fuses them, the previous sublayer's
+merge with this pre op and the norm, one op). Each runs under megatron's ``CheckpointWithoutOutput``: no autograd
 graph in the forward, only its inputs saved. Their outputs are the inputs of the next ops
 (the merge output of one layer is what the next layer reads), so after the block's forward
 the manager frees the storage of every output except the block's own, and one gradient
@@ -21,7 +22,7 @@ to it also lets the last stage free it after the contraction of the streams.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -51,10 +52,18 @@ class MHCRecomputeManager:
         self._checkpoints.append(checkpoint)
         return outputs
 
-    def discard_outputs_and_register_recompute(self, block_output: torch.Tensor) -> None:
+    def discard_outputs_and_register_recompute(self, block_output: torch.Tensor, *,
+                                               kept: Sequence[torch.Tensor] = ()) -> None:
         """Call once after the block's last layer: frees every checkpointed output but
-        ``block_output`` (the output of the block's last op) and recomputes them all when
-        the gradient of ``block_output`` arrives."""
+        ``block_output`` (the output of the block's last op) and the ``kept`` tensors, and
+        recomputes them all when the gradient of ``block_output`` arrives.
+
+        ``kept``: outputs that an op of the next recompute block reads, when the block ends
+        on a merge left pending for the next block's first pre op (fused with it): the
+        streams and maps of the merge stay, ``block_output`` is the sublayer output it adds
+        (computed by no op of this block; its gradient arrives before this block's backward
+        needs anything it freed). The replay refills the kept tensors with the same values.
+        """
         self._finished = True
         if not block_output.requires_grad:  # nothing will run backward through the block
             self._checkpoints = []
@@ -72,7 +81,8 @@ class MHCRecomputeManager:
                 leave_output_out_of_replay(checkpoint)
                 continue
             for output in outputs:
-                output.untyped_storage().resize_(0)
+                if not any(output is tensor for tensor in kept):
+                    output.untyped_storage().resize_(0)
         block_output.register_hook(self._recompute)
 
     def _recompute(self, grad: torch.Tensor) -> None:

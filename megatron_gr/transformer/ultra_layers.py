@@ -22,8 +22,9 @@ import dataclasses
 from typing import Optional
 
 import torch
-from megatron_gr.transformer.attn_truncation import layer_input
-from megatron_gr.transformer.hyper_connection_layers import HyperConnectionSTULayer
+from megatron_gr.transformer.attn_truncation import layer_input, truncates_input
+from megatron_gr.transformer.hyper_connection_layers import HyperConnectionSTULayer, runner
+from megatron_gr.transformer.mhc_pending import materialize
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
 from megatron_gr.transformer.specs import get_stu_block_spec
 from megatron_gr.transformer.stu_layer import STULayer, jagged_params
@@ -70,8 +71,13 @@ class UltraSTULayer(_Rematerialized, STULayer):
 
 
 class UltraHyperConnectionSTULayer(_Rematerialized, HyperConnectionSTULayer):
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, context=None, packed_seq_params=None, **kwargs):
-        hidden_states, params = layer_input(self.layer_number, hidden_states, jagged_params(packed_seq_params))
+    def forward(self, hidden_states, attention_mask=None, context=None, packed_seq_params=None, **kwargs):
+        params = jagged_params(packed_seq_params)
+        if truncates_input(self.layer_number, params):
+            # The rows are re-packed here: in a block that fuses its mHC ops (mhc_pending), the
+            # merge left pending by the layer before runs first, on the rows it belongs to.
+            hidden_states = materialize(hidden_states, runner(kwargs.get("mhc_recompute_manager")))
+        hidden_states, params = layer_input(self.layer_number, hidden_states, params)
         return super().forward(hidden_states, attention_mask, context, params, **kwargs)
 
 

@@ -9,7 +9,11 @@ timing them with ``tools/benchmarks/mhc_ops.py``.
 
 Configurations: the defaults of ``megatron_gr/ops/triton/mhc_configs.py`` (and with
 ``--candidates`` its ``CANDIDATES``), compiled as the JIT sees a launch on torch
-allocations (pointers and sizes divisible by 16). Needs triton (its wheel ships ptxas).
+allocations (pointers and sizes divisible by 16). The merge kernels compile with and
+without their keyed dropout (``dropout`` in the label): both run in training (the
+transformer layers' merges drop, the STU layers' do not), and their register use differs
+(Triton lays out the merged tiles differently when the mask's hashes sit between the loads
+and the tensor-core product). Needs triton (its wheel ships ptxas).
 """
 
 from __future__ import annotations
@@ -35,23 +39,25 @@ from megatron_gr.ops.triton import mhc_configs  # noqa: E402
 from megatron_gr.ops.triton.mhc_aggregate import _aggregate_bwd, _aggregate_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_mappings import _mappings_bwd_gates, _mappings_bwd_x, _mappings_fwd  # noqa: E402
 from megatron_gr.ops.triton.mhc_merge import _merge_bwd, _merge_fwd  # noqa: E402
-from megatron_gr.ops.triton.mhc_pre import _pre_bwd_gates  # noqa: E402
+from megatron_gr.ops.triton.mhc_merge_pre_kernels import merge_bwd_fused, merge_fwd_fused, pre_gates  # noqa: E402
 from megatron_gr.ops.triton.mhc_sinkhorn import SEGMENT, _sinkhorn_bwd, _sinkhorn_fwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Pointers in the streams' dtype (every other pointer is float32, the token keys and dropout words int64).
-_STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias"}
+_STREAM_POINTERS = {"X", "DX", "Out", "Grad", "Y", "DY", "Bias", "DU"}
 # Matrix operands of the mapping kernels: bf16 halves for bf16 streams, else float32.
 _OPERAND_POINTERS = {"PHi", "PLo", "P", "GHi", "GLo"}
 _FLOAT_SCALARS = {"eps", "p"}
 _INT_SCALARS = {"K", "C"}  # sizes with upper-case names
-# Scalars the kernels do not specialise on (the keyed-dropout words, the Sinkhorn iterations).
-_UNSPECIALIZED = {"feature_offset", "s0", "s1", "s2", "threshold", "iterations"}
+# Scalars the kernels do not specialise on (the token count, the keyed-dropout words, the
+# Sinkhorn iterations).
+_UNSPECIALIZED = {"num_tokens", "feature_offset", "s0", "s1", "s2", "threshold", "iterations"}
 
 
-def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, operands: str = "fp32") -> str:
+def compile_report(fn, constexprs: dict, cfg: mhc_configs.Blocks, stream_dtype: str, *, operands: str = "fp32") -> str:
     signature, attrs = {}, {}
-    streams_in_place = fn.__name__.startswith(("_aggregate", "_merge", "_mappings_fwd", "_mappings_bwd_x", "_pre"))
+    streams_in_place = fn.__name__.startswith(
+        ("_aggregate", "_merge", "_mappings_fwd", "_mappings_bwd_x", "pre_gates", "merge_"))
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
@@ -72,7 +78,8 @@ def compile_report(fn, constexprs: dict, num_warps: int, stream_dtype: str, *, o
             if name not in _UNSPECIALIZED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    options = {key: value for key, value in cfg.launch().items() if value is not None}
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
@@ -103,9 +110,33 @@ def kernels(n: int, dtype: torch.dtype):
         yield (f"{'pre' if aggregate else 'mappings'} bwd x", _mappings_bwd_x,
                dict(n=n, W=width, WP=wp, BLOCK_T=bwd.block_t, BLOCK_K=bwd.block_c, SPLIT=split, UPCAST=False,
                     AGGREGATE=aggregate, WHOLE_CHUNKS=True), bwd, operands)
-    pre_gates = mhc_configs.blocks("pre_bwd_gates", streams=n, dtype=dtype)
-    yield ("pre bwd gates", _pre_bwd_gates, dict(n=n, W=width, WP=wp, BLOCK_T=pre_gates.block_t,
-                                                 BLOCK_C=pre_gates.block_c, SPLIT=split), pre_gates, operands)
+    pre_cfg = mhc_configs.blocks("pre_bwd_gates", streams=n, dtype=dtype)
+    gate_consts = dict(n=n, W=width, WP=wp, BLOCK_T=pre_cfg.block_t, BLOCK_C=pre_cfg.block_c, HAS_BIAS=False,
+                       DROPOUT=False, DEVICE_WORDS=False, SPLIT=split)
+    yield ("pre bwd gates", pre_gates, dict(gate_consts, S=n, MERGE=False), pre_cfg, operands)
+    yield ("expand pre bwd gates", pre_gates, dict(gate_consts, S=1, MERGE=False), pre_cfg, operands)
+    # the fused merge pairs (merge + next pre; the block's last merge + contraction), S = n
+    # streams and S = 1 (the block input standing for n copies), without and with dropout
+    for stored, dropout in ((n, False), (n, True), (1, False), (1, True)):
+        label = ("" if stored == n else " (expand)") + (" dropout" if dropout else "")
+        cfg = mhc_configs.blocks("merge_pre_fwd", streams=n, dtype=dtype)
+        merge = dict(n=n, S=stored, HAS_BIAS=True, DROPOUT=dropout, DEVICE_WORDS=False, SPLIT=split, UPCAST=False)
+        yield ("merge pre fwd" + label, merge_fwd_fused, dict(merge, W=width, WP=wp, BLOCK_T=cfg.block_t,
+               BLOCK_C=cfg.block_c, MAPS=True, CONTRACT=False), cfg, operands)
+        cfg = mhc_configs.blocks("merge_pre_bwd_gates", streams=n, dtype=dtype)
+        yield ("merge pre bwd gates" + label, pre_gates, dict(gate_consts, S=stored, MERGE=True, HAS_BIAS=True,
+               DROPOUT=dropout, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c), cfg, operands)
+        cfg = mhc_configs.blocks("merge_pre_bwd", streams=n, dtype=dtype)
+        yield ("merge pre bwd" + label, merge_bwd_fused, dict(merge, MP=triton.next_power_of_2(n * n + n), W=width,
+               WP=wp, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PRE=True, CONTRACT=False, HAS_GRAD=True), cfg,
+               operands)
+        cfg = mhc_configs.blocks("merge_contract_fwd", streams=n, dtype=dtype)
+        yield ("merge contract fwd" + label, merge_fwd_fused, dict(merge, W=1, WP=16, BLOCK_T=cfg.block_t,
+               BLOCK_C=cfg.block_c, MAPS=False, CONTRACT=True, SPLIT=False), cfg, "fp32")
+        cfg = mhc_configs.blocks("merge_contract_bwd", streams=n, dtype=dtype)
+        yield ("merge contract bwd" + label, merge_bwd_fused, dict(merge, MP=triton.next_power_of_2(n * n + n), W=1,
+               WP=16, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PRE=False, CONTRACT=True, HAS_GRAD=True,
+               SPLIT=False), cfg, "fp32")
     for backward in (False, True):
         block = mhc_configs.sinkhorn_block_tokens(n, backward=backward)
         consts = dict(n=n, N=padded, BLOCK_T=block, **({"SEGMENT": SEGMENT} if backward else {}))
@@ -117,10 +148,12 @@ def kernels(n: int, dtype: torch.dtype):
         yield (op.replace("_", " "), fn, consts, cfg, "fp32")
     for op, fn in (("merge_fwd", _merge_fwd), ("merge_bwd", _merge_bwd)):
         cfg = mhc_configs.blocks(op, streams=n, dtype=dtype)
-        consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=True, DEVICE_WORDS=False)
-        if op == "merge_bwd":
-            consts["MP"] = triton.next_power_of_2(n * n + n)
-        yield (op.replace("_", " "), fn, consts, cfg, "fp32")
+        for dropout in (False, True):
+            consts = dict(n=n, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, HAS_BIAS=True, DROPOUT=dropout,
+                          DEVICE_WORDS=False)
+            if op == "merge_bwd":
+                consts["MP"] = triton.next_power_of_2(n * n + n)
+            yield (op.replace("_", " ") + (" dropout" if dropout else ""), fn, consts, cfg, "fp32")
 
 
 def main() -> int:
@@ -132,7 +165,7 @@ def main() -> int:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     settings = [("default", {})]
     if args.candidates:
-        settings += [(" ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in c.items()), c)
+        settings += [(" ".join(f"{k}={v.label()}" for k, v in c.items()), c)
                      for group in mhc_configs.CANDIDATES.values() for c in group]
     for label, overrides in settings:
         print(f"-- {label}")
@@ -142,8 +175,10 @@ def main() -> int:
                     for kernel_name, fn, consts, cfg, operands in kernels(n, dtypes[name]):
                         if overrides and not any(kernel_name.startswith(k.split("_")[0]) for k in overrides):
                             continue
-                        report = compile_report(fn, consts, cfg.num_warps, name, operands=operands)
-                        print(f"n={n} {name} {kernel_name:18s} {cfg.block_t}x{cfg.block_c} warps={cfg.num_warps}: "
+                        report = compile_report(fn, consts, cfg, name, operands=operands)
+                        launch = f"warps={cfg.num_warps} stages={cfg.num_stages}" + (
+                            f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
+                        print(f"n={n} {name} {kernel_name:36s} {cfg.block_t}x{cfg.block_c} {launch}: "
                               f"{report}", flush=True)
     return 0
 

@@ -4,7 +4,11 @@ recompute: the bytes held between forward and backward, and the peak over forwar
 backward, both above what existed before the forward (weights, inputs).
 
     python tools/benchmarks/mhc_memory.py [--layer stu|transformer] [--layers 4] [--hidden 32]
-        [--streams 4] [--tokens 128] [--device cpu|cuda]
+        [--streams 4] [--tokens 128] [--device cpu|cuda] [--backend pytorch|triton]
+
+``--backend triton`` (CUDA) builds the blocks on the fused kernels, which also fuse each
+merge with the next pre op, the expansion and the contraction (the n copies of the block
+input and the last merged streams are never made).
 
 CUDA reads the allocator's statistics. The CPU keeps none, so there the live tensor storages
 created during the run are summed after every op (storages freed by the recompute manager
@@ -54,6 +58,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per batch (sequences of up to 64)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=("pytorch", "triton"), default="pytorch", help="kernels of the mHC ops")
     args = parser.parse_args()
     runtime = initialize(TrainingConfig(device=args.device, seed=1))
     device = runtime.device
@@ -67,7 +72,8 @@ def main() -> int:
         )
         values.update(overrides)
         config = GRTransformerConfig(**values)
-        spec = get_stu_block_spec(config) if args.layer == "stu" else get_transformer_block_spec(config)
+        spec = (get_stu_block_spec(config, backend=args.backend) if args.layer == "stu"
+                else get_transformer_block_spec(config, backend=args.backend))
         return spec.module(config, spec).to(device)
 
     g = torch.Generator().manual_seed(0)
@@ -88,7 +94,7 @@ def main() -> int:
             **mhc, "recompute_granularity": "selective", "recompute_modules": ["mhc"], "mhc_recompute_layer_num": size,
         }))
     print(f"{args.layer} block: {args.layers} layers, hidden {args.hidden}, n = {args.streams}, "
-          f"{x.shape[0] * x.shape[1]} tokens, {device.type}, {runtime.params_dtype}")
+          f"{x.shape[0] * x.shape[1]} tokens, {device.type}, {runtime.params_dtype}, {args.backend} kernels")
     reference = None
     for name, overrides in variants:
         held, peak = measure(build(**overrides), x, kwargs, device)

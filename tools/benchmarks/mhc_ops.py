@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """Times each mHC op, the fused Triton kernels against the PyTorch reference, on random
 inputs: the mappings (RMS norm + projection + gates + Sinkhorn-Knopp), Sinkhorn alone,
-aggregate and merge (bias-dropout-add), the fused pre op (mappings + aggregate in one:
-what the layers run), forward and backward, and their sums per sublayer: separate
-(mappings + aggregate + merge) and fused (pre + merge). Prints a markdown table (and JSON
-with ``--json``).
+aggregate and merge (bias-dropout-add), the fused pre op (mappings + aggregate in one),
+forward and backward, and their sums per sublayer: separate (mappings + aggregate + merge)
+and fused (pre + merge). The fused pairs the blocks run on the Triton backend, each beside
+the ops it replaces run one after the other (``+``; for Triton, the separate kernels):
+``merge_pre`` / ``merge+pre`` (a merge and the next pre op, autograd adding the two
+gradients of the merged streams in the separate case), ``expand_pre`` / ``expand+pre``
+(the first pre op on the block input) and ``merge_contract`` / ``merge+contract`` (the
+last merge and the mean of the streams). Prints a markdown table (and JSON with
+``--json``); the bytes each pair's kernels move: ``tools/benchmarks/mhc_bytes.py``.
 
     python tools/benchmarks/mhc_ops.py [--streams 4] [--channels 512,1024,2048]
-        [--tokens 16384,65536] [--dtype bf16] [--dropout 0.1] [--candidates] [--json FILE]
+        [--tokens 16384,65536] [--dtype bf16] [--dropout 0.1] [--ops ...] [--impls pytorch,triton]
+        [--candidates] [--json FILE]
 
 Timing: CUDA events around each call after ``--warmup`` calls, median of ``--reps``; the
 forward runs with autograd on (as in training), the backward alone through
@@ -35,14 +41,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-OPS = ("mappings", "sinkhorn", "aggregate", "merge", "pre")
+OPS = ("mappings", "sinkhorn", "aggregate", "merge", "pre", "merge+pre", "merge_pre", "expand+pre", "expand_pre",
+       "merge+contract", "merge_contract")
+DEFAULT_OPS = OPS[:5]
 SUBLAYERS = {"sublayer": ("mappings", "aggregate", "merge"), "sublayer (pre)": ("pre", "merge")}
 
 
 def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, seed=0):
     """``(forward(kernel) -> tuple of outputs, leaves, forward bytes, backward bytes)``."""
     from megatron_gr.ops.keyed_dropout import DropoutKeys
-    from megatron_gr.ops.mhc import mhc_aggregate, mhc_mappings, mhc_merge, mhc_pre, sinkhorn
+    from megatron_gr.ops.mhc import (
+        input_expand,
+        mhc_aggregate,
+        mhc_expand_pre,
+        mhc_mappings,
+        mhc_merge,
+        mhc_merge_contract,
+        mhc_merge_pre,
+        mhc_pre,
+        output_contract,
+        sinkhorn,
+    )
     from megatron_gr.transformer.hyper_connection import initial_bias
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -52,35 +71,67 @@ def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, se
 
     s, f = torch.finfo(dtype).bits // 8, 4
     streams, maps, width = tokens * n * channels * s, tokens * (n * n + 2 * n) * f, n * n + 2 * n
-    if op in ("mappings", "pre"):
-        x, projection = rand(tokens, n, channels, dt=dtype), rand(width, n * channels, scale=0.02)
+    hidden, small = tokens * channels * s, tokens * (n * n + n) * f
+
+    def map_leaves():
         alpha = torch.full((3,), 0.01, device=device, requires_grad=True)
-        bias = initial_bias(n).to(device).requires_grad_()
-        leaves = [x, projection, alpha, bias]
+        return [rand(width, n * channels, scale=0.02), alpha, initial_bias(n).to(device).requires_grad_()]
+
+    if op in ("mappings", "pre"):
+        x = rand(tokens, n, channels, dt=dtype)
+        leaves = [x, *map_leaves()]
         if op == "pre":  # x read, u written; backward: x and du read, dx written
-            out, maps = tokens * channels * s, tokens * (n * n + n) * f
             return (lambda kernel: mhc_pre(*leaves, iterations=iterations, eps=1e-5, kernel=kernel), leaves,
-                    streams + out + maps, 2 * streams + out + maps)
+                    streams + hidden + small, 2 * streams + hidden + small)
         return (lambda kernel: mhc_mappings(*leaves, iterations=iterations, eps=1e-5, kernel=kernel),
                 leaves, streams + maps, 2 * streams + maps)
     if op == "sinkhorn":
         logits = rand(tokens, n, n)
         return (lambda kernel: (sinkhorn(logits, iterations, kernel=kernel),), [logits],
                 2 * tokens * n * n * f, 3 * tokens * n * n * f)
+    if op in ("expand+pre", "expand_pre"):  # the block input read, u written; backward: it and du read, dx written
+        x = rand(tokens, channels, dt=dtype)
+        leaves = [x, *map_leaves()]
+        kwargs = dict(iterations=iterations, eps=1e-5)
+        if op == "expand_pre":
+            return (lambda kernel: mhc_expand_pre(*leaves, num_streams=n, kernel=kernel, **kwargs), leaves,
+                    2 * hidden + small, 3 * hidden + small)
+        return (lambda kernel: mhc_pre(input_expand(x, n, kernel=kernel), *leaves[1:], kernel=kernel, **kwargs),
+                leaves, 2 * hidden + small, 3 * hidden + small)
     x, y = rand(tokens, n, channels, dt=dtype), rand(tokens, channels, dt=dtype)
     h_pre = torch.rand(tokens, n, device=device, generator=g).requires_grad_()
     h_post = (2 * torch.rand(tokens, n, device=device, generator=g)).requires_grad_()
     h_res = torch.softmax(torch.randn(tokens, n, n, device=device, generator=g), -1).requires_grad_()
     bias = rand(channels, dt=dtype)
-    out = tokens * channels * s
     if op == "aggregate":
         return (lambda kernel: (mhc_aggregate(x, h_pre, kernel=kernel),), [x, h_pre],
-                streams + out + tokens * n * f, 2 * streams + out + 2 * tokens * n * f)
-    small = tokens * (n * n + n) * f + (tokens * 8 if dropout else 0)  # with dropout: the int64 token keys
+                streams + hidden + tokens * n * f, 2 * streams + hidden + 2 * tokens * n * f)
+    merge = [x, h_res, h_post, y, bias]
     keys = DropoutKeys(seed=seed, site=1, token_keys=torch.arange(tokens, device=device))
-    return (lambda kernel: (mhc_merge(x, h_res, h_post, y, bias, dropout_p=dropout, training=True, dropout_keys=keys,
-                                      kernel=kernel),),
-            [x, h_res, h_post, y, bias], 2 * streams + out + small, 3 * streams + 2 * out + 2 * small)
+    train = dict(dropout_p=dropout, training=True, dropout_keys=keys)
+    key_bytes = tokens * 8 if dropout else 0  # with dropout each direction reads the int64 token keys once
+    if op == "merge":
+        return (lambda kernel: (mhc_merge(*merge, kernel=kernel, **train),), merge,
+                2 * streams + hidden + small + key_bytes, 3 * streams + 2 * hidden + 2 * small + key_bytes)
+    if op in ("merge+contract", "merge_contract"):  # x, y read, the mean written; backward: x read, dx written
+        fwd, bwd = streams + 2 * hidden + small + key_bytes, 2 * streams + 3 * hidden + 2 * small + key_bytes
+        if op == "merge_contract":
+            return (lambda kernel: (mhc_merge_contract(*merge, kernel=kernel, **train),), merge, fwd, bwd)
+        return (lambda kernel: (output_contract(mhc_merge(*merge, kernel=kernel, **train), kernel=kernel),), merge,
+                fwd, bwd)
+    # merge_pre, merge+pre: x, y read, x' and u written; backward: x, the gradient of x', y and du read, dx
+    # and dy written
+    leaves = [*merge, *map_leaves()]
+    kwargs = dict(iterations=iterations, eps=1e-5, **train)
+    fwd, bwd = 2 * streams + 2 * hidden + 2 * small + key_bytes, 3 * streams + 3 * hidden + 2 * small + key_bytes
+    if op == "merge_pre":
+        return lambda kernel: mhc_merge_pre(*leaves, kernel=kernel, **kwargs), leaves, fwd, bwd
+
+    def separate(kernel):
+        merged = mhc_merge(*merge, kernel=kernel, **train)
+        return (merged, *mhc_pre(merged, *leaves[5:], iterations=iterations, eps=1e-5, kernel=kernel))
+
+    return separate, leaves, fwd, bwd
 
 
 def time_us(fn, warmup: int, reps: int, device) -> float:
@@ -120,7 +171,7 @@ def run_case(op, kernel, tokens, n, channels, dtype, device, args, blocks=None):
 def _label(blocks: dict) -> str:
     if not blocks:
         return "default"
-    return " ".join(f"{k}={v.block_t}x{v.block_c}/w{v.num_warps}" for k, v in blocks.items())
+    return " ".join(f"{k}={v.label()}" for k, v in blocks.items())
 
 
 def main() -> int:
@@ -128,7 +179,8 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--channels", default="512,1024,2048")
     parser.add_argument("--tokens", default="16384,65536")
-    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--ops", default=",".join(DEFAULT_OPS), help=f"comma-separated, of {', '.join(OPS)}")
+    parser.add_argument("--impls", default="pytorch,triton", help="pytorch (the reference), triton, or both")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--dropout", type=float, default=0.1, help="merge dropout (training mode)")
     parser.add_argument("--iterations", type=int, default=20, help="Sinkhorn-Knopp iterations")
@@ -145,27 +197,35 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    n, ops = args.streams, args.ops.split(",")
+    n, ops, impls = args.streams, args.ops.split(","), args.impls.split(",")
+    unknown = sorted(set(ops) - set(OPS)) + sorted(set(impls) - {"pytorch", "triton"})
+    if unknown:
+        print(f"unknown op or impl {unknown}: ops are {', '.join(OPS)}; impls pytorch, triton", file=sys.stderr)
+        return 2
     from megatron_gr.ops.triton.mhc_configs import CANDIDATES
 
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for channels in (int(c) for c in args.channels.split(",")):
             for op in ops:
-                ref = run_case(op, "pytorch", tokens, n, channels, dtype, device, args)
-                case = [dict(op=op, tokens=tokens, channels=channels, impl="pytorch", **ref)]
-                for blocks in [{}, *CANDIDATES[op]] if args.candidates else [{}]:
+                case = []
+                ref = run_case(op, "pytorch", tokens, n, channels, dtype, device, args) if "pytorch" in impls else None
+                if ref is not None:
+                    case.append(dict(op=op, tokens=tokens, channels=channels, impl="pytorch", **ref))
+                candidates = CANDIDATES.get(op, []) if args.candidates else []
+                for blocks in [{}, *candidates] if "triton" in impls else []:
                     fused = run_case(op, "triton", tokens, n, channels, dtype, device, args, blocks)
+                    speedups = {} if ref is None else dict(fwd_speedup=ref["fwd_us"] / fused["fwd_us"],
+                                                           bwd_speedup=ref["bwd_us"] / fused["bwd_us"])
                     case.append(dict(op=op, tokens=tokens, channels=channels, impl="triton " + _label(blocks), **fused,
-                                     fwd_speedup=ref["fwd_us"] / fused["fwd_us"],
-                                     bwd_speedup=ref["bwd_us"] / fused["bwd_us"]))
+                                     **speedups))
                 for row in case:
                     print(f"T={tokens} C={channels} {op} {row['impl']}: fwd {row['fwd_us']:.0f} us "
                           f"({row['fwd_gbs']:.0f} GB/s) bwd {row['bwd_us']:.0f} us ({row['bwd_gbs']:.0f} GB/s)",
                           flush=True)
                 rows.extend(case)
             for name, parts in SUBLAYERS.items():
-                if not all(op in ops for op in parts):
+                if not all(op in ops for op in parts) or impls != ["pytorch", "triton"]:
                     continue
                 for impl in ("pytorch", "triton default"):
                     picked = [r for r in rows if r["tokens"] == tokens and r["channels"] == channels
@@ -187,9 +247,30 @@ def main() -> int:
         print(f"| {r['op']} | {r['tokens']} | {r['channels']} | {r['impl']} | {r['fwd_us']:.0f} | "
               f"{fmt(r, 'fwd_gbs', '.0f')} | {r['bwd_us']:.0f} | {fmt(r, 'bwd_gbs', '.0f')} | "
               f"{fmt(r, 'fwd_speedup', '.2f')} | {fmt(r, 'bwd_speedup', '.2f')} |")
+    moved = _pair_bytes(ops, args, n, dtype)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=name, args=vars(args), rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(device=name, args=vars(args), rows=rows, pair_bytes=moved),
+                                              indent=1))
     return 0
+
+
+def _pair_bytes(ops, args, n, dtype) -> list:
+    """With a merge-pre pair among ``ops``: the bytes its kernels move per sublayer, before
+    and after the fusion (analytic, ``mhc_bytes.py``), printed and returned."""
+    if not {"merge+pre", "merge_pre"} & set(ops):
+        return []
+    from mhc_bytes import sublayer_bytes  # beside this script
+
+    print("\nBytes the kernels move per sublayer (analytic, tools/benchmarks/mhc_bytes.py), fwd / bwd MB:")
+    moved = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for channels in (int(c) for c in args.channels.split(",")):
+            pair = sublayer_bytes(tokens=tokens, streams=n, channels=channels, itemsize=dtype.itemsize)
+            moved.append(dict(tokens=tokens, channels=channels, **pair))
+            print(f"T={tokens} C={channels}: separate (merge, pre, autograd's add) "
+                  f"{pair['before'][0] / 1e6:.0f} / {pair['before'][1] / 1e6:.0f}, fused (merge_pre) "
+                  f"{pair['after'][0] / 1e6:.0f} / {pair['after'][1] / 1e6:.0f}")
+    return moved
 
 
 if __name__ == "__main__":

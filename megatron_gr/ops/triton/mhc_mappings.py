@@ -40,7 +40,7 @@ from megatron_gr.ops.triton.mhc_sinkhorn import triton_sinkhorn
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` in float32: 16-bit operands are exact products with fp32 sums, fp32
     operands use ``PRECISION``."""
     if UPCAST:
@@ -78,11 +78,22 @@ def _mappings_fwd(X, PHi, PLo, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms
         p_offsets = w[None, :] * K + k[:, None]  # [BLOCK_K, WP] of P [W, K]
         p_mask = (k < K)[:, None] & (w < W)[None, :]
         if SPLIT:
-            acc = _dot(x, tl.load(PHi + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
-            acc = _dot(x, tl.load(PLo + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
+            acc = dot_acc(x, tl.load(PHi + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
+            acc = dot_acc(x, tl.load(PLo + p_offsets, mask=p_mask, other=0.0), acc, UPCAST, "tf32x3")
         else:
-            acc = _dot(xf, tl.load(PHi + p_offsets, mask=p_mask, other=0.0).to(tl.float32), acc, UPCAST, "tf32x3")
-    inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+            acc = dot_acc(xf, tl.load(PHi + p_offsets, mask=p_mask, other=0.0).to(tl.float32), acc, UPCAST, "tf32x3")
+    map_outputs(acc, tl.sum(squares, axis=1), K, eps, rows, live, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms,
+                n, W, WP)
+
+
+@triton.jit
+def map_outputs(acc, sum_squares, K, eps, rows, live, Alpha, Bias, Pre, Post, ResLogits, Logits, InvRms,
+                n: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """From a token tile's projections ``acc = P x`` ``[BLOCK_T, WP]`` and sums of squares
+    over its ``K`` values: ``1 / rms``, the gates, the bias and the sigmoids; writes H_pre,
+    H_post, the H_res logits, and the logits ``l`` and ``1 / rms`` the backward keeps."""
+    w = tl.arange(0, WP)
+    inv_rms = 1.0 / tl.sqrt(sum_squares / K + eps)
     logits = acc * inv_rms[:, None]
     alpha, bias = _gates(w, n, W, Alpha, Bias)
     z = logits * alpha[None, :] + bias[None, :]
@@ -181,7 +192,7 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, 
         g_t = tl.load(GHi + rows[None, :] * WP + w[:, None], mask=live[None, :], other=0.0)  # [WP, BLOCK_T]
         # bf16 streams: one bf16 product of g's and P's high halves, ~2e-3 relative, under
         # the bf16 rounding of dx itself; float32 streams: tf32x3
-        dx = _dot(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32x3")
+        dx = dot_acc(g, p, tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32), UPCAST, "tf32x3")
         dx -= coef[:, None] * x.to(tl.float32)
         if AGGREGATE:
             token_mask = live[:, None] & k_mask
@@ -192,32 +203,47 @@ def _mappings_bwd_x(X, P, GHi, GLo, Coef, Pre, Grad, DX, DPPart, num_tokens, K, 
             du = tl.load(Grad + rows[:, None] * C + channel[None, :], mask=token_mask, other=0.0)
             dx += h * du.to(tl.float32)
         tl.store(DX + rows[:, None] * K + k[None, :], dx.to(DX.dtype.element_ty), mask=live[:, None] & k_mask)
-        dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
+        dp = dot_acc(g_t, x, dp, UPCAST, "tf32x3")
         if SPLIT:
             g_t = tl.load(GLo + rows[None, :] * WP + w[:, None], mask=live[None, :], other=0.0)
-            dp = _dot(g_t, x, dp, UPCAST, "tf32x3")
+            dp = dot_acc(g_t, x, dp, UPCAST, "tf32x3")
     slot = DPPart + tl.program_id(1).to(tl.int64) * W * K
     tl.store(slot + w[:, None] * K + k[None, :], dp, mask=(w < W)[:, None] & k_mask)
 
 
-def mappings_forward(x, projection, alpha, bias, eps):
-    """The forward kernel on contiguous streams x ``[T, n, C]``: ``(h_pre, h_post,
-    res_logits)`` and what the backward keeps besides x, ``(p32, alpha32, bias32, logits,
-    inv_rms)`` (float32)."""
-    num_tokens, n, channels = x.shape
-    K, W = n * channels, n * n + 2 * n
-    WP = max(16, triton.next_power_of_2(W))
-    device, f32 = x.device, torch.float32
-    split = x.dtype == torch.bfloat16
+def mapping_params(projection, alpha, bias, *, split: bool):
+    """The map parameters as the kernels read them: ``(p32, p_hi, p_lo, alpha32, bias32)``,
+    float32, with the projection also as two bf16 halves ``p32 = p_hi + p_lo`` when
+    ``split`` (bf16 streams; else ``p_hi`` and ``p_lo`` are ``p32``)."""
+    f32 = torch.float32
     p32 = projection.detach().to(f32).contiguous()
     p_hi = p32.to(torch.bfloat16) if split else p32
     p_lo = (p32 - p_hi.to(f32)).to(torch.bfloat16) if split else p32
+    return p32, p_hi, p_lo, alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
+
+
+def map_buffers(num_tokens: int, n: int, device):
+    """What the maps' forward writes: ``(h_pre, h_post, res_logits, logits, inv_rms)``, float32."""
+    f32 = torch.float32
     pre = torch.empty(num_tokens, n, device=device, dtype=f32)
-    post = torch.empty_like(pre)
-    res = torch.empty(num_tokens, n, n, device=device, dtype=f32)
-    logits = torch.empty(num_tokens, W, device=device, dtype=f32)
-    inv_rms = torch.empty(num_tokens, device=device, dtype=f32)
-    alpha32, bias32 = alpha.detach().to(f32).contiguous(), bias.detach().to(f32).contiguous()
+    return (pre, torch.empty_like(pre), torch.empty(num_tokens, n, n, device=device, dtype=f32),
+            torch.empty(num_tokens, n * n + 2 * n, device=device, dtype=f32),
+            torch.empty(num_tokens, device=device, dtype=f32))
+
+
+def mappings_forward(x, projection, alpha, bias, eps, *, streams=None):
+    """The forward kernel on contiguous values x ``[T, S, C]`` (``S C`` per token, the
+    projection's width): ``(h_pre, h_post, res_logits)`` of ``streams`` residual streams
+    (default S) and what the backward keeps besides x, ``(p32, alpha32, bias32, logits,
+    inv_rms)`` (float32). ``streams`` differs from S for the block input standing for n
+    copies of itself (x ``[T, 1, C]`` with the column-summed projection)."""
+    num_tokens, K = x.shape[0], x.shape[1] * x.shape[2]
+    n = streams or x.shape[1]
+    W = n * n + 2 * n
+    WP = max(16, triton.next_power_of_2(W))
+    split = x.dtype == torch.bfloat16
+    p32, p_hi, p_lo, alpha32, bias32 = mapping_params(projection, alpha, bias, split=split)
+    pre, post, res, logits, inv_rms = map_buffers(num_tokens, n, x.device)
     cfg = blocks("mappings_fwd", streams=n, dtype=x.dtype)
     if num_tokens:
         _mappings_fwd[(triton.cdiv(num_tokens, cfg.block_t),)](
@@ -239,13 +265,16 @@ def gate_buffers(num_tokens: int, WP: int, tiles: int, split: bool, device):
     return g_hi, g_lo, coef, alloc(tiles, WP, device=device, dtype=f32), alloc(tiles, 4, device=device, dtype=f32)
 
 
-def projection_backward(x, p32, g_hi, g_lo, coef, *, pre=None, grad=None):
-    """``(dx, dP)`` from g and coef (:func:`gates_tile`); with ``pre`` ``[T, n]`` and
-    ``grad`` ``[T, C]`` dx also takes the aggregate's ``h_pre ⊗ du``."""
+def projection_backward(x, p32, g_hi, g_lo, coef, *, pre=None, grad=None, streams=None):
+    """``(dx, dP)`` from g and coef (:func:`gates_tile`); with ``pre`` ``[T, S]`` and
+    ``grad`` ``[T, C]`` dx also takes the aggregate's ``h_pre ⊗ du``. x ``[T, S, C]``, P
+    ``[n² + 2n, S C]`` for ``streams`` = n residual streams (default S; the block input,
+    S = 1, stands for n)."""
     num_tokens, n, channels = x.shape
-    K, W = n * channels, n * n + 2 * n
+    streams = streams or n
+    K, W = n * channels, streams * streams + 2 * streams
     WP = g_hi.shape[1]
-    cfg = blocks("mappings_bwd", streams=n, dtype=x.dtype)
+    cfg = blocks("mappings_bwd", streams=streams, dtype=x.dtype)
     dx = torch.empty_like(x)
     k_chunks = triton.cdiv(K, cfg.block_c)
     token_ranges = max(1, min(triton.cdiv(num_tokens, cfg.block_t), 4 * multiprocessors(x.device) // k_chunks))

@@ -1,4 +1,4 @@
-"""Device functions shared by the stream-wise mHC kernels (aggregate, merge).
+"""Device functions shared by the stream-wise mHC kernels (aggregate, merge, the fused merge pairs).
 
 A token tile of the streams ``x`` ``[T, n, C]`` is held as a tuple of n
 ``[BLOCK_T, BLOCK_C]`` float32 tiles, one per stream, instead of one
@@ -30,3 +30,27 @@ def map_column(H, offsets, live):
     """One map entry per token of the tile (``H[offsets]``) as a ``[BLOCK_T, 1]`` float32
     column: loaded as a vector, one load per token rather than one per channel."""
     return tl.load(H + offsets, mask=live, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def streams_of(X, rows, c, mask, C, n: tl.constexpr, S: tl.constexpr):
+    """The n stream tiles of a token tile's channels ``c`` from ``X`` ``[T, S, C]``: its S = n
+    streams, or with S = 1 the block input standing for its n copies (the one tile, n
+    times: the expansion never reaches memory)."""
+    tiles = stream_tiles(X, rows[:, None] * (S * C) + c[None, :], mask, C, S)
+    if S == 1:
+        copies = ()
+        for i in tl.static_range(n):
+            copies = copies + (tiles[0],)
+        tiles = copies
+    return tiles
+
+
+@triton.jit
+def merged_stream(x, u, HRes, HPost, rows, live, i: tl.constexpr, n: tl.constexpr):
+    """Stream i after a merge, ``h_post[t, i] u + sum_j h_res[t, i, j] x_j`` (float32), from
+    the n stream tiles ``x`` and the sublayer update ``u`` (the plain merge's order of sums)."""
+    out = map_column(HPost, rows * n + i, live) * u
+    for j in tl.static_range(n):
+        out += map_column(HRes, rows * (n * n) + i * n + j, live) * x[j]
+    return out

@@ -130,6 +130,31 @@ def test_replayed_units_train_as_eager_layers(megatron_cpu, tmp_path, mode, hype
         torch.testing.assert_close(weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["layers", "step"])
+def test_graphs_of_a_block_that_fuses_its_merges(megatron_cpu, tmp_path, mode):
+    """A block that fuses its hyper-connection ops across layers (the Triton backend's
+    default; forced here on the CPU's references, the same numbers): graphed layers take
+    and return tensors, so ``layers`` turns the cross-layer fusion off and every layer call
+    replays (no silent eager fallback); ``step`` captures the fused stack whole. Both train
+    as the eager fused block."""
+    from megatron_gr.training.cuda_graphs import apply_cuda_graphs
+    from megatron_gr.training.model_setup import unwrap
+
+    results = {}
+    for name in ("none", mode):
+        trainer, _ = _cpu_trainer(tmp_path / name, "none", hyper_connections=True)
+        model = unwrap(trainer.model[0])
+        model.decoder.fuse_merges = True
+        runner = None
+        if name != "none":
+            runner = apply_cuda_graphs(model, mode=mode, max_tokens=512, num_slots=1, sequence_parallel_size=1,
+                                       micro_batch_size=trainer.config.training.micro_batch_size, emulate=True)
+        results[name] = [trainer.train_step()["loss"] for _ in range(2)]
+    assert model.decoder.fuse_merges == (mode == "step")
+    assert runner.replays == 2 * 2 * len(runner.units) and runner.eager_calls == 0
+    assert results[mode] == pytest.approx(results["none"], rel=1e-6)
+
+
 def _stack_output_at_seed(model, batch, seed: int) -> torch.Tensor:
     """What the layer stack adds to its input (its output minus its input: the part dropout
     acts on) for the real tokens of ``batch`` (forward and backward) at dropout seed ``seed``."""

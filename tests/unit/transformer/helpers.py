@@ -1,11 +1,13 @@
 """Builders shared by the transformer tests: a small float64 STU layer, jagged batch
 parameters, and hyper-connection blocks (STU or transformer layers, optionally with mHC
-recompute) with a forward-backward runner that starts from given RNG states."""
+recompute) with their inputs and forward-backward runners (one block, or two pipeline
+stages as megatron's schedule runs them) that start from given RNG states."""
 
 from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_gr.config import GRTransformerConfig
@@ -70,3 +72,31 @@ def run(block, x, kwargs, rng_states, measure=False):
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     grads = {name: p.grad for name, p in block.named_parameters()}
     return out.detach(), x.grad, grads, held, tracker.peak
+
+
+def block_inputs(kind: str):
+    g = torch.Generator().manual_seed(7)
+    if kind == "stu":
+        params, _ = jagged([40, 24, 33, 31], seed=8)
+        x = torch.randn(128, 1, 32, generator=g)
+        return x, {"attention_mask": None, "packed_seq_params": params}
+    return torch.randn(32, 4, 32, generator=g), {"attention_mask": None}
+
+
+def run_two_stages(first, last, x, kwargs, rng_states):
+    """Two pipeline stages as megatron's schedule runs them: the first stage's output
+    ``[s, b, n C]`` is sent (copied), freed (``deallocate_output_tensor``), and reached again
+    in the backward only through its autograd graph (``custom_backward``)."""
+    torch.set_rng_state(rng_states[0])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(rng_states[1]))
+    x = x.clone().requires_grad_()
+    sent = first(x, **kwargs)
+    received = sent.detach().clone().requires_grad_()
+    deallocate_output_tensor(sent, deallocate_pipeline_outputs=True)
+    last.set_input_tensor(received)
+    out = last(None, **kwargs)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    custom_backward(sent, received.grad)
+    grads = {f"{stage}.{name}": p.grad for stage, block in (("first", first), ("last", last))
+             for name, p in block.named_parameters()}
+    return received.detach(), out.detach(), x.grad, grads

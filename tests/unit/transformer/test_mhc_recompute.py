@@ -7,19 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
 
 from megatron_gr.transformer.mhc_recompute import MHCRecomputeManager
-from tests.unit.transformer.helpers import build, config, jagged, run
-
-
-def inputs(kind: str):
-    g = torch.Generator().manual_seed(7)
-    if kind == "stu":
-        params, _ = jagged([40, 24, 33, 31], seed=8)
-        x = torch.randn(128, 1, 32, generator=g)
-        return x, {"attention_mask": None, "packed_seq_params": params}
-    return torch.randn(32, 4, 32, generator=g), {"attention_mask": None}
+from tests.unit.transformer.helpers import block_inputs, build, config, run, run_two_stages
 
 
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
@@ -29,7 +19,7 @@ def test_recompute_gives_identical_gradients_and_holds_less(megatron_cpu, kind, 
     recomputed = build(kind, config(kind, recompute_layers=recompute_layers))
     recomputed.load_state_dict(plain.state_dict())
     assert len(recomputed.recompute_groups()) == {1: 4, 3: 2, None: 2}[recompute_layers]  # None: sqrt(4*4/6) -> 2
-    x, kwargs = inputs(kind)
+    x, kwargs = block_inputs(kind)
     rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
     out_a, dx_a, grads_a, held_a, peak_a = run(plain, x, kwargs, rng_states)
     out_b, dx_b, grads_b, held_b, peak_b = run(recomputed, x, kwargs, rng_states)
@@ -41,25 +31,6 @@ def test_recompute_gives_identical_gradients_and_holds_less(megatron_cpu, kind, 
     # layers replay most of the stage at once and peak about where the plain run does.
     if recompute_layers != 3:
         assert peak_b < 0.97 * peak_a, (peak_a, peak_b)
-
-
-def run_two_stages(first, last, x, kwargs, rng_states):
-    """Two pipeline stages as megatron's schedule runs them: the first stage's output
-    ``[s, b, n C]`` is sent (copied), freed (``deallocate_output_tensor``), and reached again
-    in the backward only through its autograd graph (``custom_backward``)."""
-    torch.set_rng_state(rng_states[0])
-    tensor_parallel.get_cuda_rng_tracker().set_states(dict(rng_states[1]))
-    x = x.clone().requires_grad_()
-    sent = first(x, **kwargs)
-    received = sent.detach().clone().requires_grad_()
-    deallocate_output_tensor(sent, deallocate_pipeline_outputs=True)
-    last.set_input_tensor(received)
-    out = last(None, **kwargs)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    custom_backward(sent, received.grad)
-    grads = {f"{stage}.{name}": p.grad for stage, block in (("first", first), ("last", last))
-             for name, p in block.named_parameters()}
-    return received.detach(), out.detach(), x.grad, grads
 
 
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
@@ -75,7 +46,7 @@ def test_recompute_across_pipeline_stages_gives_identical_gradients(megatron_cpu
             last.load_state_dict(stages[0][1].state_dict())
         stages.append((first, last))
     assert len(stages[1][0].recompute_groups()) == {None: 2, 2: 1}[recompute_layers]  # None: round(sqrt(4*2/6))
-    x, kwargs = inputs(kind)
+    x, kwargs = block_inputs(kind)
     rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
     sent_a, out_a, dx_a, grads_a = run_two_stages(*stages[0], x, kwargs, rng_states)
     sent_b, out_b, dx_b, grads_b = run_two_stages(*stages[1], x, kwargs, rng_states)
@@ -90,7 +61,7 @@ def test_full_layer_recompute_gives_identical_gradients(megatron_cpu):
     full = build("stu", config("stu", recompute=False, recompute_granularity="full", recompute_method="uniform",
                                recompute_num_layers=2))
     full.load_state_dict(plain.state_dict())
-    x, kwargs = inputs("stu")
+    x, kwargs = block_inputs("stu")
     rng_states = (torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states())
     out_a, dx_a, grads_a, _, _ = run(plain, x, kwargs, rng_states)
     out_b, dx_b, grads_b, _, _ = run(full, x, kwargs, rng_states)
@@ -100,7 +71,7 @@ def test_full_layer_recompute_gives_identical_gradients(megatron_cpu):
 
 def test_no_recompute_without_grad_or_in_eval(megatron_cpu):
     block = build("transformer", config("transformer", recompute_layers=1))
-    x, kwargs = inputs("transformer")
+    x, kwargs = block_inputs("transformer")
     with torch.no_grad():
         a = block(x, **kwargs)
     block.eval()
