@@ -24,6 +24,7 @@ from megatron_gr.data.ranking.synthetic import generate_ranking
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.ranking.metrics import auc, gather_rows, task_metrics
 from megatron_gr.models.ranking.model import CandidateScores, DLRMHSTUModel
+from megatron_gr.models.ranking.serving import RankingServing
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec, register
 
 
@@ -231,5 +232,6 @@ RANKING = register(
         selection_metric="auc",
         headline_metrics=("auc", "gauc", "bayes_auc"),
         evaluation_note="AUC/GAUC of the selection task (ranking.selection_task)",
+        serving_module=RankingServing,
     )
 )
