@@ -185,3 +185,4 @@ def test_top_k_is_refused_for_ranking(exported, tmp_path, capsys):
                            "--out", str(tmp_path / "x.pt2"), "--top-k", "5")
     assert_one_error_line(code, err, "--top-k applies to retrieval")
     assert not (tmp_path / "x.pt2").exists()
+
