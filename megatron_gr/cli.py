@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         add_config_arguments(command)
         if name == "export":
             command.add_argument("--out", required=True, help="the program file to write (.pt2)")
-            command.add_argument("--top-k", type=int, default=10, help="items the program returns per user (default 10)")
+            command.add_argument("--top-k", type=int, default=None,
+                                 help="retrieval: items the program returns per user (default 10)")
     checkpoint_tools.add_parser(commands)
     return parser
 

@@ -102,7 +102,7 @@ def reshard(source: str | Path, out: str | Path, *, tensor: int, pipeline: int, 
     if spec.checkpoint_dataset is None:
         raise CheckpointError(f"model.type={saved.model.type!r} cannot be rebuilt from a checkpoint alone yet: reshard it by loading it under the new layout in a run")
     world = tensor * context * pipeline * data
-    make_plan(_build_config(saved), num_items=spec.checkpoint_dataset(saved, checkpoint.facts).num_items, world_size=world)
+    make_plan(_build_config(saved), table_rows=spec.checkpoint_dataset(saved, checkpoint.facts).table_rows(), world_size=world)
     if dtype is None:
         dtype = _saved_weight_dtype(checkpoint)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
@@ -186,7 +186,7 @@ def _rewrite(job: dict) -> None:
     config = replace(config, checkpoint=replace(config.checkpoint, ckpt_step=None if job["best"] else _step_of(directory)))
     spec = get_train_spec(config.model.type)
     dataset = spec.checkpoint_dataset(config, job["facts"])
-    plan = make_plan(config, num_items=dataset.num_items)
+    plan = make_plan(config, table_rows=dataset.table_rows())
     runtime = initialize(config.training, tensor_parallel_size=plan.layout.tensor, pipeline_parallel_size=plan.layout.pipeline,
                          context_parallel_size=plan.layout.context)
     model = build_model(plan, spec, dataset)

@@ -34,6 +34,9 @@ import torch
 from megatron_gr.data.jagged import JaggedBatch
 from megatron_gr.models.retrieval_head import item_vectors
 
+_MAX_TOKENS = 1 << 30
+_MAX_USERS = 1 << 24
+
 
 def reads_query_times(config) -> bool:
     """Whether the model's forward reads ``JaggedBatch.query_timestamps``."""
@@ -96,3 +99,35 @@ class RetrievalServing(torch.nn.Module):
         scores = user @ self.corpus_embeddings.t()  # [B + 1, N]
         top = torch.topk(scores, self.top_k, dim=1)
         return user[:num_users], top.values[:num_users], self.corpus_ids[top.indices[:num_users]]
+
+    def example_inputs(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
+        """The program's inputs for the histories of an evaluation batch (in ``forward``'s
+        order): each history's last token is queried at its held-out target's time."""
+        inputs = {"item_ids": batch.item_ids, "timestamps": batch.timestamps, "offsets": batch.offsets}
+        if self.needs_query_times:
+            inputs["query_times"] = batch.query_timestamps[batch.offsets[1:] - 1]
+        return inputs
+
+    def dynamic_shapes(self) -> dict:
+        tokens, users = torch.export.Dim("tokens", min=1, max=_MAX_TOKENS), torch.export.Dim("users", min=1, max=_MAX_USERS)
+        dynamic = {"item_ids": {0: tokens}, "timestamps": {0: tokens}, "offsets": {0: users + 1}}
+        if self.needs_query_times:
+            dynamic["query_times"] = {0: users}
+        return dynamic
+
+    def described_inputs(self) -> dict[str, str]:
+        described = {"item_ids": "[T] int64 table ids", "timestamps": "[T] int64 seconds", "offsets": "[B + 1] int64"}
+        if self.needs_query_times:
+            described["query_times"] = "[B] int64 seconds: when each user's recommendation is requested"
+        return described
+
+    def described_outputs(self) -> dict[str, str]:
+        k = self.top_k
+        return {"user": "[B, C] float32", "scores": f"[B, {k}] float32", "items": f"[B, {k}] int64 table ids"}
+
+    def metadata(self, dataset) -> dict:
+        """What the export's metadata adds: k and the data's raw id of each item table id."""
+        return {"top_k": self.top_k, "raw_item_ids": dataset.items.vocab.tolist()}
+
+    def summary(self) -> str:
+        return f"program, top {self.top_k} of {self.corpus_ids.numel()} items"

@@ -30,12 +30,18 @@ from megatron_gr.transformer.sequence_parallel import TokenSplit
 CACHE_KEY = "attn_truncation"
 
 
-def kept_tokens(offsets: torch.Tensor, num_targets: torch.Tensor, *, contextual_len: int, tail_len: int) -> torch.Tensor:
+def kept_tokens(
+    offsets: torch.Tensor, num_targets: torch.Tensor, *, contextual_len: int, tail_len: int,
+    num_tokens: Optional[int] = None,
+) -> torch.Tensor:
     """``[T]`` bool: the tokens that stay (contextual, the last ``tail_len`` history tokens,
-    the candidates) of the sequences ``offsets`` ``[B + 1]`` with ``num_targets`` ``[B]``."""
+    the candidates) of the sequences ``offsets`` ``[B + 1]`` with ``num_targets`` ``[B]``.
+    ``num_tokens``: T when the caller knows it (no device sync; traceable by torch.export)."""
     lengths = offsets[1:] - offsets[:-1]
-    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
-    position = torch.arange(int(offsets[-1]), device=offsets.device) - offsets[:-1][owner]
+    if num_tokens is None:
+        num_tokens = int(offsets[-1])
+    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=num_tokens)
+    position = torch.arange(num_tokens, device=offsets.device) - offsets[:-1][owner]
     history_end = (lengths - num_targets)[owner]  # first candidate
     return (position < contextual_len) | (position >= torch.clamp(history_end - tail_len, min=contextual_len))
 
@@ -80,7 +86,8 @@ def plan_truncation(
     num_sequences = params.num_targets.numel() - (1 if before.padding else 0)
     offsets = params.offsets[: num_sequences + 1]
     num_targets = params.num_targets[:num_sequences]
-    keep_mask = kept_tokens(offsets, num_targets, contextual_len=contextual_len, tail_len=tail_len)
+    keep_mask = kept_tokens(offsets, num_targets, contextual_len=contextual_len, tail_len=tail_len,
+                            num_tokens=before.num_tokens)
     keep = torch.nonzero(keep_mask).squeeze(1)
     new_position = torch.cumsum(keep_mask.long(), 0) - 1
     new_position = torch.where(keep_mask, new_position, torch.full_like(new_position, -1))

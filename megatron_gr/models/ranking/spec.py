@@ -24,6 +24,7 @@ from megatron_gr.data.ranking.synthetic import generate_ranking
 from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.ranking.metrics import auc, gather_rows, task_metrics
 from megatron_gr.models.ranking.model import CandidateScores, DLRMHSTUModel
+from megatron_gr.models.ranking.serving import RankingServing
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec, register
 
 
@@ -44,6 +45,10 @@ class RankingDataset(Dataset):
 
     def table_rows(self) -> dict[str, int]:
         return {name: space.num_items + 1 for name, space in self.data.tables.items()}
+
+    def vocabulary(self, table: str) -> torch.Tensor:
+        """Every id of ``table`` in its keys (a raw-keyed table reads them once to evaluate)."""
+        return self.data.tables[table].corpus()
 
     def describe(self) -> str:
         samples = self.data.samples
@@ -143,9 +148,7 @@ def build_stage(request: StageRequest) -> DLRMHSTUModel:
         config.ranking,
         tables,
         table_dims={name: config.embeddings[name].dim for name in names},
-        table_vocabularies={
-            name: dataset.data.tables[name].corpus() for name in names if config.embeddings[name].keyed_by_raw_ids
-        },
+        table_vocabularies={name: dataset.vocabulary(name) for name in names if config.embeddings[name].keyed_by_raw_ids},
         table_rows={
             name: config.embeddings[name].num_embeddings or rows
             for name, rows in dataset.table_rows().items()
@@ -156,6 +159,39 @@ def build_stage(request: StageRequest) -> DLRMHSTUModel:
         backend=plan.backend,
         init_seed=plan.seed,
     )
+
+
+@dataclass
+class CheckpointTables(Dataset):
+    """The tables a checkpoint implies, standing in for the data when a tool rebuilds the
+    model from the checkpoint alone (``megatron-gr checkpoint reshard``): each plain
+    table's rows are in the checkpoint's facts. A dynamic table is keyed by raw ids the
+    checkpoint does not list; its stand-in vocabulary is one id, which only evaluation
+    reads."""
+
+    rows: dict[str, int]
+    first_candidate_table: str
+
+    @property
+    def num_items(self) -> int:
+        return self.rows[self.first_candidate_table] - 1
+
+    def table_rows(self) -> dict[str, int]:
+        return dict(self.rows)
+
+    def vocabulary(self, table: str) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.int64)
+
+    def describe(self) -> str:
+        return f"tables {', '.join(f'{name}: {rows} rows' for name, rows in self.rows.items())} (from a checkpoint)"
+
+
+def checkpoint_tables(config, facts: dict) -> CheckpointTables:
+    """Plain tables' rows from the checkpoint's facts; a dynamic table gets two (ids 0, 1)."""
+    saved = facts.get("table_rows", {})
+    rows = {name: int(saved.get(name, 2)) for name in config.embeddings}
+    features = config.ranking.features
+    return CheckpointTables(rows, next(iter(features.candidate.values())))
 
 
 def training_stream(plan, dataset: RankingDataset, dp_rank: int, dp_size: int) -> RankingTrainingBatches:
@@ -231,5 +267,7 @@ RANKING = register(
         selection_metric="auc",
         headline_metrics=("auc", "gauc", "bayes_auc"),
         evaluation_note="AUC/GAUC of the selection task (ranking.selection_task)",
+        checkpoint_dataset=checkpoint_tables,
+        serving_module=RankingServing,
     )
 )

@@ -276,7 +276,8 @@ def _keys(batch: RankingBatch) -> Optional[DropoutKeys]:
 def check_candidate_counts(batch: ChannelBatch) -> None:
     """Every channel scores the same candidates (one row each)."""
     counts = {key: b.num_candidates for key, b in batch.channels.items()}
-    if len(set(counts.values())) > 1:
+    first = next(iter(counts.values()))
+    if any(count != first for count in counts.values()):  # not a set: traced sizes are not hashable
         listed = ", ".join(f"{key}: {count}" for key, count in counts.items())
         raise DataFormatError(
             f"the channels of a micro-batch hold different numbers of candidate rows ({listed}): every channel "

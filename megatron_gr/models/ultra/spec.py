@@ -40,6 +40,9 @@ class UltraDataset(RankingDataset):
             rows.update({name: space.num_items + 1 for name, space in channel.data.tables.items()})
         return rows
 
+    def vocabulary(self, table: str):
+        return next(c.data for c in self.channels.values() if table in c.data.tables).tables[table].corpus()
+
     def describe(self) -> str:
         histories = ", ".join(
             f"{key}: {channel.data.samples.history_lengths.mean():.1f}" for key, channel in self.channels.items()
@@ -96,11 +99,7 @@ def build_stage(request: StageRequest) -> UltraHSTUModel:
             )
             for name in names
         }
-    vocabularies = {}
-    for name in names:
-        if config.embeddings[name].keyed_by_raw_ids:
-            holder = next(c.data for c in dataset.channels.values() if name in c.data.tables)
-            vocabularies[name] = holder.tables[name].corpus()
+    vocabularies = {name: dataset.vocabulary(name) for name in names if config.embeddings[name].keyed_by_raw_ids}
     return UltraHSTUModel(
         plan.model_config, config.ranking, tables, table_dims={name: config.embeddings[name].dim for name in names},
         table_vocabularies=vocabularies,

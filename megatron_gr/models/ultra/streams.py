@@ -2,7 +2,8 @@
 its own CUDA stream (after the current stream's work, which produced its input), and the
 current stream waits for all of them before reading their outputs. Autograd runs each
 op's backward on the stream of its forward, so the backward overlaps the same way. On a
-CPU, or with one channel, the channels simply run one after another.
+CPU, with one channel, or while torch.export traces the model, the channels simply run one
+after another.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class ChannelStreams:
 
     def run(self, functions: Sequence[Callable[[], object]], device: torch.device) -> list:
         """Each function's result, the functions issued on separate streams on CUDA."""
-        if device.type != "cuda" or len(functions) < 2:
+        # A program traced by torch.export (serving) runs the channels one after another.
+        if device.type != "cuda" or len(functions) < 2 or torch.compiler.is_exporting():
             return [function() for function in functions]
         while len(self._streams) < len(functions):
             self._streams.append(torch.cuda.Stream(device=device))
