@@ -14,8 +14,10 @@ echo "ultra rc=$?"; grep "^|" "$O/ultra.log"; cp /tmp/ultra/summary.json "$O/ult
 timeout 50 python3 $B/ranking_step.py --json "$O/ranking_step.json" 2>&1 | grep "^|"
 timeout 80 python3 $B/context_parallel_memory.py --device cuda --model benchmark --cp 1,2,4 --search \
   --out "$O/cp_memory.jsonl" 2>&1 | grep "^|"
+timeout 60 python3 -m pytest -q -rfE tests/unit/serving/test_ranking_export_gpu.py > "$O/tests.log" 2>&1
+echo "export gpu tests rc=$?"; tail -2 "$O/tests.log"
 timeout 60 python3 tools/make_golden.py --name retrieval_hstu_gpu --name retrieval_hstu_fp8_gpu 2>&1 | tail -2
 tar czf "$O/golden_gpu.tgz" tests/functional/golden/*gpu*.json 2>/dev/null
 timeout 45 python3 $B/fp8_gemm.py --json "$O/fp8_gemm.json" 2>&1 | grep "^|"
-timeout 90 python3 -m pytest -q -rfE -m gpu $T/ops/test_fp8_cast.py $T/transformer/test_fp8_gpu.py > "$O/tests.log" 2>&1
+timeout 90 python3 -m pytest -q -rfE -m gpu $T/ops/test_fp8_cast.py $T/transformer/test_fp8_gpu.py >> "$O/tests.log" 2>&1
 echo "fp8 tests rc=$?"; tail -3 "$O/tests.log"
