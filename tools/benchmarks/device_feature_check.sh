@@ -9,7 +9,7 @@
 set -u
 O=${OUT:-out}; mkdir -p "$O"; B=tools/benchmarks; T=tests/unit
 export PYTHONUNBUFFERED=1
-timeout 170 python3 $B/ultra_hstu.py --out /tmp/ultra --quality-steps 150 > "$O/ultra.log" 2>&1
+timeout 120 python3 $B/ultra_hstu.py --out /tmp/ultra --parts speed > "$O/ultra.log" 2>&1
 echo "ultra rc=$?"; grep "^|" "$O/ultra.log"; cp /tmp/ultra/summary.json "$O/ultra_summary.json" 2>/dev/null
 timeout 50 python3 $B/ranking_step.py --json "$O/ranking_step.json" 2>&1 | grep "^|"
 timeout 80 python3 $B/context_parallel_memory.py --device cuda --model benchmark --cp 1,2,4 --search \

@@ -146,6 +146,18 @@ def run(command: list[str], log: Path) -> None:
 
 
 def table(speed: dict, quality: dict) -> str:
+    """The markdown of the parts measured (``speed`` or ``quality`` may be empty)."""
+    lines = _speed_rows(speed) if speed else []
+    if quality:
+        lines += ["", "| model | steps | test AUC (click) | test GAUC | Bayes AUC |", "|---|---|---|---|---|"]
+        for name, key in (("DLRM-HSTU", "dlrm_hstu"), ("ULTRA-HSTU", "ultra_hstu")):
+            q = quality[key]
+            bayes = f"{q['bayes_auc']:.4f}" if q["bayes_auc"] is not None else "n/a"
+            lines.append(f"| {name} | {q['steps']} | {q['test_auc']:.4f} | {q['test_gauc']:.4f} | {bayes} |")
+    return "\n".join(lines).strip("\n")
+
+
+def _speed_rows(speed: dict) -> list[str]:
     dlrm, ultra = speed["dlrm_hstu"], speed["ultra_hstu"]
     memory = lambda r: f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"  # noqa: E731
     lines = [
@@ -159,12 +171,7 @@ def table(speed: dict, quality: dict) -> str:
         speedup = dlrm["median_step_s"] / r["median_step_s"]
         lines.append(f"| {name} | {r['tokens_per_step']:,.0f} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['requests_per_s']:,.1f} | {memory(r)} | {speedup:.2f}x |")
-    lines += ["", "| model | steps | test AUC (click) | test GAUC | Bayes AUC |", "|---|---|---|---|---|"]
-    for name, key in (("DLRM-HSTU", "dlrm_hstu"), ("ULTRA-HSTU", "ultra_hstu")):
-        q = quality[key]
-        bayes = f"{q['bayes_auc']:.4f}" if q["bayes_auc"] is not None else "n/a"
-        lines.append(f"| {name} | {q['steps']} | {q['test_auc']:.4f} | {q['test_gauc']:.4f} | {bayes} |")
-    return "\n".join(lines)
+    return lines
 
 
 def parse_args(argv=None):
@@ -183,6 +190,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--quality-steps", type=int, default=300, help="training steps of each quality run")
     parser.add_argument("--quality-users", type=int, default=3000, help="users of the synthetic quality data")
+    parser.add_argument("--parts", default="speed,quality",
+                        help="comma-separated: speed (the GPU part), quality (trains on any device)")
     parser.add_argument("--out", default="runs/ultra_hstu", help="directory for logs and JSON")
     parser.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)  # internal: one speed measurement
     return parser.parse_args(argv)
@@ -196,13 +205,16 @@ def main(argv=None) -> int:
         (out / f"speed_{args.one}.json").write_text(json.dumps(measure_speed(args, args.one), indent=2))
         return 0
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    speed = {}
-    for model in MODELS:
-        run([sys.executable, str(Path(__file__).resolve()), *forwarded, "--one", model], out / f"speed_{model}.log")
-        speed[model] = json.loads((out / f"speed_{model}.json").read_text())
-    quality = {model: measure_quality(args, model, out) for model in MODELS}
-    summary = {"speed": speed, "quality": quality,
-               "speedup": speed["dlrm_hstu"]["median_step_s"] / speed["ultra_hstu"]["median_step_s"]}
+    speed, quality = {}, {}
+    if "speed" in args.parts:
+        for model in MODELS:
+            run([sys.executable, str(Path(__file__).resolve()), *forwarded, "--one", model], out / f"speed_{model}.log")
+            speed[model] = json.loads((out / f"speed_{model}.json").read_text())
+    if "quality" in args.parts:
+        quality = {model: measure_quality(args, model, out) for model in MODELS}
+    summary = {"speed": speed, "quality": quality}
+    if speed:
+        summary["speedup"] = speed["dlrm_hstu"]["median_step_s"] / speed["ultra_hstu"]["median_step_s"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = table(speed, quality)
     (out / "summary.md").write_text(report + "\n")
