@@ -117,13 +117,13 @@ class ChannelStacks(MegatronModule):
             self.add_module(key, channel)
 
     def items(self):
-        return self._modules.items()
+        return self.named_children()
 
     def __iter__(self):
-        return iter(self._modules)
+        return (key for key, _ in self.named_children())
 
     def __getitem__(self, key: str) -> TransducerChannel:
-        return self._modules[key]
+        return self.get_submodule(key)
 
 
 class UltraHSTUModel(MegatronModule):
