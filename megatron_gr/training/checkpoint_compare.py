@@ -52,6 +52,9 @@ MUST_MATCH = (
 MUST_MATCH_PER_TABLE = ("type", "dim")
 # Lists of records compared by some of their fields: the tasks' heads are named and typed.
 MUST_MATCH_FIELDS_OF = {"ranking.tasks": ("name", "type")}
+# ULTRA-HSTU channels, in order (the tower reads their outputs concatenated in this order);
+# a field a channel leaves unset is the model's.
+CHANNEL_SHAPE_FIELDS = ("name", "num_layers", "hidden_size", "num_attention_heads", "qk_head_dim", "v_head_dim")
 # Settings that matter only when a feature is on in both runs.
 MUST_MATCH_WHEN = {
     "model.num_position_buckets": "model.relative_attention_bias",
@@ -123,6 +126,9 @@ def check_same_model(
                 value, ours = _fields_of(value, MUST_MATCH_FIELDS_OF[key]), _fields_of(ours, MUST_MATCH_FIELDS_OF[key])
             if known and value != ours:
                 differences.append(f"{key}={value!r} there, {ours!r} in this run")
+        saved_channels, our_channels = _channels(saved_config), _channels(current)
+        if saved_channels is not None and saved_channels != our_channels:
+            differences.append(f"model.transducers={saved_channels!r} there, {our_channels!r} in this run")
     for key, value in (saved_facts or {}).items():
         if key in facts and facts[key] != value:
             differences.append(f"{_FACT_NAMES.get(key, key)} {value!r} there, {facts[key]!r} in this run")
@@ -132,6 +138,16 @@ def check_same_model(
             f"{where} holds another model: {'; '.join(differences)}. Load it with the model settings that "
             f"saved it{source}, or start without --load"
         )
+
+
+def _channels(config: dict) -> Optional[list[dict]]:
+    """The channels' shapes in order, unset fields filled from ``model`` (None: no channels)."""
+    model = config.get("model") or {}
+    channels = model.get("transducers")
+    if not isinstance(channels, list):
+        return None
+    return [{f: (c.get(f) if c.get(f) is not None else model.get(f)) if isinstance(c, dict) else c
+             for f in CHANNEL_SHAPE_FIELDS} for c in channels]
 
 
 def _fields_of(records: Any, fields: tuple[str, ...]) -> Any:

@@ -80,3 +80,38 @@ def test_legacy_checkpoint_of_the_same_model_loads(legacy, saved, tmp_path, caps
     reference = Trainer(tiny_config(tmp_path / "ref", training=SHORT, checkpoint={"load": str(saved)}))
     for key, value in weights(reference).items():
         assert (weights(trainer)[key] == value).all(), key
+
+
+def _ultra_config(**click):
+    import copy
+    from pathlib import Path
+
+    from megatron_gr.config.experiment import ExperimentConfig
+    from megatron_gr.config.loader import load_yaml
+
+    raw = copy.deepcopy(load_yaml(Path(__file__).parents[3] / "configs" / "ultra_hstu_synthetic.yaml"))
+    channels = raw["model"]["transducers"]
+    channels[1].update(click)
+    return raw, ExperimentConfig.from_dict(raw)
+
+
+def test_ultra_channels_of_another_order_or_head_split_are_refused(tmp_path):
+    from megatron_gr.training.checkpoint_compare import check_same_model
+
+    _, config = _ultra_config()
+    saved = config.to_dict()  # what a checkpoint's config.yaml holds
+    check_same_model(saved_config=saved, saved_facts=None, config=config, facts={}, where=tmp_path)
+    # the same tensor shapes, another split of the click channel's 32 features into heads
+    _, split = _ultra_config(num_attention_heads=4, qk_head_dim=8, v_head_dim=8)
+    reordered_raw, _ = _ultra_config()
+    reordered_raw["model"]["transducers"].reverse()
+    for other in (split, _from_dict(reordered_raw)):
+        with pytest.raises(CheckpointError) as error:
+            check_same_model(saved_config=saved, saved_facts=None, config=other, facts={}, where=tmp_path)
+        assert "model.transducers=" in str(error.value) and "\n" not in str(error.value)
+
+
+def _from_dict(raw):
+    from megatron_gr.config.experiment import ExperimentConfig
+
+    return ExperimentConfig.from_dict(raw)
