@@ -1,6 +1,6 @@
 """The serving computation of DLRM-HSTU and ULTRA-HSTU, as a plain module that
 ``torch.export`` traces: a jagged batch of requests (per request its contextual features,
-its history in each channel and any number of candidates) -> every candidate's task
+its history in each channel and its candidates) -> every candidate's task
 scores, in one pass.
 
 It assembles the batch the ranking loader builds (``data/ranking/loader.py``
@@ -8,8 +8,9 @@ It assembles the batch the ranking loader builds (``data/ranking/loader.py``
 in torch, then calls the trained model's own ``forward`` in eval mode (the code
 evaluation runs, not a re-implementation), so served scores are the evaluation's by
 construction. Candidates are target-aware (a candidate sees the contextual tokens, the
-history and itself, never another candidate), so one request may carry any number of
-them. Only the padding width differs from evaluation (every sequence is padded to
+history and itself, never another candidate), so one request may carry as many as fit
+``max_seq_len`` beside its history (more: split them over requests of the same history;
+a request that does not fit stops the program with one error naming max_seq_len). Only the padding width differs from evaluation (every sequence is padded to
 ``max_seq_len`` instead of to the batch's longest, so the program has no data-dependent
 shapes), which adds exact zeros to the attention sums.
 
@@ -79,7 +80,14 @@ def assemble(
     requests = torch.arange(num_requests, device=query_times.device)
     hist_len = history["offsets"][1:] - history["offsets"][:-1]  # [B]
     cand_len = candidate_offsets[1:] - candidate_offsets[:-1]  # [B]
-    offsets = torch.nn.functional.pad(torch.cumsum(num_contextual + hist_len + cand_len, 0), (1, 0))  # [B + 1]
+    lengths = num_contextual + hist_len + cand_len  # [B]
+    # A device-side check that the exported program keeps (a shape check would be data-dependent).
+    torch._assert_async(
+        (lengths <= max_len).all(),
+        f"a request's contextual tokens, history and candidates exceed max_seq_len={max_len}: "
+        "send fewer candidates (candidates never see each other: split them over requests) or a shorter history",
+    )
+    offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))  # [B + 1]
     events_user = torch.repeat_interleave(requests, hist_len, output_size=num_events)  # [H]
     cands_user = torch.repeat_interleave(requests, cand_len, output_size=num_candidates)  # [N]
     within_history = torch.arange(num_events, device=offsets.device) - history["offsets"][:-1][events_user]

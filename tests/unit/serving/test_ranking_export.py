@@ -186,3 +186,16 @@ def test_top_k_is_refused_for_ranking(exported, tmp_path, capsys):
     assert_one_error_line(code, err, "--top-k applies to retrieval")
     assert not (tmp_path / "x.pt2").exists()
 
+
+
+def test_a_request_longer_than_max_seq_len_is_one_error(exported):
+    tmp, _ = exported
+    program = torch.export.load(tmp / "ranking.pt2").module()
+    _, model, batches = _evaluation(tmp)
+    one = _slice_requests(requests_of(batches[0]), 0, 1)
+    count = model.config.max_seq_len + 1  # more candidates than a sequence holds
+    too_many = dict(one, candidate_ids=one["candidate_ids"][:1].repeat(count, 1),
+                    candidate_timestamps=one["candidate_timestamps"][:1].repeat(count),
+                    candidate_offsets=torch.tensor([0, count]))
+    with pytest.raises(RuntimeError, match=r"exceed max_seq_len=\d+: send fewer candidates"):
+        _call(program, too_many)
