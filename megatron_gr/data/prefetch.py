@@ -102,8 +102,9 @@ def _tensors(batch: JaggedBatch) -> list[torch.Tensor]:
     """The batch's device tensors (the copies made on the side stream)."""
     if not dataclasses.is_dataclass(batch):
         return []
-    values = (getattr(batch, f.name) for f in dataclasses.fields(batch))
-    return [value for value in values if torch.is_tensor(value) and value.device.type != "cpu"]
+    values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    nested = [t for value in values if isinstance(value, dict) for part in value.values() for t in _tensors(part)]
+    return [value for value in values if torch.is_tensor(value) and value.device.type != "cpu"] + nested
 
 
 def _to_device(batch: JaggedBatch, device: torch.device) -> JaggedBatch:
@@ -117,7 +118,9 @@ def _to_device(batch: JaggedBatch, device: torch.device) -> JaggedBatch:
         value = getattr(batch, f.name)
         if torch.is_tensor(value) and value.device.type == "cpu" and f.name != "host_offsets":
             value = value.pin_memory().to(device, non_blocking=True)
+        elif isinstance(value, dict):  # ULTRA-HSTU's ChannelBatch: one batch per channel
+            value = {key: _to_device(part, device) for key, part in value.items()}
         moved[f.name] = value
-    if isinstance(batch, JaggedBatch):
+    if hasattr(batch, "offsets_on_host"):  # retrieval's JaggedBatch, ranking's RankingBatch
         moved["host_offsets"] = batch.offsets_on_host()
     return dataclasses.replace(batch, **moved)

@@ -71,3 +71,23 @@ def test_gpu_batches_arrive_on_the_device_with_their_values():
         assert all(b.host_offsets.device.type == "cpu" and torch.equal(b.host_offsets, b.offsets.cpu()) for b in got)
         _same([b.to("cpu") for b in got], want)
     assert np.isfinite(float(got[0].timestamps.float().sum()))
+
+
+@pytest.mark.gpu
+def test_gpu_ranking_and_channel_batches_are_copied_ahead_with_host_offsets():
+    """The side-stream copy serves every batch type: a ranking batch keeps its offsets on the
+    host (no device wait in the step), and ULTRA-HSTU's per-channel batches are copied too."""
+    from megatron_gr.data.prefetch import _tensors, _to_device
+    from megatron_gr.data.ranking.channel_batches import ChannelBatch
+    from megatron_gr.data.ranking.loader import SequenceLayout, make_batch
+    from tests.unit.data.test_ranking_batches import indexed
+
+    data = indexed()
+    batch = make_batch(data, SequenceLayout(data, max_seq_len=20, use_history=True), np.array([0, 1]))
+    device = torch.device("cuda")
+    moved = _to_device(batch, device)
+    assert moved.offsets.is_cuda and moved.candidate_ids.is_cuda
+    assert moved.host_offsets.device.type == "cpu" and moved.host_offsets.tolist() == batch.offsets.tolist()
+    channels = _to_device(ChannelBatch({"imp": batch, "click": batch}, max_candidates=2), device)
+    assert all(part.offsets.is_cuda and part.host_offsets is not None for part in channels.channels.values())
+    assert len(_tensors(channels)) == 2 * len(_tensors(moved)) > 0
