@@ -80,7 +80,7 @@ class TrainingConfig:
     are padded to those counts with sequences no real token attends to; the embedding
     lookups, the loss and the optimizer step run eagerly. Captured before training, for
     every count; each replay draws the step's keyed dropout masks (the eager step's). Not
-    with context parallelism, FP8 or SASRec blocks. See ``docs/benchmarks/cuda_graphs.md``."""
+    with context parallelism, FP8, SASRec blocks or the ranking models. See ``docs/benchmarks/cuda_graphs.md``."""
 
     cuda_graph_max_tokens: int = 16384
     """Micro-batches of more tokens than this run eagerly (they keep the GPU busy anyway);

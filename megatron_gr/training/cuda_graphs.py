@@ -32,7 +32,8 @@ How it fits the model:
 
 What the plan refuses (``training/plan.py``): a CPU run, the PyTorch kernel backend (its
 reference attention reads lengths on the host), full-layer or mHC recompute, ``step``
-under pipeline parallelism, context parallelism, FP8 linears and SASRec blocks.
+under pipeline parallelism, context parallelism, FP8 linears, SASRec blocks and the ranking
+models (``model.type: ranking``).
 """
 
 from __future__ import annotations
