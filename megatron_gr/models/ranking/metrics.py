@@ -52,7 +52,8 @@ class GroupedAUC:
     users: int
     """Users with both classes (those averaged)."""
     skipped: int
-    """Users whose candidates are all positive or all negative."""
+    """Users whose candidates are all positive or all negative (from the labels alone: a NaN
+    score makes ``value`` NaN, not these counts)."""
 
 
 def grouped_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> GroupedAUC:
@@ -64,8 +65,6 @@ def grouped_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> G
     s, y, g = scores[order], labels[order], groups[order]
     group_start = np.r_[True, g[1:] != g[:-1]]
     num_groups = int(group_start.sum())
-    if not np.isfinite(scores).all():
-        return GroupedAUC(float("nan"), 0, num_groups)
     # Ties: runs of equal (group, score); ranks count from each group's start.
     tie_start = group_start | np.r_[True, s[1:] != s[:-1]]
     starts = np.flatnonzero(tie_start)
@@ -80,8 +79,8 @@ def grouped_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> G
     negatives = size - positives
     rank_sum = np.bincount(group_of, weights=ranks * y, minlength=num_groups)
     both = (positives > 0) & (negatives > 0)
-    if not both.any():
-        return GroupedAUC(float("nan"), 0, num_groups)
+    if not both.any() or not np.isfinite(scores).all():  # a non-finite score: NaN, never a plausible value
+        return GroupedAUC(float("nan"), int(both.sum()), int(num_groups - both.sum()))
     per_group = (rank_sum[both] - positives[both] * (positives[both] + 1) / 2.0) / (positives[both] * negatives[both])
     value = float((per_group * size[both]).sum() / size[both].sum())
     return GroupedAUC(value, int(both.sum()), int(num_groups - both.sum()))

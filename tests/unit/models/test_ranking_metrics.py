@@ -86,7 +86,8 @@ def test_grouped_auc_equals_per_user_pair_counts_on_random_data():
 def test_grouped_auc_without_any_two_class_user_or_with_nan_is_nan():
     result = grouped_auc(np.array([0.1, 0.2]), np.array([1, 0]), np.array([1, 2]))
     assert math.isnan(result.value) and (result.users, result.skipped) == (0, 2)
-    assert math.isnan(grouped_auc(np.array([0.1, np.nan]), np.array([1, 0]), np.array([1, 1])).value)
+    with_nan = grouped_auc(np.array([0.1, np.nan, 0.3]), np.array([1, 0, 1]), np.array([1, 1, 2]))
+    assert math.isnan(with_nan.value) and (with_nan.users, with_nan.skipped) == (1, 1)  # counts from the labels
     assert math.isnan(grouped_auc(np.zeros(0), np.zeros(0), np.zeros(0)).value)
 
 
