@@ -50,12 +50,6 @@ class StepFlops:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total": self.total}
 
 
-def causal_pairs(lengths: torch.Tensor) -> int:
-    """Query-key pairs a plain causal mask keeps: sum of L(L+1)/2."""
-    lengths = torch.as_tensor(lengths).to(torch.int64)
-    return int((lengths * (lengths + 1) // 2).sum())
-
-
 def attention_pairs(lengths, *, max_attn_len: int = 0, global_prefix_len: int = 0, contextual_len: int = 0) -> int:
     """Pairs the causal mask of :mod:`megatron_gr.ops.attention_mask` keeps (no target
     tokens): query i sees keys ``j <= i`` with ``i - j <= w`` or ``j < g`` when a window

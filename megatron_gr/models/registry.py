@@ -122,9 +122,3 @@ def _load_builtin_specs() -> None:
     from megatron_gr.models import retrieval_spec  # noqa: F401  (registers "retrieval")
     from megatron_gr.models.ranking import spec  # noqa: F401  (registers "ranking")
 
-
-def unwrap_model(chunk: torch.nn.Module, kind: Optional[type] = None) -> torch.nn.Module:
-    """The bare model under megatron's DDP and Float16Module wrappers."""
-    while hasattr(chunk, "module") and not (kind is not None and isinstance(chunk, kind)):
-        chunk = chunk.module
-    return chunk

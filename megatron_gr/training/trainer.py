@@ -90,6 +90,7 @@ class Trainer:
             with self.exits:  # SIGTERM / SIGUSR1 set a flag checked after each step
                 return self._train()
         finally:
+            self.loader.close()  # joins the worker building the next step (nothing left running)
             if self.run_lock is not None:
                 self.run_lock.release()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_gr.config.transformer_config import GRTransformerConfig
-from megatron_gr.models.hstu_flops import attention_pairs, batch_flops, causal_pairs, step_flops
+from megatron_gr.models.hstu_flops import attention_pairs, batch_flops, step_flops
 from megatron_gr.ops.attention_mask import attention_mask
 
 
@@ -26,7 +26,7 @@ def test_attention_pairs_count_what_the_mask_keeps(window, prefix, contextual):
 
 
 def test_causal_pairs_by_hand():
-    assert causal_pairs(torch.tensor([3, 1, 4])) == 6 + 1 + 10
+    assert attention_pairs(torch.tensor([3, 1, 4])) == 6 + 1 + 10  # a plain causal mask: sum of L(L+1)/2
 
 
 def test_batch_flops_by_hand():
