@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_gr.config.errors import ConfigError
-from megatron_gr.config.fp8_validation import NATIVE_FP8_RECIPES, recipe_name
+from megatron_gr.config.fp8_validation import NATIVE_FP8_RECIPES, TE_FP8_RECIPES, recipe_name
 from megatron_gr.config.ultra_checks import check_ultra_experiment
 from megatron_gr.config.validation import require
 from megatron_gr.data.errors import DataFormatError
@@ -89,10 +89,13 @@ def _check_fp8(model) -> None:
     if model.fp8 is None:
         return
     recipe = recipe_name(model)
+    # fp8_validation has checked the recipe against the backend (TE's recipes when it is
+    # installed); the tower's native linears take only the recipes both backends share then.
+    accepted = [name for name in NATIVE_FP8_RECIPES if name in TE_FP8_RECIPES]
     require(
         recipe in NATIVE_FP8_RECIPES,
         f"model.fp8_recipe={recipe!r} with model.type=ranking: the ranking tower's FP8 linears are the native "
-        f"ones, which take {', '.join(NATIVE_FP8_RECIPES)}; choose one of those or unset model.fp8",
+        f"ones, which take {', '.join(accepted)} beside Transformer Engine; choose one of those or unset model.fp8",
     )
     require(
         not (model.recompute_uvqk and recipe == "delayed"),
