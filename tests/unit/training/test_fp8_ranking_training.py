@@ -13,10 +13,10 @@ import torch
 from megatron_gr.config import ExperimentConfig
 from megatron_gr.transformer.fp8.linear import Fp8LinearState
 from megatron_gr.transformer.fp8.replicated_linear import Fp8Linear
+from megatron_gr.training import plan
 from megatron_gr.training.trainer import Trainer
 from tests.unit.models.test_ultra_model import CLICK, IMP, SYNTHETIC
 from tests.unit.training.helpers import read_records
-from tests.unit.training.test_fp8_training import fp8_on_cpu  # noqa: F401 (fixture)
 
 # FP8 GEMMs need STU sizes that are multiples of 16; the tower's input (32 + 4 time
 # features) is padded for its GEMM.
@@ -28,6 +28,11 @@ CHANNELS = [{"name": "imp"}, {"name": "click", "hidden_size": 16, "num_attention
 # the FP8 loss of each step within this relative distance of the float run's (measured:
 # < 6e-4 at these sizes; a lost scale or a wrong operand is off by O(1))
 LOSS_BAND = 3e-3
+
+
+@pytest.fixture(autouse=True)
+def fp8_on_cpu(monkeypatch):
+    monkeypatch.setattr(plan, "check_fp8_runnable", lambda config, device: None)
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +64,7 @@ def fp8_states(model) -> dict[int, Fp8LinearState]:
     return {id(m.fp8_state): m.fp8_state for m in model.modules() if hasattr(m, "fp8_state")}
 
 
-def test_dlrm_hstu_fp8_casts_once_per_step_records_amaxes_and_tracks_float(megatron_cpu, tmp_path, fp8_on_cpu,
-                                                                           monkeypatch):
+def test_dlrm_hstu_fp8_casts_once_per_step_records_amaxes_and_tracks_float(megatron_cpu, tmp_path, monkeypatch):
     float_run = config(tmp_path / "float")
     Trainer(float_run).train()
     expected = losses_of(float_run)
@@ -100,7 +104,7 @@ def test_dlrm_hstu_fp8_casts_once_per_step_records_amaxes_and_tracks_float(megat
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_ultra_hstu_channels_train_in_fp8_with_uvqk_rematerialization(megatron_cpu, tmp_path, fp8_on_cpu, recipe):
+def test_ultra_hstu_channels_train_in_fp8_with_uvqk_rematerialization(megatron_cpu, tmp_path, recipe):
     model = {"transducers": CHANNELS, "recompute_uvqk": True}
     float_run = config(tmp_path / "float", model=model, features={**IMP, **CLICK}, train_iters=2)
     Trainer(float_run).train()
@@ -120,7 +124,7 @@ def model_weights(trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("direction", ["fp8_to_float", "float_to_fp8"])
-def test_checkpoints_load_across_fp8(megatron_cpu, tmp_path, fp8_on_cpu, direction):
+def test_checkpoints_load_across_fp8(megatron_cpu, tmp_path, direction):
     source_model, target_model = (DELAYED, None) if direction == "fp8_to_float" else (None, DELAYED)
     source = Trainer(config(tmp_path / "a", model=source_model, save=tmp_path / "ckpt", train_iters=2))
     source.train()
