@@ -41,7 +41,8 @@ def _keep_global_rng():
         yield
 
 
-def config(tmp_path, *, model=None, features=None, save=None, load=None, train_iters=3) -> ExperimentConfig:
+def config(tmp_path, *, model=None, features=None, save=None, load=None, train_iters=3, device="cpu") -> ExperimentConfig:
+    """``device``: ``cuda`` trains in bf16 (precision auto), ``cpu`` in float32."""
     return ExperimentConfig.from_dict({
         "model": {**MODEL, **(model or {})},
         "embeddings": {"item": {"dim": 16}, "topic": {"dim": 16}, "segment": {"dim": 4}, "activity": {"dim": 4}},
@@ -50,7 +51,7 @@ def config(tmp_path, *, model=None, features=None, save=None, load=None, train_i
                     "output_postprocessor": "timestamp_layernorm", "features": features or {}},
         "data": {"ranking": {"synthetic": SYNTHETIC}},
         "training": {"train_iters": train_iters, "micro_batch_size": 4, "global_batch_size": 12, "lr": 3e-3,
-                     "eval_interval": 0, "device": "cpu", "eval_batch_size": 16, "lr_warmup_iters": 1},
+                     "eval_interval": 0, "device": device, "eval_batch_size": 16, "lr_warmup_iters": 1},
         "checkpoint": {"save": str(save) if save else None, "load": str(load) if load else None},
         "logging": {"progress": "off", "metrics_file": str(tmp_path / "metrics.jsonl"), "log_interval": 1},
     })
