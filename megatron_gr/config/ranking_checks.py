@@ -5,7 +5,10 @@ or built."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_gr.config.errors import ConfigError
+from megatron_gr.config.fp8_validation import NATIVE_FP8_RECIPES, TE_FP8_RECIPES, recipe_name
 from megatron_gr.config.ultra_checks import check_ultra_experiment
 from megatron_gr.config.validation import require
 from megatron_gr.data.errors import DataFormatError
@@ -78,11 +81,44 @@ def _check_model(config) -> None:
             f"model.{name}={value!r} configures the retrieval model, which model.type=ranking does not build: "
             f"leave it at {default!r} (ranking encodings are under ranking:)",
         )
+    _check_fp8(model)
+
+
+def _check_fp8(model) -> None:
+    """FP8 combinations the ranking models cannot run (the rest: ``config/fp8_validation.py``)."""
+    if model.fp8 is None:
+        return
+    recipe = recipe_name(model)
+    # fp8_validation has checked the recipe against the backend (TE's recipes when it is
+    # installed); the tower's native linears take only the recipes both backends share then.
+    accepted = [name for name in NATIVE_FP8_RECIPES if name in TE_FP8_RECIPES]
     require(
-        model.fp8 is None,
-        f"model.fp8={model.fp8!r} with model.type=ranking: FP8 linears for the ranking tower are not built yet "
-        "(issue 14); unset model.fp8 to train the ranking model in bf16",
+        recipe in NATIVE_FP8_RECIPES,
+        f"model.fp8_recipe={recipe!r} with model.type=ranking: the ranking tower's FP8 linears are the native "
+        f"ones, which take {', '.join(accepted)} beside Transformer Engine; choose one of those or unset model.fp8",
     )
+    require(
+        not (model.recompute_uvqk and recipe == "delayed"),
+        "model.recompute_uvqk with model.fp8_recipe='delayed': the replayed UVQK projection would quantise "
+        "with the scale its first pass just moved (and record its amax twice); use fp8_recipe=tensorwise or "
+        "rowwise, or unset recompute_uvqk",
+    )
+    _check_fp8_channel_sizes(model)
+
+
+def _check_fp8_channel_sizes(model) -> None:
+    """Each ULTRA channel's STU linears at its own width take FP8 GEMMs (multiples of 16)."""
+    if not model.transducers:
+        return
+    from megatron_gr.transformer.fp8.backend import stu_shape_problem  # imports megatron-core
+
+    for index, channel in enumerate(model.transducers):
+        problem = stu_shape_problem(dataclasses.replace(model, transducers=None, **channel.overrides()))
+        require(
+            problem is None,
+            f"model.transducers[{index}] ({channel.name or 'unnamed'}) with model.fp8={model.fp8!r}: {problem}; "
+            "change the channel's sizes or unset model.fp8",
+        )
 
 
 def _check_columns(config, source) -> None:

@@ -7,6 +7,12 @@ candidates (synthetic ranking data), bf16 on a GPU with the Triton kernels.
     python tools/benchmarks/ranking_step.py --users-per-batch 4 --layers 3 --json out.json
     python tools/benchmarks/ranking_step.py --device cpu --backend pytorch --history 32 \
         --candidates 4 --hidden 32 --heads 2 --head-dim 16 --users-per-batch 2 --steps 2   # smoke test
+    python tools/benchmarks/ranking_step.py --fp8 delayed        # H100: STU linears and tower in FP8
+
+``--fp8 RECIPE`` (delayed, tensorwise, rowwise; ``--fp8-format`` hybrid or e4m3) runs the
+STU linears and the tower's fusion layers in FP8 (docs/guide/fp8.md); ``delayed`` keeps an
+amax history of 16 micro-batches and scales from its maximum. Where FP8 cannot run (the
+CPU, an older GPU) the benchmark stops with the run's one-line reason.
 
 Prints one markdown row (device | layers x hidden | users x (history + candidates) | step
 ms | tokens/s | peak GiB) and, with ``--json``, the details.
@@ -34,7 +40,7 @@ def benchmark_config(args) -> dict:
                   "num_attention_heads": args.heads, "qk_head_dim": args.head_dim, "v_head_dim": args.head_dim,
                   "max_seq_len": 2 + args.history + args.candidates, "hidden_dropout": 0.1,
                   "embedding_dropout": 0.1, "num_time_buckets": 64, "time_bucket_fn": "log",
-                  "num_position_buckets": 256, "relative_attention_bias": args.relative_bias},
+                  "num_position_buckets": 256, "relative_attention_bias": args.relative_bias, **fp8_fields(args)},
         "embeddings": {"item": {"dim": width}, "topic": {"dim": args.hidden - width}, "segment": {"dim": 16},
                        "activity": {"dim": 16}},
         "ranking": {"action_encoder": {"watchtime_thresholds": [5.0], "dim": 16, "mlp_hidden": 128},
@@ -52,8 +58,23 @@ def benchmark_config(args) -> dict:
     }
 
 
+def fp8_fields(args) -> dict:
+    """The model's FP8 settings for ``--fp8 RECIPE`` (none without it)."""
+    if args.fp8 is None:
+        return {}
+    fields = {"fp8": args.fp8_format, "fp8_recipe": args.fp8}
+    if args.fp8 == "delayed":
+        fields.update(fp8_amax_history_len=16, fp8_amax_compute_algo="max")
+    return fields
+
+
+def precision_label(args, bf16: bool) -> str:
+    label = "bf16" if bf16 else "fp32"
+    return label if args.fp8 is None else f"{label} + fp8 {args.fp8} ({args.fp8_format})"
+
+
 def main() -> int:
-    from megatron_gr.config import ExperimentConfig
+    from megatron_gr.config import ConfigError, ExperimentConfig
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
 
@@ -70,11 +91,19 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--backend", default="triton", choices=("auto", "pytorch", "triton"))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--fp8", choices=("delayed", "tensorwise", "rowwise"),
+                        help="FP8 linears (STU layers and the tower's fusion layers) with this recipe")
+    parser.add_argument("--fp8-format", default="hybrid", choices=("hybrid", "e4m3"),
+                        help="with --fp8: e5m2 gradients (hybrid) or e4m3 everywhere")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--json", help="write the details here")
     args = parser.parse_args()
 
-    trainer = Trainer(ExperimentConfig.from_dict(benchmark_config(args)))
+    try:
+        trainer = Trainer(ExperimentConfig.from_dict(benchmark_config(args)))
+    except ConfigError as error:
+        print(f"ranking_step: {error}", file=sys.stderr)
+        return 2
     cuda = trainer.runtime.device.type == "cuda"
 
     def timed_step() -> tuple[float, dict]:
@@ -100,7 +129,7 @@ def main() -> int:
     candidates = args.users_per_batch * args.candidates
     summary = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16" if trainer.runtime.bf16 else "fp32",
+        "precision": precision_label(args, trainer.runtime.bf16),
         "backend": str(trainer.plan.backend),
         "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "head_dim": args.head_dim,
         "relative_bias": args.relative_bias,

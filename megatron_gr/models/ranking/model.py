@@ -17,6 +17,7 @@ from megatron_gr.config.ranking_config import RankingConfig
 from megatron_gr.config.transformer_config import GRTransformerConfig
 from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.embeddings.base import EmbeddingTable
+from megatron_gr.models.ranking.fusion_linear import fusion_linear
 from megatron_gr.models.ranking.preprocessor import RankingPreprocessor
 from megatron_gr.models.ranking.tower import MultiTaskTower, build_postprocessor, task_losses, task_scores
 from megatron_gr.ops.backend import KernelBackend
@@ -109,6 +110,7 @@ class DLRMHSTUModel(MegatronModule):
                 self.tower = MultiTaskTower(
                     ranking.tower, self.tasks, self.postprocessor.width, config.layernorm_epsilon,
                     num_layers=config.num_layers, backend=backend,
+                    linear=fusion_linear(config),
                 )
 
     def set_input_tensor(self, input_tensor) -> None:

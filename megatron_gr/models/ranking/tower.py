@@ -5,7 +5,8 @@ MLP and one head per task, and score or train the tasks.
 - :class:`TimestampLayerNormPostprocessor`: ``LayerNorm([x, cos 2 pi u_p / n_p, sin 2 pi u_p / n_p
   for each period p])`` with ``u_p = floor(ts / unit_p) mod n_p`` (hour of day, day of week).
 - :class:`MultiTaskTower`: fusion MLP (Linear, SiLU, optional LayerNorm and dropout per
-  layer), then a linear head per task: logits for binary tasks, values for regressions.
+  layer; the Linear in FP8 with ``model.fp8``), then a linear head per task: logits for
+  binary tasks, values for regressions.
   Its dropout masks are keyed by the candidates' tokens (``megatron_gr/ops/keyed_dropout.py``),
   so every parallel layout drops the elements one rank drops.
 - :func:`task_losses`: per candidate the weighted sum of the task losses (BCE with logits,
@@ -15,7 +16,7 @@ MLP and one head per task, and score or train the tasks.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,11 +95,14 @@ class MultiTaskTower(torch.nn.Module):
         *,
         num_layers: int = 0,
         backend: KernelBackend = KernelBackend.PYTORCH,
+        linear: Callable[[int, int], torch.nn.Module] = torch.nn.Linear,
     ):
+        """``linear``: the fusion layers' ``(in, out) -> module`` (``fusion_linear.py``:
+        FP8 with ``model.fp8``); the task heads are always ``torch.nn.Linear``."""
         super().__init__()
         layers: list[torch.nn.Module] = []
         for i, hidden in enumerate(config.hidden_sizes):
-            layers += [torch.nn.Linear(width, hidden), torch.nn.SiLU()]
+            layers += [linear(width, hidden), torch.nn.SiLU()]
             if config.layer_norm:
                 layers.append(torch.nn.LayerNorm(hidden, eps=eps))
             if config.dropout > 0:

@@ -37,6 +37,7 @@ from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.data.ranking.channel_batches import ChannelBatch
 from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.ranking.model import CandidateScores
+from megatron_gr.models.ranking.fusion_linear import fusion_linear
 from megatron_gr.models.ranking.preprocessor import RankingPreprocessor
 from megatron_gr.models.ranking.tower import MultiTaskTower, build_postprocessor, task_losses, task_scores
 from megatron_gr.models.ultra.streams import ChannelStreams
@@ -182,6 +183,7 @@ class UltraHSTUModel(MegatronModule):
                 self.tower = MultiTaskTower(
                     ranking.tower, self.tasks, self.postprocessor.width, config.layernorm_epsilon,
                     num_layers=max(c.num_layers for c in self.channel_configs.values()), backend=backend,
+                    linear=fusion_linear(config),
                 )
         self.streams = ChannelStreams()
         self.input_tensor = None

@@ -54,9 +54,10 @@ class _Fp8WeightCache:
         self.is_first_microbatch: Optional[bool] = None
         self._weight_cast: Optional[WeightCast] = None
 
-    def _current_weight_cast(self, weight: torch.Tensor) -> WeightCast:
-        # only the module's own weight is cached (megatron may pass another one in)
-        training = self.training and torch.is_grad_enabled() and weight is self.weight
+    def _current_weight_cast(self, weight: torch.Tensor, *, cacheable: bool) -> WeightCast:
+        """``cacheable``: ``weight`` stands for the module's own weight (megatron may pass
+        another one in, which is never cached)."""
+        training = self.training and torch.is_grad_enabled() and cacheable
         if training and self.is_first_microbatch is False and self._weight_cast is not None:
             return self._weight_cast
         cast = self.fp8_state.cast_weight(weight)
@@ -76,7 +77,7 @@ class _Fp8WeightCache:
             raise NotImplementedError("FP8 linears return weight gradients to autograd: set gradient_accumulation_fusion=False")
         if not weight.requires_grad:
             return fp8_linear(input_, weight, bias, state=self.fp8_state)
-        return fp8_linear(input_, weight, bias, state=self.fp8_state, weight_cast=self._current_weight_cast(weight))
+        return fp8_linear(input_, weight, bias, state=self.fp8_state, weight_cast=self._current_weight_cast(weight, cacheable=weight is self.weight))
 
 
 class Fp8ColumnParallelLinear(_Fp8WeightCache, ColumnParallelLinear):

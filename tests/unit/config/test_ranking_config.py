@@ -75,7 +75,11 @@ BAD = [
     (ranking(model={"type": "ranking", "time_bias_origin": "query"}), ["model.time_bias_origin='query'", "token"]),
     (ranking(model={"type": "ranking", "time_feature": "until_query"}), ["model.time_feature='until_query'", "retrieval"]),
     (ranking(model={"type": "ranking", "output_normalization": "none"}), ["model.output_normalization='none'"]),
-    (ranking(model={"type": "ranking", "fp8": "hybrid"}), ["model.fp8='hybrid' with model.type=ranking", "issue 14"]),
+    # FP8 (the ranking models run it: tests/unit/training/test_fp8_ranking_training.py)
+    (ranking(model={"type": "ranking", "fp8": "hybrid", "recompute_uvqk": True}),
+     ["model.recompute_uvqk with model.fp8_recipe='delayed'", "tensorwise or rowwise"]),
+    (ranking(model={"type": "ranking", "fp8": "hybrid", "transducers": [{"hidden_size": 24, "num_attention_heads": 1}]}),
+     ["model.transducers[0] (unnamed) with model.fp8='hybrid'", "hidden_size = 24 is not a multiple of 16"]),
     # sources and sections
     (ranking(data={"source": "prepared", "path": "x"}), ["data.source='prepared' holds retrieval sequences"]),
     ({"data": {"source": "impressions", "path": "x.csv"}}, ["data.source='impressions' holds ranking samples"]),
@@ -94,6 +98,26 @@ def test_bad_ranking_config_is_one_clear_line(raw, words):
     assert "\n" not in message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_fp8_ranking_config_builds():
+    config = ExperimentConfig.from_dict(ranking(model={"type": "ranking", "fp8": "hybrid", "fp8_recipe": "tensorwise",
+                                                       "recompute_uvqk": True}))
+    assert config.model.fp8 == "hybrid"
+
+
+def test_a_transformer_engine_only_recipe_is_refused_for_the_ranking_tower(monkeypatch):
+    """With Transformer Engine installed megatron takes its recipes; the tower's native FP8
+    linears take three of them."""
+    from megatron_gr.config import fp8_validation
+
+    monkeypatch.setattr(fp8_validation, "transformer_engine_available", lambda: True)
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig.from_dict(ranking(model={"type": "ranking", "fp8": "hybrid", "fp8_recipe": "mxfp8"}))
+    assert str(caught.value) == (
+        "model.fp8_recipe='mxfp8' with model.type=ranking: the ranking tower's FP8 linears are the native ones, "
+        "which take delayed, tensorwise beside Transformer Engine; choose one of those or unset model.fp8"
+    )
 
 
 def test_movielens_columns_are_checked_before_reading():
