@@ -35,3 +35,17 @@ def megatron_cpu():
 
     yield initialize(TrainingConfig(device="cpu", seed=1234))
     shutdown()  # also: an open gloo group delays interpreter exit by about a minute
+
+
+@pytest.fixture(scope="module")
+def megatron_runtime(request):
+    """Megatron's parallel state on the device the Triton kernels run on: the GPU, or CPU
+    mode (``megatron_cpu``, the kernels in the interpreter) without one."""
+    if not torch.cuda.is_available():
+        yield request.getfixturevalue("megatron_cpu")
+        return
+    from megatron_gr.config import TrainingConfig
+    from megatron_gr.training.runtime import initialize, shutdown
+
+    yield initialize(TrainingConfig(device="cuda", seed=1234))
+    shutdown()

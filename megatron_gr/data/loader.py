@@ -73,6 +73,69 @@ def step_dropout_seed(seed: int, first_sample: int) -> int:
     return derive_seed(seed, "dropout", first_sample)
 
 
+class StepStream:
+    """The position in an endless stream of ``num_examples`` examples (epoch e a permutation
+    drawn from ``derive_seed(seed, "data", e)``) and the cut of each global batch into this
+    data-parallel rank's micro-batches. ``consumed_samples`` is the whole state; subclasses
+    build the batches."""
+
+    def __init__(
+        self,
+        *,
+        num_examples: int,
+        micro_batch_size: int,
+        num_micro_batches: int,
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        partition_fn: PartitionFn,
+    ):
+        self.num_examples = num_examples
+        self.micro_batch_size = micro_batch_size
+        self.num_micro_batches = num_micro_batches
+        self.seed = seed
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.partition_fn = partition_fn
+        self.consumed_samples = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_micro_batches * self.dp_size
+
+    def _stream(self, first: int, count: int) -> np.ndarray:
+        """Examples (in ``[0, num_examples)``) at stream positions ``[first, first + count)``."""
+        n = self.num_examples
+        out = np.empty(count, dtype=np.int64)
+        filled = 0
+        while filled < count:
+            epoch, offset = divmod(first + filled, n)
+            order = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(n)
+            take = min(count - filled, n - offset)
+            out[filled : filled + take] = order[offset : offset + take]
+            filled += take
+        return out
+
+    def _next_global_batch(self) -> tuple[int, np.ndarray]:
+        """The next step's stream position and its global batch of examples; advances the stream."""
+        first = self.consumed_samples
+        examples = self._stream(first, self.global_batch_size)
+        self.consumed_samples += self.global_batch_size
+        return first, examples
+
+    def _my_parts(self, token_counts: np.ndarray) -> Sequence[np.ndarray]:
+        """This rank's micro-batches, as indices into the global batch (the index keys a
+        sample's dropout), from the token counts of the global batch's samples."""
+        parts = self.partition_fn(np.arange(token_counts.size), token_counts, self.num_micro_batches * self.dp_size)
+        return parts[self.dp_rank * self.num_micro_batches : (self.dp_rank + 1) * self.num_micro_batches]
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
 def _gather_windows(split: LeaveOneOutSplit, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated event indices of ``[starts[i], ends[i])`` for every i, and offsets."""
     lengths = ends - starts
@@ -106,7 +169,7 @@ def training_users(split: LeaveOneOutSplit) -> np.ndarray:
     return np.flatnonzero(ends - starts >= 2)
 
 
-class TrainingBatches:
+class TrainingBatches(StepStream):
     """Micro-batches of one data-parallel rank, one optimizer step at a time.
 
     A training example is a window of ``max_seq_len + 1`` (or fewer) consecutive training
@@ -143,36 +206,16 @@ class TrainingBatches:
                 "no user has two training events (four in all: leave-one-out holds out the last "
                 "two); training needs at least one (input, next item) pair"
             )
+        super().__init__(
+            num_examples=examples.users.size, micro_batch_size=micro_batch_size, num_micro_batches=num_micro_batches,
+            seed=seed, dp_rank=dp_rank, dp_size=dp_size, partition_fn=partition_fn,
+        )
         # Per example: its user and its events [starts, ends).
         self.example_users, self.starts, self.ends = examples.users, examples.starts, examples.ends
         self.max_seq_len = max_seq_len
-        self.micro_batch_size = micro_batch_size
-        self.num_micro_batches = num_micro_batches
-        self.seed = seed
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.partition_fn = partition_fn
         self.items = items
         self.num_negatives = num_negatives
         self.num_in_batch_negatives = num_in_batch_negatives
-        self.consumed_samples = 0
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.num_micro_batches * self.dp_size
-
-    def _stream(self, first: int, count: int) -> np.ndarray:
-        """Examples at stream positions ``[first, first + count)``."""
-        n = self.example_users.size
-        out = np.empty(count, dtype=np.int64)
-        filled = 0
-        while filled < count:
-            epoch, offset = divmod(first + filled, n)
-            order = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(n)
-            take = min(count - filled, n - offset)
-            out[filled : filled + take] = order[offset : offset + take]
-            filled += take
-        return out
 
     def _negatives(self, examples: np.ndarray, tokens: np.ndarray, first: int) -> torch.Tensor:
         """The step's negatives ``[num_negatives + num_in_batch_negatives]`` (table ids)."""
@@ -185,17 +228,12 @@ class TrainingBatches:
         return self.items.table_ids(np.concatenate([uniform, self.split.sequences.item_ids[label_events]]))
 
     def next_step(self) -> list[JaggedBatch]:
-        first = self.consumed_samples
-        examples = self._stream(first, self.global_batch_size)
+        first, examples = self._next_global_batch()
         tokens = self.ends[examples] - self.starts[examples] - 1  # a window's last event is only a label
-        parts = self.partition_fn(np.arange(examples.size), tokens, self.num_micro_batches * self.dp_size)
-        mine = range(self.dp_rank * self.num_micro_batches, (self.dp_rank + 1) * self.num_micro_batches)
-        self.consumed_samples += self.global_batch_size
         negatives = self._negatives(examples, tokens, first)
         dropout_seed = step_dropout_seed(self.seed, first)
         batches = []
-        for g in mine:
-            samples = parts[g]  # indices into the global batch
+        for samples in self._my_parts(tokens):  # indices into the global batch
             chunk = examples[samples]
             index, offsets = _gather_windows(self.split, self.starts[chunk], self.ends[chunk])
             # Tokens: every window event but the last; labels: every event but the first.
@@ -218,12 +256,6 @@ class TrainingBatches:
                 )
             )
         return batches
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
 
 
 def evaluation_batches(

@@ -179,12 +179,7 @@ class HSTURetrievalModel(MegatronModule):
 
     def _shard(self, batch: JaggedBatch) -> BatchShard:
         """The tokens of ``batch`` this rank computes: all of them, or its context-parallel share."""
-        if self.context_group is None:
-            return BatchShard(None, None, batch.offsets.device)
-        return BatchShard.of(
-            batch.offsets_on_host(), group=self.context_group, device=batch.offsets.device,
-            split_threshold=self.config.context_parallel_split_threshold, contextual_len=self.config.contextual_len,
-        )
+        return BatchShard.of_batch(batch, group=self.context_group, config=self.config)
 
     def evaluation_cache(self) -> ContextManager[None]:
         """Evaluation reads only corpus items: a sharded item table fetches them once, so

@@ -192,16 +192,7 @@ def mhc_merge(
     """
     kernel = check_backend(kernel)
     _check_streams("x", x)
-    num_tokens, n, channels = x.shape
-    _check_shape("h_res", h_res, (num_tokens, n, n))
-    _check_shape("h_post", h_post, (num_tokens, n))
-    _check_shape("y", y, (num_tokens, channels))
-    if bias is not None:
-        _check_shape("bias", bias, (channels,))
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
-    if training and dropout_p > 0.0:
-        check_dropout_keys(dropout_keys, num_tokens=num_tokens, device=x.device)
+    _check_merge_args(x, h_res, h_post, y, bias, dropout_p, training, dropout_keys)
     if kernel == "triton":
         _require_triton("mhc_merge", x, h_res, h_post, y, *([] if bias is None else [bias]))
         from megatron_gr.ops.triton.mhc_merge import triton_mhc_merge

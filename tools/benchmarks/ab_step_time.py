@@ -15,9 +15,8 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
-import torch
+from step_timing import device_name, timed_step
 
 
 def main() -> int:
@@ -39,16 +38,6 @@ def main() -> int:
         "B": resolve_config(args.config, common + [parse_assignment(item) for item in args.b_set]),
     }
     trainers = {name: Trainer(config) for name, config in variants.items()}
-    cuda = next(iter(trainers.values())).runtime.device.type == "cuda"
-
-    def timed_step(trainer) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     for _ in range(3):
         for trainer in trainers.values():
@@ -56,9 +45,9 @@ def main() -> int:
     times = {name: [] for name in trainers}
     for _ in range(args.steps):
         for name, trainer in trainers.items():
-            times[name].append(timed_step(trainer))
+            times[name].append(timed_step(trainer)[0])
     summary = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": device_name(trainers["A"]),
         "b_set": args.b_set,
         "median_step_s": {name: statistics.median(t) for name, t in times.items()},
         "median_ratio_b_over_a": statistics.median(b / a for a, b in zip(times["A"], times["B"])),

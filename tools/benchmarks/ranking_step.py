@@ -24,38 +24,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
-import torch
+from step_timing import device_name, is_cuda, long_history_ranking_config, peak_memory_gib, time_steps
 
 HEADER = ("| device | precision, backend | layers x hidden (heads x dim), relative bias | tokens per step: users x (contextual + history "
           "+ candidates) | step ms (median) | tokens/s | candidates/s | peak memory GiB |")
 
 
 def benchmark_config(args) -> dict:
-    width = args.hidden // 2  # item and topic tables side by side fill the content width
-    warmup = -(-args.history // args.candidates)  # requests before the first sample
-    return {
-        "model": {"type": "ranking", "num_layers": args.layers, "hidden_size": args.hidden,
-                  "num_attention_heads": args.heads, "qk_head_dim": args.head_dim, "v_head_dim": args.head_dim,
-                  "max_seq_len": 2 + args.history + args.candidates, "hidden_dropout": 0.1,
-                  "embedding_dropout": 0.1, "num_time_buckets": 64, "time_bucket_fn": "log",
-                  "num_position_buckets": 256, "relative_attention_bias": args.relative_bias, **fp8_fields(args)},
-        "embeddings": {"item": {"dim": width}, "topic": {"dim": args.hidden - width}, "segment": {"dim": 16},
-                       "activity": {"dim": 16}},
-        "ranking": {"action_encoder": {"watchtime_thresholds": [5.0], "dim": 16, "mlp_hidden": 128},
-                    "content_encoder": {"mlp_hidden": args.hidden}, "tower": {"hidden_sizes": [args.hidden]},
-                    "output_postprocessor": "timestamp_layernorm", "num_position_buckets": 512},
-        # Histories: exactly `warmup` requests of `candidates` impressions before the first
-        # sample request, cut to the latest `history` events by max_seq_len.
-        "data": {"ranking": {"synthetic": {"num_users": max(4 * args.users_per_batch, 8), "num_items": 20_000,
-                                           "num_topics": 32, "requests_per_user": 3,
-                                           "candidates_per_request": args.candidates,
-                                           "min_warmup_requests": warmup, "max_warmup_requests": warmup}}},
-        "training": {"train_iters": 10**6, "micro_batch_size": args.users_per_batch, "lr": 1e-4, "eval_interval": 0,
-                     "device": args.device, "kernel_backend": args.backend, "precision": args.precision},
-        "logging": {"progress": "off"},
-    }
+    return long_history_ranking_config(args, model={"num_position_buckets": 256,
+                                                    "relative_attention_bias": args.relative_bias,
+                                                    **fp8_fields(args)})
 
 
 def fp8_fields(args) -> dict:
@@ -104,31 +83,13 @@ def main() -> int:
     except ConfigError as error:
         print(f"ranking_step: {error}", file=sys.stderr)
         return 2
-    cuda = trainer.runtime.device.type == "cuda"
-
-    def timed_step() -> tuple[float, dict]:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        record = trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, record
-
-    for _ in range(3):
-        timed_step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], []
-    for _ in range(args.steps):
-        elapsed, record = timed_step()
-        times.append(elapsed)
-        tokens.append(record["tokens"])
+    cuda = is_cuda(trainer)
+    times, tokens = time_steps(trainer, warmup=3, steps=args.steps)
     median = statistics.median(times)
     per_step = statistics.mean(tokens)
     candidates = args.users_per_batch * args.candidates
     summary = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": device_name(trainer),
         "precision": precision_label(args, trainer.runtime.bf16),
         "backend": str(trainer.plan.backend),
         "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "head_dim": args.head_dim,
@@ -138,7 +99,7 @@ def main() -> int:
         "median_step_s": median,
         "tokens_per_s": per_step / median,
         "candidates_per_s": candidates / median,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_memory_gib": peak_memory_gib(trainer),
         "step_s": times,
     }
     peak = f"{summary['peak_memory_gib']:.1f}" if cuda else "n/a"

@@ -31,50 +31,30 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from step_timing import device_name, long_history_ranking_config, peak_memory_gib, time_steps
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("dlrm_hstu", "ultra_hstu")
 
 
 def speed_config(args, model: str) -> dict:
-    width = args.hidden // 2
-    warmup = -(-args.history // args.candidates)  # requests before the first sample: exactly `history` events
-    base = {"type": "ranking", "num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
-            "qk_head_dim": args.head_dim, "v_head_dim": args.head_dim, "max_seq_len": 2 + args.history + args.candidates,
-            "hidden_dropout": 0.1, "embedding_dropout": 0.1, "num_time_buckets": 64, "time_bucket_fn": "log",
-            "relative_attention_bias": False}
-    features = {}
-    if model == "ultra_hstu":
-        tail = max(1, args.history // 8)
-        base.update(recompute_uvqk=True, recompute_normed_x=True, transducers=[
-            {"name": "imp", "sla_k1": max(1, args.history // 8), "sla_k2": max(1, args.history // 64),
-             "attn_truncation_split_layer": 1, "attn_truncation_tail_len": tail},
-            {"name": "click", "num_layers": max(1, args.layers - 1), "hidden_size": args.hidden // 2,
-             "num_attention_heads": max(1, args.heads // 2), "sla_k1": max(1, args.history // 16),
-             "sla_k2": max(1, args.history // 64)},
-        ])
-        features = {
-            "imp": {"item_id": "item", "item_topic": "topic"}, "imp_action": "action", "imp_watchtime": "watch_time",
-            "imp_timestamp": "timestamp",
-            "click": {"click_item_id": "item", "click_item_topic": "topic"}, "click_action": "click_action",
-            "click_watchtime": "click_watch_time", "click_timestamp": "click_timestamp",
-        }
-    return {
-        "model": base,
-        "embeddings": {"item": {"dim": width}, "topic": {"dim": args.hidden - width}, "segment": {"dim": 16},
-                       "activity": {"dim": 16}},
-        "ranking": {"features": features, "action_encoder": {"watchtime_thresholds": [5.0], "dim": 16, "mlp_hidden": 128},
-                    "content_encoder": {"mlp_hidden": args.hidden}, "tower": {"hidden_sizes": [args.hidden]},
-                    "output_postprocessor": "timestamp_layernorm", "num_position_buckets": 512},
-        "data": {"ranking": {"synthetic": {"num_users": max(4 * args.users_per_batch, 8), "num_items": 20_000,
-                                           "num_topics": 32, "requests_per_user": 3,
-                                           "candidates_per_request": args.candidates,
-                                           "min_warmup_requests": warmup, "max_warmup_requests": warmup}}},
-        "training": {"train_iters": 10**6, "micro_batch_size": args.users_per_batch, "lr": 1e-4, "eval_interval": 0,
-                     "device": args.device, "kernel_backend": args.backend, "precision": args.precision},
-        "logging": {"progress": "off"},
+    if model != "ultra_hstu":
+        return long_history_ranking_config(args, model={"relative_attention_bias": False}, features={})
+    tail = max(1, args.history // 8)
+    ultra = {"relative_attention_bias": False, "recompute_uvqk": True, "recompute_normed_x": True, "transducers": [
+        {"name": "imp", "sla_k1": max(1, args.history // 8), "sla_k2": max(1, args.history // 64),
+         "attn_truncation_split_layer": 1, "attn_truncation_tail_len": tail},
+        {"name": "click", "num_layers": max(1, args.layers - 1), "hidden_size": args.hidden // 2,
+         "num_attention_heads": max(1, args.heads // 2), "sla_k1": max(1, args.history // 16),
+         "sla_k2": max(1, args.history // 64)},
+    ]}
+    features = {
+        "imp": {"item_id": "item", "item_topic": "topic"}, "imp_action": "action", "imp_watchtime": "watch_time",
+        "imp_timestamp": "timestamp",
+        "click": {"click_item_id": "item", "click_item_topic": "topic"}, "click_action": "click_action",
+        "click_watchtime": "click_watch_time", "click_timestamp": "click_timestamp",
     }
+    return long_history_ranking_config(args, model=ultra, features=features)
 
 
 def measure_speed(args, model: str) -> dict:
@@ -84,34 +64,15 @@ def measure_speed(args, model: str) -> dict:
     from megatron_gr.training.trainer import Trainer
 
     trainer = Trainer(ExperimentConfig.from_dict(speed_config(args, model)))
-    cuda = trainer.runtime.device.type == "cuda"
-
-    def timed_step() -> tuple[float, dict]:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        record = trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, record
-
-    for _ in range(args.warmup_steps):
-        timed_step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], []
-    for _ in range(args.steps):
-        elapsed, record = timed_step()
-        times.append(elapsed)
-        tokens.append(record["tokens"])
+    times, tokens = time_steps(trainer, warmup=args.warmup_steps, steps=args.steps)
     median = statistics.median(times)
     result = {
-        "model": model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "model": model, "device": device_name(trainer),
         "precision": "bf16" if trainer.runtime.bf16 else "fp32", "backend": str(trainer.plan.backend),
         "history": args.history, "candidates": args.candidates, "users_per_step": args.users_per_batch,
         "tokens_per_step": statistics.mean(tokens), "median_step_s": median,
         "tokens_per_s": statistics.mean(tokens) / median, "requests_per_s": args.users_per_batch / median,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "step_s": times,
+        "peak_memory_gib": peak_memory_gib(trainer), "step_s": times,
     }
     shutdown()
     return result

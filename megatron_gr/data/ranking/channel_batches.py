@@ -83,17 +83,12 @@ class ChannelTrainingBatches(RankingTrainingBatches):
         self.lengths = sum(channel.layout.lengths for channel in channels.values())
 
     def next_step(self) -> list[ChannelBatch]:
-        first = self.consumed_samples
-        chosen = self._stream(first, self.global_batch_size)
-        self.consumed_samples += self.global_batch_size
+        first, chosen = self._next_global_samples()
         dropout_seed = step_dropout_seed(self.seed, first)
-        # Partitioned by index in the global batch: the index keys the sample's dropout.
-        parts = self.partition_fn(np.arange(chosen.size), self.lengths[chosen], self.num_micro_batches * self.dp_size)
-        mine = parts[self.dp_rank * self.num_micro_batches : (self.dp_rank + 1) * self.num_micro_batches]
         return [
             self.finish(make_channel_batch(self.channels, chosen[part], key_base=part.astype(np.int64),
                                            dropout_seed=dropout_seed))
-            for part in mine
+            for part in self._my_parts(self.lengths[chosen])
         ]
 
 

@@ -17,11 +17,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_gr.data.loader import PartitionFn, contiguous_partition, step_dropout_seed
+from megatron_gr.data.loader import PartitionFn, StepStream, contiguous_partition, step_dropout_seed
 from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.data.ranking.indexed import IndexedSamples
 from megatron_gr.data.ranking.samples import SPLITS, TRAIN
-from megatron_gr.seeding import derive_seed
 
 
 class SequenceLayout:
@@ -123,9 +122,10 @@ def _table_ids(tables, names: tuple[str, ...], dense: np.ndarray) -> torch.Tenso
     return out
 
 
-class RankingTrainingBatches:
+class RankingTrainingBatches(StepStream):
     """Micro-batches of one data-parallel rank over the training samples, one optimizer
-    step at a time; ``consumed_samples`` (the stream position) is the whole state."""
+    step at a time; ``consumed_samples`` (the stream position) is the whole state
+    (:class:`StepStream`)."""
 
     def __init__(
         self,
@@ -142,52 +142,27 @@ class RankingTrainingBatches:
         self.samples = np.flatnonzero(data.samples.split == TRAIN)
         if self.samples.size == 0:
             raise ValueError("the data has no training samples")
+        super().__init__(
+            num_examples=self.samples.size, micro_batch_size=micro_batch_size, num_micro_batches=num_micro_batches,
+            seed=seed, dp_rank=dp_rank, dp_size=dp_size, partition_fn=partition_fn,
+        )
         self.data, self.layout = data, layout
-        self.micro_batch_size = micro_batch_size
-        self.num_micro_batches = num_micro_batches
-        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
-        self.partition_fn = partition_fn
-        self.consumed_samples = 0
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.num_micro_batches * self.dp_size
-
-    def _stream(self, first: int, count: int) -> np.ndarray:
-        n = self.samples.size
-        out = np.empty(count, dtype=np.int64)
-        filled = 0
-        while filled < count:
-            epoch, offset = divmod(first + filled, n)
-            order = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(n)
-            take = min(count - filled, n - offset)
-            out[filled : filled + take] = self.samples[order[offset : offset + take]]
-            filled += take
-        return out
+    def _next_global_samples(self) -> tuple[int, np.ndarray]:
+        """The next step's stream position and its global batch (sample indices)."""
+        first, examples = self._next_global_batch()
+        return first, self.samples[examples]
 
     def next_step(self) -> list[RankingBatch]:
-        first = self.consumed_samples
-        chosen = self._stream(first, self.global_batch_size)
-        self.consumed_samples += self.global_batch_size
+        first, chosen = self._next_global_samples()
         dropout_seed = step_dropout_seed(self.seed, first)
-        # Partitioned by index in the global batch: the index keys the sample's dropout.
-        parts = self.partition_fn(
-            np.arange(chosen.size), self.layout.lengths[chosen], self.num_micro_batches * self.dp_size
-        )
-        mine = parts[self.dp_rank * self.num_micro_batches : (self.dp_rank + 1) * self.num_micro_batches]
         return [
             make_batch(
                 self.data, self.layout, chosen[part], key_base=part.astype(np.int64) * self.layout.max_seq_len,
                 dropout_seed=dropout_seed,
             )
-            for part in mine
+            for part in self._my_parts(self.layout.lengths[chosen])
         ]
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
 
 
 def ranking_evaluation_batches(

@@ -19,7 +19,8 @@ from megatron_gr.data.ranking.batch import RankingBatch
 from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.ranking.fusion_linear import fusion_linear
 from megatron_gr.models.ranking.preprocessor import RankingPreprocessor
-from megatron_gr.models.ranking.tower import MultiTaskTower, build_postprocessor, task_losses, task_scores
+from megatron_gr.models.ranking.feature_tables import first_stage_tables, vocabulary_cache
+from megatron_gr.models.ranking.tower import build_head, task_losses, task_scores
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.ops.keyed_dropout import DropoutKeys
 from megatron_gr.seeding import keyed_init
@@ -86,9 +87,7 @@ class DLRMHSTUModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.ranking = ranking
         self.tasks = list(ranking.tasks)
-        if pre_process and not tables:
-            raise ValueError("the first pipeline stage needs the feature tables")
-        self.tables = torch.nn.ModuleDict(tables) if pre_process else None
+        self.tables = first_stage_tables(tables, pre_process=pre_process)
         self.table_vocabularies = table_vocabularies or {}
         self.table_rows = dict(table_rows or {})
         # Sequence parallelism splits the tokens over the tensor-parallel group, context
@@ -105,13 +104,10 @@ class DLRMHSTUModel(MegatronModule):
             config, spec, pre_process=pre_process, post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage
         )
         if post_process:
-            with keyed_init(init_seed, "ranking", "tower"):
-                self.postprocessor = build_postprocessor(ranking, config.hidden_size, config.layernorm_epsilon)
-                self.tower = MultiTaskTower(
-                    ranking.tower, self.tasks, self.postprocessor.width, config.layernorm_epsilon,
-                    num_layers=config.num_layers, backend=backend,
-                    linear=fusion_linear(config),
-                )
+            self.postprocessor, self.tower = build_head(
+                ranking, self.tasks, config.hidden_size, config.layernorm_epsilon, num_layers=config.num_layers,
+                backend=backend, init_seed=init_seed, linear=fusion_linear(config),
+            )
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list):
@@ -158,12 +154,7 @@ class DLRMHSTUModel(MegatronModule):
 
     def _shard(self, batch: RankingBatch) -> BatchShard:
         """The tokens of ``batch`` this rank computes: all of them, or its context-parallel share."""
-        if self.context_group is None:
-            return BatchShard(None, None, batch.offsets.device)
-        return BatchShard.of(
-            batch.offsets_on_host(), group=self.context_group, device=batch.offsets.device,
-            split_threshold=self.config.context_parallel_split_threshold, contextual_len=self.config.contextual_len,
-        )
+        return BatchShard.of_batch(batch, group=self.context_group, config=self.config)
 
     @staticmethod
     def _local_candidates(batch: RankingBatch, shard: BatchShard) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -183,11 +174,7 @@ class DLRMHSTUModel(MegatronModule):
         batches need no exchange between ranks (which may hold different numbers of them)."""
         if not self.pre_process:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for name, table in self.tables.items():
-            if name in self.table_vocabularies:
-                stack.enter_context(table.evaluation_cache(self.table_vocabularies[name].to(self.preprocessor_device())))
-        return stack
+        return vocabulary_cache(self.tables, self.table_vocabularies, self.preprocessor_device())
 
     def preprocessor_device(self) -> torch.device:
         return next(self.preprocessor.parameters()).device

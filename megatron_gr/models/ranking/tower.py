@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from megatron_gr.config.ranking_config import RankingConfig, TaskConfig, TowerConfig
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.ops.keyed_dropout import DropoutKeys, keyed_dropout
+from megatron_gr.seeding import keyed_init
 from megatron_gr.transformer.dropout_sites import layer_site
 
 
@@ -62,6 +63,29 @@ def build_postprocessor(ranking: RankingConfig, width: int, eps: float) -> torch
             width, eps, period_units=ranking.time_period_units, units_per_period=ranking.time_units_per_period
         )
     return LayerNormPostprocessor(width, eps)
+
+
+def build_head(
+    ranking: RankingConfig,
+    tasks: list[TaskConfig],
+    width: int,
+    eps: float,
+    *,
+    num_layers: int,
+    backend: KernelBackend,
+    init_seed: Optional[int],
+    linear: Callable[..., torch.nn.Module] = torch.nn.Linear,
+) -> tuple[torch.nn.Module, "MultiTaskTower"]:
+    """The last stage's postprocessor of the ``width``-wide candidate outputs and the
+    multi-task tower after it, drawn under the key ``("ranking", "tower")`` (the same
+    initial values in DLRM-HSTU and ULTRA-HSTU). ``num_layers``: the STU layers before it
+    (its dropout sites follow theirs). ``linear``: the fusion layers' class (FP8 ones with
+    ``model.fp8``)."""
+    with keyed_init(init_seed, "ranking", "tower"):
+        postprocessor = build_postprocessor(ranking, width, eps)
+        tower = MultiTaskTower(ranking.tower, tasks, postprocessor.width, eps, num_layers=num_layers, backend=backend,
+                               linear=linear)
+    return postprocessor, tower
 
 
 def tower_site(num_layers: int, index: int) -> int:

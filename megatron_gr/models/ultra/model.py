@@ -39,7 +39,8 @@ from megatron_gr.embeddings.base import EmbeddingTable
 from megatron_gr.models.ranking.model import CandidateScores
 from megatron_gr.models.ranking.fusion_linear import fusion_linear
 from megatron_gr.models.ranking.preprocessor import RankingPreprocessor
-from megatron_gr.models.ranking.tower import MultiTaskTower, build_postprocessor, task_losses, task_scores
+from megatron_gr.models.ranking.feature_tables import first_stage_tables, vocabulary_cache
+from megatron_gr.models.ranking.tower import build_head, task_losses, task_scores
 from megatron_gr.models.ultra.streams import ChannelStreams
 from megatron_gr.ops.backend import KernelBackend
 from megatron_gr.ops.keyed_dropout import DropoutKeys
@@ -156,9 +157,7 @@ class UltraHSTUModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pre_process, post_process
         self.tasks = list(ranking.tasks)
-        if pre_process and not tables:
-            raise ValueError("the first pipeline stage needs the feature tables")
-        self.tables = torch.nn.ModuleDict(tables) if pre_process else None
+        self.tables = first_stage_tables(tables, pre_process=pre_process)
         self.table_vocabularies = table_vocabularies or {}
         self.table_rows = dict(table_rows or {})  # plain tables' rows, on every stage (checkpoints record them)
         self.token_group = pg_collection.tp if config.sequence_parallel else None
@@ -177,14 +176,11 @@ class UltraHSTUModel(MegatronModule):
             )
         self.channels = ChannelStacks(config, channels)
         if post_process:
-            width = sum(c.hidden_size for c in self.channel_configs.values())
-            with keyed_init(init_seed, "ranking", "tower"):
-                self.postprocessor = build_postprocessor(ranking, width, config.layernorm_epsilon)
-                self.tower = MultiTaskTower(
-                    ranking.tower, self.tasks, self.postprocessor.width, config.layernorm_epsilon,
-                    num_layers=max(c.num_layers for c in self.channel_configs.values()), backend=backend,
-                    linear=fusion_linear(config),
-                )
+            self.postprocessor, self.tower = build_head(
+                ranking, self.tasks, sum(c.hidden_size for c in self.channel_configs.values()),
+                config.layernorm_epsilon, num_layers=max(c.num_layers for c in self.channel_configs.values()),
+                backend=backend, init_seed=init_seed, linear=fusion_linear(config),
+            )
         self.streams = ChannelStreams()
         self.input_tensor = None
 
@@ -260,12 +256,8 @@ class UltraHSTUModel(MegatronModule):
         """As DLRM-HSTU: sharded tables read their whole vocabulary once."""
         if not self.pre_process:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
         device = next(self.channels[next(iter(self.channels))].preprocessor.parameters()).device
-        for name, table in self.tables.items():
-            if name in self.table_vocabularies:
-                stack.enter_context(table.evaluation_cache(self.table_vocabularies[name].to(device)))
-        return stack
+        return vocabulary_cache(self.tables, self.table_vocabularies, device)
 
 
 def _keys(batch: RankingBatch) -> Optional[DropoutKeys]:

@@ -55,6 +55,18 @@ class BatchShard:
         )
         return cls(split, group, device)
 
+    @classmethod
+    def of_batch(cls, batch, *, group: Optional[dist.ProcessGroup], config) -> "BatchShard":
+        """This rank's share of a jagged ``batch`` (``offsets``, ``offsets_on_host()``)
+        under the model ``config``'s split threshold and contextual length; ``group`` None
+        (no context parallelism): every token, without reading the offsets on the host."""
+        if group is None:
+            return cls(None, None, batch.offsets.device)
+        return cls.of(
+            batch.offsets_on_host(), group=group, device=batch.offsets.device,
+            split_threshold=config.context_parallel_split_threshold, contextual_len=config.contextual_len,
+        )
+
     def num_tokens(self, batch_tokens: int) -> int:
         return batch_tokens if self.split is None else self.split.num_tokens
 

@@ -10,14 +10,13 @@ import pytest
 
 from megatron_gr.checkpoint_tools import describe
 from megatron_gr.checkpoint_tools.reshard import reshard
-from tests.unit.parallel import test_ranking_multi_rank as dlrm
-from tests.unit.parallel import test_ultra_multi_rank as ultra
-from tests.unit.parallel.layouts import AFTER, LOSS_RTOL, STEPS, launch, resuming, saving
+from tests.unit.parallel.layouts import AFTER, LOSS_RTOL, STEPS, assert_rank_metrics_close, launch, resuming, saving
+from tests.unit.parallel.ranking_layouts import DYNAMIC, dlrm_config, ultra_config
 from tests.unit.parallel.scenarios import run_scenario
 
 pytestmark = pytest.mark.slow
 
-MODELS = {"dlrm_hstu": dlrm.config, "ultra_hstu": ultra.config}
+MODELS = {"dlrm_hstu": dlrm_config, "ultra_hstu": ultra_config}
 
 
 def test_resharded_ranking_checkpoints_load_under_the_new_layout_with_the_same_metrics(megatron_cpu, tmp_path):
@@ -35,7 +34,7 @@ def test_resharded_ranking_checkpoints_load_under_the_new_layout_with_the_same_m
     for name, reference in references.items():
         run = runs[name]
         assert run["start_iteration"] == STEPS
-        dlrm.assert_metrics_close(run["valid"], reference["valid"])
+        assert_rank_metrics_close(run["valid"], reference["valid"])
         assert 0.0 < reference["valid"]["auc"] < 1.0
         assert run["losses"] == pytest.approx(reference["losses"][STEPS:STEPS + AFTER], rel=LOSS_RTOL)
 
@@ -46,7 +45,7 @@ def test_the_ranking_stand_in_holds_the_saved_table_rows(megatron_cpu, tmp_path)
     from megatron_gr.config import ExperimentConfig
     from megatron_gr.models.registry import get_train_spec
 
-    raw = dlrm.config(tmp_path, "stand_in", tables=dlrm.DYNAMIC)
+    raw = dlrm_config(tmp_path, "stand_in", tables=DYNAMIC)
     saved = ExperimentConfig.from_dict(raw)
     facts = {"model_type": "DLRMHSTUModel", "table_rows": {"topic": 4, "segment": 7, "activity": 5}}
     stand_in = get_train_spec("ranking").checkpoint_dataset(saved, facts)

@@ -7,7 +7,6 @@ trained."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from tests.triton_support import triton_or_skip
@@ -22,18 +21,6 @@ from megatron_gr.models.registry import get_train_spec  # noqa: E402
 from megatron_gr.ops.backend import KernelBackend  # noqa: E402
 from megatron_gr.training.plan import make_plan  # noqa: E402
 from tests.unit.models.test_ranking_model import tiny  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def megatron_runtime(request):
-    if DEVICE == "cpu":
-        yield request.getfixturevalue("megatron_cpu")
-        return
-    from megatron_gr.config import TrainingConfig
-    from megatron_gr.training.runtime import initialize, shutdown
-
-    yield initialize(TrainingConfig(device="cuda", seed=1234))
-    shutdown()
 
 
 def model_on(backend: KernelBackend, config: ExperimentConfig, dataset, plan) -> DLRMHSTUModel:

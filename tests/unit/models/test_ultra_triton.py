@@ -19,7 +19,6 @@ from megatron_gr.models.registry import get_train_spec  # noqa: E402
 from megatron_gr.models.ultra.model import UltraHSTUModel  # noqa: E402
 from megatron_gr.ops.backend import KernelBackend  # noqa: E402
 from megatron_gr.training.plan import make_plan  # noqa: E402
-from tests.unit.models.test_ranking_triton import megatron_runtime  # noqa: E402,F401
 from tests.unit.models.test_ultra_model import CLICK, IMP, TWO_CHANNELS, tiny  # noqa: E402
 
 

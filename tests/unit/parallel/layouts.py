@@ -47,6 +47,13 @@ WEIGHT_FLOOR = 0.1
 # overlapped, and buckets small enough that several reductions run during the backward.
 OVERLAP = {"overlap_grad_reduce": True, "overlap_param_gather": True, "ddp_bucket_size": 2000}
 DEFAULT_DROPOUT = {"hidden": 0.2, "embedding": 0.2}  # what the runs use: the defaults
+# Metrics computed from ranks of scores (AUC, GAUC) move by 1/(positives x negatives),
+# about 1e-4 in the ranking runs, if two candidates' scores are closer than the layouts'
+# rounding differences (~1e-7) and swap; the others are continuous.
+RANK_METRICS_ATOL = 1e-3
+# Seen: dynamic-table rows within 4e-9 of the single rank's (fp32, Adam on the rows);
+# sharding the table over the whole world instead of the data-parallel group moves them far more.
+ROW_ATOL = 1e-6
 
 
 def config(tmp: Path, name: str, *, tp=1, pp=1, sp=False, load=None, save=None, **parallel) -> dict:
@@ -106,6 +113,43 @@ def assert_same_training(run: dict, reference: dict, *, weights=None) -> None:
     for step in range(steps):
         assert_grads_close(run["grads"][step], reference["grads"][step], reference["grad_norms"][step], step + 1)
     (weights or assert_weights_close)(run["params"], reference["params"])
+
+
+def assert_resumed(after: dict, before: dict, *, metrics=None, weights=None) -> None:
+    """The run that loaded ``before``'s checkpoint starts at STEPS, evaluates to its metrics
+    (``metrics``: the comparison; default within 1e-6 relative) and continues with its
+    losses and weights (``weights``: the comparison)."""
+    assert after["start_iteration"] == STEPS
+    if metrics is None:
+        assert after["valid"] == pytest.approx(before["valid"], rel=1e-6)
+    else:
+        metrics(after["valid"], before["valid"])
+    assert after["losses"] == pytest.approx(before["losses"][STEPS:], rel=LOSS_RTOL)
+    (weights or assert_weights_close)(after["final_params"], before["final_params"])
+
+
+def assert_rank_metrics_close(actual: dict, expected: dict) -> None:
+    """Metrics computed from ranks of scores (keys ending in ``auc``) within
+    RANK_METRICS_ATOL, the others within 1e-6 relative."""
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if key.endswith("auc"):
+            assert actual[key] == pytest.approx(value, abs=RANK_METRICS_ATOL), key
+        else:
+            assert actual[key] == pytest.approx(value, rel=1e-6), key
+
+
+def assert_rows_close(actual: dict, expected: dict) -> None:
+    """Every dynamic table stores the same ids with rows within ROW_ATOL; its
+    tensor-parallel copies are equal."""
+    assert actual["replica_max_diff"] == 0.0, "tensor-parallel copies of a dynamic table differ"
+    assert actual.keys() == expected.keys()
+    for name, rows in expected.items():
+        if name == "replica_max_diff":
+            continue
+        assert actual[name].keys() == rows.keys(), f"dynamic table {name} stores other ids"
+        error = max(float((actual[name][key] - row).abs().max()) for key, row in rows.items())
+        assert error <= ROW_ATOL, f"dynamic table {name}: rows differ by {error:.2e}"
 
 
 def assert_grads_close(actual: dict, expected: dict, grad_norm: float, step: int) -> None:

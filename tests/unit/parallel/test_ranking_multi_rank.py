@@ -18,48 +18,21 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.parallel.layouts import (
-    LOSS_RTOL,
-    STEPS,
+    assert_rank_metrics_close,
+    assert_resumed,
+    assert_rows_close,
     assert_same_training,
-    assert_weights_close,
     launch,
     parity,
     resuming,
     saving,
     single_rank,
 )
-from tests.unit.parallel.layouts import config as base_config
+from tests.unit.parallel.ranking_layouts import CP, DYNAMIC
+from tests.unit.parallel.ranking_layouts import dlrm_config as config
 from tests.unit.parallel.scenarios import run_scenario
-from tests.unit.parallel.test_dynamic_multi_rank import assert_rows_close
 
 pytestmark = pytest.mark.slow
-
-# Metrics computed from ranks of scores (AUC, GAUC) move by 1/(positives x negatives),
-# about 1e-4 here, if two candidates' scores are closer than the layouts' rounding
-# differences (~1e-7) and swap; the others are continuous.
-RANK_METRICS_ATOL = 1e-3
-PLAIN = {"item": {"dim": 8}, "topic": {"dim": 4}, "segment": {"dim": 4}, "activity": {"dim": 4}}
-DYNAMIC = {**PLAIN, "item": {"dim": 8, "type": "dynamic", "dynamic": {"capacity": 256, "bucket_size": 16}}}
-CP = {"context_parallel_size": 2, "context_parallel_split_threshold": 8}
-
-
-def config(tmp, name, *, tables=PLAIN, **layout) -> dict:
-    raw = base_config(tmp, name, **layout)
-    # 4 layers (2 per stage under PP=2), 2 heads; the default dropout (0.2) on the inputs
-    # and the STU layers, 0.1 in the tower: keyed masks, the same on every layout.
-    raw["model"] = {"type": "ranking", "num_layers": 4, "hidden_size": 16, "num_attention_heads": 2,
-                    "qk_head_dim": 8, "v_head_dim": 8, "max_seq_len": 32, "num_time_buckets": 32,
-                    "time_bucket_fn": "log"}
-    raw["embeddings"] = tables
-    raw["ranking"] = {"action_encoder": {"watchtime_thresholds": [5.0], "dim": 4, "mlp_hidden": 8},
-                      "content_encoder": {"mlp_hidden": 8}, "tower": {"hidden_sizes": [8], "dropout": 0.1},
-                      "output_postprocessor": "timestamp_layernorm"}
-    # Histories of 3 to 18 events, 3 candidates per request: sequences of 8 to 23 tokens;
-    # odd totals exercise the sequence-parallel padding.
-    raw["data"] = {"ranking": {"synthetic": {"num_users": 40, "num_items": 30, "num_topics": 3, "requests_per_user": 3,
-                                             "candidates_per_request": 3, "min_warmup_requests": 1,
-                                             "max_warmup_requests": 5, "seed": 4}}}
-    return raw
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +56,6 @@ def records(megatron_cpu, tmp_path_factory):
     return {**four, **single}
 
 
-def assert_metrics_close(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        if key.endswith("auc"):
-            assert actual[key] == pytest.approx(value, abs=RANK_METRICS_ATOL), key
-        else:
-            assert actual[key] == pytest.approx(value, rel=1e-6), key
-
-
 LAYOUTS = {  # name: ((tp, pp, dp, cp), single-rank reference)
     "tp2_pp2_sp": ((2, 2, 1, 1), "single"),
     "tp2_sp_dp2": ((2, 1, 2, 1), "single"),
@@ -113,13 +77,9 @@ def test_ranking_layout_reproduces_single_rank(records, name):
     if name.endswith("dynamic"):
         assert len(single["rows"]["item"]) > 20
         assert_rows_close(run["rows"], single["rows"])
-    assert_metrics_close(run["valid"], single["valid"])
+    assert_rank_metrics_close(run["valid"], single["valid"])
     assert 0.0 < single["valid"]["auc"] < 1.0 and "click/gauc" in single["valid"]
 
 
 def test_ranking_checkpoint_of_tp2_pp2_loads_into_one_rank(records):
-    before, after = records["tp2_pp2_sp"], records["tp2pp2_to_single"]
-    assert after["start_iteration"] == STEPS
-    assert_metrics_close(after["valid"], before["valid"])
-    assert after["losses"] == pytest.approx(before["losses"][STEPS:], rel=LOSS_RTOL)
-    assert_weights_close(after["final_params"], before["final_params"])
+    assert_resumed(records["tp2pp2_to_single"], records["tp2_pp2_sp"], metrics=assert_rank_metrics_close)

@@ -18,56 +18,19 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.parallel.layouts import (
-    LOSS_RTOL,
-    STEPS,
+    assert_rank_metrics_close,
+    assert_resumed,
     assert_same_training,
-    assert_weights_close,
     launch,
     parity,
     resuming,
     saving,
     single_rank,
 )
-from tests.unit.parallel.layouts import config as base_config
+from tests.unit.parallel.ranking_layouts import ultra_config as config
 from tests.unit.parallel.scenarios import run_scenario
-from tests.unit.parallel.test_ranking_multi_rank import assert_metrics_close
 
 pytestmark = pytest.mark.slow
-
-TABLES = {"item": {"dim": 8}, "topic": {"dim": 4}, "segment": {"dim": 4}, "activity": {"dim": 4}}
-CHANNELS = [
-    # 4 layers: the layer after the split (2) is on the first stage under PP=2
-    {"name": "imp", "num_layers": 4, "sla_k1": 6, "sla_k2": 4, "attn_truncation_split_layer": 1,
-     "attn_truncation_tail_len": 5},
-    # 2 layers: the split is the stage boundary; the second stage's layer truncates
-    {"name": "click", "num_layers": 2, "hidden_size": 8, "qk_head_dim": 4, "v_head_dim": 4,
-     "attn_truncation_split_layer": 1, "attn_truncation_tail_len": 2},
-]
-GROUPS = {
-    "imp": {"item_id": "item", "item_topic": "topic"}, "imp_action": "action", "imp_watchtime": "watch_time",
-    "imp_timestamp": "timestamp",
-    "click": {"click_item_id": "item", "click_item_topic": "topic"}, "click_action": "click_action",
-    "click_watchtime": "click_watch_time", "click_timestamp": "click_timestamp",
-}
-
-
-def config(tmp, name, *, mhc=False, **layout) -> dict:
-    raw = base_config(tmp, name, **layout)
-    # the default dropout (0.2) on the inputs and the STU layers, 0.1 in the tower
-    raw["model"] = {"type": "ranking", "num_layers": 4, "hidden_size": 16, "num_attention_heads": 2, "qk_head_dim": 8,
-                    "v_head_dim": 8, "max_seq_len": 32, "num_time_buckets": 32, "time_bucket_fn": "log",
-                    "transducers": CHANNELS, "recompute_uvqk": True, "recompute_normed_x": not mhc,
-                    "enable_hyper_connections": mhc, "num_residual_streams": 2}
-    raw["embeddings"] = TABLES
-    raw["ranking"] = {"features": GROUPS, "action_encoder": {"watchtime_thresholds": [5.0], "dim": 4, "mlp_hidden": 8},
-                      "content_encoder": {"mlp_hidden": 8}, "tower": {"hidden_sizes": [8], "dropout": 0.1},
-                      "output_postprocessor": "timestamp_layernorm"}
-    # Histories of 3 to 18 events (clicks: fewer), 3 candidates per request; odd token
-    # totals exercise the sequence-parallel padding before and after truncation.
-    raw["data"] = {"ranking": {"synthetic": {"num_users": 40, "num_items": 30, "num_topics": 3, "requests_per_user": 3,
-                                             "candidates_per_request": 3, "min_warmup_requests": 1,
-                                             "max_warmup_requests": 5, "seed": 4}}}
-    return raw
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +67,9 @@ def test_ultra_layout_reproduces_single_rank(records, name):
     assert run["layout"]["dropout"] == {"hidden": 0.2, "embedding": 0.2}
     assert_same_training(run, single)  # STEPS, or STEPS + AFTER for the layout that also saved
     assert any(key.startswith("channels.click.") for key in single["params"])
-    assert_metrics_close(run["valid"], single["valid"])
+    assert_rank_metrics_close(run["valid"], single["valid"])
     assert 0.0 < single["valid"]["auc"] < 1.0
 
 
 def test_ultra_checkpoint_of_tp2_pp2_loads_into_one_rank(records):
-    before, after = records["tp2_pp2_sp"], records["tp2pp2_to_single"]
-    assert after["start_iteration"] == STEPS
-    assert_metrics_close(after["valid"], before["valid"])
-    assert after["losses"] == pytest.approx(before["losses"][STEPS:], rel=LOSS_RTOL)
-    assert_weights_close(after["final_params"], before["final_params"])
+    assert_resumed(records["tp2pp2_to_single"], records["tp2_pp2_sp"], metrics=assert_rank_metrics_close)

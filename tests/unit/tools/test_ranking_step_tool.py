@@ -30,6 +30,9 @@ def test_ranking_step_benchmark_prints_a_row(tmp_path):
 
 
 def load_tool():
+    tools = str(REPO / "tools/benchmarks")
+    if tools not in sys.path:  # its sibling helper (step_timing) imports as it does when run as a script
+        sys.path.insert(0, tools)
     spec = importlib.util.spec_from_file_location("ranking_step", REPO / "tools/benchmarks/ranking_step.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

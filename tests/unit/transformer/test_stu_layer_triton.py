@@ -15,19 +15,6 @@ from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams  # noqa: E
 from tests.unit.transformer.helpers import make_layer  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def megatron_runtime(request):
-    """Megatron's parallel state on the device the kernels run on (CPU mode off a GPU)."""
-    if DEVICE == "cpu":
-        yield request.getfixturevalue("megatron_cpu")
-        return
-    from megatron_gr.config import TrainingConfig
-    from megatron_gr.training.runtime import initialize, shutdown
-
-    yield initialize(TrainingConfig(device="cuda", seed=1234))
-    shutdown()
-
-
 @pytest.mark.parametrize("sla", [False, True])
 def test_triton_layer_matches_pytorch_layer(megatron_runtime, sla):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
