@@ -20,33 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from step_timing import time_us  # the sibling helper (this directory is on sys.path when run)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-
-def time_us(fn, warmup: int, reps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e6)
-    return statistics.median(times)
 
 
 def cases(tokens: int, width: int, streams: int, p: float, device: torch.device):

@@ -32,12 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from step_timing import time_us  # the sibling helper (this directory is on sys.path when run)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -132,25 +131,6 @@ def make_case(op, tokens, n, channels, dtype, device, *, dropout, iterations, se
         return (merged, *mhc_pre(merged, *leaves[5:], iterations=iterations, eps=1e-5, kernel=kernel))
 
     return separate, leaves, fwd, bwd
-
-
-def time_us(fn, warmup: int, reps: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e6)
-    return statistics.median(times)
 
 
 def run_case(op, kernel, tokens, n, channels, dtype, device, args, blocks=None):

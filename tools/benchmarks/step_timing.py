@@ -1,5 +1,6 @@
-"""What the training-step benchmarks share: the timing of one step (the device
-synchronized around it), warm-up plus timed steps, and the synthetic ranking experiment
+"""What the benchmarks share: the timing of one training step (the device synchronized
+around it), warm-up plus timed steps, the median device time of one op call
+(``time_us``: ``mhc_ops.py``, ``keyed_dropout.py``), and the synthetic ranking experiment
 at long histories that ``ranking_step.py`` and ``ultra_hstu.py`` time.
 
 Imported by the scripts beside it (their directory is on ``sys.path`` when run).
@@ -7,10 +8,32 @@ Imported by the scripts beside it (their directory is on ``sys.path`` when run).
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Optional
 
 import torch
+
+
+def time_us(fn, warmup: int, reps: int, device: torch.device) -> float:
+    """Median microseconds of ``fn()`` after ``warmup`` calls: CUDA events around each call
+    on a GPU, the wall clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e6)
+    return statistics.median(times)
 
 
 def is_cuda(trainer) -> bool:
