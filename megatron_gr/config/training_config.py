@@ -82,6 +82,11 @@ class TrainingConfig:
     every count; each replay draws the step's keyed dropout masks (the eager step's). Not
     with context parallelism, FP8, SASRec blocks or the ranking models. See ``docs/benchmarks/cuda_graphs.md``."""
 
+    prefetch_batches: bool = True
+    """Build the next step's micro-batches on a worker thread while this step runs (and, on
+    a GPU, copy them on a side stream). Off: each step builds and copies its batches when it
+    starts (the same batches: checkpoints and resumes do not depend on it)."""
+
     cuda_graph_max_tokens: int = 16384
     """Micro-batches of more tokens than this run eagerly (they keep the GPU busy anyway);
     the largest captured count, which bounds the graphs' memory."""

@@ -27,8 +27,9 @@ from megatron_gr.data.jagged import JaggedBatch
 class PrefetchingStream:
     """A training stream whose next step is built (and, on CUDA, copied) ahead."""
 
-    def __init__(self, stream, device: torch.device):
+    def __init__(self, stream, device: torch.device, *, background: bool = True):
         self.stream = stream
+        self.background = background  # False: each step built (and copied) when asked for
         self.device = torch.device(device)
         self.consumed_samples = stream.consumed_samples
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -42,10 +43,13 @@ class PrefetchingStream:
         return getattr(self.stream, name)
 
     def next_step(self) -> list[JaggedBatch]:
-        if self._thread is None:
-            self._start()
-        self._thread.join()
-        self._thread = None
+        if not self.background:
+            self._build()
+        else:
+            if self._thread is None:
+                self._start()
+            self._thread.join()
+            self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -80,6 +84,8 @@ class PrefetchingStream:
         self._ready, self._error = None, None
 
     def _start(self) -> None:
+        if not self.background:
+            return
         self._thread = threading.Thread(target=self._build, name="megatron_gr-prefetch", daemon=True)
         self._thread.start()
 

@@ -68,7 +68,7 @@ class Trainer:
         stream = self.spec.training_stream(
             self.plan, self.dataset, parallel_state.get_data_parallel_rank(), self.plan.layout.data
         )
-        self.loader = PrefetchingStream(stream, self.runtime.device)
+        self.loader = PrefetchingStream(stream, self.runtime.device, background=config.training.prefetch_batches)
         self.state = TrainState()
         self.best_weights: Optional[dict] = None
         self._validated_at: Optional[int] = None

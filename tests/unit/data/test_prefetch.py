@@ -41,6 +41,18 @@ def test_same_batches_and_positions_as_the_wrapped_stream():
     assert wrapped.global_batch_size == plain.global_batch_size
 
 
+def test_without_the_worker_each_step_is_built_when_asked_for():
+    plain, inline = _stream(), PrefetchingStream(_stream(), torch.device("cpu"), background=False)
+    for _ in range(3):
+        _same(inline.next_step(), plain.next_step())
+        assert inline.stream.consumed_samples == inline.consumed_samples == plain.consumed_samples  # nothing ahead
+    inline.load_state_dict({"consumed_samples": 0})
+    fresh = _stream()
+    _same(inline.next_step(), fresh.next_step())
+    inline.close()
+    assert inline.stream.consumed_samples == fresh.consumed_samples
+
+
 def test_loading_a_state_drops_the_step_built_ahead():
     wrapped = PrefetchingStream(_stream(), torch.device("cpu"))
     first = wrapped.next_step()
