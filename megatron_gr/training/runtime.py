@@ -18,6 +18,7 @@ from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.parallel_config import ParallelConfig
 from megatron_gr.config.training_config import TrainingConfig
 from megatron_gr.seeding import derive_seed
+from megatron_gr.training.process_group_check import check_process_group_fits
 
 # What initialize() entered for the life of the runtime (CPU mode on a CPU device) and
 # shutdown() leaves; initialize() on a GPU leaves it too.
@@ -77,6 +78,7 @@ def initialize(
     """
     device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
+    check_process_group_fits(device)  # a gloo group under a CUDA run would crash in the optimizer
     _hold_cpu_mode(device.type == "cpu")
     _hold_fast_optimizer_ops(True)
     if device.type == "cuda":

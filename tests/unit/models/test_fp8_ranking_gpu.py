@@ -7,6 +7,11 @@ Triton casts and the plan-time FP8 check as a real run has them:
 - DLRM-HSTU and ULTRA-HSTU trained in FP8 for 20 steps against the same runs in bf16
   (same seed, same batches): every step's loss within 5% of bf16's and the mean distance
   within 2% (a lost scale or a wrong operand is off by O(1) at the first step).
+
+Both run on the GPU for real: the tower's linear needs no process group, and the training
+runs share the module's CUDA runtime (``megatron_runtime``: NCCL). Never ``megatron_cpu``
+here: its CPU mode sends ``device="cuda"`` tensors to the CPU, and its gloo group crashed
+the distributed optimizer of a CUDA run.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ RECIPES = pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "rowwise"]
 
 
 @RECIPES
-def test_tower_fp8_linear_tracks_bf16(megatron_cpu, recipe):
+def test_tower_fp8_linear_tracks_bf16(recipe):
     from megatron_gr.transformer.fp8.replicated_linear import Fp8Linear
 
     torch.manual_seed(0)
     fp8 = Fp8Linear(1028, 520, config=fp8_config(fp8_recipe=recipe)).cuda().bfloat16()
+    assert fp8.weight.is_cuda  # on the GPU: the Triton cast and CUDA's _scaled_mm
     plain = torch.nn.Linear(1028, 520).cuda().bfloat16()
     plain.load_state_dict(fp8.state_dict())
     x = torch.randn(3001, 1028, device="cuda", dtype=torch.bfloat16)
@@ -57,7 +63,8 @@ def gpu_run(tmp_path, model, features=None):
 
 @RECIPES
 @pytest.mark.parametrize("variant", ["dlrm_hstu", "ultra_hstu"])
-def test_fp8_ranking_training_tracks_bf16(megatron_cpu, tmp_path, recipe, variant):
+def test_fp8_ranking_training_tracks_bf16(megatron_runtime, tmp_path, recipe, variant):
+    assert megatron_runtime.device.type == "cuda" and torch.distributed.get_backend() == "nccl"
     model, features = {}, None
     if variant == "ultra_hstu":
         model, features = {"transducers": CHANNELS, "recompute_uvqk": recipe != "delayed"}, {**IMP, **CLICK}

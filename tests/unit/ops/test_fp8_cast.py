@@ -15,6 +15,7 @@ from tests.triton_support import triton_or_skip
 DEVICE = triton_or_skip()
 
 from megatron_gr.ops.fp8_cast import fp8_cast  # noqa: E402
+from megatron_gr.ops.pytorch.fp8_cast import fp8_scale_view  # noqa: E402
 
 FORMATS = pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 
@@ -64,8 +65,9 @@ def test_triton_matches_reference_bitwise(dtype, scale_axis, transpose_input):
         results[kernel] = (data, data_t, amax)
     (ref, ref_t, ref_amax), (out, out_t, out_amax) = results["pytorch"], results["triton"]
     assert out_t.shape == (cols, 80) and out_t.is_contiguous()
-    assert torch.equal(out.float(), ref.float())
-    assert torch.equal(out_t.float(), ref_t.float())
+    scaled = x * fp8_scale_view(scale, scale_axis)
+    assert_same_bits(out, ref, scaled)  # bits: -0 and +0 differ too
+    assert_same_bits(out_t[:, :rows], ref_t[:, :rows], scaled.t())
     assert torch.equal(out_t[:, rows:].float(), torch.zeros(cols, 80 - rows, device=DEVICE))
     assert out_amax.item() == ref_amax.item() == x.abs().max().item()
 
@@ -98,6 +100,16 @@ def test_rejects_bad_arguments():
         fp8_cast(x, torch.ones(1), dtype=torch.float8_e4m3fn, kernel="cuda")
 
 
+def assert_same_bits(out: torch.Tensor, ref: torch.Tensor, scaled: torch.Tensor) -> None:
+    """Bitwise equality, and on failure the first differing inputs with both results."""
+    differ = out.view(torch.uint8) != ref.view(torch.uint8)
+    if differ.any():
+        where = differ.nonzero()[:8].unbind(1)
+        rows = zip(scaled[where].tolist(), ref[where].float().tolist(), out[where].float().tolist())
+        shown = "; ".join(f"x*scale={v!r}: reference {r!r}, triton {t!r}" for v, r, t in rows)
+        raise AssertionError(f"{int(differ.sum())} of {differ.numel()} values differ, e.g. {shown}")
+
+
 @pytest.mark.gpu
 @FORMATS
 @pytest.mark.parametrize("shape", [(16384, 1024), (8195, 4096)])
@@ -106,5 +118,6 @@ def test_triton_matches_reference_at_training_sizes(dtype, shape):
     scale = torch.tensor([3.0], device="cuda")
     ref, ref_t = fp8_cast(x, scale, dtype=dtype, transposed=True, pad_to=16)
     out, out_t = fp8_cast(x, scale, dtype=dtype, transposed=True, pad_to=16, kernel="triton")
-    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
-    assert torch.equal(out_t.view(torch.uint8), ref_t.view(torch.uint8))
+    assert_same_bits(out, ref, x.float() * 3)
+    assert_same_bits(out_t, ref_t, torch.nn.functional.pad(x.float().t() * 3, (0, out_t.shape[1] - x.shape[0])))
+
