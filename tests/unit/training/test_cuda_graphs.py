@@ -342,7 +342,7 @@ def test_gpu_replayed_parameter_gradients_equal_eager_ones(tmp_path, mode, hyper
     assert runner is not None and runner.capture_memory_bytes > 0
     batch = trainer.loader.next_step()[0]
     for _ in range(2):
-        _check_parameter_gradients(model, runner, batch, tolerance=1e-3)
+        _check_parameter_gradients(model, runner, batch, tolerance=2e-3)  # CPU, emulated: < 1e-6
 
 
 @pytest.mark.gpu
