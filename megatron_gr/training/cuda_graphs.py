@@ -19,7 +19,10 @@ How it fits the model:
   graph, which leaves the input and parameter gradients in static buffers; autograd then
   accumulates the parameter gradients as usual, so megatron's DDP hooks add them to the
   main gradients. Consecutive units share their static tensors, so inside a stack no copy
-  is made.
+  is made. A unit is captured (and warmed up) on aliases of its parameters made in the
+  capture, its gradients taken with respect to them: the parameters' own gradient nodes
+  live on the default stream, which a capture on a side stream must not make wait
+  (``graph_aliases``).
 - Memory. All buckets of one in-flight micro-batch share one graph memory pool (one
   micro-batch runs forward then backward before the next, so the captures never overlap
   in time); under pipeline parallelism each in-flight micro-batch gets its own pool.
@@ -47,6 +50,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core.tensor_parallel import random as mp_random
 
+from megatron_gr.training.graph_aliases import parameter_aliases, trainable_parameters
 from megatron_gr.training.graph_inputs import StaticBatch, WordTables
 from megatron_gr.transformer.dropout_sites import num_sites
 from megatron_gr.transformer.graph_buckets import TokenBuckets, padded_offsets
@@ -67,7 +71,13 @@ class _Unit:
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        return trainable_parameters(self.module)
+
+    def run_aliased(self, hidden: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, ...]:
+        """``(output, *aliases)``: the unit run on its parameters' aliases made now, in the
+        order of :attr:`params` (``graph_aliases``: its gradients are taken with respect to them)."""
+        with parameter_aliases(self.module) as aliases:
+            return (self.run(hidden, batch), *aliases)
 
 
 @dataclass
@@ -126,7 +136,7 @@ class _EmulatedGraph:
         with torch.no_grad():
             for static, value in zip(_as_list(self.outputs), _as_list(self.fresh)):
                 if static is not None and value is not None:
-                    static.copy_(value)
+                    _copy_if_other(static, value)  # a parameter's alias: already there
 
 
 def _as_list(value) -> list:
@@ -229,22 +239,28 @@ class GraphRunner:
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         captured = _Captured(batch=batch, slot=slot)
+        aliases = []  # of each unit's parameters, made in its forward capture (graph_aliases)
         value = hidden
         for unit in self.units:  # forward graphs, in replay order
             static_in = value.detach().requires_grad_()
-            graph, value = self._record(slot, stream, functools.partial(unit.run, static_in, batch))
+            run = functools.partial(unit.run_aliased, static_in, batch)
+            graph, (value, *unit_aliases) = self._record(slot, stream, run)
             captured.inputs.append(static_in)
             captured.outputs.append(value)
             captured.forward_graphs.append(graph)
+            aliases.append(unit_aliases)
         grad = torch.zeros_like(value)
         backward = []
         for index in reversed(range(len(self.units))):  # backward graphs, in replay order
-            inputs = [captured.inputs[index], *self.units[index].params]
             forward = captured.forward_graphs[index]
 
-            def work(index=index, inputs=inputs, grad=grad, forward=forward):
-                output = forward.fresh if isinstance(forward, _EmulatedGraph) and forward.fresh is not None \
-                    else captured.outputs[index]
+            def work(index=index, grad=grad, forward=forward):
+                # Emulated: the latest forward run's output and aliases (each run makes new ones).
+                if isinstance(forward, _EmulatedGraph) and forward.fresh is not None:
+                    output, *unit_aliases = forward.fresh
+                else:
+                    output, unit_aliases = captured.outputs[index], aliases[index]
+                inputs = [captured.inputs[index], *unit_aliases]
                 return torch.autograd.grad(output, inputs, grad_outputs=grad, allow_unused=True)
 
             graph, grads = self._record(slot, stream, work)
@@ -271,11 +287,11 @@ class GraphRunner:
 
     def _eager_chain(self, hidden, batch: StaticBatch) -> None:
         value = hidden.detach().requires_grad_()
-        out = value
-        for unit in self.units:
-            out = unit.run(out, batch)
-        params = [p for unit in self.units for p in unit.params]
-        torch.autograd.grad(out, [value, *params], grad_outputs=torch.ones_like(out), allow_unused=True)
+        out, aliases = value, []
+        for unit in self.units:  # as captured: on aliases (not to touch the parameters' nodes)
+            out, *unit_aliases = unit.run_aliased(out, batch)
+            aliases += unit_aliases
+        torch.autograd.grad(out, [value, *aliases], grad_outputs=torch.ones_like(out), allow_unused=True)
 
     def statistics(self) -> dict:
         return {

@@ -41,7 +41,7 @@ wait; grep -iE "error|Traceback" /tmp/warm.log | tail -5
 # 2. timed runs, one at a time
 timeout 170 python3 $B/e2e_step.py $S --steps 15 --profile-steps 2 --json "$O/e2e.json" > "$O/e2e.log" 2>&1
 echo "e2e rc=$?"; grep -E "^\| (before|after|reference)|^loss parity" "$O/e2e.log"
-timeout 50 python3 $B/e2e_step.py $G --steps 30 --profile-steps 0 --matmul-size 0 --json "$O/graphs.json" > "$O/graphs.log" 2>&1
+timeout 90 python3 $B/e2e_step.py $G --steps 30 --profile-steps 0 --matmul-size 0 --json "$O/graphs.json" > "$O/graphs.log" 2>&1
 echo "graphs rc=$?"; grep "^| after" "$O/graphs.log"
 timeout 30 python3 $B/hstu_attention.py $A --warmup 2 --reps 5 > "$O/attn.log" 2>&1
 echo "attn rc=$?"; grep "^4x256" "$O/attn.log"

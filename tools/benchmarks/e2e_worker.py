@@ -143,6 +143,17 @@ def _graph_statistics(trainer) -> dict:
     return {"cuda_graphs": runner.statistics()} if runner is not None else {}
 
 
+def run_length(config, total_steps: int) -> int:
+    """``train_iters`` of a measured run: the steps it takes, longer where the config's LR
+    warm-up needs it (a warm-up must end before the decay: ML-100K warms up over 50 steps),
+    so the steps taken see the config's own rates. getattr: older trees run this too."""
+    training = config.training
+    length = max(total_steps, 2)
+    if getattr(training, "lr_decay_iters", None) is None:  # the decay length is train_iters
+        length = max(length, getattr(training, "lr_warmup_iters", 0) + 1)
+    return length
+
+
 def main(spec_path: str, result_path: str) -> int:
     from megatron_gr.config import resolve_config
     from megatron_gr.config.errors import ConfigError
@@ -155,8 +166,7 @@ def main(spec_path: str, result_path: str) -> int:
 
         speedups_off().__enter__()  # for the whole process
     total_steps = spec["warmup"] + spec["steps"] + spec["profile_steps"]
-    fixed = [(["logging", "progress"], "off"), (["training", "eval_interval"], 0),
-             (["training", "train_iters"], max(total_steps, 2))]
+    fixed = [(["logging", "progress"], "off"), (["training", "eval_interval"], 0)]
     result = {"matmul_ceiling_tflops": None, "variants": {}}
     if torch.cuda.is_available() and spec.get("matmul_size"):
         result["matmul_ceiling_tflops"] = matmul_ceiling_tflops(spec["matmul_size"])
@@ -165,7 +175,9 @@ def main(spec_path: str, result_path: str) -> int:
             continue
         overrides = [tuple(o) for o in spec["overrides"]] + [tuple(o) for o in variant["overrides"]] + fixed
         try:
-            trainer = Trainer(resolve_config(spec["config"], overrides))
+            probe = resolve_config(spec["config"], overrides + [(["training", "train_iters"], 2**31)])  # any warm-up fits
+            length = run_length(probe, total_steps)
+            trainer = Trainer(resolve_config(spec["config"], overrides + [(["training", "train_iters"], length)]))
         except ConfigError as error:  # a key this (older) tree does not know, a plan-time refusal
             result["variants"][variant["name"]] = {"skipped": str(error)}
             continue

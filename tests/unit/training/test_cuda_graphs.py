@@ -1,8 +1,10 @@
 """training.cuda_graphs: the config and plan guards (one line each, CPU); the runner's
 bookkeeping with emulated graphs on the CPU (training as the eager step with keyed dropout,
-each step's dropout words written into the captured tensors); and on a GPU the graphed step
-training as the eager step (bf16 tolerance), replays at two dropout seeds equal to the eager
-layers at those seeds (fp32), and the runner's bookkeeping."""
+each step's dropout words written into the captured tensors, the parameters' gradients from
+the replayed backward equal to the eager ones); and on a GPU the same gradients (the backward
+captures must not reach the parameters' own gradient nodes), the graphed step training as the
+eager step (bf16 tolerance), replays at two dropout seeds equal to the eager layers at those
+seeds (fp32), and the runner's bookkeeping."""
 
 from __future__ import annotations
 
@@ -201,6 +203,79 @@ def test_replays_draw_each_steps_masks(megatron_cpu, tmp_path, mode):
     _check_replays_at_two_seeds(model, runner, trainer.loader.next_step()[0], tolerance=1e-5)
 
 
+def _parameter_gradients(model, runner, batch) -> tuple[list, list]:
+    """Gradients of the graphed units' parameters for ``batch``: (replayed, eager), from the
+    same weights. autograd.grad: nothing accumulated, the DDP hooks stay out of it."""
+    params = [param for unit in runner.units for param in unit.params]
+    replays, buckets = runner.replays, model.token_buckets
+    graphed = torch.autograd.grad(model(batch).sum(), params, allow_unused=True)  # releases the slot
+    assert runner.replays == replays + len(runner.units)
+    model.token_buckets = None  # unpadded: no captured set fits, the layers run eagerly
+    try:
+        eager = torch.autograd.grad(model(batch).sum(), params, allow_unused=True)
+    finally:
+        model.token_buckets = buckets
+    return list(graphed), list(eager)
+
+
+def _check_parameter_gradients(model, runner, batch, *, tolerance: float) -> None:
+    graphed, eager = _parameter_gradients(model, runner, batch)
+    names = {id(param): name for name, param in model.named_parameters()}
+    params = [param for unit in runner.units for param in unit.params]
+    assert len(params) > 4
+    for param, got, want in zip(params, graphed, eager):
+        name = names[id(param)]
+        assert want is not None and want.norm() > 0, f"{name}: the eager step gives it no gradient"
+        assert got is not None, f"{name}: no gradient from the replayed graphs"
+        error = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert error < tolerance, f"{name}: replayed vs eager gradient {error:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["layers", "step"])
+@pytest.mark.parametrize("hyper_connections", [False, True], ids=["plain", "mhc"])
+def test_replayed_parameter_gradients_equal_eager_ones(megatron_cpu, tmp_path, mode, hyper_connections):
+    """Every graphed parameter gets its gradient from the replayed backward, equal to the
+    eager layers' and never None. The captures take gradients with respect to aliases of the
+    parameters made by the forward; an emulated forward replay runs the work again on new
+    aliases, so a backward that kept the first ones would get None, silently (allow_unused)."""
+    from megatron_gr.training.model_setup import unwrap
+
+    trainer, runner = _cpu_trainer(tmp_path, mode, hyper_connections=hyper_connections, dropout=0.3)
+    model = unwrap(trainer.model[0])
+    batch = trainer.loader.next_step()[0]
+    for _ in range(2):  # the second forward replay makes new aliases again
+        _check_parameter_gradients(model, runner, batch, tolerance=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["layers", "step"])
+def test_captures_never_hand_the_parameters_a_gradient(megatron_cpu, tmp_path, mode):
+    """What breaks a capture on the GPU: the parameters' gradient nodes (made on the default
+    stream, kept alive by megatron's DDP) receiving a gradient produced on the capture
+    stream. The warm-ups and captures take gradients with respect to the parameters'
+    aliases, so no gradient reaches a parameter before training (a parameter's tensor hook
+    sees every gradient handed to it, accumulated or returned by autograd.grad); a replayed
+    backward then hands every parameter its gradient, as an eager one."""
+    from megatron_gr.training.cuda_graphs import apply_cuda_graphs
+    from megatron_gr.training.model_setup import unwrap
+
+    trainer, _ = _cpu_trainer(tmp_path, "none", hyper_connections=True)
+    model = unwrap(trainer.model[0])
+    handed = []
+    params = [param for param in model.decoder.parameters() if param.requires_grad]
+    hooks = [param.register_hook(lambda grad, index=index: handed.append(index)) for index, param in enumerate(params)]
+    try:
+        runner = apply_cuda_graphs(model, mode=mode, max_tokens=512, num_slots=1, sequence_parallel_size=1,
+                                   micro_batch_size=trainer.config.training.micro_batch_size, emulate=True)
+        assert len(runner.captured) == len(runner.buckets.sizes)
+        assert not handed, f"the captures handed {len(handed)} gradients to parameters"
+        model(trainer.loader.next_step()[0]).sum().backward()
+        assert runner.replays == len(runner.units)
+        assert sorted(set(handed)) == list(range(len(params)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # ---------------------------------------------------------------------------------- GPU
 def _gpu_trainer(tmp_path, mode: str, *, dropout: float = 0.0, hyper_connections: bool = False, seed: int = 5,
                  precision: str = "auto"):
@@ -248,6 +323,26 @@ def test_gpu_replays_at_two_seeds_equal_eager_layers(tmp_path, mode, hyper_conne
     trainer = _gpu_trainer(tmp_path, mode, dropout=0.3, hyper_connections=hyper_connections, precision="fp32")
     model = unwrap(trainer.model[0])
     _check_replays_at_two_seeds(model, graph_runner(model), trainer.loader.next_step()[0], tolerance=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, hyper_connections", [("layers", False), ("step", False), ("layers", True),
+                                                     ("step", True)])
+def test_gpu_replayed_parameter_gradients_equal_eager_ones(tmp_path, mode, hyper_connections):
+    """The backward captures run on a side stream while megatron's DDP keeps the parameters'
+    gradient nodes, made on the default stream, alive: capturing must not reach them
+    (cudaErrorStreamCaptureImplicit otherwise). Then every graphed parameter's gradient from
+    the replayed graphs equals the eager layers' (fp32, keyed dropout on), twice in a row."""
+    from megatron_gr.training.cuda_graphs import graph_runner
+    from megatron_gr.training.model_setup import unwrap
+
+    trainer = _gpu_trainer(tmp_path, mode, dropout=0.3, hyper_connections=hyper_connections, precision="fp32")
+    model = unwrap(trainer.model[0])
+    runner = graph_runner(model)
+    assert runner is not None and runner.capture_memory_bytes > 0
+    batch = trainer.loader.next_step()[0]
+    for _ in range(2):
+        _check_parameter_gradients(model, runner, batch, tolerance=2e-3)  # CPU, emulated: < 1e-6
 
 
 @pytest.mark.gpu
