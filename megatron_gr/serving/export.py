@@ -6,9 +6,10 @@ Which weights: as ``megatron-gr evaluate`` (``--ckpt-step``, else ``best/``, els
 latest checkpoint), loaded into a one-rank model (a checkpoint of any layout loads). What
 the program computes comes from the model type's ``TrainSpec.serving_module`` (retrieval:
 ``models/retrieval_serving.py``; ranking: ``models/ranking/serving.py``), traced with the
-batch and token counts dynamic. The file
+batch and token counts dynamic, with the PyTorch kernel backend (the Triton kernels are not
+traceable, and a serving artifact should not need them). The file
 loads with ``torch.export.load`` and runs with PyTorch alone (no megatron_gr, no
-megatron-core); ``megatron_gr.json`` among its extra files says what its inputs and outputs
+megatron-core, no Triton); ``megatron_gr.json`` among its extra files says what its inputs and outputs
 are and maps table ids back to the data's raw ids.
 """
 
@@ -29,11 +30,23 @@ SUFFIX = ".pt2"
 METADATA = "megatron_gr.json"
 
 
-def _one_rank(config: ExperimentConfig) -> ExperimentConfig:
+def _serving_model(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` for the model that export traces: one rank, the PyTorch ops (every
+    ``kernel_backend`` computes the same function), no CUDA graphs, nothing logged to files."""
+    _validate_exportable(config)
+    training = dataclasses.replace(config.training, kernel_backend="pytorch", cuda_graphs="none")
     parallel = dataclasses.replace(config.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                    context_parallel_size=1, sequence_parallel=False)
     logging = dataclasses.replace(config.logging, metrics_file=None, tensorboard_dir=None)
-    return dataclasses.replace(config, parallel=parallel, logging=logging)
+    return dataclasses.replace(config, training=training, parallel=parallel, logging=logging)
+
+
+def _validate_exportable(config: ExperimentConfig) -> None:
+    if config.model.fp8:
+        raise ConfigError(
+            f"model.fp8={config.model.fp8!r}: exporting an FP8 model is not supported yet (its casts are Triton "
+            "kernels, not traceable); export its high-precision weights with --set model.fp8=null"
+        )
 
 
 def export_program(config: ExperimentConfig, *, out: str | Path, top_k: Optional[int] = None) -> str:
@@ -49,7 +62,7 @@ def export_program(config: ExperimentConfig, *, out: str | Path, top_k: Optional
         raise ConfigError(f"--out {out}: an exported program is a {SUFFIX} file")
     if out.exists():
         raise CheckpointError(f"--out {out} already exists: choose a new path (nothing is overwritten)")
-    trainer = trainer_with_saved_weights(_one_rank(config))
+    trainer = trainer_with_saved_weights(_serving_model(config))
     if trainer.spec.serving_module is None:
         raise ConfigError(f"model.type={config.model.type!r} has no serving program yet (TrainSpec.serving_module)")
     model = unwrap(trainer.model[0]).eval()

@@ -10,7 +10,7 @@ buffers are those of a real run.
     python tools/benchmarks/context_parallel_memory.py --device cpu --model tiny --cp 1,2,4 --lengths 2048,4096
     # GPU: the same at given lengths, or the longest history a step fits in (--search)
     python tools/benchmarks/context_parallel_memory.py --device cuda --model benchmark --cp 1,2,4 --search \\
-        --out docs/benchmarks/data/context_parallel_memory_h100.json
+        --out docs/benchmarks/data/context_parallel_memory_h100.jsonl
 
 Models: ``benchmark`` = 8 layers, hidden 1024, 4 heads of 256 (bf16 on a GPU, Triton
 attention), ``tiny`` = 2 layers, hidden 64, 2 heads of 32. Both keep the position
@@ -22,10 +22,17 @@ from the forward for the backward) and ``peak`` (the most allocated during the s
 CUDA reads the allocator's statistics. The CPU keeps none: there the storages created during
 the step are summed after every op (``LiveTensorBytes``), and attention without context
 parallelism keeps q, k, v for its backward as the kernels do (the reference attention
-would otherwise keep its L x L score matrices). ``--search``: per CP, the peak at 8k and 16k
-tokens per rank, fitted by a line (every term grows linearly in L: activations, position
-table, key exchange), gives the longest L below the device's memory less ``--margin-gib``,
-which is then run to confirm it (stepping down 5% on an out-of-memory error).
+would otherwise keep its L x L score matrices). ``--search`` (GPU): per CP, the peak at 8k and
+16k tokens per rank, fitted by a line (every term grows linearly in L: activations, position
+table, key exchange), predicts the longest L below the device's memory less ``--margin-gib``;
+steps at that L confirm it and refine it (5% shorter after an out-of-memory error). Memory
+does not depend on the mask but time does (O(L^2) with the full causal mask: about 40 s a
+step at L = 290k and CP = 1 with the relative bias, by the kernels' 220 / 96 TFLOP/s), so the confirming steps run with a ``--window``-key local window, and the
+16k point runs with both to show the peaks equal (``window_peak_difference``). A table row
+per CP is printed as soon as that CP is done; ``--out`` gets each result as it comes; the
+refinements stop after ``--budget-s`` (about 1.5 min in all on an H100 or H200). At CP = 1
+L stops at the unsharded kernels' 32-bit row limit (``kernel_row_limit``: 524k tokens at
+the benchmark size, which an H200 would otherwise pass).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import contextlib
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,11 +140,11 @@ def simulated_rank(device: str):
         attention.dist, stu_layer.hstu_attention = saved
 
 
-def experiment(args, length: int):
+def experiment(args, length: int, *, window: int = 0):
     from megatron_gr.config import ExperimentConfig
 
     model = {**MODELS[args.model], "max_seq_len": length, "hidden_dropout": 0.0, "embedding_dropout": 0.0,
-             "relative_attention_bias": args.device == "cuda"}
+             "relative_attention_bias": args.device == "cuda", "max_attn_len": window}
     return ExperimentConfig.from_dict({
         "model": model,
         "training": {"device": args.device, "seed": 1, "lr": 1e-3,
@@ -168,21 +176,22 @@ class ItemsOnly:
         self.num_items = num_items
 
 
-def step_memory(args, runtime, cp: int, length: int) -> dict:
-    """Static, held and peak bytes of one training step of rank 0 of CP ranks."""
+def step_memory(args, runtime, cp: int, length: int, *, window: int = 0) -> dict:
+    """Static, held and peak bytes of one training step of rank 0 of CP ranks (``window``:
+    attention to the last ``window`` keys only, see :func:`search`)."""
     from megatron_gr.models.registry import get_train_spec
     from megatron_gr.training.model_setup import build_model, unwrap
     from megatron_gr.training.optimizer_setup import build_optimizer
     from megatron_gr.training.plan import make_plan
 
-    config = experiment(args, length)
+    config = experiment(args, length, window=window)
     plan = make_plan(config, num_items=args.num_items, world_size=1, device=runtime.device)
     chunks = build_model(plan, get_train_spec(config.model.type), ItemsOnly(args.num_items))
     optimizer = build_optimizer(config.training, runtime, chunks)
     if cp > 1:
         unwrap(chunks[0]).context_group = SimulatedGroup(cp)
     batch = batch_of(length, args.num_items, runtime.device)
-    record = {"cp": cp, "length": length, "tokens_per_rank": length // cp}
+    record = {"cp": cp, "length": length, "tokens_per_rank": length // cp, **({"window": window} if window else {})}
     try:
         if runtime.device.type == "cuda":
             record.update(_gpu_step(chunks, optimizer, batch))
@@ -221,23 +230,86 @@ def _cpu_step(chunks, batch) -> dict:
     return {"held": held, "peak_step_tensors": tracker.peak}
 
 
-def search(args, runtime, cp: int) -> list[dict]:
-    """The two measured points, the prediction and its confirmation."""
+def kernel_row_limit(model: str) -> int:
+    """The longest sequence the unsharded attention kernels address (CP = 1): their row
+    offsets are 32-bit, and a row of the fused U|V|Q|K projection is 2 (dv + dqk) x heads
+    elements wide. The SHARDED kernels (CP > 1) use 64-bit offsets."""
+    m = MODELS[model]
+    return (2**31 - 1) // (m["num_attention_heads"] * 2 * (m["qk_head_dim"] + m["v_head_dim"]))
+
+
+def search(args, runtime, cp: int, deadline: float) -> list[dict]:
+    """The longest history whose step fits the GPU at this CP (:func:`longest_length` with
+    the device's memory less ``--margin-gib``)."""
     capacity = torch.cuda.get_device_properties(runtime.device).total_memory - int(args.margin_gib * GIB)
-    points = [step_memory(args, runtime, cp, tokens * cp) for tokens in (8192, 16384)]
+
+    def measure(length: int, window: int) -> dict:
+        return step_memory(args, runtime, cp, length, window=window)
+
+    limit = kernel_row_limit(args.model) if cp == 1 else None
+    return longest_length(measure, cp=cp, capacity=capacity, window=args.window, limit=limit, deadline=deadline)
+
+
+def longest_length(measure, *, cp: int, capacity: int, window: int, limit, deadline: float) -> list[dict]:
+    """The measured points, the mask check, the prediction, its confirmations and a summary
+    (the last row). ``measure(length, window)``: a step's record (``peak`` bytes, or
+    ``out_of_memory``); ``limit``: the longest length the kernels take (None: any).
+
+    Full causal attention costs O(L^2) time but its step's memory is linear in L: the
+    kernels and the key exchange allocate the same tensors under any mask (nothing
+    quadratic; the gathered keys depend on the causal mask, not on a window). So the two
+    points (8k and 16k tokens per rank) are measured with the full mask, the second again
+    with a ``window``-key local window (``window_peak_difference``: must be 0), and the long
+    steps that confirm the longest L run with the window: seconds instead of minutes per
+    step. The line through the points predicts L; each step that fits gives the next guess
+    (the line through it and the second point), each out-of-memory step 5% less. The
+    guesses after the first step that fits stop at ``deadline`` (``time.monotonic()``)."""
+    points = [measure(tokens * cp, 0) for tokens in (8192, 16384)]
     (l1, p1), (l2, p2) = ((r["length"], r["peak"]) for r in points)
+    windowed = measure(l2, window)
     slope = (p2 - p1) / (l2 - l1)
     grain = 2048 * cp
-    predicted = int((capacity - p1) / slope + l1) // grain * grain
-    results = points + [{"cp": cp, "predicted_longest": predicted, "bytes_per_token": slope, "capacity": capacity}]
-    length = predicted
-    for _ in range(4):
-        confirmed = step_memory(args, runtime, cp, length)
-        results.append(confirmed)
-        if not confirmed.get("out_of_memory"):
+
+    def bounded(length: float) -> int:
+        length = int(length) // grain * grain
+        return min(length, limit // grain * grain) if limit else length
+
+    predicted = int((capacity - p1) / slope + l1)
+    difference = windowed["peak"] - p2
+    results = points + [windowed, {"cp": cp, "predicted_longest": predicted, "bytes_per_token": slope,
+                                   "capacity": capacity, "window_peak_difference": difference,
+                                   **({"kernel_row_limit": limit} if limit else {})}]
+    longest, length = None, bounded(predicted)  # longest: (length, peak) of the longest step that fit
+    for _ in range(6):
+        if longest and (time.monotonic() > deadline or length <= longest[0]):
             break
-        length = int(length * 0.95) // grain * grain
-    return results
+        confirmed = measure(length, window)
+        results.append(confirmed)
+        if confirmed.get("out_of_memory"):
+            length = bounded(length * 0.95)
+            continue
+        if longest is None or length > longest[0]:
+            longest = (length, confirmed["peak"])
+        per_token = (confirmed["peak"] - p2) / max(length - l2, 1)
+        length = bounded((capacity - p2) / per_token + l2) if per_token > 0 else length
+    summary = {"cp": cp, "longest": longest and longest[0], "peak_at_longest": longest and longest[1],
+               "bytes_per_token": slope, "capacity": capacity, "window_peak_difference": difference,
+               "capped_by_kernel_rows": bool(limit and longest and longest[0] == bounded(limit))}
+    return results + [summary]
+
+
+TABLE_HEADER = ("| CP | longest L that trains (confirmed) | bytes per token of L (fit) | peak at that L | "
+                "windowed - full peak |\n| ---: | ---: | ---: | ---: | ---: |")
+
+
+def table_row(summary: dict) -> str:
+    """The docs' row of one CP's search (``docs/benchmarks/context_parallel.md``)."""
+    longest = "none confirmed" if summary["longest"] is None else f"{summary['longest']:,}"
+    if summary["capped_by_kernel_rows"]:
+        longest += " (kernel row limit)"
+    peak = "-" if summary["peak_at_longest"] is None else f"{summary['peak_at_longest'] / GIB:.1f} GiB"
+    return (f"| {summary['cp']} | {longest} | {summary['bytes_per_token'] / 1000:.1f} KB | {peak} | "
+            f"{summary['window_peak_difference'] / 2**20:+.1f} MiB |")
 
 
 def main() -> int:
@@ -252,25 +324,37 @@ def main() -> int:
     parser.add_argument("--search", action="store_true", help="GPU: the longest history whose step fits")
     parser.add_argument("--num-items", type=int, default=100_000, help="item table rows")
     parser.add_argument("--margin-gib", type=float, default=2.0, help="memory left free in --search")
+    parser.add_argument("--window", type=int, default=1024, help="--search: the local window of the long steps")
+    parser.add_argument("--budget-s", type=float, default=50.0,
+                        help="--search: no confirmation step starts after this many seconds (per CP, its share)")
     parser.add_argument("--out", type=Path, help="JSON lines of the results")
     args = parser.parse_args()
     if args.search and args.device != "cuda":
         parser.error("--search needs --device cuda")
     runtime = initialize(TrainingConfig(device=args.device, seed=1))
-    results = []
+    sizes = [int(c) for c in args.cp.split(",")]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    if args.out:  # one JSON line per result as it comes: a run cut short keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("")
+    if args.search:
+        print(f"{device_name}, {args.model} model, margin {args.margin_gib} GiB, long steps with a {args.window}-key window")
+        print(TABLE_HEADER, flush=True)
+    begin = time.monotonic()
     with simulated_rank(args.device):
-        for cp in (int(c) for c in args.cp.split(",")):
+        for i, cp in enumerate(sizes):
             if args.search:
-                rows = search(args, runtime, cp)
+                rows = search(args, runtime, cp, deadline=begin + args.budget_s * (i + 1) / len(sizes))
             else:
                 rows = [step_memory(args, runtime, cp, int(length)) for length in args.lengths.split(",")]
             for row in rows:
-                print(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                                  "model": args.model, **row}), flush=True)
-            results += rows
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps({"model": args.model, **row}) + "\n" for row in results))
+                line = json.dumps({"device": device_name, "model": args.model, **row})
+                print(line, file=sys.stderr if args.search else sys.stdout, flush=True)
+                if args.out:
+                    with args.out.open("a") as out:
+                        out.write(line + "\n")
+            if args.search:
+                print(table_row(rows[-1]), flush=True)
     shutdown()
     return 0
 

@@ -13,8 +13,8 @@ export PYTHONUNBUFFERED=1
 timeout 120 python3 $B/ultra_hstu.py --out /tmp/ultra --parts speed > "$O/ultra.log" 2>&1
 echo "ultra rc=$?"; grep "^|" "$O/ultra.log"; cp /tmp/ultra/summary.json "$O/ultra_summary.json" 2>/dev/null
 timeout 50 python3 $B/ranking_step.py --json "$O/ranking_step.json" 2>&1 | grep "^|"
-timeout 80 python3 $B/context_parallel_memory.py --device cuda --model benchmark --cp 1,2,4 --search \
-  --out "$O/cp_memory.jsonl" 2>&1 | grep "^|"
+timeout 110 python3 $B/context_parallel_memory.py --device cuda --model benchmark --cp 1,2,4 --search \
+  --budget-s 50 --out "$O/cp_memory.jsonl" 2>&1 | grep "^|"
 timeout 60 python3 -m pytest -q -rfE tests/unit/serving/test_ranking_export_gpu.py > "$O/tests.log" 2>&1
 echo "export gpu tests rc=$?"; tail -2 "$O/tests.log"
 timeout 60 python3 tools/make_golden.py --name retrieval_hstu_gpu --name retrieval_hstu_fp8_gpu 2>&1 | tail -2

@@ -199,3 +199,30 @@ def test_a_request_longer_than_max_seq_len_is_one_error(exported):
                     candidate_offsets=torch.tensor([0, count]))
     with pytest.raises(RuntimeError, match=r"exceed max_seq_len=\d+: send fewer candidates"):
         _call(program, too_many)
+
+
+def test_a_triton_run_exports_the_pytorch_ops(exported, tmp_path, monkeypatch):
+    """A config that runs the Triton kernels (here in Triton's interpreter, as ``auto`` does on
+    a GPU) exports the PyTorch ops: Triton kernels are not traceable, and the program scores
+    as the one exported with ``kernel_backend=pytorch``."""
+    from megatron_gr.cli import main
+
+    # The CPU run's kernel_backend=triton is accepted with the interpreter on (conftest turns
+    # it on where there is no GPU; on a GPU machine too here).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tmp, yaml_path = exported
+    assert main(["export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp_path / "t.pt2"),
+                 "--kernel-backend", "triton"]) == 0
+    inputs = requests_of(_evaluation(tmp)[2][0])
+    expected = _call(torch.export.load(tmp / "ranking.pt2").module(), inputs)
+    assert torch.equal(_call(torch.export.load(tmp_path / "t.pt2").module(), inputs), expected)
+
+
+def test_an_fp8_model_is_one_error(tmp_path, capsys):
+    """Refused before any weights load: the FP8 casts are Triton kernels, not traceable."""
+    yaml_path = tmp_path / "ranking.yaml"
+    yaml_path.write_text(yaml.safe_dump(_config(tmp_path, "dlrm_hstu"), sort_keys=False))
+    code, err, _ = run_cli(capsys, "export", "--config", str(yaml_path), "--load", str(tmp_path / "run"),
+                           "--out", str(tmp_path / "x.pt2"), "--fp8-format", "e4m3")
+    assert_one_error_line(code, err, "model.fp8='e4m3'", "--set model.fp8=null")
+    assert not (tmp_path / "x.pt2").exists()

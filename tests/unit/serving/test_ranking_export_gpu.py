@@ -15,9 +15,11 @@ from tests.unit.serving.test_ranking_export import MODELS, _call, _config, _eval
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_program_on_a_gpu_scores_as_evaluation(tmp_path, name):
-    """On CUDA with the run's defaults (bf16, kernel backend auto; ULTRA-HSTU's channels on
-    CUDA streams in training, one after another in the traced program): the exported
-    program's scores equal the evaluation's within bf16 rounding (1e-2 of the largest)."""
+    """On CUDA with the run's defaults (bf16, kernel backend auto, so evaluation runs the
+    Triton kernels; ULTRA-HSTU's channels on CUDA streams in training, one after another in
+    the traced program): the exported program (the PyTorch ops: Triton kernels are not
+    traceable) runs on CUDA and its scores equal the evaluation's within bf16 rounding (1e-2
+    of the largest)."""
     from megatron_gr.config import ExperimentConfig, resolve_config
     from megatron_gr.serving import export_program
     from megatron_gr.training.trainer import Trainer
@@ -30,6 +32,7 @@ def test_program_on_a_gpu_scores_as_evaluation(tmp_path, name):
     export_program(resolve_config(str(tmp_path / "ranking.yaml"), []), out=tmp_path / "ranking.pt2")
     program = torch.export.load(tmp_path / "ranking.pt2").module()
     trainer, model, batches = _evaluation(tmp_path)
+    assert trainer.plan.backend == "triton"  # evaluation on the kernels, the program on the PyTorch ops
     for batch in batches:
         batch = batch.to("cuda")
         with torch.no_grad():
