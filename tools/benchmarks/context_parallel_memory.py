@@ -240,8 +240,14 @@ def kernel_row_limit(model: str) -> int:
 
 def search(args, runtime, cp: int, deadline: float) -> list[dict]:
     """The longest history whose step fits the GPU at this CP (:func:`longest_length` with
-    the device's memory less ``--margin-gib``)."""
-    capacity = torch.cuda.get_device_properties(runtime.device).total_memory - int(args.margin_gib * GIB)
+    the device's memory, or ``--memory-gib`` of it, less ``--margin-gib``)."""
+    total = torch.cuda.get_device_properties(runtime.device).total_memory
+    if args.memory_gib is not None:  # answer for a smaller GPU: the allocator refuses past it
+        if args.memory_gib * GIB > total:
+            raise SystemExit(f"--memory-gib {args.memory_gib} is more than this GPU's {total / GIB:.1f} GiB")
+        total = int(args.memory_gib * GIB)
+        torch.cuda.set_per_process_memory_fraction(total / torch.cuda.get_device_properties(runtime.device).total_memory)
+    capacity = total - int(args.margin_gib * GIB)
 
     def measure(length: int, window: int) -> dict:
         return step_memory(args, runtime, cp, length, window=window)
@@ -324,6 +330,8 @@ def main() -> int:
     parser.add_argument("--search", action="store_true", help="GPU: the longest history whose step fits")
     parser.add_argument("--num-items", type=int, default=100_000, help="item table rows")
     parser.add_argument("--margin-gib", type=float, default=2.0, help="memory left free in --search")
+    parser.add_argument("--memory-gib", type=float,
+                        help="--search: fit this much GPU memory instead of the whole GPU's (e.g. 79.6, an H100 80GB's, on an H200)")
     parser.add_argument("--window", type=int, default=1024, help="--search: the local window of the long steps")
     parser.add_argument("--budget-s", type=float, default=50.0,
                         help="--search: no confirmation step starts after this many seconds (per CP, its share)")
