@@ -8,14 +8,17 @@ bf16 training step milliseconds of host time:
   parameter; ``local_multi_tensor_scale`` (clipping, the main-to-model weight copy of the
   non-distributed optimizer) launches two kernels per tensor;
 - the distributed optimizer copies its fp32 main shards into the bf16 weights one
-  ``copy_`` per parameter;
+  ``copy_`` per parameter, and hands each main shard its gradient by looking up the
+  parameter's range and slicing the gradient buffer anew in every step (three operator
+  dispatches and a few dictionary lookups per parameter);
 - torch's Adam runs its for-each implementation (about a dozen passes over weights and
   moments) instead of its fused kernel.
 
 :func:`fast_optimizer_ops` replaces the two helpers by torch's for-each kernels (the norm
 stays on the device until megatron reads it once); :func:`use_fused_adam` switches torch
 Adam to ``fused=True``; :func:`batch_main_to_model_copies` does the distributed
-optimizer's copy as one for-each copy. Each leaves megatron alone where apex, TE, FSDP,
+optimizer's copy as one for-each copy; :func:`reuse_main_grad_views` slices the gradient
+buffer once and hands the main shards the same views in every step. Each leaves megatron alone where apex, TE, FSDP,
 FP8 or precision-aware optimizers are in use.
 """
 
@@ -147,6 +150,50 @@ def batch_main_to_model_copies(optimizer) -> int:
         part._copy_main_params_to_model_params = copy_main_params_to_model_params
         changed += 1
     return changed
+
+
+def reuse_main_grad_views(optimizer) -> int:
+    """Replaces the distributed optimizer's per-step gradient hand-over (main shard ``.grad``
+    = its slice of the gradient buffer, as float32) by views sliced once; returns how many
+    optimizers were changed. The views are of DDP's gradient buffers, which live as long as
+    the model and are zeroed in place, so every step's gradients are the same as megatron's
+    (the same tensors when the buffer is float32). Left to megatron where
+    :func:`batch_main_to_model_copies` is."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    changed = 0
+    for part in _parts(optimizer):
+        if not isinstance(part, DistributedOptimizer) or not _plain_distributed_copy(part):
+            continue
+        require(part, "_copy_model_grads_to_main_grads", purpose="hand the main shards their gradients without slicing")
+        pairs = None
+
+        def copy_model_grads_to_main_grads(part=part):
+            nonlocal pairs
+            if pairs is None:
+                pairs = _main_grad_views(part)
+            for shard_main_param, view in pairs:
+                shard_main_param.grad = view if view.dtype == torch.float32 else view.float()
+
+        part._copy_model_grads_to_main_grads = copy_model_grads_to_main_grads
+        changed += 1
+    return changed
+
+
+def _main_grad_views(part) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(main shard, its slice of the model gradient buffer), as megatron's loop pairs them."""
+    pairs = []
+    for model_groups, shard_groups in (
+        (part.model_float16_groups, part.shard_fp32_from_float16_groups),
+        (part.model_fp32_groups, part.shard_fp32_groups),
+    ):
+        for model_group, shard_group in zip(model_groups, shard_groups):
+            for model_param, shard_main_param in zip(model_group, shard_group):
+                param_range = part._get_model_param_range_map(model_param)["param"]
+                if param_range.size != shard_main_param.nelement():
+                    raise AssertionError("megatron's parameter range does not match its main shard")
+                pairs.append((shard_main_param, model_param.main_grad.view(-1)[param_range.start : param_range.end]))
+    return pairs
 
 
 def _plain_distributed_copy(part) -> bool:

@@ -103,8 +103,11 @@ class Trainer:
             self.state.iteration += 1
             step = self.state.iteration
             self.log.advance(step)
+            logged = record["skipped"] or step % self.config.logging.log_interval == 0 or step == training.train_iters
+            if logged:  # the tables' counters: a collective and host reads, so only for the logs
+                record.update(self.sparse.statistics())
             skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
-            if not skipped and (step % self.config.logging.log_interval == 0 or step == training.train_iters):
+            if not skipped and logged:
                 self.log.train(step, record)
             if training.eval_interval and step % training.eval_interval == 0:
                 stop = self.validate()
@@ -169,7 +172,6 @@ class Trainer:
             "step_time_s": elapsed,
             "skipped": not updated,
             **memory,
-            **self.sparse.statistics(),
         }
 
     # ------------------------------------------------------------ evaluation

@@ -1,6 +1,7 @@
 """compat.fast_optimizer: for-each norm and scale against megatron's local helpers, the
-patches restored, and a training run with the fast step (fused Adam, batched copies, the
-per-token division on the device) equal to one with megatron's own (CPU, fp32)."""
+patches restored, the main shards' reused gradient views equal to megatron's hand-over, and
+a training run with the fast step (fused Adam, batched copies, the per-token division on the
+device) equal to one with megatron's own (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "fast_optimizer_ops", contextlib.nullcontext)
     monkeypatch.setattr(optimizer_setup, "use_fused_adam", lambda optimizer: 0)
     monkeypatch.setattr(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0)
+    monkeypatch.setattr(optimizer_setup, "reuse_main_grad_views", lambda optimizer: 0)
     monkeypatch.setattr(model_setup, "per_token_finalize", lambda finalize, tables: finalize)
     old_losses, old_weights, old_inner = _train(tmp_path / "old", 4)
     assert not any(group["fused"] for opt in old_inner for group in opt.param_groups)
@@ -86,3 +88,30 @@ def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
     assert fast_losses == pytest.approx(old_losses, rel=1e-5)
     for name, weight in old_weights.items():
         torch.testing.assert_close(fast_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reused_main_grad_views_are_megatrons_hand_over(tmp_path):
+    """After a step, the shim and megatron's own method give every main shard a gradient
+    with the same values in the same memory (a view of DDP's gradient buffer)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_gr.compat.optimizer_step import _parts
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.train_step()
+    trainer.train_step()  # the views made in the first step serve the second
+    parts = [p for p in _parts(trainer.optimizer) if isinstance(p, DistributedOptimizer)]
+    assert parts and all("_copy_model_grads_to_main_grads" in vars(part) for part in parts)
+    for part in parts:
+        mains = [p for group in part.shard_fp32_from_float16_groups + part.shard_fp32_groups for p in group]
+        part._copy_model_grads_to_main_grads()
+        ours = [(p.grad.data_ptr(), p.grad.clone()) for p in mains]
+        DistributedOptimizer._copy_model_grads_to_main_grads(part)
+        theirs = [(p.grad.data_ptr(), p.grad.clone()) for p in mains]
+        assert [ptr for ptr, _ in ours] == [ptr for ptr, _ in theirs]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))
+        assert any(b.abs().sum() > 0 for _, b in theirs)  # real gradients, not zeros
+    trainer.loader.close()
+    shutdown()

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Host time of a training step: the retrieval model's structure at tiny sizes, so that a
+step's wall time is (almost) all host work (Python, dispatch, autograd, megatron's
+wrappers, the optimizer, bookkeeping), plus the aten operators a step dispatches and the
+places where it reads the device from the host.
+
+    python tools/benchmarks/host_overhead.py                      # plain, bias, dynamic on this device
+    python tools/benchmarks/host_overhead.py --variants plain --steps 50 --json host.json
+    python tools/benchmarks/host_overhead.py --kernel-backend triton --device cuda   # on a GPU
+
+Per variant: ``--warmup`` steps, ``--steps`` timed steps (median host ms per step; on a GPU
+the device is synchronised around each step), then ``--profile-steps`` steps under
+torch.profiler (aten operators per step: every dispatched one, and the top-level ones, which
+is about what a GPU launches) and the same number under a torch function mode that records
+every host read of a tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``,
+``float(t)``, ``nonzero``, ``unique``, ``bincount``, boolean indexing, ...) with the line of
+the project or megatron-core that made it. On a GPU each of those waits for the device.
+
+On the CPU the numbers are a proxy: the pytorch attention reference dispatches far more
+operators than the one Triton launch it stands for, Triton's Python launch overhead is not
+there, and the CPU mode (``megatron_gr/compat/cpu_mode.py``) adds a torch function mode to
+every torch call of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+TINY = [
+    (["model", "num_layers"], 8), (["model", "hidden_size"], 64), (["model", "num_attention_heads"], 2),
+    (["model", "qk_head_dim"], 32), (["model", "v_head_dim"], 32), (["model", "max_seq_len"], 32),
+    (["training", "micro_batch_size"], 8), (["training", "precision"], "fp32"),
+    (["data", "synthetic", "num_users"], 256), (["data", "synthetic", "num_items"], 1000),
+    (["data", "synthetic", "max_length"], 35), (["data", "synthetic", "mean_length"], 20.0),
+    (["logging", "progress"], "off"), (["training", "eval_interval"], 0),
+]
+"""8 STU layers as in the standard shape (docs/benchmarks/e2e.md), hidden 64, 2 heads x 32,
+histories of at most 32 tokens, 8 users per micro-batch: compute is negligible on a CPU."""
+VARIANTS = {
+    "plain": [(["model", "relative_attention_bias"], False)],
+    "bias": [(["model", "relative_attention_bias"], True)],
+    "dynamic": [(["model", "relative_attention_bias"], False), (["embeddings", "item", "type"], "dynamic"),
+                (["embeddings", "item", "dynamic", "capacity"], 4096)],
+}
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique", "aten::_unique2",
+            "aten::unique_consecutive", "aten::masked_select", "aten::bincount", "aten::equal", "aten::allclose")
+"""aten operators that read device memory on the host (on a CUDA tensor each one waits)."""
+_HOST_READS = {
+    torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.cpu: "cpu", torch.Tensor.numpy: "numpy",
+    torch.Tensor.__bool__: "bool", torch.Tensor.__float__: "float", torch.Tensor.__int__: "int",
+    torch.Tensor.__index__: "index", torch.Tensor.nonzero: "nonzero", torch.nonzero: "nonzero",
+    torch.unique: "unique", torch.Tensor.unique: "unique", torch.bincount: "bincount", torch.Tensor.bincount: "bincount",
+    torch.masked_select: "masked_select", torch.equal: "equal", torch.allclose: "allclose",
+}
+
+
+def _caller() -> str:
+    """The first frame outside torch (and this file): who asked."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/torch/" not in name and not name.endswith("host_overhead.py"):
+            parts = Path(name).parts
+            for root in ("megatron_gr", "megatron", "tools"):
+                if root in parts:
+                    name = "/".join(parts[parts.index(root):])
+                    break
+            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "?"
+
+
+class HostReads(TorchFunctionMode):
+    """Records every host read of a tensor by the Python code of a step, with its caller."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _HOST_READS.get(func)
+        if kind is None and func is torch.Tensor.__getitem__ and len(args) > 1 and _has_bool_index(args[1]):
+            kind = "bool-index"
+        if kind is None and func is torch.repeat_interleave and "output_size" not in kwargs and _is_tensor_arg(args):
+            kind = "repeat_interleave"
+        if kind is not None:
+            self.counts[(kind, _caller())] += 1
+        return func(*args, **kwargs)
+
+
+def _has_bool_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _is_tensor_arg(args) -> bool:
+    return len(args) > 1 and isinstance(args[1], torch.Tensor)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _profile(trainer, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if not _has_aten_parent(e)]
+    names = collections.Counter(e.name for e in top)
+    return {
+        "aten_ops_per_step": len(events) / steps,
+        "top_level_aten_ops_per_step": len(top) / steps,
+        "sync_ops_per_step": {name: n / steps for name, n in collections.Counter(
+            e.name for e in events if e.name in SYNC_OPS).items()},
+        "top_ops": {name: n / steps for name, n in names.most_common(25)},
+    }
+
+
+def _has_aten_parent(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def measure(variant: str, *, args) -> dict:
+    from megatron_gr.config import resolve_config
+    from megatron_gr.training.trainer import Trainer
+
+    total = args.warmup + args.steps + 2 * args.profile_steps
+    overrides = TINY + VARIANTS[variant] + [
+        (["training", "kernel_backend"], args.kernel_backend), (["training", "device"], args.device),
+        (["training", "train_iters"], total), (["training", "prefetch_batches"], not args.no_prefetch),
+    ]
+    trainer = Trainer(resolve_config(None, overrides))
+    device = trainer.runtime.device
+    for _ in range(args.warmup):
+        trainer.train_step()
+    _sync(device)
+    times, losses = [], []
+    for _ in range(args.steps):
+        begin = time.perf_counter()
+        losses.append(trainer.train_step()["loss"])
+        _sync(device)
+        times.append((time.perf_counter() - begin) * 1e3)
+    result = {"variant": variant, "device": str(device), "host_ms_per_step": statistics.median(times),
+              "host_ms_min": min(times), "losses": losses}
+    result.update(_profile(trainer, args.profile_steps))
+    reads = HostReads()
+    with reads:
+        for _ in range(args.profile_steps):
+            trainer.train_step()
+    result["host_reads_per_step"] = {
+        f"{kind} @ {where}": n / args.profile_steps for (kind, where), n in sorted(reads.counts.items(), key=lambda kv: -kv[1])
+    }
+    trainer.loader.close()
+    return result
+
+
+def print_result(result: dict, top: int) -> None:
+    print(f"\n== {result['variant']} ({result['device']}): {result['host_ms_per_step']:.2f} ms/step "
+          f"(min {result['host_ms_min']:.2f}), aten ops/step {result['aten_ops_per_step']:.0f} "
+          f"(top-level {result['top_level_aten_ops_per_step']:.0f})")
+    print("   sync ops/step:", {k: round(v, 1) for k, v in result["sync_ops_per_step"].items()} or "none")
+    print("   host reads per step (Python side):")
+    for where, n in result["host_reads_per_step"].items():
+        print(f"     {n:6.1f}  {where}")
+    print(f"   top-level aten ops per step (top {top}):")
+    for name, n in list(result["top_ops"].items())[:top]:
+        print(f"     {n:7.1f}  {name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="plain,bias,dynamic", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--kernel-backend", default="pytorch", choices=("pytorch", "triton", "auto"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--no-prefetch", action="store_true", help="training.prefetch_batches=false")
+    parser.add_argument("--top", type=int, default=12, help="top-level aten operators to print")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for variant in args.variants.split(","):
+        results.append(measure(variant, args=args))
+        print_result(results[-1], args.top)
+    from megatron_gr.training.runtime import shutdown
+
+    shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
