@@ -14,7 +14,10 @@ torch.profiler (aten operators per step: every dispatched one, and the top-level
 is about what a GPU launches) and the same number under a torch function mode that records
 every host read of a tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``,
 ``float(t)``, ``nonzero``, ``unique``, ``bincount``, boolean indexing, ...) with the line of
-the project or megatron-core that made it. On a GPU each of those waits for the device.
+the project or megatron-core that made it (on a GPU each of those waits for the device),
+and the Triton kernels launched, by name (``--kernel-backend triton``: on a GPU, or on a
+CPU under ``TRITON_INTERPRET=1``, where the interpreter's own operators swell the aten
+counts and the times mean nothing).
 
 On the CPU the numbers are a proxy: the pytorch attention reference dispatches far more
 operators than the one Triton launch it stands for, Triton's Python launch overhead is not
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -107,6 +112,36 @@ def _is_tensor_arg(args) -> bool:
     return len(args) > 1 and isinstance(args[1], torch.Tensor)
 
 
+@contextlib.contextmanager
+def triton_launches() -> Iterator[collections.Counter]:
+    """Counts Triton kernel launches by kernel name inside the block (compiled kernels on a
+    GPU, interpreted ones under ``TRITON_INTERPRET=1``); empty without Triton."""
+    counts: collections.Counter = collections.Counter()
+    try:
+        from triton.runtime import interpreter, jit
+    except ImportError:
+        yield counts
+        return
+    classes = [jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)]
+    originals = {cls: cls.run for cls in classes if cls is not None}
+
+    def counting(original):
+        def run(self, *args, **kwargs):
+            if not kwargs.get("warmup", False):
+                counts[getattr(self.fn, "__name__", "?")] += 1
+            return original(self, *args, **kwargs)
+
+        return run
+
+    for cls, original in originals.items():
+        cls.run = counting(original)
+    try:
+        yield counts
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,9 +198,10 @@ def measure(variant: str, *, args) -> dict:
               "host_ms_min": min(times), "losses": losses}
     result.update(_profile(trainer, args.profile_steps))
     reads = HostReads()
-    with reads:
+    with reads, triton_launches() as launches:
         for _ in range(args.profile_steps):
             trainer.train_step()
+    result["triton_launches_per_step"] = {name: n / args.profile_steps for name, n in launches.most_common()}
     result["host_reads_per_step"] = {
         f"{kind} @ {where}": n / args.profile_steps for (kind, where), n in sorted(reads.counts.items(), key=lambda kv: -kv[1])
     }
@@ -181,6 +217,9 @@ def print_result(result: dict, top: int) -> None:
     print("   host reads per step (Python side):")
     for where, n in result["host_reads_per_step"].items():
         print(f"     {n:6.1f}  {where}")
+    if result["triton_launches_per_step"]:
+        launches = result["triton_launches_per_step"]
+        print(f"   Triton launches per step: {sum(launches.values()):.0f}", {k: round(v, 1) for k, v in launches.items()})
     print(f"   top-level aten ops per step (top {top}):")
     for name, n in list(result["top_ops"].items())[:top]:
         print(f"     {n:7.1f}  {name}")
