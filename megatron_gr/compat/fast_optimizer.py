@@ -43,7 +43,9 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     del chunk_size, noop_flag, per_tensor, args
     tensors = tensor_lists[0]
     norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+    # float32 gradients (the main gradients) give float32 norms: no conversion to dispatch
+    norms = [n if n.dtype == torch.float32 else n.float() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
 def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):

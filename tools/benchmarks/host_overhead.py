@@ -17,7 +17,8 @@ every host read of a tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``
 the project or megatron-core that made it (on a GPU each of those waits for the device),
 and the Triton kernels launched, by name (``--kernel-backend triton``: on a GPU, or on a
 CPU under ``TRITON_INTERPRET=1``, where the interpreter's own operators swell the aten
-counts and the times mean nothing).
+counts and the times mean nothing). On a GPU it also lists the synchronising CUDA calls
+that torch's sync debug mode reports, by line.
 
 On the CPU the numbers are a proxy: the pytorch attention reference dispatches far more
 operators than the one Triton launch it stands for, Triton's Python launch overhead is not
@@ -34,6 +35,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -147,6 +149,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cuda_syncs(trainer, steps: int) -> dict:
+    """Every synchronising CUDA call of ``steps`` steps, by the Python line that made it
+    (torch's sync debug mode: what the device really waited for, C++ callers included)."""
+    counts: collections.Counter = collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            counts[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
+    return {where: n / steps for where, n in counts.most_common()}
+
+
 def _profile(trainer, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -202,6 +222,8 @@ def measure(variant: str, *, args) -> dict:
         for _ in range(args.profile_steps):
             trainer.train_step()
     result["triton_launches_per_step"] = {name: n / args.profile_steps for name, n in launches.most_common()}
+    if device.type == "cuda":
+        result["cuda_syncs_per_step"] = _cuda_syncs(trainer, args.profile_steps)
     result["host_reads_per_step"] = {
         f"{kind} @ {where}": n / args.profile_steps for (kind, where), n in sorted(reads.counts.items(), key=lambda kv: -kv[1])
     }
@@ -220,6 +242,8 @@ def print_result(result: dict, top: int) -> None:
     if result["triton_launches_per_step"]:
         launches = result["triton_launches_per_step"]
         print(f"   Triton launches per step: {sum(launches.values()):.0f}", {k: round(v, 1) for k, v in launches.items()})
+    if "cuda_syncs_per_step" in result:
+        print("   CUDA synchronisations per step (sync debug mode):", result["cuda_syncs_per_step"] or "none")
     print(f"   top-level aten ops per step (top {top}):")
     for name, n in list(result["top_ops"].items())[:top]:
         print(f"     {n:7.1f}  {name}")
