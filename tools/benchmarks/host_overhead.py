@@ -8,8 +8,9 @@ places where it reads the device from the host.
     python tools/benchmarks/host_overhead.py --variants plain --steps 50 --json host.json
     python tools/benchmarks/host_overhead.py --kernel-backend triton --device cuda   # on a GPU
 
-Per variant: ``--warmup`` steps, ``--steps`` timed steps (median host ms per step; on a GPU
-the device is synchronised around each step), then ``--profile-steps`` steps under
+Per variant: ``--warmup`` steps, ``--steps`` timed steps (median wall ms per step, the device
+synchronised after each step on a GPU; and the median CPU time of the training thread, which
+other processes on a shared machine disturb less than the wall clock), then ``--profile-steps`` steps under
 torch.profiler (aten operators per step: every dispatched one, and the top-level ones, which
 is about what a GPU launches) and the same number under a torch function mode that records
 every host read of a tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``,
@@ -208,14 +209,15 @@ def measure(variant: str, *, args) -> dict:
     for _ in range(args.warmup):
         trainer.train_step()
     _sync(device)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(args.steps):
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.thread_time()
         losses.append(trainer.train_step()["loss"])
         _sync(device)
+        cpu_times.append((time.thread_time() - begin_cpu) * 1e3)
         times.append((time.perf_counter() - begin) * 1e3)
     result = {"variant": variant, "device": str(device), "host_ms_per_step": statistics.median(times),
-              "host_ms_min": min(times), "losses": losses}
+              "host_ms_min": min(times), "thread_cpu_ms_per_step": statistics.median(cpu_times), "losses": losses}
     result.update(_profile(trainer, args.profile_steps))
     reads = HostReads()
     with reads, triton_launches() as launches:
@@ -233,7 +235,7 @@ def measure(variant: str, *, args) -> dict:
 
 def print_result(result: dict, top: int) -> None:
     print(f"\n== {result['variant']} ({result['device']}): {result['host_ms_per_step']:.2f} ms/step "
-          f"(min {result['host_ms_min']:.2f}), aten ops/step {result['aten_ops_per_step']:.0f} "
+          f"(min {result['host_ms_min']:.2f}; training thread CPU {result['thread_cpu_ms_per_step']:.2f}), aten ops/step {result['aten_ops_per_step']:.0f} "
           f"(top-level {result['top_level_aten_ops_per_step']:.0f})")
     print("   sync ops/step:", {k: round(v, 1) for k, v in result["sync_ops_per_step"].items()} or "none")
     print("   host reads per step (Python side):")
