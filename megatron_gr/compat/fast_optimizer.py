@@ -61,15 +61,29 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron's ``to_local_if_dtensor`` (a DTensor's local shard, any other tensor as it
+    is) without entering ``torch.no_grad()`` for tensors that are not DTensors: megatron's
+    gradient norm and clipping call it for every gradient of every step."""
+    from megatron.core import utils
+
+    if utils.HAVE_DTENSOR and isinstance(tensor, utils.DTensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
+
+
 @contextlib.contextmanager
 def fast_optimizer_ops() -> Iterator[None]:
     """megatron's local multi-tensor norm and scale replaced by :func:`foreach_l2_norm` and
-    :func:`foreach_scale` inside the block (nested blocks are free); restored on exit.
-    Where apex or TE provide them, nothing is patched."""
+    :func:`foreach_scale` inside the block (nested blocks are free), and its gradient
+    norm's and clipping's DTensor unwrapping by :func:`local_tensor`; restored on exit.
+    Where apex or TE provide the multi-tensor kernels, those are not patched."""
     global _depth
     if _depth == 0:
         try:
             _patch_local_multi_tensor_helpers(_PATCHES)
+            _patch_dtensor_unwrap(_PATCHES)
         except BaseException:
             _PATCHES.restore()
             raise
@@ -96,6 +110,16 @@ def _patch_local_multi_tensor_helpers(patches: PatchSet) -> None:
     for module in (clip_grads, optimizer):
         if getattr(module, "multi_tensor_scale_impl", None) is getattr(utils, "local_multi_tensor_scale", ()):
             patches.set(module, "multi_tensor_scale_impl", foreach_scale, purpose=purpose)
+
+
+def _patch_dtensor_unwrap(patches: PatchSet) -> None:
+    """Patches: ``clip_grads.to_local_if_dtensor`` (the gradient norm's and clipping's
+    per-gradient unwrapping) with :func:`local_tensor`, the same tensors."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if getattr(clip_grads, "to_local_if_dtensor", None) is getattr(utils, "to_local_if_dtensor", ()):
+        patches.set(clip_grads, "to_local_if_dtensor", local_tensor, purpose="unwrap gradients without a no_grad block each")
 
 
 def use_fused_adam(optimizer) -> int:

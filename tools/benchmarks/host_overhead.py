@@ -10,7 +10,8 @@ places where it reads the device from the host.
 
 Per variant: ``--warmup`` steps, ``--steps`` timed steps (median wall ms per step, the device
 synchronised after each step on a GPU; and the median CPU time of the training thread, which
-other processes on a shared machine disturb less than the wall clock), then ``--profile-steps`` steps under
+other processes on a shared machine disturb less than the wall clock), as many again timed
+by phase (the batches, forward, backward, gradient reduction, optimizer, the rest), then ``--profile-steps`` steps under
 torch.profiler (aten operators per step: every dispatched one, and the top-level ones, which
 is about what a GPU launches) and the same number under a torch function mode that records
 every host read of a tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``,
@@ -150,6 +151,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _timed(owner, name: str, totals: collections.Counter) -> Iterator[None]:
+    """``owner.name`` (a function) adds its wall time to ``totals[name]`` inside the block."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - begin
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _phases(trainer, steps: int) -> dict:
+    """Host ms per step in each phase of the step: the batches, megatron's forward step (the
+    model and its loss), its backward step, the gradient reduction and per-token division
+    (``finalize_model_grads``), the optimizer with the dynamic tables (which holds the
+    step's wait for the gradient norm on a GPU), and the rest of ``train_step``."""
+    from megatron.core.pipeline_parallel import schedules
+
+    totals: collections.Counter = collections.Counter()
+    config = trainer.model[0].config
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_timed(trainer.loader, "next_step", totals))
+        stack.enter_context(_timed(schedules, "forward_step", totals))
+        stack.enter_context(_timed(schedules, "backward_step", totals))
+        stack.enter_context(_timed(config, "finalize_model_grads_func", totals))
+        stack.enter_context(_timed(trainer.sparse, "step", totals))
+        stack.enter_context(_timed(trainer, "train_step", totals))
+        for _ in range(steps):
+            trainer.train_step()
+    phases = {name: totals[key] * 1e3 / steps for name, key in (
+        ("batches", "next_step"), ("forward", "forward_step"), ("backward", "backward_step"),
+        ("finalize_grads", "finalize_model_grads_func"), ("optimizer", "step"))}
+    phases["rest"] = totals["train_step"] * 1e3 / steps - sum(phases.values())
+    return phases
+
+
 def _cuda_syncs(trainer, steps: int) -> dict:
     """Every synchronising CUDA call of ``steps`` steps, by the Python line that made it
     (torch's sync debug mode: what the device really waited for, C++ callers included)."""
@@ -199,7 +244,7 @@ def measure(variant: str, *, args) -> dict:
     from megatron_gr.config import resolve_config
     from megatron_gr.training.trainer import Trainer
 
-    total = args.warmup + args.steps + 2 * args.profile_steps
+    total = args.warmup + 2 * args.steps + 2 * args.profile_steps
     overrides = TINY + VARIANTS[variant] + [
         (["training", "kernel_backend"], args.kernel_backend), (["training", "device"], args.device),
         (["training", "train_iters"], total), (["training", "prefetch_batches"], not args.no_prefetch),
@@ -218,6 +263,7 @@ def measure(variant: str, *, args) -> dict:
         times.append((time.perf_counter() - begin) * 1e3)
     result = {"variant": variant, "device": str(device), "host_ms_per_step": statistics.median(times),
               "host_ms_min": min(times), "thread_cpu_ms_per_step": statistics.median(cpu_times), "losses": losses}
+    result["phase_ms_per_step"] = _phases(trainer, args.steps)
     result.update(_profile(trainer, args.profile_steps))
     reads = HostReads()
     with reads, triton_launches() as launches:
@@ -237,6 +283,7 @@ def print_result(result: dict, top: int) -> None:
     print(f"\n== {result['variant']} ({result['device']}): {result['host_ms_per_step']:.2f} ms/step "
           f"(min {result['host_ms_min']:.2f}; training thread CPU {result['thread_cpu_ms_per_step']:.2f}), aten ops/step {result['aten_ops_per_step']:.0f} "
           f"(top-level {result['top_level_aten_ops_per_step']:.0f})")
+    print("   host ms per step by phase:", {k: round(v, 2) for k, v in result["phase_ms_per_step"].items()})
     print("   sync ops/step:", {k: round(v, 1) for k, v in result["sync_ops_per_step"].items()} or "none")
     print("   host reads per step (Python side):")
     for where, n in result["host_reads_per_step"].items():

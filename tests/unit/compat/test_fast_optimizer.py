@@ -14,7 +14,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer import optimizer as megatron_optimizer
 
 from megatron_gr.compat import fast_optimizer_ops
-from megatron_gr.compat.fast_optimizer import foreach_l2_norm, foreach_scale
+from megatron_gr.compat.fast_optimizer import foreach_l2_norm, foreach_scale, local_tensor
 from tests.unit.training.helpers import tiny_config
 
 
@@ -46,12 +46,35 @@ def test_foreach_scale_in_place_copy_and_scaled_copy():
         torch.testing.assert_close(target, (source * 3.0).double(), rtol=0, atol=0)
 
 
+def test_local_tensor_unwraps_as_megatron_does():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    plain = torch.randn(3, requires_grad=True)
+    assert local_tensor(plain) is plain and megatron_utils.to_local_if_dtensor(plain) is plain
+    dist = torch.distributed
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        shard = torch.randn(4, requires_grad=True)
+        wrapped = DTensor.from_local(shard, mesh, [Replicate()])
+        got, want = local_tensor(wrapped), megatron_utils.to_local_if_dtensor(wrapped)
+        assert not isinstance(got, DTensor) and torch.equal(got, want) and torch.equal(got, shard)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
 def test_patches_apply_to_the_local_fallbacks_and_are_restored():
     with fast_optimizer_ops():
         with fast_optimizer_ops():  # nested: free
             assert clip_grads.l2_norm_impl is foreach_l2_norm
         assert clip_grads.multi_tensor_scale_impl is foreach_scale
         assert megatron_optimizer.multi_tensor_scale_impl is foreach_scale
+        assert clip_grads.to_local_if_dtensor is local_tensor
+    assert clip_grads.to_local_if_dtensor is megatron_utils.to_local_if_dtensor
     assert clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm
     assert clip_grads.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale
     assert megatron_optimizer.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale
