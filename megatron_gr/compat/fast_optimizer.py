@@ -31,6 +31,7 @@ import torch
 
 from megatron_gr.compat.optimizer_step import _parts
 from megatron_gr.compat.patching import PatchSet
+from megatron_gr.compat.single_rank import skip_alone
 from megatron_gr.compat.version import require
 
 _PATCHES = PatchSet()
@@ -76,14 +77,17 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def fast_optimizer_ops() -> Iterator[None]:
     """megatron's local multi-tensor norm and scale replaced by :func:`foreach_l2_norm` and
-    :func:`foreach_scale` inside the block (nested blocks are free), and its gradient
-    norm's and clipping's DTensor unwrapping by :func:`local_tensor`; restored on exit.
-    Where apex or TE provide the multi-tensor kernels, those are not patched."""
+    :func:`foreach_scale` inside the block (nested blocks are free), its gradient norm's
+    and clipping's DTensor unwrapping by :func:`local_tensor`, and its gradient and weight
+    buffer collectives skipped on a data-parallel group of one rank
+    (:func:`megatron_gr.compat.single_rank.skip_alone`); restored on exit. Where apex or TE
+    provide the multi-tensor kernels, those are not patched."""
     global _depth
     if _depth == 0:
         try:
             _patch_local_multi_tensor_helpers(_PATCHES)
             _patch_dtensor_unwrap(_PATCHES)
+            skip_alone(_PATCHES)
         except BaseException:
             _PATCHES.restore()
             raise

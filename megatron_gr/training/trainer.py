@@ -145,7 +145,8 @@ class Trainer:
             parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
         ):
             totals[2] = sum(b.num_tokens for b in batches)
-        dist.all_reduce(totals)  # every rank knows the loss before the step
+        if dist.get_world_size() > 1:  # every rank knows the loss before the step
+            dist.all_reduce(totals)
         host = {}
 
         def loss_is_finite() -> bool:  # read where the step waits for its gradient norm anyway
