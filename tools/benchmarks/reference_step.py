@@ -7,7 +7,8 @@ batch). The reference step runs this tree's model, data and numerics with megatr
 step as it comes:
 
 - megatron's gradient-norm and scaling helpers (a device read per parameter) instead of
-  the for-each ones (``compat.fast_optimizer_ops``);
+  the for-each ones, its DTensor unwrapping per gradient, and its buffer collectives on a
+  data-parallel group of one rank (all of ``compat.fast_optimizer_ops``);
 - torch's for-each Adam instead of its fused kernel, the distributed optimizer's
   main-to-model copy one ``copy_`` per parameter, and its gradient hand-over sliced anew
   per parameter in every step;
