@@ -77,7 +77,7 @@ def _caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if "/torch/" not in name and not name.endswith("host_overhead.py"):
+        if "/torch/" not in name and name != __file__:
             parts = Path(name).parts
             for root in ("megatron_gr", "megatron", "tools"):
                 if root in parts:
