@@ -25,7 +25,12 @@ from megatron_gr.compat.dist_optimizer import (
     keep_adam_step_on_reshardable_load,
     reshardable_state_in_buffer_coordinates,
 )
-from megatron_gr.compat.fast_optimizer import batch_main_to_model_copies, fast_optimizer_ops, use_fused_adam
+from megatron_gr.compat.fast_optimizer import (
+    batch_main_to_model_copies,
+    fast_optimizer_ops,
+    reuse_main_grad_views,
+    use_fused_adam,
+)
 from megatron_gr.compat.optimizer_step import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.compat.quiet import load_distributed_checkpoint, megatron_collective_deprecations_silenced, zero_grad
 from megatron_gr.compat.recompute import (
@@ -61,6 +66,7 @@ __all__ = [
     "prepare_grads_and_norm",
     "replay_checkpoint",
     "reshardable_state_in_buffer_coordinates",
+    "reuse_main_grad_views",
     "traceable_viewless_tensors",
     "transformer_engine_available",
     "use_fused_adam",

@@ -8,14 +8,17 @@ bf16 training step milliseconds of host time:
   parameter; ``local_multi_tensor_scale`` (clipping, the main-to-model weight copy of the
   non-distributed optimizer) launches two kernels per tensor;
 - the distributed optimizer copies its fp32 main shards into the bf16 weights one
-  ``copy_`` per parameter;
+  ``copy_`` per parameter, and hands each main shard its gradient by looking up the
+  parameter's range and slicing the gradient buffer anew in every step (three operator
+  dispatches and a few dictionary lookups per parameter);
 - torch's Adam runs its for-each implementation (about a dozen passes over weights and
   moments) instead of its fused kernel.
 
 :func:`fast_optimizer_ops` replaces the two helpers by torch's for-each kernels (the norm
 stays on the device until megatron reads it once); :func:`use_fused_adam` switches torch
 Adam to ``fused=True``; :func:`batch_main_to_model_copies` does the distributed
-optimizer's copy as one for-each copy. Each leaves megatron alone where apex, TE, FSDP,
+optimizer's copy as one for-each copy; :func:`reuse_main_grad_views` slices the gradient
+buffer once and hands the main shards the same views in every step. Each leaves megatron alone where apex, TE, FSDP,
 FP8 or precision-aware optimizers are in use.
 """
 
@@ -28,6 +31,7 @@ import torch
 
 from megatron_gr.compat.optimizer_step import _parts
 from megatron_gr.compat.patching import PatchSet
+from megatron_gr.compat.single_rank import skip_alone
 from megatron_gr.compat.version import require
 
 _PATCHES = PatchSet()
@@ -40,7 +44,9 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     del chunk_size, noop_flag, per_tensor, args
     tensors = tensor_lists[0]
     norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+    # float32 gradients (the main gradients) give float32 norms: no conversion to dispatch
+    norms = [n if n.dtype == torch.float32 else n.float() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
 def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
@@ -56,15 +62,32 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron's ``to_local_if_dtensor`` (a DTensor's local shard, any other tensor as it
+    is) without entering ``torch.no_grad()`` for tensors that are not DTensors: megatron's
+    gradient norm and clipping call it for every gradient of every step."""
+    from megatron.core import utils
+
+    if utils.HAVE_DTENSOR and isinstance(tensor, utils.DTensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
+
+
 @contextlib.contextmanager
 def fast_optimizer_ops() -> Iterator[None]:
     """megatron's local multi-tensor norm and scale replaced by :func:`foreach_l2_norm` and
-    :func:`foreach_scale` inside the block (nested blocks are free); restored on exit.
-    Where apex or TE provide them, nothing is patched."""
+    :func:`foreach_scale` inside the block (nested blocks are free), its gradient norm's
+    and clipping's DTensor unwrapping by :func:`local_tensor`, and its gradient and weight
+    buffer collectives skipped on a data-parallel group of one rank
+    (:func:`megatron_gr.compat.single_rank.skip_alone`); restored on exit. Where apex or TE
+    provide the multi-tensor kernels, those are not patched."""
     global _depth
     if _depth == 0:
         try:
             _patch_local_multi_tensor_helpers(_PATCHES)
+            _patch_dtensor_unwrap(_PATCHES)
+            skip_alone(_PATCHES)
         except BaseException:
             _PATCHES.restore()
             raise
@@ -91,6 +114,16 @@ def _patch_local_multi_tensor_helpers(patches: PatchSet) -> None:
     for module in (clip_grads, optimizer):
         if getattr(module, "multi_tensor_scale_impl", None) is getattr(utils, "local_multi_tensor_scale", ()):
             patches.set(module, "multi_tensor_scale_impl", foreach_scale, purpose=purpose)
+
+
+def _patch_dtensor_unwrap(patches: PatchSet) -> None:
+    """Patches: ``clip_grads.to_local_if_dtensor`` (the gradient norm's and clipping's
+    per-gradient unwrapping) with :func:`local_tensor`, the same tensors."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if getattr(clip_grads, "to_local_if_dtensor", None) is getattr(utils, "to_local_if_dtensor", ()):
+        patches.set(clip_grads, "to_local_if_dtensor", local_tensor, purpose="unwrap gradients without a no_grad block each")
 
 
 def use_fused_adam(optimizer) -> int:
@@ -147,6 +180,50 @@ def batch_main_to_model_copies(optimizer) -> int:
         part._copy_main_params_to_model_params = copy_main_params_to_model_params
         changed += 1
     return changed
+
+
+def reuse_main_grad_views(optimizer) -> int:
+    """Replaces the distributed optimizer's per-step gradient hand-over (main shard ``.grad``
+    = its slice of the gradient buffer, as float32) by views sliced once; returns how many
+    optimizers were changed. The views are of DDP's gradient buffers, which live as long as
+    the model and are zeroed in place, so every step's gradients are the same as megatron's
+    (the same tensors when the buffer is float32). Left to megatron where
+    :func:`batch_main_to_model_copies` is."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    changed = 0
+    for part in _parts(optimizer):
+        if not isinstance(part, DistributedOptimizer) or not _plain_distributed_copy(part):
+            continue
+        require(part, "_copy_model_grads_to_main_grads", purpose="hand the main shards their gradients without slicing")
+        pairs = None
+
+        def copy_model_grads_to_main_grads(part=part):
+            nonlocal pairs
+            if pairs is None:
+                pairs = _main_grad_views(part)
+            for shard_main_param, view in pairs:
+                shard_main_param.grad = view if view.dtype == torch.float32 else view.float()
+
+        part._copy_model_grads_to_main_grads = copy_model_grads_to_main_grads
+        changed += 1
+    return changed
+
+
+def _main_grad_views(part) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(main shard, its slice of the model gradient buffer), as megatron's loop pairs them."""
+    pairs = []
+    for model_groups, shard_groups in (
+        (part.model_float16_groups, part.shard_fp32_from_float16_groups),
+        (part.model_fp32_groups, part.shard_fp32_groups),
+    ):
+        for model_group, shard_group in zip(model_groups, shard_groups):
+            for model_param, shard_main_param in zip(model_group, shard_group):
+                param_range = part._get_model_param_range_map(model_param)["param"]
+                if param_range.size != shard_main_param.nelement():
+                    raise AssertionError("megatron's parameter range does not match its main shard")
+                pairs.append((shard_main_param, model_param.main_grad.view(-1)[param_range.start : param_range.end]))
+    return pairs
 
 
 def _plain_distributed_copy(part) -> bool:

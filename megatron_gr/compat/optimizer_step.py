@@ -38,7 +38,9 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
 
     require(optimizer, "step_with_ready_grads", purpose="step dynamic tables with the dense optimizer")
     clip = optimizer.config.clip_grad
-    if clip > 0.0:
+    # megatron's clipping scales only when this factor is below 1, but collects every
+    # gradient (a detach per parameter) before it looks: most steps need none of it.
+    if clip > 0.0 and clip / (total_norm + 1.0e-6) < 1.0:
         for part in _parts(optimizer):
             params = part.get_parameters()
             if params:

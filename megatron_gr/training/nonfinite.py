@@ -26,7 +26,10 @@ class TrainingDivergedError(RuntimeError):
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on any rank. A collective: every rank of the
-    world calls it at the same point."""
+    world calls it at the same point. On a single rank the flag is the answer: no
+    collective and no device read (on a GPU each is a wait in every step)."""
+    if dist.get_world_size() == 1:
+        return flag
     value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_gr.compat import batch_main_to_model_copies, use_fused_adam
+from megatron_gr.compat import batch_main_to_model_copies, reuse_main_grad_views, use_fused_adam
 from megatron_gr.config.training_config import TrainingConfig
 from megatron_gr.training.runtime import Runtime
 
@@ -14,7 +14,8 @@ from megatron_gr.training.runtime import Runtime
 def build_optimizer(training: TrainingConfig, runtime: Runtime, model_chunks) -> MegatronOptimizer:
     """The distributed optimizer exactly when the model's DDP shards gradients for it
     (decided once, in ``model_setup``); torch's Adam in its fused kernel and the main-to-model
-    weight copy as one for-each copy (``compat.fast_optimizer``)."""
+    weight copy as one for-each copy, the main shards' gradient views sliced once
+    (``compat.fast_optimizer``)."""
     ddp_config = model_chunks[0].ddp_config
     config = OptimizerConfig(
         optimizer=training.optimizer,
@@ -33,6 +34,7 @@ def build_optimizer(training: TrainingConfig, runtime: Runtime, model_chunks) ->
     optimizer = get_megatron_optimizer(config, model_chunks)
     use_fused_adam(optimizer)
     batch_main_to_model_copies(optimizer)
+    reuse_main_grad_views(optimizer)
     return optimizer
 
 

@@ -44,8 +44,8 @@ def per_token_finalize(finalize: Callable, tables: list[PhysicalTable]) -> Calla
     gradients (``num_tokens=None``), then the count is broadcast from the last pipeline stage
     and summed over data-parallel ranks as megatron does, and the gradients are multiplied
     by ``1 / max(count, 1)`` (with no token every gradient is zero, which megatron leaves as
-    it is). The rows of dynamic tables get the same factor, read once on the host (their
-    step reads their counters there anyway)."""
+    it is). The rows of dynamic tables get the same factor, read on the host when their
+    step needs it, after the wait for the gradient norm (no wait of its own)."""
 
     def finalize_model_grads(model, num_tokens=None, pg_collection=None, **kwargs):
         finalize(model, None, pg_collection=pg_collection, **kwargs)
@@ -61,10 +61,8 @@ def per_token_finalize(finalize: Callable, tables: list[PhysicalTable]) -> Calla
         scaling = 1.0 / num_tokens.clamp(min=1)
         for chunk in model:
             chunk.scale_gradients(scaling)
-        if tables:
-            factor = float(scaling)
-            for table in tables:
-                table.scale_gradients(factor)
+        for table in tables:
+            table.scale_gradients(scaling)  # read on the host with the gradient norm
 
     return finalize_model_grads
 

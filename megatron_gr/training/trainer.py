@@ -103,8 +103,11 @@ class Trainer:
             self.state.iteration += 1
             step = self.state.iteration
             self.log.advance(step)
+            logged = record["skipped"] or step % self.config.logging.log_interval == 0 or step == training.train_iters
+            if logged:  # the tables' counters: a collective and host reads, so only for the logs
+                record.update(self.sparse.statistics())
             skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
-            if not skipped and (step % self.config.logging.log_interval == 0 or step == training.train_iters):
+            if not skipped and logged:
                 self.log.train(step, record)
             if training.eval_interval and step % training.eval_interval == 0:
                 stop = self.validate()
@@ -142,7 +145,8 @@ class Trainer:
             parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
         ):
             totals[2] = sum(b.num_tokens for b in batches)
-        dist.all_reduce(totals)  # every rank knows the loss before the step
+        if dist.get_world_size() > 1:  # every rank knows the loss before the step
+            dist.all_reduce(totals)
         host = {}
 
         def loss_is_finite() -> bool:  # read where the step waits for its gradient norm anyway
@@ -169,7 +173,6 @@ class Trainer:
             "step_time_s": elapsed,
             "skipped": not updated,
             **memory,
-            **self.sparse.statistics(),
         }
 
     # ------------------------------------------------------------ evaluation

@@ -7,9 +7,11 @@ batch). The reference step runs this tree's model, data and numerics with megatr
 step as it comes:
 
 - megatron's gradient-norm and scaling helpers (a device read per parameter) instead of
-  the for-each ones (``compat.fast_optimizer_ops``);
-- torch's for-each Adam instead of its fused kernel, and the distributed optimizer's
-  main-to-model copy one ``copy_`` per parameter;
+  the for-each ones, its DTensor unwrapping per gradient, and its buffer collectives on a
+  data-parallel group of one rank (all of ``compat.fast_optimizer_ops``);
+- torch's for-each Adam instead of its fused kernel, the distributed optimizer's
+  main-to-model copy one ``copy_`` per parameter, and its gradient hand-over sliced anew
+  per parameter in every step;
 - megatron's division by the token count after reading it on the host (a second wait per
   step) instead of :func:`~megatron_gr.training.sparse_step.per_token_finalize` (kept with
   dynamic tables, whose rows need the same factor);
@@ -51,6 +53,7 @@ def speedups_off() -> Iterator[None]:
         stack.enter_context(mock.patch.object(runtime, "fast_optimizer_ops", contextlib.nullcontext))
         stack.enter_context(mock.patch.object(optimizer_setup, "use_fused_adam", lambda optimizer: 0))
         stack.enter_context(mock.patch.object(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0))
+        stack.enter_context(mock.patch.object(optimizer_setup, "reuse_main_grad_views", lambda optimizer: 0))
         stack.enter_context(mock.patch.object(model_setup, "per_token_finalize", megatron_finalize))
         stack.enter_context(mock.patch.object(trainer, "PrefetchingStream", lambda stream, device: stream))
         stack.enter_context(hstu_configs.override(uniform_bias_tiles=False))

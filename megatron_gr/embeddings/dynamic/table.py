@@ -8,7 +8,7 @@ Everything here is local to the rank that owns the ids; routing and all-to-all l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -97,6 +97,7 @@ class PhysicalTable:
         self._statuses = torch.tensor(sorted(_COUNTED), dtype=torch.int8, device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_scale = 1.0
+        self._device_scales: list[torch.Tensor] = []  # factors still on the device, see scale_gradients
         self._ready: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # Ids removed since the last dump (evicted or expired), kept once dumps are taken.
         self.track_removals = False
@@ -197,8 +198,20 @@ class PhysicalTable:
         stored row (slot -1) keep their place here (no copy) and get no update."""
         self._pending.append((slots, grads.to(torch.float32)))
 
-    def scale_gradients(self, factor: float) -> None:
-        self._grad_scale *= factor
+    def scale_gradients(self, factor: Union[float, torch.Tensor]) -> None:
+        """Multiplies this step's row gradients by ``factor``. A one-element tensor is read
+        on the host only when the step needs the scale (with the gradient norm, where the
+        step waits for the device anyway), not here; the product is the same."""
+        if torch.is_tensor(factor):
+            self._device_scales.append(factor)
+        else:
+            self._grad_scale = self._host_scale() * factor
+
+    def _host_scale(self) -> float:
+        for factor in self._device_scales:
+            self._grad_scale *= float(factor)
+        self._device_scales = []
+        return self._grad_scale
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's gradient per touched row: repeated rows summed (slot -1, if present,
@@ -222,7 +235,7 @@ class PhysicalTable:
         """Sum of squared (scaled) row gradients of this step: this rank's share of the
         gradient norm."""
         slots, grads = self._gathered()
-        return (grads.double().square().sum(dim=1) * (slots >= 0)).sum() * self._grad_scale**2
+        return (grads.double().square().sum(dim=1) * (slots >= 0)).sum() * self._host_scale() ** 2
 
     def apply_step(self, dense_lr: float) -> None:
         """The sparse optimizer on this step's touched rows, then the step count advances
@@ -232,7 +245,7 @@ class PhysicalTable:
         lr = settings.lr if settings.lr is not None else dense_lr
         sparse_update(
             self.weights, self._states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
-            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._grad_scale,
+            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._host_scale(),
             fresh=self._fresh, state_init=self.state_init, kernel=self.kernel,
         )
         self.index.mark_changed(slots)
@@ -249,6 +262,7 @@ class PhysicalTable:
         self._pending = []
         self._ready = None
         self._grad_scale = 1.0
+        self._device_scales = []
 
     def sweep_expired(self) -> int:
         """Drops rows (and admission counters) not seen for ``ttl_steps`` steps."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_gr.ops.attention_mask import allowed_pairs, attention_mask
-from megatron_gr.ops.jagged import jagged_to_padded, padded_to_jagged
+from megatron_gr.ops.jagged import jagged_to_padded, padded_to_jagged, sequence_ids_and_positions
 from megatron_gr.ops.key_layout import KeyLayout
 from megatron_gr.ops.relative_bias import RelativeBiasInputs, dense_relative_bias, relative_bias_between
 
@@ -52,9 +52,10 @@ def pytorch_hstu_attention(
     lengths = offsets[1:] - offsets[:-1]
     n = max_len if max_len is not None else (int(lengths.max()) if lengths.numel() else 0)
     compute = torch.promote_types(q.dtype, torch.float32)
-    qp = jagged_to_padded(q.to(compute), offsets, n)  # [B, N, H, Dqk]
-    kp = jagged_to_padded(k.to(compute), offsets, n)  # [B, N, H, Dqk]
-    vp = jagged_to_padded(v.to(compute), offsets, n)  # [B, N, H, Dv]
+    index = sequence_ids_and_positions(offsets, num_tokens)  # one for the four conversions
+    qp = jagged_to_padded(q.to(compute), offsets, n, index=index)  # [B, N, H, Dqk]
+    kp = jagged_to_padded(k.to(compute), offsets, n, index=index)  # [B, N, H, Dqk]
+    vp = jagged_to_padded(v.to(compute), offsets, n, index=index)  # [B, N, H, Dv]
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha  # [B, H, N, N]
     if relative_bias is not None:
         scores = scores + dense_relative_bias(relative_bias, offsets, n)[:, None].to(compute)
@@ -65,7 +66,7 @@ def pytorch_hstu_attention(
     else:
         weights = weights / lengths.clamp(min=1).view(-1, 1, 1, 1).to(weights.dtype)
     out = torch.einsum("bhij,bjhd->bihd", weights, vp)  # [B, N, H, Dv]
-    return padded_to_jagged(out, offsets, num_tokens).to(v.dtype)
+    return padded_to_jagged(out, offsets, num_tokens, index=index).to(v.dtype)
 
 
 def _attention_between(

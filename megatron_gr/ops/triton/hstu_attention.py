@@ -4,6 +4,8 @@ backward kernels. Same signature and semantics as
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,10 +62,18 @@ def _common_args(q, v, mask: _Mask, bias: Optional[RelativeBiasInputs], normaliz
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 and one int64 element per device, passed where a bias tensor would go
+    without a bias (the kernels neither read nor write them then): made once, not two
+    allocations and fills per layer and direction."""
+    return torch.zeros(1, device=device, dtype=torch.float32), torch.zeros(1, device=device, dtype=torch.int64)
+
+
 def _bias_tensors(bias: Optional[RelativeBiasInputs], device):
     if bias is None:
-        empty = torch.zeros(1, device=device, dtype=torch.float32)
-        return empty, empty, torch.zeros(1, device=device, dtype=torch.int64), 1, 1
+        weights, stamps = _placeholders(torch.device(device))
+        return weights, weights, stamps, 1, 1
     return (
         bias.position_weights.detach().float().contiguous(),
         bias.time_weights.detach().float().contiguous(),
@@ -141,9 +151,12 @@ def _backward(grad_out, q, k, v, offsets, targets, bias_tensors: tuple, settings
     pos_w, time_w, ts = bias_tensors[:3]
     num_pos, num_time = pos_w.numel(), time_w.numel()
     layout, sharded = _layout_args(settings, offsets, ts)
-    slots = _BIAS_GRAD_SLOTS if bias is not None else 1
-    d_pos = torch.zeros(slots, num_pos, device=q.device, dtype=torch.float32)
-    d_time = torch.zeros(slots, num_time, device=q.device, dtype=torch.float32)
+    if bias is not None:
+        d_pos = torch.zeros(_BIAS_GRAD_SLOTS, num_pos, device=q.device, dtype=torch.float32)
+        d_time = torch.zeros(_BIAS_GRAD_SLOTS, num_time, device=q.device, dtype=torch.float32)
+    else:  # unused by the kernels without a bias
+        d_pos = d_time = _placeholders(q.device)[0].view(1, 1)
+    slots = d_pos.shape[0]
     common = _common_args(q, v, mask, bias, settings.normalizer, q.dtype)
     cfg = backward_config(dqk, v.shape[2], q.dtype, has_bias=bias is not None)
     batch = offsets.numel() - 1

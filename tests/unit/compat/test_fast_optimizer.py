@@ -1,6 +1,7 @@
 """compat.fast_optimizer: for-each norm and scale against megatron's local helpers, the
-patches restored, and a training run with the fast step (fused Adam, batched copies, the
-per-token division on the device) equal to one with megatron's own (CPU, fp32)."""
+patches restored, the main shards' reused gradient views equal to megatron's hand-over, and
+a training run with the fast step (fused Adam, batched copies, the per-token division on the
+device) equal to one with megatron's own (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer import optimizer as megatron_optimizer
 
 from megatron_gr.compat import fast_optimizer_ops
-from megatron_gr.compat.fast_optimizer import foreach_l2_norm, foreach_scale
+from megatron_gr.compat.fast_optimizer import foreach_l2_norm, foreach_scale, local_tensor
 from tests.unit.training.helpers import tiny_config
 
 
@@ -45,12 +46,35 @@ def test_foreach_scale_in_place_copy_and_scaled_copy():
         torch.testing.assert_close(target, (source * 3.0).double(), rtol=0, atol=0)
 
 
+def test_local_tensor_unwraps_as_megatron_does():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    plain = torch.randn(3, requires_grad=True)
+    assert local_tensor(plain) is plain and megatron_utils.to_local_if_dtensor(plain) is plain
+    dist = torch.distributed
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        shard = torch.randn(4, requires_grad=True)
+        wrapped = DTensor.from_local(shard, mesh, [Replicate()])
+        got, want = local_tensor(wrapped), megatron_utils.to_local_if_dtensor(wrapped)
+        assert not isinstance(got, DTensor) and torch.equal(got, want) and torch.equal(got, shard)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
 def test_patches_apply_to_the_local_fallbacks_and_are_restored():
     with fast_optimizer_ops():
         with fast_optimizer_ops():  # nested: free
             assert clip_grads.l2_norm_impl is foreach_l2_norm
         assert clip_grads.multi_tensor_scale_impl is foreach_scale
         assert megatron_optimizer.multi_tensor_scale_impl is foreach_scale
+        assert clip_grads.to_local_if_dtensor is local_tensor
+    assert clip_grads.to_local_if_dtensor is megatron_utils.to_local_if_dtensor
     assert clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm
     assert clip_grads.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale
     assert megatron_optimizer.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale
@@ -79,6 +103,7 @@ def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "fast_optimizer_ops", contextlib.nullcontext)
     monkeypatch.setattr(optimizer_setup, "use_fused_adam", lambda optimizer: 0)
     monkeypatch.setattr(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0)
+    monkeypatch.setattr(optimizer_setup, "reuse_main_grad_views", lambda optimizer: 0)
     monkeypatch.setattr(model_setup, "per_token_finalize", lambda finalize, tables: finalize)
     old_losses, old_weights, old_inner = _train(tmp_path / "old", 4)
     assert not any(group["fused"] for opt in old_inner for group in opt.param_groups)
@@ -86,3 +111,30 @@ def test_fast_step_trains_as_megatrons_step(tmp_path, monkeypatch):
     assert fast_losses == pytest.approx(old_losses, rel=1e-5)
     for name, weight in old_weights.items():
         torch.testing.assert_close(fast_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reused_main_grad_views_are_megatrons_hand_over(tmp_path):
+    """After a step, the shim and megatron's own method give every main shard a gradient
+    with the same values in the same memory (a view of DDP's gradient buffer)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_gr.compat.optimizer_step import _parts
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.train_step()
+    trainer.train_step()  # the views made in the first step serve the second
+    parts = [p for p in _parts(trainer.optimizer) if isinstance(p, DistributedOptimizer)]
+    assert parts and all("_copy_model_grads_to_main_grads" in vars(part) for part in parts)
+    for part in parts:
+        mains = [p for group in part.shard_fp32_from_float16_groups + part.shard_fp32_groups for p in group]
+        part._copy_model_grads_to_main_grads()
+        ours = [(p.grad.data_ptr(), p.grad.clone()) for p in mains]
+        DistributedOptimizer._copy_model_grads_to_main_grads(part)
+        theirs = [(p.grad.data_ptr(), p.grad.clone()) for p in mains]
+        assert [ptr for ptr, _ in ours] == [ptr for ptr, _ in theirs]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))
+        assert any(b.abs().sum() > 0 for _, b in theirs)  # real gradients, not zeros
+    trainer.loader.close()
+    shutdown()

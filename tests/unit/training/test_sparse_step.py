@@ -71,6 +71,37 @@ def test_rows_share_the_dense_norm_clipping_and_learning_rate(megatron_cpu):
     torch.testing.assert_close(after, before - 0.5 * torch.tensor([0.0, 4.0]) * clip)  # the dense lr
 
 
+@pytest.mark.parametrize("clip_grad, scaled", [(6.0, False), (5.0 + 1e-5, False), (5.0, True), (4.0, True)])
+def test_clipping_scales_only_below_the_clip_norm(megatron_cpu, clip_grad, scaled):
+    """The dense gradient (norm 5 with the row) is scaled exactly when megatron would
+    (clip / (norm + 1e-6) < 1), by megatron's factor; otherwise it is left as it is."""
+    model = _model_with_table()
+    tables = SparseTables([model])
+    _touch(model, [0.0, 4.0])
+    optimizer = DenseOptimizer(clip_grad=clip_grad)
+    tables.step(optimizer)
+    factor = clip_grad / (5.0 + 1e-6) if scaled else 1.0
+    torch.testing.assert_close(optimizer.param.grad, torch.tensor([3.0, 0.0]) * factor, rtol=0, atol=0)
+
+
+def test_a_device_factor_scales_rows_as_the_same_host_factor(megatron_cpu):
+    """A tensor factor (the per-token one, read on the host only with the norm) gives the
+    rows the same norm share and update as the same factor given as a float."""
+    norms, rows = [], []
+    device_factor = torch.tensor(1.0 / 3.0)  # float32, as the per-token factor is
+    for factor in (float(device_factor), device_factor):
+        model = _model_with_table()
+        table = SparseTables([model]).tables[0]
+        before = _touch(model, [0.7, 8.0])
+        table.scale_gradients(factor)
+        table.scale_gradients(0.3)  # then clipping's factor, on the host
+        norms.append(float(table.gradient_square_sum()))
+        table.apply_step(0.5)
+        rows.append(model.table.lookup("item", torch.tensor([7])).detach()[0])
+    assert norms[0] == norms[1] and torch.equal(rows[0], rows[1])
+    assert not torch.equal(rows[0], before)
+
+
 @pytest.mark.parametrize("tokens, factor", [(4, 0.25), (0, 1.0)])
 def test_finalize_divides_dense_and_row_gradients_by_the_token_count(megatron_cpu, tokens, factor):
     model = _model_with_table()
