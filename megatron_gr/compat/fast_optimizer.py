@@ -25,7 +25,8 @@ FP8 or precision-aware optimizers are in use.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -33,6 +34,8 @@ from megatron_gr.compat.optimizer_step import _parts
 from megatron_gr.compat.patching import PatchSet
 from megatron_gr.compat.single_rank import skip_alone
 from megatron_gr.compat.version import require
+
+T = TypeVar("T")
 
 _PATCHES = PatchSet()
 _depth = 0
@@ -168,12 +171,8 @@ def batch_main_to_model_copies(optimizer) -> int:
         if not isinstance(part, DistributedOptimizer) or not _plain_distributed_copy(part):
             continue
         require(part, "_copy_main_params_to_model_params", purpose="copy main weights to the model in one launch")
-        pairs = None
-
-        def copy_main_params_to_model_params(part=part):
-            nonlocal pairs
-            if pairs is None:
-                pairs = _main_to_model_views(part)
+        def copy_main_params_to_model_params(views=_once(functools.partial(_main_to_model_views, part))):
+            pairs = views()
             if pairs[0]:
                 torch._foreach_copy_(pairs[0], pairs[1])
 
@@ -196,18 +195,26 @@ def reuse_main_grad_views(optimizer) -> int:
         if not isinstance(part, DistributedOptimizer) or not _plain_distributed_copy(part):
             continue
         require(part, "_copy_model_grads_to_main_grads", purpose="hand the main shards their gradients without slicing")
-        pairs = None
-
-        def copy_model_grads_to_main_grads(part=part):
-            nonlocal pairs
-            if pairs is None:
-                pairs = _main_grad_views(part)
-            for shard_main_param, view in pairs:
+        def copy_model_grads_to_main_grads(views=_once(functools.partial(_main_grad_views, part))):
+            for shard_main_param, view in views():
                 shard_main_param.grad = view if view.dtype == torch.float32 else view.float()
 
         part._copy_model_grads_to_main_grads = copy_model_grads_to_main_grads
         changed += 1
     return changed
+
+
+def _once(build: Callable[[], T]) -> Callable[[], T]:
+    """``build()``, computed on the first call and kept: one cache per optimizer part (a
+    closure over a loop variable would share one between the parts)."""
+    cache: list = []
+
+    def get() -> T:
+        if not cache:
+            cache.append(build())
+        return cache[0]
+
+    return get
 
 
 def _main_grad_views(part) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,14 +7,14 @@ inside a ``torch.distributed._coalescing_manager``, whatever the size of the gro
 data-parallel rank the shard is the whole buffer (the collective's input and output are
 the same memory): the sum or average over one rank leaves it as it is, the gather too, and
 the collectives cost host time only (their Python, a launch each). :func:`skip_alone`
-patches the three names ``param_and_grad_buffer`` calls them by so that on a group of one
-those calls return at once; on larger groups they are megatron's own.
+patches the two names ``param_and_grad_buffer`` calls them by so that on a group of one
+those calls return at once; on larger groups they are megatron's own. The coalescing
+manager stays megatron's: a manager with nothing recorded in it waits for nothing, and any
+other collective megatron issues inside it (the all-reduce without the distributed
+optimizer, or when it forces one) is still coalesced and waited for.
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,21 +35,6 @@ def _alone(group) -> bool:
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
-
-
-def coalescing_skipping_alone(original):
-    """``_coalescing_manager`` that opens nothing on a group of one (the collectives inside
-    return at once, see :func:`reduce_scatter_skipping_alone`)."""
-
-    @contextlib.contextmanager
-    def coalescing_manager(group=None, device=None, async_ops=False) -> Iterator:
-        if _alone(group):
-            yield FinishedWork()
-            return
-        with original(group, device=device, async_ops=async_ops) as manager:
-            yield manager
-
-    return coalescing_manager
 
 
 def reduce_scatter_skipping_alone(original):
@@ -77,13 +62,12 @@ def all_gather_skipping_alone(original):
 
 
 def skip_alone(patches: PatchSet) -> None:
-    """Patches ``param_and_grad_buffer._coalescing_manager``, ``dist_reduce_scatter_func``
-    and ``dist_all_gather_func`` (the gradient and weight buffer collectives of the
-    distributed optimizer) with the wrappers above."""
+    """Patches ``param_and_grad_buffer.dist_reduce_scatter_func`` and
+    ``dist_all_gather_func`` (the gradient and weight buffer collectives of the distributed
+    optimizer) with the wrappers above."""
     from megatron.core.distributed import param_and_grad_buffer as buffers
 
     purpose = "skip the buffer collectives on a data-parallel group of one rank"
-    patches.set(buffers, "_coalescing_manager", coalescing_skipping_alone(buffers._coalescing_manager), purpose=purpose)
     patches.set(
         buffers, "dist_reduce_scatter_func", reduce_scatter_skipping_alone(buffers.dist_reduce_scatter_func),
         purpose=purpose,

@@ -146,7 +146,8 @@ def _graph_statistics(trainer) -> dict:
 def run_length(config, total_steps: int) -> int:
     """``train_iters`` of a measured run: the steps it takes, longer where the config's LR
     warm-up needs it (a warm-up must end before the decay: ML-100K warms up over 50 steps),
-    so the steps taken see the config's own rates. getattr: older trees run this too."""
+    so the config is accepted as it is (the steps taken may all fall inside the warm-up: the
+    timing does not depend on the rate). getattr: older trees run this too."""
     training = config.training
     length = max(total_steps, 2)
     if getattr(training, "lr_decay_iters", None) is None:  # the decay length is train_iters

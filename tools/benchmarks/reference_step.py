@@ -55,6 +55,6 @@ def speedups_off() -> Iterator[None]:
         stack.enter_context(mock.patch.object(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0))
         stack.enter_context(mock.patch.object(optimizer_setup, "reuse_main_grad_views", lambda optimizer: 0))
         stack.enter_context(mock.patch.object(model_setup, "per_token_finalize", megatron_finalize))
-        stack.enter_context(mock.patch.object(trainer, "PrefetchingStream", lambda stream, device: stream))
+        stack.enter_context(mock.patch.object(trainer, "PrefetchingStream", lambda stream, device, **_: stream))
         stack.enter_context(hstu_configs.override(uniform_bias_tiles=False))
         yield

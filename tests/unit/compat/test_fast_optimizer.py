@@ -138,3 +138,30 @@ def test_reused_main_grad_views_are_megatrons_hand_over(tmp_path):
         assert any(b.abs().sum() > 0 for _, b in theirs)  # real gradients, not zeros
     trainer.loader.close()
     shutdown()
+
+
+def test_each_optimizer_part_keeps_its_own_views(monkeypatch):
+    """A chained optimizer (e.g. dense and expert parameters) has several distributed parts:
+    each part's shims use the views of that part, whichever part calls first."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_gr.compat import fast_optimizer
+
+    parts = [DistributedOptimizer.__new__(DistributedOptimizer) for _ in range(2)]
+    grads = [torch.full((3,), float(i + 1)) for i in range(2)]
+    mains = [torch.zeros(3, requires_grad=True) for _ in range(2)]
+    models = [torch.zeros(3) for _ in range(2)]
+    monkeypatch.setattr(fast_optimizer, "_plain_distributed_copy", lambda part: True)
+    monkeypatch.setattr(fast_optimizer, "_main_grad_views", lambda part: [(mains[parts.index(part)], grads[parts.index(part)])])
+    monkeypatch.setattr(fast_optimizer, "_main_to_model_views",
+                        lambda part: ([models[parts.index(part)]], [grads[parts.index(part)]]))
+    chained = SimpleNamespace(chained_optimizers=parts)
+    assert fast_optimizer.reuse_main_grad_views(chained) == 2
+    assert fast_optimizer.batch_main_to_model_copies(chained) == 2
+    for index in (1, 0):  # the second part first: a shared cache would hand part 0 part 1's views
+        parts[index]._copy_model_grads_to_main_grads()
+        parts[index]._copy_main_params_to_model_params()
+    for index in range(2):
+        assert torch.equal(mains[index].grad, grads[index]) and torch.equal(models[index], grads[index])

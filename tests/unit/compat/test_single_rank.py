@@ -4,15 +4,13 @@ the shim trains as one without it."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
+from megatron_gr.compat import single_rank
 from megatron_gr.compat.single_rank import (
     FinishedWork,
     all_gather_skipping_alone,
-    coalescing_skipping_alone,
     reduce_scatter_skipping_alone,
 )
 from tests.unit.training.helpers import tiny_config
@@ -58,27 +56,21 @@ def test_anything_else_is_megatrons_collective():
     assert len(calls) == 5
 
 
-def test_coalescing_opens_megatrons_manager_only_with_company():
-    opened = []
-
-    @contextlib.contextmanager
-    def original(group, device=None, async_ops=False):
-        opened.append(group.size())
-        yield "manager"
-
-    manager = coalescing_skipping_alone(original)
-    with manager(Group(1), async_ops=True) as alone:
-        assert isinstance(alone, FinishedWork) and alone.wait()
-    with manager(Group(4)) as together:
-        assert together == "manager"
-    assert opened == [4]
-
-
 def test_a_step_trains_as_with_megatrons_collectives(tmp_path, monkeypatch):
     from megatron.core.distributed import param_and_grad_buffer as buffers
 
     from megatron_gr.training.runtime import shutdown
     from megatron_gr.training.trainer import Trainer
+
+    skips = []
+    same_memory = single_rank._same_memory
+
+    def counted(a, b) -> bool:  # on one rank every buffer collective asks, and is skipped
+        same = same_memory(a, b)
+        skips.append(same)
+        return same
+
+    monkeypatch.setattr(single_rank, "_same_memory", counted)
 
     def run(directory) -> tuple[list[float], str]:
         shutdown()  # the runtime (and its patches) of the next trainer start afresh
@@ -90,7 +82,9 @@ def test_a_step_trains_as_with_megatrons_collectives(tmp_path, monkeypatch):
         return result, reduce_scatter
 
     skipped, patched = run(tmp_path / "skipped")
+    assert skips and all(skips), "the shim skipped no collective"
     monkeypatch.setattr("megatron_gr.compat.fast_optimizer.skip_alone", lambda patches: None)
+    skips.clear()
     with_megatrons, original = run(tmp_path / "megatron")
-    assert (patched, original) == ("reduce_scatter", "reduce_scatter_tensor")
+    assert not skips and (patched, original) == ("reduce_scatter", "reduce_scatter_tensor")
     assert with_megatrons == skipped
