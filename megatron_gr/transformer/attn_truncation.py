@@ -52,6 +52,29 @@ def truncated_lengths(lengths, num_targets, *, contextual_len: int, tail_len: in
     return lengths - history + history.clip(max=tail_len)
 
 
+def kept_positions(
+    offsets: torch.Tensor, new_offsets: torch.Tensor, *, contextual_len: int, num_kept: int
+) -> torch.Tensor:
+    """``[num_kept]`` int64: the positions in the batch of the tokens that stay, in order, from
+    the offsets before and after truncation alone (no device read). A sequence keeps its
+    first ``contextual_len`` tokens and its last ``new length - contextual_len``: the
+    dropped history tokens are one run right after the contextual ones."""
+    new_lengths = new_offsets[1:] - new_offsets[:-1]
+    dropped = (offsets[1:] - offsets[:-1]) - new_lengths
+    owner = torch.repeat_interleave(
+        torch.arange(new_lengths.numel(), device=offsets.device), new_lengths, output_size=num_kept
+    )
+    position = torch.arange(num_kept, device=offsets.device) - new_offsets[:-1][owner]
+    skip = torch.where(position >= contextual_len, dropped[owner], torch.zeros_like(position))
+    return offsets[:-1][owner] + position + skip
+
+
+def kept_count(lengths, num_targets, *, contextual_len: int, tail_len: int) -> int:
+    """Tokens after truncation of sequences of ``lengths`` with ``num_targets`` candidates
+    (numpy arrays on the host: the loader's count, read by :func:`plan_truncation`)."""
+    return int(truncated_lengths(lengths, num_targets, contextual_len=contextual_len, tail_len=tail_len).sum())
+
+
 @dataclass
 class TruncationPlan:
     split_layer: int
@@ -78,21 +101,27 @@ def plan_truncation(
     tail_len: int,
     split_layer: int,
     max_targets: int,
+    num_kept: Optional[int] = None,
 ) -> TruncationPlan:
     """The truncation of the batch whose (unpadded) tokens ``before`` splits; ``params`` its
     metadata, whose offsets, timestamps and token keys may carry ``before``'s padding
     sequence at the end (it is dropped: ``after`` pads anew). ``max_targets``: the most
-    candidates of a sequence (a host int, so the new longest length needs no sync)."""
+    candidates of a sequence (a host int, so the new longest length needs no sync).
+    ``num_kept``: the tokens after truncation when the caller knows it (a host int, so the
+    kept positions are built without reading the device); None: counted from the mask."""
     num_sequences = params.num_targets.numel() - (1 if before.padding else 0)
     offsets = params.offsets[: num_sequences + 1]
     num_targets = params.num_targets[:num_sequences]
-    keep_mask = kept_tokens(offsets, num_targets, contextual_len=contextual_len, tail_len=tail_len,
-                            num_tokens=before.num_tokens)
-    keep = torch.nonzero(keep_mask).squeeze(1)
-    new_position = torch.cumsum(keep_mask.long(), 0) - 1
-    new_position = torch.where(keep_mask, new_position, torch.full_like(new_position, -1))
     lengths = truncated_lengths(offsets[1:] - offsets[:-1], num_targets, contextual_len=contextual_len, tail_len=tail_len)
     new_offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
+    if num_kept is None:
+        keep_mask = kept_tokens(offsets, num_targets, contextual_len=contextual_len, tail_len=tail_len,
+                                num_tokens=before.num_tokens)
+        keep = torch.nonzero(keep_mask).squeeze(1)
+    else:
+        keep = kept_positions(offsets, new_offsets, contextual_len=contextual_len, num_kept=num_kept)
+    new_position = torch.full((before.num_tokens,), -1, dtype=torch.int64, device=keep.device)
+    new_position[keep] = torch.arange(keep.numel(), device=keep.device)
     after = TokenSplit.for_tokens(keep.numel(), before.group)
     real = lambda values: None if values is None else values[: before.num_tokens][keep]  # noqa: E731
     new_params = after.seq_params(

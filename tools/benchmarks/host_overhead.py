@@ -7,6 +7,7 @@ places where it reads the device from the host.
     python tools/benchmarks/host_overhead.py                      # plain, bias, dynamic on this device
     python tools/benchmarks/host_overhead.py --variants plain --steps 50 --json host.json
     python tools/benchmarks/host_overhead.py --kernel-backend triton --device cuda   # on a GPU
+    python tools/benchmarks/host_overhead.py --variants dlrm,ultra   # the ranking models
 
 Per variant: ``--warmup`` steps, ``--steps`` timed steps (median wall ms per step, the device
 synchronised after each step on a GPU; and the median CPU time of the training thread, which
@@ -60,6 +61,19 @@ VARIANTS = {
     "dynamic": [(["model", "relative_attention_bias"], False), (["embeddings", "item", "type"], "dynamic"),
                 (["embeddings", "item", "dynamic", "capacity"], 4096)],
 }
+RANKING_TINY = [
+    (["training", "micro_batch_size"], 8), (["training", "precision"], "fp32"),
+    (["data", "ranking", "synthetic", "num_users"], 256), (["logging", "progress"], "off"),
+    (["training", "eval_interval"], 0),
+]
+"""The ranking configs as they are (2 layers x 64, histories of up to 144 events + 8
+candidates; ULTRA-HSTU: channels imp 2x64 and click 2x32, SLA, truncation after layer 1,
+recompute_uvqk/normed_x), 8 users per micro-batch, fp32."""
+RANKING_VARIANTS = {
+    "dlrm": Path("configs/dlrm_hstu_synthetic.yaml"),
+    "ultra": Path("configs/ultra_hstu_synthetic.yaml"),
+}
+"""Ranking variants: the config each one loads (relative to the repository root)."""
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique", "aten::_unique2",
             "aten::unique_consecutive", "aten::masked_select", "aten::bincount", "aten::equal", "aten::allclose")
 """aten operators that read device memory on the host (on a CUDA tensor each one waits)."""
@@ -245,11 +259,15 @@ def measure(variant: str, *, args) -> dict:
     from megatron_gr.training.trainer import Trainer
 
     total = args.warmup + 2 * args.steps + 2 * args.profile_steps
-    overrides = TINY + VARIANTS[variant] + [
+    config_file = RANKING_VARIANTS.get(variant)
+    base = TINY + VARIANTS[variant] if config_file is None else RANKING_TINY
+    overrides = base + [
         (["training", "kernel_backend"], args.kernel_backend), (["training", "device"], args.device),
         (["training", "train_iters"], total), (["training", "prefetch_batches"], not args.no_prefetch),
     ]
-    trainer = Trainer(resolve_config(None, overrides))
+    if config_file is not None:
+        config_file = str(Path(__file__).resolve().parents[2] / config_file)
+    trainer = Trainer(resolve_config(config_file, overrides))
     device = trainer.runtime.device
     for _ in range(args.warmup):
         trainer.train_step()
@@ -300,7 +318,8 @@ def print_result(result: dict, top: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="plain,bias,dynamic", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="plain,bias,dynamic", help=f"comma-separated, of {', '.join([*VARIANTS, *RANKING_VARIANTS])} "
+                        "(dlrm, ultra: the ranking models of configs/*_hstu_synthetic.yaml)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)

@@ -30,6 +30,10 @@ class ChannelBatch:
     pipeline_shapes: Optional[list[tuple[tuple[int, int, int], tuple[int, int, int]]]] = None
     """Per pipeline stage, (received, sent) activation shapes (``training.steps``); None:
     megatron's default."""
+    kept_tokens: Optional[dict[str, int]] = None
+    """Channel name -> its tokens after attention truncation, for the channels that truncate
+    (host ints counted by the loader, so the model re-packs without reading the device);
+    None: not counted (the model counts on the device)."""
 
     @property
     def first(self) -> RankingBatch:
@@ -46,7 +50,7 @@ class ChannelBatch:
 
     def to(self, device) -> "ChannelBatch":
         return ChannelBatch({name: batch.to(device) for name, batch in self.channels.items()}, self.max_candidates,
-                            self.pipeline_shapes)
+                            self.pipeline_shapes, self.kept_tokens)
 
 
 @dataclass

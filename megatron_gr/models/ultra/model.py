@@ -194,7 +194,8 @@ class UltraHSTUModel(MegatronModule):
         if self.training and batch.first.token_keys is None:
             raise ValueError("a training batch needs token_keys (ChannelTrainingBatches draws them)")
         check_candidate_counts(batch)
-        runs = {key: self.channel_run(key, batch.channels[key], batch.max_candidates) for key in self.channels}
+        kept = batch.kept_tokens or {}
+        runs = {key: self.channel_run(key, batch.channels[key], batch.max_candidates, kept.get(key)) for key in self.channels}
         inputs = self._stage_inputs(batch, runs)
         decoders = [
             partial(channel.decoder, hidden_states=inputs[key], attention_mask=None, packed_seq_params=runs[key].params)
@@ -215,7 +216,8 @@ class UltraHSTUModel(MegatronModule):
             return task_losses(scores, first.labels, self.tasks)
         return CandidateScores(task_scores(scores, self.tasks), first.labels, first.user_ids, first.oracle)
 
-    def channel_run(self, key: str, batch: RankingBatch, max_candidates: int) -> ChannelRun:
+    def channel_run(self, key: str, batch: RankingBatch, max_candidates: int, num_kept: Optional[int] = None) -> ChannelRun:
+        """``num_kept``: the channel's tokens after truncation, when the loader counted them."""
         config = self.channel_configs[key]
         tokens = TokenSplit.for_tokens(batch.num_tokens, self.token_group)
         params = tokens.seq_params(batch.offsets, batch.max_len, timestamps=batch.token_timestamps,
@@ -225,7 +227,7 @@ class UltraHSTUModel(MegatronModule):
         if config.attn_truncation_split_layer:
             plan = plan_truncation(
                 params, tokens, contextual_len=config.contextual_len, tail_len=config.attn_truncation_tail_len,
-                split_layer=config.attn_truncation_split_layer, max_targets=max_candidates,
+                split_layer=config.attn_truncation_split_layer, max_targets=max_candidates, num_kept=num_kept,
             )
         return ChannelRun(tokens, attach(params, plan), plan)
 

@@ -27,7 +27,7 @@ from megatron_gr.embeddings.builder import build_table
 from megatron_gr.models.ranking.spec import RankingDataset, _read_samples
 from megatron_gr.models.registry import StageRequest
 from megatron_gr.models.ultra.model import UltraHSTUModel, channel_configs, channel_key, stream_width
-from megatron_gr.transformer.attn_truncation import truncated_lengths
+from megatron_gr.transformer.attn_truncation import kept_count
 
 
 @dataclass
@@ -114,7 +114,7 @@ def training_stream(plan, dataset: UltraDataset, dp_rank: int, dp_size: int):
     return ChannelTrainingBatches(
         dataset.channels, micro_batch_size=plan.config.training.micro_batch_size,
         num_micro_batches=plan.micro_batches_per_rank, seed=plan.seed, dp_rank=dp_rank, dp_size=dp_size,
-        partition_fn=PARTITIONS[plan.micro_batch_balance], finish=partial(with_pipeline_shapes, config=plan.model_config),
+        partition_fn=PARTITIONS[plan.micro_batch_balance], finish=partial(with_host_counts, config=plan.model_config),
     )
 
 
@@ -122,7 +122,20 @@ def evaluation_stream(plan, dataset: UltraDataset, which: str, dp_rank: int, dp_
     for batch in channel_evaluation_batches(
         dataset.channels, which, batch_size=plan.config.training.eval_batch_size, dp_rank=dp_rank, dp_size=dp_size
     ):
-        yield with_pipeline_shapes(batch, plan.model_config)
+        yield with_host_counts(batch, plan.model_config)
+
+
+def with_host_counts(batch: ChannelBatch, config) -> ChannelBatch:
+    """What the loader counts on the host for the model: the tokens each truncating channel
+    keeps (``batch.kept_tokens``) and the pipeline stages' activation shapes."""
+    kept = {}
+    for key, channel in channel_configs(config).items():
+        if channel.attn_truncation_split_layer:
+            b = batch.channels[key]
+            kept[key] = kept_count((b.offsets[1:] - b.offsets[:-1]).numpy(), b.num_targets.numpy(),
+                                   contextual_len=channel.contextual_len, tail_len=channel.attn_truncation_tail_len)
+    batch.kept_tokens = kept
+    return with_pipeline_shapes(batch, config)
 
 
 def with_pipeline_shapes(batch: ChannelBatch, config) -> ChannelBatch:
@@ -140,10 +153,9 @@ def with_pipeline_shapes(batch: ChannelBatch, config) -> ChannelBatch:
             tokens = b.num_tokens
             if channel.attn_truncation_split_layer and channel.attn_truncation_split_layer < stage * channel.num_layers // pp:
                 lengths = (b.offsets[1:] - b.offsets[:-1]).numpy()
-                tokens = int(truncated_lengths(lengths, b.num_targets.numpy(), contextual_len=channel.contextual_len,
-                                               tail_len=channel.attn_truncation_tail_len).sum())
+                tokens = kept_count(lengths, b.num_targets.numpy(), contextual_len=channel.contextual_len,
+                                    tail_len=channel.attn_truncation_tail_len)
             total += -(-tokens // tp) * stream_width(channel)
         boundaries.append((total, 1, 1))
     batch.pipeline_shapes = [(boundaries[s], boundaries[s + 1]) for s in range(pp)]
     return batch
-

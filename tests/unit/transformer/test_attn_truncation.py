@@ -1,6 +1,7 @@
 """Attention truncation keeps exactly the contextual tokens, the last ``tail_len`` history
 tokens and the candidates of each sequence — tokens, positions, timestamps, offsets and
-candidate counts checked against a per-sequence dense reference — and the layers' hook
+candidate counts checked against a per-sequence dense reference, with the kept count read
+from the device or given by the host (then without ``nonzero``) — and the layers' hook
 truncates once, at the layer after the split."""
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_gr.transformer.attn_truncation import attach, kept_tokens, layer_input, plan_truncation, truncated_lengths
+from megatron_gr.transformer.attn_truncation import (
+    attach, kept_count, kept_tokens, layer_input, plan_truncation, truncated_lengths,
+)
 from megatron_gr.transformer.sequence_parallel import TokenSplit
 
 
@@ -41,8 +44,20 @@ def dense_reference(offsets, targets, timestamps, *, contextual_len: int, tail_l
     return torch.tensor(kept), torch.tensor(new_offsets), timestamps[torch.tensor(kept)]
 
 
+def host_count(offsets, targets, *, contextual_len: int, tail_len: int, monkeypatch):
+    """The loader's kept count; the plan then must not count on the device."""
+
+    def no_nonzero(*args, **kwargs):
+        raise AssertionError("nonzero called although the host gave the kept count")
+
+    monkeypatch.setattr(torch, "nonzero", no_nonzero)
+    return kept_count((offsets[1:] - offsets[:-1]).numpy(), targets.numpy(), contextual_len=contextual_len,
+                      tail_len=tail_len)
+
+
+@pytest.mark.parametrize("counted_on_host", [False, True])
 @pytest.mark.parametrize("contextual_len, tail_len", [(0, 1), (2, 3), (3, 5), (1, 50)])
-def test_truncation_keeps_contextual_tail_and_candidates(contextual_len, tail_len):
+def test_truncation_keeps_contextual_tail_and_candidates(contextual_len, tail_len, counted_on_host, monkeypatch):
     generator = torch.Generator().manual_seed(contextual_len * 100 + tail_len)
     offsets, targets, timestamps = random_batch(generator, contextual_len=contextual_len)
     keep, new_offsets, new_stamps = dense_reference(offsets, targets, timestamps, contextual_len=contextual_len,
@@ -53,8 +68,11 @@ def test_truncation_keeps_contextual_tail_and_candidates(contextual_len, tail_le
     tokens = TokenSplit.for_tokens(int(offsets[-1]), None)
     params = tokens.seq_params(offsets, int((offsets[1:] - offsets[:-1]).max()), timestamps=timestamps,
                                num_targets=targets)
+    num_kept = None
+    if counted_on_host:
+        num_kept = host_count(offsets, targets, contextual_len=contextual_len, tail_len=tail_len, monkeypatch=monkeypatch)
     plan = plan_truncation(params, tokens, contextual_len=contextual_len, tail_len=tail_len, split_layer=1,
-                           max_targets=int(targets.max()))
+                           max_targets=int(targets.max()), num_kept=num_kept)
     assert torch.equal(plan.keep, keep)
     assert torch.equal(plan.params.offsets, new_offsets)
     assert torch.equal(plan.params.timestamps, new_stamps)
@@ -76,7 +94,8 @@ def test_truncation_keeps_contextual_tail_and_candidates(contextual_len, tail_le
     assert torch.equal(plan.truncate(hidden), hidden[keep])
 
 
-def test_truncation_drops_the_sequence_parallel_padding_and_pads_anew():
+@pytest.mark.parametrize("counted_on_host", [False, True])
+def test_truncation_drops_the_sequence_parallel_padding_and_pads_anew(counted_on_host, monkeypatch):
     class Group:  # a token split's arithmetic only needs the size
         def size(self):
             return 4
@@ -85,8 +104,13 @@ def test_truncation_drops_the_sequence_parallel_padding_and_pads_anew():
     offsets, targets, timestamps = random_batch(generator, contextual_len=2)
     before = TokenSplit(int(offsets[-1]), -int(offsets[-1]) % 4, Group())
     params = before.seq_params(offsets, 40, timestamps=timestamps, num_targets=targets)
-    plan = plan_truncation(params, before, contextual_len=2, tail_len=3, split_layer=2, max_targets=3)
     keep, new_offsets, new_stamps = dense_reference(offsets, targets, timestamps, contextual_len=2, tail_len=3)
+    num_kept = host_count(offsets, targets, contextual_len=2, tail_len=3, monkeypatch=monkeypatch) if counted_on_host else None
+    plan = plan_truncation(params, before, contextual_len=2, tail_len=3, split_layer=2, max_targets=3, num_kept=num_kept)
+    # every token's new position (-1: dropped), the padding's rows included in neither
+    expected = torch.full((int(offsets[-1]),), -1)
+    expected[keep] = torch.arange(keep.numel())
+    assert torch.equal(plan.new_position, expected)
     assert torch.equal(plan.keep, keep)
     assert plan.after.num_tokens == keep.numel() and (keep.numel() + plan.after.padding) % 4 == 0
     padded = torch.cat([new_offsets, new_offsets[-1:] + plan.after.padding]) if plan.after.padding else new_offsets
