@@ -135,7 +135,8 @@ def token_loss(losses: torch.Tensor):
     """Sum of per-token losses and their count: megatron divides gradients by the tokens of
     the whole global batch (``calculate_per_token_loss``)."""
     total = losses.sum()
-    count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
+    # a fill on the device: torch.tensor(host value, device=cuda) waits for the copy
+    count = torch.full((), losses.numel(), dtype=torch.int, device=losses.device)
     return total, count, {"loss_sum_and_tokens": torch.stack([total.detach().double(), count.double()])}
 
 

@@ -16,7 +16,8 @@ by phase (the batches, forward, backward, gradient reduction, optimizer, the res
 torch.profiler (aten operators per step: every dispatched one, and the top-level ones, which
 is about what a GPU launches) and the same number under a torch function mode that records
 every host read of a tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``,
-``float(t)``, ``nonzero``, ``unique``, ``bincount``, boolean indexing, ...) with the line of
+``float(t)``, ``nonzero``, ``unique``, ``bincount``, boolean indexing, ``torch.tensor(host
+ values, device=...)``: a blocking copy on a GPU, ...) with the line of
 the project or megatron-core that made it (on a GPU each of those waits for the device),
 and the Triton kernels launched, by name (``--kernel-backend triton``: on a GPU, or on a
 CPU under ``TRITON_INTERPRET=1``, where the interpreter's own operators swell the aten
@@ -114,6 +115,8 @@ class HostReads(TorchFunctionMode):
         kind = _HOST_READS.get(func)
         if kind is None and func is torch.Tensor.__getitem__ and len(args) > 1 and _has_bool_index(args[1]):
             kind = "bool-index"
+        if kind is None and func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            kind = "tensor-to-device"  # on a GPU: a blocking copy from the host (non_blocking=False)
         if kind is None and func is torch.repeat_interleave and "output_size" not in kwargs and _is_tensor_arg(args):
             kind = "repeat_interleave"
         if kind is not None:

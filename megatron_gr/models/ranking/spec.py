@@ -228,7 +228,8 @@ def candidate_loss(losses: torch.Tensor):
     """Sum of the per-candidate losses and their count: megatron divides gradients by the
     candidates of the whole global batch, whatever the layout."""
     total = losses.sum()
-    count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
+    # a fill on the device: torch.tensor(host value, device=cuda) waits for the copy
+    count = torch.full((), losses.numel(), dtype=torch.int, device=losses.device)
     return total, count, {"loss_sum_and_tokens": torch.stack([total.detach().double(), count.double()])}
 
 

@@ -38,6 +38,17 @@ def test_host_reads_are_recorded_with_their_line():
     assert sum(reads.counts.values()) == 5
 
 
+def test_tensors_made_from_host_values_on_a_device_are_recorded():
+    tool = _tool()
+    reads = tool.HostReads()
+    with reads:
+        torch.full((), 3, dtype=torch.int, device="cpu")  # a fill: no copy from the host
+        torch.tensor(3, dtype=torch.int)  # no device named: made on the host
+        torch.tensor(3, dtype=torch.int, device="cpu")  # on a GPU a blocking copy
+    assert [kind for kind, _ in reads.counts] == ["tensor-to-device"]
+    assert sum(reads.counts.values()) == 1
+
+
 def test_a_tiny_run_reports_operators_phases_and_reads(tmp_path):
     tool = _tool()
     args = types.SimpleNamespace(warmup=1, steps=2, profile_steps=1, kernel_backend="pytorch", device="cpu",
