@@ -151,8 +151,9 @@ def test_ultra_trains_and_evaluates_through_the_trainer(megatron_cpu, tmp_path):
 def test_a_first_stage_sends_the_shape_its_batch_declares(megatron_cpu, tmp_path):
     """Under PP=2 the first stage holds half of every channel's layers (channel imp
     truncates inside it) and sends one flat tensor: the size ``with_pipeline_shapes``
-    declares for stage 0's send and stage 1's receive."""
-    from megatron_gr.models.ultra.spec import with_pipeline_shapes
+    declares for stage 0's send and stage 1's receive; the loader's host count of imp's kept
+    tokens is right and gives what the device count gives."""
+    from megatron_gr.models.ultra.spec import with_host_counts
 
     config = tiny(tmp_path, model={"transducers": [{**TWO_CHANNELS[0], "num_layers": 4}, TWO_CHANNELS[1]]},
                   features={**IMP, **CLICK})
@@ -164,10 +165,12 @@ def test_a_first_stage_sends_the_shape_its_batch_declares(megatron_cpu, tmp_path
     first = UltraHSTUModel(staged, config.ranking, dict(build(config)[0].tables.items()),
                            table_dims={n: config.embeddings[n].dim for n in names}, post_process=False, init_seed=1)
     assert [len(c.decoder.layers) for _, c in first.channels.items()] == [2, 1]
-    batch = with_pipeline_shapes(make_channel_batch(dataset.channels, np.arange(5)), staged)
+    batch = with_host_counts(make_channel_batch(dataset.channels, np.arange(5)), staged)
     sent = first.eval()(batch)
     imp, click = batch.channels["imp"], batch.channels["click"]
     kept = sum(min(int(h), 3) for h in (imp.offsets.diff() - imp.num_targets - 2))  # imp: truncated to 3 events
     expected = (2 * 5 + kept + imp.num_candidates) * 16 + click.num_tokens * 8  # click: whole
     assert sent.shape == (expected, 1, 1)
     assert batch.pipeline_shapes[0][1] == batch.pipeline_shapes[1][0] == (expected, 1, 1)
+    assert batch.kept_tokens == {"imp": 2 * 5 + kept + imp.num_candidates}  # click does not truncate
+    assert torch.equal(first(dataclasses.replace(batch, kept_tokens=None)), sent)
