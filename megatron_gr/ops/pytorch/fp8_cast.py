@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+_LIMITS = {dtype: torch.finfo(dtype).max for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+
 
 def fp8_scale_view(scale: torch.Tensor, scale_axis: Optional[int]) -> torch.Tensor:
     """``scale`` shaped to broadcast over ``[M, N]``: one element ``[1]``, a column ``[M, 1]``
@@ -42,7 +44,7 @@ def pytorch_fp8_cast(
     pad_to: int,
     amax: Optional[torch.Tensor],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    limit = torch.finfo(dtype).max
+    limit = _LIMITS[dtype]
     wide = x if x.dtype == torch.float32 else x.float()
     scaled = (wide * fp8_scale_view(scale, scale_axis)).clamp_(-limit, limit)
     if amax is not None:
@@ -50,9 +52,10 @@ def pytorch_fp8_cast(
     data = scaled.to(dtype) if out else None
     data_t = None
     if transposed:
-        rows = x.shape[0]
-        data_t = torch.empty(x.shape[1], -(-rows // pad_to) * pad_to, dtype=dtype, device=x.device)
-        data_t[:, :rows].copy_(scaled.t())
-        if data_t.shape[1] > rows:
-            data_t[:, rows:].zero_()
+        rows, cols = x.shape
+        padded = -(-rows // pad_to) * pad_to
+        data_t = torch.empty(cols, padded, dtype=dtype, device=x.device)
+        data_t.narrow(1, 0, rows).copy_(scaled.t())
+        if padded > rows:
+            data_t.narrow(1, rows, padded - rows).zero_()
     return data, data_t

@@ -234,7 +234,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         if need_db:
             db = grad.sum(dim=0, dtype=torch.float32)
             db = db if ctx.bias_dtype == torch.float32 else db.to(ctx.bias_dtype)
-        if dx is not None and dx.shape != ctx.input_shape:
+        if dx is not None and len(ctx.input_shape) != 2:
             dx = dx.view(ctx.input_shape)
         return dx, dw, db, None, None
 
