@@ -72,13 +72,18 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
+def _same(x, y) -> bool:
+    if x is None or y is None:
+        return x is None and y is None
+    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(_raw(x), _raw(y))
+
+
 def compare(path_a: str, path_b: str) -> int:
     a, b = torch.load(path_a), torch.load(path_b)
     if a.keys() != b.keys():
         print(f"different entries: {sorted(set(a) ^ set(b))[:10]}")
         return 1
-    different = [k for k in a if (a[k] is None) != (b[k] is None) or (
-        a[k] is not None and (a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(_raw(a[k]), _raw(b[k]))))]
+    different = [key for key in a if not _same(a[key], b[key])]
     for key in different[:20]:
         print(f"differs: {key}")
     print(f"{len(a)} tensors compared, {len(different)} differ")
