@@ -9,12 +9,17 @@ from typing import Optional
 
 import torch
 
+_LIMITS = {dtype: torch.finfo(dtype).max for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+
 
 def fp8_scale_view(scale: torch.Tensor, scale_axis: Optional[int]) -> torch.Tensor:
-    """``scale`` shaped to broadcast over ``[M, N]``: a scalar, a column ``[M, 1]`` (one
-    scale per row, ``scale_axis=0``) or a row ``[1, N]`` (one per column, ``scale_axis=1``)."""
+    """``scale`` shaped to broadcast over ``[M, N]``: one element ``[1]``, a column ``[M, 1]``
+    (one scale per row, ``scale_axis=0``) or a row ``[1, N]`` (one per column,
+    ``scale_axis=1``)."""
     if scale_axis is None:
-        return scale.reshape(())
+        return scale if scale.dim() == 1 else scale.reshape(1)
+    if scale.dim() == 2 and scale.shape[1 - scale_axis] == 1:  # already a column or a row
+        return scale
     return scale.reshape(-1, 1) if scale_axis == 0 else scale.reshape(1, -1)
 
 
@@ -23,8 +28,9 @@ def abs_max_nan_as_inf(x: torch.Tensor) -> torch.Tensor:
     anywhere gives inf, so that a poisoned tensor always has a non-finite amax."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    magnitude = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)  # NaN propagates
-    return torch.nan_to_num(magnitude, nan=float("inf"), posinf=float("inf"))
+    source = x.detach() if x.requires_grad and torch.is_grad_enabled() else x
+    magnitude = torch.linalg.vector_norm(source, ord=float("inf"), dtype=torch.float32)  # NaN propagates
+    return magnitude.nan_to_num_(nan=float("inf"), posinf=float("inf"))
 
 
 def pytorch_fp8_cast(
@@ -38,14 +44,18 @@ def pytorch_fp8_cast(
     pad_to: int,
     amax: Optional[torch.Tensor],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    limit = torch.finfo(dtype).max
-    scaled = (x.float() * fp8_scale_view(scale, scale_axis)).clamp_(-limit, limit)
+    limit = _LIMITS[dtype]
+    wide = x if x.dtype == torch.float32 else x.float()
+    scaled = (wide * fp8_scale_view(scale, scale_axis)).clamp_(-limit, limit)
     if amax is not None:
-        amax.copy_(torch.maximum(amax.reshape(()), abs_max_nan_as_inf(x)).reshape(amax.shape))
+        torch.maximum(amax, abs_max_nan_as_inf(x), out=amax)
     data = scaled.to(dtype) if out else None
     data_t = None
     if transposed:
-        rows = x.shape[0]
-        data_t = torch.zeros(x.shape[1], -(-rows // pad_to) * pad_to, dtype=dtype, device=x.device)
-        data_t[:, :rows] = scaled.t().to(dtype)
+        rows, cols = x.shape
+        padded = -(-rows // pad_to) * pad_to
+        data_t = torch.empty(cols, padded, dtype=dtype, device=x.device)
+        data_t.narrow(1, 0, rows).copy_(scaled.t())
+        if padded > rows:
+            data_t.narrow(1, rows, padded - rows).zero_()
     return data, data_t

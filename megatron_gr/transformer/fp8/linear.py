@@ -9,9 +9,9 @@ transposed into the column-major layout ``_scaled_mm`` wants, free):
 
 The weight is cast once per step (:class:`WeightCast`, cached by the parallel linears
 between micro-batches). Activations and gradients follow the recipe (``Fp8Recipe``).
-Per-tensor recipes keep the forward's FP8 input for the weight gradient (half the bytes
-of the bf16 input); ``rowwise`` keeps the input in its own precision, because the weight
-gradient scales it along the other axis (tokens).
+Per-tensor recipes keep the forward's FP8 input for the weight gradient, transposed and
+padded by the same cast (half the bytes of the bf16 input); ``rowwise`` keeps the input in
+its own precision, because the weight gradient scales it along the other axis (tokens).
 
 Amaxes of tensors split over the tensor-parallel group are reduced (max) over it, so every
 rank scales with the global amax and a TP run quantises exactly as one rank would
@@ -32,7 +32,6 @@ from megatron_gr.transformer.fp8.scaling import (
     quantize_per_column_transposed,
     quantize_per_row,
     quantize_per_tensor,
-    transpose_padded,
 )
 
 
@@ -54,11 +53,12 @@ def scaled_matmul(
     here otherwise: the CPU tests run float32).
     """
     fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype
+    scale_b = b.scale_inv if b.scale_inv.dim() == 1 else b.scale_inv.reshape(1, -1)  # per tensor [1] as a's
     out = torch._scaled_mm(
         a.data,
         b.data.t(),
         scale_a=a.scale_inv,
-        scale_b=b.scale_inv.reshape(1, -1),
+        scale_b=scale_b,
         bias=bias if fused_bias else None,
         out_dtype=out_dtype,
         use_fast_accum=fast_accum,
@@ -108,17 +108,19 @@ class Fp8LinearState:
     def kernel_for(self, tensor: torch.Tensor) -> str:
         return self.kernel or cast_kernel_for(tensor.device)
 
-    def quantize_input(self, x: torch.Tensor) -> Fp8Operand:
+    def quantize_input(self, x: torch.Tensor, *, transposed: bool) -> tuple[Fp8Operand, Optional[Fp8Operand]]:
+        """The input ``[T, K]`` for the forward GEMM and, per tensor with ``transposed``, also
+        ``[K, T']`` for the weight-gradient GEMM from the same cast (rowwise: never, its
+        weight gradient scales the input along the tokens)."""
         recipe = self.recipe
         if recipe.rowwise:  # rows along K: reduced when K is split
             return quantize_per_row(
                 x, dtype=recipe.forward_dtype, margin=recipe.margin, group=self._input_group, kernel=self.kernel_for(x)
-            )
-        operand, _ = quantize_per_tensor(
+            ), None
+        return quantize_per_tensor(
             x, dtype=recipe.forward_dtype, margin=recipe.margin, group=self._input_group, kernel=self.kernel_for(x),
-            history=self.input_history,
+            history=self.input_history, transposed=transposed, pad_to=FP8_GEMM_ALIGNMENT,
         )
-        return operand
 
     def quantize_grad(self, grad: torch.Tensor, *, rows: bool, transposed: bool):
         """Per-tensor recipes: the output gradient ``[T, N]`` for the input-gradient GEMM
@@ -180,26 +182,34 @@ class WeightCast:
         return self._dgrad
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., F]`` as ``[rows, F]`` (2-d tensors as they are: no dispatch)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state: Fp8LinearState, weight_cast: WeightCast):
         recipe = state.recipe
-        x2d = x.reshape(-1, x.shape[-1])
-        x_fp8 = state.quantize_input(x2d)
+        x2d = _rows(x)
+        fp8_wgrad = ctx.needs_input_grad[1] and recipe.wgrad and not recipe.rowwise
+        x_fp8, x_t = state.quantize_input(x2d, transposed=fp8_wgrad)
         out = scaled_matmul(x_fp8, weight_cast.forward, out_dtype=x.dtype, bias=bias, fast_accum=True)
         keep_input = recipe.rowwise or not recipe.wgrad
-        ctx.save_for_backward(x2d if keep_input else x_fp8.data, None if keep_input else x_fp8.scale_inv)
+        # per tensor, the weight gradient's input operand comes out of the forward's cast
+        ctx.save_for_backward(x2d if keep_input else None, x_t.data if x_t is not None else None,
+                              x_t.scale_inv if x_t is not None else None)
         ctx.state, ctx.weight_cast, ctx.input_shape = state, weight_cast, x.shape
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
         state, recipe = ctx.state, ctx.state.recipe
-        saved, x_scale_inv = ctx.saved_tensors
+        saved, x_t_data, x_t_scale_inv = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad = _rows(grad_output)
         dx = dw = db = None
         fp8_wgrad = need_dw and recipe.wgrad
         if recipe.rowwise:
@@ -217,13 +227,14 @@ class _Fp8LinearFunction(torch.autograd.Function):
             if need_dx:
                 dx = scaled_matmul(grad_fp8, ctx.weight_cast.for_dgrad(), out_dtype=grad.dtype, fast_accum=False)
             if fp8_wgrad:
-                x_t = transpose_padded(Fp8Operand(saved, x_scale_inv), pad_to=FP8_GEMM_ALIGNMENT)
-                dw = scaled_matmul(grad_t, x_t, out_dtype=ctx.weight_dtype, fast_accum=False)
+                dw = scaled_matmul(grad_t, Fp8Operand(x_t_data, x_t_scale_inv), out_dtype=ctx.weight_dtype,
+                                   fast_accum=False)
         if need_dw and not recipe.wgrad:
             dw = (grad.t() @ saved.to(grad.dtype)).to(ctx.weight_dtype)
         if need_db:
-            db = grad.sum(dim=0, dtype=torch.float32).to(ctx.bias_dtype)
-        if dx is not None:
+            db = grad.sum(dim=0, dtype=torch.float32)
+            db = db if ctx.bias_dtype == torch.float32 else db.to(ctx.bias_dtype)
+        if dx is not None and len(ctx.input_shape) != 2:
             dx = dx.view(ctx.input_shape)
         return dx, dw, db, None, None
 

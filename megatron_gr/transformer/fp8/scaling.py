@@ -15,6 +15,7 @@ saturate at the format's largest value.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,6 +38,7 @@ class Fp8Operand:
     scale_inv: torch.Tensor
 
 
+@functools.lru_cache(maxsize=None)
 def fp8_max(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).max
 
@@ -49,24 +51,37 @@ def all_reduce_max_(amax: torch.Tensor, group: Optional[dist.ProcessGroup]) -> t
     return amax
 
 
+def _no_grad_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for a reduction that must not enter autograd (detached only where it could)."""
+    return x.detach() if x.requires_grad and torch.is_grad_enabled() else x
+
+
 def amax_along(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``max |x|`` over ``dim`` of a 2-d ``x``, float32 (zeros when ``dim`` is empty; NaN
-    gives inf)."""
+    """``max |x|`` over ``dim`` of a 2-d ``x``, float32, ``dim`` kept (``[M, 1]`` or
+    ``[1, N]``: the shape the per-row or per-column scale is used in); zeros when ``dim`` is
+    empty; NaN gives inf."""
     if x.shape[dim] == 0:
-        return torch.zeros(x.shape[1 - dim], dtype=torch.float32, device=x.device)
-    magnitude = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dim, dtype=torch.float32)
-    return torch.nan_to_num(magnitude, nan=float("inf"), posinf=float("inf"))
+        shape = (x.shape[0], 1) if dim == 1 else (1, x.shape[1])
+        return torch.zeros(shape, dtype=torch.float32, device=x.device)
+    magnitude = torch.linalg.vector_norm(_no_grad_view(x), ord=float("inf"), dim=dim, keepdim=True,
+                                         dtype=torch.float32)
+    return magnitude.nan_to_num_(nan=float("inf"), posinf=float("inf"))
 
 
 def scale_from_amax(amax: torch.Tensor, *, dtype: torch.dtype, margin: int) -> torch.Tensor:
     """``fp8_max / amax / 2**margin`` (float32): the largest magnitude lands ``margin``
-    binades below the format's largest value."""
-    return (fp8_max(dtype) / 2.0**margin) / amax.float().clamp(min=MIN_AMAX)
+    binades below the format's largest value.
+
+    Computed as ``(1 / amax) * (fp8_max / 2**margin)``, the rounding of ``float / tensor``
+    in torch (two roundings, not one division): scales stay bitwise what they were."""
+    amax = amax if amax.dtype == torch.float32 else amax.float()
+    return amax.clamp(min=MIN_AMAX).reciprocal_().mul_(fp8_max(dtype) / 2.0**margin)
 
 
 def scale_inv_of(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """The dequantisation factor ``1 / scale``; NaN where ``amax`` is not finite."""
-    return torch.where(torch.isfinite(amax), scale.reciprocal(), float("nan"))
+    """The dequantisation factor ``1 / scale``; NaN where ``amax`` (a magnitude: >= 0, inf
+    or NaN) is not finite. ``amax < inf`` is that test in one op (``isfinite`` is four)."""
+    return torch.where(amax < float("inf"), scale.reciprocal(), float("nan"))
 
 
 class AmaxHistory:
@@ -96,15 +111,26 @@ class AmaxHistory:
         self.history: Optional[torch.Tensor] = None  # [length] float32, newest first
         self.scale: Optional[torch.Tensor] = None  # [1] float32
         self.calls = 0
+        self._amax: Optional[torch.Tensor] = None  # the cast's amax, reused every call
+
+    def amax_buffer(self, device: torch.device) -> torch.Tensor:
+        """A zeroed ``[1]`` float32 amax for the next cast to fill (one buffer per history:
+        no allocation per call)."""
+        if self._amax is None or self._amax.device != device:
+            self._amax = torch.zeros(1, dtype=torch.float32, device=device)
+            return self._amax
+        return self._amax.zero_()
 
     def record(self, amax: torch.Tensor) -> None:
-        amax = amax.reshape(1).float()
+        if amax.dtype != torch.float32 or amax.shape != (1,):
+            amax = amax.reshape(1).float()
         if self.history is None:
             self.history = torch.zeros(self.length, dtype=torch.float32, device=amax.device)
             self.scale = torch.ones(1, dtype=torch.float32, device=amax.device)
-        finite = torch.isfinite(amax)
-        self.history = torch.where(finite, torch.cat([amax, self.history[:-1]]), self.history)
-        reference = self.history.amax().reshape(1) if self.compute_algo == "max" else self.history[:1]
+        finite = amax.abs() < float("inf")  # isfinite in two ops (isfinite itself is four)
+        rolled = amax if self.length == 1 else torch.cat([amax, self.history[:-1]])
+        self.history = torch.where(finite, rolled, self.history)
+        reference = self.history.amax(dim=0, keepdim=True) if self.compute_algo == "max" else self.history[:1]
         updated = scale_from_amax(reference, dtype=self.dtype, margin=self.margin)
         self.scale = torch.where(finite & (reference > 0), updated, self.scale)
         self.calls += 1
@@ -128,7 +154,7 @@ def quantize_per_tensor(
     sharing the scale."""
     if history is not None and history.calls > 0:
         scale = history.scale
-        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        amax = history.amax_buffer(x.device)
         data, data_t = fp8_cast(x, scale, dtype=dtype, out=out, transposed=transposed, pad_to=pad_to, amax=amax,
                                 kernel=kernel)
         all_reduce_max_(amax, group)
@@ -150,10 +176,13 @@ def quantize_per_row(
 ) -> Fp8Operand:
     """``x`` ``[M, N]`` with one scale per row (the row's amax, reduced over ``group`` when
     its columns are split over the group's ranks)."""
+    if x.shape[0] == 0:  # no rows (``where`` would give their [0, 1] scales a stride _scaled_mm rejects)
+        return Fp8Operand(torch.empty(x.shape, dtype=dtype, device=x.device),
+                          torch.empty(0, 1, dtype=torch.float32, device=x.device))
     amax = all_reduce_max_(amax_along(x, dim=1), group)
     scale = scale_from_amax(amax, dtype=dtype, margin=margin)
     data, _ = fp8_cast(x, scale, dtype=dtype, scale_axis=0, kernel=kernel)
-    return Fp8Operand(data, scale_inv_of(scale, amax).reshape(-1, 1))
+    return Fp8Operand(data, scale_inv_of(scale, amax))  # [M, 1] already
 
 
 def quantize_per_column_transposed(
@@ -171,14 +200,3 @@ def quantize_per_column_transposed(
     scale = scale_from_amax(amax, dtype=dtype, margin=margin)
     _, data_t = fp8_cast(x, scale, dtype=dtype, scale_axis=1, out=False, transposed=True, pad_to=pad_to, kernel=kernel)
     return Fp8Operand(data_t, scale_inv_of(scale, amax).reshape(-1, 1))
-
-
-def transpose_padded(operand: Fp8Operand, *, pad_to: int) -> Fp8Operand:
-    """A per-tensor operand ``[M, N]`` as ``[N, M_pad]`` (zeros in the padding columns),
-    same scale: one byte copy instead of a new cast."""
-    if operand.scale_inv.numel() != 1:
-        raise ValueError("transpose_padded takes per-tensor operands; per-row scales belong to the other axis")
-    raw = operand.data.view(torch.uint8).t()
-    rows = operand.data.shape[0]
-    padded = torch.nn.functional.pad(raw, (0, -(-rows // pad_to) * pad_to - rows)).contiguous()
-    return Fp8Operand(padded.view(operand.data.dtype), operand.scale_inv)

@@ -16,7 +16,6 @@ from megatron_gr.transformer.fp8.scaling import (
     quantize_per_row,
     quantize_per_tensor,
     scale_from_amax,
-    transpose_padded,
 )
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -161,13 +160,15 @@ def test_rowwise_operands_scale_shapes_and_values():
     assert torch.isnan(poisoned.scale_inv[7]).all() and torch.isfinite(poisoned.scale_inv[torch.arange(21) != 7]).all()
 
 
-def test_transpose_padded_keeps_values_and_scale():
+def test_per_tensor_transposed_operand_is_the_rows_transposed_and_padded():
+    """The FP8 linear's weight gradient takes the input's transposed operand from the forward's cast."""
     x = torch.randn(5, 16)
-    operand, _ = quantize_per_tensor(x, dtype=E4M3, margin=0, group=None, kernel="pytorch")
-    moved = transpose_padded(operand, pad_to=16)
+    x[0, 0] = -1e-9  # rounds to -0: the sign must survive the transpose too
+    operand, moved = quantize_per_tensor(x, dtype=E4M3, margin=0, group=None, kernel="pytorch", transposed=True,
+                                         pad_to=16)
     assert moved.data.shape == (16, 16) and moved.data.is_contiguous() and moved.scale_inv is operand.scale_inv
-    assert torch.equal(moved.data[:, :5].float(), operand.data.t().float())
-    assert torch.equal(moved.data[:, 5:].float(), torch.zeros(16, 11))
+    assert torch.equal(moved.data[:, :5].view(torch.uint8), operand.data.t().view(torch.uint8))
+    assert torch.equal(moved.data[:, 5:].view(torch.uint8), torch.zeros(16, 11, dtype=torch.uint8))
 
 
 def test_empty_tensors():

@@ -1,0 +1,34 @@
+"""tools/benchmarks/fp8_linear_bits.py: two dumps of the same code compare equal, and one
+flipped bit anywhere (here a NaN's sign) is reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import torch
+
+from tests.conftest import REPO_ROOT
+
+
+def _tool() -> types.ModuleType:
+    path = REPO_ROOT / "tools" / "benchmarks" / "fp8_linear_bits.py"
+    spec = importlib.util.spec_from_file_location("fp8_linear_bits", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fp8_linear_bits", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dumps_of_the_same_code_match_and_a_flipped_nan_sign_does_not(tmp_path):
+    tool = _tool()
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert tool.main(["dump", str(first)]) == 0 and tool.main(["dump", str(second)]) == 0
+    assert tool.main(["compare", str(first), str(second)]) == 0
+    tensors = torch.load(second)
+    key = next(k for k, v in tensors.items() if v is not None and v.dtype == torch.float32 and torch.isnan(v).any())
+    raw = tensors[key].view(torch.int32)
+    raw[torch.isnan(tensors[key])] ^= -2**31  # the sign bit of every NaN: equal as floats, not as bits
+    torch.save(tensors, second)
+    assert tool.main(["compare", str(first), str(second)]) == 1
