@@ -6,19 +6,14 @@ undone afterwards."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 
 def load_tool():
-    path = REPO_ROOT / "tools" / "benchmarks" / "context_parallel_memory.py"
-    spec = importlib.util.spec_from_file_location("context_parallel_memory", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_benchmark("context_parallel_memory")
 
 
 def test_held_activations_fall_with_the_context_parallel_size(megatron_cpu):

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
 from megatron_gr.config import ConfigError, resolve_config
 from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("e2e_worker", REPO_ROOT / "tools" / "benchmarks" / "e2e_worker.py")
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+worker = load_benchmark("e2e_worker")
 
 ML100K = str(REPO_ROOT / "configs" / "hstu_ml100k.yaml")
 DATA = (["data", "path"], "ml-100k")  # read when training starts, not here

@@ -3,22 +3,15 @@ flipped bit anywhere (here a NaN's sign) is reported."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 
 def _tool() -> types.ModuleType:
-    path = REPO_ROOT / "tools" / "benchmarks" / "fp8_linear_bits.py"
-    spec = importlib.util.spec_from_file_location("fp8_linear_bits", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fp8_linear_bits", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fp8_linear_bits")
 
 
 def test_dumps_of_the_same_code_match_and_a_flipped_nan_sign_does_not(tmp_path):

@@ -4,23 +4,16 @@ work; the budgets sit below what each recipe dispatched before it was cut: 81, 1
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import types
 
-from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 TOP_LEVEL_BUDGET = {"tensorwise": 64, "delayed": 84, "rowwise": 97}
 
 
 def _tool() -> types.ModuleType:
-    path = REPO_ROOT / "tools" / "benchmarks" / "fp8_linear_host.py"
-    spec = importlib.util.spec_from_file_location("fp8_linear_host", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fp8_linear_host", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fp8_linear_host")
 
 
 def test_each_recipe_reports_ops_and_times_within_budget(tmp_path):

@@ -4,21 +4,15 @@ reports operators, phases and the step's reads (the gradient norm's and the loss
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 
 def _tool() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("host_overhead", REPO_ROOT / "tools" / "benchmarks" / "host_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("host_overhead", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("host_overhead")
 
 
 def test_host_reads_are_recorded_with_their_line():

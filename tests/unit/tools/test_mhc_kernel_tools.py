@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.support.paths import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 pytest.importorskip("triton")
 
@@ -75,12 +76,8 @@ def test_byte_model_counts_the_passes_over_the_streams():
     """Hand-counted (see the tool's docstring): per merge-pre pair 13 passes over the streams
     and 6 over [T, C] before, 7 and 7 after; a block of 8 sublayers 108 and 52 before,
     48 and 69 after."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("mhc_bytes", REPO_ROOT / "tools" / "benchmarks" / "mhc_bytes.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("mhc_bytes", tool)  # its dataclass looks its module up
-    spec.loader.exec_module(tool)
+    tool = load_benchmark("mhc_bytes")
     size = dict(tokens=1000, streams=4, channels=64, itemsize=2)
     s, h = 1000 * 4 * 64 * 2, 1000 * 64 * 2  # one pass over the streams, one over [T, C]
     per = tool.sublayer_bytes(**size)

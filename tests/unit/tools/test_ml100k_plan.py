@@ -3,15 +3,9 @@ the choice, and the tables, on made-up results (no training runs)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from tests.unit.tools.benchmark_tools import load_benchmark
 
-from tests.conftest import REPO_ROOT
-
-_spec = importlib.util.spec_from_file_location("ml100k_plan", REPO_ROOT / "tools" / "benchmarks" / "ml100k_plan.py")
-plan_module = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("ml100k_plan", plan_module)  # dataclasses look their module up
-_spec.loader.exec_module(plan_module)
+plan_module = load_benchmark("ml100k_plan")
 ModelPlan = plan_module.ModelPlan
 
 PLAN = ModelPlan(

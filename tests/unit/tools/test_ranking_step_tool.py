@@ -4,13 +4,13 @@ the token count its shapes imply."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -30,13 +30,7 @@ def test_ranking_step_benchmark_prints_a_row(tmp_path):
 
 
 def load_tool():
-    tools = str(REPO / "tools/benchmarks")
-    if tools not in sys.path:  # its sibling helper (step_timing) imports as it does when run as a script
-        sys.path.insert(0, tools)
-    spec = importlib.util.spec_from_file_location("ranking_step", REPO / "tools/benchmarks/ranking_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ranking_step")
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "rowwise"])

@@ -5,22 +5,16 @@ operations); after the block trainers are fast again."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def reference_step():
-    spec = importlib.util.spec_from_file_location(
-        "reference_step", REPO_ROOT / "tools" / "benchmarks" / "reference_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reference_step")
 
 
 def _run(tmp_path, steps: int = 3):

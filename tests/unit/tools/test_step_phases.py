@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.unit.tools.benchmark_tools import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def phases():
-    spec = importlib.util.spec_from_file_location("step_phases", REPO_ROOT / "tools" / "benchmarks" / "step_phases.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_phases")
 
 
 def _range(name, ts, dur, tid=1, cat="cpu_op", seq=None):
