@@ -27,6 +27,7 @@ import torch
 
 from megatron_gr.transformer.fp8.linear import Fp8LinearState, fp8_linear
 from megatron_gr.transformer.fp8.recipe import Fp8Recipe
+from step_timing import under_aten_op  # the sibling helper (this directory is on sys.path when run)
 
 RECIPES = ("tensorwise", "delayed", "rowwise")
 
@@ -60,17 +61,8 @@ def _aten_ops(call) -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-    top = [e for e in events if e.cpu_parent is None or not _under_aten(e)]
+    top = [e for e in events if e.cpu_parent is None or not under_aten_op(e)]
     return len(events), len(top)
-
-
-def _under_aten(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 def measure(recipe: str, *, args) -> dict:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from step_timing import under_aten_op  # the sibling helper (this directory is on sys.path when run)
 from torch.overrides import TorchFunctionMode
 
 TINY = [
@@ -237,7 +238,7 @@ def _profile(trainer, steps: int) -> dict:
         for _ in range(steps):
             trainer.train_step()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-    top = [e for e in events if not _has_aten_parent(e)]
+    top = [e for e in events if not under_aten_op(e)]
     names = collections.Counter(e.name for e in top)
     return {
         "aten_ops_per_step": len(events) / steps,
@@ -246,15 +247,6 @@ def _profile(trainer, steps: int) -> dict:
             e.name for e in events if e.name in SYNC_OPS).items()},
         "top_ops": {name: n / steps for name, n in names.most_common(25)},
     }
-
-
-def _has_aten_parent(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 def measure(variant: str, *, args) -> dict:

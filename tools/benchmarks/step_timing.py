@@ -104,3 +104,14 @@ def long_history_ranking_config(args, *, model: dict, features: Optional[dict] =
                      "device": args.device, "kernel_backend": args.backend, "precision": args.precision},
         "logging": {"progress": "off"},
     }
+
+
+def under_aten_op(event) -> bool:
+    """Whether a torch.profiler event was dispatched inside another aten op (nested), not
+    by Python directly: what the host-work counters call top level is the rest."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
