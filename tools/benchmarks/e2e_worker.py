@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_timing import record_step_batches  # the sibling helper (this directory is on sys.path when run)
 
 ANNOTATION_OPTIMIZER = "e2e::optimizer"
 ANNOTATION_LOSS = "e2e::loss"
@@ -77,15 +78,7 @@ def _lengths(batches) -> list[list[int]]:
 def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path: Path) -> dict:
     cuda = trainer.runtime.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    taken: list = []
-    next_step = trainer.loader.next_step
-
-    def recording_next_step():
-        batches = next_step()
-        taken.append(batches)
-        return batches
-
-    trainer.loader.next_step = recording_next_step
+    taken = record_step_batches(trainer)
     _annotate(trainer)
     losses = []
     for _ in range(warmup):

@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from step_timing import record_step_batches  # the sibling helper (this directory is on sys.path when run)
 
 
 def main() -> int:
@@ -36,15 +37,7 @@ def main() -> int:
     trainer = Trainer(config)
     cuda = trainer.runtime.device.type == "cuda"
 
-    taken = []
-    next_step = trainer.loader.next_step
-
-    def recording_next_step():
-        batches = next_step()
-        taken.append(batches)
-        return batches
-
-    trainer.loader.next_step = recording_next_step
+    taken = record_step_batches(trainer)
 
     def step():
         record = trainer.train_step()

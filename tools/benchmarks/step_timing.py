@@ -1,7 +1,9 @@
 """What the benchmarks share: the timing of one training step (the device synchronized
 around it), warm-up plus timed steps, the median device time of one op call
-(``time_us``: ``mhc_ops.py``, ``keyed_dropout.py``), and the synthetic ranking experiment
-at long histories that ``ranking_step.py`` and ``ultra_hstu.py`` time.
+(``time_us``: ``mhc_ops.py``, ``keyed_dropout.py``), the synthetic ranking experiment
+at long histories that ``ranking_step.py`` and ``ultra_hstu.py`` time, the record of each
+step's micro-batches (``e2e_worker.py``, ``profile_train_step.py``) and what counts as a
+top-level operator (``host_overhead.py``, ``fp8_linear_host.py``).
 
 Imported by the scripts beside it (their directory is on ``sys.path`` when run).
 """
@@ -115,3 +117,18 @@ def under_aten_op(event) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+def record_step_batches(trainer) -> list:
+    """The micro-batches of every step the trainer takes from now on, one list per step, in
+    the returned list (filled as the steps run; ``clear()`` it to start over)."""
+    taken: list = []
+    next_step = trainer.loader.next_step
+
+    def recording_next_step():
+        batches = next_step()
+        taken.append(batches)
+        return batches
+
+    trainer.loader.next_step = recording_next_step
+    return taken
