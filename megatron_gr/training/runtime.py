@@ -20,13 +20,27 @@ from megatron_gr.config.training_config import TrainingConfig
 from megatron_gr.seeding import derive_seed
 from megatron_gr.training.process_group_check import check_process_group_fits
 
-# What initialize() entered for the life of the runtime (CPU mode on a CPU device) and
-# shutdown() leaves; initialize() on a GPU leaves it too.
-_SCOPE = contextlib.ExitStack()
-_in_cpu_mode = False
-# megatron's optimizer helpers on torch's for-each kernels, from initialize() to shutdown().
-_OPTIMIZER_OPS = contextlib.ExitStack()
-_optimizer_ops_held = False
+
+
+class _Held:
+    """A context entered by initialize() for the life of the runtime and left by shutdown()
+    (entered once however often it is asked for)."""
+
+    def __init__(self, enter):
+        self._enter, self._stack, self.held = enter, contextlib.ExitStack(), False
+
+    def hold(self, on: bool) -> None:
+        if on and not self.held:
+            self._stack.enter_context(self._enter())
+        elif not on:
+            self._stack.close()
+        self.held = on
+
+
+# CPU mode on a CPU device (initialize() on a GPU leaves it); megatron's optimizer helpers on
+# torch's for-each kernels. Looked up when entered: tools swap fast_optimizer_ops for a test.
+_CPU_MODE = _Held(lambda: cpu_mode())
+_OPTIMIZER_OPS = _Held(lambda: fast_optimizer_ops())
 
 
 @dataclass(frozen=True)
@@ -79,8 +93,8 @@ def initialize(
     device = resolve_device(training)
     bf16 = resolve_bf16(training, device)
     check_process_group_fits(device)  # a gloo group under a CUDA run would crash in the optimizer
-    _hold_cpu_mode(device.type == "cpu")
-    _hold_fast_optimizer_ops(True)
+    _CPU_MODE.hold(device.type == "cpu")
+    _OPTIMIZER_OPS.hold(True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -130,29 +144,11 @@ def seed_everything(seed: int, *, graph_safe: bool = False) -> None:
     )
 
 
-def _hold_cpu_mode(on: bool) -> None:
-    global _in_cpu_mode
-    if on and not _in_cpu_mode:
-        _SCOPE.enter_context(cpu_mode())
-    elif not on:
-        _SCOPE.close()
-    _in_cpu_mode = on
-
-
-def _hold_fast_optimizer_ops(on: bool) -> None:
-    global _optimizer_ops_held
-    if on and not _optimizer_ops_held:
-        _OPTIMIZER_OPS.enter_context(fast_optimizer_ops())
-    elif not on:
-        _OPTIMIZER_OPS.close()
-    _optimizer_ops_held = on
-
-
 def shutdown() -> None:
     """Ends what :func:`initialize` started; torch and megatron-core are as installed again."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _hold_cpu_mode(False)
-    _hold_fast_optimizer_ops(False)
+    _CPU_MODE.hold(False)
+    _OPTIMIZER_OPS.hold(False)

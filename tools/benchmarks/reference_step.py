@@ -47,9 +47,9 @@ def speedups_off() -> Iterator[None]:
 
     # the runtime holds the fast ops from the first initialisation of a process on: release
     # them, so that the next initialisation holds the patched (empty) context, and again after
-    runtime._hold_fast_optimizer_ops(False)
+    runtime._OPTIMIZER_OPS.hold(False)
     with contextlib.ExitStack() as stack:
-        stack.callback(runtime._hold_fast_optimizer_ops, False)
+        stack.callback(runtime._OPTIMIZER_OPS.hold, False)
         stack.enter_context(mock.patch.object(runtime, "fast_optimizer_ops", contextlib.nullcontext))
         stack.enter_context(mock.patch.object(optimizer_setup, "use_fused_adam", lambda optimizer: 0))
         stack.enter_context(mock.patch.object(optimizer_setup, "batch_main_to_model_copies", lambda optimizer: 0))

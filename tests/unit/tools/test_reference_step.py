@@ -39,8 +39,8 @@ def test_reference_step_trains_as_the_fast_step(megatron_cpu, tmp_path, referenc
         reference, prefetching, finalize = _run(tmp_path / "reference")
         assert not prefetching and finalize is finalize_model_grads
     assert reference == pytest.approx(fast, rel=1e-4)
-    assert not runtime._optimizer_ops_held
+    assert not runtime._OPTIMIZER_OPS.held
     again, prefetching, finalize = _run(tmp_path / "again")
-    assert prefetching and finalize is not finalize_model_grads and runtime._optimizer_ops_held
+    assert prefetching and finalize is not finalize_model_grads and runtime._OPTIMIZER_OPS.held
     assert again == fast
     assert torch.isfinite(torch.tensor(fast)).all()
