@@ -59,8 +59,8 @@ from megatron.core.tensor_parallel import random as mp_random
 
 from megatron_gr.training.graph_aliases import parameter_aliases, trainable_parameters
 from megatron_gr.training.graph_inputs import StaticBatch, WordTables
-from megatron_gr.transformer.fp8.graph_capture import Fp8GraphCapture
 from megatron_gr.transformer.dropout_sites import num_sites
+from megatron_gr.transformer.fp8.graph_capture import Fp8GraphCapture
 from megatron_gr.transformer.graph_buckets import TokenBuckets, padded_offsets
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 
