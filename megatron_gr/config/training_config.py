@@ -79,8 +79,12 @@ class TrainingConfig:
     the stage's layers as one graph per direction (no pipeline parallelism). Training batches
     are padded to those counts with sequences no real token attends to; the embedding
     lookups, the loss and the optimizer step run eagerly. Captured before training, for
-    every count; each replay draws the step's keyed dropout masks (the eager step's). Not
-    with context parallelism, FP8, SASRec blocks or the ranking models. See ``docs/benchmarks/cuda_graphs.md``."""
+    every count; each replay draws the step's keyed dropout masks (the eager step's). The
+    native FP8 linears (``model.fp8``, every recipe) are captured too: they cast their
+    weights on every replay, keep their amax histories in place and take amaxes over the
+    real tokens, so a graphed step scales as the eager one. Not with context parallelism,
+    Transformer Engine's FP8 linears, SASRec blocks or the ranking models. See
+    ``docs/benchmarks/cuda_graphs.md``."""
 
     prefetch_batches: bool = True
     """Build the next step's micro-batches on a worker thread while this step runs (and, on

@@ -31,11 +31,18 @@ How it fits the model:
   (``graph_inputs.StaticBatch``): keyed dropout reads its words from the device, so a
   replay draws the step's masks, the eager step's. Megatron's RNG tracker is created
   graph-safe (``runtime``) and its generator states are registered with every graph too.
+- FP8 linears (every recipe, ``transformer/fp8/graph_capture.py``). Captured, they cast
+  their weights on every replay, choose delayed scales on the device and take their amaxes
+  over the real tokens only (the batch's keys tell the padding); their amax histories are
+  updated in place, and the warm-ups' and captures' amaxes are taken back out (one
+  ``state_kept`` around ``capture_all``), so the first graphed step scales as the eager
+  first step.
 - Capture happens once, before training (``capture_all``): every bucket, every slot.
 
 What the plan refuses (``training/plan.py``): a CPU run, the PyTorch kernel backend (its
 reference attention reads lengths on the host), full-layer or mHC recompute, ``step``
-under pipeline parallelism, context parallelism, FP8 linears, SASRec blocks and the ranking
+under pipeline parallelism, context parallelism, Transformer Engine's FP8 linears (their
+FP8 state lives outside the layers, in TE's autocast), SASRec blocks and the ranking
 models (``model.type: ranking``).
 """
 
@@ -53,6 +60,7 @@ from megatron.core.tensor_parallel import random as mp_random
 from megatron_gr.training.graph_aliases import parameter_aliases, trainable_parameters
 from megatron_gr.training.graph_inputs import StaticBatch, WordTables
 from megatron_gr.transformer.dropout_sites import num_sites
+from megatron_gr.transformer.fp8.graph_capture import Fp8GraphCapture
 from megatron_gr.transformer.graph_buckets import TokenBuckets, padded_offsets
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 
@@ -157,6 +165,7 @@ class GraphRunner:
         self.split = split  # sequence-parallel size: each rank holds bucket / split tokens
         self.emulate = emulate
         self.query_time = query_time  # the layers read query timestamps (time_bias_origin='query')
+        self.fp8 = Fp8GraphCapture(unit.module for unit in units)
         self.words = WordTables(dropout_sites, pin=not emulate)
         self.pools = [None if emulate else torch.cuda.graph_pool_handle() for _ in range(num_slots)]
         self.captured: dict[tuple[int, int], _Captured] = {}
@@ -210,9 +219,10 @@ class GraphRunner:
         """Captures every bucket for every slot (before training; a few eager
         forward-backward runs of each chain first)."""
         free_before = None if self.emulate else torch.cuda.mem_get_info(self.device)[0]
-        for slot in range(len(self.pools)):
-            for bucket in self.buckets.sizes:
-                self.captured[(bucket, slot)] = self._capture(bucket, slot)
+        with self.fp8.state_kept():  # FP8 linears as captured; their amax histories untouched
+            for slot in range(len(self.pools)):
+                for bucket in self.buckets.sizes:
+                    self.captured[(bucket, slot)] = self._capture(bucket, slot)
         if not self.emulate:
             torch.cuda.synchronize(self.device)
             self.capture_memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
@@ -235,7 +245,7 @@ class GraphRunner:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(WARMUP_RUNS):
-                self._eager_chain(hidden, batch)
+                self.fp8.captured(self._eager_chain, batch.token_keys)(hidden, batch)
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         captured = _Captured(batch=batch, slot=slot)
@@ -244,7 +254,7 @@ class GraphRunner:
         for unit in self.units:  # forward graphs, in replay order
             static_in = value.detach().requires_grad_()
             run = functools.partial(unit.run_aliased, static_in, batch)
-            graph, (value, *unit_aliases) = self._record(slot, stream, run)
+            graph, (value, *unit_aliases) = self._record(slot, stream, run, batch)
             captured.inputs.append(static_in)
             captured.outputs.append(value)
             captured.forward_graphs.append(graph)
@@ -263,7 +273,7 @@ class GraphRunner:
                 inputs = [captured.inputs[index], *unit_aliases]
                 return torch.autograd.grad(output, inputs, grad_outputs=grad, allow_unused=True)
 
-            graph, grads = self._record(slot, stream, work)
+            graph, grads = self._record(slot, stream, work, batch)
             backward.append((graph, grad, grads[0], list(grads[1:])))
             grad = grads[0] if grads[0] is not None else torch.zeros_like(captured.inputs[index])
         for graph, grad_out, grad_in, grad_params in reversed(backward):
@@ -273,8 +283,9 @@ class GraphRunner:
             captured.grad_params.append(grad_params)
         return captured
 
-    def _record(self, slot: int, stream, work: Callable):
-        """(graph, outputs) of ``work`` captured into slot ``slot``'s memory pool."""
+    def _record(self, slot: int, stream, work: Callable, batch: StaticBatch):
+        """(graph, outputs) of ``work`` on ``batch`` captured into slot ``slot``'s memory pool."""
+        work = self.fp8.captured(work, batch.token_keys)  # FP8 linears as captured (emulated: on every replay)
         if self.emulate:
             outputs = work()
             return _EmulatedGraph(work, outputs), outputs

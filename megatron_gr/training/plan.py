@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_gr.compat import transformer_engine_available
 from megatron_gr.config.errors import ConfigError
 from megatron_gr.config.experiment import MODEL_FIELDS, ExperimentConfig
 from megatron_gr.config.transformer_config import GRTransformerConfig
@@ -222,10 +223,11 @@ def _check_cuda_graphs(
             "their key exchange and per-batch layouts change with every batch): use training.cuda_graphs=none "
             "or context_parallel_size=1"
         )
-    if model.fp8:
+    if model.fp8 and transformer_engine_available():
         raise ConfigError(
-            f"{key} does not capture FP8 linears (model.fp8={model.fp8!r}: their weight casts and amax "
-            "histories are decided on the host per micro-batch): unset fp8 or use training.cuda_graphs=none"
+            f"{key} does not capture Transformer Engine's FP8 linears (model.fp8={model.fp8!r} with TE installed: "
+            "their scales and weight casts live in TE's autocast, outside the layers): use training.cuda_graphs=none "
+            "or the native FP8 linears (uninstall transformer_engine)"
         )
     if model.type != "retrieval":
         raise ConfigError(

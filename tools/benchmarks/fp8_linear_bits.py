@@ -62,8 +62,9 @@ def dump(path: str, *, device: str, kernel: str) -> None:
                         for which in ("input_history", "grad_history"):
                             history = getattr(state, which)
                             if history is not None:
-                                out[f"{key}/{which}"] = history.history
-                                out[f"{key}/{which}/scale"] = history.scale
+                                # copies: the history is updated in place
+                                out[f"{key}/{which}"] = history.history.clone()
+                                out[f"{key}/{which}/scale"] = history.scale.clone()
     torch.save({k: None if v is None else v.detach().cpu().clone() for k, v in out.items()}, path)
     print(f"{len(out)} tensors -> {path}")
 

@@ -15,10 +15,15 @@ the bf16 seed-to-seed spread is the noise to compare with).
 
 Without ``--config`` the model is the 8-layer, hidden-1024 STU model with 4 heads of 256
 on synthetic data (sequences of ~400 tokens, up to 1024), micro-batches of 32 users;
-any pretrain flag or ``--set`` applies on top.
+any pretrain flag or ``--set`` applies on top, to every variant.
+
+CUDA graphs (``--cuda-graphs none layers``): every variant is timed once per
+``training.cuda_graphs`` mode (captured before its timed steps); the rows then also show the
+graphs' capture memory and how many layer calls were replayed or ran eagerly (micro-batches
+above ``training.cuda_graph_max_tokens``), and the speed-up is against bf16 in the same mode.
 
     python tools/benchmarks/fp8_step.py [--variants bf16 tensorwise delayed rowwise] [--steps 30]
-        [--format hybrid] [--json out.json] [pretrain flags]
+        [--format hybrid] [--cuda-graphs none layers] [--json out.json] [pretrain flags]
     python tools/benchmarks/fp8_step.py --loss-steps 1000 [--seeds 1234 1235] [--variants bf16 delayed] ...
 """
 
@@ -74,10 +79,21 @@ def free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def time_variant(args, base, name) -> dict:
+def graph_statistics(trainer) -> dict:
+    """The CUDA graph runner's counters (empty without ``training.cuda_graphs``)."""
+    from megatron_gr.training.cuda_graphs import graph_runner
+    from megatron_gr.training.model_setup import unwrap
+
+    runner = graph_runner(unwrap(trainer.model[0]))
+    return runner.statistics() if runner is not None else {}
+
+
+def time_variant(args, base, name, graphs=None) -> dict:
     from megatron_gr.training.flops import training_step_flops
 
-    trainer, lengths = build_trainer(args, base, name)
+    extra = [] if graphs is None else [(["training", "cuda_graphs"], graphs)]
+    trainer, lengths = build_trainer(args, base, name, extra)
+    replays_before = graph_statistics(trainer)
     for _ in range(args.warmup):
         trainer.train_step()
     torch.cuda.synchronize()
@@ -94,10 +110,18 @@ def time_variant(args, base, name) -> dict:
         tokens.append(record["tokens"])
         flops.append(training_step_flops(trainer.model[0].config, lengths[-1]))
     result = {
-        "variant": name, "median_step_s": statistics.median(times), "tokens_per_step": statistics.mean(tokens),
+        "variant": name, "cuda_graphs": trainer.config.training.cuda_graphs,
+        "median_step_s": statistics.median(times), "tokens_per_step": statistics.mean(tokens),
         "tflops": statistics.mean(f / t for f, t in zip(flops, times)) / 1e12,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "step_s": times,
     }
+    after = graph_statistics(trainer)
+    if after:  # the timed steps' replays and eager layer calls, and the captures' memory
+        result["graphs"] = {
+            "capture_memory_gib": after["cuda_graphs/capture_memory_gib"],
+            "replays": after["cuda_graphs/replays"] - replays_before["cuda_graphs/replays"],
+            "eager_calls": after["cuda_graphs/eager_calls"] - replays_before["cuda_graphs/eager_calls"],
+        }
     del trainer
     free_memory()
     return result
@@ -127,13 +151,18 @@ def window_means(losses: list[float], window: int) -> list[float]:
 
 
 def print_timing(results: list[dict]) -> None:
-    bf16 = next((r for r in results if r["variant"] == "bf16"), None)
-    print("| variant | step ms (median) | tokens/step | model TFLOP/s | peak memory GiB | speedup vs bf16 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    bf16 = {r["cuda_graphs"]: r for r in results if r["variant"] == "bf16"}
+    print("| variant | cuda_graphs | step ms (median) | tokens/step | model TFLOP/s | peak memory GiB | "
+          "graph memory GiB | replays / eager layer calls | speedup vs bf16 (same graphs) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        speedup = f"{bf16['median_step_s'] / r['median_step_s']:.2f}" if bf16 else "-"
-        print(f"| {r['variant']} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_step']:.0f} | {r['tflops']:.0f} | "
-              f"{r['peak_memory_gib']:.2f} | {speedup} |")
+        base = bf16.get(r["cuda_graphs"])
+        speedup = f"{base['median_step_s'] / r['median_step_s']:.2f}" if base else "-"
+        graphs = r.get("graphs")
+        memory = f"{graphs['capture_memory_gib']:.2f}" if graphs else "-"
+        calls = f"{graphs['replays']} / {graphs['eager_calls']}" if graphs else "-"
+        print(f"| {r['variant']} | {r['cuda_graphs']} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_step']:.0f} | "
+              f"{r['tflops']:.0f} | {r['peak_memory_gib']:.2f} | {memory} | {calls} | {speedup} |")
 
 
 def print_losses(runs: list[dict], window: int) -> None:
@@ -168,6 +197,8 @@ def main() -> int:
     add_config_arguments(parser)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--format", choices=("hybrid", "e4m3"), default="hybrid", help="FP8 format of the fp8 variants")
+    parser.add_argument("--cuda-graphs", nargs="+", choices=("none", "layers", "step"),
+                        help="time every variant under each of these training.cuda_graphs modes")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--loss-steps", type=int, default=0, help="train this many steps per variant and compare losses")
@@ -187,7 +218,8 @@ def main() -> int:
         summary = {"mode": "loss", "runs": runs}
     else:
         base += [(["training", "eval_interval"], 0)]
-        results = [time_variant(args, base, name) for name in args.variants]
+        results = [time_variant(args, base, name, graphs) for graphs in (args.cuda_graphs or [None])
+                   for name in args.variants]
         print_timing(results)
         summary = {"mode": "step", "results": results}
     if args.json:

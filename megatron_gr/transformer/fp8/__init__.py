@@ -7,6 +7,7 @@ group; and the choice between them and Transformer Engine's.
     scaling.py          amaxes, scales, the amax history, quantised operands
     linear.py           the autograd function over torch._scaled_mm, per-linear state
     parallel_linear.py  Fp8ColumnParallelLinear, Fp8RowParallelLinear
+    graph_capture.py    what CUDA graphs of FP8 layers need: captured code paths, state kept
     backend.py          which linears a config gets; can FP8 run on this device
 """
 

@@ -98,6 +98,28 @@ class Fp8LinearState:
         delayed = recipe.recipe == "delayed"
         self.input_history = self._history(recipe.forward_dtype) if delayed else None
         self.grad_history = self._history(recipe.backward_dtype) if delayed else None
+        self._graph_capture = False
+        # Under graph capture: [T] bool, the rows of the GEMM inputs and output gradients that
+        # are real tokens (a graph's batch is padded); only they enter the amaxes.
+        self.token_rows: Optional[torch.Tensor] = None
+
+    @property
+    def histories(self) -> list[AmaxHistory]:
+        """The delayed recipe's amax histories (none for the others)."""
+        return [history for history in (self.input_history, self.grad_history) if history is not None]
+
+    @property
+    def graph_capture(self) -> bool:
+        """Set while CUDA graphs capture (or emulate replaying) this linear
+        (``graph_capture.py``): weights are cast on every call, never from a cache, and
+        delayed scales are chosen on the device."""
+        return self._graph_capture
+
+    @graph_capture.setter
+    def graph_capture(self, on: bool) -> None:
+        self._graph_capture = on
+        for history in self.histories:
+            history.graph_capture = on
 
     def _history(self, dtype: torch.dtype) -> AmaxHistory:
         recipe = self.recipe
@@ -107,6 +129,15 @@ class Fp8LinearState:
 
     def kernel_for(self, tensor: torch.Tensor) -> str:
         return self.kernel or cast_kernel_for(tensor.device)
+
+    def _rows(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[T, 1]`` bool of the rows of ``x`` ``[T, F]`` whose amaxes count (None: all)."""
+        rows = self.token_rows
+        if rows is None or not self._graph_capture:
+            return None
+        if rows.shape[0] != x.shape[0]:
+            raise RuntimeError(f"FP8 linear under graph capture: {x.shape[0]} rows, {rows.shape[0]} token flags")
+        return rows.view(-1, 1)
 
     def quantize_input(self, x: torch.Tensor, *, transposed: bool) -> tuple[Fp8Operand, Optional[Fp8Operand]]:
         """The input ``[T, K]`` for the forward GEMM and, per tensor with ``transposed``, also
@@ -119,7 +150,7 @@ class Fp8LinearState:
             ), None
         return quantize_per_tensor(
             x, dtype=recipe.forward_dtype, margin=recipe.margin, group=self._input_group, kernel=self.kernel_for(x),
-            history=self.input_history, transposed=transposed, pad_to=FP8_GEMM_ALIGNMENT,
+            history=self.input_history, transposed=transposed, pad_to=FP8_GEMM_ALIGNMENT, rows=self._rows(x),
         )
 
     def quantize_grad(self, grad: torch.Tensor, *, rows: bool, transposed: bool):
@@ -129,7 +160,7 @@ class Fp8LinearState:
         return quantize_per_tensor(
             grad, dtype=recipe.backward_dtype, margin=recipe.margin, group=self._output_group,
             kernel=self.kernel_for(grad), history=self.grad_history, out=rows, transposed=transposed,
-            pad_to=FP8_GEMM_ALIGNMENT,
+            pad_to=FP8_GEMM_ALIGNMENT, rows=self._rows(grad),
         )
 
     def quantize_grad_rows(self, grad: torch.Tensor) -> Fp8Operand:
@@ -144,7 +175,8 @@ class Fp8LinearState:
         """Rowwise weight gradient: ``x [T, F]`` as ``[F, T']``, one scale per feature taken
         along the tokens (never split: no reduction)."""
         return quantize_per_column_transposed(
-            x, dtype=dtype, margin=self.recipe.margin, group=None, kernel=self.kernel_for(x), pad_to=FP8_GEMM_ALIGNMENT
+            x, dtype=dtype, margin=self.recipe.margin, group=None, kernel=self.kernel_for(x), pad_to=FP8_GEMM_ALIGNMENT,
+            rows=self._rows(x),
         )
 
     def cast_weight(self, weight: torch.Tensor) -> "WeightCast":

@@ -13,6 +13,9 @@ megatron's schedules set the attribute on the first micro-batch of every step (w
 ``config.fp8`` is set), the first training forward casts and keeps the result, later
 micro-batches of the step reuse it. Outside that protocol (no schedule, evaluation,
 ``torch.no_grad``) every forward casts afresh; a change of train/eval mode drops the cache.
+While CUDA graphs capture a layer (``Fp8LinearState.graph_capture``) the cache is neither
+read nor filled: a captured cast runs on every replay (reading the current weights), and
+a cast made in a graph's memory pool is never handed to a later eager call.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class _Fp8WeightCache:
     def _current_weight_cast(self, weight: torch.Tensor, *, cacheable: bool) -> WeightCast:
         """``cacheable``: ``weight`` stands for the module's own weight (megatron may pass
         another one in, which is never cached)."""
+        if self.fp8_state.graph_capture:  # the graph casts on every replay; its casts live in its pool
+            return self.fp8_state.cast_weight(weight)
         training = self.training and torch.is_grad_enabled() and cacheable
         if training and self.is_first_microbatch is False and self._weight_cast is not None:
             return self._weight_cast

@@ -53,7 +53,6 @@ def test_unsupported_combinations_are_one_line(sections, words):
 
 @pytest.mark.parametrize("model, context, words", [
     ({}, 2, "context_parallel_size=2"),
-    ({"fp8": "e4m3"}, 1, "FP8 linears (model.fp8='e4m3'"),
     ({"block_type": "transformer"}, 1, "STU layers only (model.block_type='transformer')"),
 ])
 def test_layers_graphs_cannot_capture_are_one_line(model, context, words):

@@ -88,7 +88,7 @@ def test_dlrm_hstu_fp8_casts_once_per_step_records_amaxes_and_tracks_float(megat
         before = len(casts)
         record = train_step()
         casts_per_step.append(len(casts) - before)
-        amaxes_per_step.append((tower.input_history.calls, tower.grad_history.calls))
+        amaxes_per_step.append((tower.input_history.records.item(), tower.grad_history.records.item()))
         return record
 
     trainer.train_step = counted_step
