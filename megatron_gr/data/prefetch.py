@@ -117,8 +117,8 @@ def _to_device(batch: JaggedBatch, device: torch.device) -> JaggedBatch:
     """The batch on ``device``: each host tensor pinned, then copied without blocking; the
     offsets also stay on the host (``JaggedBatch.host_offsets``, as ``JaggedBatch.to`` keeps
     them: context parallelism plans from them without waiting for the device)."""
-    if not dataclasses.is_dataclass(batch):
-        return batch.to(device)
+    if not dataclasses.is_dataclass(batch):  # a tensor leaf; counts (kept_tokens) stay as they are
+        return batch.to(device) if torch.is_tensor(batch) else batch
     moved = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)

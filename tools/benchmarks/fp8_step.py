@@ -3,7 +3,7 @@
 
 Step time (default): each variant builds its trainer, runs ``--warmup`` steps, then
 ``--steps`` timed steps (device time between CUDA events around each step, median), and
-reports tokens per step, model TFLOP/s (``megatron_gr/training/flops.py``: the step's
+reports tokens per step, model TFLOP/s (``megatron_gr/models/hstu_flops.py``: the step's
 useful matmul FLOPs), peak memory and the speedup over bf16. Variants run one after the
 other in this process, each on a fresh trainer with the same seed (same batches).
 
@@ -89,7 +89,7 @@ def graph_statistics(trainer) -> dict:
 
 
 def time_variant(args, base, name, graphs=None) -> dict:
-    from megatron_gr.training.flops import training_step_flops
+    from megatron_gr.models.hstu_flops import training_step_flops
 
     extra = [] if graphs is None else [(["training", "cuda_graphs"], graphs)]
     trainer, lengths = build_trainer(args, base, name, extra)

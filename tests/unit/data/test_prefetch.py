@@ -100,6 +100,9 @@ def test_gpu_ranking_and_channel_batches_are_copied_ahead_with_host_offsets():
     moved = _to_device(batch, device)
     assert moved.offsets.is_cuda and moved.candidate_ids.is_cuda
     assert moved.host_offsets.device.type == "cpu" and moved.host_offsets.tolist() == batch.offsets.tolist()
-    channels = _to_device(ChannelBatch({"imp": batch, "click": batch}, max_candidates=2), device)
+    channels = ChannelBatch({"imp": batch, "click": batch}, max_candidates=2)
+    channels.kept_tokens = {"imp": 7, "click": 5}  # counts the truncation planned on the host stay ints
+    channels = _to_device(channels, device)
+    assert channels.kept_tokens == {"imp": 7, "click": 5}
     assert all(part.offsets.is_cuda and part.host_offsets is not None for part in channels.channels.values())
     assert len(_tensors(channels)) == 2 * len(_tensors(moved)) > 0

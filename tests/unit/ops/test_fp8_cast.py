@@ -102,11 +102,13 @@ def test_rejects_bad_arguments():
 
 def assert_same_bits(out: torch.Tensor, ref: torch.Tensor, scaled: torch.Tensor) -> None:
     """Bitwise equality, and on failure the first differing inputs with both results."""
+    out, ref, scaled = out.cpu(), ref.cpu(), scaled.cpu()  # indexing FP8 tensors: on the host
     differ = out.view(torch.uint8) != ref.view(torch.uint8)
     if differ.any():
         where = differ.nonzero()[:8].unbind(1)
         rows = zip(scaled[where].tolist(), ref[where].float().tolist(), out[where].float().tolist())
         shown = "; ".join(f"x*scale={v!r}: reference {r!r}, triton {t!r}" for v, r, t in rows)
+        shown += f"; triton bytes {out[where].view(torch.uint8).tolist()}, reference {ref[where].view(torch.uint8).tolist()}"
         raise AssertionError(f"{int(differ.sum())} of {differ.numel()} values differ, e.g. {shown}")
 
 
