@@ -51,9 +51,11 @@ MAP_OUTPUTS = ("out2", "out3")  # merge_pre's h_post and h_res of the next subla
 
 
 def floor(dtype: torch.dtype, n: int) -> float:
-    if dtype == torch.bfloat16:
-        return 1e-4
-    return 3e-4 if n > 4 else 2e-5
+    # n = 8: Sinkhorn over 8 streams amplifies the sums' order (seen on an H100 at 4099
+    # tokens x 256 channels, bf16 streams: 1.9e-4 against the float64 reference)
+    if n > 4:
+        return 3e-4
+    return 1e-4 if dtype == torch.bfloat16 else 2e-5
 
 
 # The gate (alpha) gradient: 3 values, each a sum of T x W products of both signs that
@@ -71,14 +73,19 @@ def expand_pre(x, projection, alpha, map_bias, **kwargs):
     return mhc_expand_pre(x, projection, alpha, map_bias, **kwargs)
 
 
-def check_forward_matches_separate(results, dtype):
+def check_forward_matches_separate(results, dtype, n):
     """Maps of the next sublayer within 1e-5 of the separate kernels' (the same rounded
-    streams); streams and u within a rounding of the streams' dtype."""
+    streams; 2e-4 for 8 streams); streams and u within a rounding of the streams' dtype."""
     for name, got, before, _ in results:
         if not name.startswith("out"):
             continue
         assert got.dtype == before.dtype, name
-        bound = 1e-5 if name in MAP_OUTPUTS or dtype == torch.float32 else 1e-2
+        # maps: fp32 sums of n x C products in another order, through 20 Sinkhorn iterations
+        # (n = 8 with bf16 streams: 7.2e-5 on an H100)
+        if name in MAP_OUTPUTS:
+            bound = 1e-5 if n <= 4 else 2e-4
+        else:
+            bound = 1e-5 if dtype == torch.float32 else 1e-2
         assert relative(got, before) <= bound, f"{name}: {relative(got, before):.2e} from the separate kernels"
 
 
@@ -91,7 +98,7 @@ def test_merge_pre_matches_the_separate_ops(n, channels, expanded, dtype):
               **map_inputs(n, channels, DEVICE, seed=n)}
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=3, eps=1e-6))
     assert_as_accurate(results, **tolerances(dtype, n))
-    check_forward_matches_separate(results, dtype)
+    check_forward_matches_separate(results, dtype, n)
     merged = results[0][1]
     assert merged.shape == (19, n, channels) and merged.dtype == dtype
 
@@ -132,7 +139,7 @@ def test_merge_pairs_with_dropout_match_the_reference_composition(n, channels, e
               **map_inputs(n, channels, DEVICE, seed=n + 41)}
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=3, eps=1e-6, **train))
     assert_as_accurate(results, **tolerances(dtype, n))
-    check_forward_matches_separate(results, dtype)
+    check_forward_matches_separate(results, dtype, n)
     merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
     assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, train),
                        **tolerances(dtype, n))
@@ -277,7 +284,7 @@ def test_gpu_merge_pre_at_training_sizes(n, channels, expanded, dtype):
               **map_inputs(n, channels, DEVICE, seed=21, scale=0.05)}
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=20, eps=1e-6))
     assert_as_accurate(results, **tolerances(dtype, n))
-    check_forward_matches_separate(results, dtype)
+    check_forward_matches_separate(results, dtype, n)
 
 
 @pytest.mark.gpu
@@ -289,7 +296,7 @@ def test_gpu_merge_pairs_with_dropout_at_training_sizes(dtype):
               **map_inputs(4, 1024, DEVICE, seed=26, scale=0.05)}
     results = run_three_ways(mhc_merge_pre, separate_merge_pre, leaves, dict(iterations=20, eps=1e-6, **train))
     assert_as_accurate(results, **tolerances(dtype, 4))
-    check_forward_matches_separate(results, dtype)
+    check_forward_matches_separate(results, dtype, 4)
     merge = {k: leaves[k] for k in ("x", "h_res", "h_post", "y", "bias")}
     assert_as_accurate(run_three_ways(mhc_merge_contract, separate_merge_contract, merge, train),
                        **tolerances(dtype, 4))
