@@ -15,7 +15,8 @@ bf16 training step milliseconds of host time:
   moments) instead of its fused kernel.
 
 :func:`fast_optimizer_ops` replaces the two helpers by torch's for-each kernels (the norm
-stays on the device until megatron reads it once); :func:`use_fused_adam` switches torch
+stays on the device until megatron reads it once; on one rank without megatron's all-reduce
+and scratch tensor); :func:`use_fused_adam` switches torch
 Adam to ``fused=True``; :func:`batch_main_to_model_copies` does the distributed
 optimizer's copy as one for-each copy; :func:`reuse_main_grad_views` slices the gradient
 buffer once and hands the main shards the same views in every step (and, those views being
@@ -67,6 +68,29 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
 
 
+def grad_norm_skipping_alone(original: Callable) -> Callable:
+    """megatron's ``get_grad_norm_fp32`` for the L2 norm over a gradient-statistics group of
+    one rank, with :func:`foreach_l2_norm` as its norm: megatron's own operations (the
+    for-each norm, its square, the host read, the square root) without its scratch tensor,
+    its per-gradient DTensor checks and its all-reduce over that one rank, which leaves
+    the square as it is. Any other case is megatron's."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        if (
+            float(norm_type) != 2.0 or isinstance(grads_for_norm, torch.Tensor) or not grads_for_norm
+            or clip_grads.l2_norm_impl is not foreach_l2_norm
+            or torch.distributed.get_world_size(grad_stats_parallel_group) != 1
+            or (utils.HAVE_DTENSOR and any(isinstance(grad, utils.DTensor) for grad in grads_for_norm))
+        ):
+            return original(grads_for_norm, norm_type=norm_type, grad_stats_parallel_group=grad_stats_parallel_group)
+        grad_norm, _ = foreach_l2_norm(None, None, [grads_for_norm], False)
+        return (grad_norm**2.0).item() ** (1.0 / 2.0)
+
+    return get_grad_norm_fp32
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """megatron's ``to_local_if_dtensor`` (a DTensor's local shard, any other tensor as it
     is) without entering ``torch.no_grad()`` for tensors that are not DTensors: megatron's
@@ -109,13 +133,15 @@ def _patch_local_multi_tensor_helpers(patches: PatchSet) -> None:
     """Patches: ``clip_grads.l2_norm_impl`` and ``multi_tensor_scale_impl`` (the gradient
     norm and clipping) and ``optimizer.multi_tensor_scale_impl`` (the main-to-model copy of
     the non-distributed mixed-precision optimizer), when they are megatron's local
-    fallbacks."""
+    fallbacks; with the norm, ``optimizer.get_grad_norm_fp32`` (:func:`grad_norm_skipping_alone`)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
     purpose = "compute the gradient norm and scale gradients with torch's for-each kernels"
     if getattr(clip_grads, "l2_norm_impl", None) is getattr(utils, "local_multi_tensor_l2_norm", ()):
         patches.set(clip_grads, "l2_norm_impl", foreach_l2_norm, purpose=purpose)
+        patches.set(optimizer, "get_grad_norm_fp32", grad_norm_skipping_alone(optimizer.get_grad_norm_fp32),
+                    purpose="take the gradient norm on one rank without megatron's all-reduce")
     for module in (clip_grads, optimizer):
         if getattr(module, "multi_tensor_scale_impl", None) is getattr(utils, "local_multi_tensor_scale", ()):
             patches.set(module, "multi_tensor_scale_impl", foreach_scale, purpose=purpose)
