@@ -215,3 +215,26 @@ def test_each_optimizer_part_keeps_its_own_views(monkeypatch):
         parts[index]._copy_main_params_to_model_params()
     for index in range(2):
         assert torch.equal(mains[index].grad, grads[index]) and torch.equal(models[index], grads[index])
+
+
+def test_grad_norm_on_one_rank_is_megatrons(tmp_path):
+    """The norm without megatron's all-reduce over a group of one rank is megatron's norm,
+    the same float; the optimizer's norm goes through it."""
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+
+    from megatron_gr.compat import fast_optimizer
+    from megatron_gr.compat.optimizer_step import _parts
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.train_step()
+    part = _parts(trainer.optimizer)[0]
+    grads, group = part.get_main_grads_for_grad_norm(), part.get_grad_stats_parallel_group()
+    with fast_optimizer_ops():
+        assert megatron_optimizer.get_grad_norm_fp32 is not get_grad_norm_fp32  # patched
+        ours = fast_optimizer.grad_norm_skipping_alone(get_grad_norm_fp32)(grads, grad_stats_parallel_group=group)
+        theirs = get_grad_norm_fp32(grads, grad_stats_parallel_group=group)
+        assert ours == theirs > 0 and part.get_grad_norm() == theirs
+    trainer.loader.close()
+    shutdown()
