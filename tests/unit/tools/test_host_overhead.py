@@ -1,6 +1,7 @@
 """tools/benchmarks/host_overhead.py: its host-read recorder names each read of a tensor
 with the line that made it and ignores operators that stay on the device; a tiny run
-reports operators, phases and the step's reads (the gradient norm's and the loss's)."""
+reports operators, phases and the step's reads (the gradient norm's and the loss's), and with
+graphed layers what stays eager around them."""
 
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ def test_a_tiny_run_reports_operators_phases_and_reads(tmp_path):
     assert set(result["phase_ms_per_step"]) == {*tool.PHASES, "outside_layers"}
     assert result["phase_ms_per_step"]["forward"] > 0 and result["phase_ms_per_step"]["optimizer"] > 0
     reads = result["host_reads_per_step"]
-    assert any(where.startswith("item @ megatron/core/optimizer/clip_grads.py") for where in reads)
+    # the gradient norm's read: megatron's, or its one-rank shim's (compat.fast_optimizer)
+    assert any(where.startswith(("item @ megatron/core/optimizer/clip_grads.py",
+                                 "item @ megatron_gr/compat/fast_optimizer.py")) for where in reads)
     assert any(where.startswith("tolist @ megatron_gr/training/trainer.py") for where in reads)
     assert len(result["losses"]) == 2 and all(loss == loss for loss in result["losses"])
 
