@@ -6,6 +6,7 @@ One module per concern, one function per shim, each saying what it patches and w
 - ``cpu_mode``: megatron-core on the CPU inside ``with cpu_mode():``, restored on exit
   (``cuda_to_cpu`` and ``cpu_rng`` hold its device redirect and RNG tracker);
 - ``dist_optimizer``: the distributed optimizer's reshardable checkpoints (any device);
+- ``grad_accumulation``: DDP's gradient accumulation, one for-each add per backward pass;
 - ``fast_optimizer``: the optimizer step without a host read per parameter, fused Adam,
   one for-each main-to-model copy;
 - ``checkpoint_writes``: checkpoint saves without a helper process that outlives the run;
@@ -25,6 +26,7 @@ from megatron_gr.compat.dist_optimizer import (
     keep_adam_step_on_reshardable_load,
     reshardable_state_in_buffer_coordinates,
 )
+from megatron_gr.compat.grad_accumulation import batched_main_grad_accumulation
 from megatron_gr.compat.fast_optimizer import (
     batch_main_to_model_copies,
     fast_optimizer_ops,
@@ -50,6 +52,7 @@ __all__ = [
     "MegatronVersionWarning",
     "allocate_distributed_optimizer_state",
     "batch_main_to_model_copies",
+    "batched_main_grad_accumulation",
     "checkpoint_without_output_fp8_arg",
     "checkpoint_writes_without_manager_process",
     "checkpointed_block_forward",

@@ -15,10 +15,13 @@ bf16 training step milliseconds of host time:
   moments) instead of its fused kernel.
 
 :func:`fast_optimizer_ops` replaces the two helpers by torch's for-each kernels (the norm
-stays on the device until megatron reads it once); :func:`use_fused_adam` switches torch
+stays on the device until megatron reads it once; on one rank without megatron's all-reduce
+and scratch tensor); :func:`use_fused_adam` switches torch
 Adam to ``fused=True``; :func:`batch_main_to_model_copies` does the distributed
 optimizer's copy as one for-each copy; :func:`reuse_main_grad_views` slices the gradient
-buffer once and hands the main shards the same views in every step. Each leaves megatron alone where apex, TE, FSDP,
+buffer once and hands the main shards the same views in every step (and, those views being
+the same tensors, lists the gradients of the norm once; it also drops the gradients in
+``zero_grad`` without reading each first). Each leaves megatron alone where apex, TE, FSDP,
 FP8 or precision-aware optimizers are in use.
 """
 
@@ -65,6 +68,29 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
 
 
+def grad_norm_skipping_alone(original: Callable) -> Callable:
+    """megatron's ``get_grad_norm_fp32`` for the L2 norm over a gradient-statistics group of
+    one rank, with :func:`foreach_l2_norm` as its norm: megatron's own operations (the
+    for-each norm, its square, the host read, the square root) without its scratch tensor,
+    its per-gradient DTensor checks and its all-reduce over that one rank, which leaves
+    the square as it is. Any other case is megatron's."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        if (
+            float(norm_type) != 2.0 or isinstance(grads_for_norm, torch.Tensor) or not grads_for_norm
+            or clip_grads.l2_norm_impl is not foreach_l2_norm
+            or torch.distributed.get_world_size(grad_stats_parallel_group) != 1
+            or (utils.HAVE_DTENSOR and any(isinstance(grad, utils.DTensor) for grad in grads_for_norm))
+        ):
+            return original(grads_for_norm, norm_type=norm_type, grad_stats_parallel_group=grad_stats_parallel_group)
+        grad_norm, _ = foreach_l2_norm(None, None, [grads_for_norm], False)
+        return (grad_norm**2.0).item() ** (1.0 / 2.0)
+
+    return get_grad_norm_fp32
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """megatron's ``to_local_if_dtensor`` (a DTensor's local shard, any other tensor as it
     is) without entering ``torch.no_grad()`` for tensors that are not DTensors: megatron's
@@ -107,13 +133,15 @@ def _patch_local_multi_tensor_helpers(patches: PatchSet) -> None:
     """Patches: ``clip_grads.l2_norm_impl`` and ``multi_tensor_scale_impl`` (the gradient
     norm and clipping) and ``optimizer.multi_tensor_scale_impl`` (the main-to-model copy of
     the non-distributed mixed-precision optimizer), when they are megatron's local
-    fallbacks."""
+    fallbacks; with the norm, ``optimizer.get_grad_norm_fp32`` (:func:`grad_norm_skipping_alone`)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
     purpose = "compute the gradient norm and scale gradients with torch's for-each kernels"
     if getattr(clip_grads, "l2_norm_impl", None) is getattr(utils, "local_multi_tensor_l2_norm", ()):
         patches.set(clip_grads, "l2_norm_impl", foreach_l2_norm, purpose=purpose)
+        patches.set(optimizer, "get_grad_norm_fp32", grad_norm_skipping_alone(optimizer.get_grad_norm_fp32),
+                    purpose="take the gradient norm on one rank without megatron's all-reduce")
     for module in (clip_grads, optimizer):
         if getattr(module, "multi_tensor_scale_impl", None) is getattr(utils, "local_multi_tensor_scale", ()):
             patches.set(module, "multi_tensor_scale_impl", foreach_scale, purpose=purpose)
@@ -186,7 +214,9 @@ def reuse_main_grad_views(optimizer) -> int:
     = its slice of the gradient buffer, as float32) by views sliced once; returns how many
     optimizers were changed. The views are of DDP's gradient buffers, which live as long as
     the model and are zeroed in place, so every step's gradients are the same as megatron's
-    (the same tensors when the buffer is float32). Left to megatron where
+    (the same tensors when the buffer is float32; then the gradients of the norm, megatron's
+    per-parameter filter of them, are listed once too). ``zero_grad`` sets the gradients to
+    None as megatron's does, without reading them first. Left to megatron where
     :func:`batch_main_to_model_copies` is."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -195,13 +225,52 @@ def reuse_main_grad_views(optimizer) -> int:
         if not isinstance(part, DistributedOptimizer) or not _plain_distributed_copy(part):
             continue
         require(part, "_copy_model_grads_to_main_grads", purpose="hand the main shards their gradients without slicing")
-        def copy_model_grads_to_main_grads(views=_once(functools.partial(_main_grad_views, part))):
+        views = _once(functools.partial(_main_grad_views, part))
+
+        def copy_model_grads_to_main_grads(views=views):
             for shard_main_param, view in views():
                 shard_main_param.grad = view if view.dtype == torch.float32 else view.float()
 
         part._copy_model_grads_to_main_grads = copy_model_grads_to_main_grads
+        require(part, "zero_grad", purpose="drop the gradients without reading them")
+        part.zero_grad = functools.partial(_zero_grad, part, part.zero_grad)
+        if part.ddp_config.grad_reduce_in_fp32:  # float32 buffers: every step hands over the same views
+            require(part, "get_main_grads_for_grad_norm", purpose="list the gradients of the norm once")
+            part.get_main_grads_for_grad_norm = _once(functools.partial(_grads_for_norm, part, views))
         changed += 1
     return changed
+
+
+def _zero_grad(part, megatrons: Callable, set_to_none: bool = True) -> None:
+    """megatron's ``zero_grad`` of the distributed optimizer: with ``set_to_none`` every
+    model weight's and main shard's ``.grad`` set to None, as megatron's loop leaves them,
+    without first reading each (on a view, each read raises a warning that the warnings
+    filters then match); otherwise megatron's."""
+    if not set_to_none:
+        megatrons(set_to_none=False)
+        return
+    for groups in (part.model_float16_groups, part.model_fp32_groups, part.shard_float16_groups,
+                   part.shard_fp32_groups, part.shard_fp32_from_float16_groups):
+        for group in groups:
+            for param in group:
+                param.grad = None
+
+
+def _grads_for_norm(part, views: Callable[[], list]) -> list[torch.Tensor]:
+    """megatron's ``get_main_grads_for_grad_norm`` after the hand-over, in its order: the
+    views of the main shards that are neither shared nor tensor-parallel duplicates. Both
+    are properties of the parameters, and the views the same tensors in every step, so the
+    list is built once instead of filtering every parameter (a process-group rank lookup
+    each) in every step."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.module import param_is_not_shared
+
+    view_of = {id(shard_main_param): view for shard_main_param, view in views()}
+    tp_group = getattr(part, "tp_group", None)
+    return [
+        view_of[id(param)] for param in part.get_parameters()
+        if param_is_not_shared(param) and tensor_parallel.param_is_not_tensor_parallel_duplicate(param, tp_group)
+    ]
 
 
 def _once(build: Callable[[], T]) -> Callable[[], T]:

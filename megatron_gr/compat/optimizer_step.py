@@ -10,6 +10,8 @@ order; what a part of a chained optimizer is (``chained_optimizers``,
 
 from __future__ import annotations
 
+import torch
+
 from megatron_gr.compat.version import require
 
 
@@ -34,7 +36,10 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
     """The second half: clips every part's main gradients as ``ChainedOptimizer.step`` does,
     but by ``total_norm`` (which may count more than this optimizer's gradients), then
     steps. Returns whether the parameters were updated."""
+    from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    from megatron_gr.compat.fast_optimizer import foreach_scale, local_tensor
 
     require(optimizer, "step_with_ready_grads", purpose="step dynamic tables with the dense optimizer")
     clip = optimizer.config.clip_grad
@@ -43,7 +48,15 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
     if clip > 0.0 and clip / (total_norm + 1.0e-6) < 1.0:
         for part in _parts(optimizer):
             params = part.get_parameters()
-            if params:
-                decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+            if not params:
+                continue
+            decoupled = getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+            if decoupled or clip_grads.multi_tensor_scale_impl is not foreach_scale:
                 clip_grad_by_total_norm_fp32(params, clip, total_norm, use_decoupled_grad=decoupled)
+                continue
+            # What megatron's clipping does with the for-each scale (fast_optimizer), without
+            # its per-gradient checks (a detach and a type string each) and scratch tensor.
+            grads = [local_tensor(param.grad) for param in params if param.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, clip / (total_norm + 1.0e-6))
     return bool(optimizer.step_with_ready_grads())

@@ -70,11 +70,18 @@ class JaggedBatch:
         return self.offsets[1:] - self.offsets[:-1]
 
     def to(self, device) -> "JaggedBatch":
+        """The batch on ``device`` (its offsets kept on the host too); the batch itself when
+        everything is there already (the prefetcher's copies: no call per tensor)."""
+        values = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        device = torch.device(device)
+        if self.host_offsets is not None and all(
+            value.device == device for name, value in values if isinstance(value, torch.Tensor) and name != "host_offsets"
+        ):
+            return self
         moved = {"host_offsets": self.offsets_on_host()}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "host_offsets":
-                moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for name, value in values:
+            if name != "host_offsets":
+                moved[name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return JaggedBatch(**moved)
 
     def offsets_on_host(self) -> torch.Tensor:

@@ -76,10 +76,11 @@ class _Unit:
 
     module: torch.nn.Module
     run: Callable[[torch.Tensor, StaticBatch], torch.Tensor]
+    params: list[torch.nn.Parameter] = field(init=False)
+    """The module's trainable parameters, listed once (every replay hands them to autograd)."""
 
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return trainable_parameters(self.module)
+    def __post_init__(self):
+        self.params = trainable_parameters(self.module)
 
     def run_aliased(self, hidden: torch.Tensor, batch: StaticBatch) -> tuple[torch.Tensor, ...]:
         """``(output, *aliases)``: the unit run on its parameters' aliases made now, in the

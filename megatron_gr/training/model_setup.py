@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer.module import Float16Module
 
-from megatron_gr.compat import megatron_collective_deprecations_silenced
+from megatron_gr.compat import batched_main_grad_accumulation, megatron_collective_deprecations_silenced
 from megatron_gr.models.registry import Dataset, StageRequest, TrainSpec
 from megatron_gr.training.cuda_graphs import apply_cuda_graphs
 from megatron_gr.training.plan import RunPlan
@@ -36,7 +36,8 @@ def build_model(plan: RunPlan, spec: TrainSpec, dataset: Dataset) -> list[Distri
     if plan.bf16:
         model = Float16Module(model_config, model)
     ddp_config = _ddp_config(plan)
-    wrapped = DistributedDataParallel(model_config, ddp_config, model)
+    with batched_main_grad_accumulation():  # one add per backward pass (unless reductions overlap)
+        wrapped = DistributedDataParallel(model_config, ddp_config, model)
     # Per-token scaling on the device; rows of dynamic tables are not parameters: their
     # gradients get the dense ones' scaling (see sparse_step.py).
     model_config.finalize_model_grads_func = per_token_finalize(finalize_model_grads, dynamic_tables([wrapped]))

@@ -56,8 +56,10 @@ def per_token_finalize(finalize: Callable, tables: list[PhysicalTable]) -> Calla
         else:
             pp_group = parallel_state.get_pipeline_model_parallel_group()
             dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
-        dist.all_reduce(num_tokens, group=dp_group)
+        if dist.get_world_size(pp_group) > 1:  # on one rank both are the count as it is
+            dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+        if dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(num_tokens, group=dp_group)
         scaling = 1.0 / num_tokens.clamp(min=1)
         for chunk in model:
             chunk.scale_gradients(scaling)

@@ -1,11 +1,13 @@
 """compat.fast_optimizer: for-each norm and scale against megatron's local helpers, the
-patches restored, the main shards' reused gradient views equal to megatron's hand-over, and
+patches restored, the main shards' reused gradient views (and the norm's list of them, and
+zero_grad) equal to megatron's, clipping by one for-each multiply equal to megatron's, and
 a training run with the fast step (fused Adam, batched copies, the per-token division on the
 device) equal to one with megatron's own (CPU, fp32)."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -136,6 +138,52 @@ def test_reused_main_grad_views_are_megatrons_hand_over(tmp_path):
         assert [ptr for ptr, _ in ours] == [ptr for ptr, _ in theirs]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))
         assert any(b.abs().sum() > 0 for _, b in theirs)  # real gradients, not zeros
+        # The norm's gradients: megatron's filter of them, the same tensors in its order.
+        part._copy_model_grads_to_main_grads()
+        listed = part.get_main_grads_for_grad_norm()
+        filtered = DistributedOptimizer.get_main_grads_for_grad_norm(part)
+        assert len(listed) == len(filtered) > 0 and all(a is b for a, b in zip(listed, filtered))
+        # zero_grad leaves every gradient None, as megatron's does.
+        part.zero_grad()
+        groups = (part.model_float16_groups + part.model_fp32_groups + part.shard_float16_groups
+                  + part.shard_fp32_groups + part.shard_fp32_from_float16_groups)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reading a view's .grad warns
+            assert all(p.grad is None for group in groups for p in group)
+    trainer.loader.close()
+    shutdown()
+
+
+def test_fast_clipping_scales_as_megatrons(tmp_path):
+    """Clipping by the for-each multiply (compat.optimizer_step) leaves the main gradients
+    exactly as megatron's own clipping does."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    from megatron_gr.compat.optimizer_step import _parts, clip_grads_and_step, prepare_grads_and_norm
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.train_step()  # leaves its gradients in the main shards
+    optimizer = trainer.optimizer
+    _, norm = prepare_grads_and_norm(optimizer)
+    params = [p for part in _parts(optimizer) for p in part.get_parameters()]
+    before = [p.grad.clone() for p in params]
+    total = 4.0 * norm  # a factor of 1/4: clipping applies
+    expected = [g.clone() for g in before]
+    with fast_optimizer_ops():
+        stand_ins = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+        for stand_in, grad in zip(stand_ins, expected):
+            stand_in.grad = grad
+        clip_grad_by_total_norm_fp32(stand_ins, optimizer.config.clip_grad, total)
+        step = type(optimizer).step_with_ready_grads
+        try:
+            type(optimizer).step_with_ready_grads = lambda self: True  # clip only
+            clip_grads_and_step(optimizer, total_norm=total)
+        finally:
+            type(optimizer).step_with_ready_grads = step
+    assert any(not torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
     trainer.loader.close()
     shutdown()
 
@@ -150,6 +198,8 @@ def test_each_optimizer_part_keeps_its_own_views(monkeypatch):
     from megatron_gr.compat import fast_optimizer
 
     parts = [DistributedOptimizer.__new__(DistributedOptimizer) for _ in range(2)]
+    for part in parts:
+        part.ddp_config = SimpleNamespace(grad_reduce_in_fp32=True)
     grads = [torch.full((3,), float(i + 1)) for i in range(2)]
     mains = [torch.zeros(3, requires_grad=True) for _ in range(2)]
     models = [torch.zeros(3) for _ in range(2)]
@@ -165,3 +215,26 @@ def test_each_optimizer_part_keeps_its_own_views(monkeypatch):
         parts[index]._copy_main_params_to_model_params()
     for index in range(2):
         assert torch.equal(mains[index].grad, grads[index]) and torch.equal(models[index], grads[index])
+
+
+def test_grad_norm_on_one_rank_is_megatrons(tmp_path):
+    """The norm without megatron's all-reduce over a group of one rank is megatron's norm,
+    the same float; the optimizer's norm goes through it."""
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+
+    from megatron_gr.compat import fast_optimizer
+    from megatron_gr.compat.optimizer_step import _parts
+    from megatron_gr.training.runtime import shutdown
+    from megatron_gr.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.train_step()
+    part = _parts(trainer.optimizer)[0]
+    grads, group = part.get_main_grads_for_grad_norm(), part.get_grad_stats_parallel_group()
+    with fast_optimizer_ops():
+        assert megatron_optimizer.get_grad_norm_fp32 is not get_grad_norm_fp32  # patched
+        ours = fast_optimizer.grad_norm_skipping_alone(get_grad_norm_fp32)(grads, grad_stats_parallel_group=group)
+        theirs = get_grad_norm_fp32(grads, grad_stats_parallel_group=group)
+        assert ours == theirs > 0 and part.get_grad_norm() == theirs
+    trainer.loader.close()
+    shutdown()

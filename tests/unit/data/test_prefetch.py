@@ -106,3 +106,16 @@ def test_gpu_ranking_and_channel_batches_are_copied_ahead_with_host_offsets():
     assert channels.kept_tokens == {"imp": 7, "click": 5}
     assert all(part.offsets.is_cuda and part.host_offsets is not None for part in channels.channels.values())
     assert len(_tensors(channels)) == 2 * len(_tensors(moved)) > 0
+
+
+def test_a_batch_already_on_the_device_is_not_moved_again():
+    """``JaggedBatch.to`` hands back a batch that is on the device with its host offsets (what
+    the prefetcher delivers) as it is; a batch without host offsets gets them (a new batch)."""
+    from megatron_gr.data.jagged import JaggedBatch
+
+    batch = JaggedBatch(item_ids=torch.tensor([3, 4, 5]), timestamps=torch.tensor([1, 2, 3]), ratings=torch.ones(3),
+                        offsets=torch.tensor([0, 1, 3]), user_ids=torch.tensor([7, 8]))
+    moved = batch.to("cpu")
+    assert moved is not batch and torch.equal(moved.host_offsets, batch.offsets)
+    assert moved.to(torch.device("cpu")) is moved
+    assert all(torch.equal(getattr(moved, name), getattr(batch, name)) for name in ("item_ids", "offsets", "user_ids"))
