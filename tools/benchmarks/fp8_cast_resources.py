@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compiles the fused FP8 cast kernel for an H100 (sm_90a) on any machine, GPU or not, for
 every format, scale layout and output combination it launches with, and prints its
-registers, spilled bytes and the FP8 conversions in its PTX. Costs no GPU time; the CPU
+registers, spilled bytes and the FP8 conversion instructions in its PTX (none: the kernel
+writes the FP8 bytes with integer operations, see the kernel's module docstring). Costs no GPU time; the CPU
 tests run the kernel in Triton's interpreter, which cannot see GPU compile errors.
 
     python tools/benchmarks/fp8_cast_resources.py
@@ -28,18 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_gr.ops.triton import fp8_cast  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-_POINTER_TYPES = {torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5"}
 
 
 def compile_report(dtype: torch.dtype, scale_axis, *, out: bool, transposed: bool, amax: bool) -> str:
     fn = fp8_cast._fp8_cast_kernel
-    mant_bits, min_exp = fp8_cast._FORMATS[dtype]
-    constexprs = dict(
-        LIMIT=torch.finfo(dtype).max, MANT_BITS=mant_bits, MIN_NORMAL=2.0**min_exp, QUANTUM=2.0 ** (min_exp - mant_bits),
-        E5M2=dtype == torch.float8_e5m2, SCALE_AXIS=fp8_cast._SCALE_AXES[scale_axis], WRITE_OUT=out, WRITE_T=transposed,
-        WITH_AMAX=amax, BLOCK_M=fp8_cast.BLOCK_M, BLOCK_N=fp8_cast.BLOCK_N,
-    )
-    pointers = {"X": "*bf16", "S": "*fp32", "OUT": _POINTER_TYPES[dtype], "OUT_T": _POINTER_TYPES[dtype], "AMAX": "*fp32"}
+    constexprs = fp8_cast.kernel_constants(dtype, scale_axis, out=out, transposed=transposed, amax=amax)
+    pointers = {"X": "*bf16", "S": "*fp32", "OUT": "*u8", "OUT_T": "*u8", "AMAX": "*fp32"}  # FP8 codes as bytes
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
     constants = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),

@@ -5,9 +5,12 @@ the row-major result and/or its transpose ``[N, M_pad]`` (padding columns zero),
 ``max |x|`` into an amax with one atomic per tile. The unfused reference reads and writes
 the tensor about five times (fp32 copy, multiply, clamp, cast, transpose).
 
-Rounding is done here in float32 (ties to even) before the conversion, which then only
-sees values the format holds exactly: Triton's interpreter (the CPU tests) converts those
-exactly but rounds other values wrongly, and the hardware conversion gives the same bits.
+Rounding is done here in float32 (ties to even), and the FP8 byte is then written from the
+rounded value's fields (sign, exponent, mantissa) with integer operations, never by Triton's
+float-to-FP8 conversion: its interpreter (the CPU tests) rounds wrongly, and compiled for an
+H100 it wrote shuffled or constant bytes for some tile layouts (float32 inputs with ragged or
+column-major tiles, and the transposed store of one converted tile; Triton 3.6). Both
+layouts are stored from the 32-bit codes, the transpose taken before the narrowing.
 Two Triton habits the rounding avoids, both invisible to a float comparison: unary minus
 is ``0 - x`` (so ``-(+0.0)`` is ``+0.0``: negative values that round to zero lost their
 sign, hundreds per tensor in e4m3), hence the sign goes back as a bit; and on NVIDIA GPUs
@@ -63,8 +66,8 @@ def _round_to_fp8_grid(
 @triton.jit
 def _fp8_cast_kernel(
     X, S, OUT, OUT_T, AMAX, M, N, M_PAD, stride_xm, stride_xn,
-    LIMIT: tl.constexpr, MANT_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr, QUANTUM: tl.constexpr,
-    INV_QUANTUM: tl.constexpr, E5M2: tl.constexpr, SCALE_AXIS: tl.constexpr, WRITE_OUT: tl.constexpr,
+    LIMIT: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MIN_NORMAL: tl.constexpr, QUANTUM: tl.constexpr,
+    INV_QUANTUM: tl.constexpr, SCALE_AXIS: tl.constexpr, WRITE_OUT: tl.constexpr,
     WRITE_T: tl.constexpr, WITH_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,14 +88,38 @@ def _fp8_cast_kernel(
         tl.atomic_max(AMAX, tl.max(tl.max(magnitude, axis=1), axis=0))
     scaled = tl.minimum(tl.maximum(x * scale, -LIMIT), LIMIT)
     rounded = _round_to_fp8_grid(scaled, MANT_BITS, MIN_NORMAL, QUANTUM, INV_QUANTUM)
-    if E5M2:
-        q = rounded.to(tl.float8e5)
-    else:
-        q = rounded.to(tl.float8e4nv)
+    code = _fp8_bits(rounded, MANT_BITS, 1 - MIN_EXP, MIN_NORMAL, INV_QUANTUM)
     if WRITE_OUT:
-        tl.store(OUT + rows[:, None] * N + cols[None, :], q, mask=mask)
+        tl.store(OUT + rows[:, None] * N + cols[None, :], code.to(tl.uint8), mask=mask)
     if WRITE_T:  # rows M..M_PAD-1 hold zeros (masked loads)
-        tl.store(OUT_T + cols[None, :] * M_PAD + rows[:, None], q, mask=(rows < M_PAD)[:, None] & col_ok[None, :])
+        code_t = tl.trans(code)
+        tl.store(OUT_T + cols[:, None] * M_PAD + rows[None, :], code_t.to(tl.uint8),
+                 mask=col_ok[:, None] & (rows < M_PAD)[None, :])
+
+
+@triton.jit
+def _fp8_bits(rounded, MANT_BITS: tl.constexpr, BIAS: tl.constexpr, MIN_NORMAL: tl.constexpr, INV_QUANTUM: tl.constexpr):
+    """The FP8 byte (in an int32) of ``rounded``, a value the format holds exactly, from its
+    float32 fields (see the module docstring); ``BIAS`` is the format's exponent bias."""
+    bits = rounded.to(tl.int32, bitcast=True)
+    magnitude = bits & 2147483647
+    ax = magnitude.to(tl.float32, bitcast=True)
+    exponent = (magnitude >> 23) - 127 + BIAS
+    normal = (exponent << MANT_BITS) | ((magnitude >> (23 - MANT_BITS)) & ((1 << MANT_BITS) - 1))
+    subnormal = (ax * INV_QUANTUM).to(tl.int32)  # exact: the value is a multiple of the quantum
+    code = tl.where(ax < MIN_NORMAL, subnormal, normal)
+    return code | ((bits >> 24) & 128)  # the sign bit (bit 31) as bit 7
+
+
+def kernel_constants(dtype: torch.dtype, scale_axis: Optional[int], *, out: bool, transposed: bool, amax: bool) -> dict:
+    """The kernel's compile-time arguments for one format and layout."""
+    mant_bits, min_exp = _FORMATS[dtype]
+    return dict(
+        LIMIT=torch.finfo(dtype).max, MANT_BITS=mant_bits, MIN_EXP=min_exp, MIN_NORMAL=2.0**min_exp,
+        QUANTUM=2.0 ** (min_exp - mant_bits), INV_QUANTUM=2.0 ** (mant_bits - min_exp),
+        SCALE_AXIS=_SCALE_AXES[scale_axis], WRITE_OUT=out, WRITE_T=transposed, WITH_AMAX=amax,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )
 
 
 def triton_fp8_cast(
@@ -112,14 +139,11 @@ def triton_fp8_cast(
     data_t = torch.empty(cols, padded, dtype=dtype, device=x.device) if transposed else None
     if padded == 0 or cols == 0:
         return data, data_t
-    mant_bits, min_exp = _FORMATS[dtype]
     grid = (triton.cdiv(padded, BLOCK_M), triton.cdiv(cols, BLOCK_N))
-    _fp8_cast_kernel[grid](
-        x, scale, data if out else x, data_t if transposed else x, amax if amax is not None else scale,
-        rows, cols, padded, x.stride(0), x.stride(1),
-        LIMIT=torch.finfo(dtype).max, MANT_BITS=mant_bits, MIN_NORMAL=2.0**min_exp,
-        QUANTUM=2.0 ** (min_exp - mant_bits), INV_QUANTUM=2.0 ** (mant_bits - min_exp), E5M2=dtype == torch.float8_e5m2,
-        SCALE_AXIS=_SCALE_AXES[scale_axis], WRITE_OUT=out, WRITE_T=transposed, WITH_AMAX=amax is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+    _fp8_cast_kernel[grid](  # the outputs as bytes: the kernel writes FP8 codes
+        x, scale, data.view(torch.uint8) if out else x, data_t.view(torch.uint8) if transposed else x,
+        amax if amax is not None else scale, rows, cols, padded, x.stride(0), x.stride(1),
+        **kernel_constants(dtype, scale_axis, out=out, transposed=transposed, amax=amax is not None),
+        num_warps=NUM_WARPS,
     )
     return data, data_t

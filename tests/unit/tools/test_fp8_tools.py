@@ -29,7 +29,8 @@ def test_cast_kernel_compiles_for_h100_without_spills():
     lines = [line for line in result.stdout.splitlines() if "scale_axis=" in line]
     assert len(lines) == 12, result.stdout
     for line in lines:
-        assert "spill_stores=0B" in line and "fp8_cvt=0" not in line, line
+        # no hardware float-to-FP8 conversion: it miswrote some tile layouts on an H100
+        assert "spill_stores=0B" in line and "fp8_cvt=0 " in line, line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
