@@ -30,7 +30,7 @@ does not depend on the mask but time does (O(L^2) with the full causal mask: abo
 step at L = 290k and CP = 1 with the relative bias, by the kernels' 220 / 96 TFLOP/s), so the confirming steps run with a ``--window``-key local window, and the
 16k point runs with both to show the peaks equal (``window_peak_difference``). A table row
 per CP is printed as soon as that CP is done; ``--out`` gets each result as it comes; the
-refinements stop after ``--budget-s`` (about 1.5 min in all on an H100 or H200). At CP = 1
+refinements stop after ``--budget-s`` (about 3.5 minutes per CP on an H100, most of it the confirming steps). At CP = 1
 L stops at the unsharded kernels' 32-bit row limit (``kernel_row_limit``: 524k tokens at
 the benchmark size, which an H200 would otherwise pass).
 """
