@@ -44,16 +44,21 @@ def test_tensors_made_from_host_values_on_a_device_are_recorded():
     assert sum(reads.counts.values()) == 1
 
 
-def test_a_tiny_run_reports_operators_phases_and_reads(tmp_path):
-    tool = _tool()
-    args = types.SimpleNamespace(warmup=1, steps=2, profile_steps=1, kernel_backend="pytorch", device="cpu",
-                                 no_prefetch=True, graphs="none")
+def _tiny_run(tool, *, graphs: str) -> dict:
+    """The plain variant for 2 steps (1 profiled) on the CPU."""
     from megatron_gr.training.runtime import shutdown
 
+    args = types.SimpleNamespace(warmup=1, steps=2, profile_steps=1, kernel_backend="pytorch", device="cpu",
+                                 no_prefetch=True, graphs=graphs)
     try:
-        result = tool.measure("plain", args=args)
+        return tool.measure("plain", args=args)
     finally:
         shutdown()
+
+
+def test_a_tiny_run_reports_operators_phases_and_reads(tmp_path):
+    tool = _tool()
+    result = _tiny_run(tool, graphs="none")
     assert 0 < result["top_level_aten_ops_per_step"] < result["aten_ops_per_step"]
     assert set(result["phase_ms_per_step"]) == {*tool.PHASES, "outside_layers"}
     assert result["phase_ms_per_step"]["forward"] > 0 and result["phase_ms_per_step"]["optimizer"] > 0
@@ -69,14 +74,7 @@ def test_graphed_layers_are_reported_apart():
     """With ``--graphs layers`` (emulated on the CPU) the layers' replays are their own phase:
     the operators and CPU time outside them are what stays eager, less than the whole step."""
     tool = _tool()
-    args = types.SimpleNamespace(warmup=1, steps=2, profile_steps=1, kernel_backend="pytorch", device="cpu",
-                                 no_prefetch=True, graphs="layers")
-    from megatron_gr.training.runtime import shutdown
-
-    try:
-        result = tool.measure("plain", args=args)
-    finally:
-        shutdown()
+    result = _tiny_run(tool, graphs="layers")
     by_phase = result["top_level_aten_ops_per_step_by_phase"]
     assert by_phase["layers"] > 0 and by_phase["forward"] > 0 and by_phase["optimizer"] > 0
     outside = result["outside_layers_top_level_aten_ops_per_step"]
