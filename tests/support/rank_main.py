@@ -9,6 +9,7 @@ value; a failing rank writes its traceback to ``ERRORS_DIR/rank<N>.txt`` for the
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -52,6 +53,7 @@ def forked(rank: int, world: int, port: int, env: dict, argv: list[str], log: st
     os.environ.update(env, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    gc.freeze()  # the preloaded modules: megatron's checkpointing runs full collections
     sys.exit(main(argv))
 
 
