@@ -97,7 +97,7 @@ def _run_forked(ranks: int, argv: list[str], *, what: str, errors: Path, timeout
     context, port = _fork_server(), _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     logs = [errors / f"output{rank}.log" for rank in range(ranks)]
-    processes = [context.Process(target=rank_main.forked, args=(rank, ranks, port, env, argv, str(logs[rank])))
+    processes = [context.Process(target=rank_main.forked, args=(rank, ranks, port, env, str(REPO_ROOT), argv, str(logs[rank])))
                  for rank in range(ranks)]
     deadline = time.monotonic() + timeout
     try:

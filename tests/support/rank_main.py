@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def forked(rank: int, world: int, port: int, env: dict, argv: list[str], log: str) -> None:
+def forked(rank: int, world: int, port: int, env: dict, cwd: str, argv: list[str], log: str) -> None:
     """A rank forked from the harness's preloaded fork server: the launcher's environment
-    (torchrun's variables, one thread), output to ``log``, and a process group of its own
-    so that the harness can end the rank with whatever it started."""
+    (torchrun's variables, one thread) and directory, output to ``log``, and a process group
+    of its own so that the harness can end the rank with whatever it started."""
     os.setsid()
+    os.chdir(cwd)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     os.dup2(out, 2)
