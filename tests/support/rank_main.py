@@ -1,4 +1,5 @@
-"""One rank of :func:`tests.support.multirank.run_ranks` (started by torchrun):
+"""One rank of :func:`tests.support.multirank.run_ranks` (forked by it, :func:`forked`) or
+of any launcher that sets torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)::
 
     python -m tests.support.rank_main MODULE:FUNCTION PAYLOAD.pt RESULT.pt ERRORS_DIR
 
@@ -8,7 +9,9 @@ value; a failing rank writes its traceback to ``ERRORS_DIR/rank<N>.txt`` for the
 
 from __future__ import annotations
 
+import gc
 import importlib
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 
-def main() -> int:
-    target, payload_file, result_file, errors = sys.argv[1:5]
+def main(argv: list[str] | None = None) -> int:
+    target, payload_file, result_file, errors = (sys.argv[1:] if argv is None else argv)[:4]
     module, function = target.split(":")
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -33,6 +36,26 @@ def main() -> int:
     finally:
         _shutdown()
     return 0
+
+
+def forked(rank: int, world: int, port: int, env: dict, cwd: str, argv: list[str], log: str) -> None:
+    """A rank forked from the harness's preloaded fork server: the launcher's environment
+    (torchrun's variables, one thread) and directory, output to ``log``, and a process group
+    of its own so that the harness can end the rank with whatever it started."""
+    os.setsid()
+    os.chdir(cwd)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    gc.freeze()  # the preloaded modules: megatron's checkpointing runs full collections
+    sys.exit(main(argv))
 
 
 def _shutdown() -> None:

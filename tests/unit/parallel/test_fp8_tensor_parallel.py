@@ -5,22 +5,19 @@ delayed histories hold it: ranks whose local amaxes differ end with the same sca
 outputs and gradients equal the single-rank FP8 linear's to float32 rounding.
 
 The reference (full weights, inputs, output gradients, results of two micro-batches) is
-computed here and written to a file; each worker runs its shard and compares.
+computed here and written to a file; each rank runs its shard and compares.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from megatron_gr.config import GRTransformerConfig, TrainingConfig
 from megatron_gr.transformer.fp8 import Fp8LinearState, Fp8Recipe, fp8_linear
+from tests.support.multirank import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -73,36 +70,21 @@ def reference_runs() -> dict:
 
 def test_tensor_parallel_fp8_linears_match_one_rank(megatron_cpu, tmp_path):
     torch.save(reference_runs(), tmp_path / "reference.pt")
-    port = _free_port()
-    mp.spawn(_worker, args=(str(tmp_path), port), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        report = (tmp_path / f"rank{rank}.txt").read_text()
-        assert report == "ok", f"rank {rank}:\n{report}"
+    run_ranks(WORLD, "tests.unit.parallel.test_fp8_tensor_parallel:check_shards", str(tmp_path), workdir=tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def check_shards(directory: str) -> None:
+    """One rank (started by the multi-rank harness): its shards of every recipe's linears,
+    with and without sequence parallelism, against the reference; a mismatch raises."""
+    from megatron_gr.training.runtime import initialize
 
-
-def _worker(rank: int, directory: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    from megatron_gr.training.runtime import initialize, shutdown
-
-    try:
-        reference = torch.load(Path(directory) / "reference.pt")
-        initialize(TrainingConfig(device="cpu", seed=5), tensor_parallel_size=WORLD)
-        for name in RECIPES:
-            for sequence_parallel in (False, True):
-                for kind in ("column", "row"):
-                    _check(reference, rank, name, kind, sequence_parallel)
-        report = "ok"
-    except Exception:  # reported through the file: the test prints it
-        report = traceback.format_exc()
-    (Path(directory) / f"rank{rank}.txt").write_text(report)
-    shutdown()
+    rank = torch.distributed.get_rank()
+    reference = torch.load(Path(directory) / "reference.pt")
+    initialize(TrainingConfig(device="cpu", seed=5), tensor_parallel_size=WORLD)
+    for name in RECIPES:
+        for sequence_parallel in (False, True):
+            for kind in ("column", "row"):
+                _check(reference, rank, name, kind, sequence_parallel)
 
 
 def _close(actual, expected, what):

@@ -1,11 +1,15 @@
 """The multi-rank harness's failure message: its first line says which run failed, how, and
-which rank raised what; the tails of that rank's traceback and of torchrun's output follow."""
+which rank raised what; the tails of that rank's traceback and of the launcher's output
+follow. A failing rank ends the run; a hung run is killed with whatever its ranks started."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from tests.support.multirank import failure_report
+import pytest
+
+from tests.support.multirank import MultiRankError, failure_report, run_ranks
 
 
 def test_the_first_line_names_the_rank_that_failed_first(tmp_path):
@@ -28,3 +32,29 @@ def test_without_rank_reports_the_launcher_output_tells(tmp_path):
     report = failure_report("cli on 2 ranks: no result after 600 s (killed)", "line a\nline b\n", None)
     assert report.splitlines() == ["cli on 2 ranks: no result after 600 s (killed)", "--- torchrun output (tail) ---",
                                    "line a", "line b"]
+
+
+def test_a_failing_rank_ends_the_run_and_is_named(tmp_path):
+    """The ranks still waiting on it are ended (not left to the timeout)."""
+    with pytest.raises(MultiRankError) as failure:
+        run_ranks(3, "tests.support.harness_ranks:fail_on_rank_one", str(tmp_path), workdir=tmp_path, timeout=300)
+    first, *rest = str(failure.value).splitlines()
+    assert first.startswith("tests.support.harness_ranks:fail_on_rank_one on 3 ranks: exit code ")
+    assert first.endswith("; rank 1: AssertionError: rank 1 went wrong")
+    assert "[rank2]: rank 2 started" in rest  # the ranks' output follows
+
+
+def test_a_hung_run_is_killed_with_what_its_ranks_started(tmp_path):
+    with pytest.raises(MultiRankError, match="no result after 3 s"):
+        run_ranks(2, "tests.support.harness_ranks:hang_with_a_child", str(tmp_path), workdir=tmp_path, timeout=3)
+    children = [int((tmp_path / f"pids{rank}.txt").read_text()) for rank in (0, 1)]
+    assert not [pid for pid in children if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan waits for the init process to reap it)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"

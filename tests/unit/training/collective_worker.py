@@ -1,17 +1,17 @@
-"""One of two gloo ranks (started by test_collective_decisions.py) checking the decisions
-that every rank must share: the exit flag of one rank, the run lock rank 0 takes, a damaged
-file one rank finds. ``python collective_worker.py DIR`` prints one JSON line."""
+"""One of two gloo ranks (started through the multi-rank harness by
+test_collective_decisions.py) checking the decisions that every rank must share: the exit
+flag of one rank, the run lock rank 0 takes, a damaged file one rank finds."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":
+
+def decide(directory: str) -> None:
+    """Writes this rank's decisions to ``DIR/report<rank>.json``."""
     import torch
     import torch.distributed as dist
 
@@ -21,9 +21,8 @@ if __name__ == "__main__":
     from megatron_gr.training.exit_conditions import ExitConditions
     from megatron_gr.training.run_lock import hold_run_lock
 
-    rank = int(os.environ["RANK"])
-    directory = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    directory = Path(directory)
     report = {"rank": rank}
 
     exits = ExitConditions(TrainingConfig(device="cpu"), start_time=time.time(), device=torch.device("cpu"))
@@ -54,5 +53,4 @@ if __name__ == "__main__":
         verify(files, read_manifest(files))
     except CheckpointError as error:
         report["verify"] = str(error)
-    print(json.dumps(report), flush=True)
-    dist.destroy_process_group()
+    (directory / f"report{rank}.json").write_text(json.dumps(report))
