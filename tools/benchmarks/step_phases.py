@@ -63,10 +63,11 @@ def classify_kernel(name: str, ranges: Iterable[str] = ()) -> str:
     return "norms_and_elementwise"
 
 
-def phase_breakdown(trace: dict, *, num_steps: int) -> dict:
+def phase_breakdown(trace: dict, *, num_steps: int, top: int = 25) -> dict:
     """Per-step GPU milliseconds by phase of a chrome trace dict holding ``num_steps``
-    steps, the GPU's busy milliseconds per step (the union of its kernels and copies) and
-    the kernel count per step."""
+    steps, the GPU's busy milliseconds per step (the union of its kernels and copies), the
+    kernel count per step and the ``top`` kernels by time (name shortened, phase, ms and
+    launches per step): which kernels fill a phase."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     gpu = [e for e in events if e.get("cat") in _GPU_CATEGORIES]
     launch_of = {}
@@ -75,19 +76,28 @@ def phase_breakdown(trace: dict, *, num_steps: int) -> dict:
             launch_of[e["args"]["correlation"]] = e
     ranges = _RangeIndex([e for e in events if e.get("cat") in _RANGE_CATEGORIES])
     sums = defaultdict(float)
+    by_kernel = defaultdict(lambda: [0.0, 0])
     for e in gpu:
         if e.get("cat") != "kernel":
             sums["copies"] += e.get("dur", 0.0)
             continue
         launch = launch_of.get(e.get("args", {}).get("correlation"))
         enclosing = ranges.enclosing(launch["tid"], launch["ts"]) if launch is not None else []
-        sums[classify_kernel(e.get("name", ""), ranges.phases_of(enclosing))] += e.get("dur", 0.0)
+        phase = classify_kernel(e.get("name", ""), ranges.phases_of(enclosing))
+        sums[phase] += e.get("dur", 0.0)
+        entry = by_kernel[(e.get("name", "")[:120], phase)]
+        entry[0] += e.get("dur", 0.0)
+        entry[1] += 1
     busy = _union_length([(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in gpu])
     steps = max(num_steps, 1)
     return {
         "phases_ms": {phase: sums.get(phase, 0.0) / 1e3 / steps for phase in PHASES},
         "gpu_busy_ms": busy / 1e3 / steps,
         "kernels_per_step": sum(e.get("cat") == "kernel" for e in gpu) / steps,
+        "top_kernels": [
+            {"name": name, "phase": phase, "ms": dur / 1e3 / steps, "launches": count / steps}
+            for (name, phase), (dur, count) in sorted(by_kernel.items(), key=lambda item: -item[1][0])[:top]
+        ],
     }
 
 

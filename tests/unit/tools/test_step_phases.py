@@ -69,6 +69,13 @@ def test_overlapping_kernels_count_once_in_busy_time_and_steps_divide(phases):
     assert result["phases_ms"]["norms_and_elementwise"] == pytest.approx(20 / 1e3 / 2)
 
 
+def test_top_kernels_sum_launches_of_one_name_and_sort_by_time(phases):
+    events = [_launch(0, 1), _kernel("a", 0, 4, 1), _launch(1, 2), _kernel("b", 10, 10, 2),
+              _launch(2, 3), _kernel("a", 30, 8, 3)]
+    top = phases.phase_breakdown({"traceEvents": events}, num_steps=2, top=1)["top_kernels"]
+    assert top == [{"name": "a", "phase": "norms_and_elementwise", "ms": pytest.approx(12 / 1e3 / 2), "launches": 1.0}]
+
+
 def test_classify_by_name(phases):
     assert phases.classify_kernel("triton_hstu_bwd_dkdv_kernel") == "attention_backward"
     assert phases.classify_kernel("indexSelectLargeIndex") == "embeddings"
