@@ -177,6 +177,14 @@ class GRTransformerConfig(TransformerConfig):
     """Initial alpha, the gate on the token-dependent part of the mHC logits; 0 starts
     every token with the same static mixing."""
 
+    mhc_fuse_merge_pre: bool = False
+    """In a block that fuses its hyper-connection ops (the Triton backend), also run each
+    merge and the next sublayer's pre op as one kernel pair (``mhc_merge_pre``) instead of
+    the merge kernel and then the pre op. Off by default: on an H100 at hidden 1024, n = 4,
+    the pair took 3.19 / 5.01 ms forward / backward per sublayer at 65,536 tokens against
+    0.96 / 2.61 ms for the two (``docs/benchmarks/mhc.md``), although it moves 36% fewer
+    bytes. The expansion and the contraction stay fused either way."""
+
     mhc_recompute_layer_num: Optional[int] = None
     """Layers per recompute block when ``recompute_modules`` holds ``'mhc'``: the
     hyper-connection intermediates of a block are dropped after its forward and recomputed

@@ -12,7 +12,8 @@ Stages in between receive and send ``[s, b, n C]``. With ``'mhc'`` in
 
 With ``fuse_merges`` (the default when the hyper-connections run on the Triton backend) the
 ops that run back to back are fused (:mod:`megatron_gr.transformer.mhc_pending`): the
-expansion into the first sublayer's pre op, every merge into the next sublayer's pre op,
+expansion into the first sublayer's pre op, every merge into the next sublayer's pre op
+(with ``config.mhc_fuse_merge_pre``; otherwise each of those merges runs alone, deferred),
 the last merge into the contraction, also across mHC recompute blocks (a block that ends
 on a pending merge keeps its streams and maps, so the ops and their numbers are those of
 the run without recompute). A pipeline stage's last merge runs alone (the stage sends the

@@ -13,10 +13,11 @@ activations. The merge's dropout is keyed (``dropout_sites``): a replay draws it
 
 A block that fuses the merges (``mhc_defer_merge=True``) passes and receives the streams as
 :mod:`megatron_gr.transformer.mhc_pending` forms: a layer then leaves its last merge
-pending, and each sublayer runs the pending merge of the one before inside its pre op
-(``merge_pre``; ``expand_pre`` on the block input), so the fused kernels move the streams
-fewer times. The ops, their order and the dropout masks (keyed, carried with the pending
-merge) are the same either way.
+pending, and the next sublayer runs it (inside its pre op with ``mhc_fuse_merge_pre``:
+``merge_pre``), the first sublayer's pre op reads the block input (``expand_pre``) and the
+last merge runs inside the contraction, so the fused kernels move the streams fewer times.
+The ops, their order and the dropout masks (keyed, carried with the pending merge) are the
+same either way.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def hyper_connected(
     sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it);
     ``dropout_keys``: the merge's, needed when its dropout is active."""
     run = runner(recompute)
+    if isinstance(streams, PendingMerge) and not connection.config.mhc_fuse_merge_pre:
+        streams = materialize(streams, run)  # the merge alone, then the pre op below
     if isinstance(streams, PendingMerge):
         previous = streams
 

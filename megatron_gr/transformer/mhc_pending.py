@@ -7,8 +7,9 @@ the Triton backend) hands its layers one of three things instead of the merged s
 - :class:`BlockInput`: the first stage's input ``[s, b, C]``, whose n copies are never
   made: the first sublayer's pre op reads it (``mhc_expand_pre``);
 - :class:`PendingMerge`: a sublayer's output with the maps of its merge, the merge not yet
-  run: the next sublayer runs it inside its pre op (``mhc_merge_pre``), the block's last
-  sublayer inside the contraction of the streams (``mhc_merge_contract``);
+  run: the next sublayer runs it (alone, or inside its pre op, ``mhc_merge_pre``, with
+  ``mhc_fuse_merge_pre``), the block's last sublayer inside the contraction of the streams
+  (``mhc_merge_contract``);
 - the streams ``[s, b, n C]``: at a pipeline stage's end, where the merge runs alone
   (:func:`materialize`: the stage sends the merged streams).
 

@@ -1,5 +1,6 @@
 """Blocks of hyper-connection layers on the fused mHC kernels (the Triton backend, where the
-blocks also fuse each merge with the next pre op, the expansion and the contraction): as
+blocks fuse the expansion and the contraction, and with ``mhc_fuse_merge_pre`` (``pairs``)
+each merge with the next pre op): as
 accurate as the PyTorch reference and as the same kernels run one op at a time (no
 dropout); the same as both with dropout on (every merge, fused or not, in Triton or the
 reference, draws the keyed mask of its tokens); under mHC recompute bitwise the outputs
@@ -42,8 +43,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 ALPHA_FLOOR = 1e-4
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["merge_then_pre", "merge_pre_pairs"])
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
-def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
+def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind, pairs):
     """Output, input gradient and every parameter gradient of the fused block against a
     float64 reference block: within 3x the error of the float32 reference or of the same
     kernels run one op at a time, or 1e-5 (sums over tokens lose a few 1e-6 in float32
@@ -56,7 +58,7 @@ def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
                 "separate": ({}, "triton", dict(fuse_merges=False)),
                 "float64": (dict(params_dtype=torch.float64), "pytorch", {})}
     for name, (extra, backend, stage) in variants.items():
-        cfg = config(kind, recompute=False, num_layers=2, hidden_dropout=0.0, **extra)
+        cfg = config(kind, recompute=False, num_layers=2, hidden_dropout=0.0, mhc_fuse_merge_pre=pairs, **extra)
         blocks[name] = build(kind, cfg, backend=backend, **stage)
         if name != "reference":
             blocks[name].load_state_dict(blocks["reference"].state_dict())
@@ -73,13 +75,14 @@ def test_fused_block_is_as_accurate_as_the_reference_block(megatron_cpu, kind):
         assert ours <= max(3 * theirs, floor), f"{name}: fused {ours:.1e}, float32 reference / separate {theirs:.1e}"
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["merge_then_pre", "merge_pre_pairs"])
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
-def test_fused_block_with_dropout_matches_the_separate_kernels_and_the_reference(megatron_cpu, kind):
+def test_fused_block_with_dropout_matches_the_separate_kernels_and_the_reference(megatron_cpu, kind, pairs):
     """Dropout 0.3: the fused ops draw the keyed masks the separate merges draw, in Triton
     and in the PyTorch reference, so the blocks agree to float32 rounding (the outputs to
     1e-6; gradients of the map parameters, sums that cancel, to 1e-3: a mask drawn
     differently moves every result by order one)."""
-    cfg = config(kind, recompute=False, num_layers=2)
+    cfg = config(kind, recompute=False, num_layers=2, mhc_fuse_merge_pre=pairs)
     fused = build(kind, cfg, backend="triton")
     others = {"separate": build(kind, cfg, backend="triton", fuse_merges=False),
               "reference": build(kind, cfg, backend="pytorch")}
@@ -99,10 +102,11 @@ def flat(result) -> dict:
     return {"out": out, "dx": dx, **grads}
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["merge_then_pre", "merge_pre_pairs"])
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
-def test_fused_block_under_recompute_gives_identical_gradients(megatron_cpu, kind):
-    plain = build(kind, config(kind, recompute=False, num_layers=2), backend="triton")
-    recomputed = build(kind, config(kind, recompute_layers=1, num_layers=2), backend="triton")
+def test_fused_block_under_recompute_gives_identical_gradients(megatron_cpu, kind, pairs):
+    plain = build(kind, config(kind, recompute=False, num_layers=2, mhc_fuse_merge_pre=pairs), backend="triton")
+    recomputed = build(kind, config(kind, recompute_layers=1, num_layers=2, mhc_fuse_merge_pre=pairs), backend="triton")
     recomputed.load_state_dict(plain.state_dict())
     assert len(recomputed.recompute_groups()) == 2 and recomputed.fuse_merges
     x, kwargs = small_inputs(kind)

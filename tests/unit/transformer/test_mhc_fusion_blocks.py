@@ -34,10 +34,12 @@ def flat(result) -> dict:
     return {"out": out, "dx": dx, **grads}
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["merge_then_pre", "merge_pre_pairs"])
 @pytest.mark.parametrize("kind", ["stu", "transformer"])
 @pytest.mark.parametrize("recompute_layers", [None, 1, 3], ids=["no_recompute", "recompute_1", "recompute_3"])
-def test_fused_block_matches_the_separate_block(megatron_cpu, kind, recompute_layers):
-    overrides = dict(FLOAT64, recompute=recompute_layers is not None, recompute_layers=recompute_layers)
+def test_fused_block_matches_the_separate_block(megatron_cpu, kind, recompute_layers, pairs):
+    overrides = dict(FLOAT64, recompute=recompute_layers is not None, recompute_layers=recompute_layers,
+                     mhc_fuse_merge_pre=pairs)
     separate = build(kind, config(kind, **overrides), fuse_merges=False)
     fused = build(kind, config(kind, **overrides), fuse_merges=True)
     fused.load_state_dict(separate.state_dict())
@@ -99,3 +101,24 @@ def test_blocks_fuse_by_default_only_on_the_triton_backend(megatron_cpu):
     assert not build("stu", cfg, backend="pytorch").fuse_merges
     pytest.importorskip("triton")
     assert build("stu", cfg, backend="triton").fuse_merges
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_merge_pre_pairs_run_only_when_asked(megatron_cpu, monkeypatch, pairs):
+    """``mhc_fuse_merge_pre``: each of the 3 merges between 4 sublayers runs inside the next
+    pre op; off, each runs alone (``merge``) and the fused block's other ops stay fused."""
+    from megatron_gr.transformer.hyper_connection import HyperConnectionModule
+
+    calls = {"merge_pre": 0, "merge": 0, "expand_pre": 0, "merge_contract": 0}
+    for name in calls:
+        original = getattr(HyperConnectionModule, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(HyperConnectionModule, name, counted)
+    block = build("stu", config("stu", **FLOAT64, recompute=False, mhc_fuse_merge_pre=pairs), fuse_merges=True)
+    x, kwargs = block_inputs("stu")
+    block(x.double(), **kwargs)
+    assert calls == {"merge_pre": 3 if pairs else 0, "merge": 0 if pairs else 3, "expand_pre": 1, "merge_contract": 1}
