@@ -200,9 +200,8 @@ def batch_main_to_model_copies(optimizer) -> int:
             continue
         require(part, "_copy_main_params_to_model_params", purpose="copy main weights to the model in one launch")
         def copy_main_params_to_model_params(views=_once(functools.partial(_main_to_model_views, part))):
-            pairs = views()
-            if pairs[0]:
-                torch._foreach_copy_(pairs[0], pairs[1])
+            for targets, sources in views():
+                torch._foreach_copy_(targets, sources)
 
         part._copy_main_params_to_model_params = copy_main_params_to_model_params
         changed += 1
@@ -309,9 +308,12 @@ def _plain_distributed_copy(part) -> bool:
     return not any(type(p).__name__.startswith("Float8") for group in groups for p in group)
 
 
-def _main_to_model_views(part) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(model weight views in the parameter buffers, main shards), as megatron's loop pairs them."""
-    targets, sources = [], []
+def _main_to_model_views(part) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(model weight views in the parameter buffers, main shards), as megatron's loop pairs
+    them, in one group per (weight dtype, shard dtype): a for-each copy whose lists mix
+    dtypes falls back to one copy kernel per tensor (e.g. bf16 layers beside mHC's float32
+    maps)."""
+    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list, list]] = {}
     for shard_groups, model_groups in (
         (part.shard_fp32_from_float16_groups, part.model_float16_groups),
         (part.shard_fp32_groups, part.model_fp32_groups),
@@ -321,6 +323,7 @@ def _main_to_model_views(part) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
                 world_range = part._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
                 gbuf_index, _, bucket_id = part.model_param_gbuf_map[model_param]
                 buffer = part.buffers[gbuf_index].buckets[bucket_id].param_data
+                targets, sources = groups.setdefault((buffer.dtype, shard_main_param.dtype), ([], []))
                 targets.append(buffer.view(-1)[world_range.start : world_range.end])
                 sources.append(shard_main_param)
-    return targets, sources
+    return list(groups.values())

@@ -206,7 +206,7 @@ def test_each_optimizer_part_keeps_its_own_views(monkeypatch):
     monkeypatch.setattr(fast_optimizer, "_plain_distributed_copy", lambda part: True)
     monkeypatch.setattr(fast_optimizer, "_main_grad_views", lambda part: [(mains[parts.index(part)], grads[parts.index(part)])])
     monkeypatch.setattr(fast_optimizer, "_main_to_model_views",
-                        lambda part: ([models[parts.index(part)]], [grads[parts.index(part)]]))
+                        lambda part: [([models[parts.index(part)]], [grads[parts.index(part)]])])
     chained = SimpleNamespace(chained_optimizers=parts)
     assert fast_optimizer.reuse_main_grad_views(chained) == 2
     assert fast_optimizer.batch_main_to_model_copies(chained) == 2
@@ -215,6 +215,34 @@ def test_each_optimizer_part_keeps_its_own_views(monkeypatch):
         parts[index]._copy_main_params_to_model_params()
     for index in range(2):
         assert torch.equal(mains[index].grad, grads[index]) and torch.equal(models[index], grads[index])
+
+
+def test_main_to_model_views_group_by_dtypes_and_cover_every_weight():
+    """bf16 weights beside float32 ones (mHC's maps): one for-each copy per dtype pair, since a
+    copy whose lists mix dtypes runs one kernel per tensor; every weight's slice is written."""
+    from types import SimpleNamespace
+
+    from megatron_gr.compat import fast_optimizer
+
+    buffers = [torch.zeros(7, dtype=torch.bfloat16), torch.zeros(4)]
+    params = [torch.empty(3), torch.empty(4), torch.empty(4)]  # stand-ins: identity is what counts
+    mains = [torch.arange(3.0) + 1, torch.arange(4.0) + 10, torch.arange(4.0) + 20]
+    placed = {0: (0, 0, 3), 1: (0, 3, 7), 2: (1, 0, 4)}  # param -> (buffer, start, end)
+    index = {id(p): i for i, p in enumerate(params)}
+    part = SimpleNamespace(
+        shard_fp32_from_float16_groups=[mains[:2]], model_float16_groups=[params[:2]],
+        shard_fp32_groups=[mains[2:]], model_fp32_groups=[params[2:]],
+        _get_model_param_range_map=lambda p: {"gbuf_world_in_bucket": SimpleNamespace(
+            start=placed[index[id(p)]][1], end=placed[index[id(p)]][2])},
+        model_param_gbuf_map={p: (placed[i][0], None, 0) for i, p in enumerate(params)},
+        buffers=[SimpleNamespace(buckets=[SimpleNamespace(param_data=b)]) for b in buffers],
+    )
+    groups = fast_optimizer._main_to_model_views(part)
+    assert len(groups) == 2
+    for targets, sources in groups:
+        assert len({t.dtype for t in targets}) == 1 and len({s.dtype for s in sources}) == 1
+        torch._foreach_copy_(targets, sources)
+    assert torch.equal(buffers[0], torch.cat(mains[:2]).bfloat16()) and torch.equal(buffers[1], mains[2])
 
 
 def test_grad_norm_on_one_rank_is_megatrons(tmp_path):
