@@ -105,12 +105,15 @@ _COMPILE = textwrap.dedent(
     table = {n: ptr(t) for n, t in [("keys_ptr", "i64"), ("tags_ptr", "i32"), ("seen_ptr", "i64"), ("freq_ptr", "i64"),
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
-             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
+             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32"), ("starts_ptr", "i64"), ("buckets_ptr", "i64"),
+             ("runs_ptr", "i32")]}
     for policy, update, lanes in ((0, True, 64), (1, True, 64), (2, True, 64), (1, False, 64), (1, True, 256)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
                 "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
                 {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update},
                 warps=1 if lanes <= 64 else 2)
+    compile(H._bucket_runs_kernel, {"q_hashes_ptr": "*i64", "starts_ptr": "*i64", "buckets_ptr": "*i64", "runs_ptr": "*i32",
+            "n": "i64", "num_buckets": "i64", "BLOCK": "constexpr"}, {"BLOCK": H.RUNS_BLOCK})
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
