@@ -134,6 +134,16 @@ _COMPILE = textwrap.dedent(
     compile(G._join_pieces_kernel, {"seg_ptr": "*i64", "offsets_ptr": "*i64", "first_ptr": "*fp32", "last_ptr": "*fp32",
             "out_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"},
             {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
+    for has_minor, take in ((False, 2), (True, 2), (False, 0)):
+        compile(G._tile_starts_kernel, {"keys_ptr": "*i64", "minor_ptr": "*i32" if has_minor else "*i64", "counts_ptr": "*i32",
+                "last_ptr": "*i64", "n": "i64", "HAS_MINOR": "constexpr", "TILE": "constexpr", "SUB": "constexpr"},
+                {"HAS_MINOR": has_minor, "TILE": G.GROUP_SUB, "SUB": G.GROUP_SUB})
+        compile(G._tile_groups_kernel, {"keys_ptr": "*i64", "minor_ptr": "*i32" if has_minor else "*i64", "order_ptr": "*i64",
+                "tile_counts_ptr": "*i32", "tile_last_ptr": "*i64", "segments_ptr": "*i64", "inverse_ptr": "*i64",
+                "offsets_ptr": "*i64", "first_ptr": "*i64", "unique_ptr": "*i64", "counts_ptr": "*i64", "take0_ptr": "*i64",
+                "out0_ptr": "*i64", "take1_ptr": "*i32", "out1_ptr": "*i32", "n": "i64", "tiles": "i64",
+                "HAS_MINOR": "constexpr", "TAKE": "constexpr", "TILE": "constexpr", "SUB": "constexpr", "TILES_BLOCK": "constexpr"},
+                {"HAS_MINOR": has_minor, "TAKE": take, "TILE": 4 * G.GROUP_SUB, "SUB": G.GROUP_SUB, "TILES_BLOCK": G.TILES_MAX})
     scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
                                    "init0", "init1")}
     for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):

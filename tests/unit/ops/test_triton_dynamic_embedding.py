@@ -167,6 +167,48 @@ def test_segment_sum_through_the_dispatcher():
     assert torch.equal(segment_sum(values, groups, kernel="triton"), segment_sum(values, groups, kernel="pytorch"))
 
 
+def _groups_parity(keys, minor=None, take=()):
+    """The Triton grouping against the PyTorch one: every field, bit for bit."""
+    ref = sorted_groups(keys, minor, take=take, kernel="pytorch")
+    got = sorted_groups(keys, minor, take=take, kernel="triton")
+    for name in ("order", "segments", "offsets", "inverse", "unique", "counts", "first"):
+        a, b = getattr(ref, name), getattr(got, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert len(ref.taken) == len(got.taken) == len(take)
+    for a, b in zip(ref.taken, got.taken):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    return got
+
+
+@pytest.mark.parametrize("count, key_space, with_minor", [(1, 5, False), (1, 5, True), (37, 5, False), (3000, 700, False), (3000, 40, True)])
+def test_groups_are_identical_to_the_reference(count, key_space, with_minor):
+    # 3000 sorted positions: three tiles of GROUP_SUB, groups across their borders.
+    generator = torch.Generator().manual_seed(count + key_space)
+    keys = torch.randint(-key_space, key_space, (count,), generator=generator) * (2**40 + 1)
+    keys[torch.randperm(count, generator=generator)[: count // 3]] = 3
+    minor = torch.randint(0, 3, (count,), generator=generator).to(torch.int32)
+    ids = torch.randint(-(2**62), 2**62, (count,), generator=generator)
+    tags = torch.randint(0, 9, (count,), generator=generator).to(torch.int32)
+    groups = _groups_parity(keys.to(DEVICE), minor.to(DEVICE) if with_minor else None, (ids.to(DEVICE), tags.to(DEVICE)))
+    assert int(groups.counts.sum()) == count
+
+
+def test_groups_in_tiles_of_several_steps(monkeypatch):
+    # Small tiles walked in several steps, few tiles per prefix block, one key over many tiles,
+    # all keys equal, all distinct, three take tensors (the third gathered after the host read).
+    from megatron_gr.ops.triton import segment_sum as kernels
+
+    monkeypatch.setattr(kernels, "GROUP_SUB", 16)
+    monkeypatch.setattr(kernels, "TILES_MAX", 4)
+    generator = torch.Generator().manual_seed(21)
+    keys = torch.randint(0, 30, (500,), generator=generator)
+    keys[torch.randperm(500, generator=generator)[:200]] = 17
+    extra = [torch.arange(500) * 3, torch.randint(0, 2, (500,), generator=generator).to(torch.uint8), -torch.arange(500)]
+    for k in (keys, torch.zeros(500, dtype=torch.int64), torch.randperm(500, generator=generator)):
+        _groups_parity(k.to(DEVICE), None, tuple(t.to(DEVICE) for t in extra))
+    _groups_parity(keys.to(DEVICE), (keys % 3).to(DEVICE), (keys.to(DEVICE),))
+
+
 @pytest.mark.parametrize("flags", [False, True])
 @pytest.mark.parametrize("optimizer, shapes", [("sgd", []), ("adagrad", ["row"]), ("rowwise_adagrad", ["scalar"]), ("adam", ["row", "row"])])
 def test_sparse_updates_match_the_reference(optimizer, shapes, flags):
@@ -214,6 +256,18 @@ def test_segment_sum_at_scale_on_gpu():
     # The benchmark's shape: 1.05M rows of 128 into ~300k groups, one key 30,000 times
     # (118 windows of the default CHUNK), dim 128.
     _segment_parity(1_050_000, dim=128, hot=123, hot_count=30_000, chunk=CHUNK, seed=6, key_space=400_000)
+
+
+@pytest.mark.gpu
+def test_groups_at_scale_on_gpu():
+    # The benchmark's dedupe: 1.05M Zipf-like routing keys (~475k groups, a hot key over many
+    # tiles), then the coalesced form with tags as the minor key.
+    generator = torch.Generator().manual_seed(10)
+    ranks = (1 / torch.rand(1_050_000, generator=generator) ** 1.2).clamp(max=2**40).to(torch.int64)
+    keys = hash_table.routing_keys(ranks)
+    tags = torch.randint(0, 4, (keys.numel(),), generator=generator).to(torch.int32)
+    _groups_parity(keys.to(DEVICE), None, (ranks.to(DEVICE), tags.to(DEVICE)))
+    _groups_parity(keys.to(DEVICE), tags.to(DEVICE), (ranks.to(DEVICE), tags.to(DEVICE)))
 
 
 @pytest.mark.gpu
