@@ -74,12 +74,19 @@ def _bucket_of(hashes, num_buckets):
 
 
 @triton.jit
-def _insert_key(seen, fr, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr):
+def _smallest_with(key_a, k_a, t_a, key_b, k_b, t_b):
+    b_less = key_b < key_a
+    return tl.where(b_less, key_b, key_a), tl.where(b_less, k_b, k_a), tl.where(b_less, t_b, t_a)
+
+
+@triton.jit
+def _insert_key(seen, fr, k, t, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr):
     """The smallest of these per-lane keys names the lane an insert takes: a free lane by its
     position (< LANES), else, with eviction, the policy's victim among rows seen before
     ``step`` as ``(last_seen + 1) * LANES + lane`` (oldest first, then the lowest lane);
     NEVER: no lane. Padding lanes and rows found or filled by this call hold a ``seen`` that
-    is neither free nor evictable. (Packing needs last_seen < 2^56: steps never get there.)"""
+    is neither free nor evictable. (Packing needs last_seen < 2^56: steps never get there.)
+    Returns that key and the lane's id and tag (``k``, ``t``), in one reduction."""
     free = seen < 0
     position = lane.to(tl.int64)
     if POLICY == 0:
@@ -90,7 +97,7 @@ def _insert_key(seen, fr, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr)
             rarest = tl.min(tl.where(evictable, fr, NEVER))
             evictable = evictable & (fr == rarest)
         key = tl.where(free, position, tl.where(evictable, (seen + 1) * LANES + position, NEVER))
-    return tl.min(key)
+    return tl.reduce((key, k, t), 0, _smallest_with)  # keys differ but at NEVER (no lane)
 
 
 @triton.jit(do_not_specialize=["n", "num_buckets"])
@@ -202,16 +209,15 @@ def _probe_kernel(
             todo = mine & ~hit & qw
             nxt = tl.min(tl.where(todo, qi, BLOCK_Q))
             while nxt < BLOCK_Q:
-                best = _insert_key(seen, fr, lane, step, LANES, POLICY)
+                best, victim_key, victim_tag = _insert_key(seen, fr, k, t, lane, step, LANES, POLICY)
                 placed = best < NEVER
                 chosen = (best & (LANES - 1)).to(tl.int32)
                 replaced = placed & (best >= LANES)
                 here = qi == nxt
                 out_slot = tl.where(here, tl.where(placed, base + chosen, -1), out_slot)
                 out_status = tl.where(here, tl.where(placed, tl.where(replaced, REPLACED, INSERTED), NO_ROOM), out_status)
-                if replaced:
-                    out_key = tl.where(here, _pick(k, lane, chosen), out_key)
-                    out_tag = tl.where(here, _pick(t, lane, chosen), out_tag)
+                out_key = tl.where(here & replaced, victim_key, out_key)
+                out_tag = tl.where(here & replaced, victim_tag, out_tag)
                 pick = placed & (lane == chosen)
                 seen = tl.where(pick, step, seen)
                 slot = base + chosen
