@@ -2,7 +2,7 @@
 group row and its backward, the per-group gradient sum in a fixed order.
 
 - :func:`sorted_groups`: equal keys grouped by a stable sort, any device, one host read
-  (the number of groups).
+  (the number of groups); with Triton, the steps after the sort are two kernels.
 - :func:`gather_rows`: ``rows[index]``.
 - :func:`segment_sum`: per group, the sum of its rows in the order
   :mod:`megatron_gr.ops.pytorch.segment_sum` fixes (bit-identical on every backend).
@@ -10,14 +10,13 @@ group row and its backward, the per-group gradient sum in a fixed order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.segment_sum import pytorch_gather_rows, pytorch_segment_sum
-
 
 
 @dataclass
@@ -29,12 +28,17 @@ class SortedGroups:
         segments = [0 0 1 2 2]   # group of each sorted position
         offsets  = [0 2 3 5]     # group g: sorted positions offsets[g]:offsets[g + 1]
         inverse  = [2 0 2 1 0]   # group of each input
+        unique   = [3 5 7]       # the key of each group
     """
 
     order: torch.Tensor  # [N] int64
     segments: torch.Tensor  # [N] int64
     offsets: torch.Tensor  # [U + 1] int64
     inverse: torch.Tensor  # [N] int64
+    unique: torch.Tensor  # [U], keys' dtype
+    taken: tuple[torch.Tensor, ...] = ()  # each ``take`` tensor at every group's first input [U]
+    first_: Optional[torch.Tensor] = field(default=None, repr=False)  # set where computed already
+    counts_: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def num_groups(self) -> int:
@@ -43,35 +47,57 @@ class SortedGroups:
     @property
     def counts(self) -> torch.Tensor:
         """Inputs per group ``[U]``."""
-        return self.offsets[1:] - self.offsets[:-1]
+        if self.counts_ is None:
+            self.counts_ = self.offsets[1:] - self.offsets[:-1]
+        return self.counts_
 
     @property
     def first(self) -> torch.Tensor:
         """The first input (in input order) of every group ``[U]``."""
-        return self.order[self.offsets[:-1]]
+        if self.first_ is None:
+            self.first_ = self.order[self.offsets[:-1]]
+        return self.first_
 
 
-def sorted_groups(keys: torch.Tensor, minor: Optional[torch.Tensor] = None) -> SortedGroups:
+def sorted_groups(
+    keys: torch.Tensor,
+    minor: Optional[torch.Tensor] = None,
+    *,
+    take: Sequence[torch.Tensor] = (),
+    kernel: KernelBackend = KernelBackend.PYTORCH,
+) -> SortedGroups:
     """Groups the equal entries of ``keys`` ``[N]`` (pairs ``(keys, minor)`` when ``minor``
-    is given), sorted by key, then minor, then input position. Reads the number of groups
-    back to the host once (every later shape depends on it)."""
+    is given), sorted by key, then minor, then input position. ``take``: tensors ``[N]``
+    read at every group's first input (``groups.taken``). Reads the number of groups back to
+    the host once (every later shape depends on it). The sort is PyTorch's on every backend;
+    with ``kernel="triton"`` everything after it is two kernels, the same values."""
+    kernel = check_backend(kernel)
     count = keys.numel()
+    if any(t.shape != (count,) for t in take):
+        raise ValueError(f"take tensors must be [{count}]")
     if minor is None:
         sorted_keys, order = torch.sort(keys, stable=True)
-        starts = torch.ones(count, dtype=torch.bool, device=keys.device)
-        starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        sorted_minor = None
     else:
         by_minor = torch.argsort(minor, stable=True)
         sorted_keys, within = torch.sort(keys[by_minor], stable=True)
         order = by_minor[within]
         sorted_minor = minor[order]
-        starts = torch.ones(count, dtype=torch.bool, device=keys.device)
-        starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | (sorted_minor[1:] != sorted_minor[:-1])
+    if kernel == "triton" and count:
+        groups = _triton(keys.device, "grouping").triton_sorted_groups(sorted_keys, sorted_minor, order, tuple(take))
+        return groups
+    starts = torch.ones(count, dtype=torch.bool, device=keys.device)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    if sorted_minor is not None:
+        starts[1:] |= sorted_minor[1:] != sorted_minor[:-1]
     segments = torch.cumsum(starts, 0) - 1
     groups = int(segments[-1]) + 1 if count else 0  # the host read
     offsets = torch.searchsorted(segments, torch.arange(groups + 1, device=keys.device))
     inverse = torch.empty_like(order).scatter_(0, order, segments)
-    return SortedGroups(order, segments, offsets, inverse)
+    result = SortedGroups(order, segments, offsets, inverse, sorted_keys[offsets[:-1]])
+    if take:
+        result.taken = tuple(t[result.first] for t in take)
+    return result
 
 
 def _triton(device: torch.device, what: str):

@@ -132,7 +132,7 @@ def run_dynamic(args, batches, grad, fresh) -> dict:
         marks[0].record()
         hashes = hash_table.routing_keys(ids, kernel="triton")
         marks[1].record()
-        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False)
+        queries = dedupe(hashes, ids, torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device), False, "triton")
         marks[2].record()
         result = table.index.probe(
             queries.ids, queries.tags, queries.hashes, queries.counts, torch.ones_like(queries.ids, dtype=torch.bool),

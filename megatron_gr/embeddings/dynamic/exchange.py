@@ -44,12 +44,12 @@ class Distinct:
     groups: SortedGroups  # which queries share each distinct key (groups.inverse: [N] -> U)
 
 
-def dedupe(hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool) -> Distinct:
+def dedupe(hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool, kernel: str = "pytorch") -> Distinct:
     """Without coalescing the key is a bijection of the id, so distinct keys are distinct ids;
     with it, (key, tag) pairs are (keys may collide across tags, pairs cannot)."""
-    groups = sorted_groups(hashes, tags if coalesced else None)
-    first = groups.first
-    return Distinct(hashes[first], ids[first], tags[first], groups.counts, groups)
+    groups = sorted_groups(hashes, tags if coalesced else None, take=(ids, tags), kernel=kernel)
+    distinct_ids, distinct_tags = groups.taken
+    return Distinct(groups.unique, distinct_ids, distinct_tags, groups.counts, groups)
 
 
 class _TableRows(torch.autograd.Function):
@@ -123,7 +123,7 @@ def sharded_lookup(
     if tags is None:
         tags = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
     hashes = hash_table.routing_keys(ids, tags if table.coalesced else None, kernel=table.kernel)
-    queries = dedupe(hashes, ids, tags, table.coalesced)
+    queries = dedupe(hashes, ids, tags, table.coalesced, table.kernel)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if world == 1:
         return table_rows(table, queries, train=train)
@@ -141,7 +141,7 @@ def sharded_lookup(
 
     r_ids, r_tags, r_counts = received[:, 0], received[:, 1].to(torch.int32), received[:, 2]
     r_hashes = hash_table.routing_keys(r_ids, r_tags if table.coalesced else None, kernel=table.kernel)
-    requests = dedupe(r_hashes, r_ids, r_tags, table.coalesced)
+    requests = dedupe(r_hashes, r_ids, r_tags, table.coalesced, table.kernel)
     totals = torch.zeros_like(requests.counts).index_add_(0, requests.groups.inverse, r_counts)  # over requesters
     rows = table_rows(table, dataclasses.replace(requests, counts=totals), train=train)  # [R, D]
     returned = _AllToAllRows.apply(rows, recv, send, group)  # [U, D], in `order`

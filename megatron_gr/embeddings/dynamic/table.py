@@ -224,8 +224,8 @@ class PhysicalTable:
                 slots, grads = self._pending[0]
             else:  # several lookups: sum each row's gradients, in a fixed order
                 all_slots = torch.cat([s for s, _ in self._pending])
-                groups = sorted_groups(all_slots)
-                slots = all_slots[groups.first]
+                groups = sorted_groups(all_slots, kernel=self.kernel)
+                slots = groups.unique
                 grads = segment_sum(torch.cat([g for _, g in self._pending]), groups, kernel=self.kernel)
             self._ready = (slots, grads)
             self._pending = []

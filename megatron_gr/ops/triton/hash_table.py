@@ -1,13 +1,15 @@
 """Triton kernels of the hash-table ops, with the signatures of their PyTorch references
 (:mod:`megatron_gr.ops.pytorch.id_hash` and ``hash_probe``; rows: :mod:`.dynamic_rows`).
 
-The probe launches one program per query; queries arrive sorted by routing key, hence
-grouped by bucket, and the program of a bucket's first query serves the whole bucket (the
-others stop after two loads). It holds the bucket in registers, finds the hits of a block of
-queries in one comparison, then serves the misses one after the other, so no two programs
-ever touch the same slot and the outcome (which slot, which victim) is deterministic and
-equal to the reference's. Work per bucket follows its queries: one packed minimum picks an
-insert's lane (free lane, else the victim), and the table is written once at the end.
+The probe launches one program per bucket run: queries arrive sorted by routing key, hence
+grouped by bucket, and a first small kernel compacts the start of every run (with its
+bucket) on the device; the grid is ``min(queries, buckets)``, an upper bound known on the
+host, and programs past the number of runs stop at once. A program holds the bucket in
+registers, finds the hits of a block of queries in one comparison, then serves the misses
+one after the other in registers, so no two programs ever touch the same slot and the
+outcome (which slot, which victim) is deterministic and equal to the reference's. Work per
+bucket follows its queries: one packed minimum picks an insert's lane (free lane, else the
+victim), and the table and the results are written once per block.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ NEVER = tl.constexpr(2**62)  # larger than any step: "never evictable" and "no m
 # Queries of one bucket a probe program compares with its rows at once; a bucket gets about
 # three per call in the benchmark's steady state, more take further blocks.
 PROBE_BLOCK = 8
+RUNS_BLOCK = 1024  # queries per program of the run compaction
 
 
 @triton.jit
@@ -71,12 +74,19 @@ def _bucket_of(hashes, num_buckets):
 
 
 @triton.jit
-def _insert_key(seen, fr, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr):
+def _smallest_with(key_a, k_a, t_a, key_b, k_b, t_b):
+    b_less = key_b < key_a
+    return tl.where(b_less, key_b, key_a), tl.where(b_less, k_b, k_a), tl.where(b_less, t_b, t_a)
+
+
+@triton.jit
+def _insert_key(seen, fr, k, t, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr):
     """The smallest of these per-lane keys names the lane an insert takes: a free lane by its
     position (< LANES), else, with eviction, the policy's victim among rows seen before
     ``step`` as ``(last_seen + 1) * LANES + lane`` (oldest first, then the lowest lane);
     NEVER: no lane. Padding lanes and rows found or filled by this call hold a ``seen`` that
-    is neither free nor evictable. (Packing needs last_seen < 2^56: steps never get there.)"""
+    is neither free nor evictable. (Packing needs last_seen < 2^56: steps never get there.)
+    Returns that key and the lane's id and tag (``k``, ``t``), in one reduction."""
     free = seen < 0
     position = lane.to(tl.int64)
     if POLICY == 0:
@@ -87,7 +97,52 @@ def _insert_key(seen, fr, lane, step, LANES: tl.constexpr, POLICY: tl.constexpr)
             rarest = tl.min(tl.where(evictable, fr, NEVER))
             evictable = evictable & (fr == rarest)
         key = tl.where(free, position, tl.where(evictable, (seen + 1) * LANES + position, NEVER))
-    return tl.min(key)
+    return tl.reduce((key, k, t), 0, _smallest_with)  # keys differ but at NEVER (no lane)
+
+
+@triton.jit(do_not_specialize=["n", "num_buckets"])
+def _bucket_runs_kernel(q_hashes_ptr, starts_ptr, buckets_ptr, runs_ptr, n, num_buckets, BLOCK: tl.constexpr):
+    """Compaction of the bucket runs of sorted queries: every query that starts a run (its
+    bucket differs from the previous query's) gets a place in ``starts``/``buckets`` from one
+    atomic add per block. The runs land in no fixed order, which changes nothing: each is
+    served by one program, independently of the others."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    b = _bucket_of(tl.load(q_hashes_ptr + offs, mask=ok, other=0), num_buckets)
+    b_prev = _bucket_of(tl.load(q_hashes_ptr + offs - 1, mask=ok & (offs > 0), other=0), num_buckets)
+    first = ok & ((offs == 0) | (b != b_prev))
+    flags = first.to(tl.int32)
+    place = tl.atomic_add(runs_ptr, tl.sum(flags)) + tl.cumsum(flags) - flags
+    tl.store(starts_ptr + place, offs, mask=first)
+    tl.store(buckets_ptr + place, b, mask=first)
+
+
+@triton.jit
+def _pick(values, positions, at):
+    """``values[at]`` of a small vector (a reduction: registers only)."""
+    return tl.sum(tl.where(positions == at, values, tl.zeros_like(values)))
+
+
+@triton.jit
+def _query_block(
+    q_hashes_ptr, q_keys_ptr, q_tags_ptr, q_counts_ptr, q_insert_ptr, jq, limit, num_buckets, b, k, t, stored, lane,
+    LANES: tl.constexpr, BY_BUCKET: tl.constexpr,
+):
+    """Queries ``jq`` (below ``limit``) of the run of bucket ``b`` and the lane each finds
+    among the bucket's stored rows (LANES: none). ``BY_BUCKET``: the run ends where the
+    bucket changes (its end is not known yet)."""
+    # Loaded by range, not by bucket: the loads go out together with the hashes'.
+    in_range = jq < limit
+    qk = tl.load(q_keys_ptr + jq, mask=in_range, other=0)
+    qt = tl.load(q_tags_ptr + jq, mask=in_range, other=0)
+    qc = tl.load(q_counts_ptr + jq, mask=in_range, other=0)
+    qw = tl.load(q_insert_ptr + jq, mask=in_range, other=0) != 0
+    mine = in_range
+    if BY_BUCKET:
+        mine = mine & (_bucket_of(tl.load(q_hashes_ptr + jq, mask=in_range, other=0), num_buckets) == b)
+    match = mine[:, None] & stored[None, :] & (k[None, :] == qk[:, None]) & (t[None, :] == qt[:, None])
+    hit_lane = tl.min(tl.where(match, lane[None, :], LANES), axis=1)
+    return mine, qk, qt, qc, qw, match, hit_lane
 
 
 @triton.jit(do_not_specialize=["num_queries", "num_buckets", "step"])
@@ -95,13 +150,14 @@ def _probe_kernel(
     keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr,
     q_keys_ptr, q_tags_ptr, q_hashes_ptr, q_counts_ptr, q_insert_ptr,
     slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
+    starts_ptr, buckets_ptr, runs_ptr,
     num_queries, num_buckets, step,
     BUCKET: tl.constexpr, LANES: tl.constexpr, BLOCK_Q: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    b = _bucket_of(tl.load(q_hashes_ptr + i), num_buckets)
-    b_prev = _bucket_of(tl.load(q_hashes_ptr + i - 1, mask=i > 0, other=0), num_buckets)
-    if (i == 0) | (b_prev != b):  # the bucket's first query: this program serves the bucket
+    r = tl.program_id(0)
+    i = tl.load(starts_ptr + r)  # entries past the runs hold garbage, unused
+    b = tl.load(buckets_ptr + r)
+    if r < tl.load(runs_ptr):
         lane = tl.arange(0, LANES)
         in_bucket = lane < BUCKET
         base = b * BUCKET
@@ -113,69 +169,70 @@ def _probe_kernel(
         else:
             fr = seen  # unused
         stored = in_bucket & (seen >= 0)
+        qi = tl.arange(0, BLOCK_Q)
 
-        # Phase 1, hits: a block of the bucket's queries against its rows at once. Queries
-        # are sorted by key, so the bucket's are a run starting at i; a full block means
-        # the run may go on.
+        # Phase 1, hits: every block of the run against the bucket's rows, so that no insert
+        # evicts a row the run finds. A full block means the run may go on.
         found = lane < 0  # rows found by this call (never evicted by it)
         j = i
         run = BLOCK_Q
         while run == BLOCK_Q:
-            jq = j + tl.arange(0, BLOCK_Q)
-            in_range = jq < num_queries
-            mine = in_range & (_bucket_of(tl.load(q_hashes_ptr + jq, mask=in_range, other=0), num_buckets) == b)
-            qk = tl.load(q_keys_ptr + jq, mask=mine, other=0)
-            qt = tl.load(q_tags_ptr + jq, mask=mine, other=0)
-            match = mine[:, None] & stored[None, :] & (k[None, :] == qk[:, None]) & (t[None, :] == qt[:, None])
-            hit_lane = tl.min(tl.where(match, lane[None, :], LANES), axis=1)
-            hit = hit_lane < LANES
-            tl.store(slots_ptr + jq, tl.where(hit, base + hit_lane, -1), mask=mine)
-            tl.store(status_ptr + jq, tl.where(hit, HIT, NOT_STORED_C).to(tl.int8), mask=mine)
-            if UPDATE:  # distinct rows, one add each: exact in any order, and no round trip
-                qc = tl.load(q_counts_ptr + jq, mask=hit, other=0)
-                tl.atomic_add(freq_ptr + base + hit_lane, qc, mask=hit, sem="relaxed")
+            mine, qk, qt, qc, qw, match, hit_lane = _query_block(
+                q_hashes_ptr, q_keys_ptr, q_tags_ptr, q_counts_ptr, q_insert_ptr, j + qi, num_queries, num_buckets,
+                b, k, t, stored, lane, LANES, True,
+            )
             found = found | (tl.max(match.to(tl.int32), axis=0) > 0)
+            if UPDATE:  # distinct rows, one add each: exact in any order, and no round trip
+                tl.atomic_add(freq_ptr + base + hit_lane, qc, mask=hit_lane < LANES, sem="relaxed")
             run = tl.sum(mine.to(tl.int32))
             j += BLOCK_Q
         end = j - BLOCK_Q + run
         if UPDATE:
             tl.store(seen_ptr + base + lane, tl.zeros_like(seen) + step, mask=found)
         seen = tl.where(found, step, seen)
-        tl.debug_barrier()  # every thread sees phase 1's statuses
 
-        # Phase 2, inserts in query order. The table's rows are written once at the end, so
-        # a victim's id is still in memory when read here.
-        filled = lane < 0
-        new_k = k
-        new_t = t
-        new_c = tl.zeros_like(seen)
-        for jj in range(i, end):
-            missed = tl.load(status_ptr + jj) != HIT
-            wants = tl.load(q_insert_ptr + jj) != 0
-            q = tl.load(q_keys_ptr + jj)
-            q_tag = tl.load(q_tags_ptr + jj)
-            count = tl.load(q_counts_ptr + jj)
-            if missed & wants:
-                best = _insert_key(seen, fr, lane, step, LANES, POLICY)
+        # Phase 2, block by block in query order: a hit's result, or an insert's lane (a free
+        # lane, else the policy's victim) chosen in registers, its row written at once (no
+        # load waits for it), the block's results stored together. A victim's id is the one
+        # loaded: a lane filled here is never chosen again.
+        for j in range(i, end, BLOCK_Q):
+            # The same blocks again (from L1), now that every hit of the run is known.
+            mine, qk, qt, qc, qw, match, hit_lane = _query_block(
+                q_hashes_ptr, q_keys_ptr, q_tags_ptr, q_counts_ptr, q_insert_ptr, j + qi, end, num_buckets,
+                b, k, t, stored, lane, LANES, False,
+            )
+            hit = hit_lane < LANES
+            out_slot = tl.where(hit, base + hit_lane, -1)
+            out_status = tl.where(hit, HIT, NOT_STORED_C)
+            out_key = tl.zeros_like(qk)
+            out_tag = tl.zeros_like(qt)
+            todo = mine & ~hit & qw
+            nxt = tl.min(tl.where(todo, qi, BLOCK_Q))
+            while nxt < BLOCK_Q:
+                best, victim_key, victim_tag = _insert_key(seen, fr, k, t, lane, step, LANES, POLICY)
                 placed = best < NEVER
                 chosen = (best & (LANES - 1)).to(tl.int32)
                 replaced = placed & (best >= LANES)
-                slot = base + chosen
-                tl.store(ev_keys_ptr + jj, tl.load(keys_ptr + slot, mask=replaced, other=0), mask=replaced)
-                tl.store(ev_tags_ptr + jj, tl.load(tags_ptr + slot, mask=replaced, other=0), mask=replaced)
-                tl.store(slots_ptr + jj, tl.where(placed, slot, -1))
-                tl.store(status_ptr + jj, tl.where(placed, tl.where(replaced, REPLACED, INSERTED), NO_ROOM).to(tl.int8))
+                here = qi == nxt
+                out_slot = tl.where(here, tl.where(placed, base + chosen, -1), out_slot)
+                out_status = tl.where(here, tl.where(placed, tl.where(replaced, REPLACED, INSERTED), NO_ROOM), out_status)
+                out_key = tl.where(here & replaced, victim_key, out_key)
+                out_tag = tl.where(here & replaced, victim_tag, out_tag)
                 pick = placed & (lane == chosen)
                 seen = tl.where(pick, step, seen)
-                filled = filled | pick
-                new_k = tl.where(pick, q, new_k)
-                new_t = tl.where(pick, q_tag, new_t)
-                new_c = tl.where(pick, count, new_c)
-        tl.store(keys_ptr + base + lane, new_k, mask=filled)
-        tl.store(tags_ptr + base + lane, new_t, mask=filled)
-        tl.store(seen_ptr + base + lane, tl.zeros_like(seen) + step, mask=filled)
-        tl.store(freq_ptr + base + lane, new_c, mask=filled)
-        tl.store(changed_ptr + base + lane, tl.full([LANES], 1, tl.uint8), mask=filled)
+                slot = base + chosen
+                tl.store(keys_ptr + slot, _pick(qk, qi, nxt), mask=placed)
+                tl.store(tags_ptr + slot, _pick(qt, qi, nxt), mask=placed)
+                tl.store(seen_ptr + slot, step, mask=placed)
+                tl.store(freq_ptr + slot, _pick(qc, qi, nxt), mask=placed)
+                tl.store(changed_ptr + slot, 1, mask=placed)
+                todo = todo & ~here
+                nxt = tl.min(tl.where(todo, qi, BLOCK_Q))
+            jq = j + qi
+            tl.store(slots_ptr + jq, out_slot, mask=mine)
+            tl.store(status_ptr + jq, out_status.to(tl.int8), mask=mine)
+            tl.store(ev_keys_ptr + jq, out_key, mask=mine)
+            tl.store(ev_tags_ptr + jq, out_tag, mask=mine)
 
 
 def triton_probe(
@@ -185,19 +242,29 @@ def triton_probe(
 ) -> ProbeResult:
     count = query_keys.numel()
     device = query_keys.device
-    # The kernel writes slots and status of every query; evicted ids only where REPLACED.
+    # The kernel writes every field of every query (evicted ids 0 where not REPLACED).
     result = ProbeResult(
         slots=torch.empty(count, dtype=torch.int64, device=device),
         status=torch.empty(count, dtype=torch.int8, device=device),
-        evicted_keys=torch.zeros(count, dtype=torch.int64, device=device),
-        evicted_tags=torch.zeros(count, dtype=torch.int32, device=device),
+        evicted_keys=torch.empty(count, dtype=torch.int64, device=device),
+        evicted_tags=torch.empty(count, dtype=torch.int32, device=device),
     )
     if count:
+        # One program per bucket run: a grid of min(count, num_buckets), the runs compacted
+        # on the device (programs past their number stop after three loads; no host read).
+        grid = min(count, num_buckets)
+        starts = torch.empty(grid, dtype=torch.int64, device=device)
+        buckets = torch.empty(grid, dtype=torch.int64, device=device)
+        runs = torch.zeros(1, dtype=torch.int32, device=device)
+        _bucket_runs_kernel[(triton.cdiv(count, RUNS_BLOCK),)](
+            query_hashes, starts, buckets, runs, count, num_buckets, BLOCK=RUNS_BLOCK, num_warps=4
+        )
         lanes = triton.next_power_of_2(bucket_size)
-        _probe_kernel[(count,)](
+        _probe_kernel[(grid,)](
             keys, tags, last_seen, freq, changed,
             query_keys, query_tags, query_hashes, query_counts, may_insert.view(torch.uint8),
             result.slots, result.status, result.evicted_keys, result.evicted_tags,
+            starts, buckets, runs,
             count, num_buckets, step,
             BUCKET=bucket_size, LANES=lanes, BLOCK_Q=PROBE_BLOCK,
             POLICY=POLICIES[policy], UPDATE=update_scores,

@@ -151,3 +151,134 @@ def triton_segment_sum(values, order, segments, offsets, *, chunk: int = CHUNK) 
         segments, offsets, first, last, out, count, dim, CHUNK_C=chunk, BLOCK_D=block_d, num_warps=1
     )
     return out
+
+
+# ----------------------------------------------------------------------------- grouping
+# After the stable sort, the groups of :func:`megatron_gr.ops.segment_sum.sorted_groups` in
+# two kernels: (1) per tile of sorted positions, its number of group starts and the last
+# one; (2) per tile, the tile's first group from the earlier tiles' counts (a short loop:
+# there are at most TILES_MAX tiles), then every output of a position at once: its group,
+# the inverse at its input, and at a group's start its offset, first input, key and the
+# ``take`` values; at a group's end its size (from the start, carried across tiles).
+GROUP_SUB = 1024  # sorted positions a program handles at once
+TILES_MAX = 2048  # tiles past this grow (a program then walks its tile in GROUP_SUB steps)
+
+
+@triton.jit
+def _starts_at(keys_ptr, minor_ptr, p, n, HAS_MINOR: tl.constexpr):
+    """Whether sorted position ``p`` starts a group (False past ``n``)."""
+    ok = p < n
+    here = tl.load(keys_ptr + p, mask=ok, other=0)
+    before = tl.load(keys_ptr + p - 1, mask=ok & (p > 0), other=0)
+    starts = (p == 0) | (here != before)
+    if HAS_MINOR:
+        m_here = tl.load(minor_ptr + p, mask=ok, other=0)
+        m_before = tl.load(minor_ptr + p - 1, mask=ok & (p > 0), other=0)
+        starts = starts | (m_here != m_before)
+    return ok & starts
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _tile_starts_kernel(keys_ptr, minor_ptr, counts_ptr, last_ptr, n, HAS_MINOR: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([SUB], tl.int32)
+    last = tl.full([SUB], -1, tl.int64)
+    for s in range(0, TILE, SUB):
+        p = tile * TILE + s + tl.arange(0, SUB)
+        starts = _starts_at(keys_ptr, minor_ptr, p, n, HAS_MINOR)
+        total += starts.to(tl.int32)
+        last = tl.maximum(last, tl.where(starts, p, -1))
+    tl.store(counts_ptr + tile, tl.sum(total))
+    tl.store(last_ptr + tile, tl.max(last))
+
+
+@triton.jit(do_not_specialize=["n", "tiles"])
+def _tile_groups_kernel(
+    keys_ptr, minor_ptr, order_ptr, tile_counts_ptr, tile_last_ptr,
+    segments_ptr, inverse_ptr, offsets_ptr, first_ptr, unique_ptr, counts_ptr,
+    take0_ptr, out0_ptr, take1_ptr, out1_ptr,
+    n, tiles,
+    HAS_MINOR: tl.constexpr, TAKE: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr, TILES_BLOCK: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    # Groups started before this tile, and the last start before it (the start of a group
+    # that runs into it; tile 0 begins with a start).
+    before = tl.zeros([TILES_BLOCK], tl.int64)
+    carry = tl.full([TILES_BLOCK], -1, tl.int64)
+    for c in range(0, tiles, TILES_BLOCK):
+        t = c + tl.arange(0, TILES_BLOCK)
+        earlier = t < tile
+        before += tl.load(tile_counts_ptr + t, mask=earlier, other=0).to(tl.int64)
+        carry = tl.maximum(carry, tl.load(tile_last_ptr + t, mask=earlier, other=-1))
+    group_base = tl.sum(before)  # groups before the current sub-tile
+    start_carry = tl.max(carry)  # start of the group open at the current sub-tile
+    for s in range(0, TILE, SUB):
+        p = tile * TILE + s + tl.arange(0, SUB)
+        ok = p < n
+        starts = _starts_at(keys_ptr, minor_ptr, p, n, HAS_MINOR)
+        ends = ok & ((p == n - 1) | _starts_at(keys_ptr, minor_ptr, p + 1, n, HAS_MINOR))
+        flags = starts.to(tl.int64)
+        segment = group_base + tl.cumsum(flags, 0) - 1
+        group_start = tl.maximum(tl.associative_scan(tl.where(starts, p, -1), 0, _max_combine), start_carry)
+        source = tl.load(order_ptr + p, mask=ok, other=0)
+        tl.store(segments_ptr + p, segment, mask=ok)
+        tl.store(inverse_ptr + source, segment, mask=ok)
+        tl.store(offsets_ptr + segment, p, mask=starts)
+        tl.store(first_ptr + segment, source, mask=starts)
+        tl.store(unique_ptr + segment, tl.load(keys_ptr + p, mask=starts, other=0), mask=starts)
+        if TAKE >= 1:
+            tl.store(out0_ptr + segment, tl.load(take0_ptr + source, mask=starts, other=0), mask=starts)
+        if TAKE >= 2:
+            tl.store(out1_ptr + segment, tl.load(take1_ptr + source, mask=starts, other=0), mask=starts)
+        tl.store(counts_ptr + segment, p + 1 - group_start, mask=ends)
+        tl.store(offsets_ptr + segment + 1, p + 1, mask=ok & (p == n - 1))
+        group_base += tl.sum(flags)
+        start_carry = tl.maximum(start_carry, tl.max(tl.where(starts, p, -1)))
+
+
+def triton_sorted_groups(sorted_keys, sorted_minor, order, take):
+    """:func:`megatron_gr.ops.segment_sum.sorted_groups` after its sort (``N`` >= 1), the
+    PyTorch path's values. Outputs of ``U`` entries are written into ``N``-entry buffers and
+    cut to ``U`` after the host read: nothing runs after it."""
+    from megatron_gr.ops.segment_sum import SortedGroups
+
+    count, device = sorted_keys.numel(), sorted_keys.device
+    take, extra = take[:2], take[2:]
+    tile = max(GROUP_SUB, triton.next_power_of_2(triton.cdiv(count, TILES_MAX)))
+    tiles = triton.cdiv(count, tile)
+    minor = sorted_minor if sorted_minor is not None else sorted_keys
+    tile_counts = torch.empty(tiles, dtype=torch.int32, device=device)
+    tile_last = torch.empty(tiles, dtype=torch.int64, device=device)
+    _tile_starts_kernel[(tiles,)](
+        sorted_keys, minor, tile_counts, tile_last, count, HAS_MINOR=sorted_minor is not None, TILE=tile, SUB=GROUP_SUB,
+        num_warps=4,
+    )
+    segments = torch.empty(count, dtype=torch.int64, device=device)
+    inverse = torch.empty(count, dtype=torch.int64, device=device)
+    offsets = torch.empty(count + 1, dtype=torch.int64, device=device)
+    first = torch.empty(count, dtype=torch.int64, device=device)
+    unique = torch.empty_like(sorted_keys)
+    counts = torch.empty(count, dtype=torch.int64, device=device)
+    outs = [torch.empty(count, dtype=t.dtype, device=device) for t in take]
+    pairs = [(t.contiguous(), o) for t, o in zip(take, outs)] + [(segments, segments)] * (2 - len(take))  # unused
+    _tile_groups_kernel[(tiles,)](
+        sorted_keys, minor, order, tile_counts, tile_last,
+        segments, inverse, offsets, first, unique, counts,
+        pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1],
+        count, tiles,
+        HAS_MINOR=sorted_minor is not None, TAKE=len(take), TILE=tile, SUB=GROUP_SUB,
+        TILES_BLOCK=min(TILES_MAX, max(triton.next_power_of_2(tiles), 16)), num_warps=4,
+    )
+    groups = int(segments[-1]) + 1  # the host read
+    result = SortedGroups(
+        order, segments, offsets[: groups + 1], inverse, unique[:groups],
+        taken=tuple(o[:groups] for o in outs), first_=first[:groups], counts_=counts[:groups],
+    )
+    if extra:
+        result.taken += tuple(t[result.first] for t in extra)
+    return result

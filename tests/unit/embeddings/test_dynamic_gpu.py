@@ -105,12 +105,15 @@ _COMPILE = textwrap.dedent(
     table = {n: ptr(t) for n, t in [("keys_ptr", "i64"), ("tags_ptr", "i32"), ("seen_ptr", "i64"), ("freq_ptr", "i64"),
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
-             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32")]}
+             ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32"), ("starts_ptr", "i64"), ("buckets_ptr", "i64"),
+             ("runs_ptr", "i32")]}
     for policy, update, lanes in ((0, True, 64), (1, True, 64), (2, True, 64), (1, False, 64), (1, True, 256)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
                 "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
                 {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update},
                 warps=1 if lanes <= 64 else 2)
+    compile(H._bucket_runs_kernel, {"q_hashes_ptr": "*i64", "starts_ptr": "*i64", "buckets_ptr": "*i64", "runs_ptr": "*i32",
+            "n": "i64", "num_buckets": "i64", "BLOCK": "constexpr"}, {"BLOCK": H.RUNS_BLOCK})
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
@@ -131,6 +134,16 @@ _COMPILE = textwrap.dedent(
     compile(G._join_pieces_kernel, {"seg_ptr": "*i64", "offsets_ptr": "*i64", "first_ptr": "*fp32", "last_ptr": "*fp32",
             "out_ptr": "*fp32", "n": "i64", "dim": "i32", "CHUNK_C": "constexpr", "BLOCK_D": "constexpr"},
             {"CHUNK_C": 256, "BLOCK_D": 128}, warps=1)
+    for has_minor, take in ((False, 2), (True, 2), (False, 0)):
+        compile(G._tile_starts_kernel, {"keys_ptr": "*i64", "minor_ptr": "*i32" if has_minor else "*i64", "counts_ptr": "*i32",
+                "last_ptr": "*i64", "n": "i64", "HAS_MINOR": "constexpr", "TILE": "constexpr", "SUB": "constexpr"},
+                {"HAS_MINOR": has_minor, "TILE": G.GROUP_SUB, "SUB": G.GROUP_SUB})
+        compile(G._tile_groups_kernel, {"keys_ptr": "*i64", "minor_ptr": "*i32" if has_minor else "*i64", "order_ptr": "*i64",
+                "tile_counts_ptr": "*i32", "tile_last_ptr": "*i64", "segments_ptr": "*i64", "inverse_ptr": "*i64",
+                "offsets_ptr": "*i64", "first_ptr": "*i64", "unique_ptr": "*i64", "counts_ptr": "*i64", "take0_ptr": "*i64",
+                "out0_ptr": "*i64", "take1_ptr": "*i32", "out1_ptr": "*i32", "n": "i64", "tiles": "i64",
+                "HAS_MINOR": "constexpr", "TAKE": "constexpr", "TILE": "constexpr", "SUB": "constexpr", "TILES_BLOCK": "constexpr"},
+                {"HAS_MINOR": has_minor, "TAKE": take, "TILE": 4 * G.GROUP_SUB, "SUB": G.GROUP_SUB, "TILES_BLOCK": G.TILES_MAX})
     scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
                                    "init0", "init1")}
     for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):

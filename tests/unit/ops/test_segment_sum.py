@@ -19,6 +19,9 @@ def test_groups_follow_the_documented_layout():
     assert groups.inverse.tolist() == [2, 0, 2, 1, 0]
     assert groups.counts.tolist() == [2, 1, 2]
     assert groups.first.tolist() == [1, 3, 0]
+    assert groups.unique.tolist() == [3, 5, 7]
+    taken = sorted_groups(torch.tensor([7, 3, 7, 5, 3]), take=(torch.tensor([10, 11, 12, 13, 14]),)).taken
+    assert [t.tolist() for t in taken] == [[11, 13, 10]]
 
 
 @pytest.mark.parametrize("with_minor", [False, True])

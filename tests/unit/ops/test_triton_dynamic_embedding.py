@@ -14,7 +14,7 @@ DEVICE = triton_or_skip()
 import torch  # noqa: E402
 
 from megatron_gr.ops import hash_table  # noqa: E402
-from megatron_gr.ops.pytorch.id_hash import init_scale, row_salt  # noqa: E402
+from megatron_gr.ops.pytorch.id_hash import bucket_ids, init_scale, row_salt  # noqa: E402
 from megatron_gr.ops.pytorch.segment_sum import CHUNK, pytorch_segment_sum  # noqa: E402
 from megatron_gr.ops.segment_sum import gather_rows, segment_sum, sorted_groups  # noqa: E402
 from megatron_gr.ops.sparse_optimizers import sparse_update  # noqa: E402
@@ -30,25 +30,26 @@ def test_routing_keys_are_bit_identical():
         assert torch.equal(hash_table.routing_keys(ids, t, kernel="triton"), hash_table.routing_keys(ids, t, kernel="pytorch"))
 
 
-def _probe_parity(num_buckets, bucket_size, steps, queries_per_step, seed, id_space=50):
-    """Both probes on the same stream; every result and table word must agree."""
+def _probe_parity(num_buckets, bucket_size, steps, queries_per_step, seed, id_space=50, policies=("lru", "lfu", "none"), queries=None):
+    """Both probes on the same stream; every result and table word must agree. ``queries``:
+    ``(generator, step) -> query tensors`` instead of :func:`random_queries`."""
     generator = torch.Generator().manual_seed(seed)
-    for policy in ("lru", "lfu", "none"):
+    for policy in policies:
         tables = {k: {n: t.to(DEVICE) for n, t in empty_table(num_buckets, bucket_size).items()} for k in ("pytorch", "triton")}
         for step in range(steps):
-            queries = [q.to(DEVICE) for q in random_queries(generator, queries_per_step, id_space)]
+            batch = queries(generator, step) if queries else random_queries(generator, queries_per_step, id_space)
+            batch = [q.to(DEVICE) for q in batch]
             results = {
                 kernel: hash_table.probe(
-                    *(table[n] for n in ("keys", "tags", "last_seen", "freq", "changed")), *queries,
+                    *(table[n] for n in ("keys", "tags", "last_seen", "freq", "changed")), *batch,
                     num_buckets=num_buckets, bucket_size=bucket_size, step=step, policy=policy,
                     update_scores=step % 3 != 2, kernel=kernel,
                 )
                 for kernel, table in tables.items()
             }
             ref, got = results["pytorch"], results["triton"]
-            assert torch.equal(ref.slots, got.slots) and torch.equal(ref.status, got.status), (policy, step)
-            replaced = ref.status == 2
-            assert torch.equal(ref.evicted_keys[replaced], got.evicted_keys[replaced])
+            for field in ("slots", "status", "evicted_keys", "evicted_tags"):
+                assert torch.equal(getattr(ref, field), getattr(got, field)), (policy, step, field)
             for name in tables["pytorch"]:
                 assert torch.equal(tables["pytorch"][name], tables["triton"][name]), (policy, step, name)
 
@@ -59,6 +60,46 @@ def test_probe_is_identical_to_the_reference():
 
 def test_probe_with_more_queries_per_bucket_than_the_kernel_loads_at_once():
     _probe_parity(num_buckets=1, bucket_size=12, steps=2, queries_per_step=20, seed=1)
+
+
+def _one_bucket_queries(count, id_space, num_buckets=1):
+    """``(generator, step) -> queries`` that all fall into one bucket of ``num_buckets``
+    (ids filtered by their routing key), repeated ids carrying large counts."""
+
+    def draw(generator, step):
+        ids, tags, hashes, counts, may_insert = random_queries(generator, 40 * count, id_space)
+        keep = torch.nonzero(bucket_ids(hashes, num_buckets) == num_buckets // 2).squeeze(1)[:count]
+        counts = torch.randint(1, 1000, (keep.numel(),), generator=generator)
+        return ids[keep], tags[keep], hashes[keep], counts, may_insert[keep]
+
+    return draw
+
+
+def test_probe_all_queries_in_one_bucket_evict_and_overflow():
+    # Up to 150 distinct keys for a 64-slot bucket: the first step fills it and the rest find
+    # no room; later steps evict (lru, lfu) or stay full (none); runs span many blocks.
+    _probe_parity(num_buckets=3, bucket_size=64, steps=4, queries_per_step=0, seed=11, queries=_one_bucket_queries(150, 1000, 3))
+
+
+def test_probe_one_query_and_none():
+    def draw(generator, step):
+        ids, tags, hashes, counts, may_insert = random_queries(generator, 8, 1000)
+        return [t[: 1 if step % 2 else 0] for t in (ids, tags, hashes, counts, may_insert)]
+
+    _probe_parity(num_buckets=5, bucket_size=4, steps=4, queries_per_step=0, seed=12, queries=draw)
+
+
+@pytest.mark.parametrize(
+    "num_buckets, bucket_size, queries_per_step, steps, policies",
+    [(7, 3, 60, 4, ("lru", "lfu", "none")), (6, 100, 400, 4, ("lru", "lfu")), (400, 4, 1500, 2, ("lru",))],
+)
+def test_probe_fills_the_table_and_evicts(num_buckets, bucket_size, queries_per_step, steps, policies):
+    # More distinct keys than slots over the steps (a full table, lru/lfu victims), more and
+    # fewer queries than buckets, a bucket wider than 64 lanes, several compaction blocks.
+    _probe_parity(
+        num_buckets, bucket_size, steps=steps, queries_per_step=queries_per_step, seed=bucket_size,
+        id_space=4 * num_buckets * bucket_size, policies=policies,
+    )
 
 
 def _row_inputs(generator, capacity, count):
@@ -126,6 +167,48 @@ def test_segment_sum_through_the_dispatcher():
     assert torch.equal(segment_sum(values, groups, kernel="triton"), segment_sum(values, groups, kernel="pytorch"))
 
 
+def _groups_parity(keys, minor=None, take=()):
+    """The Triton grouping against the PyTorch one: every field, bit for bit."""
+    ref = sorted_groups(keys, minor, take=take, kernel="pytorch")
+    got = sorted_groups(keys, minor, take=take, kernel="triton")
+    for name in ("order", "segments", "offsets", "inverse", "unique", "counts", "first"):
+        a, b = getattr(ref, name), getattr(got, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert len(ref.taken) == len(got.taken) == len(take)
+    for a, b in zip(ref.taken, got.taken):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    return got
+
+
+@pytest.mark.parametrize("count, key_space, with_minor", [(1, 5, False), (1, 5, True), (37, 5, False), (3000, 700, False), (3000, 40, True)])
+def test_groups_are_identical_to_the_reference(count, key_space, with_minor):
+    # 3000 sorted positions: three tiles of GROUP_SUB, groups across their borders.
+    generator = torch.Generator().manual_seed(count + key_space)
+    keys = torch.randint(-key_space, key_space, (count,), generator=generator) * (2**40 + 1)
+    keys[torch.randperm(count, generator=generator)[: count // 3]] = 3
+    minor = torch.randint(0, 3, (count,), generator=generator).to(torch.int32)
+    ids = torch.randint(-(2**62), 2**62, (count,), generator=generator)
+    tags = torch.randint(0, 9, (count,), generator=generator).to(torch.int32)
+    groups = _groups_parity(keys.to(DEVICE), minor.to(DEVICE) if with_minor else None, (ids.to(DEVICE), tags.to(DEVICE)))
+    assert int(groups.counts.sum()) == count
+
+
+def test_groups_in_tiles_of_several_steps(monkeypatch):
+    # Small tiles walked in several steps, few tiles per prefix block, one key over many tiles,
+    # all keys equal, all distinct, three take tensors (the third gathered after the host read).
+    from megatron_gr.ops.triton import segment_sum as kernels
+
+    monkeypatch.setattr(kernels, "GROUP_SUB", 16)
+    monkeypatch.setattr(kernels, "TILES_MAX", 4)
+    generator = torch.Generator().manual_seed(21)
+    keys = torch.randint(0, 30, (500,), generator=generator)
+    keys[torch.randperm(500, generator=generator)[:200]] = 17
+    extra = [torch.arange(500) * 3, torch.randint(0, 2, (500,), generator=generator).to(torch.uint8), -torch.arange(500)]
+    for k in (keys, torch.zeros(500, dtype=torch.int64), torch.randperm(500, generator=generator)):
+        _groups_parity(k.to(DEVICE), None, tuple(t.to(DEVICE) for t in extra))
+    _groups_parity(keys.to(DEVICE), (keys % 3).to(DEVICE), (keys.to(DEVICE),))
+
+
 @pytest.mark.parametrize("flags", [False, True])
 @pytest.mark.parametrize("optimizer, shapes", [("sgd", []), ("adagrad", ["row"]), ("rowwise_adagrad", ["scalar"]), ("adam", ["row", "row"])])
 def test_sparse_updates_match_the_reference(optimizer, shapes, flags):
@@ -160,10 +243,31 @@ def test_probe_at_scale_on_gpu():
 
 
 @pytest.mark.gpu
+def test_probe_per_bucket_at_scale_on_gpu():
+    # The benchmark's regime: ~3 queries per bucket of 64, 30k buckets (fewer queries than
+    # buckets on the first step, more after), the table filling up and evicting; then one
+    # bucket with thousands of queries (runs of many blocks, evictions and overflow).
+    _probe_parity(num_buckets=30_000, bucket_size=64, steps=5, queries_per_step=90_000, seed=8, id_space=2**21)
+    _probe_parity(num_buckets=50, bucket_size=64, steps=3, queries_per_step=0, seed=9, queries=_one_bucket_queries(3000, 2**40, 50))
+
+
+@pytest.mark.gpu
 def test_segment_sum_at_scale_on_gpu():
     # The benchmark's shape: 1.05M rows of 128 into ~300k groups, one key 30,000 times
     # (118 windows of the default CHUNK), dim 128.
     _segment_parity(1_050_000, dim=128, hot=123, hot_count=30_000, chunk=CHUNK, seed=6, key_space=400_000)
+
+
+@pytest.mark.gpu
+def test_groups_at_scale_on_gpu():
+    # The benchmark's dedupe: 1.05M Zipf-like routing keys (~475k groups, a hot key over many
+    # tiles), then the coalesced form with tags as the minor key.
+    generator = torch.Generator().manual_seed(10)
+    ranks = (1 / torch.rand(1_050_000, generator=generator) ** 1.2).clamp(max=2**40).to(torch.int64)
+    keys = hash_table.routing_keys(ranks)
+    tags = torch.randint(0, 4, (keys.numel(),), generator=generator).to(torch.int32)
+    _groups_parity(keys.to(DEVICE), None, (ranks.to(DEVICE), tags.to(DEVICE)))
+    _groups_parity(keys.to(DEVICE), tags.to(DEVICE), (ranks.to(DEVICE), tags.to(DEVICE)))
 
 
 @pytest.mark.gpu
