@@ -18,7 +18,7 @@ bf16 training step milliseconds of host time:
 stays on the device until megatron reads it once; on one rank without megatron's all-reduce
 and scratch tensor); :func:`use_fused_adam` switches torch
 Adam to ``fused=True``; :func:`batch_main_to_model_copies` does the distributed
-optimizer's copy as one for-each copy; :func:`reuse_main_grad_views` slices the gradient
+optimizer's copy as one for-each copy per dtype pair; :func:`reuse_main_grad_views` slices the gradient
 buffer once and hands the main shards the same views in every step (and, those views being
 the same tensors, lists the gradients of the norm once; it also drops the gradients in
 ``zero_grad`` without reading each first). Each leaves megatron alone where apex, TE, FSDP,
@@ -190,7 +190,7 @@ def _fused_capable(inner: torch.optim.Optimizer) -> bool:
 
 def batch_main_to_model_copies(optimizer) -> int:
     """Replaces the distributed optimizer's per-parameter main-to-model weight copy by one
-    for-each copy over the same views; returns how many optimizers were changed. Left to
+    for-each copy per (weight, shard) dtype pair over the same views; returns how many optimizers were changed. Left to
     megatron with megatron FSDP, FP8 weights or a precision-aware optimizer."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 

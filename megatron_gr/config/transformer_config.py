@@ -182,7 +182,7 @@ class GRTransformerConfig(TransformerConfig):
     merge and the next sublayer's pre op as one kernel pair (``mhc_merge_pre``) instead of
     the merge kernel and then the pre op. Off by default: on an H100 at hidden 1024, n = 4,
     the pair took 3.19 / 5.01 ms forward / backward per sublayer at 65,536 tokens against
-    0.96 / 2.61 ms for the two (``docs/benchmarks/mhc.md``), although it moves 36% fewer
+    0.96 / 2.61 ms for the two (``docs/benchmarks/mhc.md``), although it moves 40% fewer
     bytes. The expansion and the contraction stay fused either way."""
 
     mhc_recompute_layer_num: Optional[int] = None

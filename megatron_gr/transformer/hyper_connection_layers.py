@@ -54,7 +54,8 @@ def hyper_connected(
     dropout_keys: Optional[DropoutKeys] = None,
 ) -> PendingMerge:
     """One sublayer with its hyper-connection: its pre op on ``streams`` (a tensor, the
-    block input, or the previous sublayer's pending merge, run in the same op), the
+    block input, or the previous sublayer's pending merge: run first, or in the same op with
+    ``mhc_fuse_merge_pre``), the
     sublayer, and its merge left pending (:func:`finish` or the next sublayer runs it);
     ``dropout_keys``: the merge's, needed when its dropout is active."""
     run = runner(recompute)

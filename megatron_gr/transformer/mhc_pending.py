@@ -4,8 +4,9 @@ take them.
 A block that fuses (``HyperConnectionTransformerBlock(fuse_merges=True)``, the default on
 the Triton backend) hands its layers one of three things instead of the merged streams:
 
-- :class:`BlockInput`: the first stage's input ``[s, b, C]``, whose n copies are never
-  made: the first sublayer's pre op reads it (``mhc_expand_pre``);
+- :class:`BlockInput`: the first stage's input ``[s, b, C]``: the first sublayer's pre op
+  reads it without making its n copies (``mhc_expand_pre``); the first merge, run alone
+  (without ``mhc_fuse_merge_pre``), makes them (:func:`materialize`);
 - :class:`PendingMerge`: a sublayer's output with the maps of its merge, the merge not yet
   run: the next sublayer runs it (alone, or inside its pre op, ``mhc_merge_pre``, with
   ``mhc_fuse_merge_pre``), the block's last sublayer inside the contraction of the streams

@@ -59,7 +59,7 @@ class MHCRecomputeManager:
         recomputes them all when the gradient of ``block_output`` arrives.
 
         ``kept``: outputs that an op of the next recompute block reads, when the block ends
-        on a merge left pending for the next block's first pre op (fused with it): the
+        on a merge left pending for the next block's first sublayer (which runs it): the
         streams and maps of the merge stay, ``block_output`` is the sublayer output it adds
         (computed by no op of this block; its gradient arrives before this block's backward
         needs anything it freed). The replay refills the kept tensors with the same values.

@@ -85,7 +85,7 @@ def phase_breakdown(trace: dict, *, num_steps: int, top: int = 25) -> dict:
         enclosing = ranges.enclosing(launch["tid"], launch["ts"]) if launch is not None else []
         phase = classify_kernel(e.get("name", ""), ranges.phases_of(enclosing))
         sums[phase] += e.get("dur", 0.0)
-        entry = by_kernel[(e.get("name", "")[:120], phase)]
+        entry = by_kernel[(e.get("name", ""), phase)]
         entry[0] += e.get("dur", 0.0)
         entry[1] += 1
     busy = _union_length([(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in gpu])
@@ -95,7 +95,7 @@ def phase_breakdown(trace: dict, *, num_steps: int, top: int = 25) -> dict:
         "gpu_busy_ms": busy / 1e3 / steps,
         "kernels_per_step": sum(e.get("cat") == "kernel" for e in gpu) / steps,
         "top_kernels": [
-            {"name": name, "phase": phase, "ms": dur / 1e3 / steps, "launches": count / steps}
+            {"name": name[:120], "phase": phase, "ms": dur / 1e3 / steps, "launches": count / steps}
             for (name, phase), (dur, count) in sorted(by_kernel.items(), key=lambda item: -item[1][0])[:top]
         ],
     }

@@ -252,9 +252,12 @@ def triton_probe(
     if count:
         # One program per bucket run: a grid of min(count, num_buckets), the runs compacted
         # on the device (programs past their number stop after three loads; no host read).
+        # The run buffers hold one entry per query: queries not sorted by bucket (a broken
+        # precondition) then make more runs than programs, unserved, but write nothing out
+        # of bounds.
         grid = min(count, num_buckets)
-        starts = torch.empty(grid, dtype=torch.int64, device=device)
-        buckets = torch.empty(grid, dtype=torch.int64, device=device)
+        starts = torch.empty(count, dtype=torch.int64, device=device)
+        buckets = torch.empty(count, dtype=torch.int64, device=device)
         runs = torch.zeros(1, dtype=torch.int32, device=device)
         _bucket_runs_kernel[(triton.cdiv(count, RUNS_BLOCK),)](
             query_hashes, starts, buckets, runs, count, num_buckets, BLOCK=RUNS_BLOCK, num_warps=4
