@@ -14,6 +14,7 @@ DEVICE = triton_or_skip()
 import torch  # noqa: E402
 
 from megatron_gr.ops import hash_table  # noqa: E402
+from megatron_gr.ops.pytorch.hash_probe import NO_ROOM, REPLACED  # noqa: E402
 from megatron_gr.ops.pytorch.id_hash import bucket_ids, init_scale, row_salt  # noqa: E402
 from megatron_gr.ops.pytorch.segment_sum import CHUNK, pytorch_segment_sum  # noqa: E402
 from megatron_gr.ops.segment_sum import gather_rows, segment_sum, sorted_groups  # noqa: E402
@@ -32,9 +33,12 @@ def test_routing_keys_are_bit_identical():
 
 def _probe_parity(num_buckets, bucket_size, steps, queries_per_step, seed, id_space=50, policies=("lru", "lfu", "none"), queries=None):
     """Both probes on the same stream; every result and table word must agree. ``queries``:
-    ``(generator, step) -> query tensors`` instead of :func:`random_queries`."""
+    ``(generator, step) -> query tensors`` instead of :func:`random_queries`. Returns the
+    statuses seen under each policy."""
     generator = torch.Generator().manual_seed(seed)
+    seen = {}
     for policy in policies:
+        seen[policy] = set()
         tables = {k: {n: t.to(DEVICE) for n, t in empty_table(num_buckets, bucket_size).items()} for k in ("pytorch", "triton")}
         for step in range(steps):
             batch = queries(generator, step) if queries else random_queries(generator, queries_per_step, id_space)
@@ -52,6 +56,8 @@ def _probe_parity(num_buckets, bucket_size, steps, queries_per_step, seed, id_sp
                 assert torch.equal(getattr(ref, field), getattr(got, field)), (policy, step, field)
             for name in tables["pytorch"]:
                 assert torch.equal(tables["pytorch"][name], tables["triton"][name]), (policy, step, name)
+            seen[policy].update(ref.status.tolist())
+    return seen
 
 
 def test_probe_is_identical_to_the_reference():
@@ -91,15 +97,17 @@ def test_probe_one_query_and_none():
 
 @pytest.mark.parametrize(
     "num_buckets, bucket_size, queries_per_step, steps, policies",
-    [(7, 3, 60, 4, ("lru", "lfu", "none")), (6, 100, 400, 4, ("lru", "lfu")), (400, 4, 1500, 2, ("lru",))],
+    [(7, 3, 60, 4, ("lru", "lfu", "none")), (4, 100, 300, 3, ("lru", "lfu")), (400, 4, 1500, 2, ("lru",))],
 )
 def test_probe_fills_the_table_and_evicts(num_buckets, bucket_size, queries_per_step, steps, policies):
     # More distinct keys than slots over the steps (a full table, lru/lfu victims), more and
     # fewer queries than buckets, a bucket wider than 64 lanes, several compaction blocks.
-    _probe_parity(
+    seen = _probe_parity(
         num_buckets, bucket_size, steps=steps, queries_per_step=queries_per_step, seed=bucket_size,
         id_space=4 * num_buckets * bucket_size, policies=policies,
     )
+    for policy, statuses in seen.items():  # the table filled: victims, or no room without eviction
+        assert (NO_ROOM if policy == "none" else REPLACED) in statuses, (policy, statuses)
 
 
 def _row_inputs(generator, capacity, count):
