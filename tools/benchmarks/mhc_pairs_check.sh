@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H100 call (at most about 4 minutes: every run has a timeout) for docs/benchmarks/mhc.md,
+# One H100 call (at most about 5 minutes: every run has a timeout) for docs/benchmarks/mhc.md,
 # "Fused merge pairs": the GPU tests of the mHC kernels (the fused pairs with and without the
 # keyed dropout, its stream words from a device tensor, CUDA graphs of blocks with mHC), the
 # step overhead of mHC n = 4 at the GPU-bound and the host-bound shapes (A/B steps
@@ -36,13 +36,17 @@ timeout 120 python3 -m pytest -q -rfE -m gpu $T/test_triton_mhc.py $T/test_trito
 wait
 for f in "$O"/tests_*.log; do echo "$f: $(tail -1 "$f")"; done
 
-# 2. timed runs, one at a time
-timeout 45 python3 $B/ab_step_time.py $L --micro-batch-size 128 --steps 15 --json "$O/mhc_gpu_bound_pairs_h100.json" \
-  > "$O/gpu_bound.log" 2>&1
-echo "gpu-bound rc=$?"; tail -3 "$O/gpu_bound.log"
-timeout 25 python3 $B/ab_step_time.py $L --micro-batch-size 16 --steps 30 --json "$O/mhc_host_bound_pairs_h100.json" \
-  > "$O/host_bound.log" 2>&1
-echo "host-bound rc=$?"; tail -3 "$O/host_bound.log"
+# 2. timed runs, one at a time: B as the blocks run by default (merge, then pre op), and B
+# with the merge-pre kernel pairs (model.mhc_fuse_merge_pre)
+for pairs in off on; do
+  P=""; [ $pairs = on ] && P="--b-set model.mhc_fuse_merge_pre=true"
+  timeout 45 python3 $B/ab_step_time.py $L $P --micro-batch-size 128 --steps 15 \
+    --json "$O/mhc_gpu_bound_pairs_${pairs}_h100.json" > "$O/gpu_bound_$pairs.log" 2>&1
+  echo "gpu-bound, pairs $pairs: rc=$?"; tail -3 "$O/gpu_bound_$pairs.log"
+  timeout 25 python3 $B/ab_step_time.py $L $P --micro-batch-size 16 --steps 30 \
+    --json "$O/mhc_host_bound_pairs_${pairs}_h100.json" > "$O/host_bound_$pairs.log" 2>&1
+  echo "host-bound, pairs $pairs: rc=$?"; tail -3 "$O/host_bound_$pairs.log"
+done
 for p in 0 0.1; do
   timeout 25 python3 $B/mhc_ops.py $OPS --tokens 65536 --dropout $p --candidates --json "$O/mhc_fused_ops_p${p}_h100.json" \
     > "$O/ops_p$p.log" 2>&1
