@@ -1,4 +1,4 @@
-"""megatron-core DDP's gradient accumulation into its buffers, one launch per backward pass.
+"""megatron-core DDP's gradient accumulation into its buffers, one for-each add per backward pass.
 
 megatron's DDP (0.16.1) hooks every parameter's gradient accumulator; each hook adds that
 parameter's gradient to its slice of the gradient buffer (``main_grad.add_(grad)``) and
@@ -7,7 +7,10 @@ backward pass. Without overlapped reduction nothing reads the buffer before the 
 pass ends, so :func:`batched_main_grad_accumulation` makes the hooks only collect their
 parameters and adds every gradient at the end of the pass (an autograd engine callback)
 with one for-each add: the same additions, each gradient added once per pass as before
-(the engine sums a parameter's incoming gradients before its accumulator runs).
+(the engine sums a parameter's incoming gradients before its accumulator runs). What it
+saves is the per-parameter Python: torch's for-each add has no fast path for bf16
+gradients into float32 buffers, so a bf16 run on a GPU still launches one add kernel per
+parameter (67 per step in the H100 profile of docs/benchmarks/e2e.md); float32 runs get one.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def batched_main_grad_accumulation() -> Iterator[None]:
         return _collecting_hook(self, param, ddp.is_graph_capturing)
 
     patches.set(ddp.DistributedDataParallel, "_make_backward_post_hook", make_hook,
-                purpose="accumulate gradients into DDP's buffers with one launch per backward pass")
+                purpose="accumulate gradients into DDP's buffers with one for-each add per backward pass")
     try:
         yield
     finally:

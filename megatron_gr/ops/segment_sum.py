@@ -84,8 +84,7 @@ def sorted_groups(
         order = by_minor[within]
         sorted_minor = minor[order]
     if kernel == "triton" and count:
-        groups = _triton(keys.device, "grouping").triton_sorted_groups(sorted_keys, sorted_minor, order, tuple(take))
-        return groups
+        return _triton(keys.device, "grouping").triton_sorted_groups(sorted_keys, sorted_minor, order, tuple(take))
     starts = torch.ones(count, dtype=torch.bool, device=keys.device)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
     if sorted_minor is not None:
