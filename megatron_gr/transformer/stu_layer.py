@@ -2,6 +2,7 @@
 
     x̂ = LN(x)
     U, V, Q, K = split(SiLU(W_uvqk x̂ + b))                   per head: dv, dv, dqk, dqk
+                                                            (ops.uvqk_activation: fused in Triton)
     A = jagged_attention(Q, K, V)                           SiLU scores, causal, + bias
     y = x + W_o dropout(LN(A) * U) + b_o                    (ops.stu_output: fused in Triton)
 
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -31,6 +31,7 @@ from megatron_gr.ops.backend import KernelBackend, check_backend
 from megatron_gr.ops.hstu_attention import hstu_attention
 from megatron_gr.ops.keyed_dropout import DropoutKeys, keyed_dropout
 from megatron_gr.ops.stu_output import stu_output
+from megatron_gr.ops.uvqk_activation import uvqk_activation
 from megatron_gr.transformer.dropout_sites import STU_OUTPUT, layer_site, site_keys
 from megatron_gr.transformer.jagged_seq_params import JaggedSeqParams
 from megatron_gr.transformer.layer_init import global_layer_number, layer_init_scope
@@ -88,7 +89,8 @@ class STULayer(MegatronModule, BaseTransformerLayer):
             init_method=config.init_method,
             bias=True,
             gather_output=False,
-            skip_bias_add=False,
+            # The bias is added by the fused activation (ops.uvqk_activation), with the SiLU.
+            skip_bias_add=True,
             is_expert=False,
             tp_group=self.tp_group,
         )
@@ -136,10 +138,8 @@ class STULayer(MegatronModule, BaseTransformerLayer):
     def attention(self, normed: torch.Tensor, params: JaggedSeqParams) -> torch.Tensor:
         """The sublayer without its norm and residual: ``W_o dropout(LN(A) * U) + b_o`` of
         the normalised input ``[T, 1, C]``; hyper-connection layers wrap it."""
-        uvqk = self.project_uvqk(normed)  # [T, 1, local_heads * (2 dv + 2 dqk)]
-        num_tokens = uvqk.shape[0]
-        uvqk = uvqk.view(num_tokens, self.num_local_heads, sum(self.split_sizes))
-        u, v, q, k = torch.split(uvqk, self.split_sizes, dim=-1)
+        u, v, q, k = self.project_uvqk(normed)  # each [T, local_heads, d]
+        num_tokens = u.shape[0]
         bias = self.relative_bias(params) if self.relative_bias is not None else None
         window, prefix = self.config.attention_window
         # Context parallelism: the local queries against the keys of every rank.
@@ -176,11 +176,12 @@ class STULayer(MegatronModule, BaseTransformerLayer):
         out, _ = self.output_proj(gated.unsqueeze(1))
         return out
 
-    def project_uvqk(self, normed: torch.Tensor) -> torch.Tensor:
-        """``SiLU(W_uvqk x̂ + b)`` ``[T, 1, local_heads * (2 dv + 2 dqk)]``, one method so that
-        a layer may recompute it in the backward instead of keeping it."""
-        uvqk, _ = self.uvqk_proj(normed)
-        return F.silu(uvqk)
+    def project_uvqk(self, normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(U, V, Q, K)`` of ``SiLU(W_uvqk x̂ + b)``, each ``[T, local_heads, d]``, one method
+        so that a layer may recompute them in the backward instead of keeping them."""
+        projected, bias = self.uvqk_proj(normed)
+        return uvqk_activation(projected, bias, heads=self.num_local_heads, split_sizes=self.split_sizes,
+                               kernel=self.backend)
 
     def _output_dropout_keys(self, params: JaggedSeqParams, num_tokens: int, device: torch.device) -> DropoutKeys:
         """Features are numbered over all heads: this rank's first is its first head's."""
