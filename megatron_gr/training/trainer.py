@@ -144,7 +144,9 @@ class Trainer:
         if parallel_state.is_pipeline_first_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and (
             parallel_state.get_context_parallel_rank() == 0  # context-parallel ranks read the same batches
         ):
-            totals[2] = sum(b.num_tokens for b in batches)
+            # fill_ takes the count as a kernel argument; an assignment would copy it from
+            # pageable host memory, which waits for the forward and backward just queued.
+            totals[2].fill_(sum(b.num_tokens for b in batches))
         if dist.get_world_size() > 1:  # every rank knows the loss before the step
             dist.all_reduce(totals)
         host = {}
