@@ -48,7 +48,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -269,24 +268,6 @@ def _phases(trainer, steps: int) -> dict:
     }
 
 
-def _cuda_syncs(trainer, steps: int) -> dict:
-    """Every synchronising CUDA call of ``steps`` steps, by the Python line that made it
-    (torch's sync debug mode: what the device really waited for, C++ callers included)."""
-    counts: collections.Counter = collections.Counter()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(steps):
-                trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for warning in caught:
-        if "synchroniz" in str(warning.message):
-            counts[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
-    return {where: n / steps for where, n in counts.most_common()}
-
-
 def _phase_of(event) -> str:
     """The innermost phase (:func:`step_phases`) a profiler event ran in."""
     parent = event.cpu_parent
@@ -380,7 +361,10 @@ def measure(variant: str, *, args) -> dict:
             trainer.train_step()
     result["triton_launches_per_step"] = {name: n / args.profile_steps for name, n in launches.most_common()}
     if device.type == "cuda":
-        result["cuda_syncs_per_step"] = _cuda_syncs(trainer, args.profile_steps)
+        from megatron_gr.training.device_waits import device_waits
+
+        waits = device_waits(trainer, args.profile_steps)
+        result["cuda_syncs_per_step"] = {f"{name}:{line}": n for (name, line), n in waits.items()}
     result["host_reads_per_step"] = {
         f"{kind} @ {where}": n / args.profile_steps for (kind, where), n in sorted(reads.counts.items(), key=lambda kv: -kv[1])
     }

@@ -5,33 +5,16 @@ with torch's sync debug mode, which reports every synchronising CUDA call by lin
 
 from __future__ import annotations
 
-import collections
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
-
-def _sync_sites(trainer, steps: int) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(steps):
-                trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for warning in caught:
-        if "synchroniz" in str(warning.message):
-            counts[(Path(warning.filename).name, warning.lineno)] += 1
-    return counts
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", ["none", "layers"])
 def test_gpu_step_waits_for_the_device_only_at_the_gradient_norm(tmp_path, cuda_graphs):
     from megatron_gr.training import trainer as trainer_module
+    from megatron_gr.training.device_waits import device_waits
     from megatron_gr.training.trainer import Trainer
     from tests.unit.training.helpers import tiny_config
 
@@ -39,16 +22,16 @@ def test_gpu_step_waits_for_the_device_only_at_the_gradient_norm(tmp_path, cuda_
     trainer = Trainer(config)
     for _ in range(2):  # compiles and captures
         trainer.train_step()
-    sites = _sync_sites(trainer, steps=3)
+    sites = device_waits(trainer, steps=3)
     source = Path(trainer_module.__file__).read_text().splitlines()
     # Allowed: the norm's .item() (megatron's gradient norm, fast_optimizer.py) and the loss
     # read in loss_is_finite right after it (the device is idle by then; still reported).
     unexpected = {}
-    for (name, line), count in sites.items():
+    for (name, line), per_step in sites.items():
         allowed = name == "fast_optimizer.py" or (
             name == "trainer.py" and "loss_is_finite" in "".join(source[max(0, line - 3) : line])
         )
         if not allowed:
-            unexpected[f"{name}:{line}"] = count / 3
+            unexpected[f"{name}:{line}"] = per_step
     assert sites, "the sync debug mode reported nothing: the gradient norm's read should show"
     assert not unexpected, f"synchronising calls per step outside the gradient-norm read: {unexpected}"
