@@ -35,7 +35,8 @@ def _pieces(w, DV: tl.constexpr, DQK: tl.constexpr):
 @triton.jit
 def _pre_activation(X, B, rows, cols, rmask, cmask, stride_x, HAS_BIAS: tl.constexpr):
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # 64-bit offsets: T x N passes 2^31 elements at about 524k tokens of width 4096.
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return x, mask
@@ -53,7 +54,7 @@ def _uvqk_fwd(X, B, U, V, Q, K, R, stride_x, su_r, su_h, sv_r, sv_h, sq_r, sq_h,
     x, mask = _pre_activation(X, B, rows, head * width + w, rmask, wmask, stride_x, HAS_BIAS)
     y = x / (1.0 + tl.exp(-x))
     in_u, in_v, in_q, in_k, local = _pieces(w, DV, DQK)
-    r = rows[:, None]
+    r = rows[:, None].to(tl.int64)
     c = local[None, :]
     tl.store(U + r * su_r + head * su_h + c, y.to(U.dtype.element_ty), mask=mask & in_u[None, :])
     tl.store(V + r * sv_r + head * sv_h + c, y.to(V.dtype.element_ty), mask=mask & in_v[None, :])
@@ -78,7 +79,7 @@ def _uvqk_bwd(X, B, DU, DV_, DQ, DK, DX, DB, R, N, stride_x, su_r, su_h, sv_r, s
     for start in range(pid * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         x, mask = _pre_activation(X, B, rows, cols, rows < R, wmask, stride_x, HAS_BIAS)
-        r = rows[:, None]
+        r = rows[:, None].to(tl.int64)
         g = tl.load(DU + r * su_r + head * su_h + c, mask=mask & in_u[None, :], other=0.0).to(tl.float32)
         g += tl.load(DV_ + r * sv_r + head * sv_h + c, mask=mask & in_v[None, :], other=0.0).to(tl.float32)
         g += tl.load(DQ + r * sq_r + head * sq_h + c, mask=mask & in_q[None, :], other=0.0).to(tl.float32)
