@@ -32,7 +32,7 @@ def uvqk_activation(
     Args:
         x: ``[T, N]`` or ``[T, 1, N]`` projection output, ``N = heads * sum(split_sizes)``,
             head-major: head h's columns are ``[u_h v_h q_h k_h]``.
-        bias: ``[N]`` or None.
+        bias: ``[N]`` in the dtype of ``x``, or None.
         heads: heads in ``x``.
         split_sizes: ``(dv, dv, dqk, dqk)``, the widths of u, v, q, k per head.
         kernel: ``pytorch`` or ``triton``.
@@ -42,14 +42,15 @@ def uvqk_activation(
         activation).
     """
     kernel = check_backend(kernel)
-    if len(split_sizes) != 4 or min(split_sizes) < 1:
+    if (len(split_sizes) != 4 or min(split_sizes) < 1 or split_sizes[0] != split_sizes[1]
+            or split_sizes[2] != split_sizes[3]):
         raise ValueError(f"split_sizes must be four positive widths (dv, dv, dqk, dqk), got {split_sizes}")
     width = heads * sum(split_sizes)
     if x.dim() not in (2, 3) or x.shape[-1] != width or (x.dim() == 3 and x.shape[1] != 1):
         raise ValueError(f"x must be [T, {width}] or [T, 1, {width}] ({heads} heads x {sum(split_sizes)}), "
                          f"got {tuple(x.shape)}")
-    if bias is not None and bias.shape != (width,):
-        raise ValueError(f"bias must be [{width}], got {tuple(bias.shape)}")
+    if bias is not None and (bias.shape != (width,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{width}] in x's dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     x = x.reshape(x.shape[0], width)
     if kernel == "triton":
         require_backend(kernel, x.device, what="UVQK activation")

@@ -16,6 +16,7 @@ def device_waits(trainer, steps: int) -> dict[tuple[str, int], float]:
     """Runs ``steps`` training steps; returns ``{(file name, line): waits per step}``,
     most frequent first."""
     counts: collections.Counter = collections.Counter()
+    previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -23,7 +24,7 @@ def device_waits(trainer, steps: int) -> dict[tuple[str, int], float]:
             for _ in range(steps):
                 trainer.train_step()
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode(previous)
     for warning in caught:
         if "synchroniz" in str(warning.message):
             counts[(Path(warning.filename).name, warning.lineno)] += 1

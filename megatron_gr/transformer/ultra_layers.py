@@ -41,7 +41,7 @@ class _Rematerialized:
     def _rematerializes(self, flag: bool) -> bool:
         return flag and self.training and torch.is_grad_enabled()
 
-    def project_uvqk(self, normed: torch.Tensor) -> torch.Tensor:
+    def project_uvqk(self, normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self._rematerializes(self.config.recompute_uvqk):
             return super().project_uvqk(normed)
         self._uvqk_recompute = MHCRecomputeManager()

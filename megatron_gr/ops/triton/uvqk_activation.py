@@ -8,7 +8,7 @@ float32 partial sum of the bias gradient over its rows (summed by the caller, a 
 order: deterministic).
 
 A program covers a block of rows and a block of one head's columns; a column block that
-spans two pieces stores (loads) each under its own mask.
+spans several pieces stores (loads) each under its own mask.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _uvqk_bwd(X, B, DU, DV_, DQ, DK, DX, DB, R, N, stride_x, su_r, su_h, sv_r, s
 
 def _blocks(width: int) -> tuple[int, int]:
     """(rows, columns) per program: 128 columns (a whole piece's block when 128 divides the
-    head dims), 32 rows."""
+    head dims) by 32 rows; narrower heads take all their columns and 4096 elements' rows."""
     block_w = min(128, triton.next_power_of_2(width))
     return max(1, 4096 // block_w) if block_w < 128 else 32, block_w
 
@@ -114,7 +114,9 @@ class _UVQKActivation(torch.autograd.Function):
     def forward(ctx, x, bias, heads, split_sizes):
         dv, _, dqk, _ = split_sizes
         rows, width = x.shape[0], dv * 2 + dqk * 2
-        x = x if x.stride(-1) == 1 else x.contiguous()
+        # Packed rows: dx is written with x's row stride.
+        x = x if x.is_contiguous() else x.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         outs = [torch.empty(rows, heads, d, device=x.device, dtype=x.dtype) for d in split_sizes]
         has_bias = bias is not None
         b = bias if has_bias else x

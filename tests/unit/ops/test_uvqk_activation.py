@@ -48,7 +48,9 @@ def strided_grads(outs, seed):
 @pytest.mark.parametrize(
     "tokens, heads, split_sizes, with_bias",
     [(37, 2, (64, 64, 64, 64), True), (50, 3, (3, 3, 4, 4), True), (9, 1, (16, 16, 32, 32), False),
-     (1, 2, (128, 128, 128, 128), True)],
+     (1, 2, (128, 128, 128, 128), True),
+     # blocks starting inside a piece; many row blocks per backward program (its loop runs)
+     (40, 1, (100, 100, 60, 60), True), (3000, 2, (8, 8, 8, 8), True)],
 )
 def test_matches_reference(tokens, heads, split_sizes, with_bias, dtype):
     x, bias = make_inputs(tokens, heads, split_sizes, dtype, with_bias)
@@ -98,3 +100,27 @@ def test_bad_inputs_one_line_errors():
         uvqk_activation(x, torch.zeros(31), heads=2, split_sizes=(4, 4, 4, 4))
     with pytest.raises(ValueError, match="split_sizes"):
         uvqk_activation(x, None, heads=2, split_sizes=(8, 8, 0, 0))
+    with pytest.raises(ValueError, match="split_sizes"):  # u and v (q and k) share one width
+        uvqk_activation(x, None, heads=2, split_sizes=(2, 6, 4, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        uvqk_activation(x, torch.zeros(32, dtype=torch.float64), heads=2, split_sizes=(4, 4, 4, 4))
+
+
+def test_strided_inputs_and_expanded_gradients():
+    """x with padded rows, a strided bias, and gradients broadcast over rows or along the
+    last dim: each is read (or copied) correctly, and dx is written within its tensor."""
+    g = torch.Generator().manual_seed(3)
+    split = (8, 8, 16, 16)
+    wide = torch.randn(30, 2 * 48 + 5, generator=g).to(DEVICE)
+    x = wide[:, : 2 * 48].requires_grad_()
+    bias_wide = torch.randn(2 * 2 * 48, generator=g).to(DEVICE)
+    bias = bias_wide[::2].requires_grad_()
+    outs = uvqk_activation(x, bias, heads=2, split_sizes=split, kernel="triton")
+    grads = [torch.randn(1, 2, d, generator=g).to(DEVICE).expand(30, 2, d) for d in split[:2]]
+    grads += [torch.randn(30, 2, 1, generator=g).to(DEVICE).expand(30, 2, d) for d in split[2:]]
+    got = torch.autograd.grad(outs, [x, bias], grads)
+    ref_x, ref_b = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref = uvqk_activation(ref_x, ref_b, heads=2, split_sizes=split, kernel="pytorch")
+    want = torch.autograd.grad(ref, [ref_x, ref_b], [t.double() for t in grads])
+    for a, b in zip([*outs, *got], [*ref, *want]):
+        assert relative(a, b) < 1e-5
