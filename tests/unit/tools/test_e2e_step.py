@@ -50,3 +50,29 @@ def test_flops_of_each_timed_step_come_from_its_batches(tmp_path):
     assert row["tflops_per_s"] == pytest.approx(sum(expected) / (row["step_ms"] / 1e3 * 2) / 1e12)
     assert row["mfu_peak"] is None and row["tokens_per_s"] > 0 and len(row["losses"]) == 4
     assert "| after | default |" in (tmp_path / "e2e.md").read_text()
+
+
+def test_each_variant_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
+    """Graph pools of one variant must not outlive it: one worker per variant, the
+    matrix-product ceiling timed by the first; a failed worker fails only its variant."""
+    from tests.unit.tools.benchmark_tools import load_benchmark
+
+    e2e = load_benchmark("e2e_step")
+    launched = []
+
+    def fake_run(command, env):
+        spec = json.loads(open(command[-2]).read())
+        launched.append((spec["only"], spec["matmul_size"]))
+        name = spec["only"][0]
+        if name == "broken":
+            return subprocess.CompletedProcess(command, 1)
+        result = {"matmul_ceiling_tflops": 700.0 if spec["matmul_size"] else None, "variants": {name: {"ran": name}}}
+        open(command[-1], "w").write(json.dumps(result))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(e2e.subprocess, "run", fake_run)
+    result = e2e.run_tree(REPO_ROOT, {"matmul_size": 8192}, tmp_path, "after", ["a", "broken", "b"])
+    assert launched == [(["a"], 8192), (["broken"], 0), (["b"], 0)]
+    assert result["matmul_ceiling_tflops"] == 700.0
+    assert result["variants"]["a"] == {"ran": "a"} and result["variants"]["b"] == {"ran": "b"}
+    assert result["variants"]["broken"] == {"error": "worker exited with 1"}
