@@ -191,14 +191,6 @@ def sinkhorn_block_tokens(n: int, *, backward: bool) -> int:
     return 128 if n == padded else 64
 
 
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``, for grids that loop over token tiles (1 in
-    the interpreter, so that the tests' small shapes give programs several tiles)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _padded(size: int) -> int:
     return 1 << (size - 1).bit_length()
 

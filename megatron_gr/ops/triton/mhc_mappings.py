@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from megatron_gr.ops.triton.availability import interpreter_enabled
-from megatron_gr.ops.triton.mhc_configs import blocks, gate_block_tokens, multiprocessors
+from megatron_gr.ops.triton.mhc_configs import blocks, gate_block_tokens
+from megatron_gr.ops.triton.multiprocessors import multiprocessors
 from megatron_gr.ops.triton.mhc_sinkhorn import triton_sinkhorn
 
 

@@ -31,7 +31,8 @@ import triton.language as tl
 from megatron_gr.ops.triton.keyed_dropout import (
     column_hashes, keep_elements, kernel_key_args, row_hashes, stream_words_of,
 )
-from megatron_gr.ops.triton.mhc_configs import blocks, multiprocessors
+from megatron_gr.ops.triton.mhc_configs import blocks
+from megatron_gr.ops.triton.multiprocessors import multiprocessors
 from megatron_gr.ops.triton.mhc_tiles import map_column, stream_tiles
 
 

@@ -35,7 +35,8 @@ import triton
 from megatron_gr.ops.triton.availability import interpreter_enabled
 from megatron_gr.ops.triton.keyed_dropout import kernel_key_args
 from megatron_gr.ops.triton.mhc_aggregate import aggregate_forward
-from megatron_gr.ops.triton.mhc_configs import blocks, multiprocessors
+from megatron_gr.ops.triton.mhc_configs import blocks
+from megatron_gr.ops.triton.multiprocessors import multiprocessors
 from megatron_gr.ops.triton.mhc_mappings import as_float32, gate_buffers, map_buffers, mapping_params
 from megatron_gr.ops.triton.mhc_merge_pre_kernels import merge_bwd_fused, merge_fwd_fused, pre_gates
 from megatron_gr.ops.triton.mhc_sinkhorn import sinkhorn_backward, sinkhorn_forward

@@ -22,6 +22,7 @@ import triton.language as tl
 from megatron_gr.ops.triton.keyed_dropout import (
     column_hashes, keep_elements, kernel_key_args, row_hashes, stream_words_of,
 )
+from megatron_gr.ops.triton.multiprocessors import multiprocessors
 
 
 @triton.jit
@@ -155,7 +156,7 @@ class _STUOutput(torch.autograd.Function):
         dx = torch.empty(rows, width, device=x.device, dtype=x.dtype)
         du = torch.empty(rows, width, device=x.device, dtype=g.dtype)
         block_d, block_r = triton.next_power_of_2(width), _block_rows(width)
-        programs = max(1, min(triton.cdiv(rows, block_r), _num_sms(x.device) * 4))
+        programs = max(1, min(triton.cdiv(rows, block_r), multiprocessors(x.device) * 4))
         dw = torch.zeros(programs, width, device=x.device, dtype=torch.float32)
         db = torch.zeros_like(dw)
         if rows:
@@ -167,12 +168,6 @@ class _STUOutput(torch.autograd.Function):
             )
         grad_bias = db.sum(0).to(b.dtype) if has_bias else None
         return dx.view(attn_shape), du.view(u_shape), dw.sum(0).to(weight.dtype), grad_bias, None, None, None
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def triton_stu_output(

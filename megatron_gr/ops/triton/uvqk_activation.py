@@ -13,12 +13,13 @@ spans several pieces stores (loads) each under its own mask.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from megatron_gr.ops.triton.multiprocessors import multiprocessors
 
 
 @triton.jit
@@ -102,13 +103,6 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 class _UVQKActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, heads, split_sizes):
@@ -141,7 +135,7 @@ class _UVQKActivation(torch.autograd.Function):
         grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (du, dv_, dq, dk)]
         block_r, block_w = _blocks(width)
         column_programs = heads * triton.cdiv(width, block_w)
-        programs = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(_num_sms(x.device) * 8, column_programs)))
+        programs = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(multiprocessors(x.device) * 8, column_programs)))
         dx = torch.empty_like(x)
         # Every program writes its partial sum of every column (no zero fill needed).
         db = (torch.empty if rows else torch.zeros)(programs, n, device=x.device, dtype=torch.float32)
