@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Sequence
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -23,6 +23,12 @@ class EmbeddingTable(MegatronModule, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def lookup_many(self, ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows of each of several id tensors, as ``[self(i) for i in ids]``. A table
+        whose lookup costs a round trip (a hash table's distinct count, an exchange
+        between ranks) answers them all with one."""
+        return [self(i) for i in ids]
 
     def evaluation_cache(self, ids: torch.Tensor) -> ContextManager[None]:
         """Within the context, reads of ``ids`` need no communication between ranks (a

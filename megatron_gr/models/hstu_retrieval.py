@@ -120,12 +120,15 @@ class HSTURetrievalModel(MegatronModule):
         gradient over the first and last stage)."""
         return self.item_table.weight if self.item_table is not None else None
 
-    def encode(self, batch: JaggedBatch, *, shard: Optional[BatchShard] = None) -> torch.Tensor:
+    def encode(
+        self, batch: JaggedBatch, *, shard: Optional[BatchShard] = None, item_rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """This stage's output: the hidden states ``[T, 1, C]`` on a stage that is not the
         last; on the last, the user state after each of this rank's tokens ``[T, C]``
         (L2-normalised with ``output_normalization='l2'``), which training, evaluation and
         the exported serving program all score. ``shard``: this rank's context-parallel
-        share of the tokens (default: computed from ``batch``)."""
+        share of the tokens (default: computed from ``batch``); ``item_rows``: the item
+        table's rows of the shard's ``item_ids`` (default: looked up here)."""
         shard = self._shard(batch) if shard is None else shard
         buckets = self.token_buckets if self.training else None
         tokens = TokenSplit.for_tokens(
@@ -141,8 +144,10 @@ class HSTURetrievalModel(MegatronModule):
             keys = None
             if batch.token_keys is not None:
                 keys = DropoutKeys(seed=batch.dropout_seed, site=EMBEDDING, token_keys=shard.take(batch.token_keys))
+            if item_rows is None:
+                item_rows = self.item_table(shard.take(batch.item_ids))
             hidden = self.preprocessor(
-                self.item_table(shard.take(batch.item_ids)), batch.offsets, batch.timestamps,
+                item_rows, batch.offsets, batch.timestamps,
                 query_timestamps=batch.query_timestamps, dropout_keys=keys, tokens=shard.token_index,
             )
             hidden = tokens.scatter(hidden)
@@ -157,18 +162,27 @@ class HSTURetrievalModel(MegatronModule):
         if batch.labels is not None and (batch.negative_ids is None or batch.token_keys is None):
             raise ValueError("a training batch needs negative_ids and token_keys (TrainingBatches draws them)")
         shard = self._shard(batch)
-        user = self.encode(batch, shard=shard)
+        computes_loss = batch.labels is not None and self.post_process
+        full_softmax = self.config.retrieval_loss == "full_softmax"
+        if computes_loss:
+            labels = shard.take(batch.labels)
+            candidates = self.corpus_ids if full_softmax else batch.negative_ids
+        # The inputs', labels' and candidates' rows in one lookup: a hash table answers it
+        # with one host read and one exchange instead of one per lookup.
+        wanted = ([shard.take(batch.item_ids)] if self.pre_process else []) + ([labels, candidates] if computes_loss else [])
+        rows = self.item_table.lookup_many(wanted) if wanted else []
+        user = self.encode(batch, shard=shard, item_rows=rows[0] if self.pre_process else None)
         if not self.post_process:
             return user
         normalize = self.config.output_normalization == "l2"
-        if batch.labels is not None and self.config.retrieval_loss == "full_softmax":
+        if computes_loss and full_softmax:
             return full_softmax_loss(
-                user, shard.take(batch.labels), self.item_table, corpus_ids=self.corpus_ids,
+                user, labels, rows[-2], corpus_ids=candidates, corpus_rows=rows[-1],
                 temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
-        if batch.labels is not None:
+        if computes_loss:
             return sampled_softmax_loss(
-                user, shard.take(batch.labels), self.item_table, negative_ids=batch.negative_ids,
+                user, labels, rows[-2], negative_ids=candidates, negative_rows=rows[-1],
                 temperature=self.config.softmax_temperature, normalize_items=normalize,
             )
         if batch.target_ids is None:

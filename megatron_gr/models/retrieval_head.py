@@ -14,9 +14,13 @@ CORPUS_CHUNK = 65536
 
 
 def item_vectors(table: EmbeddingTable, ids: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """Rows at least float32 (bf16 tables are scored in float32), unit-length when
+    """The rows of ``ids`` as :func:`scored_rows` makes them."""
+    return scored_rows(table(ids), normalize=normalize)
+
+
+def scored_rows(rows: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """Item rows at least float32 (bf16 tables are scored in float32), unit-length when
     ``normalize`` (cosine scores)."""
-    rows = table(ids)
     rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
     return F.normalize(rows, dim=-1) if normalize else rows
 
@@ -24,9 +28,10 @@ def item_vectors(table: EmbeddingTable, ids: torch.Tensor, *, normalize: bool = 
 def sampled_softmax_loss(
     user: torch.Tensor,
     labels: torch.Tensor,
-    table: EmbeddingTable,
+    label_rows: torch.Tensor,
     *,
     negative_ids: torch.Tensor,
+    negative_rows: torch.Tensor,
     temperature: float,
     normalize_items: bool = True,
 ) -> torch.Tensor:
@@ -34,10 +39,11 @@ def sampled_softmax_loss(
     by the caller when ``normalize_items``: cosine scores) against ``negative_ids`` ``[R]``,
     shared by every token (the training loader draws them once per global batch:
     ``TrainingBatches``). A negative equal to a token's own label is masked out for that
-    token.
+    token. ``label_rows`` ``[T, C]`` and ``negative_rows`` ``[R, C]``: the item table's rows
+    of those ids (the caller looks them up, together with the inputs' rows).
     """
-    positive = (user * item_vectors(table, labels, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
-    negative = user @ item_vectors(table, negative_ids, normalize=normalize_items).t()  # [T, R]
+    positive = (user * scored_rows(label_rows, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
+    negative = user @ scored_rows(negative_rows, normalize=normalize_items).t()  # [T, R]
     negative = negative.masked_fill(negative_ids.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))
     logits = torch.cat([positive, negative], dim=1) / temperature
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
@@ -46,17 +52,19 @@ def sampled_softmax_loss(
 def full_softmax_loss(
     user: torch.Tensor,
     labels: torch.Tensor,
-    table: EmbeddingTable,
+    label_rows: torch.Tensor,
     *,
     corpus_ids: torch.Tensor,
+    corpus_rows: torch.Tensor,
     temperature: float,
     normalize_items: bool = True,
 ) -> torch.Tensor:
     """Per-token cross-entropy ``[T]`` of ``labels`` against every item of ``corpus_ids``:
     the exact softmax over the corpus (each label counted once), no sampling. Scores are
-    ``[T, num_items]``: for small corpora."""
-    positive = (user * item_vectors(table, labels, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
-    others = user @ item_vectors(table, corpus_ids, normalize=normalize_items).t()  # [T, num_items]
+    ``[T, num_items]``: for small corpora. ``label_rows`` and ``corpus_rows``: the item
+    table's rows of those ids."""
+    positive = (user * scored_rows(label_rows, normalize=normalize_items)).sum(-1, keepdim=True)  # [T, 1]
+    others = user @ scored_rows(corpus_rows, normalize=normalize_items).t()  # [T, num_items]
     others = others.masked_fill(corpus_ids.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))
     logits = torch.cat([positive, others], dim=1) / temperature
     return torch.logsumexp(logits, dim=1) - logits[:, 0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from megatron.core.transformer import TransformerConfig
@@ -33,13 +33,21 @@ class DynamicEmbedding(EmbeddingTable):
         self._cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # sorted ids, their rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        check_ids(self.feature, ids)
-        flat = ids.reshape(-1)
+        return self.lookup_many([ids])[0]
+
+    def lookup_many(self, ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One lookup for all of ``ids``: one dedupe, one host read of the distinct count and
+        one exchange, where a lookup each would cost one each (and a training step one more
+        to sum the row gradients of several lookups)."""
+        for part in ids:
+            check_ids(self.feature, part)
+        flat = torch.cat([part.reshape(-1) for part in ids])
         if self._cache is not None and not (self.training and torch.is_grad_enabled()):
             rows = self._cached_rows(flat)
         else:
             rows = self.collection.lookup(self.feature, flat)
-        return rows.reshape(*ids.shape, self.dim).to(self.config.params_dtype)
+        rows = rows.to(self.config.params_dtype)
+        return [part.reshape(*i.shape, self.dim) for part, i in zip(rows.split([i.numel() for i in ids]), ids)]
 
     @contextlib.contextmanager
     def evaluation_cache(self, ids: torch.Tensor) -> Iterator[None]:

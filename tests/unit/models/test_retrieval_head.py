@@ -22,6 +22,14 @@ class FixedTable(EmbeddingTable):
         return self.weight[ids]
 
 
+def _sampled(user, labels, table, negatives, **kwargs):
+    return sampled_softmax_loss(user, labels, table(labels), negative_ids=negatives, negative_rows=table(negatives), **kwargs)
+
+
+def _full(user, labels, table, corpus, **kwargs):
+    return full_softmax_loss(user, labels, table(labels), corpus_ids=corpus, corpus_rows=table(corpus), **kwargs)
+
+
 # item 1 = x axis, 2 = y axis, 3 = (x + y)/sqrt2 direction (unnormalised: scaled by 5)
 TABLE = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]
 
@@ -32,7 +40,7 @@ def test_sampled_softmax_by_hand():
     labels = torch.tensor([1, 3])
     temperature = 0.5
     negatives = [2, 1, 3, 2]  # repeats count twice; a token's own label is masked out
-    loss = sampled_softmax_loss(user, labels, table, negative_ids=torch.tensor(negatives), temperature=temperature)
+    loss = _sampled(user, labels, table, torch.tensor(negatives), temperature=temperature)
     cos = {  # cosine(user row, item) by hand
         (0, 1): 1.0, (0, 2): 0.0, (0, 3): 1 / math.sqrt(2),
         (1, 1): 0.0, (1, 2): 1.0, (1, 3): 1 / math.sqrt(2),
@@ -48,7 +56,7 @@ def test_sampled_softmax_by_hand():
 def test_loss_gradient_reaches_the_table():
     table = FixedTable(TABLE)
     user = torch.nn.functional.normalize(torch.tensor([[0.3, 0.7]], dtype=torch.float64), dim=-1)
-    loss = sampled_softmax_loss(user, torch.tensor([2]), table, negative_ids=torch.tensor([1, 3, 3]), temperature=0.1)
+    loss = _sampled(user, torch.tensor([2]), table, torch.tensor([1, 3, 3]), temperature=0.1)
     loss.sum().backward()
     assert table.weight.grad[2].abs().sum() > 0 and table.weight.grad[3].abs().sum() > 0
     assert table.weight.grad[0].abs().sum() == 0  # not a label, not a negative
@@ -118,7 +126,7 @@ def test_full_softmax_by_hand():
     table = FixedTable(TABLE)
     user = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     temperature = 0.5
-    loss = full_softmax_loss(user, torch.tensor([1, 3]), table, corpus_ids=torch.arange(1, 4), temperature=temperature)
+    loss = _full(user, torch.tensor([1, 3]), table, torch.arange(1, 4), temperature=temperature)
     s = 1 / math.sqrt(2)
     # user 0 scores items 1, 2, 3: 1, 0, s (label 1); user 1: 0, 1, s (label 3)
     expected = [
@@ -133,13 +141,10 @@ def test_dot_product_scores_use_raw_rows():
     (1, 0) at 1, item 2 (0, 2) at 2, item 3 (5, 5) at 10."""
     table = FixedTable(TABLE)
     user = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    loss = full_softmax_loss(user, torch.tensor([2]), table, corpus_ids=torch.arange(1, 4), temperature=1.0,
-                             normalize_items=False)
+    loss = _full(user, torch.tensor([2]), table, torch.arange(1, 4), temperature=1.0, normalize_items=False)
     expected = math.log(math.exp(1) + math.exp(2) + math.exp(10)) - 2
     torch.testing.assert_close(loss, torch.tensor([expected], dtype=torch.float64))
-    sampled = sampled_softmax_loss(
-        user, torch.tensor([2]), table, negative_ids=torch.tensor([2, 3]), temperature=1.0, normalize_items=False,
-    )
+    sampled = _sampled(user, torch.tensor([2]), table, torch.tensor([2, 3]), temperature=1.0, normalize_items=False)
     # the label itself is masked out: the loss of label 2 against item 3 alone, raw dot products
     assert sampled.item() == math.log(math.exp(2) + math.exp(10)) - 2
 
