@@ -12,13 +12,14 @@ Triton kernels (one place chooses; a missing backend is an error).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from megatron_gr.ops.backend import KernelBackend, check_backend, require_backend
 from megatron_gr.ops.pytorch.dynamic_rows import pytorch_init_rows, pytorch_read_rows
-from megatron_gr.ops.pytorch.hash_probe import POLICIES, ProbeResult, pytorch_probe
+from megatron_gr.ops.pytorch.hash_probe import PADDING, POLICIES, ProbeResult, pytorch_probe
 from megatron_gr.ops.pytorch.id_hash import routing_keys as pytorch_routing_keys
 
 def _triton(device: torch.device, what: str):
@@ -57,6 +58,7 @@ def probe(
     step: int,
     policy: str,
     update_scores: bool,
+    valid: Optional[torch.Tensor] = None,
     kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> ProbeResult:
     """Find-or-insert distinct (id, tag) queries sorted by routing key ``query_hashes``.
@@ -64,6 +66,9 @@ def probe(
     Table: ``keys`` int64, ``tags`` int32, ``last_seen`` int64 (-1 = empty), ``freq`` int64,
     ``changed`` uint8, each ``[num_buckets * bucket_size]``, updated in place. Queries:
     ``[U]`` keys int64, tags int32, hashes int64, counts int64 (occurrences), may_insert bool.
+    ``valid`` (a device scalar, with padded dedupe outputs): only the first ``valid``
+    queries are probed; the others get slot -1 and status ``PADDING``, and no host read
+    happens on the Triton path.
     """
     kernel = check_backend(kernel)
     if policy not in POLICIES:
@@ -86,8 +91,20 @@ def probe(
     args = (keys, tags, last_seen, freq, changed, query_keys, query_tags, query_hashes, query_counts, may_insert)
     options = dict(num_buckets=num_buckets, bucket_size=bucket_size, step=step, policy=policy, update_scores=update_scores)
     if kernel == "triton":
-        return _triton(keys.device, "hash probe").hash_table.triton_probe(*args, **options)
-    return pytorch_probe(*args, **options)
+        return _triton(keys.device, "hash probe").hash_table.triton_probe(*args, **options, valid=valid)
+    if valid is None:
+        return pytorch_probe(*args, **options)
+    probed = int(valid)  # the reference reads it (it reads the device in other places too)
+    result = pytorch_probe(*args[:5], *(t[:probed] for t in args[5:]), **options)
+    padded = ProbeResult(
+        torch.full((count,), -1, dtype=torch.int64, device=query_keys.device),
+        torch.full((count,), PADDING, dtype=torch.int8, device=query_keys.device),
+        torch.zeros(count, dtype=torch.int64, device=query_keys.device),
+        torch.zeros(count, dtype=torch.int32, device=query_keys.device),
+    )
+    for field, value in zip(("slots", "status", "evicted_keys", "evicted_tags"), dataclasses.astuple(result)):
+        getattr(padded, field)[:probed] = value
+    return padded
 
 
 def init_rows(

@@ -2,7 +2,8 @@
 group row and its backward, the per-group gradient sum in a fixed order.
 
 - :func:`sorted_groups`: equal keys grouped by a stable sort, any device, one host read
-  (the number of groups); with Triton, the steps after the sort are two kernels.
+  (the number of groups; or none, with the outputs padded to the input count); with
+  Triton, the steps after the sort are two kernels.
 - :func:`gather_rows`: ``rows[index]``.
 - :func:`segment_sum`: per group, the sum of its rows in the order
   :mod:`megatron_gr.ops.pytorch.segment_sum` fixes (bit-identical on every backend).
@@ -39,9 +40,15 @@ class SortedGroups:
     taken: tuple[torch.Tensor, ...] = ()  # each ``take`` tensor at every group's first input [U]
     first_: Optional[torch.Tensor] = field(default=None, repr=False)  # set where computed already
     counts_: Optional[torch.Tensor] = field(default=None, repr=False)
+    # Padded (``sorted_groups(..., count_on_host=False)``): the number of groups, a device
+    # scalar, and every [U] field above is [N] (offsets [N + 1]). Entries past the groups
+    # are padding: offsets N, counts 0, first 0; unique and taken hold a real group's
+    # values or zeros.
+    valid: Optional[torch.Tensor] = None
 
     @property
     def num_groups(self) -> int:
+        """The number of groups (of padded entries included, when padded)."""
         return self.offsets.numel() - 1
 
     @property
@@ -65,12 +72,15 @@ def sorted_groups(
     *,
     take: Sequence[torch.Tensor] = (),
     kernel: KernelBackend = KernelBackend.PYTORCH,
+    count_on_host: bool = True,
 ) -> SortedGroups:
     """Groups the equal entries of ``keys`` ``[N]`` (pairs ``(keys, minor)`` when ``minor``
     is given), sorted by key, then minor, then input position. ``take``: tensors ``[N]``
     read at every group's first input (``groups.taken``). Reads the number of groups back to
-    the host once (every later shape depends on it). The sort is PyTorch's on every backend;
-    with ``kernel="triton"`` everything after it is two kernels, the same values."""
+    the host once (every later shape depends on it); with ``count_on_host=False`` it does
+    not: the outputs keep ``N`` entries and ``groups.valid`` holds the count on the device
+    (see :class:`SortedGroups`). The sort is PyTorch's on every backend; with
+    ``kernel="triton"`` everything after it is two kernels, the same values."""
     kernel = check_backend(kernel)
     count = keys.numel()
     if any(t.shape != (count,) for t in take):
@@ -84,16 +94,25 @@ def sorted_groups(
         order = by_minor[within]
         sorted_minor = minor[order]
     if kernel == "triton" and count:
-        return _triton(keys.device, "grouping").triton_sorted_groups(sorted_keys, sorted_minor, order, tuple(take))
+        return _triton(keys.device, "grouping").triton_sorted_groups(
+            sorted_keys, sorted_minor, order, tuple(take), count_on_host=count_on_host
+        )
     starts = torch.ones(count, dtype=torch.bool, device=keys.device)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
     if sorted_minor is not None:
         starts[1:] |= sorted_minor[1:] != sorted_minor[:-1]
     segments = torch.cumsum(starts, 0) - 1
-    groups = int(segments[-1]) + 1 if count else 0  # the host read
-    offsets = torch.searchsorted(segments, torch.arange(groups + 1, device=keys.device))
     inverse = torch.empty_like(order).scatter_(0, order, segments)
-    result = SortedGroups(order, segments, offsets, inverse, sorted_keys[offsets[:-1]])
+    if count_on_host:
+        groups = int(segments[-1]) + 1 if count else 0  # the host read
+        offsets = torch.searchsorted(segments, torch.arange(groups + 1, device=keys.device))
+        result = SortedGroups(order, segments, offsets, inverse, sorted_keys[offsets[:-1]])
+    else:  # offsets past the last group are N (searchsorted of the missing groups)
+        offsets = torch.searchsorted(segments, torch.arange(count + 1, device=keys.device))
+        padded = offsets[:-1] < count
+        first = torch.where(padded, order[offsets[:-1].clamp(max=max(count - 1, 0))], 0)
+        valid = segments[-1] + 1 if count else torch.zeros((), dtype=torch.int64, device=keys.device)
+        result = SortedGroups(order, segments, offsets, inverse, keys[first], first_=first, valid=valid)
     if take:
         result.taken = tuple(t[result.first] for t in take)
     return result
@@ -118,11 +137,17 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor, *, kernel: KernelBacken
 
 def segment_sum(values: torch.Tensor, groups: SortedGroups, *, kernel: KernelBackend = KernelBackend.PYTORCH) -> torch.Tensor:
     """Float32 sum ``[U, D]`` of the rows ``values`` ``[N, D]`` of each group, every
-    backend in the same order (:mod:`megatron_gr.ops.pytorch.segment_sum`)."""
+    backend in the same order (:mod:`megatron_gr.ops.pytorch.segment_sum`); padded groups
+    (``groups.valid``) get zero rows."""
     kernel = check_backend(kernel)
     if values.dim() != 2 or values.shape[0] != groups.order.numel():
         raise ValueError(f"values must be [{groups.order.numel()}, D], got {tuple(values.shape)}")
     args = (groups.order, groups.segments, groups.offsets)
     if kernel == "triton":
-        return _triton(values.device, "segment sum").triton_segment_sum(values.contiguous(), *args)
-    return pytorch_segment_sum(values, *args)
+        return _triton(values.device, "segment sum").triton_segment_sum(values.contiguous(), *args, padded=groups.valid is not None)
+    if groups.valid is None:
+        return pytorch_segment_sum(values, *args)
+    real = int(groups.valid)  # the reference reads it (padded groups sum to zero rows)
+    out = torch.zeros(groups.num_groups, values.shape[1], dtype=torch.float32, device=values.device)
+    out[:real] = pytorch_segment_sum(values, groups.order, groups.segments, groups.offsets[: real + 1])
+    return out

@@ -15,8 +15,9 @@ For ``N`` ids on a rank of a shard group of ``W`` ranks::
 Where rows are read for repeated keys, the backward sums the gradients of each distinct key
 with :func:`megatron_gr.ops.segment_sum.segment_sum` over the dedupe's sort: a fixed order,
 so the same bits on every run, rank layout and device. A training lookup reads one number
-back to the host (the count of distinct keys, which sizes everything after it), plus the
-send counts with ``W > 1``.
+back to the host with ``W > 1`` (the count of distinct keys, which sizes everything after
+it, and the send counts); on one rank none (the distinct keys padded to ``N``, their count
+kept on the device) unless admission counting needs it.
 """
 
 from __future__ import annotations
@@ -43,11 +44,20 @@ class Distinct:
     counts: torch.Tensor  # [U] int64 occurrences
     groups: SortedGroups  # which queries share each distinct key (groups.inverse: [N] -> U)
 
+    @property
+    def valid(self) -> Optional[torch.Tensor]:
+        """U on the device when the fields above are padded to N entries, else None."""
+        return self.groups.valid
 
-def dedupe(hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool, kernel: str = "pytorch") -> Distinct:
+
+def dedupe(
+    hashes: torch.Tensor, ids: torch.Tensor, tags: torch.Tensor, coalesced: bool, kernel: str = "pytorch", *,
+    count_on_host: bool = True,
+) -> Distinct:
     """Without coalescing the key is a bijection of the id, so distinct keys are distinct ids;
-    with it, (key, tag) pairs are (keys may collide across tags, pairs cannot)."""
-    groups = sorted_groups(hashes, tags if coalesced else None, take=(ids, tags), kernel=kernel)
+    with it, (key, tag) pairs are (keys may collide across tags, pairs cannot).
+    ``count_on_host=False``: no host read, the fields padded (``SortedGroups.valid``)."""
+    groups = sorted_groups(hashes, tags if coalesced else None, take=(ids, tags), kernel=kernel, count_on_host=count_on_host)
     distinct_ids, distinct_tags = groups.taken
     return Distinct(groups.unique, distinct_ids, distinct_tags, groups.counts, groups)
 
@@ -60,7 +70,7 @@ class _TableRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, table: PhysicalTable, queries: Distinct):
-        slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=True)
+        slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=True, valid=queries.valid)
         ctx.table, ctx.groups = table, queries.groups
         ctx.save_for_backward(slots)
         return table.read(slots, queries.ids, queries.tags, index=queries.groups.inverse)
@@ -109,7 +119,7 @@ def table_rows(table: PhysicalTable, queries: Distinct, *, train: bool) -> torch
     if train:
         anchor = torch.zeros((), device=queries.ids.device, requires_grad=True)
         return _TableRows.apply(anchor, table, queries)
-    slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=False)
+    slots = table.find(queries.ids, queries.tags, queries.hashes, queries.counts, train=False, valid=queries.valid)
     return table.read(slots, queries.ids, queries.tags, index=queries.groups.inverse)
 
 
@@ -123,10 +133,13 @@ def sharded_lookup(
     if tags is None:
         tags = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
     hashes = hash_table.routing_keys(ids, tags if table.coalesced else None, kernel=table.kernel)
-    queries = dedupe(hashes, ids, tags, table.coalesced, table.kernel)
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if world == 1:
+        # One rank: nothing needs the distinct count on the host (no exchange to size), so
+        # the lookup runs padded to N queries and never waits for the device.
+        queries = dedupe(hashes, ids, tags, table.coalesced, table.kernel, count_on_host=not table.counts_on_device)
         return table_rows(table, queries, train=train)
+    queries = dedupe(hashes, ids, tags, table.coalesced, table.kernel)
 
     owner = owner_ranks(queries.hashes, world)
     order = torch.argsort(owner, stable=True)

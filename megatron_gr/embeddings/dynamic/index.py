@@ -9,6 +9,8 @@ content changed since the last dump). Row data (vectors, optimizer state) lives 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_gr.ops import hash_table
@@ -44,13 +46,15 @@ class HashIndex:
         *,
         step: int,
         update_scores: bool,
+        valid: Optional[torch.Tensor] = None,
     ) -> ProbeResult:
-        """Find-or-insert distinct (id, tag) queries sorted by routing key (``ops.hash_table.probe``)."""
+        """Find-or-insert distinct (id, tag) queries sorted by routing key (``ops.hash_table.probe``;
+        ``valid``: the number of queries on the device, the rest padding)."""
         return hash_table.probe(
             self.keys, self.tags, self.last_seen, self.freq, self.changed,
             ids, tags, hashes, counts, may_insert,
             num_buckets=self.num_buckets, bucket_size=self.bucket_size, step=step,
-            policy=self.policy, update_scores=update_scores, kernel=self.kernel,
+            policy=self.policy, update_scores=update_scores, valid=valid, kernel=self.kernel,
         )
 
     def occupied(self) -> torch.Tensor:

@@ -124,17 +124,32 @@ class PhysicalTable:
         return self.index.capacity
 
     # ------------------------------------------------------------- lookups
-    def find(self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool) -> torch.Tensor:
+    @property
+    def counts_on_device(self) -> bool:
+        """Whether a lookup may leave the number of distinct queries on the device (padded
+        queries, ``find(valid=...)``): not with admission, whose filtering reads the host."""
+        return self.admission is None
+
+    def find(
+        self, ids: torch.Tensor, tags: torch.Tensor, hashes: torch.Tensor, counts: torch.Tensor, *, train: bool,
+        valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Slots ``[U]`` (-1: no stored row) of distinct owned queries sorted by routing key.
         ``train``: insert missing ids (subject to admission), give the new rows their initial
         value and flag their optimizer state fresh, update scores and count; otherwise read
-        only."""
+        only. ``valid``: the number of queries as a device scalar, the entries past it
+        padding (slot -1, nothing inserted or counted; needs :attr:`counts_on_device`)."""
         if not train:
             nothing = torch.zeros_like(ids, dtype=torch.bool)
-            return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False).slots
+            return self.index.probe(ids, tags, hashes, counts, nothing, step=self.step, update_scores=False, valid=valid).slots
         if self.admission is None:
-            result = self.index.probe(ids, tags, hashes, counts, torch.ones_like(ids, dtype=torch.bool), step=self.step, update_scores=True)
+            result = self.index.probe(
+                ids, tags, hashes, counts, torch.ones_like(ids, dtype=torch.bool), step=self.step, update_scores=True,
+                valid=valid,
+            )
         else:
+            if valid is not None:
+                raise ValueError("a table with admission counting needs its query count on the host (counts_on_device)")
             result = self._probe_with_admission(ids, tags, hashes, counts)
         hash_table.init_rows(
             self.weights, self._fresh, result.slots, result.status, ids, tags, self.salts, self.scales, kernel=self.kernel
@@ -224,8 +239,11 @@ class PhysicalTable:
                 slots, grads = self._pending[0]
             else:  # several lookups: sum each row's gradients, in a fixed order
                 all_slots = torch.cat([s for s, _ in self._pending])
-                groups = sorted_groups(all_slots, kernel=self.kernel)
-                slots = groups.unique
+                # No host read: the groups stay padded to the lookups' total, the padding
+                # slot -1 (no update).
+                groups = sorted_groups(all_slots, kernel=self.kernel, count_on_host=False)
+                real = torch.arange(all_slots.numel(), device=all_slots.device) < groups.valid
+                slots = torch.where(real, groups.unique, -1)
                 grads = segment_sum(torch.cat([g for _, g in self._pending]), groups, kernel=self.kernel)
             self._ready = (slots, grads)
             self._pending = []

@@ -24,6 +24,7 @@ import torch
 from megatron_gr.ops.pytorch.id_hash import bucket_ids
 
 HIT, INSERTED, REPLACED, NOT_STORED, NO_ROOM = 0, 1, 2, 3, 4
+PADDING = -1  # an entry past the queries (a probe of padded queries, see ``ops.hash_table.probe``)
 POLICIES = {"none": 0, "lru": 1, "lfu": 2}
 _BIG = torch.iinfo(torch.int64).max
 
@@ -31,7 +32,7 @@ _BIG = torch.iinfo(torch.int64).max
 @dataclass
 class ProbeResult:
     slots: torch.Tensor  # [U] int64, -1 where the query has no row
-    status: torch.Tensor  # [U] int8: HIT, INSERTED, REPLACED (inserted over an evicted row), NOT_STORED, NO_ROOM
+    status: torch.Tensor  # [U] int8: HIT, INSERTED, REPLACED (inserted over an evicted row), NOT_STORED, NO_ROOM (PADDING)
     evicted_keys: torch.Tensor  # [U] int64, the id a REPLACED query evicted
     evicted_tags: torch.Tensor  # [U] int32
 

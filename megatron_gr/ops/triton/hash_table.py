@@ -100,12 +100,24 @@ def _insert_key(seen, fr, k, t, lane, step, LANES: tl.constexpr, POLICY: tl.cons
     return tl.reduce((key, k, t), 0, _smallest_with)  # keys differ but at NEVER (no lane)
 
 
+@triton.jit
+def _query_count(n, valid_ptr, VALID_ON_DEVICE: tl.constexpr):
+    """The number of queries: ``n``, or the count at ``valid_ptr`` (the first of ``n`` entries)."""
+    if VALID_ON_DEVICE:
+        n = tl.load(valid_ptr)
+    return n
+
+
 @triton.jit(do_not_specialize=["n", "num_buckets"])
-def _bucket_runs_kernel(q_hashes_ptr, starts_ptr, buckets_ptr, runs_ptr, n, num_buckets, BLOCK: tl.constexpr):
+def _bucket_runs_kernel(
+    q_hashes_ptr, starts_ptr, buckets_ptr, runs_ptr, valid_ptr, n, num_buckets, VALID_ON_DEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Compaction of the bucket runs of sorted queries: every query that starts a run (its
     bucket differs from the previous query's) gets a place in ``starts``/``buckets`` from one
     atomic add per block. The runs land in no fixed order, which changes nothing: each is
     served by one program, independently of the others."""
+    n = _query_count(n, valid_ptr, VALID_ON_DEVICE)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     b = _bucket_of(tl.load(q_hashes_ptr + offs, mask=ok, other=0), num_buckets)
@@ -150,10 +162,12 @@ def _probe_kernel(
     keys_ptr, tags_ptr, seen_ptr, freq_ptr, changed_ptr,
     q_keys_ptr, q_tags_ptr, q_hashes_ptr, q_counts_ptr, q_insert_ptr,
     slots_ptr, status_ptr, ev_keys_ptr, ev_tags_ptr,
-    starts_ptr, buckets_ptr, runs_ptr,
+    starts_ptr, buckets_ptr, runs_ptr, valid_ptr,
     num_queries, num_buckets, step,
     BUCKET: tl.constexpr, LANES: tl.constexpr, BLOCK_Q: tl.constexpr, POLICY: tl.constexpr, UPDATE: tl.constexpr,
+    VALID_ON_DEVICE: tl.constexpr,
 ):
+    num_queries = _query_count(num_queries, valid_ptr, VALID_ON_DEVICE)
     r = tl.program_id(0)
     i = tl.load(starts_ptr + r)  # entries past the runs hold garbage, unused
     b = tl.load(buckets_ptr + r)
@@ -238,14 +252,21 @@ def _probe_kernel(
 def triton_probe(
     keys, tags, last_seen, freq, changed,
     query_keys, query_tags, query_hashes, query_counts, may_insert,
-    *, num_buckets: int, bucket_size: int, step: int, policy: str, update_scores: bool,
+    *, num_buckets: int, bucket_size: int, step: int, policy: str, update_scores: bool, valid=None,
 ) -> ProbeResult:
     count = query_keys.numel()
     device = query_keys.device
-    # The kernel writes every field of every query (evicted ids 0 where not REPLACED).
+    # The kernel writes every field of every query (evicted ids 0 where not REPLACED); past
+    # ``valid`` queries it writes nothing, so their slot and status are set first.
+    if valid is None:
+        slots = torch.empty(count, dtype=torch.int64, device=device)
+        status = torch.empty(count, dtype=torch.int8, device=device)
+    else:
+        slots = torch.full((count,), -1, dtype=torch.int64, device=device)
+        status = torch.full((count,), hash_probe.PADDING, dtype=torch.int8, device=device)
     result = ProbeResult(
-        slots=torch.empty(count, dtype=torch.int64, device=device),
-        status=torch.empty(count, dtype=torch.int8, device=device),
+        slots=slots,
+        status=status,
         evicted_keys=torch.empty(count, dtype=torch.int64, device=device),
         evicted_tags=torch.empty(count, dtype=torch.int32, device=device),
     )
@@ -259,18 +280,21 @@ def triton_probe(
         starts = torch.empty(count, dtype=torch.int64, device=device)
         buckets = torch.empty(count, dtype=torch.int64, device=device)
         runs = torch.zeros(1, dtype=torch.int32, device=device)
+        on_device = valid is not None
+        valid = valid if on_device else runs  # unread
         _bucket_runs_kernel[(triton.cdiv(count, RUNS_BLOCK),)](
-            query_hashes, starts, buckets, runs, count, num_buckets, BLOCK=RUNS_BLOCK, num_warps=4
+            query_hashes, starts, buckets, runs, valid, count, num_buckets, VALID_ON_DEVICE=on_device, BLOCK=RUNS_BLOCK,
+            num_warps=4,
         )
         lanes = triton.next_power_of_2(bucket_size)
         _probe_kernel[(grid,)](
             keys, tags, last_seen, freq, changed,
             query_keys, query_tags, query_hashes, query_counts, may_insert.view(torch.uint8),
             result.slots, result.status, result.evicted_keys, result.evicted_tags,
-            starts, buckets, runs,
+            starts, buckets, runs, valid,
             count, num_buckets, step,
             BUCKET=bucket_size, LANES=lanes, BLOCK_Q=PROBE_BLOCK,
-            POLICY=POLICIES[policy], UPDATE=update_scores,
+            POLICY=POLICIES[policy], UPDATE=update_scores, VALID_ON_DEVICE=on_device,
             num_warps=1 if lanes <= 64 else (2 if lanes <= 256 else 4),
         )
     return result

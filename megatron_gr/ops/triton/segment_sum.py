@@ -135,9 +135,10 @@ def _join_pieces_kernel(seg_ptr, offsets_ptr, first_ptr, last_ptr, out_ptr, n, d
         tl.store(out_ptr + segment * dim + cols, acc, mask=col_ok)
 
 
-def triton_segment_sum(values, order, segments, offsets, *, chunk: int = CHUNK) -> torch.Tensor:
+def triton_segment_sum(values, order, segments, offsets, *, chunk: int = CHUNK, padded: bool = False) -> torch.Tensor:
+    """``padded``: ``offsets`` past the groups are N; their rows, which no program writes, are zeros."""
     count, dim = order.numel(), values.shape[1]
-    out = torch.empty(offsets.numel() - 1, dim, dtype=torch.float32, device=values.device)
+    out = (torch.zeros if padded else torch.empty)(offsets.numel() - 1, dim, dtype=torch.float32, device=values.device)
     if count == 0:
         return out
     windows = triton.cdiv(count, chunk)
@@ -241,10 +242,12 @@ def _tile_groups_kernel(
         start_carry = tl.maximum(start_carry, tl.max(tl.where(starts, p, -1)))
 
 
-def triton_sorted_groups(sorted_keys, sorted_minor, order, take):
+def triton_sorted_groups(sorted_keys, sorted_minor, order, take, *, count_on_host: bool = True):
     """:func:`megatron_gr.ops.segment_sum.sorted_groups` after its sort (``N`` >= 1), the
     PyTorch path's values. Outputs of ``U`` entries are written into ``N``-entry buffers and
-    cut to ``U`` after the host read: nothing runs after it."""
+    cut to ``U`` after the host read: nothing runs after it. Without the read
+    (``count_on_host=False``) the buffers are returned whole, their padding set first
+    (offsets N, counts, first, unique and taken 0)."""
     from megatron_gr.ops.segment_sum import SortedGroups
 
     count, device = sorted_keys.numel(), sorted_keys.device
@@ -260,11 +263,15 @@ def triton_sorted_groups(sorted_keys, sorted_minor, order, take):
     )
     segments = torch.empty(count, dtype=torch.int64, device=device)
     inverse = torch.empty(count, dtype=torch.int64, device=device)
-    offsets = torch.empty(count + 1, dtype=torch.int64, device=device)
-    first = torch.empty(count, dtype=torch.int64, device=device)
-    unique = torch.empty_like(sorted_keys)
-    counts = torch.empty(count, dtype=torch.int64, device=device)
-    outs = [torch.empty(count, dtype=t.dtype, device=device) for t in take]
+    pad = torch.empty if count_on_host else torch.zeros  # where the kernel writes no group
+    if count_on_host:
+        offsets = torch.empty(count + 1, dtype=torch.int64, device=device)
+    else:
+        offsets = torch.full((count + 1,), count, dtype=torch.int64, device=device)  # past the groups: N
+    first = pad(count, dtype=torch.int64, device=device)
+    unique = pad(count, dtype=sorted_keys.dtype, device=device)
+    counts = pad(count, dtype=torch.int64, device=device)
+    outs = [pad(count, dtype=t.dtype, device=device) for t in take]
     pairs = [(t.contiguous(), o) for t, o in zip(take, outs)] + [(segments, segments)] * (2 - len(take))  # unused
     _tile_groups_kernel[(tiles,)](
         sorted_keys, minor, order, tile_counts, tile_last,
@@ -274,6 +281,13 @@ def triton_sorted_groups(sorted_keys, sorted_minor, order, take):
         HAS_MINOR=sorted_minor is not None, TAKE=len(take), TILE=tile, SUB=GROUP_SUB,
         TILES_BLOCK=min(TILES_MAX, max(triton.next_power_of_2(tiles), 16)), num_warps=4,
     )
+    if not count_on_host:
+        result = SortedGroups(
+            order, segments, offsets, inverse, unique, taken=tuple(outs), first_=first, counts_=counts, valid=segments[-1] + 1
+        )
+        if extra:
+            result.taken += tuple(t[first] for t in extra)
+        return result
     groups = int(segments[-1]) + 1  # the host read
     result = SortedGroups(
         order, segments, offsets[: groups + 1], inverse, unique[:groups],

@@ -10,28 +10,50 @@ from pathlib import Path
 import pytest
 
 
+# A dynamic item table on one rank: its lookups read nothing (the distinct count stays on
+# the device); its rows' norm share and scale are read after the norm, the device idle.
+DYNAMIC = {"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size": 16}}}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("table", ["plain", "dynamic"])
 @pytest.mark.parametrize("cuda_graphs", ["none", "layers"])
-def test_gpu_step_waits_for_the_device_only_at_the_gradient_norm(tmp_path, cuda_graphs):
+def test_gpu_step_waits_for_the_device_only_at_the_gradient_norm(tmp_path, cuda_graphs, table):
+    from megatron_gr.embeddings.dynamic import table as table_module
+    from megatron_gr.training import sparse_step
     from megatron_gr.training import trainer as trainer_module
     from megatron_gr.training.device_waits import device_waits
     from megatron_gr.training.trainer import Trainer
     from tests.unit.training.helpers import tiny_config
 
-    config = tiny_config(tmp_path, training={"device": "cuda", "kernel_backend": "triton", "cuda_graphs": cuda_graphs})
+    config = tiny_config(
+        tmp_path, training={"device": "cuda", "kernel_backend": "triton", "cuda_graphs": cuda_graphs},
+        embeddings=DYNAMIC if table == "dynamic" else {}, logging={"log_interval": 100},  # the logs read counters
+    )
     trainer = Trainer(config)
     for _ in range(2):  # compiles and captures
         trainer.train_step()
     sites = device_waits(trainer, steps=3)
-    source = Path(trainer_module.__file__).read_text().splitlines()
-    # Allowed: the norm's .item() (megatron's gradient norm, fast_optimizer.py) and the loss
-    # read in loss_is_finite right after it (the device is idle by then; still reported).
+    sources = {
+        module.__file__.rsplit("/", 1)[1]: Path(module.__file__).read_text().splitlines()
+        for module in (trainer_module, table_module, sparse_step)
+    }
+    # Allowed: the norm's .item() (megatron's gradient norm, fast_optimizer.py) and, after
+    # it (the device idle by then; still reported), the loss read in loss_is_finite and the
+    # dynamic rows' norm share and scale.
+    after_norm = {"trainer.py": "loss_is_finite", "sparse_step.py": "_joint_grad_norm", "table.py": "_host_scale"}
     unexpected = {}
     for (name, line), per_step in sites.items():
-        allowed = name == "fast_optimizer.py" or (
-            name == "trainer.py" and "loss_is_finite" in "".join(source[max(0, line - 3) : line])
-        )
+        allowed = name == "fast_optimizer.py" or (name in after_norm and _function_at(sources[name], line) == after_norm[name])
         if not allowed:
             unexpected[f"{name}:{line}"] = per_step
     assert sites, "the sync debug mode reported nothing: the gradient norm's read should show"
     assert not unexpected, f"synchronising calls per step outside the gradient-norm read: {unexpected}"
+
+
+def _function_at(source: list[str], line: int) -> str:
+    """The name of the innermost function that holds 1-based ``line``."""
+    for text in reversed(source[:line]):
+        if text.lstrip().startswith("def "):
+            return text.lstrip()[4:].split("(")[0]
+    return ""
