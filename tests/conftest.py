@@ -17,6 +17,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (the README's ``-n 2``) each worker is one of the machine's processes:
+    # one intra-op thread apiece, or two workers x two threads oversubscribe two cores (the
+    # parity tests compare with tolerances, so the thread count does not change what passes).
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def pytest_collection_finish(session):
     # Megatron's distributed optimizer runs a full gc.collect() per checkpoint save and load:
     # ~0.3 s each over the objects of every imported module and collected test. Those live
