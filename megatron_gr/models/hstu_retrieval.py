@@ -168,7 +168,7 @@ class HSTURetrievalModel(MegatronModule):
             labels = shard.take(batch.labels)
             candidates = self.corpus_ids if full_softmax else batch.negative_ids
         # The inputs', labels' and candidates' rows in one lookup: a hash table answers it
-        # with one host read and one exchange instead of one per lookup.
+        # with one dedupe (and across ranks one exchange) instead of one per lookup.
         wanted = ([shard.take(batch.item_ids)] if self.pre_process else []) + ([labels, candidates] if computes_loss else [])
         rows = self.item_table.lookup_many(wanted) if wanted else []
         user = self.encode(batch, shard=shard, item_rows=rows[0] if self.pre_process else None)

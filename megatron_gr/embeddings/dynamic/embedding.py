@@ -36,9 +36,9 @@ class DynamicEmbedding(EmbeddingTable):
         return self.lookup_many([ids])[0]
 
     def lookup_many(self, ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One lookup for all of ``ids``: one dedupe, one host read of the distinct count and
-        one exchange, where a lookup each would cost one each (and a training step one more
-        to sum the row gradients of several lookups)."""
+        """One lookup for all of ``ids``: one dedupe and, across ranks, one exchange with its
+        host reads, where a lookup each would cost one each (and a training step one more
+        dedupe to sum the row gradients of several lookups)."""
         for part in ids:
             check_ids(self.feature, part)
         flat = torch.cat([part.reshape(-1) for part in ids])
