@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call (under 10 minutes) for the "dynamic table within 10% of plain" row of
 # docs/benchmarks/e2e.md: the standard shape with layer graphs, the plain table beside the
-# dynamic one, the dynamic one also with the package of an older tree (default: c002eae, four
+# dynamic one, the dynamic one also with the package of an older tree (c002eae: four
 # device reads per step in its lookups; `git archive c002eae megatron_gr | tar -x -C DIR`)
 # and the loss curves of the two compared; then the GPU tests of the lookup paths and the
 # host profile with graphs. Run from the repository root with megatron-core importable:
