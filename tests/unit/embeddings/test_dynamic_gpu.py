@@ -106,14 +106,19 @@ _COMPILE = textwrap.dedent(
              ("changed_ptr", "u8"), ("q_keys_ptr", "i64"), ("q_tags_ptr", "i32"), ("q_hashes_ptr", "i64"),
              ("q_counts_ptr", "i64"), ("q_insert_ptr", "u8"), ("slots_ptr", "i64"), ("status_ptr", "i8"),
              ("ev_keys_ptr", "i64"), ("ev_tags_ptr", "i32"), ("starts_ptr", "i64"), ("buckets_ptr", "i64"),
-             ("runs_ptr", "i32")]}
-    for policy, update, lanes in ((0, True, 64), (1, True, 64), (2, True, 64), (1, False, 64), (1, True, 256)):
+             ("runs_ptr", "i32"), ("valid_ptr", "i64")]}
+    for policy, update, lanes, on_device in ((0, True, 64, False), (1, True, 64, True), (2, True, 64, False),
+                                             (1, False, 64, True), (1, True, 256, False)):
         compile(H._probe_kernel, {**table, "num_queries": "i64", "num_buckets": "i64", "step": "i64", "BUCKET": "constexpr",
-                "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr"},
-                {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update},
+                "LANES": "constexpr", "BLOCK_Q": "constexpr", "POLICY": "constexpr", "UPDATE": "constexpr",
+                "VALID_ON_DEVICE": "constexpr"},
+                {"BUCKET": lanes, "LANES": lanes, "BLOCK_Q": H.PROBE_BLOCK, "POLICY": policy, "UPDATE": update,
+                 "VALID_ON_DEVICE": on_device},
                 warps=1 if lanes <= 64 else 2)
-    compile(H._bucket_runs_kernel, {"q_hashes_ptr": "*i64", "starts_ptr": "*i64", "buckets_ptr": "*i64", "runs_ptr": "*i32",
-            "n": "i64", "num_buckets": "i64", "BLOCK": "constexpr"}, {"BLOCK": H.RUNS_BLOCK})
+    for on_device in (False, True):  # the query count from the host, or read on the device (padded queries)
+        compile(H._bucket_runs_kernel, {"q_hashes_ptr": "*i64", "starts_ptr": "*i64", "buckets_ptr": "*i64", "runs_ptr": "*i32",
+                "valid_ptr": "*i64", "n": "i64", "num_buckets": "i64", "VALID_ON_DEVICE": "constexpr", "BLOCK": "constexpr"},
+                {"VALID_ON_DEVICE": on_device, "BLOCK": H.RUNS_BLOCK})
     compile(H._routing_keys_kernel, {"ids_ptr": "*i64", "tags_ptr": "*i32", "out_ptr": "*i64", "n": "i64",
             "HAS_TAGS": "constexpr", "BLOCK": "constexpr"}, {"HAS_TAGS": False, "BLOCK": 1024})
     rows = {n: "*fp32" for n in ("weights_ptr", "state0_ptr", "state1_ptr")}
