@@ -12,7 +12,6 @@ Triton kernels (one place chooses; a missing backend is an error).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -102,8 +101,8 @@ def probe(
         torch.zeros(count, dtype=torch.int64, device=query_keys.device),
         torch.zeros(count, dtype=torch.int32, device=query_keys.device),
     )
-    for field, value in zip(("slots", "status", "evicted_keys", "evicted_tags"), dataclasses.astuple(result)):
-        getattr(padded, field)[:probed] = value
+    for field in ("slots", "status", "evicted_keys", "evicted_tags"):  # astuple would deep-copy them
+        getattr(padded, field)[:probed] = getattr(result, field)
     return padded
 
 

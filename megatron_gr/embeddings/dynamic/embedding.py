@@ -41,7 +41,7 @@ class DynamicEmbedding(EmbeddingTable):
         dedupe to sum the row gradients of several lookups)."""
         for part in ids:
             check_ids(self.feature, part)
-        flat = torch.cat([part.reshape(-1) for part in ids])
+        flat = ids[0].reshape(-1) if len(ids) == 1 else torch.cat([part.reshape(-1) for part in ids])
         if self._cache is not None and not (self.training and torch.is_grad_enabled()):
             rows = self._cached_rows(flat)
         else:
