@@ -42,6 +42,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _runtime_ends_with_its_module():
+    """A Trainer built without a runtime fixture starts one of its own (NCCL on a GPU) and
+    leaves it open; the next module's ``megatron_cpu`` would then find an NCCL group and
+    refuse. Every module therefore ends with torch.distributed and megatron-core reset."""
+    yield
+    from megatron_gr.training.runtime import shutdown
+
+    shutdown()
+
+
 @pytest.fixture(scope="module")
 def megatron_cpu():
     """torch.distributed (gloo, one rank) + megatron parallel state, in CPU mode for the

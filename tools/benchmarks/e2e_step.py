@@ -151,6 +151,8 @@ def summarize(run: dict, flops_per_step: list, *, peak: float | None, ceiling: f
         "peak_memory_gib": run["peak_memory_gib"],
         "flops_per_step": flops_per_step,
         "host_step_ms_median": statistics.median(run["host_step_s"]) * 1e3,
+        "host_step_ms": [s * 1e3 for s in run["host_step_s"]],
+        **({"device_step_ms": run["device_step_ms"]} if run.get("device_step_ms") else {}),
         "losses": run["losses"],
         **({"cuda_graphs": run["cuda_graphs"]} if "cuda_graphs" in run else {}),
     }

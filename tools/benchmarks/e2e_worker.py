@@ -89,13 +89,21 @@ def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path:
     taken.clear()
     records = []
     host_step_s = []
+    # Each step's span on the device's timeline, from events (no extra wait): an outlier
+    # step shows here, where the window's mean hides it.
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
     start = time.perf_counter()
-    for _ in range(steps):
+    for index in range(steps):
+        if cuda:
+            marks[index].record()
         begin = time.perf_counter()
         records.append(trainer.train_step())
         host_step_s.append(time.perf_counter() - begin)
+    if cuda:
+        marks[-1].record()
     sync()
     window = time.perf_counter() - start
+    device_step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
     timed_batches = list(taken)
     losses += [float(r["loss"]) for r in records]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -116,6 +124,7 @@ def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path:
         "window_s": window,
         "steps": steps,
         "host_step_s": host_step_s,
+        "device_step_ms": device_step_ms,
         "tokens": [int(r["tokens"]) for r in records],
         "micro_batch_lengths": [_lengths(batches) for batches in timed_batches],
         "peak_memory_gib": peak,

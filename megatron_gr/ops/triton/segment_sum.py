@@ -163,6 +163,10 @@ def triton_segment_sum(values, order, segments, offsets, *, chunk: int = CHUNK, 
 # ``take`` values; at a group's end its size (from the start, carried across tiles).
 GROUP_SUB = 1024  # sorted positions a program handles at once
 TILES_MAX = 2048  # tiles past this grow (a program then walks its tile in GROUP_SUB steps)
+# Earlier tiles' counts a program reads at once: fixed, not sized by the query count, so a
+# count crossing a power of two compiles nothing new (a compile in a training step costs
+# hundreds of milliseconds).
+TILES_BLOCK = 128
 
 
 @triton.jit
@@ -279,7 +283,7 @@ def triton_sorted_groups(sorted_keys, sorted_minor, order, take, *, count_on_hos
         pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1],
         count, tiles,
         HAS_MINOR=sorted_minor is not None, TAKE=len(take), TILE=tile, SUB=GROUP_SUB,
-        TILES_BLOCK=min(TILES_MAX, max(triton.next_power_of_2(tiles), 16)), num_warps=4,
+        TILES_BLOCK=TILES_BLOCK, num_warps=4,
     )
     if not count_on_host:
         result = SortedGroups(

@@ -148,7 +148,7 @@ _COMPILE = textwrap.dedent(
                 "offsets_ptr": "*i64", "first_ptr": "*i64", "unique_ptr": "*i64", "counts_ptr": "*i64", "take0_ptr": "*i64",
                 "out0_ptr": "*i64", "take1_ptr": "*i32", "out1_ptr": "*i32", "n": "i64", "tiles": "i64",
                 "HAS_MINOR": "constexpr", "TAKE": "constexpr", "TILE": "constexpr", "SUB": "constexpr", "TILES_BLOCK": "constexpr"},
-                {"HAS_MINOR": has_minor, "TAKE": take, "TILE": 4 * G.GROUP_SUB, "SUB": G.GROUP_SUB, "TILES_BLOCK": G.TILES_MAX})
+                {"HAS_MINOR": has_minor, "TAKE": take, "TILE": 4 * G.GROUP_SUB, "SUB": G.GROUP_SUB, "TILES_BLOCK": G.TILES_BLOCK})
     scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
                                    "init0", "init1")}
     for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):

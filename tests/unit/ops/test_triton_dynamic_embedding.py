@@ -206,12 +206,14 @@ def test_groups_are_identical_to_the_reference(count, key_space, with_minor):
 
 
 def test_groups_in_tiles_of_several_steps(monkeypatch):
-    # Small tiles walked in several steps, few tiles per prefix block, one key over many tiles,
-    # all keys equal, all distinct, three take tensors (the third gathered after the host read).
+    # Small tiles walked in several steps, the earlier tiles' counts read in several blocks,
+    # one key over many tiles, all keys equal, all distinct, three take tensors (the third
+    # gathered after the host read).
     from megatron_gr.ops.triton import segment_sum as kernels
 
     monkeypatch.setattr(kernels, "GROUP_SUB", 16)
     monkeypatch.setattr(kernels, "TILES_MAX", 4)
+    monkeypatch.setattr(kernels, "TILES_BLOCK", 2)
     generator = torch.Generator().manual_seed(21)
     keys = torch.randint(0, 30, (500,), generator=generator)
     keys[torch.randperm(500, generator=generator)[:200]] = 17
