@@ -337,6 +337,28 @@ def _trainer(variant: str, *, args):
     return trainer
 
 
+def python_profile(trainer, steps: int, top: int) -> list[dict]:
+    """The ``top`` functions of the project, megatron-core and Triton's launcher by
+    cumulative time per step under cProfile (which slows every call, so compare functions
+    with each other, not with the step's time)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        trainer.train_step()
+    _sync(trainer.runtime.device)
+    profiler.disable()
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        where = next((path[path.index(k):] for k in ("megatron_gr/", "megatron/core/", "triton/runtime/") if k in path), None)
+        if where is not None:
+            rows.append({"function": f"{name} ({where}:{line})", "calls_per_step": calls / steps,
+                         "cumulative_ms_per_step": cumulative * 1e3 / steps, "own_ms_per_step": own * 1e3 / steps})
+    return sorted(rows, key=lambda row: -row["cumulative_ms_per_step"])[:top]
+
+
 def measure(variant: str, *, args) -> dict:
     trainer = _trainer(variant, args=args)
     device = trainer.runtime.device
@@ -368,6 +390,8 @@ def measure(variant: str, *, args) -> dict:
     result["host_reads_per_step"] = {
         f"{kind} @ {where}": n / args.profile_steps for (kind, where), n in sorted(reads.counts.items(), key=lambda kv: -kv[1])
     }
+    if args.python_profile:
+        result["python_profile"] = python_profile(trainer, args.profile_steps, args.python_profile)
     trainer.loader.close()
     return result
 
@@ -392,6 +416,11 @@ def print_result(result: dict, top: int) -> None:
         print(f"   Triton launches per step: {sum(launches.values()):.0f}", {k: round(v, 1) for k, v in launches.items()})
     if "cuda_syncs_per_step" in result:
         print("   CUDA synchronisations per step (sync debug mode):", result["cuda_syncs_per_step"] or "none")
+    if "python_profile" in result:
+        print("   Python functions by cumulative ms per step under cProfile (calls/step, own ms/step):")
+        for row in result["python_profile"]:
+            print(f"     {row['cumulative_ms_per_step']:8.2f}  {row['function']}  "
+                  f"({row['calls_per_step']:.0f}, {row['own_ms_per_step']:.2f})")
     ops = result["top_ops_outside_layers"] if result["graphs"] != "none" else result["top_ops"]
     print(f"   top-level aten ops per step{' outside the layers' if result['graphs'] != 'none' else ''} (top {top}):")
     for name, n in list(ops.items())[:top]:
@@ -414,6 +443,9 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=12, help="top-level aten operators to print")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's); on a shared "
                         "machine 1 keeps idle intra-op threads' spinning out of the training thread's CPU time")
+    parser.add_argument("--python-profile", type=int, default=0, metavar="N",
+                        help="also run the profiled steps under cProfile and print the N functions (of this "
+                        "project, megatron-core, Triton's launcher) with the most cumulative time per step")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
