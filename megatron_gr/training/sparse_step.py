@@ -117,7 +117,8 @@ class SparseTables:
         if not self.tables:
             return dense_norm
         sparse_square = torch.stack([table.gradient_square_sum() for table in self.tables]).sum()
-        dist.all_reduce(sparse_square, group=self.group)
+        if dist.get_world_size(self.group) > 1:  # on one rank the sum is the total: no collective to launch
+            dist.all_reduce(sparse_square, group=self.group)
         return math.sqrt(dense_norm**2 + float(sparse_square))
 
     def statistics(self) -> dict[str, float]:
