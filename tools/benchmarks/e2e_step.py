@@ -271,6 +271,11 @@ def main() -> int:
     parity = [loss_parity(rows, *pair.split(",")) for pair in args.loss_parity]
     table = markdown(rows)
     print(table)
+    for (tree, name), row in rows.items():
+        if "idle_ms" in row:
+            by_phase = ", ".join(f"{phase} {ms:.2f}" for phase, ms in row["idle_ms_by_next_phase"].items())
+            print(f"{tree}/{name}: GPU idle {row['idle_ms']:.2f} ms per profiled step, {row['idle_ms_after_waits']:.2f} "
+                  f"of it after a device wait; by the phase of the kernel that ends the gap: {by_phase}")
     for item in parity:
         first, second = item["runs"]
         if "missing" in item:

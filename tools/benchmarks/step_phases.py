@@ -10,6 +10,11 @@ A kernel's phase comes from, in this order:
 2. its name (the attention kernels, GEMMs, embedding and loss kernels);
 3. ``norms_and_elementwise`` for every other kernel; copies and fills are ``copies``.
 
+The GPU's idle time is listed too: each gap between its busy intervals, charged to the
+kernel that ends it (its phase and the host operator that launched it), and marked when
+the gap opened while the host sat in a synchronising call (the queue ran dry at a device
+wait, so the host work after the wait is what the GPU waited for).
+
 Only the standard chrome-trace fields are read (``ph: X`` events with ``cat`` kernel /
 gpu_memcpy / gpu_memset / cuda_runtime / cuda_driver / cpu_op / user_annotation, and the
 ``correlation``, ``Sequence number`` args), so any torch 2.x trace works.
@@ -36,6 +41,7 @@ ANNOTATIONS = {"e2e::optimizer": "optimizer", "e2e::loss": "loss", "e2e::embeddi
 
 _GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 _LAUNCH_CATEGORIES = {"cuda_runtime", "cuda_driver"}
+_WAITS = re.compile(r"Synchronize")  # the host calls that wait for the device (a read: its copy, then this)
 _RANGE_CATEGORIES = {"cpu_op", "user_annotation", "python_function"}
 _BACKWARD_PREFIX = "autograd::engine::evaluate_function:"
 
@@ -90,6 +96,23 @@ def phase_breakdown(trace: dict, *, num_steps: int, top: int = 25) -> dict:
         entry[1] += 1
     busy = _union_length([(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in gpu])
     steps = max(num_steps, 1)
+    waits = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in events
+                   if e.get("cat") in _LAUNCH_CATEGORIES and _WAITS.search(e.get("name", "")))
+    gaps = []
+    for start, stop, after in _gaps(gpu):
+        launch = launch_of.get(after.get("args", {}).get("correlation"))
+        enclosing = ranges.enclosing(launch["tid"], launch["ts"]) if launch is not None else []
+        gaps.append({
+            "ms": (stop - start) / 1e3,
+            "next_kernel": after.get("name", "")[:80],
+            "next_phase": classify_kernel(after.get("name", ""), ranges.phases_of(enclosing))
+            if after.get("cat") == "kernel" else "copies",
+            "host_op": enclosing[-1].get("name", "")[:80] if enclosing else "",
+            "after_wait": any(w0 <= start <= w1 for w0, w1 in waits),
+        })
+    by_next = defaultdict(float)
+    for gap in gaps:
+        by_next[gap["next_phase"]] += gap["ms"]
     return {
         "phases_ms": {phase: sums.get(phase, 0.0) / 1e3 / steps for phase in PHASES},
         "gpu_busy_ms": busy / 1e3 / steps,
@@ -98,6 +121,10 @@ def phase_breakdown(trace: dict, *, num_steps: int, top: int = 25) -> dict:
             {"name": name[:120], "phase": phase, "ms": dur / 1e3 / steps, "launches": count / steps}
             for (name, phase), (dur, count) in sorted(by_kernel.items(), key=lambda item: -item[1][0])[:top]
         ],
+        "idle_ms": sum(g["ms"] for g in gaps) / steps,
+        "idle_ms_after_waits": sum(g["ms"] for g in gaps if g["after_wait"]) / steps,
+        "idle_ms_by_next_phase": {phase: ms / steps for phase, ms in sorted(by_next.items(), key=lambda kv: -kv[1])},
+        "largest_gaps": sorted(gaps, key=lambda g: -g["ms"])[:top],
     }
 
 
@@ -150,6 +177,18 @@ class _RangeIndex:
 def _sequence_number(event: dict) -> Optional[int]:
     value = event.get("args", {}).get("Sequence number")
     return int(value) if value is not None else None
+
+
+def _gaps(gpu: list[dict]) -> list[tuple[float, float, dict]]:
+    """The GPU's idle intervals between its first and last event: (start, end, the event
+    that ends the gap)."""
+    out, end = [], None
+    for e in sorted(gpu, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            out.append((end, e["ts"], e))
+        stop = e["ts"] + e.get("dur", 0.0)
+        end = stop if end is None else max(end, stop)
+    return out
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:

@@ -81,3 +81,25 @@ def test_classify_by_name(phases):
     assert phases.classify_kernel("indexSelectLargeIndex") == "embeddings"
     assert phases.classify_kernel("multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
     assert phases.classify_kernel("anything", ["e2e::embeddings", "aten::mm"]) == "embeddings"
+
+
+def test_idle_gaps_go_to_the_kernel_that_ends_them_and_note_a_device_wait(phases):
+    events = [
+        _launch(0, 1), _kernel("a", 0, 10, 1),
+        # the host waits for the device (10..30), then launches an embedding op at 80: the GPU
+        # sat idle from 10 to 90 after the wait
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 5, "dur": 25, "tid": 1, "args": {}},
+        _range("aten::embedding", 78, 5), _launch(80, 2), _kernel("indexSelectLargeIndex", 90, 10, 2),
+        # a gap with no wait: the host was late launching (100..130)
+        _launch(120, 3), _kernel("sm90_xmma_gemm", 130, 20, 3),
+        # overlapping kernels: no gap between them
+        _launch(125, 4), _kernel("b", 140, 20, 4),
+    ]
+    result = phases.phase_breakdown({"traceEvents": events}, num_steps=2, top=5)
+    assert result["idle_ms"] == pytest.approx((80 + 30) / 1e3 / 2)
+    assert result["idle_ms_after_waits"] == pytest.approx(80 / 1e3 / 2)
+    assert result["idle_ms_by_next_phase"] == {"embeddings": pytest.approx(0.04), "gemm": pytest.approx(0.015)}
+    first, second = result["largest_gaps"]
+    assert first == {"ms": pytest.approx(0.08), "next_kernel": "indexSelectLargeIndex", "next_phase": "embeddings",
+                     "host_op": "aten::embedding", "after_wait": True}
+    assert second["next_phase"] == "gemm" and second["after_wait"] is False and second["host_op"] == ""
