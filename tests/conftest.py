@@ -23,6 +23,10 @@ def pytest_configure(config):
     # parity tests compare with tolerances, so the thread count does not change what passes).
     if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from tests.triton_support import cache_interpreter_builtin_names
+
+        cache_interpreter_builtin_names()
 
 
 def pytest_collection_finish(session):
