@@ -44,12 +44,12 @@ def test_tensors_made_from_host_values_on_a_device_are_recorded():
     assert sum(reads.counts.values()) == 1
 
 
-def _tiny_run(tool, *, graphs: str) -> dict:
+def _tiny_run(tool, *, graphs: str, python_profile: int = 0) -> dict:
     """The plain variant for 2 steps (1 profiled) on the CPU."""
     from megatron_gr.training.runtime import shutdown
 
     args = types.SimpleNamespace(warmup=1, steps=2, profile_steps=1, kernel_backend="pytorch", device="cpu",
-                                 no_prefetch=True, graphs=graphs)
+                                 no_prefetch=True, graphs=graphs, python_profile=python_profile)
     try:
         return tool.measure("plain", args=args)
     finally:
@@ -58,7 +58,7 @@ def _tiny_run(tool, *, graphs: str) -> dict:
 
 def test_a_tiny_run_reports_operators_phases_and_reads(tmp_path):
     tool = _tool()
-    result = _tiny_run(tool, graphs="none")
+    result = _tiny_run(tool, graphs="none", python_profile=50)
     assert 0 < result["top_level_aten_ops_per_step"] < result["aten_ops_per_step"]
     assert set(result["phase_ms_per_step"]) == {*tool.PHASES, "outside_layers"}
     assert result["phase_ms_per_step"]["forward"] > 0 and result["phase_ms_per_step"]["optimizer"] > 0
@@ -68,6 +68,16 @@ def test_a_tiny_run_reports_operators_phases_and_reads(tmp_path):
                                  "item @ megatron_gr/compat/fast_optimizer.py")) for where in reads)
     assert any(where.startswith("tolist @ megatron_gr/training/trainer.py") for where in reads)
     assert len(result["losses"]) == 2 and all(loss == loss for loss in result["losses"])
+    # --python-profile: the step's own function leads (everything runs inside it), by
+    # cumulative time, then the functions it calls; only this project's, megatron's, Triton's
+    profile = result["python_profile"]
+    assert 0 < len(profile) <= 50 and profile[0]["function"].startswith("train_step (megatron_gr/training/trainer.py:")
+    assert profile[0]["calls_per_step"] == 1
+    times = [row["cumulative_ms_per_step"] for row in profile]
+    assert times == sorted(times, reverse=True) and all(row["own_ms_per_step"] <= row["cumulative_ms_per_step"]
+                                                        for row in profile)
+    assert all(row["function"].split("(", 1)[1].startswith(("megatron_gr/", "megatron/core/", "triton/runtime/"))
+               for row in profile)
 
 
 def test_graphed_layers_are_reported_apart():
