@@ -7,7 +7,6 @@ file runs with PyTorch alone (megatron_gr and megatron-core not importable)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from megatron_gr.models.retrieval_metrics import metric_sums, metrics_from_sums
 from megatron_gr.training.evaluate_checkpoint import trainer_with_saved_weights
 from megatron_gr.training.model_setup import unwrap
 from tests.support.parity import assert_close_to_scale
+from tests.unit.serving.programs import program_metadata, program_module
 from tests.unit.training.checkpoint_helpers import assert_one_error_line, config_file, run_cli
 from tests.unit.training.helpers import tiny_config
 
@@ -73,7 +73,7 @@ def _inputs(model, batch, users=None):
 
 def test_program_scores_equal_the_training_time_evaluation(exported):
     tmp, _ = exported
-    program = torch.export.load(tmp / "hstu.pt2").module()
+    program = program_module(tmp / "hstu.pt2")
     trainer, model, batches = _evaluation(tmp)
     normalize = model.config.output_normalization == "l2"
     corpus = item_vectors(model.item_table, model.corpus_ids, normalize=normalize)
@@ -97,7 +97,7 @@ def test_program_scores_equal_the_training_time_evaluation(exported):
 
 def test_any_number_of_users_and_tokens(exported):
     tmp, _ = exported
-    program = torch.export.load(tmp / "hstu.pt2").module()
+    program = program_module(tmp / "hstu.pt2")
     _, model, batches = _evaluation(tmp)
     batch = batches[0]
     full, _, _ = program(*_inputs(model, batch))
@@ -129,16 +129,14 @@ def test_program_runs_without_megatron(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(TOP_K)
     outputs = torch.load(tmp_path / "outputs.pt")
-    expected = torch.export.load(tmp / "hstu.pt2").module()(*inputs)
+    expected = program_module(tmp / "hstu.pt2")(*inputs)
     for got, want in zip(outputs, expected):
         assert torch.equal(got, want)
 
 
 def test_metadata_maps_items_to_raw_ids(exported):
     tmp, _ = exported
-    files = {"megatron_gr.json": ""}
-    torch.export.load(tmp / "hstu.pt2", extra_files=files)
-    metadata = json.loads(files["megatron_gr.json"])
+    metadata = program_metadata(tmp / "hstu.pt2")
     trainer, model, _ = _evaluation(tmp)
     assert metadata["raw_item_ids"] == trainer.dataset.items.vocab.tolist()
     assert list(metadata["inputs"]) == ["item_ids", "timestamps", "offsets"] + ["query_times"] * reads_query_times(model.config)

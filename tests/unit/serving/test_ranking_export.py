@@ -9,7 +9,6 @@ importable)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from megatron_gr.training.evaluate_checkpoint import trainer_with_saved_weights
 from megatron_gr.training.model_setup import unwrap
 from tests.support.parity import assert_close_to_scale
 from tests.unit.models.test_ultra_model import CLICK, IMP, TWO_CHANNELS, tiny
+from tests.unit.serving.programs import program_metadata, program_module
 from tests.unit.training.checkpoint_helpers import assert_one_error_line, run_cli
 
 MODELS = {
@@ -91,7 +91,7 @@ def _slice_requests(inputs: dict, begin: int, end: int) -> dict:
 
 def test_program_scores_equal_the_training_time_evaluation(exported):
     tmp, _ = exported
-    program = torch.export.load(tmp / "ranking.pt2").module()
+    program = program_module(tmp / "ranking.pt2")
     trainer, model, batches = _evaluation(tmp)
     served, expected, labels, users = [], [], [], []
     for batch in batches:
@@ -115,7 +115,7 @@ def test_program_scores_equal_the_training_time_evaluation(exported):
 
 def test_any_number_of_requests_and_candidates(exported):
     tmp, _ = exported
-    program = torch.export.load(tmp / "ranking.pt2").module()
+    program = program_module(tmp / "ranking.pt2")
     _, model, batches = _evaluation(tmp)
     inputs = requests_of(batches[0])
     full = _call(program, inputs)
@@ -162,15 +162,13 @@ def test_program_runs_without_megatron(exported, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['click', 'like', 'watch_time']"
-    expected = _call(torch.export.load(tmp / "ranking.pt2").module(), inputs)
+    expected = _call(program_module(tmp / "ranking.pt2"), inputs)
     assert torch.equal(torch.load(tmp_path / "outputs.pt"), expected)
 
 
 def test_metadata_names_inputs_tasks_and_raw_ids(exported):
     tmp, _ = exported
-    files = {"megatron_gr.json": ""}
-    torch.export.load(tmp / "ranking.pt2", extra_files=files)
-    metadata = json.loads(files["megatron_gr.json"])
+    metadata = program_metadata(tmp / "ranking.pt2")
     trainer, model, _ = _evaluation(tmp)
     channels = ["imp", "click"] if hasattr(model, "channels") else ["uih"]
     assert metadata["model_type"] == "ranking" and metadata["tasks"] == ["click", "like", "watch_time"]
@@ -190,7 +188,7 @@ def test_top_k_is_refused_for_ranking(exported, tmp_path, capsys):
 
 def test_a_request_longer_than_max_seq_len_is_one_error(exported):
     tmp, _ = exported
-    program = torch.export.load(tmp / "ranking.pt2").module()
+    program = program_module(tmp / "ranking.pt2")
     _, model, batches = _evaluation(tmp)
     one = _slice_requests(requests_of(batches[0]), 0, 1)
     count = model.config.max_seq_len + 1  # more candidates than a sequence holds
@@ -214,7 +212,7 @@ def test_a_triton_run_exports_the_pytorch_ops(exported, tmp_path, monkeypatch):
     assert main(["export", "--config", str(yaml_path), "--load", str(tmp / "run"), "--out", str(tmp_path / "t.pt2"),
                  "--kernel-backend", "triton"]) == 0
     inputs = requests_of(_evaluation(tmp)[2][0])
-    expected = _call(torch.export.load(tmp / "ranking.pt2").module(), inputs)
+    expected = _call(program_module(tmp / "ranking.pt2"), inputs)
     assert torch.equal(_call(torch.export.load(tmp_path / "t.pt2").module(), inputs), expected)
 
 
