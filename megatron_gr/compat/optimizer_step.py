@@ -60,3 +60,66 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
             if grads:
                 torch._foreach_mul_(grads, clip / (total_norm + 1.0e-6))
     return bool(optimizer.step_with_ready_grads())
+
+
+def decides_on_device(optimizer) -> bool:
+    """Whether :func:`step_with_device_verdict` can step ``optimizer``: every part is
+    megatron's mixed-precision, fp32 or distributed optimizer around a fused torch Adam
+    (whose kernel takes a gradient scale and a skip flag as tensors), without a loss
+    scaler (its non-finite check reads the device) and without decoupled gradients."""
+    parts = _parts(optimizer)
+    if not parts:
+        return False
+    for part in parts:
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            return False
+        if not all(group.get("fused") for group in inner.param_groups):
+            return False
+        if getattr(part, "grad_scaler", None) is not None:
+            return False
+        if getattr(part.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            return False
+        for method in ("prepare_grads", "get_main_grads_for_grad_norm", "get_grad_stats_parallel_group",
+                       "step_with_ready_grads"):
+            if not callable(getattr(part, method, None)):
+                return False
+    return True
+
+
+def prepare_grads_and_device_norm(optimizer, device: torch.device) -> torch.Tensor:
+    """:func:`prepare_grads_and_norm` for optimizers :func:`decides_on_device` accepts
+    (without a loss scaler, megatron finds nothing non-finite here), with the norm left on
+    the device: each part's squares summed over its gradient-statistics group, as
+    ``get_grad_norm`` does, ``[1]`` float32, no host read."""
+    import torch.distributed as dist
+
+    optimizer.prepare_grads()
+    square = torch.zeros(1, dtype=torch.float32, device=device)
+    for part in _parts(optimizer):
+        grads = [grad for grad in part.get_main_grads_for_grad_norm() if grad is not None]
+        if not grads:
+            continue
+        norms = torch._foreach_norm(grads)
+        part_square = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).square().reshape(1)
+        group = part.get_grad_stats_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(part_square, group=group)
+        square = square + part_square
+    return square.sqrt()
+
+
+def step_with_device_verdict(optimizer, *, skip: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
+    """megatron's ``step_with_ready_grads`` with fused Adam told, as tensors, to divide
+    every gradient by ``grad_scale`` (clipping) and to move nothing where ``skip`` (0-dim
+    float32, 0 or 1; ``grad_scale`` 0-dim too) is 1 (its step counts are put back too). The main-to-model copy that
+    follows copies unchanged weights on a skipped step. Only for optimizers
+    :func:`decides_on_device` accepts."""
+    inners = [part.optimizer for part in _parts(optimizer)]
+    for inner in inners:
+        inner.found_inf, inner.grad_scale = skip, grad_scale  # read by torch Adam's step
+    try:
+        optimizer.step_with_ready_grads()
+    finally:
+        for inner in inners:
+            del inner.found_inf, inner.grad_scale

@@ -4,7 +4,6 @@ validation weights."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,17 @@ from megatron_gr.training.run_lock import hold_run_lock
 from megatron_gr.training.run_logger import RunLogger
 from megatron_gr.training.runtime import initialize
 from megatron_gr.training.sparse_step import SparseTables
+from megatron_gr.training.step_verdict import StepOutcome, choose_verdict
 from megatron_gr.training.steps import forward_step_for, schedule_shapes
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose outcome the host has not read yet."""
+
+    outcome: StepOutcome
+    started: float  # time.perf_counter() at its launch
+
 
 @dataclass
 class TrainState:
@@ -63,6 +72,8 @@ class Trainer:
         self.model = build_model(self.plan, self.spec, self.dataset)
         self.optimizer = build_optimizer(config.training, self.runtime, self.model)
         self.sparse = SparseTables(self.model)
+        self.verdict = choose_verdict(self.optimizer, self.sparse, self.runtime.device)
+        self._in_flight: Optional[_InFlight] = None
         self.scheduler = build_scheduler(config.training, self.optimizer)
         # The next step's micro-batches are built (and copied to the GPU) while a step runs.
         stream = self.spec.training_stream(
@@ -99,22 +110,23 @@ class Trainer:
         self.log.advance(self.state.iteration)
         stop = False
         while self.state.iteration < training.train_iters and not stop:
-            record = self.train_step()
+            previous = self.launch_step()
             self.state.iteration += 1
             step = self.state.iteration
-            self.log.advance(step)
-            logged = record["skipped"] or step % self.config.logging.log_interval == 0 or step == training.train_iters
-            if logged:  # the tables' counters: a collective and host reads, so only for the logs
-                record.update(self.sparse.statistics())
-            skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
-            if not skipped and logged:
-                self.log.train(step, record)
-            if training.eval_interval and step % training.eval_interval == 0:
+            if previous is not None:
+                self._book(step - 1, previous)
+            evaluate = bool(training.eval_interval) and step % training.eval_interval == 0
+            save = bool(self.config.checkpoint.save_interval) and step % self.config.checkpoint.save_interval == 0
+            if evaluate or save or step == training.train_iters or not self.verdict.defers:
+                self._book(step, self.settle_step())  # what follows reads this step's weights and LR
+            if evaluate:
                 stop = self.validate()
-            if self.config.checkpoint.save_interval and step % self.config.checkpoint.save_interval == 0:
+            if save:
                 self.save()
             reason = self.exits.check(step)
             if reason:
+                if self._in_flight is not None:
+                    self._book(step, self.settle_step())
                 return self._exit(reason)
         if self._validated_at != self.state.iteration:
             self.validate()
@@ -122,8 +134,26 @@ class Trainer:
             self.save()
         return self.final_evaluation()
 
-    @megatron_collective_deprecations_silenced()
+    def _book(self, step: int, record: dict) -> None:
+        """The logs and the non-finite count of step ``step``, once its record is settled."""
+        self.log.advance(step)
+        logged = record["skipped"] or step % self.config.logging.log_interval == 0 or step == self.config.training.train_iters
+        if logged:  # the tables' counters: a collective and host reads, so only for the logs
+            record.update(self.sparse.statistics())
+        skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
+        if not skipped and logged:
+            self.log.train(step, record)
+
     def train_step(self) -> dict:
+        """One training step and its record (waits for the device to finish it)."""
+        self.launch_step()
+        return self.settle_step()
+
+    @megatron_collective_deprecations_silenced()
+    def launch_step(self) -> Optional[dict]:
+        """Queues one training step on the device. A step still in flight is settled first,
+        once this step's forward and backward are queued and before its optimizer reads the
+        LR that settling may advance; returns that step's record, or None."""
         start = time.perf_counter()
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -149,27 +179,31 @@ class Trainer:
             totals[2].fill_(sum(b.num_tokens for b in batches))
         if dist.get_world_size() > 1:  # every rank knows the loss before the step
             dist.all_reduce(totals)
-        host = {}
-
-        def loss_is_finite() -> bool:  # read where the step waits for its gradient norm anyway
-            host["totals"] = totals.tolist()
-            return math.isfinite(_mean(*host["totals"][:2]))
-
-        # dense and dynamic-table rows; skipped for a non-finite loss or gradient norm
-        updated, grad_norm = self.sparse.step(self.optimizer, loss_is_finite=loss_is_finite)
-        loss_sum, count, tokens = host["totals"]
-        loss = _mean(loss_sum, count)
-        if updated:  # as in megatron's loop, a skipped step does not advance the LR schedule
-            self.scheduler.step(increment=1)
+        previous = self.settle_step(now=start) if self._in_flight is not None else None
+        outcome = self.verdict.launch(self.optimizer, totals)  # the dense weights and the tables' rows
         self.state.consumed_samples = self.loader.consumed_samples
-        elapsed = time.perf_counter() - start
+        self._in_flight = _InFlight(outcome, start)
+        return previous
+
+    def settle_step(self, now: Optional[float] = None) -> dict:
+        """The record of the step in flight: reads its outcome (waiting for the device
+        where it was decided there) and advances the LR schedule if it updated the weights
+        (as in megatron's loop, a skipped step does not). Its time runs from its launch to
+        ``now`` (the next launch, in the loop) or to the end of the read."""
+        if self._in_flight is None:
+            raise RuntimeError("settle_step: no training step in flight (launch_step queues one)")
+        step, self._in_flight = self._in_flight, None
+        updated, grad_norm, (loss_sum, count, tokens) = step.outcome.read()
+        if updated:
+            self.scheduler.step(increment=1)
+        elapsed = (now if now is not None else time.perf_counter()) - step.started
         memory = {}
         if self.runtime.device.type == "cuda":
             memory["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         return {
-            "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "loss": _mean(loss_sum, count),
+            "lr": self.optimizer.param_groups[0]["lr"],  # the next step's, as megatron logs it
+            "grad_norm": grad_norm,
             "tokens": int(tokens),
             "tokens_per_s": tokens / elapsed,
             "step_time_s": elapsed,

@@ -2,8 +2,10 @@
 """Runs the training steps that ``e2e_step.py`` measures, in one process, with whatever
 ``megatron_gr`` is first on ``PYTHONPATH`` (this tree, or an older checkout for the
 "before" rows). It uses only the trainer's public surface (``resolve_config``,
-``Trainer.train_step``, ``trainer.loader.next_step``, ``trainer.sparse.step``), so older
-trees run it unchanged; FLOPs and phases are computed by the driver.
+``Trainer.train_step``, ``trainer.loader.next_step``, ``trainer.sparse.step``; where a tree
+has them, ``launch_step``/``settle_step`` as its training loop runs steps and
+``trainer.verdict.launch``), so older trees run it unchanged; FLOPs and phases are
+computed by the driver.
 
     python tools/benchmarks/e2e_worker.py SPEC.json RESULT.json
 
@@ -58,7 +60,10 @@ def _annotate(trainer) -> None:
     phases ``step_phases.py`` reads); the computation is unchanged."""
     import megatron_gr.models.hstu_retrieval as retrieval
 
-    trainer.sparse.step = _annotated(trainer.sparse.step, ANNOTATION_OPTIMIZER)
+    if hasattr(trainer, "verdict"):
+        trainer.verdict.launch = _annotated(trainer.verdict.launch, ANNOTATION_OPTIMIZER)
+    else:  # trees before the step's verdict moved to the device
+        trainer.sparse.step = _annotated(trainer.sparse.step, ANNOTATION_OPTIMIZER)
     if not getattr(retrieval.sampled_softmax_loss, "_e2e_annotated", False):
         retrieval.sampled_softmax_loss = _annotated(retrieval.sampled_softmax_loss, ANNOTATION_LOSS)
         retrieval.sampled_softmax_loss._e2e_annotated = True
@@ -73,6 +78,26 @@ def _annotate(trainer) -> None:
 
 def _lengths(batches) -> list[list[int]]:
     return [(b.offsets[1:] - b.offsets[:-1]).cpu().tolist() for b in batches]
+
+
+class _Steps:
+    """Steps as the tree's training loop runs them: each step's record read while the next
+    one runs (``launch_step``), or, in trees without it, every step read at its end."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.pipelined = hasattr(trainer, "launch_step")
+
+    def launch(self) -> list[dict]:
+        """Runs one step; the records that became known (none, or one)."""
+        if not self.pipelined:
+            return [self.trainer.train_step()]
+        previous = self.trainer.launch_step()
+        return [] if previous is None else [previous]
+
+    def finish(self) -> list[dict]:
+        """The record of the step still in flight, if any."""
+        return [self.trainer.settle_step()] if self.pipelined else []
 
 
 def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path: Path) -> dict:
@@ -93,14 +118,16 @@ def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path:
     # step shows here, where the window's mean hides it.
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
     start = time.perf_counter()
+    runner = _Steps(trainer)
     for index in range(steps):
         if cuda:
             marks[index].record()
         begin = time.perf_counter()
-        records.append(trainer.train_step())
+        records += runner.launch()
         host_step_s.append(time.perf_counter() - begin)
     if cuda:
         marks[-1].record()
+    records += runner.finish()
     sync()
     window = time.perf_counter() - start
     device_step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
@@ -114,7 +141,8 @@ def measure(trainer, *, warmup: int, steps: int, profile_steps: int, trace_path:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             for _ in range(profile_steps):
-                losses.append(float(trainer.train_step()["loss"]))
+                losses += [float(r["loss"]) for r in runner.launch()]
+            losses += [float(r["loss"]) for r in runner.finish()]
             sync()
         prof.export_chrome_trace(str(trace_path))
         trace = str(trace_path)

@@ -11,7 +11,8 @@ step as it comes:
   data-parallel group of one rank (all of ``compat.fast_optimizer_ops``);
 - torch's for-each Adam instead of its fused kernel, the distributed optimizer's
   main-to-model copy one ``copy_`` per parameter, and its gradient hand-over sliced anew
-  per parameter in every step;
+  per parameter in every step; without the fused kernel the step is decided on the host
+  (``step_verdict.HostVerdict``: a wait for the gradient norm in every step);
 - megatron's division by the token count after reading it on the host (a second wait per
   step) instead of :func:`~megatron_gr.training.sparse_step.per_token_finalize` (kept with
   dynamic tables, whose rows need the same factor);

@@ -12,5 +12,5 @@ if __name__ == "__main__":
     from megatron_gr.training.trainer import Trainer
 
     if os.environ["RANK"] == "1":
-        Trainer.train_step = lambda self: time.sleep(600)
+        Trainer.launch_step = lambda self: time.sleep(600)
     sys.exit(main(sys.argv[1:]))

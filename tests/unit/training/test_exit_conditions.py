@@ -23,15 +23,15 @@ def test_signal_saves_at_the_end_of_the_step(megatron_cpu, tmp_path, sig):
     save = tmp_path / "ckpt"
     config = tiny_config(tmp_path, training=LONG, checkpoint={"save": str(save)})
     trainer = Trainer(config)
-    step = trainer.train_step
+    launch = trainer.launch_step
 
     def step_then_signal():
-        record = step()
+        previous = launch()
         if trainer.state.iteration == 1:  # inside step 2
             os.kill(os.getpid(), sig)
-        return record
+        return previous
 
-    trainer.train_step = step_then_signal
+    trainer.launch_step = step_then_signal
     previous = signal.getsignal(sig)
     result = trainer.train()
     assert result == {"exited": f"{sig.name} received", "iteration": 2}

@@ -82,16 +82,16 @@ def test_dlrm_hstu_fp8_casts_once_per_step_records_amaxes_and_tracks_float(megat
     assert linears == 2 * 2 + 1  # UVQK and output projection of 2 STU layers, the fusion layer
     tower = towers[0].fp8_state
     casts_per_step, amaxes_per_step = [], []
-    train_step = trainer.train_step
+    launch_step = trainer.launch_step
 
     def counted_step():
         before = len(casts)
-        record = train_step()
+        previous = launch_step()
         casts_per_step.append(len(casts) - before)
         amaxes_per_step.append((tower.input_history.records.item(), tower.grad_history.records.item()))
-        return record
+        return previous
 
-    trainer.train_step = counted_step
+    trainer.launch_step = counted_step
     results = trainer.train()  # 3 steps of 3 micro-batches, then the final evaluation
     assert casts_per_step == [linears] * 3
     # one amax per micro-batch (forward) and per backward pass, in the history of length 4

@@ -45,15 +45,15 @@ def test_fp8_training_casts_weights_once_per_step_and_tracks_float(megatron_cpu,
     linears = len({id(m.fp8_state) for m in trainer.model[0].modules() if hasattr(m, "fp8_state")})
     assert linears == 2 * 2  # UVQK and output projection of 2 layers
     casts_per_step = []
-    train_step = trainer.train_step
+    launch_step = trainer.launch_step
 
     def counted_step():
         before = len(casts)
-        record = train_step()
+        previous = launch_step()
         casts_per_step.append(len(casts) - before)
-        return record
+        return previous
 
-    trainer.train_step = counted_step
+    trainer.launch_step = counted_step
     trainer.train()  # 3 steps of 3 micro-batches, then validation and the final evaluation
     assert casts_per_step == [linears] * 3
     assert len(casts) > 3 * linears  # evaluation casts the weights the last step updated

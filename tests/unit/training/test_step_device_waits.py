@@ -1,7 +1,10 @@
-"""A training step on a GPU waits for the device once: where the optimizer reads the
-gradient norm (and, at the same point, the loss). Any other synchronising call (a host
-read, a copy from pageable memory) leaves the GPU idle while the host catches up. Counted
-with torch's sync debug mode, which reports every synchronising CUDA call by line."""
+"""Training steps on a GPU, run as the training loop runs them, wait for the device only
+where their outcome is read: with the plain table nowhere but at the end, where the last
+step's outcome is read (the step is decided on the device); with a dynamic table once a
+step, where the optimizer reads the gradient norm (and, at the same point, the loss). Any
+other synchronising call (a host read, a copy from pageable memory) leaves the GPU idle
+while the host catches up. Counted with torch's sync debug mode, which reports every
+synchronising CUDA call by line."""
 
 from __future__ import annotations
 
@@ -20,8 +23,7 @@ DYNAMIC = {"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size
 @pytest.mark.parametrize("cuda_graphs", ["none", "layers"])
 def test_gpu_step_waits_for_the_device_only_at_the_gradient_norm(tmp_path, cuda_graphs, table):
     from megatron_gr.embeddings.dynamic import table as table_module
-    from megatron_gr.training import sparse_step
-    from megatron_gr.training import trainer as trainer_module
+    from megatron_gr.training import sparse_step, step_verdict
     from megatron_gr.training.device_waits import device_waits
     from megatron_gr.training.trainer import Trainer
     from tests.unit.training.helpers import tiny_config
@@ -36,19 +38,27 @@ def test_gpu_step_waits_for_the_device_only_at_the_gradient_norm(tmp_path, cuda_
     sites = device_waits(trainer, steps=3)
     sources = {
         module.__file__.rsplit("/", 1)[1]: Path(module.__file__).read_text().splitlines()
-        for module in (trainer_module, table_module, sparse_step)
+        for module in (step_verdict, table_module, sparse_step)
     }
-    # Allowed: the norm's .item() (megatron's gradient norm, fast_optimizer.py) and, after
-    # it (the device idle by then; still reported), the loss read in loss_is_finite and the
-    # dynamic rows' norm share and scale.
-    after_norm = {"trainer.py": "loss_is_finite", "sparse_step.py": "_joint_grad_norm", "table.py": "_host_scale"}
+    if table == "plain":
+        assert isinstance(trainer.verdict, step_verdict.DeviceVerdict)
+        # Allowed: the read of the last step's outcome (once in the 3 steps).
+        allowed_at = {"step_verdict.py": {"read"}}
+    else:
+        assert isinstance(trainer.verdict, step_verdict.HostVerdict)
+        # Allowed: the norm's .item() (megatron's gradient norm, fast_optimizer.py) and, after
+        # it (the device idle by then; still reported), the loss read in loss_is_finite and the
+        # dynamic rows' norm share and scale.
+        allowed_at = {"step_verdict.py": {"loss_is_finite"}, "sparse_step.py": {"_joint_grad_norm"}, "table.py": {"_host_scale"}}
+        assert sites, "the sync debug mode reported nothing: the gradient norm's read should show"
     unexpected = {}
     for (name, line), per_step in sites.items():
-        allowed = name == "fast_optimizer.py" or (name in after_norm and _function_at(sources[name], line) == after_norm[name])
+        allowed = (table == "dynamic" and name == "fast_optimizer.py") or (
+            name in allowed_at and _function_at(sources[name], line) in allowed_at[name]
+        )
         if not allowed:
             unexpected[f"{name}:{line}"] = per_step
-    assert sites, "the sync debug mode reported nothing: the gradient norm's read should show"
-    assert not unexpected, f"synchronising calls per step outside the gradient-norm read: {unexpected}"
+    assert not unexpected, f"synchronising calls per step outside the outcome's read: {unexpected}"
 
 
 def _function_at(source: list[str], line: int) -> str:

@@ -1,0 +1,108 @@
+"""Who decides whether a training step moves the weights, and when the host learns it.
+
+A step is skipped when its loss or gradient norm is not finite (``nonfinite.py``) and its
+gradients are clipped by the global norm. Decided on the host, every step waits for the
+norm: the GPU's queue runs dry while the host reads it, then steps the optimizer, builds
+the next batch and launches the next forward, with the GPU idle. Decided on the device,
+nothing waits: fused Adam takes the clip factor and the skip flag as tensors, and the host
+reads the step's loss, norm and verdict once they are done, in the next step (the LR
+schedule advances then, before the next step's optimizer reads the rate).
+
+:func:`choose_verdict` picks one for the run, the same on every rank: on the device unless
+a rank has dynamic tables (their rows' optimizer reads its scale and verdict on the host,
+:class:`~megatron_gr.training.sparse_step.SparseTables`) or an optimizer torch's fused
+Adam cannot step (SGD, a loss scaler).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_gr.compat.optimizer_step import (
+    decides_on_device,
+    prepare_grads_and_device_norm,
+    step_with_device_verdict,
+)
+from megatron_gr.training.nonfinite import any_rank
+from megatron_gr.training.sparse_step import SparseTables
+
+
+@dataclass
+class StepOutcome:
+    """A launched optimizer step: ``read()`` gives (updated, gradient norm, [loss sum,
+    loss count, tokens]); waits, when the step was decided on the device, until the
+    device is done with it."""
+
+    summary: torch.Tensor  # float64 [5]: loss sum, count, tokens, norm, skipped (on the host once ready)
+    ready: Optional[torch.cuda.Event] = None
+
+    def read(self) -> tuple[bool, float, list[float]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        loss_sum, count, tokens, norm, skipped = self.summary.tolist()
+        return not skipped, norm, [loss_sum, count, tokens]
+
+
+class HostVerdict:
+    """The step decided on the host: one wait for the gradient norm (and, there, the loss),
+    then the dense optimizer and the dynamic tables' rows step together."""
+
+    defers = False  # the outcome is read at launch: nothing is gained by reading it later
+
+    def __init__(self, sparse: SparseTables):
+        self.sparse = sparse
+
+    def launch(self, optimizer, totals: torch.Tensor) -> StepOutcome:
+        host = {}
+
+        def loss_is_finite() -> bool:  # read where the step waits for its gradient norm anyway
+            host["totals"] = totals.tolist()
+            loss_sum, count, _ = host["totals"]
+            return bool(count) and math.isfinite(loss_sum / count)
+
+        updated, grad_norm = self.sparse.step(optimizer, loss_is_finite=loss_is_finite)  # calls it
+        summary = torch.tensor([*host["totals"], grad_norm, float(not updated)], dtype=torch.float64)
+        return StepOutcome(summary)
+
+
+class DeviceVerdict:
+    """The step decided on the device: no wait. The norm, the clip factor and the skip
+    flag stay tensors; fused Adam honours them (:func:`step_with_device_verdict`)."""
+
+    defers = True  # the training loop reads each outcome during the next step
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def launch(self, optimizer, totals: torch.Tensor) -> StepOutcome:
+        norm = prepare_grads_and_device_norm(optimizer, self.device)
+        loss = (totals[0] / totals[1]).reshape(1)  # NaN with no token: skipped
+        skip = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
+        if dist.get_world_size() > 1:  # every rank skips when one does (the norms agree anyway)
+            dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+        clip = optimizer.config.clip_grad
+        # megatron multiplies by clip / (norm + 1e-6) where that is below 1; Adam divides by its inverse
+        grad_scale = ((norm + 1.0e-6) / clip).clamp(min=1.0) if clip > 0.0 else None
+        step_with_device_verdict(
+            optimizer, skip=skip.reshape(()), grad_scale=None if grad_scale is None else grad_scale.reshape(())
+        )
+        summary = torch.cat([totals, norm.double(), skip.double()])
+        if summary.device.type != "cuda":
+            return StepOutcome(summary)
+        summary = summary.to("cpu", non_blocking=True)  # into pinned memory, read once the event passes
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepOutcome(summary, ready)
+
+
+def choose_verdict(optimizer, sparse: SparseTables, device: torch.device):
+    """:class:`DeviceVerdict` where every rank can decide on the device, else
+    :class:`HostVerdict` (a collective when several ranks run: call on every rank)."""
+    on_host = bool(sparse.tables) or not decides_on_device(optimizer)
+    return HostVerdict(sparse) if any_rank(on_host, device) else DeviceVerdict(device)

@@ -1,0 +1,136 @@
+"""The step decided on the device trains as the step decided on the host: the same clipped
+updates, the same skipped steps (nothing moves, the LR schedule waits), the same records;
+and the training loop, which reads each step's outcome during the next step, logs what
+reading every step at its end gives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_gr.training.step_verdict import DeviceVerdict, HostVerdict
+from megatron_gr.training.trainer import Trainer
+from tests.unit.training.helpers import dynamic_training_config, read_records, tiny_config
+from tests.unit.training.test_nonfinite import _poison
+
+# Clipping bites (the norms of these steps are far above 0.05); warm-up makes every step's
+# LR differ, so a schedule that advanced on a skipped step shows in the records.
+TRAINING = {"clip_grad": 0.05, "lr_warmup_iters": 3, "train_iters": 6, "lr_decay_iters": 6}
+POISON = {"loss": {2}, "grad": {4}}  # step 2: the loss is NaN; step 4: only the gradients
+
+
+def _run(tmp_path, monkeypatch, *, on_host: bool) -> tuple[list[dict], list[torch.Tensor], int]:
+    trainer = Trainer(tiny_config(tmp_path, training=TRAINING))
+    assert isinstance(trainer.verdict, DeviceVerdict)
+    if on_host:
+        trainer.verdict = HostVerdict(trainer.sparse)
+    _poison(monkeypatch, trainer, POISON)
+    records = []
+    for step in range(1, 7):
+        records.append(trainer.train_step())
+        trainer.state.iteration = step
+    weights = [p.detach().double().clone() for p in trainer.model[0].parameters()]
+    return records, weights, trainer.scheduler.num_steps
+
+
+def test_device_and_host_verdicts_train_alike(megatron_cpu, tmp_path, monkeypatch):
+    device, device_weights, device_scheduled = _run(tmp_path / "device", monkeypatch, on_host=False)
+    host, host_weights, host_scheduled = _run(tmp_path / "host", monkeypatch, on_host=True)
+    assert [r["skipped"] for r in device] == [r["skipped"] for r in host] == [False, True, False, True, False, False]
+    assert device_scheduled == host_scheduled == 4
+    assert [r["lr"] for r in device] == [r["lr"] for r in host]
+    # a record's LR is the next step's (as megatron logs it): the schedule waited at 2 and 4
+    assert device[0]["lr"] == device[1]["lr"] and device[2]["lr"] == device[3]["lr"]
+    assert len({r["lr"] for r in device}) == 4
+    for d, h in zip(device, host):
+        assert d["tokens"] == h["tokens"] > 0
+        for key in ("loss", "grad_norm"):
+            if math.isnan(h[key]):
+                assert math.isnan(d[key]), key
+            else:  # the device's norm is float32 throughout (megatron's ends in a float64 root)
+                assert d[key] == pytest.approx(h[key], rel=1e-5), key
+    assert any(r["grad_norm"] > 10 * TRAINING["clip_grad"] for r in host if not r["skipped"])  # clipping did bite
+    # Adam divides by the clip factor's inverse where megatron multiplies by it: rounding apart
+    for d, h in zip(device_weights, host_weights):
+        assert (d - h).norm() <= 1e-5 * h.norm() + 1e-12
+
+
+def test_a_skipped_step_moves_nothing_on_the_device(megatron_cpu, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, training=TRAINING))
+    _poison(monkeypatch, trainer, {"grad": {2}})
+    trainer.train_step()
+    trainer.state.iteration = 1
+    before = [p.detach().clone() for p in trainer.model[0].parameters()]
+    steps_before = _adam_step_counts(trainer)
+    record = trainer.train_step()
+    assert record["skipped"] and math.isnan(record["grad_norm"]) and math.isfinite(record["loss"])
+    assert all(torch.equal(p.detach(), b) for p, b in zip(trainer.model[0].parameters(), before))
+    assert steps_before and _adam_step_counts(trainer) == steps_before  # fused Adam put its counts back
+    trainer.state.iteration = 2
+    assert not trainer.train_step()["skipped"]
+    assert _adam_step_counts(trainer) == [count + 1 for count in steps_before]
+
+
+def _adam_step_counts(trainer) -> list[float]:
+    parts = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    return [float(state["step"]) for part in parts for state in part.optimizer.state.values()]
+
+
+def test_the_loop_reading_a_step_late_logs_what_reading_at_once_gives(megatron_cpu, tmp_path, monkeypatch):
+    at_once = Trainer(tiny_config(tmp_path / "at_once", training=TRAINING))
+    _poison(monkeypatch, at_once, POISON)
+    expected = []
+    for step in range(1, 7):
+        expected.append(at_once.train_step())
+        at_once.state.iteration = step
+    config = tiny_config(tmp_path / "loop", training=TRAINING)
+    looped = Trainer(config)
+    _poison(monkeypatch, looped, POISON)
+    settled_during_launch = []
+    launch = looped.launch_step
+
+    def counted_launch():
+        previous = launch()
+        settled_during_launch.append(previous is not None)
+        return previous
+
+    looped.launch_step = counted_launch
+    looped.train()
+    assert settled_during_launch == [False] + [True] * 5  # each step read while the next ran
+    logged = read_records(config.logging.metrics_file)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    for record, want in zip(logged, expected):
+        assert record["skipped"] == want["skipped"] and record["lr"] == want["lr"]
+        assert record["tokens"] == want["tokens"]
+        for key in ("loss", "grad_norm"):
+            assert (math.isnan(record[key]) and math.isnan(want[key])) or record[key] == want[key], key
+    assert looped.scheduler.num_steps == at_once.scheduler.num_steps == 4
+
+
+def test_the_loop_reads_a_step_before_what_needs_its_weights(megatron_cpu, tmp_path):
+    """Validation and checkpoints see the step's weights and its LR schedule: the step is
+    read before them, not during the next one."""
+    config = tiny_config(tmp_path, training={**TRAINING, "eval_interval": 2})
+    trainer = Trainer(config)
+    in_flight_at_validation = []
+    validate = trainer.validate
+
+    def checked_validate():
+        in_flight_at_validation.append(trainer._in_flight is not None)
+        return validate()
+
+    trainer.validate = checked_validate
+    trainer.train()
+    assert in_flight_at_validation == [False, False, False]  # steps 2, 4 and 6
+
+
+def test_dynamic_tables_and_sgd_decide_on_the_host(megatron_cpu, tmp_path):
+    dynamic = Trainer(dynamic_training_config(tmp_path / "dynamic", world=1))
+    assert isinstance(dynamic.verdict, HostVerdict) and not dynamic.verdict.defers
+    sgd = Trainer(tiny_config(tmp_path / "sgd", training={"optimizer": "sgd"},
+                              parallel={"use_distributed_optimizer": False}))
+    assert isinstance(sgd.verdict, HostVerdict)
+    record = sgd.train_step()
+    assert math.isfinite(record["loss"]) and not record["skipped"]
