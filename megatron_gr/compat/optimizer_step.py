@@ -94,7 +94,8 @@ def prepare_grads_and_device_norm(optimizer, device: torch.device) -> torch.Tens
     ``get_grad_norm`` does, ``[1]`` float32, no host read."""
     import torch.distributed as dist
 
-    optimizer.prepare_grads()
+    if optimizer.prepare_grads():
+        raise RuntimeError("megatron found non-finite gradients itself (a loss scaler): decide such steps on the host")
     square = torch.zeros(1, dtype=torch.float32, device=device)
     for part in _parts(optimizer):
         grads = [grad for grad in part.get_main_grads_for_grad_norm() if grad is not None]

@@ -4,7 +4,7 @@ Triton kernel."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -25,14 +25,17 @@ def sparse_update(
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
-    grad_scale: float = 1.0,
+    grad_scale: Union[float, torch.Tensor] = 1.0,
+    skip: Optional[torch.Tensor] = None,
     fresh: Optional[torch.Tensor] = None,
     state_init: Sequence[float] = (),
     kernel: KernelBackend = KernelBackend.PYTORCH,
 ) -> None:
     """Updates rows ``slots`` ``[R]`` (distinct; < 0 = skip) of ``weights`` ``[C, D]`` and
-    ``states`` in place with ``grads`` ``[R, D]`` times ``grad_scale``; ``step`` >= 1 is the
-    step count Adam's bias correction uses.
+    ``states`` in place with ``grads`` ``[R, D]`` times ``grad_scale`` (a number or a 0-dim
+    float32 tensor on the weights' device); ``step`` >= 1 is the step count Adam's bias
+    correction uses. ``skip`` (optional 0-dim tensor there): where it is nonzero nothing
+    is written (weights, states, fresh flags), decided on the device without a host read.
 
     ``fresh`` ``[C]`` uint8 (optional): rows whose flag is set start from ``state_init``
     (one value per state tensor) instead of their stored state, which is not read, and the
@@ -53,8 +56,11 @@ def sparse_update(
             f"fresh must be uint8 [{weights.shape[0]}] with one state_init value per state tensor ({len(states)}), "
             f"got {fresh.dtype} {tuple(fresh.shape)} and {len(state_init)} values"
         )
+    for name, value in (("grad_scale", grad_scale), ("skip", skip)):
+        if torch.is_tensor(value) and (value.shape != () or value.device != weights.device):
+            raise ValueError(f"{name} must be a number or a 0-dim tensor on {weights.device}, got {tuple(value.shape)} on {value.device}")
     options = dict(
-        optimizer=optimizer, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale,
+        optimizer=optimizer, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale, skip=skip,
         fresh=fresh, state_init=list(state_init),
     )
     if kernel == "triton":

@@ -19,7 +19,7 @@ cover every run.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
 from megatron_gr.compat import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.embeddings.dynamic import PhysicalTable, collections_of
+from megatron_gr.embeddings.dynamic.table import STATISTICS
 from megatron_gr.training.nonfinite import any_rank
 
 
@@ -116,25 +117,57 @@ class SparseTables:
         group) and the rows' gradients together; NaN or Inf when any gradient is."""
         if not self.tables:
             return dense_norm
+        return math.sqrt(dense_norm**2 + float(self._sparse_square()))
+
+    def _sparse_square(self) -> torch.Tensor:
+        """The rows' squared gradient norm over the shard group, a float64 device scalar."""
         sparse_square = torch.stack([table.gradient_square_sum() for table in self.tables]).sum()
         if dist.get_world_size(self.group) > 1:  # on one rank the sum is the total: no collective to launch
             dist.all_reduce(sparse_square, group=self.group)
-        return math.sqrt(dense_norm**2 + float(sparse_square))
+        return sparse_square
 
-    def statistics(self) -> dict[str, float]:
+    def joint_norm_on_device(self, dense_norm: torch.Tensor) -> torch.Tensor:
+        """:meth:`_joint_grad_norm` from the dense norm on the device (``[1]`` float32),
+        left there: ``[1]`` float32, no host read."""
+        if not self.tables:
+            return dense_norm
+        return (dense_norm.double().square() + self._sparse_square()).sqrt().float()
+
+    def apply_on_device(self, dense_lr: float, *, clip_coefficient: Optional[torch.Tensor], skip: torch.Tensor) -> None:
+        """The rows' update with the step's verdict still on the device: their gradients
+        times ``clip_coefficient`` (the dense gradients' clip factor, 0-dim; None: no
+        clipping), nothing moved where ``skip`` (0-dim) is 1. Reading a skipped verdict
+        later, call :meth:`undo_skipped` before the next step's update."""
+        for table in self.tables:
+            if clip_coefficient is not None:
+                table.scale_gradients(clip_coefficient)
+            table.apply_step(dense_lr, skip=skip)
+
+    def undo_skipped(self) -> None:
+        """The step :meth:`apply_on_device` launched was skipped: the tables' step counts go back."""
+        for table in self.tables:
+            table.undo_step()
+
+    def counter_values(self) -> Optional[torch.Tensor]:
+        """Every table's :data:`~megatron_gr.embeddings.dynamic.table.STATISTICS` now, on the
+        device (``[tables, statistics]``, no host read): what :meth:`statistics` reports
+        when given it later; None without tables."""
+        if not self.tables:
+            return None
+        return torch.stack([table.counter_values() for table in self.tables])
+
+    def statistics(self, values: Optional[torch.Tensor] = None) -> dict[str, float]:
         """Counters of every table summed over the shard group, for the logs:
-        ``embedding/<table>/<counter>``."""
+        ``embedding/<table>/<counter>``; of ``values`` (:meth:`counter_values` taken
+        earlier) or of now. A collective over the shard group."""
         if not self.tables:
             return {}
-        local = [table.statistics() for table in self.tables]
-        names = [name for name in local[0] if name != "load_factor"]
-        values = torch.tensor([[stats[name] for name in names] for stats in local], dtype=torch.float64)
-        values = values.to(self.tables[0].device)
+        values = (self.counter_values() if values is None else values).clone()
         dist.all_reduce(values, group=self.group)
         world = dist.get_world_size(self.group)
         record = {}
         for table, row in zip(self.tables, values.tolist()):
-            stats = dict(zip(names, row))
+            stats = dict(zip(STATISTICS, row))
             stats["load_factor"] = stats["occupancy"] / (table.capacity * world)
             record.update({f"embedding/{table.name}/{name}": value for name, value in stats.items()})
         return record

@@ -6,19 +6,19 @@ norm: the GPU's queue runs dry while the host reads it, then steps the optimizer
 the next batch and launches the next forward, with the GPU idle. Decided on the device,
 nothing waits: fused Adam takes the clip factor and the skip flag as tensors, and the host
 reads the step's loss, norm and verdict once they are done, in the next step (the LR
-schedule advances then, before the next step's optimizer reads the rate).
+schedule advances then, and a skipped step's dynamic-table step counts go back, before the
+next step's optimizer reads them). The dynamic tables' rows take the same clip factor and
+skip flag on the device.
 
 :func:`choose_verdict` picks one for the run, the same on every rank: on the device unless
-a rank has dynamic tables (their rows' optimizer reads its scale and verdict on the host,
-:class:`~megatron_gr.training.sparse_step.SparseTables`) or an optimizer torch's fused
-Adam cannot step (SGD, a loss scaler).
+the dense optimizer is one torch's fused Adam cannot step (SGD, a loss scaler).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,12 +40,15 @@ class StepOutcome:
 
     summary: torch.Tensor  # float64 [5]: loss sum, count, tokens, norm, skipped (on the host once ready)
     ready: Optional[torch.cuda.Event] = None
+    on_skip: Optional[Callable[[], None]] = None  # what a skipped verdict takes back once read
 
     def read(self) -> tuple[bool, float, list[float]]:
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None
         loss_sum, count, tokens, norm, skipped = self.summary.tolist()
+        if skipped and self.on_skip is not None:
+            self.on_skip()
         return not skipped, norm, [loss_sum, count, tokens]
 
 
@@ -72,37 +75,41 @@ class HostVerdict:
 
 
 class DeviceVerdict:
-    """The step decided on the device: no wait. The norm, the clip factor and the skip
-    flag stay tensors; fused Adam honours them (:func:`step_with_device_verdict`)."""
+    """The step decided on the device: no wait. The norm (dense and the dynamic tables'
+    rows together), the clip factor and the skip flag stay tensors; fused Adam
+    (:func:`step_with_device_verdict`) and the tables' row update honour them."""
 
     defers = True  # the training loop reads each outcome during the next step
 
-    def __init__(self, device: torch.device):
+    def __init__(self, sparse: SparseTables, device: torch.device):
+        self.sparse = sparse
         self.device = device
 
     def launch(self, optimizer, totals: torch.Tensor) -> StepOutcome:
-        norm = prepare_grads_and_device_norm(optimizer, self.device)
+        norm = self.sparse.joint_norm_on_device(prepare_grads_and_device_norm(optimizer, self.device))
         loss = (totals[0] / totals[1]).reshape(1)  # NaN with no token: skipped
         skip = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
         if dist.get_world_size() > 1:  # every rank skips when one does (the norms agree anyway)
             dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+        skip = skip.reshape(())
         clip = optimizer.config.clip_grad
         # megatron multiplies by clip / (norm + 1e-6) where that is below 1; Adam divides by its inverse
-        grad_scale = ((norm + 1.0e-6) / clip).clamp(min=1.0) if clip > 0.0 else None
-        step_with_device_verdict(
-            optimizer, skip=skip.reshape(()), grad_scale=None if grad_scale is None else grad_scale.reshape(())
-        )
-        summary = torch.cat([totals, norm.double(), skip.double()])
+        grad_scale = ((norm + 1.0e-6) / clip).clamp(min=1.0).reshape(()) if clip > 0.0 else None
+        lr = optimizer.param_groups[0]["lr"]
+        step_with_device_verdict(optimizer, skip=skip, grad_scale=grad_scale)
+        self.sparse.apply_on_device(lr, clip_coefficient=None if grad_scale is None else grad_scale.reciprocal(), skip=skip)
+        on_skip = self.sparse.undo_skipped if self.sparse.tables else None
+        summary = torch.cat([totals, norm.double(), skip.double().reshape(1)])
         if summary.device.type != "cuda":
-            return StepOutcome(summary)
+            return StepOutcome(summary, on_skip=on_skip)
         summary = summary.to("cpu", non_blocking=True)  # into pinned memory, read once the event passes
         ready = torch.cuda.Event()
         ready.record()
-        return StepOutcome(summary, ready)
+        return StepOutcome(summary, ready, on_skip)
 
 
 def choose_verdict(optimizer, sparse: SparseTables, device: torch.device):
-    """:class:`DeviceVerdict` where every rank can decide on the device, else
+    """:class:`DeviceVerdict` where every rank's optimizer is fused Adam, else
     :class:`HostVerdict` (a collective when several ranks run: call on every rank)."""
-    on_host = bool(sparse.tables) or not decides_on_device(optimizer)
-    return HostVerdict(sparse) if any_rank(on_host, device) else DeviceVerdict(device)
+    on_host = not decides_on_device(optimizer)
+    return HostVerdict(sparse) if any_rank(on_host, device) else DeviceVerdict(sparse, device)

@@ -41,6 +41,8 @@ class _InFlight:
 
     outcome: StepOutcome
     started: float  # time.perf_counter() at its launch
+    number: int  # the step's number in the run (1 for the first)
+    counters: Optional[torch.Tensor]  # the dynamic tables' counters at its end (on the device)
 
 
 @dataclass
@@ -137,12 +139,12 @@ class Trainer:
     def _book(self, step: int, record: dict) -> None:
         """The logs and the non-finite count of step ``step``, once its record is settled."""
         self.log.advance(step)
-        logged = record["skipped"] or step % self.config.logging.log_interval == 0 or step == self.config.training.train_iters
-        if logged:  # the tables' counters: a collective and host reads, so only for the logs
-            record.update(self.sparse.statistics())
         skipped = self.nonfinite.observe(step, record, self.log)  # logs it; stops after N in a row
-        if not skipped and logged:
+        if not skipped and self._logged(step, skipped=False):
             self.log.train(step, record)
+
+    def _logged(self, step: int, *, skipped: bool) -> bool:
+        return skipped or step % self.config.logging.log_interval == 0 or step == self.config.training.train_iters
 
     def train_step(self) -> dict:
         """One training step and its record (waits for the device to finish it)."""
@@ -182,7 +184,7 @@ class Trainer:
         previous = self.settle_step(now=start) if self._in_flight is not None else None
         outcome = self.verdict.launch(self.optimizer, totals)  # the dense weights and the tables' rows
         self.state.consumed_samples = self.loader.consumed_samples
-        self._in_flight = _InFlight(outcome, start)
+        self._in_flight = _InFlight(outcome, start, self.state.iteration + 1, self.sparse.counter_values())
         return previous
 
     def settle_step(self, now: Optional[float] = None) -> dict:
@@ -197,10 +199,7 @@ class Trainer:
         if updated:
             self.scheduler.step(increment=1)
         elapsed = (now if now is not None else time.perf_counter()) - step.started
-        memory = {}
-        if self.runtime.device.type == "cuda":
-            memory["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
-        return {
+        record = {
             "loss": _mean(loss_sum, count),
             "lr": self.optimizer.param_groups[0]["lr"],  # the next step's, as megatron logs it
             "grad_norm": grad_norm,
@@ -208,8 +207,12 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "step_time_s": elapsed,
             "skipped": not updated,
-            **memory,
         }
+        if self.runtime.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
+        if self._logged(step.number, skipped=not updated):  # the tables' counters at the step's end: a collective and a read
+            record.update(self.sparse.statistics(step.counters))
+        return record
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, which: str) -> dict:

@@ -23,6 +23,7 @@ from megatron_gr.ops.segment_sum import segment_sum, sorted_groups
 from megatron_gr.ops.sparse_optimizers import sparse_update
 
 COUNTERS = ("lookups", "hits", "misses", "inserts", "evictions", "expired", "rejected_admission", "rejected_full")
+STATISTICS = (*COUNTERS, "occupancy")  # what counter_values holds: the counters and the stored rows
 # Which counters a query of each probe status adds to (rows: HIT, INSERTED, REPLACED,
 # NOT_STORED, NO_ROOM), so counting is two device ops and no host round trip.
 _COUNTED = {
@@ -96,8 +97,7 @@ class PhysicalTable:
         )
         self._statuses = torch.tensor(sorted(_COUNTED), dtype=torch.int8, device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._grad_scale = 1.0
-        self._device_scales: list[torch.Tensor] = []  # factors still on the device, see scale_gradients
+        self._scale: Optional[torch.Tensor] = None  # the gradients' factor, on the device (None: 1)
         self._ready: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # Ids removed since the last dump (evicted or expired), kept once dumps are taken.
         self.track_removals = False
@@ -214,19 +214,11 @@ class PhysicalTable:
         self._pending.append((slots, grads.to(torch.float32)))
 
     def scale_gradients(self, factor: Union[float, torch.Tensor]) -> None:
-        """Multiplies this step's row gradients by ``factor``. A one-element tensor is read
-        on the host only when the step needs the scale (with the gradient norm, where the
-        step waits for the device anyway), not here; the product is the same."""
-        if torch.is_tensor(factor):
-            self._device_scales.append(factor)
-        else:
-            self._grad_scale = self._host_scale() * factor
-
-    def _host_scale(self) -> float:
-        for factor in self._device_scales:
-            self._grad_scale *= float(factor)
-        self._device_scales = []
-        return self._grad_scale
+        """Multiplies this step's row gradients by ``factor`` (a number, or a one-element
+        device tensor that is never read on the host: the factors multiply on the device)."""
+        if self._scale is None:
+            self._scale = torch.ones((), dtype=torch.float64, device=self.device)
+        self._scale = self._scale * (factor.reshape(()).double() if torch.is_tensor(factor) else factor)
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's gradient per touched row: repeated rows summed (slot -1, if present,
@@ -250,20 +242,25 @@ class PhysicalTable:
         return self._ready
 
     def gradient_square_sum(self) -> torch.Tensor:
-        """Sum of squared (scaled) row gradients of this step: this rank's share of the
-        gradient norm."""
+        """Sum of squared (scaled) row gradients of this step, a float64 device scalar: this
+        rank's share of the gradient norm."""
         slots, grads = self._gathered()
-        return (grads.double().square().sum(dim=1) * (slots >= 0)).sum() * self._host_scale() ** 2
+        square = (grads.double().square().sum(dim=1) * (slots >= 0)).sum()
+        return square if self._scale is None else square * self._scale.square()
 
-    def apply_step(self, dense_lr: float) -> None:
+    def apply_step(self, dense_lr: float, *, skip: Optional[torch.Tensor] = None) -> None:
         """The sparse optimizer on this step's touched rows, then the step count advances
-        and, when due, rows past their TTL are dropped."""
+        and, when due, rows past their TTL are dropped. ``skip`` (a 0-dim device tensor, 1
+        = skip): the step's verdict, still on the device; a skipped update moves no row and
+        no state, and the caller takes the count back with :meth:`undo_step` once it reads
+        the verdict (before the next update)."""
         slots, grads = self._gathered()
         settings = self.settings
         lr = settings.lr if settings.lr is not None else dense_lr
         sparse_update(
             self.weights, self._states, slots, grads, optimizer=settings.optimizer, lr=lr, step=self.step + 1,
-            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps, grad_scale=self._host_scale(),
+            beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps,
+            grad_scale=1.0 if self._scale is None else self._scale.float(), skip=skip,
             fresh=self._fresh, state_init=self.state_init, kernel=self.kernel,
         )
         self.index.mark_changed(slots)
@@ -272,6 +269,11 @@ class PhysicalTable:
         if settings.ttl_steps and self.step % settings.ttl_sweep_interval == 0:
             self.sweep_expired()
 
+    def undo_step(self) -> None:
+        """Takes back the step count of an update the device skipped (:meth:`apply_step`
+        with ``skip``): Adam's bias correction counts the updates made."""
+        self.step -= 1
+
     def discard_step(self) -> None:
         """A skipped step (non-finite gradients): the gradients are dropped, nothing moves."""
         self._reset_gradients()
@@ -279,8 +281,7 @@ class PhysicalTable:
     def _reset_gradients(self) -> None:
         self._pending = []
         self._ready = None
-        self._grad_scale = 1.0
-        self._device_scales = []
+        self._scale = None
 
     def sweep_expired(self) -> int:
         """Drops rows (and admission counters) not seen for ``ttl_steps`` steps."""
@@ -297,8 +298,10 @@ class PhysicalTable:
     # ------------------------------------------------------------- reports
     def statistics(self) -> dict[str, float]:
         """Counters since the start of the run (or the last checkpoint load) and the fill."""
-        values = dict(zip(COUNTERS, self.counters.tolist()))
-        stored = int(self.index.occupancy())
-        values["occupancy"] = stored
-        values["load_factor"] = stored / self.capacity
+        values = dict(zip(STATISTICS, self.counter_values().tolist()))
+        values["load_factor"] = values["occupancy"] / self.capacity
         return values
+
+    def counter_values(self) -> torch.Tensor:
+        """:data:`STATISTICS` now, a float64 device tensor (no host read: a snapshot to read later)."""
+        return torch.cat([self.counters, self.index.occupancy().reshape(1)]).double()

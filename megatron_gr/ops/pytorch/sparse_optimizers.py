@@ -15,7 +15,7 @@ dynamicemb do). Formulas, with ``g`` the gradient times ``grad_scale``:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -40,14 +40,18 @@ def pytorch_sparse_update(
     beta1: float,
     beta2: float,
     eps: float,
-    grad_scale: float,
+    grad_scale: Union[float, torch.Tensor],
+    skip: Optional[torch.Tensor] = None,
     fresh: Optional[torch.Tensor] = None,
     state_init: Sequence[float] = (),
 ) -> None:
     """Updates rows ``slots`` ``[R]`` (distinct; entries < 0 are skipped) of ``weights``
     ``[C, D]`` and ``states`` in place from ``grads`` ``[R, D]``. Rows flagged in ``fresh``
-    ``[C]`` start from ``state_init`` (their flag is cleared)."""
+    ``[C]`` start from ``state_init`` (their flag is cleared). A nonzero 0-dim ``skip``
+    writes nothing: the update's rows are all dropped (on the device, no host read)."""
     keep = slots >= 0
+    if skip is not None:
+        keep = keep & (skip == 0)
     slots = slots[keep]
     g = grads[keep].to(torch.float32) * grad_scale
     w = weights[slots]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,16 +22,20 @@ def _old_state(ptr, offsets, mask, is_new, init):
 
 
 @triton.jit(
-    do_not_specialize=["n", "lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt", "init0", "init1"]
+    do_not_specialize=["n", "lr", "beta1", "beta2", "rest1", "rest2", "eps", "step_size", "bias2_sqrt", "init0", "init1"]
 )
 def _sparse_update_kernel(
-    weights_ptr, state0_ptr, state1_ptr, slots_ptr, grads_ptr, fresh_ptr,
-    n, dim, lr, beta1, beta2, rest1, rest2, eps, grad_scale, step_size, bias2_sqrt, init0, init1,
-    OPTIMIZER: tl.constexpr, HAS_FRESH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    weights_ptr, state0_ptr, state1_ptr, slots_ptr, grads_ptr, fresh_ptr, scale_ptr, skip_ptr,
+    n, dim, lr, beta1, beta2, rest1, rest2, eps, step_size, bias2_sqrt, init0, init1,
+    OPTIMIZER: tl.constexpr, HAS_FRESH: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.load(slots_ptr + rows, mask=rows < n, other=-1)
     valid = (rows < n) & (slot >= 0)
+    if HAS_SKIP:  # the step's verdict, decided on the device: a skipped step writes nothing
+        valid = valid & (tl.load(skip_ptr + rows * 0) == 0)  # the one flag, broadcast to the rows
+    grad_scale = tl.load(scale_ptr)
     if HAS_FRESH:
         new = valid & (tl.load(fresh_ptr + slot, mask=valid, other=0) != 0)
     else:
@@ -62,20 +67,25 @@ def _sparse_update_kernel(
 
 
 def triton_sparse_update(
-    weights, states, slots, grads, *, optimizer, lr, step, beta1, beta2, eps, grad_scale, fresh=None, state_init=()
+    weights, states, slots, grads, *, optimizer, lr, step, beta1, beta2, eps, grad_scale, skip=None, fresh=None,
+    state_init=(),
 ) -> None:
     count, dim = slots.numel(), weights.shape[1]
     if count == 0:
         return
     padded = list(states) + [weights] * (2 - len(states))
     inits = list(state_init) + [0.0] * (2 - len(state_init))
+    if not torch.is_tensor(grad_scale):  # a fill, not a copy from the host (which would wait)
+        grad_scale = torch.full((), float(grad_scale), dtype=torch.float32, device=weights.device)
     block_r, block_d = row_blocks(dim)
     _sparse_update_kernel[(triton.cdiv(count, block_r),)](
         weights, padded[0], padded[1], slots, grads.contiguous(), fresh if fresh is not None else slots,
+        grad_scale.float(), skip if skip is not None else slots,
         # 1 - beta is rounded once, from the double, as the reference's Python arithmetic does.
-        count, dim, float(lr), float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps), float(grad_scale),
+        count, dim, float(lr), float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps),
         float(lr / (1 - beta1**step)), float(math.sqrt(1 - beta2**step)), float(inits[0]), float(inits[1]),
-        OPTIMIZER=_OPTIMIZERS[optimizer], HAS_FRESH=fresh is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        OPTIMIZER=_OPTIMIZERS[optimizer], HAS_FRESH=fresh is not None, HAS_SKIP=skip is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=ROW_WARPS,
         # No fused multiply-adds: each product and sum rounds as in the reference's separate
         # tensor operations, so a GPU table's Adam/Adagrad/SGD state follows the CPU one.

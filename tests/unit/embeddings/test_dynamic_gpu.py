@@ -149,12 +149,13 @@ _COMPILE = textwrap.dedent(
                 "out0_ptr": "*i64", "take1_ptr": "*i32", "out1_ptr": "*i32", "n": "i64", "tiles": "i64",
                 "HAS_MINOR": "constexpr", "TAKE": "constexpr", "TILE": "constexpr", "SUB": "constexpr", "TILES_BLOCK": "constexpr"},
                 {"HAS_MINOR": has_minor, "TAKE": take, "TILE": 4 * G.GROUP_SUB, "SUB": G.GROUP_SUB, "TILES_BLOCK": G.TILES_BLOCK})
-    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "grad_scale", "step_size", "bias2_sqrt",
-                                   "init0", "init1")}
-    for optimizer, has_fresh in ((0, False), (1, True), (2, True), (3, True), (3, False)):
-        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "fresh_ptr": "*u8", "n": "i64",
-                "dim": "i32", **scalars, "OPTIMIZER": "constexpr", "HAS_FRESH": "constexpr", "BLOCK_R": "constexpr",
-                "BLOCK_D": "constexpr"}, {"OPTIMIZER": optimizer, "HAS_FRESH": has_fresh, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
+    scalars = {n: "fp32" for n in ("lr", "beta1", "beta2", "rest1", "rest2", "eps", "step_size", "bias2_sqrt", "init0", "init1")}
+    for optimizer, has_fresh, has_skip in ((0, False, False), (1, True, True), (2, True, False), (3, True, True),
+                                           (3, False, False)):
+        compile(S._sparse_update_kernel, {**rows, "slots_ptr": "*i64", "grads_ptr": "*fp32", "fresh_ptr": "*u8",
+                "scale_ptr": "*fp32", "skip_ptr": "*fp32", "n": "i64", "dim": "i32", **scalars, "OPTIMIZER": "constexpr",
+                "HAS_FRESH": "constexpr", "HAS_SKIP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                {"OPTIMIZER": optimizer, "HAS_FRESH": has_fresh, "HAS_SKIP": has_skip, "BLOCK_R": 32, "BLOCK_D": 128}, warps=8)
     print("compiled")
     """
 )

@@ -250,6 +250,39 @@ def test_sparse_updates_match_the_reference(optimizer, shapes, flags):
         assert torch.equal(out["triton"][2], out["pytorch"][2])
 
 
+@pytest.mark.parametrize("skipped", [False, True])
+def test_sparse_updates_take_their_scale_and_verdict_from_the_device(skipped):
+    """The step decided on the device: the gradient scale and the skip flag are 0-dim
+    tensors. Not skipped, the update equals the one with the scale as a number; skipped,
+    nothing is written, fresh flags included, in both kernels."""
+    generator = torch.Generator().manual_seed(4)
+    capacity, dim = 20, 5
+    weights = torch.randn(capacity, dim, generator=generator).to(DEVICE)
+    states = [torch.rand(capacity, dim, generator=generator).to(DEVICE) for _ in range(2)]
+    fresh = (torch.rand(capacity, generator=generator) < 0.5).to(torch.uint8).to(DEVICE)
+    slots = torch.randperm(capacity, generator=generator)[:8].to(DEVICE)
+    grads = torch.randn(8, dim, generator=generator).to(DEVICE)
+    options = dict(optimizer="adam", lr=0.1, step=2, beta1=0.9, beta2=0.98, eps=1e-8, state_init=[0.0, 0.0])
+    for kernel in ("pytorch", "triton"):
+        runs = {}
+        for name, scale, skip in (("number", 0.25, None),
+                                  ("tensor", torch.full((), 0.25, device=DEVICE), torch.full((), float(skipped), device=DEVICE))):
+            w, st, f = weights.clone(), [t.clone() for t in states], fresh.clone()
+            sparse_update(w, st, slots, grads, grad_scale=scale, skip=skip, fresh=f, kernel=kernel, **options)
+            runs[name] = (w, st, f)
+        w, st, f = runs["tensor"]
+        if skipped:
+            assert torch.equal(w, weights) and all(torch.equal(a, b) for a, b in zip(st, states)), kernel
+            assert torch.equal(f, fresh), kernel
+        else:
+            assert not torch.equal(w, weights), kernel
+            assert torch.equal(w, runs["number"][0]) and torch.equal(f, runs["number"][2]), kernel
+            assert all(torch.equal(a, b) for a, b in zip(st, runs["number"][1])), kernel
+    with pytest.raises(ValueError, match="0-dim"):
+        sparse_update(weights.clone(), [t.clone() for t in states], slots, grads, grad_scale=torch.ones(1, device=DEVICE),
+                      kernel="pytorch", **options)
+
+
 @pytest.mark.gpu
 def test_probe_at_scale_on_gpu():
     # About 190k rows competing for 192k slots: buckets overflow and evict.

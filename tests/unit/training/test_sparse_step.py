@@ -13,6 +13,7 @@ from megatron_gr.config.dynamic_embedding_config import DynamicTableConfig
 from megatron_gr.config.embedding_config import EmbeddingTableConfig
 from megatron_gr.embeddings.dynamic import DynamicEmbeddingCollection
 from megatron_gr.training.sparse_step import SparseTables, per_token_finalize
+from megatron_gr.training.step_verdict import HostVerdict
 
 
 class DenseOptimizer:
@@ -229,9 +230,11 @@ def test_joint_clipping_with_the_distributed_optimizer(megatron_cpu, tmp_path):
 
 
 def test_a_skipped_megatron_step_moves_nothing(megatron_cpu, tmp_path, monkeypatch):
-    """Non-finite gradients (megatron's prepare_grads says so; with a loss scaler it would):
-    neither weights nor rows move, the table's step count stays."""
+    """Non-finite gradients (megatron's prepare_grads says so; with a loss scaler it would,
+    and such runs decide their steps on the host): neither weights nor rows move, the
+    table's step count stays."""
     trainer = _trainer(tmp_path)
+    trainer.verdict = HostVerdict(trainer.sparse)
     (table,) = trainer.sparse.tables
     trainer.train_step()
     prepare = trainer.optimizer.prepare_grads

@@ -12,7 +12,7 @@ import torch
 
 from megatron_gr.training.step_verdict import DeviceVerdict, HostVerdict
 from megatron_gr.training.trainer import Trainer
-from tests.unit.training.helpers import dynamic_training_config, read_records, tiny_config
+from tests.unit.training.helpers import read_records, tiny_config
 from tests.unit.training.test_nonfinite import _poison
 
 # Clipping bites (the norms of these steps are far above 0.05); warm-up makes every step's
@@ -21,8 +21,11 @@ TRAINING = {"clip_grad": 0.05, "lr_warmup_iters": 3, "train_iters": 6, "lr_decay
 POISON = {"loss": {2}, "grad": {4}}  # step 2: the loss is NaN; step 4: only the gradients
 
 
-def _run(tmp_path, monkeypatch, *, on_host: bool) -> tuple[list[dict], list[torch.Tensor], int]:
-    trainer = Trainer(tiny_config(tmp_path, training=TRAINING))
+DYNAMIC = {"item": {"type": "dynamic", "dynamic": {"capacity": 512, "bucket_size": 16}}}
+
+
+def _run(tmp_path, monkeypatch, *, on_host: bool, embeddings: dict) -> tuple[list[dict], list[torch.Tensor], Trainer]:
+    trainer = Trainer(tiny_config(tmp_path, training=TRAINING, embeddings=embeddings))
     assert isinstance(trainer.verdict, DeviceVerdict)
     if on_host:
         trainer.verdict = HostVerdict(trainer.sparse)
@@ -32,14 +35,19 @@ def _run(tmp_path, monkeypatch, *, on_host: bool) -> tuple[list[dict], list[torc
         records.append(trainer.train_step())
         trainer.state.iteration = step
     weights = [p.detach().double().clone() for p in trainer.model[0].parameters()]
-    return records, weights, trainer.scheduler.num_steps
+    for table in trainer.sparse.tables:  # the rows and their Adam moments
+        weights += [table.weights.double().clone()] + [state.double().clone() for state in table.states]
+    return records, weights, trainer
 
 
-def test_device_and_host_verdicts_train_alike(megatron_cpu, tmp_path, monkeypatch):
-    device, device_weights, device_scheduled = _run(tmp_path / "device", monkeypatch, on_host=False)
-    host, host_weights, host_scheduled = _run(tmp_path / "host", monkeypatch, on_host=True)
+@pytest.mark.parametrize("table", ["plain", "dynamic"])
+def test_device_and_host_verdicts_train_alike(megatron_cpu, tmp_path, monkeypatch, table):
+    embeddings = DYNAMIC if table == "dynamic" else {}
+    device, device_weights, on_device = _run(tmp_path / "device", monkeypatch, on_host=False, embeddings=embeddings)
+    host, host_weights, on_host = _run(tmp_path / "host", monkeypatch, on_host=True, embeddings=embeddings)
     assert [r["skipped"] for r in device] == [r["skipped"] for r in host] == [False, True, False, True, False, False]
-    assert device_scheduled == host_scheduled == 4
+    assert on_device.scheduler.num_steps == on_host.scheduler.num_steps == 4
+    assert [t.step for t in on_device.sparse.tables] == [t.step for t in on_host.sparse.tables] == [4] * len(embeddings)
     assert [r["lr"] for r in device] == [r["lr"] for r in host]
     # a record's LR is the next step's (as megatron logs it): the schedule waited at 2 and 4
     assert device[0]["lr"] == device[1]["lr"] and device[2]["lr"] == device[3]["lr"]
@@ -52,6 +60,7 @@ def test_device_and_host_verdicts_train_alike(megatron_cpu, tmp_path, monkeypatc
             else:  # the device's norm is float32 throughout (megatron's ends in a float64 root)
                 assert d[key] == pytest.approx(h[key], rel=1e-5), key
     assert any(r["grad_norm"] > 10 * TRAINING["clip_grad"] for r in host if not r["skipped"])  # clipping did bite
+    assert len(device_weights) == len(host_weights)
     # Adam divides by the clip factor's inverse where megatron multiplies by it: rounding apart
     for d, h in zip(device_weights, host_weights):
         assert (d - h).norm() <= 1e-5 * h.norm() + 1e-12
@@ -126,11 +135,9 @@ def test_the_loop_reads_a_step_before_what_needs_its_weights(megatron_cpu, tmp_p
     assert in_flight_at_validation == [False, False, False]  # steps 2, 4 and 6
 
 
-def test_dynamic_tables_and_sgd_decide_on_the_host(megatron_cpu, tmp_path):
-    dynamic = Trainer(dynamic_training_config(tmp_path / "dynamic", world=1))
-    assert isinstance(dynamic.verdict, HostVerdict) and not dynamic.verdict.defers
+def test_sgd_decides_on_the_host(megatron_cpu, tmp_path):
     sgd = Trainer(tiny_config(tmp_path / "sgd", training={"optimizer": "sgd"},
                               parallel={"use_distributed_optimizer": False}))
-    assert isinstance(sgd.verdict, HostVerdict)
+    assert isinstance(sgd.verdict, HostVerdict) and not sgd.verdict.defers
     record = sgd.train_step()
     assert math.isfinite(record["loss"]) and not record["skipped"]
