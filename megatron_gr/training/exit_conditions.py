@@ -1,10 +1,13 @@
 """When a run stops early on purpose: SIGTERM/SIGUSR1, ``--exit-interval`` and
 ``--exit-duration-in-mins`` (Megatron's semantics: save a checkpoint, exit 0).
 
-The signal handlers only set a flag. At each step boundary every rank contributes its flag,
-whether the exit interval divides the step and whether its clock passed the duration; one
-all-reduce (max) makes the decision collective, so all ranks stop after the same step and
-save together. Slurm sends SIGUSR1 before the time limit (``launch/slurm_pretrain.sbatch``)
+The signal handlers only set a flag. The exit interval is the same decision on every rank
+(it depends on the step only). A signal and the duration are one rank's news: at each step
+boundary every rank contributes its signal flag and whether its clock passed the duration
+to one all-reduce (max), so all ranks stop after the same step and save together. With
+several ranks that all-reduce is read one step later (it travels while the next step runs:
+reading it at once would make every step wait for the device), so a signal or the
+duration stops the run one step after the step it arrived in. Slurm sends SIGUSR1 before the time limit (``launch/slurm_pretrain.sbatch``)
 and SIGTERM at the limit or on preemption; torchrun forwards SIGTERM (and SIGUSR1 when told
 to, see the sbatch script). SIGINT (Ctrl-C) is not handled here: it interrupts at once and
 the CLI reports it in one line.
@@ -36,6 +39,7 @@ class ExitConditions:
         self.device = device
         self.received: Optional[int] = None
         self._previous: dict[int, object] = {}
+        self._pending: Optional[_PendingFlags] = None  # the last step's all-reduced flags (several ranks)
 
     def _on_signal(self, signum, frame) -> None:
         self.received = signum
@@ -53,23 +57,49 @@ class ExitConditions:
 
     def check(self, step: int) -> Optional[str]:
         """Collective: call on every rank after every step."""
-        several = dist.is_initialized() and dist.get_world_size() > 1
-        flags = torch.tensor(
-            [
-                self.received or 0,
-                int(self.interval is not None and step % self.interval == 0),
-                int(self.duration_s is not None and time.time() - self.start_time >= self.duration_s),
-            ],
-            dtype=torch.int64,
-            device=self.device if several else "cpu",  # NCCL reduces device tensors only
+        received, duration = self.received or 0, int(
+            self.duration_s is not None and time.time() - self.start_time >= self.duration_s
         )
-        if several:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        received, interval, duration = (int(v) for v in flags.tolist())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            received, duration = self._reduced_last_step(received, duration)
         if received:
             return f"{signal.Signals(received).name} received"
-        if interval:
+        if self.interval is not None and step % self.interval == 0:
             return f"exit interval {self.interval} reached (training.exit_interval)"
         if duration:
             return f"{self.duration_s / 60:g} minutes elapsed (training.exit_duration_in_mins)"
         return None
+
+    def _reduced_last_step(self, received: int, duration: int) -> tuple[int, int]:
+        """Starts this step's all-reduce (max) of the flags and returns the previous step's
+        result (0, 0 at the first step): on a GPU its copy to the host was queued behind the
+        all-reduce, and is read once the event after it has passed, without waiting for the
+        work queued since."""
+        flags = torch.zeros(2, dtype=torch.int64, device=self.device)  # NCCL reduces device tensors only
+        flags[0].fill_(received)  # a fill, not a copy from pageable memory (which would wait)
+        flags[1].fill_(duration)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        previous, self._pending = self._pending, _PendingFlags.queue(flags)
+        return previous.read() if previous is not None else (0, 0)
+
+
+class _PendingFlags:
+    """An all-reduced flag tensor on its way to the host."""
+
+    def __init__(self, host: torch.Tensor, ready: Optional[torch.cuda.Event]):
+        self.host, self.ready = host, ready
+
+    @classmethod
+    def queue(cls, flags: torch.Tensor) -> "_PendingFlags":
+        if flags.device.type != "cuda":
+            return cls(flags, None)
+        host = flags.to("cpu", non_blocking=True)  # pinned
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(host, ready)
+
+    def read(self) -> tuple[int, int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        received, duration = (int(v) for v in self.host.tolist())
+        return received, duration

@@ -76,3 +76,32 @@ def test_each_variant_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
     assert result["matmul_ceiling_tflops"] == 700.0
     assert result["variants"]["a"] == {"ran": "a"} and result["variants"]["b"] == {"ran": "b"}
     assert result["variants"]["broken"] == {"error": "worker exited with 1"}
+
+
+def test_the_worker_steps_each_tree_as_its_training_loop_does():
+    """This tree's loop reads each step while the next runs (``launch_step``); an older
+    tree (the "before" rows) has only ``train_step``, each step read at its end."""
+    from tests.unit.tools.benchmark_tools import load_benchmark
+
+    worker = load_benchmark("e2e_worker")
+
+    class Older:
+        def train_step(self):
+            return {"loss": 1.0}
+
+    class Pipelined:
+        def __init__(self):
+            self.launched = 0
+
+        def launch_step(self):
+            self.launched += 1
+            return None if self.launched == 1 else {"loss": float(self.launched - 1)}
+
+        def settle_step(self):
+            return {"loss": float(self.launched)}
+
+    older = worker._Steps(Older())
+    assert older.launch() == [{"loss": 1.0}] and older.finish() == []
+    pipelined = worker._Steps(Pipelined())
+    records = pipelined.launch() + pipelined.launch() + pipelined.launch() + pipelined.finish()
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0]

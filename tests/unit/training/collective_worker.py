@@ -29,7 +29,8 @@ def decide(directory: str) -> None:
     report["before"] = exits.check(1)
     if rank == 1:
         exits.received = signal.SIGUSR1  # only rank 1 got the signal
-    report["after"] = exits.check(2)
+    report["after"] = exits.check(2)  # several ranks: the flags of step 2 decide after step 3
+    report["next"] = exits.check(3)
 
     try:
         hold_run_lock(str(directory / "locked"))

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU call (under 10 minutes) for the step decided on the device (docs/benchmarks/e2e.md,
+# "2026-12-08"): the standard shape with layer graphs, plain and dynamic tables, this tree
+# (no wait between steps) beside the package of the tree before it (9e17619: one wait per
+# step for the gradient norm; `git archive 9e17619 megatron_gr | tar -x -C DIR`), the loss
+# curves of both compared; then the GPU tests of the step's waits and the sparse update
+# kernels, then the dynamic table's host time by function. Run from the repository root
+# with megatron-core importable:
+#
+#     bash tools/benchmarks/device_verdict_check.sh DIR     # writes logs and JSON to $OUT (default ./out)
+set -u
+before=${1:?the older tree (a directory holding its megatron_gr package)}
+O=${OUT:-out}; mkdir -p "$O"; B=tools/benchmarks; T=tests/unit
+export PYTHONUNBUFFERED=1
+left() { local l=$(( 575 - SECONDS )); (( l > $1 )) && l=$1; (( l < 1 )) && l=1; echo $l; }
+G=model.relative_attention_bias=false,training.cuda_graphs=layers
+D=embeddings.item.type=dynamic,embeddings.item.dynamic.capacity=65536
+
+timeout "$(left 380)" python3 $B/e2e_step.py --standard --data-dir /tmp/e2e_standard --tree "$before" \
+  --tree-variants plain_layers,dynamic_layers --variant "plain_layers:$G" --variant "dynamic_layers:$G,$D" \
+  --steps 20 --profile-steps 2 --matmul-size 4096 \
+  --loss-parity before/plain_layers,after/plain_layers --loss-parity before/dynamic_layers,after/dynamic_layers \
+  --json "$O/e2e_device_verdict.json" --markdown "$O/e2e_device_verdict.md" > "$O/e2e.log" 2>&1
+echo "e2e rc=$?"; grep -E "^\| (before|after)|^loss parity|idle" "$O/e2e.log"
+timeout "$(left 120)" python3 -m pytest -q -rfE $T/training/test_step_device_waits.py $T/ops/test_triton_dynamic_embedding.py \
+  $T/embeddings/test_dynamic_gpu.py > "$O/tests.log" 2>&1
+echo "tests rc=$?"; tail -4 "$O/tests.log"
+timeout "$(left 90)" python3 $B/host_overhead.py --device cuda --kernel-backend triton --graphs layers \
+  --variants plain,dynamic --steps 10 --profile-steps 5 --python-profile 40 --json "$O/host_layers.json" > "$O/host.log" 2>&1
+echo "host rc=$?"; grep -E "^== |host reads|Triton launches" "$O/host.log"
