@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gr.config.training_config import TrainingConfig
+from megatron_gr.training.host_copy import HostCopy
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -39,7 +40,7 @@ class ExitConditions:
         self.device = device
         self.received: Optional[int] = None
         self._previous: dict[int, object] = {}
-        self._pending: Optional[_PendingFlags] = None  # the last step's all-reduced flags (several ranks)
+        self._pending: Optional[HostCopy] = None  # the last step's all-reduced flags (several ranks)
 
     def _on_signal(self, signum, frame) -> None:
         self.received = signum
@@ -79,27 +80,8 @@ class ExitConditions:
         flags[0].fill_(received)  # a fill, not a copy from pageable memory (which would wait)
         flags[1].fill_(duration)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        previous, self._pending = self._pending, _PendingFlags.queue(flags)
-        return previous.read() if previous is not None else (0, 0)
-
-
-class _PendingFlags:
-    """An all-reduced flag tensor on its way to the host."""
-
-    def __init__(self, host: torch.Tensor, ready: Optional[torch.cuda.Event]):
-        self.host, self.ready = host, ready
-
-    @classmethod
-    def queue(cls, flags: torch.Tensor) -> "_PendingFlags":
-        if flags.device.type != "cuda":
-            return cls(flags, None)
-        host = flags.to("cpu", non_blocking=True)  # pinned
-        ready = torch.cuda.Event()
-        ready.record()
-        return cls(host, ready)
-
-    def read(self) -> tuple[int, int]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        received, duration = (int(v) for v in self.host.tolist())
+        previous, self._pending = self._pending, HostCopy(flags)
+        if previous is None:
+            return 0, 0
+        received, duration = (int(v) for v in previous.read().tolist())
         return received, duration

@@ -28,6 +28,7 @@ from megatron_gr.compat.optimizer_step import (
     prepare_grads_and_device_norm,
     step_with_device_verdict,
 )
+from megatron_gr.training.host_copy import HostCopy
 from megatron_gr.training.nonfinite import any_rank
 from megatron_gr.training.sparse_step import SparseTables
 
@@ -38,15 +39,11 @@ class StepOutcome:
     loss count, tokens]); waits, when the step was decided on the device, until the
     device is done with it."""
 
-    summary: torch.Tensor  # float64 [5]: loss sum, count, tokens, norm, skipped (on the host once ready)
-    ready: Optional[torch.cuda.Event] = None
+    summary: HostCopy  # float64 [5]: loss sum, count, tokens, norm, skipped
     on_skip: Optional[Callable[[], None]] = None  # what a skipped verdict takes back once read
 
     def read(self) -> tuple[bool, float, list[float]]:
-        if self.ready is not None:
-            self.ready.synchronize()
-            self.ready = None
-        loss_sum, count, tokens, norm, skipped = self.summary.tolist()
+        loss_sum, count, tokens, norm, skipped = self.summary.read().tolist()
         if skipped and self.on_skip is not None:
             self.on_skip()
         return not skipped, norm, [loss_sum, count, tokens]
@@ -71,7 +68,7 @@ class HostVerdict:
 
         updated, grad_norm = self.sparse.step(optimizer, loss_is_finite=loss_is_finite)  # calls it
         summary = torch.tensor([*host["totals"], grad_norm, float(not updated)], dtype=torch.float64)
-        return StepOutcome(summary)
+        return StepOutcome(HostCopy(summary))
 
 
 class DeviceVerdict:
@@ -99,13 +96,7 @@ class DeviceVerdict:
         step_with_device_verdict(optimizer, skip=skip, grad_scale=grad_scale)
         self.sparse.apply_on_device(lr, clip_coefficient=None if grad_scale is None else grad_scale.reciprocal(), skip=skip)
         on_skip = self.sparse.undo_skipped if self.sparse.tables else None
-        summary = torch.cat([totals, norm.double(), skip.double().reshape(1)])
-        if summary.device.type != "cuda":
-            return StepOutcome(summary, on_skip=on_skip)
-        summary = summary.to("cpu", non_blocking=True)  # into pinned memory, read once the event passes
-        ready = torch.cuda.Event()
-        ready.record()
-        return StepOutcome(summary, ready, on_skip)
+        return StepOutcome(HostCopy(torch.cat([totals, norm.double(), skip.double().reshape(1)])), on_skip)
 
 
 def choose_verdict(optimizer, sparse: SparseTables, device: torch.device):
