@@ -22,7 +22,8 @@ timeout "$(left 380)" python3 $B/e2e_step.py --standard --data-dir /tmp/e2e_stan
   --loss-parity before/plain_layers,after/plain_layers --loss-parity before/dynamic_layers,after/dynamic_layers \
   --json "$O/e2e_device_verdict.json" --markdown "$O/e2e_device_verdict.md" > "$O/e2e.log" 2>&1
 echo "e2e rc=$?"; grep -E "^\| (before|after)|^loss parity|idle" "$O/e2e.log"
-timeout "$(left 120)" python3 -m pytest -q -rfE $T/training/test_step_device_waits.py $T/ops/test_triton_dynamic_embedding.py \
+timeout "$(left 120)" python3 -m pytest -q -rfE $T/training/test_step_device_waits.py $T/training/test_host_copy.py \
+  $T/ops/test_triton_dynamic_embedding.py \
   $T/embeddings/test_dynamic_gpu.py > "$O/tests.log" 2>&1
 echo "tests rc=$?"; tail -4 "$O/tests.log"
 timeout "$(left 90)" python3 $B/host_overhead.py --device cuda --kernel-backend triton --graphs layers \
