@@ -10,6 +10,8 @@ order; what a part of a chained optimizer is (``chained_optimizers``,
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_gr.compat.version import require
@@ -65,7 +67,7 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
 def decides_on_device(optimizer) -> bool:
     """Whether :func:`step_with_device_verdict` can step ``optimizer``: every part is
     megatron's mixed-precision, fp32 or distributed optimizer around a fused torch Adam
-    (whose kernel takes a gradient scale and a skip flag as tensors), without a loss
+    (whose kernel takes a skip flag as a tensor), without a loss
     scaler (its non-finite check reads the device) and without decoupled gradients."""
     parts = _parts(optimizer)
     if not parts:
@@ -90,37 +92,56 @@ def decides_on_device(optimizer) -> bool:
 def prepare_grads_and_device_norm(optimizer, device: torch.device) -> torch.Tensor:
     """:func:`prepare_grads_and_norm` for optimizers :func:`decides_on_device` accepts
     (without a loss scaler, megatron finds nothing non-finite here), with the norm left on
-    the device: each part's squares summed over its gradient-statistics group, as
-    ``get_grad_norm`` does, ``[1]`` float32, no host read."""
+    the device: ``[1]`` float64 (the root of the float32 squares, as megatron takes it on
+    the host), no host read. The squares are summed over the same groups,
+    with the same collectives, as megatron's ``get_grad_norm`` (every rank issues them, a
+    rank without gradients with a zero): the parts of a chained optimizer together when
+    they share their group, else each part (stubs included) over its own."""
     import torch.distributed as dist
 
     if optimizer.prepare_grads():
         raise RuntimeError("megatron found non-finite gradients itself (a loss scaler): decide such steps on the host")
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is None:
+        units = [([optimizer], optimizer.get_grad_stats_parallel_group())]
+    elif len(chained) == 1 or optimizer.grads_states_parallel_group_is_shared():
+        units = [(chained, chained[0].get_grad_stats_parallel_group())]
+    else:
+        units = [([part], part.get_grad_stats_parallel_group()) for part in chained]
     square = torch.zeros(1, dtype=torch.float32, device=device)
-    for part in _parts(optimizer):
-        grads = [grad for grad in part.get_main_grads_for_grad_norm() if grad is not None]
-        if not grads:
-            continue
-        norms = torch._foreach_norm(grads)
-        part_square = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).square().reshape(1)
-        group = part.get_grad_stats_parallel_group()
-        if dist.get_world_size(group) > 1:
+    for parts, group in units:
+        grads = [grad for part in parts for grad in part.get_main_grads_for_grad_norm() if grad is not None]
+        part_square = torch.zeros(1, dtype=torch.float32, device=device)
+        if grads:
+            norms = torch._foreach_norm(grads)
+            part_square = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).square().reshape(1)
+        if dist.get_world_size(group) > 1:  # megatron's all-reduce, on every rank of the group
             dist.all_reduce(part_square, group=group)
         square = square + part_square
-    return square.sqrt()
+    return square.double().sqrt()
 
 
-def step_with_device_verdict(optimizer, *, skip: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
-    """megatron's ``step_with_ready_grads`` with fused Adam told, as tensors, to divide
-    every gradient by ``grad_scale`` (clipping) and to move nothing where ``skip`` (0-dim
-    float32, 0 or 1; ``grad_scale`` 0-dim too) is 1 (its step counts are put back too). The main-to-model copy that
-    follows copies unchanged weights on a skipped step. Only for optimizers
-    :func:`decides_on_device` accepts."""
-    inners = [part.optimizer for part in _parts(optimizer)]
+def step_with_device_verdict(optimizer, *, skip: torch.Tensor, clip_coefficient: Optional[torch.Tensor]) -> None:
+    """The second half of megatron's step with the verdict on the device: every part's main
+    gradients times ``clip_coefficient`` (a 0-dim device tensor, ``min(1, clip / (norm +
+    1e-6))`` as megatron computes it: a product by 1 where megatron would not scale, so the
+    gradients are megatron's to the bit), then ``step_with_ready_grads`` with fused Adam
+    told to move nothing where ``skip`` (0-dim float32, 0 or 1) is 1 (its step counts are
+    put back too). The main-to-model copy that follows copies unchanged weights on a
+    skipped step. Only for optimizers :func:`decides_on_device` accepts."""
+    from megatron_gr.compat.fast_optimizer import local_tensor
+
+    parts = _parts(optimizer)
+    if clip_coefficient is not None:
+        factor = clip_coefficient.float()  # megatron's scale of float32 gradients by a Python float
+        grads = [local_tensor(param.grad) for part in parts for param in part.get_parameters() if param.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+    inners = [part.optimizer for part in parts]
     for inner in inners:
-        inner.found_inf, inner.grad_scale = skip, grad_scale  # read by torch Adam's step
+        inner.found_inf = skip  # read by torch Adam's step
     try:
         optimizer.step_with_ready_grads()
     finally:
         for inner in inners:
-            del inner.found_inf, inner.grad_scale
+            del inner.found_inf

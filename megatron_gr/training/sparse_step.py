@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 from megatron_gr.compat import clip_grads_and_step, prepare_grads_and_norm
 from megatron_gr.embeddings.dynamic import PhysicalTable, collections_of
 from megatron_gr.embeddings.dynamic.table import STATISTICS
+from megatron_gr.training.host_copy import HostCopy
 from megatron_gr.training.nonfinite import any_rank
 
 
@@ -45,8 +46,8 @@ def per_token_finalize(finalize: Callable, tables: list[PhysicalTable]) -> Calla
     gradients (``num_tokens=None``), then the count is broadcast from the last pipeline stage
     and summed over data-parallel ranks as megatron does, and the gradients are multiplied
     by ``1 / max(count, 1)`` (with no token every gradient is zero, which megatron leaves as
-    it is). The rows of dynamic tables get the same factor, read on the host when their
-    step needs it, after the wait for the gradient norm (no wait of its own)."""
+    it is). The rows of dynamic tables get the same factor, a device tensor that their
+    update kernel reads (never the host)."""
 
     def finalize_model_grads(model, num_tokens=None, pg_collection=None, **kwargs):
         finalize(model, None, pg_collection=pg_collection, **kwargs)
@@ -65,7 +66,7 @@ def per_token_finalize(finalize: Callable, tables: list[PhysicalTable]) -> Calla
         for chunk in model:
             chunk.scale_gradients(scaling)
         for table in tables:
-            table.scale_gradients(scaling)  # read on the host with the gradient norm
+            table.scale_gradients(scaling)  # stays on the device
 
     return finalize_model_grads
 
@@ -127,11 +128,11 @@ class SparseTables:
         return sparse_square
 
     def joint_norm_on_device(self, dense_norm: torch.Tensor) -> torch.Tensor:
-        """:meth:`_joint_grad_norm` from the dense norm on the device (``[1]`` float32),
-        left there: ``[1]`` float32, no host read."""
+        """:meth:`_joint_grad_norm` from the dense norm on the device (``[1]`` float64),
+        left there, in the same float64 operations: ``[1]`` float64, no host read."""
         if not self.tables:
             return dense_norm
-        return (dense_norm.double().square() + self._sparse_square()).sqrt().float()
+        return (dense_norm.square() + self._sparse_square()).sqrt()
 
     def apply_on_device(self, dense_lr: float, *, clip_coefficient: Optional[torch.Tensor], skip: torch.Tensor) -> None:
         """The rows' update with the step's verdict still on the device: their gradients
@@ -148,22 +149,23 @@ class SparseTables:
         for table in self.tables:
             table.undo_step()
 
-    def counter_values(self) -> Optional[torch.Tensor]:
-        """Every table's :data:`~megatron_gr.embeddings.dynamic.table.STATISTICS` now, on the
-        device (``[tables, statistics]``, no host read): what :meth:`statistics` reports
-        when given it later; None without tables."""
+    def queue_statistics(self) -> Optional[HostCopy]:
+        """Every table's :data:`~megatron_gr.embeddings.dynamic.table.STATISTICS` now,
+        summed over the shard group, on their way to the host without a wait (for
+        :meth:`statistics` later); None without tables. A collective over the shard group."""
         if not self.tables:
             return None
-        return torch.stack([table.counter_values() for table in self.tables])
+        values = torch.stack([table.counter_values() for table in self.tables])
+        dist.all_reduce(values, group=self.group)
+        return HostCopy(values)
 
-    def statistics(self, values: Optional[torch.Tensor] = None) -> dict[str, float]:
+    def statistics(self, queued: Optional[HostCopy] = None) -> dict[str, float]:
         """Counters of every table summed over the shard group, for the logs:
-        ``embedding/<table>/<counter>``; of ``values`` (:meth:`counter_values` taken
-        earlier) or of now. A collective over the shard group."""
+        ``embedding/<table>/<counter>``; those ``queued`` (:meth:`queue_statistics`
+        earlier), or those of now (a collective, and a wait for the device)."""
         if not self.tables:
             return {}
-        values = (self.counter_values() if values is None else values).clone()
-        dist.all_reduce(values, group=self.group)
+        values = (queued if queued is not None else self.queue_statistics()).read()
         world = dist.get_world_size(self.group)
         record = {}
         for table, row in zip(self.tables, values.tolist()):

@@ -4,7 +4,8 @@ A step is skipped when its loss or gradient norm is not finite (``nonfinite.py``
 gradients are clipped by the global norm. Decided on the host, every step waits for the
 norm: the GPU's queue runs dry while the host reads it, then steps the optimizer, builds
 the next batch and launches the next forward, with the GPU idle. Decided on the device,
-nothing waits: fused Adam takes the clip factor and the skip flag as tensors, and the host
+nothing waits: the clip factor scales the gradients and fused Adam takes the skip flag
+as tensors, and the host
 reads the step's loss, norm and verdict once they are done, in the next step (the LR
 schedule advances then, and a skipped step's dynamic-table step counts go back, before the
 next step's optimizer reads them). The dynamic tables' rows take the same clip factor and
@@ -46,6 +47,7 @@ class StepOutcome:
         loss_sum, count, tokens, norm, skipped = self.summary.read().tolist()
         if skipped and self.on_skip is not None:
             self.on_skip()
+            self.on_skip = None  # taken back once, however often the outcome is read
         return not skipped, norm, [loss_sum, count, tokens]
 
 
@@ -73,8 +75,10 @@ class HostVerdict:
 
 class DeviceVerdict:
     """The step decided on the device: no wait. The norm (dense and the dynamic tables'
-    rows together), the clip factor and the skip flag stay tensors; fused Adam
-    (:func:`step_with_device_verdict`) and the tables' row update honour them."""
+    rows together), the clip factor and the skip flag stay tensors (float64 where megatron
+    computes in Python floats, so the update is the host-decided one to the bit); the
+    gradients' scaling, fused Adam (:func:`step_with_device_verdict`) and the tables' row
+    update honour them."""
 
     defers = True  # the training loop reads each outcome during the next step
 
@@ -86,17 +90,17 @@ class DeviceVerdict:
         norm = self.sparse.joint_norm_on_device(prepare_grads_and_device_norm(optimizer, self.device))
         loss = (totals[0] / totals[1]).reshape(1)  # NaN with no token: skipped
         skip = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
-        if dist.get_world_size() > 1:  # every rank skips when one does (the norms agree anyway)
+        if dist.get_world_size() > 1:  # every rank skips when one does
             dist.all_reduce(skip, op=dist.ReduceOp.MAX)
         skip = skip.reshape(())
         clip = optimizer.config.clip_grad
-        # megatron multiplies by clip / (norm + 1e-6) where that is below 1; Adam divides by its inverse
-        grad_scale = ((norm + 1.0e-6) / clip).clamp(min=1.0).reshape(()) if clip > 0.0 else None
+        # megatron's factor, in float64 as on the host; 1 where megatron would not scale
+        coefficient = (clip / (norm + 1.0e-6)).clamp(max=1.0).reshape(()) if clip > 0.0 else None
         lr = optimizer.param_groups[0]["lr"]
-        step_with_device_verdict(optimizer, skip=skip, grad_scale=grad_scale)
-        self.sparse.apply_on_device(lr, clip_coefficient=None if grad_scale is None else grad_scale.reciprocal(), skip=skip)
+        step_with_device_verdict(optimizer, skip=skip, clip_coefficient=coefficient)
+        self.sparse.apply_on_device(lr, clip_coefficient=coefficient, skip=skip)
         on_skip = self.sparse.undo_skipped if self.sparse.tables else None
-        return StepOutcome(HostCopy(torch.cat([totals, norm.double(), skip.double().reshape(1)])), on_skip)
+        return StepOutcome(HostCopy(torch.cat([totals, norm, skip.double().reshape(1)])), on_skip)
 
 
 def choose_verdict(optimizer, sparse: SparseTables, device: torch.device):

@@ -23,6 +23,7 @@ from megatron_gr.training import checkpointing
 from megatron_gr.training.checkpoint_layout import resolve_load
 from megatron_gr.training.evaluation import evaluate
 from megatron_gr.training.exit_conditions import ExitConditions
+from megatron_gr.training.host_copy import HostCopy
 from megatron_gr.training.model_setup import build_model, updated_weights
 from megatron_gr.training.nonfinite import NonFiniteGuard, is_better
 from megatron_gr.training.optimizer_setup import build_optimizer, build_scheduler
@@ -42,7 +43,7 @@ class _InFlight:
     outcome: StepOutcome
     started: float  # time.perf_counter() at its launch
     number: int  # the step's number in the run (1 for the first)
-    counters: Optional[torch.Tensor]  # the dynamic tables' counters at its end (on the device)
+    statistics: Optional[HostCopy]  # the dynamic tables' counters at its end, on their way to the host
 
 
 @dataclass
@@ -88,6 +89,8 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.log = RunLogger(config.logging, enabled=self.runtime.is_main, total_steps=config.training.train_iters, start_step=0)
         self.log.info(self.dataset.describe())  # what the run trains on, once (main rank)
+        if not self.verdict.defers:  # say why every step waits (e.g. SGD, or TE's or apex's Adam)
+            self.log.info("each training step waits for its gradient norm on the host: the optimizer is not torch's fused Adam")
         self.nonfinite = NonFiniteGuard(config.training.max_nonfinite_steps)
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
@@ -148,6 +151,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One training step and its record (waits for the device to finish it)."""
+        if self._in_flight is not None:
+            raise RuntimeError("train_step: a launched step is still in flight (settle_step reads it first)")
         self.launch_step()
         return self.settle_step()
 
@@ -184,7 +189,7 @@ class Trainer:
         previous = self.settle_step(now=start) if self._in_flight is not None else None
         outcome = self.verdict.launch(self.optimizer, totals)  # the dense weights and the tables' rows
         self.state.consumed_samples = self.loader.consumed_samples
-        self._in_flight = _InFlight(outcome, start, self.state.iteration + 1, self.sparse.counter_values())
+        self._in_flight = _InFlight(outcome, start, self.state.iteration + 1, self.sparse.queue_statistics())
         return previous
 
     def settle_step(self, now: Optional[float] = None) -> dict:
@@ -210,8 +215,8 @@ class Trainer:
         }
         if self.runtime.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
-        if self._logged(step.number, skipped=not updated):  # the tables' counters at the step's end: a collective and a read
-            record.update(self.sparse.statistics(step.counters))
+        if self._logged(step.number, skipped=not updated):  # the tables' counters at the step's end
+            record.update(self.sparse.statistics(step.statistics))
         return record
 
     # ------------------------------------------------------------ evaluation

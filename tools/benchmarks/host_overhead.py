@@ -230,7 +230,8 @@ def step_phases(trainer, clock: PhaseClock) -> Iterator[None]:
     """The phases of ``trainer``'s steps timed by ``clock`` inside the block: the batches,
     megatron's forward step (the model and its loss), its backward step, the gradient
     reduction and per-token division (``finalize_model_grads``), the optimizer with the
-    dynamic tables (which holds the step's wait for the gradient norm on a GPU), the rest
+    dynamic tables (``step_verdict``: decided on the host, it holds the step's wait for the
+    gradient norm on a GPU), the rest
     of ``train_step``; and with graphed layers their replays (``layers``: forward and
     backward), which nest in the forward and backward steps."""
     from megatron.core.pipeline_parallel import schedules
@@ -243,7 +244,7 @@ def step_phases(trainer, clock: PhaseClock) -> Iterator[None]:
         stack.enter_context(clock.timing(schedules, "forward_step", "forward"))
         stack.enter_context(clock.timing(schedules, "backward_step", "backward"))
         stack.enter_context(clock.timing(trainer.model[0].config, "finalize_model_grads_func", "finalize_grads"))
-        stack.enter_context(clock.timing(trainer.sparse, "step", "optimizer"))
+        stack.enter_context(clock.timing(trainer.verdict, "launch", "optimizer"))
         graph = cuda_graphs._EmulatedGraph if trainer.runtime.device.type == "cpu" else torch.cuda.CUDAGraph
         stack.enter_context(clock.timing(graph, "replay", "layers"))
         yield

@@ -77,9 +77,13 @@ class HashIndex:
         self.freq.index_fill_(0, slots, 0)
         self.changed.index_fill_(0, slots, 1)
 
-    def expired(self, current_step: int, ttl_steps: int) -> torch.Tensor:
-        """Slots whose id was not looked up in the last ``ttl_steps`` completed steps."""
-        return torch.nonzero(self.occupied() & (self.last_seen < current_step - ttl_steps)).squeeze(1)
+    def expired(self, current_step: int, ttl_steps: int, *, unless: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Slots whose id was not looked up in the last ``ttl_steps`` completed steps; none
+        where the 0-dim device flag ``unless`` is nonzero (a step the device skipped)."""
+        expired = self.occupied() & (self.last_seen < current_step - ttl_steps)
+        if unless is not None:
+            expired = expired & (unless == 0)
+        return torch.nonzero(expired).squeeze(1)
 
     def stored_slots(self) -> torch.Tensor:
         """Occupied slots, in slot order."""

@@ -267,7 +267,7 @@ class PhysicalTable:
         self._reset_gradients()
         self.step += 1
         if settings.ttl_steps and self.step % settings.ttl_sweep_interval == 0:
-            self.sweep_expired()
+            self.sweep_expired(unless=skip)  # a skipped step drops nothing (its count is taken back)
 
     def undo_step(self) -> None:
         """Takes back the step count of an update the device skipped (:meth:`apply_step`
@@ -283,15 +283,16 @@ class PhysicalTable:
         self._ready = None
         self._scale = None
 
-    def sweep_expired(self) -> int:
-        """Drops rows (and admission counters) not seen for ``ttl_steps`` steps."""
+    def sweep_expired(self, *, unless: Optional[torch.Tensor] = None) -> int:
+        """Drops rows (and admission counters) not seen for ``ttl_steps`` steps; nothing
+        where the 0-dim device flag ``unless`` is nonzero."""
         ttl = self.settings.ttl_steps
-        slots = self.index.expired(self.step, ttl)
+        slots = self.index.expired(self.step, ttl, unless=unless)
         if self.track_removals and slots.numel():
             self.removed.append((self.index.keys[slots].clone(), self.index.tags[slots].clone()))
         self.index.release(slots)
         if self.admission is not None:
-            self.admission.release(self.admission.expired(self.step, ttl))
+            self.admission.release(self.admission.expired(self.step, ttl, unless=unless))
         self.counters[COUNTERS.index("expired")] += slots.numel()
         return slots.numel()
 

@@ -48,7 +48,8 @@ def pytorch_sparse_update(
     """Updates rows ``slots`` ``[R]`` (distinct; entries < 0 are skipped) of ``weights``
     ``[C, D]`` and ``states`` in place from ``grads`` ``[R, D]``. Rows flagged in ``fresh``
     ``[C]`` start from ``state_init`` (their flag is cleared). A nonzero 0-dim ``skip``
-    writes nothing: the update's rows are all dropped (on the device, no host read)."""
+    writes nothing: the update's rows are all dropped (the flag is not read on the host; the
+    row selection here is, as everywhere in this reference)."""
     keep = slots >= 0
     if skip is not None:
         keep = keep & (skip == 0)

@@ -97,6 +97,40 @@ def test_ttl_sweeps_only_every_interval():
     assert stored(table) == {2}
 
 
+def test_a_step_skipped_on_the_device_drops_no_row_by_ttl():
+    """The step decided on the device: a skipped step's due TTL sweep removes nothing (its
+    step count is taken back once the host reads the verdict, after the next lookups), so
+    rows and counters end as when the host skips the step."""
+
+    def run(on_device: bool):
+        collection = one_bucket(slots=8, ttl_steps=2, ttl_sweep_interval=1)
+        table = collection.tables["t"]
+        step(collection, [1, 2])
+        step(collection, [2])
+        (collection.lookup("t", torch.tensor([2])).sum()).backward()  # the step to skip
+        if on_device:
+            table.apply_step(dense_lr=1.0, skip=torch.ones(()))
+            rows = step_rows(collection, [1])  # the next forward runs before the verdict is read
+            table.undo_step()
+        else:
+            table.discard_step()
+            rows = step_rows(collection, [1])
+        table.apply_step(dense_lr=1.0)
+        return rows, table.step, table.statistics()["expired"], stored(collection)
+
+    on_host, on_device = run(False), run(True)
+    torch.testing.assert_close(on_device[0], on_host[0], rtol=0, atol=0)  # row 1 kept its trained value
+    assert not torch.equal(on_host[0][0], initial([1])[0])
+    assert on_device[1:] == on_host[1:] == (3, 0, {1, 2})
+
+
+def step_rows(collection: DynamicEmbeddingCollection, ids: list[int]) -> torch.Tensor:
+    """A lookup and its backward (the update comes later)."""
+    rows = collection.lookup("t", torch.tensor(ids, dtype=torch.int64))
+    rows.sum().backward()
+    return rows.detach()
+
+
 def test_admission_after_threshold_occurrences():
     table = one_bucket(slots=8, admission_threshold=3)
     first = step(table, [7, 7, 8])  # 7 seen twice, 8 once: no rows

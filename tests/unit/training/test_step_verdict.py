@@ -1,5 +1,6 @@
-"""The step decided on the device trains as the step decided on the host: the same clipped
-updates, the same skipped steps (nothing moves, the LR schedule waits), the same records;
+"""The step decided on the device trains as the step decided on the host: the same
+clipped updates (to rounding), the same skipped steps (nothing moves, the LR schedule waits), the
+same records;
 and the training loop, which reads each step's outcome during the next step, logs what
 reading every step at its end gives."""
 
@@ -52,18 +53,20 @@ def test_device_and_host_verdicts_train_alike(megatron_cpu, tmp_path, monkeypatc
     # a record's LR is the next step's (as megatron logs it): the schedule waited at 2 and 4
     assert device[0]["lr"] == device[1]["lr"] and device[2]["lr"] == device[3]["lr"]
     assert len({r["lr"] for r in device}) == 4
+    # The same operations as megatron's on the host, in float64 where it uses Python floats;
+    # only its root is Python's pow(x, 0.5) there and a square root here (an ulp apart at
+    # times), which can move the float32 clip factor by an ulp: so not compared bit for bit.
     for d, h in zip(device, host):
         assert d["tokens"] == h["tokens"] > 0
         for key in ("loss", "grad_norm"):
             if math.isnan(h[key]):
                 assert math.isnan(d[key]), key
-            else:  # the device's norm is float32 throughout (megatron's ends in a float64 root)
-                assert d[key] == pytest.approx(h[key], rel=1e-5), key
+            else:
+                assert d[key] == pytest.approx(h[key], rel=1e-9), key
     assert any(r["grad_norm"] > 10 * TRAINING["clip_grad"] for r in host if not r["skipped"])  # clipping did bite
     assert len(device_weights) == len(host_weights)
-    # Adam divides by the clip factor's inverse where megatron multiplies by it: rounding apart
     for d, h in zip(device_weights, host_weights):
-        assert (d - h).norm() <= 1e-5 * h.norm() + 1e-12
+        assert (d - h).norm() <= 1e-7 * h.norm() + 1e-12
 
 
 def test_a_skipped_step_moves_nothing_on_the_device(megatron_cpu, tmp_path, monkeypatch):
