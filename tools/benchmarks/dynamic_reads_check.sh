@@ -8,13 +8,7 @@
 # that is about 80% of them; the rest need a call of their own). Run from the repository root with megatron-core importable:
 #
 #     bash tools/benchmarks/dynamic_reads_check.sh DIR     # writes logs and JSON to $OUT (default ./out)
-set -u
-before=${1:?the older tree (a directory holding its megatron_gr package)}
-O=${OUT:-out}; mkdir -p "$O"; B=tools/benchmarks; T=tests/unit
-export PYTHONUNBUFFERED=1
-left() { local l=$(( 575 - SECONDS )); (( l > $1 )) && l=$1; (( l < 1 )) && l=1; echo $l; }
-G=model.relative_attention_bias=false,training.cuda_graphs=layers
-D=embeddings.item.type=dynamic,embeddings.item.dynamic.capacity=65536
+source "$(dirname "$0")/device_call_setup.sh"
 
 timeout "$(left 330)" python3 $B/e2e_step.py --standard --data-dir /tmp/e2e_standard --tree "$before" \
   --tree-variants dynamic_layers --variant "plain_layers:$G" --variant "dynamic_layers:$G,$D" \
