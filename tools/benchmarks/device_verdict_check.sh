@@ -4,7 +4,7 @@
 # (no wait between steps) beside the package of the tree before it (9e17619: one wait per
 # step for the gradient norm; `git archive 9e17619 megatron_gr | tar -x -C DIR`), the loss
 # curves of both compared; then the GPU tests of the step's waits and the sparse update
-# kernels, then the dynamic table's host time by function. Run from the repository root
+# kernels, then the host time by function, then the eager plain step. Run from the repository root
 # with megatron-core importable:
 #
 #     bash tools/benchmarks/device_verdict_check.sh DIR     # writes logs and JSON to $OUT (default ./out)
@@ -23,3 +23,8 @@ echo "tests rc=$?"; tail -4 "$O/tests.log"
 timeout "$(left 90)" python3 $B/host_overhead.py --device cuda --kernel-backend triton --graphs layers \
   --variants plain,dynamic --steps 10 --profile-steps 5 --python-profile 40 --json "$O/host_layers.json" > "$O/host.log" 2>&1
 echo "host rc=$?"; grep -E "^== |host reads|Triton launches" "$O/host.log"
+# with what is left: the eager plain step (no graphs), whose host time the wait no longer adds to its GPU time
+timeout "$(left 150)" python3 $B/e2e_step.py --standard --data-dir /tmp/e2e_standard \
+  --variant "plain:model.relative_attention_bias=false" --steps 15 --profile-steps 2 --matmul-size 0 \
+  --json "$O/e2e_eager.json" > "$O/e2e_eager.log" 2>&1
+echo "eager rc=$?"; grep -E "^\| after|idle" "$O/e2e_eager.log"
