@@ -7,10 +7,11 @@ boundary every rank contributes its signal flag and whether its clock passed the
 to one all-reduce (max), so all ranks stop after the same step and save together. With
 several ranks that all-reduce is read one step later (it travels while the next step runs:
 reading it at once would make every step wait for the device), so a signal or the
-duration stops the run one step after the step it arrived in. Slurm sends SIGUSR1 before the time limit (``launch/slurm_pretrain.sbatch``)
-and SIGTERM at the limit or on preemption; torchrun forwards SIGTERM (and SIGUSR1 when told
-to, see the sbatch script). SIGINT (Ctrl-C) is not handled here: it interrupts at once and
-the CLI reports it in one line.
+duration stops the run one step after the step it arrived in. Slurm sends SIGUSR1 before
+the time limit (``launch/slurm_pretrain.sbatch``) and SIGTERM at the limit or on
+preemption; torchrun forwards SIGTERM (and SIGUSR1 when told to, see the sbatch script).
+SIGINT (Ctrl-C) is not handled here: it interrupts at once and the CLI reports it in one
+line.
 """
 
 from __future__ import annotations
