@@ -149,20 +149,23 @@ class SparseTables:
         for table in self.tables:
             table.undo_step()
 
-    def queue_statistics(self) -> Optional[HostCopy]:
+    def queue_statistics(self, *, occupancy: bool = True) -> Optional[HostCopy]:
         """Every table's :data:`~megatron_gr.embeddings.dynamic.table.STATISTICS` now,
         summed over the shard group, on their way to the host without a wait (for
-        :meth:`statistics` later); None without tables. A collective over the shard group."""
+        :meth:`statistics` later); ``occupancy=False``: without the stored rows (counted
+        when read). None without tables. A collective over the shard group."""
         if not self.tables:
             return None
-        values = torch.stack([table.counter_values() for table in self.tables])
+        values = torch.stack([table.counter_values(occupancy=occupancy) for table in self.tables])
         dist.all_reduce(values, group=self.group)
         return HostCopy(values)
 
     def statistics(self, queued: Optional[HostCopy] = None) -> dict[str, float]:
         """Counters of every table summed over the shard group, for the logs:
         ``embedding/<table>/<counter>``; those ``queued`` (:meth:`queue_statistics`
-        earlier), or those of now (a collective, and a wait for the device)."""
+        earlier: without ``occupancy`` and ``load_factor`` when queued without the stored
+        rows, which are not those of that moment any more), or those of now (a collective,
+        and a wait for the device)."""
         if not self.tables:
             return {}
         values = (queued if queued is not None else self.queue_statistics()).read()
@@ -170,7 +173,10 @@ class SparseTables:
         record = {}
         for table, row in zip(self.tables, values.tolist()):
             stats = dict(zip(STATISTICS, row))
-            stats["load_factor"] = stats["occupancy"] / (table.capacity * world)
+            if stats["occupancy"] < 0:  # queued without the stored rows
+                del stats["occupancy"]
+            else:
+                stats["load_factor"] = stats["occupancy"] / (table.capacity * world)
             record.update({f"embedding/{table.name}/{name}": value for name, value in stats.items()})
         return record
 

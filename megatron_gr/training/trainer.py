@@ -189,7 +189,12 @@ class Trainer:
         previous = self.settle_step(now=start) if self._in_flight is not None else None
         outcome = self.verdict.launch(self.optimizer, totals)  # the dense weights and the tables' rows
         self.state.consumed_samples = self.loader.consumed_samples
-        self._in_flight = _InFlight(outcome, start, self.state.iteration + 1, self.sparse.queue_statistics())
+        number = self.state.iteration + 1
+        # the tables' counters at the step's end; their stored rows only where the step is
+        # logged anyway (counting them reads the whole index; a skipped step logged off the
+        # interval is logged without them)
+        statistics = self.sparse.queue_statistics(occupancy=self._logged(number, skipped=False))
+        self._in_flight = _InFlight(outcome, start, number, statistics)
         return previous
 
     def settle_step(self, now: Optional[float] = None) -> dict:

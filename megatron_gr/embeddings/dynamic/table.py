@@ -303,6 +303,9 @@ class PhysicalTable:
         values["load_factor"] = values["occupancy"] / self.capacity
         return values
 
-    def counter_values(self) -> torch.Tensor:
-        """:data:`STATISTICS` now, a float64 device tensor (no host read: a snapshot to read later)."""
-        return torch.cat([self.counters, self.index.occupancy().reshape(1)]).double()
+    def counter_values(self, *, occupancy: bool = True) -> torch.Tensor:
+        """:data:`STATISTICS` now, a float64 device tensor (no host read: a snapshot to read
+        later). ``occupancy=False``: -1 in its place (counting the stored rows reads the whole
+        index, which a step should not pay for when nothing logs it)."""
+        stored = self.index.occupancy().reshape(1) if occupancy else torch.full_like(self.counters[:1], -1)
+        return torch.cat([self.counters, stored]).double()

@@ -144,3 +144,29 @@ def test_sgd_decides_on_the_host(megatron_cpu, tmp_path):
     assert isinstance(sgd.verdict, HostVerdict) and not sgd.verdict.defers
     record = sgd.train_step()
     assert math.isfinite(record["loss"]) and not record["skipped"]
+
+
+def test_the_loop_logs_each_steps_own_table_counters(megatron_cpu, tmp_path, monkeypatch):
+    """Read a step late, a logged step still reports the dynamic table's counters at its
+    own end (not after the next step's lookups): at the log interval, and for a skipped step
+    off it (without the stored rows there, which are counted only for steps at the interval)."""
+    poison = {"loss": {3}}
+    reference = Trainer(tiny_config(tmp_path / "reference", training=TRAINING, embeddings=DYNAMIC))
+    _poison(monkeypatch, reference, poison)
+    expected = {}
+    for step in range(1, 7):
+        reference.train_step()
+        reference.state.iteration = step
+        expected[step] = reference.sparse.statistics()
+    config = tiny_config(tmp_path / "loop", training=TRAINING, embeddings=DYNAMIC, logging={"log_interval": 2})
+    looped = Trainer(config)
+    _poison(monkeypatch, looped, poison)
+    looped.train()
+    logged = {r["step"]: r for r in read_records(config.logging.metrics_file)}
+    assert sorted(logged) == [2, 3, 4, 6] and logged[3]["skipped"]
+    for step, record in logged.items():
+        counters = {key: value for key, value in record.items() if key.startswith("embedding/")}
+        if step == 3:
+            expected[3] = {k: v for k, v in expected[3].items() if not k.endswith(("/occupancy", "/load_factor"))}
+        assert counters == expected[step], step
+    assert expected[2]["embedding/item/lookups"] < expected[4]["embedding/item/lookups"]
