@@ -6,6 +6,9 @@ dynamic tables are trained beside the optimizer and must share the norm and the 
 factor, so the step is driven here in two halves, with megatron's own methods, in its
 order; what a part of a chained optimizer is (``chained_optimizers``,
 ``is_stub_optimizer``, decoupled gradients) is its internal business, kept in this module.
+The same two halves exist with the norm, the clip factor and the skip left on the device
+(``prepare_grads_and_device_norm``, ``step_with_device_verdict``), for a step that never
+waits for them (``training/step_verdict.py``).
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
 def decides_on_device(optimizer) -> bool:
     """Whether :func:`step_with_device_verdict` can step ``optimizer``: every part is
     megatron's mixed-precision, fp32 or distributed optimizer around a fused torch Adam
-    (whose kernel takes a skip flag as a tensor), without a loss
-    scaler (its non-finite check reads the device) and without decoupled gradients."""
+    (whose kernel takes a skip flag as a tensor), without a loss scaler (its non-finite
+    check reads the device) and without decoupled gradients."""
     parts = _parts(optimizer)
     if not parts:
         return False
@@ -93,10 +96,11 @@ def prepare_grads_and_device_norm(optimizer, device: torch.device) -> torch.Tens
     """:func:`prepare_grads_and_norm` for optimizers :func:`decides_on_device` accepts
     (without a loss scaler, megatron finds nothing non-finite here), with the norm left on
     the device: ``[1]`` float64 (the root of the float32 squares, as megatron takes it on
-    the host), no host read. The squares are summed over the same groups,
-    with the same collectives, as megatron's ``get_grad_norm`` (every rank issues them, a
-    rank without gradients with a zero): the parts of a chained optimizer together when
-    they share their group, else each part (stubs included) over its own."""
+    the host, where Python's ``x ** 0.5`` may differ from this square root by an ulp), no
+    host read. The squares are summed over the same groups, with the same collectives, as
+    megatron's ``get_grad_norm`` (every rank issues them, a rank without gradients with a
+    zero): the parts of a chained optimizer together when they share their group, else
+    each part (stubs included) over its own."""
     import torch.distributed as dist
 
     if optimizer.prepare_grads():
@@ -125,7 +129,7 @@ def step_with_device_verdict(optimizer, *, skip: torch.Tensor, clip_coefficient:
     """The second half of megatron's step with the verdict on the device: every part's main
     gradients times ``clip_coefficient`` (a 0-dim device tensor, ``min(1, clip / (norm +
     1e-6))`` as megatron computes it: a product by 1 where megatron would not scale, so the
-    gradients are megatron's to the bit), then ``step_with_ready_grads`` with fused Adam
+    gradients are megatron's), then ``step_with_ready_grads`` with fused Adam
     told to move nothing where ``skip`` (0-dim float32, 0 or 1) is 1 (its step counts are
     put back too). The main-to-model copy that follows copies unchanged weights on a
     skipped step. Only for optimizers :func:`decides_on_device` accepts."""
