@@ -44,7 +44,7 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    from megatron_gr.compat.fast_optimizer import foreach_scale, local_tensor
+    from megatron_gr.compat.fast_optimizer import foreach_scale
 
     require(optimizer, "step_with_ready_grads", purpose="step dynamic tables with the dense optimizer")
     clip = optimizer.config.clip_grad
@@ -61,9 +61,7 @@ def clip_grads_and_step(optimizer, *, total_norm: float) -> bool:
                 continue
             # What megatron's clipping does with the for-each scale (fast_optimizer), without
             # its per-gradient checks (a detach and a type string each) and scratch tensor.
-            grads = [local_tensor(param.grad) for param in params if param.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, clip / (total_norm + 1.0e-6))
+            _scale_main_grads([part], clip / (total_norm + 1.0e-6))
     return bool(optimizer.step_with_ready_grads())
 
 
@@ -133,14 +131,9 @@ def step_with_device_verdict(optimizer, *, skip: torch.Tensor, clip_coefficient:
     told to move nothing where ``skip`` (0-dim float32, 0 or 1) is 1 (its step counts are
     put back too). The main-to-model copy that follows copies unchanged weights on a
     skipped step. Only for optimizers :func:`decides_on_device` accepts."""
-    from megatron_gr.compat.fast_optimizer import local_tensor
-
     parts = _parts(optimizer)
-    if clip_coefficient is not None:
-        factor = clip_coefficient.float()  # megatron's scale of float32 gradients by a Python float
-        grads = [local_tensor(param.grad) for part in parts for param in part.get_parameters() if param.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
+    if clip_coefficient is not None:  # as a float32 factor: megatron's scale by a Python float
+        _scale_main_grads(parts, clip_coefficient.float())
     inners = [part.optimizer for part in parts]
     for inner in inners:
         inner.found_inf = skip  # read by torch Adam's step
@@ -149,3 +142,14 @@ def step_with_device_verdict(optimizer, *, skip: torch.Tensor, clip_coefficient:
     finally:
         for inner in inners:
             del inner.found_inf
+
+
+def _scale_main_grads(parts: list, factor) -> None:
+    """Every main gradient of ``parts`` times ``factor`` (a number or a 0-dim tensor), one
+    for-each multiply: megatron's clipping with the for-each scale, without its per-gradient
+    checks."""
+    from megatron_gr.compat.fast_optimizer import local_tensor
+
+    grads = [local_tensor(param.grad) for part in parts for param in part.get_parameters() if param.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)

@@ -152,12 +152,13 @@ class SparseTables:
     def queue_statistics(self, *, occupancy: bool = True) -> Optional[HostCopy]:
         """Every table's :data:`~megatron_gr.embeddings.dynamic.table.STATISTICS` now,
         summed over the shard group, on their way to the host without a wait (for
-        :meth:`statistics` later); ``occupancy=False``: without the stored rows (counted
-        when read). None without tables. A collective over the shard group."""
+        :meth:`statistics` later); ``occupancy=False``: without the stored rows (-1 there).
+        None without tables. A collective over the shard group."""
         if not self.tables:
             return None
         values = torch.stack([table.counter_values(occupancy=occupancy) for table in self.tables])
-        dist.all_reduce(values, group=self.group)
+        if dist.get_world_size(self.group) > 1:  # queued every step: no collective to launch alone
+            dist.all_reduce(values, group=self.group)
         return HostCopy(values)
 
     def statistics(self, queued: Optional[HostCopy] = None) -> dict[str, float]:

@@ -99,8 +99,8 @@ class DeviceVerdict:
         lr = optimizer.param_groups[0]["lr"]
         step_with_device_verdict(optimizer, skip=skip, clip_coefficient=coefficient)
         self.sparse.apply_on_device(lr, clip_coefficient=coefficient, skip=skip)
-        on_skip = self.sparse.undo_skipped if self.sparse.tables else None
-        return StepOutcome(HostCopy(torch.cat([totals, norm, skip.double().reshape(1)])), on_skip)
+        summary = HostCopy(torch.cat([totals, norm, skip.double().reshape(1)]))
+        return StepOutcome(summary, self.sparse.undo_skipped)
 
 
 def choose_verdict(optimizer, sparse: SparseTables, device: torch.device):
